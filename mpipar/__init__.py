@@ -1,0 +1,22 @@
+"""mpipar: tensor, pipeline and sequence parallelism for PyTorch over MPI.
+
+Public names: Mesh, Group, MpiparError and the subpackages comm, tensor,
+pipeline, sequence, models, trace (imported lazily: `mpipar.tensor` etc.).
+"""
+from __future__ import annotations
+
+import importlib
+
+from .errors import MpiparError
+from .mesh import Group, Mesh
+
+__version__ = "0.1.0"
+_SUBPACKAGES = ("comm", "tensor", "pipeline", "sequence", "models", "trace", "analysis")
+
+__all__ = ["Mesh", "Group", "MpiparError", "__version__", *_SUBPACKAGES]
+
+
+def __getattr__(name):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'mpipar' has no attribute {name!r}")

@@ -1,0 +1,133 @@
+"""Torch tensors as MPI buffers: dtypes (bf16/fp16 included), layouts, host staging.
+
+- Every torch dtype is carried as raw bits of an equal-width MPI integer type
+  when MPI has no matching type (bf16, fp16, bool). Reductions of bf16/fp16 run
+  in float32 (MPI has no bf16 sum) and are rounded back once at the end.
+- Non-contiguous tensors are copied into a contiguous buffer and back.
+- CUDA tensors go straight to MPI when it is CUDA-aware; otherwise through a
+  pinned host buffer that is reused between calls (`StagingPool`).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import numpy as np
+import torch
+
+from ..errors import MpiparError
+
+# torch dtype -> (dtype whose numpy view carries the bits, reducible by MPI natively)
+_CARRIER = {
+    torch.float64: (torch.float64, True),
+    torch.float32: (torch.float32, True),
+    torch.float16: (torch.int16, False),
+    torch.bfloat16: (torch.int16, False),
+    torch.int64: (torch.int64, True),
+    torch.int32: (torch.int32, True),
+    torch.int16: (torch.int16, True),
+    torch.int8: (torch.int8, True),
+    torch.uint8: (torch.uint8, True),
+    torch.bool: (torch.uint8, False),
+    torch.complex64: (torch.complex64, False),
+    torch.complex128: (torch.complex128, False),
+}
+DTYPE_CODES = {dt: i for i, dt in enumerate(_CARRIER)}
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    if dtype not in DTYPE_CODES:
+        raise MpiparError(f"dtype {dtype} is not supported by mpipar.comm")
+    return DTYPE_CODES[dtype]
+
+
+def reduce_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a reduction runs in: float32 for bf16/fp16, int64 for bool."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.float32
+    if dtype is torch.bool:
+        return torch.uint8
+    if dtype.is_complex:
+        raise MpiparError(f"reductions of {dtype} are not supported")
+    return dtype
+
+
+def np_view(t: torch.Tensor) -> np.ndarray:
+    """Zero-copy numpy view of a contiguous CPU tensor, carried by an MPI-known dtype."""
+    carrier, _ = _CARRIER[t.dtype]
+    v = t.view(carrier) if carrier != t.dtype else t
+    return v.detach().numpy()
+
+
+def mpi_buffer(t: torch.Tensor):
+    """Something mpi4py accepts as a buffer for a contiguous tensor (CPU or CUDA-aware)."""
+    if t.device.type == "cpu":
+        return np_view(t.reshape(-1))
+    carrier, _ = _CARRIER[t.dtype]
+    return t.reshape(-1).view(carrier) if carrier != t.dtype else t.reshape(-1)
+
+
+class StagingPool:
+    """Reusable pinned host buffers for CUDA tensors when MPI is not CUDA-aware."""
+
+    def __init__(self):
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def get(self, numel: int, dtype: torch.dtype, slot: int = 0) -> torch.Tensor:
+        key = (dtype, slot)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            pin = torch.cuda.is_available()
+            buf = torch.empty(max(numel, 1), dtype=dtype, pin_memory=pin)
+            self._buffers[key] = buf
+        return buf[:numel]
+
+
+STAGING = StagingPool()
+
+
+def needs_staging(t: torch.Tensor) -> bool:
+    """True when `t` must pass through host memory (forced by MPIPAR_FORCE_STAGING=1)."""
+    if os.environ.get("MPIPAR_FORCE_STAGING") == "1":
+        return True
+    if t.device.type == "cpu":
+        return False
+    from ..device import mpi_is_cuda_aware
+
+    return not mpi_is_cuda_aware()
+
+
+@contextlib.contextmanager
+def host_contiguous(t: torch.Tensor, write_back: bool = True, slot: int = 0):
+    """Yield a contiguous tensor MPI can use in place of `t`; copy results back on exit.
+
+    CPU contiguous: `t` itself (zero copy). Non-contiguous: a contiguous copy.
+    CUDA, not CUDA-aware (or forced staging): a reused pinned host buffer.
+    """
+    t = t.detach()
+    staged = needs_staging(t)
+    if not staged and t.is_contiguous():
+        yield t
+        return
+    if staged:
+        work = STAGING.get(t.numel(), t.dtype, slot).view(t.shape)
+        work.copy_(t, non_blocking=False)
+    else:
+        work = t.contiguous()
+    yield work
+    if write_back:
+        t.copy_(work)
+
+
+def flat_chunks(numel: int, parts: int) -> list[int]:
+    """Sizes of `parts` near-equal chunks (first numel % parts get one more), like tensor_split."""
+    base, extra = divmod(numel, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def offsets(counts: list[int]) -> list[int]:
+    out, acc = [], 0
+    for c in counts:
+        out.append(acc)
+        acc += c
+    return out

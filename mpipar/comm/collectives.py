@@ -1,0 +1,148 @@
+"""Collectives on torch tensors: all_reduce, all_gather, reduce_scatter, broadcast, all_to_all.
+
+algorithm="mpi" uses the MPI library's collective, "ring" the textbook ring
+on point-to-point (mpipar.comm.ring), "auto" picks by message size from the
+measured crossover (`tuning.choose`). Every call first agrees on its
+arguments across the group (mpipar.comm.validate), so bad input raises
+MpiparError on every rank and never hangs.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import MpiparError
+from ..mesh import as_group
+from . import ring, tuning
+from .buffers import flat_chunks, host_contiguous, mpi_buffer, needs_staging, offsets, reduce_dtype
+from .validate import check, exchange, norm_dim, signature
+from .wait import wait_all
+
+
+def _mpi_op(op: str, dtype: torch.dtype):
+    from mpi4py import MPI
+
+    if dtype is torch.uint8 and op == "sum":  # bool sum = logical or
+        return MPI.MAX
+    return {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op]
+
+
+def _agree(name, g, t, op=None, algorithm=None, dim=0, root=0, free_dim=False):
+    sig = signature(t, op, algorithm, dim, root)
+    table = exchange(g, sig)
+    check(name, table, need_op=op is not None, need_algorithm=algorithm is not None, free_dim=free_dim)
+    return table
+
+
+def _working(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor MPI can read (host copy when staging), in the dtype reductions use."""
+    x = t.detach()
+    if needs_staging(x):
+        x = x.cpu()
+    x = x.contiguous()
+    rd = reduce_dtype(x.dtype)
+    return x.to(rd) if rd != x.dtype else x
+
+
+def all_reduce(t: torch.Tensor, group, op: str = "sum", algorithm: str = "auto") -> torch.Tensor:
+    """In place: every rank's `t` becomes the elementwise op over the group. Returns `t`."""
+    g = as_group(group)
+    _agree("all_reduce", g, t, op=op, algorithm=algorithm)
+    if g.size == 1:
+        return t
+    with host_contiguous(t) as h:
+        rd = reduce_dtype(h.dtype)
+        work = h if rd == h.dtype else h.to(rd)
+        flat = work.view(-1)
+        algo = tuning.choose("all_reduce", algorithm, flat.numel() * flat.element_size(), g.size)
+        if algo == "ring":
+            ring.all_reduce_(flat, g, flat_chunks(flat.numel(), g.size), op)
+        else:
+            from mpi4py import MPI
+
+            wait_all([g.comm.Iallreduce(MPI.IN_PLACE, mpi_buffer(flat), op=_mpi_op(op, flat.dtype))])
+        if work is not h:
+            h.copy_(work)
+    return t
+
+
+def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto") -> torch.Tensor:
+    """Concatenation of every rank's `t` along `dim` (sizes along `dim` may differ per rank)."""
+    g = as_group(group)
+    d = norm_dim(dim, t.dim())
+    table = _agree("all_gather", g, t, algorithm=algorithm, dim=d, free_dim=True)
+    if g.size == 1:
+        return t.clone()
+    sizes = [int(s) for s in table[:, 6 + d]]
+    x = t.detach().movedim(d, 0)
+    x = (x.cpu() if needs_staging(x) else x).contiguous()
+    rest = list(x.shape[1:])
+    inner = math.prod(rest)
+    counts = [s * inner for s in sizes]
+    out = torch.empty([sum(sizes)] + rest, dtype=x.dtype, device=x.device)
+    flat = out.view(-1)
+    algo = tuning.choose("all_gather", algorithm, flat.numel() * flat.element_size(), g.size)
+    if algo == "ring":
+        flat.narrow(0, offsets(counts)[g.rank], counts[g.rank]).copy_(x.reshape(-1))
+        ring.all_gather_(flat, g, counts)
+    else:
+        recv = [mpi_buffer(flat), (counts, offsets(counts))]
+        wait_all([g.comm.Iallgatherv(mpi_buffer(x), recv)])
+    return out.movedim(0, d).contiguous().to(t.device)
+
+
+def reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algorithm: str = "auto") -> torch.Tensor:
+    """Rank r gets slice r (torch.tensor_split order) along `dim` of the elementwise op over ranks."""
+    g = as_group(group)
+    d = norm_dim(dim, t.dim())
+    _agree("reduce_scatter", g, t, op=op, algorithm=algorithm, dim=d)
+    if g.size == 1:
+        return t.clone()
+    x = _working(t.movedim(d, 0))
+    sizes = flat_chunks(x.shape[0], g.size)
+    inner = math.prod(x.shape[1:])
+    counts = [s * inner for s in sizes]
+    algo = tuning.choose("reduce_scatter", algorithm, x.numel() * x.element_size(), g.size)
+    if algo == "ring":
+        shares = x.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+        flat = x.reshape(-1).clone() if shares else x.reshape(-1)
+        mine = ring.reduce_scatter_(flat, g, counts, op)
+    else:
+        mine = torch.empty(counts[g.rank], dtype=x.dtype, device=x.device)
+        wait_all([g.comm.Ireduce_scatter(mpi_buffer(x), mpi_buffer(mine), counts, op=_mpi_op(op, x.dtype))])
+    out = mine.view([sizes[g.rank]] + list(x.shape[1:])).movedim(0, d)
+    return out.to(device=t.device, dtype=t.dtype).contiguous()
+
+
+def broadcast(t: torch.Tensor, group, root: int = 0) -> torch.Tensor:
+    """In place: every rank's `t` becomes root's `t`. Returns `t`."""
+    g = as_group(group)
+    r = root if isinstance(root, int) and 0 <= root < g.size else -1
+    table = _agree("broadcast", g, t, root=r)
+    if (table[:, 5] < 0).any():
+        raise MpiparError(f"broadcast: root {root!r} is not a rank of the group of size {g.size}")
+    if g.size == 1:
+        return t
+    with host_contiguous(t, write_back=g.rank != root) as h:
+        wait_all([g.comm.Ibcast(mpi_buffer(h), root=root)])
+    return t
+
+
+def all_to_all(t: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    """Split `t` into N chunks along scatter_dim, send chunk j to rank j, concat received along gather_dim."""
+    g = as_group(group)
+    sd, gd = norm_dim(scatter_dim, t.dim()), norm_dim(gather_dim, t.dim())
+    table = _agree("all_to_all", g, t, dim=sd, root=gd)
+    if (table[:, 5] < 0).any():
+        raise MpiparError(f"all_to_all: gather_dim {gather_dim} out of range for a {t.dim()}-d tensor")
+    if t.shape[sd] % g.size:
+        raise MpiparError(f"all_to_all: size {t.shape[sd]} of scatter_dim {scatter_dim} "
+                          f"is not divisible by the group size {g.size}")
+    if g.size == 1:
+        return t.clone()
+    send = torch.stack(t.detach().chunk(g.size, dim=sd))
+    send = (send.cpu() if needs_staging(send) else send).contiguous()
+    recv = torch.empty_like(send)
+    wait_all([g.comm.Ialltoall(mpi_buffer(send), mpi_buffer(recv))])
+    return torch.cat(recv.unbind(0), dim=gd).to(t.device)

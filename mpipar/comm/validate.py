@@ -1,0 +1,89 @@
+"""Agreement on a collective's arguments before any data moves.
+
+Every collective first exchanges a small int signature (op, algorithm,
+dtype, shape, ...) with one Allgather. Every rank then runs the same checks
+on the same gathered table, so a mismatch (or an unknown op on one rank)
+raises the same MpiparError on every rank instead of hanging.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import MpiparError
+from .buffers import DTYPE_CODES
+
+OPS = ("sum", "max", "min")
+ALGORITHMS = ("auto", "mpi", "ring")
+_DTYPES = {code: str(dt) for dt, code in DTYPE_CODES.items()}
+MAX_NDIM = 8
+_UNKNOWN = -1
+
+
+BAD_DIM = -99
+
+
+def norm_dim(dim: int, ndim: int) -> int:
+    """dim in [0, ndim), or BAD_DIM (checked after the exchange, so every rank raises)."""
+    if not isinstance(dim, int) or not -max(ndim, 1) <= dim < max(ndim, 1):
+        return BAD_DIM
+    return dim % max(ndim, 1)
+
+
+def code(value, known) -> int:
+    return known.index(value) if value in known else _UNKNOWN
+
+
+def signature(t, op=None, algorithm=None, dim: int = 0, root: int = 0) -> np.ndarray:
+    """[op, algorithm, dtype, ndim, dim, root, shape (padded to MAX_NDIM)]."""
+    shape = list(t.shape)
+    if t.dim() > MAX_NDIM:
+        raise MpiparError(f"tensors of more than {MAX_NDIM} dims are not supported")
+    head = [
+        _UNKNOWN if op is None else code(op, OPS),
+        _UNKNOWN if algorithm is None else code(algorithm, ALGORITHMS),
+        DTYPE_CODES.get(t.dtype, _UNKNOWN), t.dim(), dim, root,
+    ]
+    return np.array(head + shape + [0] * (MAX_NDIM - len(shape)), dtype=np.int64)
+
+
+def exchange(g, sig: np.ndarray) -> np.ndarray:
+    """Allgather the signatures: a (size, len) table, row r from rank r."""
+    table = np.empty((g.size, sig.size), dtype=np.int64)
+    if g.size == 1:
+        table[0] = sig
+    else:
+        g.comm.Allgather(sig, table)
+    return table
+
+
+def check(name: str, table: np.ndarray, need_op: bool, need_algorithm: bool, free_dim: bool = False) -> None:
+    """Raise MpiparError (same text on every rank) if the table is not consistent."""
+    for col, what, known, needed in ((0, "op", OPS, need_op), (1, "algorithm", ALGORITHMS, need_algorithm)):
+        if needed and (table[:, col] == _UNKNOWN).any():
+            bad = int(np.argmax(table[:, col] == _UNKNOWN))
+            raise MpiparError(f"{name}: unknown {what} on rank {bad}; expected one of {list(known)}")
+    if (table[:, 4] == BAD_DIM).any():
+        r = int(np.argmax(table[:, 4] == BAD_DIM))
+        raise MpiparError(f"{name}: dim out of range for a {int(table[r, 3])}-d tensor on rank {r}")
+    if (table[:, 2] == _UNKNOWN).any():
+        raise MpiparError(f"{name}: unsupported dtype on rank {int(np.argmax(table[:, 2] == _UNKNOWN))}")
+    ref = table[0].copy()
+    cmp = table.copy()
+    if free_dim:
+        d = 6 + int(ref[4])
+        cmp[:, d] = ref[d]
+    diff = np.nonzero((cmp != ref).any(axis=1))[0]
+    if diff.size:
+        r = int(diff[0])
+        raise MpiparError(f"{name}: arguments differ across ranks: rank 0 has {_describe(table[0])}, "
+                          f"rank {r} has {_describe(table[r])}")
+
+
+def _describe(row) -> str:
+    ndim = int(row[3])
+    return (f"op={_name(row[0], OPS)} algorithm={_name(row[1], ALGORITHMS)} dtype={_DTYPES.get(int(row[2]), '?')} "
+            f"shape={tuple(int(x) for x in row[6:6 + ndim])} dim={int(row[4])} root={int(row[5])}")
+
+
+def _name(c, known) -> str:
+    return known[int(c)] if 0 <= c < len(known) else "?"

@@ -1,0 +1,89 @@
+"""Which device a rank uses, how many threads it gets, whether MPI is CUDA-aware."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+_thread_policy_set = False
+
+
+def node_comm(comm):
+    """The ranks of `comm` that share this node (MPI_COMM_TYPE_SHARED)."""
+    from mpi4py import MPI
+
+    return comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+
+
+def cores_on_node() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        return os.cpu_count() or 1
+
+
+def ranks_on_node(comm) -> tuple[int, int]:
+    """(node-local rank, ranks on this node)."""
+    local = node_comm(comm)
+    try:
+        return local.Get_rank(), local.Get_size()
+    finally:
+        local.Free()
+
+
+def is_oversubscribed(local_size: int) -> bool:
+    return local_size > cores_on_node()
+
+
+@functools.lru_cache(maxsize=None)
+def node_is_oversubscribed() -> bool:
+    """More MPI ranks of this job on this node than cores (MPIPAR_POLITE=1|0 overrides)."""
+    setting = os.environ.get("MPIPAR_POLITE")
+    if setting is not None:
+        return setting == "1"
+    from mpi4py import MPI
+
+    return is_oversubscribed(ranks_on_node(MPI.COMM_WORLD)[1])
+
+
+def pick_device(local_rank: int) -> torch.device:
+    """One GPU per rank by node-local rank; CPU when there is no GPU."""
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def set_threads(local_size: int) -> int:
+    """Give each rank cores // ranks-on-node threads (at least 1), unless the user chose.
+
+    OMP_NUM_THREADS or MPIPAR_THREADS set by the user win.
+    """
+    global _thread_policy_set
+    user = os.environ.get("MPIPAR_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    threads = int(user) if user else max(1, cores_on_node() // max(1, local_size))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    _thread_policy_set = True
+    return threads
+
+
+@functools.lru_cache(maxsize=None)
+def mpi_is_cuda_aware() -> bool:
+    """MPIPAR_CUDA_AWARE=1|0|auto (default auto: ask the MPI library)."""
+    setting = os.environ.get("MPIPAR_CUDA_AWARE", "auto").lower()
+    if setting in ("1", "true", "yes"):
+        return True
+    if setting in ("0", "false", "no"):
+        return False
+    from mpi4py import MPI
+
+    query = getattr(MPI, "Query_cuda_support", None)
+    if query is not None:
+        try:
+            return bool(query())
+        except Exception:  # pragma: no cover
+            pass
+    return "cuda" in MPI.Get_library_version().lower() and os.environ.get("MPIR_CVAR_ENABLE_GPU", "1") != "0"

@@ -1,0 +1,131 @@
+"""Mesh and Group: named process groups tp/sp/dp/pp over any MPI communicator.
+
+Rank order (Megatron's default): tp varies fastest, then sp, then dp, then pp:
+``rank = ((pp*DP + dp)*SP + sp)*TP + tp``. There is no module-level state: every
+parallel layer is handed the Group it works on.
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from . import device as _device
+from .errors import MpiparError
+
+DIMS = ("tp", "sp", "dp", "pp")  # fastest-varying first
+
+
+class Group:
+    """An MPI sub-communicator: `.comm` (mpi4py), `.rank`, `.size`.
+
+    `.p2p` is a private duplicate used for mpipar's internal point-to-point
+    traffic (ring collectives), so it can never match a user's send/recv.
+    """
+
+    def __init__(self, comm, name: str = "group"):
+        self.comm = comm
+        self.name = name
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+        self._p2p = None
+        self._oversubscribed = None
+
+    @property
+    def p2p(self):
+        if self._p2p is None:
+            self._p2p = self.comm.Dup()
+        return self._p2p
+
+    @property
+    def oversubscribed(self) -> bool:
+        """True when this node runs more ranks than it has cores (then waits sleep)."""
+        if self._oversubscribed is None:
+            self._oversubscribed = _device.node_is_oversubscribed()
+        return self._oversubscribed
+
+    def __repr__(self) -> str:
+        return f"Group({self.name}, rank={self.rank}, size={self.size})"
+
+
+def as_group(group) -> Group:
+    """Accept a Group, an mpi4py communicator, or a Mesh (-> its world group)."""
+    if isinstance(group, Group):
+        return group
+    if isinstance(group, Mesh):
+        return group.world
+    if hasattr(group, "Get_rank") and hasattr(group, "Get_size"):
+        return _wrapped(group)
+    raise MpiparError(f"expected an mpipar.Group or an mpi4py communicator, got {type(group).__name__}")
+
+
+_WRAPPED: dict = {}
+
+
+def _wrapped(comm) -> Group:
+    key = id(comm)
+    g = _WRAPPED.get(key)
+    if g is None or g.comm is not comm:
+        g = _WRAPPED[key] = Group(comm, "comm")
+    return g
+
+
+class Mesh:
+    """Process groups for tensor, sequence, data and pipeline parallelism.
+
+    dp=None infers dp = world_size // (tp*sp*pp). Any mismatch raises
+    MpiparError on every rank (the check uses only values every rank has).
+    """
+
+    def __init__(self, tp: int = 1, pp: int = 1, sp: int = 1, dp: int | None = None, comm=None):
+        from mpi4py import MPI
+
+        base = MPI.COMM_WORLD if comm is None else comm
+        world_size = base.Get_size()
+        for name, value in (("tp", tp), ("pp", pp), ("sp", sp), ("dp", dp)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise MpiparError(f"Mesh: {name} must be a positive int, got {value!r}")
+        model = tp * sp * pp
+        if dp is None:
+            if world_size % model:
+                raise MpiparError(
+                    f"Mesh: world size {world_size} is not divisible by tp*sp*pp = {tp}*{sp}*{pp} = {model}")
+            dp = world_size // model
+        if tp * sp * dp * pp != world_size:
+            raise MpiparError(
+                f"Mesh: tp*sp*dp*pp = {tp}*{sp}*{dp}*{pp} = {tp * sp * dp * pp} != world size {world_size}")
+        self.shape = {"tp": tp, "sp": sp, "dp": dp, "pp": pp}
+        self._comm = base.Dup()
+        rank = self._comm.Get_rank()
+        self.coords = self._coords_of(rank)
+        self.world = Group(self._comm, "world")
+        for dim in DIMS:
+            color = self._color_without(dim)
+            setattr(self, dim, Group(self._comm.Split(color, key=rank), dim))
+        local_rank, local_size = _device.ranks_on_node(self._comm)
+        self.local_rank, self.local_size = local_rank, local_size
+        self.threads = _device.set_threads(local_size)
+        self.device: torch.device = _device.pick_device(local_rank)
+
+    def _coords_of(self, rank: int) -> dict:
+        coords = {}
+        for dim in DIMS:
+            coords[dim] = rank % self.shape[dim]
+            rank //= self.shape[dim]
+        return coords
+
+    def rank_of(self, **coords) -> int:
+        """World rank of the given coordinates (missing dims default to this rank's)."""
+        c = {**self.coords, **coords}
+        return ((c["pp"] * self.shape["dp"] + c["dp"]) * self.shape["sp"] + c["sp"]) * self.shape["tp"] + c["tp"]
+
+    def _color_without(self, dim: str) -> int:
+        c = dict(self.coords)
+        c[dim] = 0
+        return self.rank_of(**c)
+
+    def to_json(self) -> str:
+        return json.dumps(self.shape)
+
+    def __repr__(self) -> str:
+        return f"Mesh({self.shape}, coords={self.coords})"
