@@ -1,0 +1,162 @@
+"""The measured side of experiments/collectives.py: inputs, expected outputs, implementations, timing.
+
+Each implementation turns a point (op, impl, nbytes, dtype, iters, warmup)
+into an input tensor and a `run()` returning the output: mpipar's
+collectives ("mpi", "ring", "auto", "shm"; "auto_sym" = auto on a symmetric
+tensor), raw mpi4py on numpy views ("mpi4py"), torch.distributed over gloo
+("gloo") and a local copy ("memcpy"). `measure` checks the result once
+against the exact expected output, then times the calls.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+import warnings
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from mpipar import comm as C
+
+ALGO_OPS = ("all_reduce", "all_gather", "reduce_scatter")
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16, "int32": torch.int32, "int64": torch.int64}
+
+
+def element_count(op: str, size: int, itemsize: int, n: int) -> int:
+    """Elements of the full tensor: a multiple of n where the op splits it over the ranks."""
+    count = size // itemsize
+    return count - count % n if op in ("all_gather", "reduce_scatter", "all_to_all") else count
+
+
+# ---- inputs and the exact expected outputs ---------------------------------------------------
+
+def _pattern(count: int, offset: int = 0) -> torch.Tensor:
+    return (torch.arange(offset, offset + count, dtype=torch.int32) % 4) + 1
+
+
+def check_case(op: str, r: int, n: int, count: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(this rank's input, the expected output): small integers.
+
+    Exact in every dtype while sums stay <= 256 (bf16's integer range: up to
+    10 ranks), so any difference is an error, whatever the summation order.
+    """
+    chunk, total = count // n, n * (n + 1) // 2
+    if op == "all_reduce":
+        inp, exp = (r + 1) * _pattern(count), total * _pattern(count)
+    elif op == "all_gather":
+        inp = (r + 1) * _pattern(chunk, r * chunk)
+        exp = torch.cat([(j + 1) * _pattern(chunk, j * chunk) for j in range(n)])
+    elif op == "reduce_scatter":
+        inp, exp = (r + 1) * _pattern(count), total * _pattern(chunk, r * chunk)
+    elif op == "broadcast":
+        inp, exp = _pattern(count) * int(r == 0), _pattern(count)
+    elif op == "all_to_all":
+        inp = torch.cat([_pattern(chunk) + (r * n + j) % 5 for j in range(n)])
+        exp = torch.cat([_pattern(chunk) + (j * n + r) % 5 for j in range(n)])
+    else:  # memcpy
+        inp = exp = _pattern(count)
+    return inp.to(dtype), exp.to(dtype)
+
+
+# ---- the implementations: each returns (input tensor, run() -> output tensor) ----------------
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return (t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
+
+
+def bench_mpipar(op, algo, g, inp):
+    kw = {"algorithm": algo} if op in ALGO_OPS else {}
+    calls = {"all_reduce": lambda: C.all_reduce(inp, g, **kw),
+             "all_gather": lambda: C.all_gather(inp, g, **kw),
+             "reduce_scatter": lambda: C.reduce_scatter(inp, g, **kw),
+             "broadcast": lambda: C.broadcast(inp, g, 0),
+             "all_to_all": lambda: C.all_to_all(inp, g, 0, 0)}
+    return calls[op]
+
+
+def bench_mpi4py(op, comm, inp, count, n):
+    a = _np(inp)
+    if op == "all_reduce":
+        return lambda: (comm.Allreduce(MPI.IN_PLACE, a), inp)[1]
+    if op == "broadcast":
+        return lambda: (comm.Bcast(a, root=0), inp)[1]
+    out = torch.empty(count // n if op == "reduce_scatter" else count, dtype=inp.dtype)
+    o = _np(out)
+    fn = {"all_gather": comm.Allgather, "reduce_scatter": comm.Reduce_scatter_block, "all_to_all": comm.Alltoall}
+    return lambda: (fn[op](a, o), out)[1]
+
+
+def bench_gloo(op, inp, count, n):
+    import torch.distributed as dist
+
+    if op == "all_reduce":
+        return lambda: (dist.all_reduce(inp), inp)[1]
+    if op == "broadcast":
+        return lambda: (dist.broadcast(inp, 0), inp)[1]
+    out = torch.empty(count // n if op == "reduce_scatter" else count, dtype=inp.dtype)
+    fn = {"all_gather": getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor,
+          "reduce_scatter": getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor,
+          "all_to_all": dist.all_to_all_single}[op]
+    return lambda: (fn(out, inp), out)[1]
+
+
+def build(point: dict, g, count: int):
+    op, impl, dtype, n = point["op"], point["impl"], DTYPES[point["dtype"]], g.size
+    shape = (count // n,) if op == "all_gather" else (count,)
+    inp = C.symmetric_empty(shape, dtype, g) if impl == "auto_sym" else torch.empty(shape, dtype=dtype)
+    if impl == "memcpy":
+        out = torch.empty_like(inp)
+        return inp, lambda: out.copy_(inp)
+    if impl == "mpi4py":
+        return inp, bench_mpi4py(op, g.comm, inp, count, n)
+    if impl == "gloo":
+        return inp, bench_gloo(op, inp, count, n)
+    return inp, bench_mpipar(op, "auto" if impl == "auto_sym" else impl, g, inp)
+
+
+def measure(point: dict, g) -> dict:
+    """Check once, then time `iters` calls after `warmup`; collective over g."""
+    op, n = point["op"], g.size
+    dtype = DTYPES[point["dtype"]]
+    count = element_count(op, point["nbytes"], dtype.itemsize, n)
+    inp, run = build(point, g, count)
+    given, expected = check_case(op, g.rank, n, count, dtype)
+    inp.copy_(given)
+    wrong = int((run() != expected).sum())
+    inp.zero_()
+    for _ in range(point["warmup"]):
+        run()
+    g.comm.Barrier()
+    start = time.perf_counter()
+    for _ in range(point["iters"]):
+        run()
+    times = np.array(g.comm.allgather((time.perf_counter() - start) / point["iters"]))
+    nbytes = count * dtype.itemsize
+    algbw = nbytes / times.mean() / 1e9
+    factor = 1.0 if op == "memcpy" else C.bus_factor(op, n)
+    return {"count": count, "bytes": nbytes, "time_s": float(times.mean()), "time_min_s": float(times.min()),
+            "time_max_s": float(times.max()), "algbw_GBps": algbw, "busbw_GBps": algbw * factor,
+            "wrong": int(g.comm.allreduce(wrong))}
+
+
+def init_gloo(g) -> None:
+    """torch.distributed over gloo on the same ranks; rank 0 picks a free port, MPI broadcasts it."""
+    import torch.distributed as dist
+
+    hosts = g.comm.allgather(socket.gethostname())
+    addr, port = "127.0.0.1", None
+    if g.rank == 0:
+        if len(set(hosts)) > 1:
+            addr = socket.gethostbyname(hosts[0])
+        with socket.socket() as s:
+            s.bind(("" if len(set(hosts)) > 1 else addr, 0))
+            port = s.getsockname()[1]
+    addr, port = g.comm.bcast((addr, port), root=0)
+    os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port))
+    dist.init_process_group("gloo", init_method="env://", rank=g.rank, world_size=g.size,
+                            timeout=datetime.timedelta(seconds=300))
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")

@@ -1,0 +1,286 @@
+#!/usr/bin/env python3
+"""nccl-tests-style sweep of mpipar's collectives, side by side with raw mpi4py, gloo and memcpy.
+
+    mpiexec -n 2 python experiments/collectives.py [--quick] [--sizes 4K:256M[:factor] | 4K,1M,..]
+        [--ops all_reduce,all_gather,reduce_scatter,broadcast,all_to_all] [--dtype float32]
+        [--impls mpi,ring,auto,mpi4py,gloo,memcpy] [--iters 20] [--warmup 5] [--out F.h5] [--dry-run]
+
+Per op, size and implementation: time per call (min/avg/max over ranks of each
+rank's mean over --iters calls), algbw = bytes / avg time, busbw = algbw x
+nccl-tests' bus factor (mpipar.comm.bus_factor), and #wrong (elements that
+differ from the exact expected result, summed over ranks; inputs are small
+integers so every dtype is exact). "size" is nccl-tests' size: the full
+tensor (all_gather: the output; reduce_scatter, all_to_all: the input).
+Implementations: mpipar "mpi", "ring" (all_reduce, all_gather, reduce_scatter),
+"auto" (every op), "shm" and "auto_sym" (auto on a symmetric tensor; opt-in);
+"mpi4py" (raw comm.Allreduce & co on numpy, no mpipar); "gloo"
+(torch.distributed); "memcpy" (a local torch copy_ of the same size: the
+physical limit; its busbw is the copy rate). At the end: the measured size
+from which "ring" beats "mpi" (feeds mpipar/comm/tuning.py) and alpha-beta
+fits of the ring points (mpipar.comm.fit_alpha_beta).
+
+Writes /results/collectives (one row per point, resumable: rerun with the same
+--out to finish a killed sweep), /results/collectives_fit, and the spans to
+results/collectives/<UTC timestamp>.h5 (or --out); prints a table on rank 0.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+from mpi4py import MPI  # noqa: E402
+
+import mpipar  # noqa: E402
+from mpipar import comm as C  # noqa: E402
+from mpipar import trace  # noqa: E402
+from mpipar.errors import MpiparError, install_abort_on_exception, require  # noqa: E402
+from _collectives_impl import ALGO_OPS, DTYPES, element_count, init_gloo, measure  # noqa: E402
+
+TABLE = "collectives"
+OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
+IMPLS = ("mpi", "ring", "auto", "shm", "auto_sym", "mpi4py", "gloo", "memcpy")
+DEFAULT_IMPLS = ("mpi", "ring", "auto", "mpi4py", "gloo", "memcpy")
+NUMPY_REDUCIBLE = ("float32", "float64", "int32", "int64")
+UNITS = {"nbytes": "B", "bytes": "B", "count": "elements", "time_s": "s", "time_min_s": "s",
+         "time_max_s": "s", "algbw_GBps": "GB/s", "busbw_GBps": "GB/s", "memcpy_GBps": "GB/s", "wrong": "elements"}
+FIT_UNITS = {"alpha_s": "s", "beta_s_per_byte": "s/B", "bandwidth_GBps": "GB/s", "crossover_bytes": "B"}
+
+
+@dataclasses.dataclass
+class Config:
+    sizes: list
+    ops: list
+    impls: list
+    dtype: str = "float32"
+    iters: int = 20
+    warmup: int = 5
+    out: str = ""
+    dry_run: bool = False
+
+
+def parse_size(text: str) -> int:
+    """'4K', '1MiB', '256M', '4096' -> bytes (binary units)."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    try:
+        return int(float(t[:-1] if mult > 1 else t) * mult)
+    except ValueError:
+        raise MpiparError(f"collectives: bad size {text!r} (e.g. 4K, 1M, 256MiB)") from None
+
+
+def parse_sizes(text: str) -> list[int]:
+    """'4K:256M[:factor]' (geometric, factor 2 by default) or a comma list."""
+    if ":" in text:
+        lo, hi, *f = text.split(":")
+        size, hi, factor = parse_size(lo), parse_size(hi), int(f[0]) if f else 2
+        require(size > 0 and factor > 1, f"collectives: bad size range {text!r}")
+        out = []
+        while size <= hi:
+            out.append(size)
+            size *= factor
+        return out
+    return [parse_size(s) for s in text.split(",") if s.strip()]
+
+
+def human(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale} {unit}"
+    return f"{n} B"
+
+
+def parse_args(argv=None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default=None, help="4K:256M[:factor] or a comma list (default 4K:256M)")
+    p.add_argument("--ops", default=",".join(OPS))
+    p.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help=f"any of {','.join(IMPLS)}")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--iters", type=int, default=None, help="timed calls per point (default 20; quick 5)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 5; quick 1)")
+    p.add_argument("--quick", action="store_true", help="4K:1M:4, 5 iters, 1 warmup (a smoke test)")
+    p.add_argument("--out", default=None, help="HDF5 file (default results/collectives/<UTC stamp>.h5)")
+    p.add_argument("--dry-run", action="store_true", help="list the points (done or to do) and exit")
+    a = p.parse_args(argv)
+    cfg = Config(sizes=parse_sizes(a.sizes or ("4K:1M:4" if a.quick else "4K:256M")),
+                 ops=[o for o in a.ops.split(",") if o], impls=[i for i in a.impls.split(",") if i],
+                 dtype=a.dtype, iters=a.iters or (5 if a.quick else 20),
+                 warmup=a.warmup if a.warmup is not None else (1 if a.quick else 5),
+                 out=a.out or "", dry_run=a.dry_run)
+    require(not set(cfg.ops) - set(OPS), f"collectives: unknown ops {sorted(set(cfg.ops) - set(OPS))}")
+    require(not set(cfg.impls) - set(IMPLS), f"collectives: unknown impls {sorted(set(cfg.impls) - set(IMPLS))}")
+    require(cfg.sizes and min(cfg.sizes) > 0 and cfg.iters > 0 and cfg.warmup >= 0,
+            "collectives: need sizes > 0, iters > 0, warmup >= 0")
+    return cfg
+
+
+# ---- what to run ---------------------------------------------------------------------------
+
+def applicable(op: str, impl: str, dtype: str) -> bool:
+    if impl == "memcpy" or op == "memcpy":
+        return impl == op
+    if impl in ("mpi", "ring"):
+        return op in ALGO_OPS
+    if impl == "shm":
+        return op in ALGO_OPS
+    if impl == "auto_sym":
+        return hasattr(C, "symmetric_empty") and op in (*ALGO_OPS, "broadcast")
+    if impl == "mpi4py" and op in ("all_reduce", "reduce_scatter"):
+        return dtype in NUMPY_REDUCIBLE
+    return True
+
+
+def plan(cfg: Config, n: int) -> list[dict]:
+    """Every point of the sweep, in run order (identical on every rank)."""
+    itemsize = DTYPES[cfg.dtype].itemsize
+    ops = [*(["memcpy"] if "memcpy" in cfg.impls else []), *cfg.ops]  # memcpy first: the limit of each row
+    return [{"op": op, "impl": impl, "nbytes": size, "dtype": cfg.dtype, "world_size": n,
+             "iters": cfg.iters, "warmup": cfg.warmup}
+            for op in ops for size in cfg.sizes for impl in cfg.impls
+            if applicable(op, impl, cfg.dtype) and element_count(op, size, itemsize, n) > 0]
+
+
+# ---- reporting -------------------------------------------------------------------------------
+
+def crossover(rows: list[dict], op: str):
+    """Smallest measured size from which "ring" is faster than "mpi" at every larger size (None: never)."""
+    t = {(r["impl"], r["nbytes"]): r["time_s"] for r in rows if r["op"] == op}
+    sizes = sorted(s for (impl, s) in t if impl == "ring" and ("mpi", s) in t)
+    best = None
+    for s in reversed(sizes):
+        if t[("ring", s)] >= t[("mpi", s)]:
+            break
+        best = s
+    return best
+
+
+def fits(rows: list[dict], n: int, dtype: str) -> list[dict]:
+    out = []
+    for op in ALGO_OPS:
+        ring = sorted((r["bytes"], r["time_s"]) for r in rows if r["op"] == op and r["impl"] == "ring")
+        if n < 2 or len(ring) < 2:
+            continue
+        alpha, beta = C.fit_alpha_beta(op, [b for b, _ in ring], n, [t for _, t in ring])
+        cross = crossover(rows, op)
+        out.append({"op": op, "impl": "ring", "world_size": n, "dtype": dtype, "points": len(ring),
+                    "alpha_s": alpha, "beta_s_per_byte": beta,
+                    "bandwidth_GBps": 1 / beta / 1e9 if beta > 0 else float("nan"),
+                    "crossover_bytes": -1 if cross is None else int(cross)})
+    return out
+
+
+def print_report(rows: list[dict], fit_rows: list[dict], n: int, dtype: str) -> None:
+    impls = [i for i in IMPLS if any(r["impl"] == i for r in rows)]
+    copy = {r["nbytes"]: r["busbw_GBps"] for r in rows if r["op"] == "memcpy"}
+    for op in [o for o in OPS if any(r["op"] == o for r in rows)]:
+        mine = {(r["impl"], r["nbytes"]): r for r in rows if r["op"] == op}
+        cols = [i for i in impls if i != "memcpy" and any(k[0] == i for k in mine)]
+        print(f"\n{op}  {dtype}  {n} ranks   cells: avg time [us] busbw [GB/s]; memcpy: copy rate [GB/s]")
+        print(f"{'size':>9} |" + "|".join(f"{c:^17}" for c in cols) + f"| {'memcpy':>7} | #wrong")
+        for size in sorted({k[1] for k in mine}):
+            cells = [mine.get((c, size)) for c in cols]
+            text = [f"{r['time_s'] * 1e6:9.1f} {r['busbw_GBps']:7.3f}" if r else f"{'-':^17}" for r in cells]
+            wrong = sum(r["wrong"] for r in cells if r)
+            print(f"{human(size):>9} |" + "|".join(text) + f"| {copy.get(size, float('nan')):7.2f} | {wrong}")
+    for f in fit_rows:
+        cross = "never (at no measured size)" if f["crossover_bytes"] < 0 else f"from {human(f['crossover_bytes'])} up"
+        print(f"{f['op']}: ring fit alpha = {f['alpha_s'] * 1e6:.2f} us, 1/beta = {f['bandwidth_GBps']:.2f} GB/s; "
+              f"crossover: ring beats mpi {cross} (mpipar/comm/tuning.py now: "
+              f"{human(C.tuning.crossover(f['op']))})")
+
+
+def verdicts(rows: list[dict]) -> list[str]:
+    """The issue's benchmark targets, from this run's points (ratios of times at equal sizes)."""
+    t = {(r["op"], r["impl"], r["nbytes"]): r["time_s"] for r in rows}
+    out = []
+    for op in ALGO_OPS:
+        big = sorted(s for (o, i, s) in t if o == op and i == "auto" and s >= 1 << 20)
+        best = [min(t[(op, "mpi", s)], t[(op, "ring", s)]) / t[(op, "auto", s)]
+                for s in big if (op, "mpi", s) in t and (op, "ring", s) in t]
+        gloo = [t[(op, "gloo", s)] / t[(op, "auto", s)] for s in big if (op, "gloo", s) in t]
+        if best:
+            out.append(f"{op} >= 1 MiB: busbw auto / best(mpi, ring) min {min(best):.2f} (target >= 0.95)")
+        if gloo:
+            out.append(f"{op} >= 1 MiB: busbw auto / gloo min {min(gloo):.2f} (target >= 1.5)")
+    small = min((s for (o, i, s) in t if o == "all_reduce" and i == "mpi"), default=None)
+    if small is not None and ("all_reduce", "mpi4py", small) in t:
+        ratio = t[("all_reduce", "mpi", small)] / t[("all_reduce", "mpi4py", small)]
+        out.append(f"all_reduce {human(small)} latency: mpipar mpi / raw mpi4py {ratio:.2f} (target <= 2)")
+    return out
+
+
+def stored(path) -> tuple[set, dict]:
+    """(keys of the points already in the file, memcpy rate per size of those points)."""
+    if not os.path.exists(path):
+        return set(), {}
+    t = trace.read_results(path, TABLE)
+    rows = zip(t.get("op", []), t.get("nbytes", []), t.get("busbw_GBps", []))
+    return trace.completed_points(path, TABLE), {int(n): float(b) for op, n, b in rows if op == "memcpy"}
+
+
+def default_out(comm) -> str:
+    stamp = comm.bcast(datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ"), root=0)
+    return f"results/collectives/{stamp}.h5"
+
+
+def main(argv=None) -> int:
+    install_abort_on_exception()
+    cfg = parse_args(argv)
+    mesh = mpipar.Mesh(comm=MPI.COMM_WORLD)
+    g = mesh.world
+    cfg.out = cfg.out or default_out(g.comm)
+    points = plan(cfg, g.size)
+    done, limit = g.comm.bcast(stored(cfg.out) if g.rank == 0 else None, root=0)
+    todo = [p for p in points if trace.point_key(p) not in done]
+    if cfg.dry_run:
+        if g.rank == 0:
+            for p in points:
+                print("done" if trace.point_key(p) in done else "todo", trace.point_key(p))
+            print(f"{len(points)} points, {len(points) - len(todo)} done, {len(todo)} to do -> {cfg.out}")
+        return 0
+    if any(p["impl"] == "gloo" for p in todo):
+        init_gloo(g)
+    tracer = trace.Tracer(mesh)
+    prov = trace.provenance(mesh)
+    writer = trace.ResultsWriter(cfg.out, TABLE, UNITS, prov, {"description": "nccl-tests-style sweep"}) \
+        if g.rank == 0 else None
+    from tqdm import tqdm
+
+    bar = tqdm(todo, desc="collectives", unit="pt", disable=g.rank != 0, file=sys.stderr,
+               mininterval=0.5 if sys.stderr.isatty() else 5.0)
+    for p in bar:
+        bar.set_postfix_str(f"{p['op']} {p['impl']} {human(p['nbytes'])}", refresh=False)
+        with tracer.span("point", op=p["op"], impl=p["impl"], nbytes=p["nbytes"]):
+            metrics = measure(p, g)
+        if p["op"] == "memcpy":
+            limit[p["nbytes"]] = metrics["busbw_GBps"]
+        metrics["memcpy_GBps"] = limit.get(p["nbytes"], float("nan"))
+        if writer is not None:
+            writer.append(p, metrics)
+    bar.close()
+    tracer.save(cfg.out, attrs={"driver": "experiments/collectives.py"})
+    if g.rank == 0:
+        table = trace.read_results(cfg.out, TABLE)
+        keys, wanted = table.get("point_key", np.array([])).tolist(), {trace.point_key(p) for p in points}
+        rows = [{c: v[i] for c, v in table.items()} for i, k in enumerate(keys) if k in wanted]
+        fit_rows = fits(rows, g.size, cfg.dtype)
+        trace.write_table(cfg.out, "collectives_fit", fit_rows, FIT_UNITS)
+        print_report(rows, fit_rows, g.size, cfg.dtype)
+        print("\n".join(verdicts(rows)))
+        print(f"\nwrote {cfg.out}")
+    if any(p["impl"] == "gloo" for p in todo):
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
