@@ -36,15 +36,38 @@ def is_oversubscribed(local_size: int) -> bool:
     return local_size > cores_on_node()
 
 
+_LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE",
+                    "PALS_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
+_noted_local_size: list[int] = []
+
+
+def note_local_size(local_size: int) -> None:
+    """Remember the ranks-per-node count measured collectively (by Mesh construction)."""
+    _noted_local_size[:] = [local_size]
+    node_is_oversubscribed.cache_clear()
+
+
+def local_size_from_env() -> int | None:
+    """Ranks on this node as the launcher announced it (mpiexec/srun), or None."""
+    for var in _LOCAL_SIZE_VARS:
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return None
+
+
 @functools.lru_cache(maxsize=None)
 def node_is_oversubscribed() -> bool:
-    """More MPI ranks of this job on this node than cores (MPIPAR_POLITE=1|0 overrides)."""
+    """More MPI ranks of this job on this node than cores (MPIPAR_POLITE=1|0 overrides).
+
+    Never communicates (it is asked lazily from inside sub-group waits): the count
+    comes from the launcher's environment, or from the last Mesh built.
+    """
     setting = os.environ.get("MPIPAR_POLITE")
     if setting is not None:
         return setting == "1"
-    from mpi4py import MPI
-
-    return is_oversubscribed(ranks_on_node(MPI.COMM_WORLD)[1])
+    local = local_size_from_env() or (_noted_local_size[0] if _noted_local_size else 1)
+    return is_oversubscribed(local)
 
 
 def pick_device(local_rank: int) -> torch.device:

@@ -104,6 +104,7 @@ class Mesh:
             setattr(self, dim, Group(self._comm.Split(color, key=rank), dim))
         local_rank, local_size = _device.ranks_on_node(self._comm)
         self.local_rank, self.local_size = local_rank, local_size
+        _device.note_local_size(local_size)
         self.threads = _device.set_threads(local_size)
         self.device: torch.device = _device.pick_device(local_rank)
 

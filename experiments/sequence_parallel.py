@@ -1,0 +1,337 @@
+#!/usr/bin/env python3
+"""Sequence parallelism study: ring attention (zigzag, contiguous) and Ulysses vs serial SDPA.
+
+    mpiexec -n 4 python experiments/sequence_parallel.py --out results/sp.h5 [--quick]
+        [--seqs 1K,2K,4K,...,64K] [--sp 1,2,4] [--heads 8] [--head-dim 64] [--budget-mb 256]
+
+For every sequence length and every sequence-parallel size N (a sub-group of
+the first N ranks; the others wait politely), causal fwd+bwd of one attention
+layer is timed. Per point: time (max over ranks, median over iterations),
+per-rank compute time per ring step (load balance), exposed communication
+(step time minus compute), peak activation bytes per rank (tensors autograd
+saves for backward), and whether it fits the per-rank budget. Serial SDPA
+(N=1, same threads per rank) is the baseline; torch's context_parallel is
+tried and the reason it does not run on CPU is recorded. HDF5 tables
+/results/sequence_parallel, /results/sequence_parallel_budget,
+/results/context_parallel; a PNG of time and memory vs sequence length.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from mpi4py import MPI  # noqa: E402
+
+from mpipar import device as mdevice  # noqa: E402
+from mpipar.comm.wait import wait_all  # noqa: E402
+from mpipar.errors import install_abort_on_exception  # noqa: E402
+from mpipar.mesh import Group  # noqa: E402
+from mpipar.sequence import ring_attention, ulysses_attention  # noqa: E402
+from mpipar.sequence.layout import num_chunks  # noqa: E402
+from mpipar.trace import (ActivationMeter, ResultsWriter, Tracer, provenance, read_results,  # noqa: E402
+                          write_table)
+
+TABLE = "sequence_parallel"
+METHODS = ("serial", "ring-zigzag", "ring-contiguous", "ulysses")
+UNITS = {"time_s": "s", "fwd_s": "s", "bwd_s": "s", "compute_s": "s", "exposed_comm_s": "s",
+         "peak_act_bytes": "B", "serial_peak_act_bytes": "B", "budget_bytes": "B", "seq": "tokens"}
+
+
+@dataclasses.dataclass
+class Config:
+    seqs: list
+    sp: list
+    methods: list
+    batch: int = 1
+    heads: int = 8
+    head_dim: int = 64
+    dtype: str = "float32"
+    causal: bool = True
+    iters: int = 3
+    warmup: int = 1
+    budget_mb: float = 256.0
+    max_point_s: float = 30.0
+    threads: int = 0
+    context_parallel: bool = True
+    out: str = "results/sequence_parallel.h5"
+    figure: str = ""
+
+
+def parse_size(s: str) -> int:
+    s = s.strip().upper()
+    return int(float(s[:-1]) * 1024) if s.endswith("K") else int(s)
+
+
+def parse_args(world: int) -> Config:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seqs", default="1K,2K,4K,8K,16K,32K,64K", help="sequence lengths (K = 1024)")
+    p.add_argument("--sp", default="", help="sequence-parallel sizes (default: 1, 2, 4, ... and the world size)")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float64"])
+    p.add_argument("--non-causal", action="store_true")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--budget-mb", type=float, default=256.0, help="per-rank activation budget (MiB)")
+    p.add_argument("--max-point-s", type=float, default=30.0, help="skip points predicted slower (s/iter)")
+    p.add_argument("--threads", type=int, default=0, help="threads per rank (0: cores // ranks per node)")
+    p.add_argument("--no-context-parallel", action="store_true")
+    p.add_argument("--out", default="results/sequence_parallel.h5")
+    p.add_argument("--figure", default="", help="PNG path (default: next to --out)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, 1 timed iteration (smoke test)")
+    a = p.parse_args()
+    sp = [int(x) for x in a.sp.split(",") if x] or sorted({1 << i for i in range(world.bit_length())} | {world})
+    cfg = Config([parse_size(x) for x in a.seqs.split(",")], [n for n in sp if n <= world],
+                 [m for m in a.methods.split(",") if m], a.batch, a.heads, a.head_dim, a.dtype,
+                 not a.non_causal, a.iters, a.warmup, a.budget_mb, a.max_point_s, a.threads,
+                 not a.no_context_parallel, a.out, a.figure)
+    if a.quick:
+        cfg.seqs, cfg.heads, cfg.head_dim, cfg.iters, cfg.warmup = [256, 512], 4, 32, 1, 1
+        cfg.context_parallel = False
+    cfg.figure = cfg.figure or str(Path(cfg.out).with_suffix(".png"))
+    return cfg
+
+
+def fits_in_ram(cfg: Config, seq: int, n: int, ranks_here: int) -> bool:
+    """Rough guard: ~16 [B, H, seq/n, D] tensors per rank must fit in half this rank's share of RAM."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return True
+    need = 16 * cfg.batch * cfg.heads * (seq // n) * cfg.head_dim * getattr(torch, cfg.dtype).itemsize
+    return need < 0.5 * avail / ranks_here
+
+
+def polite_barrier(comm) -> None:
+    wait_all([comm.Ibarrier()])
+
+
+def attention_fn(method: str, g: Group | None, causal: bool):
+    if method == "serial":
+        return lambda q, k, v, prof: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    if method == "ulysses":
+        return lambda q, k, v, prof: ulysses_attention(q, k, v, g, causal, "zigzag", profile=prof)
+    layout = method.split("-")[1]
+    return lambda q, k, v, prof: ring_attention(q, k, v, g, causal, layout, profile=prof)
+
+
+def measure(cfg: Config, method: str, g: Group, seq: int, tracer: Tracer) -> dict:
+    """Time fwd+bwd on this rank; returns this rank's numbers."""
+    dt = getattr(torch, cfg.dtype)
+    shape = (cfg.batch, cfg.heads, seq // g.size, cfg.head_dim)
+    gen = torch.Generator().manual_seed(1 + g.rank)
+    q, k, v = (torch.randn(shape, generator=gen).to(dt).requires_grad_() for _ in range(3))
+    dout = torch.randn(shape, generator=gen).to(dt)
+    fn = attention_fn(method, g, cfg.causal)
+    fwd, bwd, prof, meter = [], [], [], ActivationMeter()
+    for it in range(cfg.warmup + cfg.iters):
+        prof.clear()
+        meter.reset_peak()
+        polite_barrier(g.comm)
+        t0 = time.perf_counter()
+        with tracer.span("forward", microbatch=it, method=method, seq=seq, sp=g.size), meter:
+            out = fn(q, k, v, prof)
+        t1 = time.perf_counter()
+        with tracer.span("backward", microbatch=it, method=method, seq=seq, sp=g.size):
+            out.backward(dout)
+        t2 = time.perf_counter()
+        q.grad = k.grad = v.grad = None
+        del out
+        if it >= cfg.warmup:
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+    step = statistics.median(f + b for f, b in zip(fwd, bwd))
+    compute = sum(p.get("compute_s", 0.0) for p in prof)
+    comm = sum(p.get("comm_s", 0.0) for p in prof)
+    exposed = comm if method == "ulysses" else (step - compute if prof else 0.0)
+    steps = [[p["pass"][0], p["step"], round(p["compute_s"], 6)] for p in prof if "step" in p]
+    return {"step": step, "fwd": statistics.median(fwd), "bwd": statistics.median(bwd),
+            "compute": compute if prof and method != "ulysses" else step - exposed, "exposed": exposed,
+            "peak": meter.peak, "steps": steps}
+
+
+def summarize(rows: list[dict], cfg: Config, serial: dict | None) -> dict:
+    """One table row from every rank's numbers (rank 0 of the sub-group)."""
+    comp = [r["compute"] for r in rows]
+    step = max(r["step"] for r in rows)
+    peak = max(r["peak"] for r in rows)
+    m = {"time_s": step, "fwd_s": max(r["fwd"] for r in rows), "bwd_s": max(r["bwd"] for r in rows),
+         "compute_s": max(comp), "exposed_comm_s": max(r["exposed"] for r in rows),
+         "imbalance": max(comp) / max(statistics.mean(comp), 1e-12), "peak_act_bytes": peak,
+         "peak_act_bytes_per_rank": json.dumps([r["peak"] for r in rows]),
+         "step_compute_s": json.dumps([r["steps"] for r in rows]),
+         "budget_bytes": int(cfg.budget_mb * 2**20), "fits_budget": peak <= cfg.budget_mb * 2**20}
+    m["exposed_frac"] = m["exposed_comm_s"] / step
+    if serial is not None:
+        m["time_vs_serial"] = step / serial["time_s"]
+        m["mem_vs_serial"] = peak / max(serial["peak_act_bytes"], 1)
+    return m
+
+
+def points(cfg: Config):
+    """(seq, n, method) in order: serial first for each length (the baseline of the others)."""
+    for seq in cfg.seqs:
+        for n in cfg.sp:
+            for method in cfg.methods:
+                if (method == "serial") != (n == 1) or seq % num_chunks(n, "zigzag"):
+                    continue
+                if method == "ulysses" and cfg.heads % n:
+                    continue
+                yield seq, n, method
+
+
+def try_context_parallel(world) -> dict:
+    """Run torch's context_parallel on CPU (gloo) once; record whether it runs and why not."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    status, reason = "ok", ""
+    port = world.bcast(29500 + os.getpid() % 2000 if world.rank == 0 else None)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=world.rank,
+                                world_size=world.size, timeout=datetime.timedelta(seconds=30))
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor.experimental import context_parallel
+
+        mesh = init_device_mesh("cpu", (world.size,))
+        q, k, v = (torch.randn(1, 2, 16 * world.size, 8) for _ in range(3))
+        with context_parallel(mesh, buffers=[q, k, v], buffer_seq_dims=[2, 2, 2]):
+            F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    except Exception as exc:  # recorded, not fatal: the study goes on without it
+        status, reason = "does not run on CPU", f"{type(exc).__name__}: {exc}"[:500]
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return {"torch_version": torch.__version__, "status": status, "reason": reason}
+
+
+def stored_rows(cfg: Config) -> list[dict]:
+    """Rows of /results/sequence_parallel already in the file for this model shape (rank 0)."""
+    cols = read_results(cfg.out, TABLE) if Path(cfg.out).exists() else {}
+    rows = [{k: (v[i].item() if hasattr(v[i], "item") else v[i]) for k, v in cols.items()}
+            for i in range(len(next(iter(cols.values()), [])))]
+    same = {"batch": cfg.batch, "heads": cfg.heads, "head_dim": cfg.head_dim, "dtype": cfg.dtype,
+            "causal": cfg.causal}
+    return [r for r in rows if all(r.get(k) == v for k, v in same.items())]
+
+
+def budget_rows(done: list[dict], cfg: Config) -> list[dict]:
+    """Longest sequence within the per-rank budget: measured, and extrapolated (bytes ~ seq)."""
+    out = []
+    for key in sorted({(r["method"], r["sp"]) for r in done}):
+        rs = [r for r in done if (r["method"], r["sp"]) == key]
+        fit = [r["seq"] for r in rs if r["fits_budget"]]
+        per_token = max(r["peak_act_bytes"] / r["seq"] for r in rs)
+        budget = cfg.budget_mb * 2**20
+        out.append({"method": key[0], "sp": key[1], "budget_bytes": int(budget),
+                    "longest_measured_seq": max(fit) if fit else 0,
+                    "predicted_max_seq": int(budget / per_token) if per_token else 0})
+    return out
+
+
+def figure(done: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for key in sorted({(r["method"], r["sp"]) for r in done}):
+        rs = sorted((r for r in done if (r["method"], r["sp"]) == key), key=lambda r: r["seq"])
+        label = key[0] if key[0] == "serial" else f"{key[0]} N={key[1]}"
+        ax_t.plot([r["seq"] for r in rs], [r["time_s"] for r in rs], "o-", label=label)
+        ax_m.plot([r["seq"] for r in rs], [r["peak_act_bytes"] / 2**20 for r in rs], "o-", label=label)
+    for ax, ylabel in ((ax_t, "fwd+bwd time (s)"), (ax_m, "peak activation MiB per rank")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    ax_m.legend(fontsize=7)
+    fig.suptitle("Causal attention: sequence parallelism vs serial SDPA")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def print_table(done: list[dict]) -> None:
+    cols = ["method", "sp", "seq", "time_s", "time_vs_serial", "exposed_frac", "imbalance",
+            "peak_act_bytes", "mem_vs_serial", "fits_budget"]
+    print(" ".join(f"{c:>15}" for c in cols))
+    for r in done:
+        vals = [r.get(c, float("nan")) for c in cols]
+        print(" ".join(f"{v:>15.4g}" if isinstance(v, float) else f"{str(v):>15}" for v in vals))
+
+
+def main() -> None:
+    install_abort_on_exception()
+    world = MPI.COMM_WORLD
+    cfg = parse_args(world.size)
+    _, local_size = mdevice.ranks_on_node(world)
+    threads = cfg.threads or mdevice.set_threads(local_size)
+    torch.set_num_threads(threads)
+    groups = {n: world.Split(0 if world.rank < n else MPI.UNDEFINED, world.rank) for n in cfg.sp}
+    groups = {n: Group(c, f"sp{n}") if c != MPI.COMM_NULL else None for n, c in groups.items()}
+    tracer = Tracer(world)
+    prov = provenance(world)
+    writer = ResultsWriter(cfg.out, TABLE, UNITS, prov) if world.rank == 0 else None
+    plan = list(points(cfg))
+    serial, last = {}, {}  # kept on world rank 0 (rank 0 of every sub-group)
+    for r in stored_rows(cfg) if world.rank == 0 else []:  # a resumed run keeps its baselines
+        last[(r["method"], r["sp"])] = (r["seq"], r["time_s"])
+        if r["method"] == "serial":
+            serial[r["seq"]] = r
+    for i, (seq, n, method) in enumerate(plan):
+        conf = {"method": method, "sp": n, "seq": seq, "batch": cfg.batch, "heads": cfg.heads,
+                "head_dim": cfg.head_dim, "dtype": cfg.dtype, "causal": cfg.causal, "threads": threads}
+        skip = None
+        if world.rank == 0:
+            prev = last.get((method, n))
+            predicted = prev[1] * (seq / prev[0]) ** 2 if prev else 0.0
+            skip = (writer.done(conf) or predicted > cfg.max_point_s * (cfg.warmup + cfg.iters)
+                    or not fits_in_ram(cfg, seq, n, local_size))
+        if world.bcast(skip):
+            continue
+        polite_barrier(world)
+        g = groups[n]
+        if g is not None:
+            mine = measure(cfg, method, g, seq, tracer)
+            rows = g.comm.gather(mine, root=0)
+            if g.rank == 0:
+                m = summarize(rows, cfg, serial.get(seq))
+                writer.append(conf, m, UNITS)
+                last[(method, n)] = (seq, m["time_s"])
+                if method == "serial":
+                    serial[seq] = m
+                print(f"[{i + 1}/{len(plan)}] {method:16s} N={n} seq={seq:6d}  {m['time_s']:.4f} s  "
+                      f"peak {m['peak_act_bytes'] / 2**20:.1f} MiB", flush=True)
+        polite_barrier(world)
+    cp = try_context_parallel(world) if cfg.context_parallel else {
+        "torch_version": torch.__version__, "status": "not tried", "reason": "--quick or --no-context-parallel"}
+    tracer.save(cfg.out, attrs={"config": json.dumps(dataclasses.asdict(cfg))})
+    if world.rank == 0:
+        done = stored_rows(cfg)
+        write_table(cfg.out, "sequence_parallel_budget", budget_rows(done, cfg), {"budget_bytes": "B"})
+        write_table(cfg.out, "context_parallel", [cp])
+        if done:
+            figure(done, cfg.figure)
+            print_table(done)
+        print(f"context_parallel on CPU: {cp['status']} {cp['reason']}")
+        print(f"wrote {cfg.out} and {cfg.figure}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""Ring attention: exact attention over a sequence split across the ranks of a group.
+
+Forward: at ring step s a rank holds the K/V block of rank (r - s) mod N. The
+non-blocking send of that block to rank r+1 and the receive of the next one
+from rank r-1 are posted BEFORE the attention on the block in hand, so the
+transfer hides behind the compute. Block results are merged with the
+online-softmax (log-sum-exp) rule in float32 (float64 for float64 inputs).
+
+Backward: a second ring pass. K/V travel again; the dK/dV of each block
+accumulate as they travel with it and, after N hops, arrive back at their
+owner. Each block's gradients come from the kernel's backward fed with the
+rows' GLOBAL out and log-sum-exp, which makes their sum exact.
+
+Traffic uses the group's private duplicate communicator (`Group.p2p`) with
+tags distinct for forward K/V, backward K/V and backward dK/dV.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..comm.wait import wait_all
+from ..mesh import as_group
+from . import kernels
+from .blocks import step_plan
+from .checks import agree_call, qkv_error, signature
+from .layout import rank_chunks
+
+TAG_FWD_K, TAG_FWD_V = 7101, 7102
+TAG_BWD_K, TAG_BWD_V, TAG_BWD_DKV = 7201, 7202, 7203
+
+
+class _Ring:
+    """Non-blocking shifts r -> r+1 on the group's private communicator.
+
+    CPU tensors (and CUDA tensors with CUDA-aware MPI) go to MPI in place; other
+    CUDA tensors pass through host copies. `send`/`recv` return handles that
+    `finish` completes (polite waiting, then copy-back of staged receives).
+    """
+
+    def __init__(self, g):
+        self.comm = g.p2p if g.size > 1 else None
+        self.next, self.prev = (g.rank + 1) % g.size, (g.rank - 1) % g.size
+
+    @staticmethod
+    def _host(t: torch.Tensor):
+        from ..comm.buffers import needs_staging
+
+        if t.device.type == "cuda":
+            torch.cuda.current_stream(t.device).synchronize()  # t's producer kernels are done
+        return t.cpu() if needs_staging(t) else t
+
+    def send(self, t: torch.Tensor, tag: int):
+        from ..comm.buffers import mpi_buffer
+
+        buf = self._host(t)
+        return (self.comm.Isend(mpi_buffer(buf), dest=self.next, tag=tag), buf, None)
+
+    def recv(self, t: torch.Tensor, tag: int):
+        from ..comm.buffers import mpi_buffer, needs_staging
+
+        buf = torch.empty(t.shape, dtype=t.dtype) if needs_staging(t) else t
+        return (self.comm.Irecv(mpi_buffer(buf), source=self.prev, tag=tag), buf, t if buf is not t else None)
+
+
+def finish(handles) -> None:
+    """Wait for ring handles (None entries ignored); copy staged receives to their device."""
+    handles = [h for h in handles if h is not None]
+    wait_all([h[0] for h in handles])
+    for _, buf, target in handles:
+        if target is not None:
+            target.copy_(buf)
+
+
+class _Timer:
+    """Per-step compute and communication-wait times, appended to `profile` (a list) if given."""
+
+    def __init__(self, profile, phase: str):
+        self.profile, self.phase = profile, phase
+
+    def record(self, step: int, compute_s: float, wait_s: float) -> None:
+        if self.profile is not None:
+            self.profile.append({"pass": self.phase, "step": step, "compute_s": compute_s, "wait_s": wait_s})
+
+
+def _rows(blk, c: int):
+    return slice(blk.q0 * c, blk.q1 * c)
+
+
+def _cols(blk, c: int):
+    return slice(blk.k0 * c, blk.k1 * c)
+
+
+def _fold(acc, out_b, lse_b, blk, c: int, length: int):
+    """Merge one block's (out, lse) into acc = (out, lse) or start it."""
+    rows = _rows(blk, c)
+    dt = kernels.acc_dtype(out_b.dtype)
+    if acc is None and rows == slice(0, length):
+        return out_b.to(dt), lse_b
+    if acc is None:
+        b, h, _, d = out_b.shape
+        acc = (out_b.new_zeros((b, h, length, d), dtype=dt),
+               lse_b.new_full((b, h, length), float("-inf")))
+    kernels.merge_(acc[0][:, :, rows], acc[1][:, :, rows], out_b, lse_b)
+    return acc
+
+
+def _ring_forward(q, k, v, g, causal, layout, scale, profile):
+    """(out in q.dtype, lse) of this rank's queries against the whole sequence."""
+    n, rank, length = g.size, g.rank, q.shape[2]
+    c = length // len(rank_chunks(rank, n, layout))
+    ring, timer = _Ring(g), _Timer(profile, "forward")
+    kv = (k.contiguous(), v.contiguous())
+    slots = [None, None]  # ping-pong receive buffers
+    acc = None
+    for s in range(n):
+        t0 = time.perf_counter()
+        reqs, nxt = [], None
+        if s < n - 1:
+            slot = s % 2
+            if slots[slot] is None:
+                slots[slot] = (torch.empty_like(kv[0]), torch.empty_like(kv[1]))
+            nxt = slots[slot]
+            reqs = [ring.recv(nxt[0], TAG_FWD_K), ring.recv(nxt[1], TAG_FWD_V),
+                    ring.send(kv[0], TAG_FWD_K), ring.send(kv[1], TAG_FWD_V)]
+        t1 = time.perf_counter()
+        for blk in step_plan(rank, s, n, layout, causal):
+            out_b, lse_b = kernels.block_forward(q[:, :, _rows(blk, c)], kv[0][:, :, _cols(blk, c)],
+                                                 kv[1][:, :, _cols(blk, c)], blk.causal, scale)
+            acc = _fold(acc, out_b, lse_b, blk, c, length)
+        t2 = time.perf_counter()
+        finish(reqs)
+        timer.record(s, t2 - t1, (t1 - t0) + (time.perf_counter() - t2))
+        kv = nxt
+    return acc[0].to(q.dtype), acc[1]
+
+
+def _block_grads(dout, q, kv, out, lse, plan, c, scale, dq_acc):
+    """Add the plan's dq into dq_acc; return this step's (dk, dv) stacked, or None if no work."""
+    if not plan:
+        return None
+    b, h, lk, d = kv[0].shape
+    dkv = torch.zeros((2, b, h, lk, d), dtype=dq_acc.dtype, device=dq_acc.device)
+    for blk in plan:
+        rows, cols = _rows(blk, c), _cols(blk, c)
+        dq_b, dk_b, dv_b = kernels.block_backward(dout[:, :, rows], q[:, :, rows], kv[0][:, :, cols],
+                                                  kv[1][:, :, cols], out[:, :, rows], lse[:, :, rows],
+                                                  blk.causal, scale)
+        dq_acc[:, :, rows] += dq_b
+        dkv[0, :, :, cols] += dk_b
+        dkv[1, :, :, cols] += dv_b
+    return dkv
+
+
+def _ring_backward(dout, q, k, v, out, lse, g, causal, layout, scale, profile):
+    """(dq, dk, dv) for this rank's q, k, v: second ring pass, dK/dV travel home."""
+    n, rank = g.size, g.rank
+    c = q.shape[2] // len(rank_chunks(rank, n, layout))
+    ring, timer = _Ring(g), _Timer(profile, "backward")
+    dt = kernels.acc_dtype(q.dtype)
+    dq_acc = torch.zeros(q.shape, dtype=dt, device=q.device)
+    kv = (k.contiguous(), v.contiguous())
+    slots = [None, None]
+    dkv_shape = (2,) + tuple(k.shape)
+    pending_sends = []
+    for s in range(n):
+        t0 = time.perf_counter()
+        reqs, nxt, inc, inc_req = [], None, None, None
+        if s < n - 1:
+            slot = s % 2
+            if slots[slot] is None:
+                slots[slot] = (torch.empty_like(kv[0]), torch.empty_like(kv[1]))
+            nxt = slots[slot]
+            reqs = [ring.recv(nxt[0], TAG_BWD_K), ring.recv(nxt[1], TAG_BWD_V),
+                    ring.send(kv[0], TAG_BWD_K), ring.send(kv[1], TAG_BWD_V)]
+        if s > 0:  # the dK/dV accumulated so far for the block in hand
+            inc = torch.empty(dkv_shape, dtype=dt, device=q.device)
+            inc_req = ring.recv(inc, TAG_BWD_DKV)
+        t1 = time.perf_counter()
+        mine = _block_grads(dout, q, kv, out, lse, step_plan(rank, s, n, layout, causal), c, scale, dq_acc)
+        t2 = time.perf_counter()
+        finish([inc_req])
+        travel = mine if inc is None else (inc if mine is None else inc.add_(mine))
+        if travel is None:
+            travel = torch.zeros(dkv_shape, dtype=dt, device=q.device)
+        if n > 1:
+            pending_sends.append(ring.send(travel, TAG_BWD_DKV))  # the handle keeps the buffer alive
+        finish(reqs)
+        timer.record(s, t2 - t1, (t1 - t0) + (time.perf_counter() - t2))
+        kv = nxt
+    if n > 1:
+        t0 = time.perf_counter()
+        travel = torch.empty(dkv_shape, dtype=dt, device=q.device)
+        finish([ring.recv(travel, TAG_BWD_DKV)] + pending_sends)
+        timer.record(n, 0.0, time.perf_counter() - t0)
+    return dq_acc.to(q.dtype), travel[0].to(k.dtype), travel[1].to(v.dtype)
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, causal, layout, scale, profile):
+        out, lse = _ring_forward(q.detach(), k.detach(), v.detach(), g, causal, layout, scale, profile)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (g, causal, layout, scale, profile)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _ring_backward(dout, q, k, v, out, lse, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def ring_attention(q, k, v, group, causal: bool = True, layout: str = "zigzag", *,
+                   scale: float | None = None, profile: list | None = None) -> torch.Tensor:
+    """Exact attention of this rank's queries over the whole sequence, K/V passed in a ring.
+
+    q, k, v: [batch, heads, local_seq, head_dim], this rank's part of the
+    sequence in `layout` ("contiguous" or "zigzag", see mpipar.sequence.layout).
+    Returns out of the same shape; out and the gradients of q, k, v equal
+    SDPA(..., is_causal=causal) on the full sequence, sharded the same way.
+    scale: softmax scale (default 1/sqrt(head_dim)). profile: a list that
+    receives one dict per ring step (pass, step, compute_s, wait_s).
+    Collective over `group`: bad input raises MpiparError on every rank.
+    """
+    g = as_group(group)
+    err = qkv_error(q, k, v, layout)
+    if err is None and scale is not None and not isinstance(scale, (int, float)):
+        err = f"scale must be a number, got {type(scale).__name__}"
+    agree_call(g, "ring_attention", err, signature(q, causal, layout, scale=scale,
+                                                   device=getattr(getattr(q, "device", None), "type", None)))
+    scale = kernels.default_scale(q.shape[-1]) if scale is None else float(scale)
+    return _RingAttention.apply(q, k, v, g, bool(causal), layout, scale, profile)
