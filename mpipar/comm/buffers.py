@@ -63,6 +63,8 @@ def mpi_buffer(t: torch.Tensor):
     """Something mpi4py accepts as a buffer for a contiguous tensor (CPU or CUDA-aware)."""
     if t.device.type == "cpu":
         return np_view(t.reshape(-1))
+    if t.device.type == "cuda":  # MPI reads/writes device memory outside torch's stream order
+        torch.cuda.current_stream(t.device).synchronize()
     carrier, _ = _CARRIER[t.dtype]
     return t.reshape(-1).view(carrier) if carrier != t.dtype else t.reshape(-1)
 

@@ -9,30 +9,40 @@ MpiparError on every rank and never hangs.
 from __future__ import annotations
 
 import math
+import os as _os
 
 import torch
 
 from ..errors import MpiparError
 from ..mesh import as_group
-from . import ring, tuning
+from . import ring, shm, tuning
 from .buffers import flat_chunks, host_contiguous, mpi_buffer, needs_staging, offsets, reduce_dtype
-from .validate import check, exchange, norm_dim, signature
+from .validate import BAD_DIM, agree, norm_dim, signature
 from .wait import wait_all
+
+
+_NATIVE = (torch.float32, torch.float64, torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
+
+
+def FORCE_STAGING() -> bool:  # noqa: N802 - reads the test-only override
+    return _os.environ.get("MPIPAR_FORCE_STAGING") == "1"
 
 
 def _mpi_op(op: str, dtype: torch.dtype):
     from mpi4py import MPI
 
-    if dtype is torch.uint8 and op == "sum":  # bool sum = logical or
-        return MPI.MAX
     return {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op]
 
 
+def _bool_op(op: str, dtype: torch.dtype) -> str:
+    """bool sum = logical or (= max of 0/1); other dtypes keep their op."""
+    return "max" if dtype is torch.bool and op == "sum" else op
+
+
 def _agree(name, g, t, op=None, algorithm=None, dim=0, root=0, free_dim=False):
+    """Agree on the call's arguments across the group (raises MpiparError on every rank)."""
     sig = signature(t, op, algorithm, dim, root)
-    table = exchange(g, sig)
-    check(name, table, need_op=op is not None, need_algorithm=algorithm is not None, free_dim=free_dim)
-    return table
+    return agree(name, g, sig, need_op=op is not None, need_algorithm=algorithm is not None, free_dim=free_dim)
 
 
 def _working(t: torch.Tensor) -> torch.Tensor:
@@ -49,8 +59,16 @@ def all_reduce(t: torch.Tensor, group, op: str = "sum", algorithm: str = "auto")
     """In place: every rank's `t` becomes the elementwise op over the group. Returns `t`."""
     g = as_group(group)
     _agree("all_reduce", g, t, op=op, algorithm=algorithm)
+    op = _bool_op(op, t.dtype)
     if g.size == 1:
         return t
+    if shm.all_reduce(t, g, op, algorithm):  # symmetric tensor or algorithm="shm"/"hier"
+        return t
+    if t.device.type == "cpu" and t.dtype in _NATIVE and t.is_contiguous() and not FORCE_STAGING():
+        flat = t.detach().view(-1)  # fast path: zero copy, no staging
+        if tuning.choose("all_reduce", algorithm, flat.numel() * flat.element_size(), g.size) == "mpi":
+            _mpi_all_reduce(g, flat, op)
+            return t
     with host_contiguous(t) as h:
         rd = reduce_dtype(h.dtype)
         work = h if rd == h.dtype else h.to(rd)
@@ -59,22 +77,34 @@ def all_reduce(t: torch.Tensor, group, op: str = "sum", algorithm: str = "auto")
         if algo == "ring":
             ring.all_reduce_(flat, g, flat_chunks(flat.numel(), g.size), op)
         else:
-            from mpi4py import MPI
-
-            wait_all([g.comm.Iallreduce(MPI.IN_PLACE, mpi_buffer(flat), op=_mpi_op(op, flat.dtype))])
+            _mpi_all_reduce(g, flat, op)
         if work is not h:
             h.copy_(work)
     return t
 
 
+def _mpi_all_reduce(g, flat: torch.Tensor, op: str) -> None:
+    from mpi4py import MPI
+
+    mop = _mpi_op(op, flat.dtype)
+    if g.oversubscribed:
+        wait_all([g.comm.Iallreduce(MPI.IN_PLACE, mpi_buffer(flat), op=mop)])
+    else:
+        g.comm.Allreduce(MPI.IN_PLACE, mpi_buffer(flat), op=mop)
+
+
 def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto") -> torch.Tensor:
     """Concatenation of every rank's `t` along `dim` (sizes along `dim` may differ per rank)."""
+    if t.dim() == 0:  # one scalar per rank gathers to a vector of group size (as torch.distributed)
+        return all_gather(t.reshape(1), group, 0, algorithm)
     g = as_group(group)
     d = norm_dim(dim, t.dim())
-    table = _agree("all_gather", g, t, algorithm=algorithm, dim=d, free_dim=True)
+    sizes = _agree("all_gather", g, t, algorithm=algorithm, dim=d, free_dim=True)
     if g.size == 1:
         return t.clone()
-    sizes = [int(s) for s in table[:, 6 + d]]
+    shared = shm.all_gather(t, g, d, sizes, algorithm)
+    if shared is not None:
+        return shared
     x = t.detach().movedim(d, 0)
     x = (x.cpu() if needs_staging(x) else x).contiguous()
     rest = list(x.shape[1:])
@@ -97,8 +127,14 @@ def reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algori
     g = as_group(group)
     d = norm_dim(dim, t.dim())
     _agree("reduce_scatter", g, t, op=op, algorithm=algorithm, dim=d)
+    if t.dim() == 0:
+        raise MpiparError("reduce_scatter: a 0-d tensor has no dim to scatter along")
+    op = _bool_op(op, t.dtype)
     if g.size == 1:
         return t.clone()
+    shared = shm.reduce_scatter(t, g, d, op, algorithm)
+    if shared is not None:
+        return shared
     x = _working(t.movedim(d, 0))
     sizes = flat_chunks(x.shape[0], g.size)
     inner = math.prod(x.shape[1:])
@@ -118,11 +154,12 @@ def reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algori
 def broadcast(t: torch.Tensor, group, root: int = 0) -> torch.Tensor:
     """In place: every rank's `t` becomes root's `t`. Returns `t`."""
     g = as_group(group)
-    r = root if isinstance(root, int) and 0 <= root < g.size else -1
-    table = _agree("broadcast", g, t, root=r)
-    if (table[:, 5] < 0).any():
-        raise MpiparError(f"broadcast: root {root!r} is not a rank of the group of size {g.size}")
+    r = root if isinstance(root, int) and 0 <= root < g.size else BAD_DIM
+    _agree("broadcast", g, t, dim=r)
+    # (a bad root travels in the dim slot, so every rank raises the same error)
     if g.size == 1:
+        return t
+    if shm.broadcast(t, g, root):  # symmetric tensor on one node: zero copy
         return t
     with host_contiguous(t, write_back=g.rank != root) as h:
         wait_all([g.comm.Ibcast(mpi_buffer(h), root=root)])
@@ -133,9 +170,7 @@ def all_to_all(t: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> tor
     """Split `t` into N chunks along scatter_dim, send chunk j to rank j, concat received along gather_dim."""
     g = as_group(group)
     sd, gd = norm_dim(scatter_dim, t.dim()), norm_dim(gather_dim, t.dim())
-    table = _agree("all_to_all", g, t, dim=sd, root=gd)
-    if (table[:, 5] < 0).any():
-        raise MpiparError(f"all_to_all: gather_dim {gather_dim} out of range for a {t.dim()}-d tensor")
+    _agree("all_to_all", g, t, dim=sd if gd != BAD_DIM else BAD_DIM, root=gd)
     if t.shape[sd] % g.size:
         raise MpiparError(f"all_to_all: size {t.shape[sd]} of scatter_dim {scatter_dim} "
                           f"is not divisible by the group size {g.size}")

@@ -39,7 +39,12 @@ def cost(op: str, nbytes: float, group_size: int, alpha: float, beta: float) -> 
 
 
 def fit_alpha_beta(op: str, nbytes, group_size: int, times) -> tuple[float, float]:
-    """Least-squares (alpha, beta) from measured (nbytes, time) points of one group size."""
+    """Least-squares (alpha, beta) from measured (nbytes, time) points of one group size.
+
+    Minimises relative error (rows weighted by 1/time): timing noise is relative, and
+    unweighted, the largest messages would swamp alpha (even make it negative)."""
+    if op not in _STEPS:
+        raise MpiparError(f"fit_alpha_beta: unknown op {op!r}; expected one of {sorted(_STEPS)}")
     if group_size < 2:
         raise MpiparError("fit_alpha_beta needs group_size >= 2 (a single rank moves nothing)")
     x = np.asarray(nbytes, dtype=float)
@@ -48,5 +53,6 @@ def fit_alpha_beta(op: str, nbytes, group_size: int, times) -> tuple[float, floa
         raise MpiparError("fit_alpha_beta needs at least two (nbytes, time) points of equal count")
     n, k = group_size, _STEPS[op]
     design = np.stack([np.full_like(x, k * (n - 1)), k * (n - 1) / n * x], axis=1)
-    (alpha, beta), *_ = np.linalg.lstsq(design, t, rcond=None)
+    w = 1.0 / np.where(t > 0, t, 1.0)
+    (alpha, beta), *_ = np.linalg.lstsq(design * w[:, None], t * w, rcond=None)
     return float(alpha), float(beta)

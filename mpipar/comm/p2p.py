@@ -47,7 +47,7 @@ class Request:
         return self._tensor
 
     def test(self) -> bool:
-        if not self.done and self._req.Test():
+        if not self.done and self._req.Test(self._status):
             self.done = True
             self._finish()
         return self.done

@@ -26,3 +26,41 @@ def choose(op: str, algorithm: str, nbytes: int, group_size: int) -> str:
     if algorithm != "auto":
         return algorithm
     return "ring" if nbytes >= crossover(op) and group_size > 1 else "mpi"
+
+
+# Shared memory (mpipar.comm.shm): "auto" takes it for tensors that every rank holds in a
+# symmetric window (mpipar.comm.symmetric_empty) at or above these sizes; below, the MPI
+# library's own latency-optimised collective is used. Override: MPIPAR_SHM_CROSSOVER_<OP>=bytes.
+SHM_CROSSOVER_BYTES = {
+    "all_reduce": 0,
+    "all_gather": 0,
+    "reduce_scatter": 0,
+    "broadcast": 0,
+}
+
+
+# Outputs of shared-memory reduce-scatter/all-gather at least this large come from the pool
+# (reused windows: no page faults; the all-gather then pushes). MPIPAR_SHM_POOLED_OUTPUT_BYTES.
+SHM_POOLED_OUTPUT_BYTES = 16 << 20
+
+
+def shm_pooled_output_bytes() -> int:
+    env = os.environ.get("MPIPAR_SHM_POOLED_OUTPUT_BYTES")
+    return int(env) if env else SHM_POOLED_OUTPUT_BYTES
+
+
+def shm_pays(op: str, nbytes: int) -> bool:
+    """Is a symmetric tensor of `nbytes` worth the shared-memory path under "auto"?"""
+    env = os.environ.get(f"MPIPAR_SHM_CROSSOVER_{op.upper()}")
+    return nbytes >= (int(env) if env else SHM_CROSSOVER_BYTES[op])
+
+
+def choose_shared(op: str, algorithm: str, symmetric: bool, one_node: bool) -> str | None:
+    """"shm", "hier" or None (not shared memory: use `choose`) once the ranks agreed
+    whether the tensor is symmetric. Groups spanning nodes all-reduce hierarchically;
+    their other collectives are not offered in shared memory."""
+    if algorithm == "auto" and not symmetric:
+        return None
+    if one_node:
+        return "shm"
+    return "hier" if op == "all_reduce" else None

@@ -7,13 +7,15 @@ raises the same MpiparError on every rank instead of hanging.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from ..errors import MpiparError
 from .buffers import DTYPE_CODES
 
 OPS = ("sum", "max", "min")
-ALGORITHMS = ("auto", "mpi", "ring")
+ALGORITHMS = ("auto", "mpi", "ring", "shm", "hier")
 _DTYPES = {code: str(dt) for dt, code in DTYPE_CODES.items()}
 MAX_NDIM = 8
 _UNKNOWN = -1
@@ -36,14 +38,67 @@ def code(value, known) -> int:
 def signature(t, op=None, algorithm=None, dim: int = 0, root: int = 0) -> np.ndarray:
     """[op, algorithm, dtype, ndim, dim, root, shape (padded to MAX_NDIM)]."""
     shape = list(t.shape)
-    if t.dim() > MAX_NDIM:
-        raise MpiparError(f"tensors of more than {MAX_NDIM} dims are not supported")
+    if len(shape) > MAX_NDIM:  # fold trailing dims so the row keeps its length (ranks still agree)
+        shape = shape[: MAX_NDIM - 1] + [int(np.prod(shape[MAX_NDIM - 1:]))]
     head = [
         _UNKNOWN if op is None else code(op, OPS),
         _UNKNOWN if algorithm is None else code(algorithm, ALGORITHMS),
         DTYPE_CODES.get(t.dtype, _UNKNOWN), t.dim(), dim, root,
     ]
     return np.array(head + shape + [0] * (MAX_NDIM - len(shape)), dtype=np.int64)
+
+
+def agree(name: str, g, sig: np.ndarray, need_op: bool, need_algorithm: bool, free_dim: bool = False):
+    """Collective: check `sig` is consistent across the group; raise on every rank if not.
+
+    Fast path: one tiny collective on a hash of the signature (a few microseconds).
+    Only on a mismatch do ranks exchange full signatures to name the culprit.
+    Returns each rank's size along the free dim when free_dim, else None.
+    """
+    bad = int((need_op and sig[0] == _UNKNOWN) or (need_algorithm and sig[1] == _UNKNOWN)
+              or sig[2] == _UNKNOWN or sig[4] == BAD_DIM)
+    key = sig.copy()
+    free = 6 + int(sig[4]) if free_dim and sig[4] != BAD_DIM else None
+    if free is not None:
+        key[free] = 0
+    h = hash(tuple(key.tolist()))
+    if g.size > 1 and not free_dim and not bad and not validation_enabled():
+        return None  # MPIPAR_VALIDATE=0: trust the caller, skip the agreement collective
+    if g.size == 1:
+        if bad:
+            check(name, sig[None, :], need_op, need_algorithm, free_dim)
+        return [int(sig[free])] if free is not None else None
+    if free_dim:
+        mine = np.array([h, bad, sig[free] if free is not None else 0], dtype=np.int64)
+        table = np.empty((g.size, 3), dtype=np.int64)
+        g.comm.Allgather(mine, table)
+        consistent = not table[:, 1].any() and (table[:, 0] == h).all()
+    else:
+        both = np.array([h, -h, bad], dtype=np.int64)
+        g.comm.Allreduce(_in_place(), both, op=_mpi_max())
+        consistent = both[0] == -both[1] and not both[2]
+    if not consistent:
+        check(name, exchange(g, sig), need_op, need_algorithm, free_dim)
+        raise MpiparError(f"{name}: arguments differ across ranks")  # pragma: no cover (hash collision)
+    return [int(x) for x in table[:, 2]] if free_dim else None
+
+
+def _in_place():
+    from mpi4py import MPI
+
+    return MPI.IN_PLACE
+
+
+def _mpi_max():
+    from mpi4py import MPI
+
+    return MPI.MAX
+
+
+def validation_enabled() -> bool:
+    """MPIPAR_VALIDATE=0 skips the cross-rank agreement of arguments (one tiny collective
+    per call). Local checks still run; a mismatch across ranks may then hang."""
+    return os.environ.get("MPIPAR_VALIDATE", "1") != "0"
 
 
 def exchange(g, sig: np.ndarray) -> np.ndarray:
@@ -64,7 +119,8 @@ def check(name: str, table: np.ndarray, need_op: bool, need_algorithm: bool, fre
             raise MpiparError(f"{name}: unknown {what} on rank {bad}; expected one of {list(known)}")
     if (table[:, 4] == BAD_DIM).any():
         r = int(np.argmax(table[:, 4] == BAD_DIM))
-        raise MpiparError(f"{name}: dim out of range for a {int(table[r, 3])}-d tensor on rank {r}")
+        raise MpiparError(f"{name}: dim (or root) out of range for a {int(table[r, 3])}-d tensor "
+                          f"on rank {r} (group size {table.shape[0]})")
     if (table[:, 2] == _UNKNOWN).any():
         raise MpiparError(f"{name}: unsupported dtype on rank {int(np.argmax(table[:, 2] == _UNKNOWN))}")
     ref = table[0].copy()

@@ -16,10 +16,16 @@ _MAX_SLEEP = 2e-4
 
 
 def wait_all(requests) -> None:
-    """Complete every request in `requests` (mpi4py Request objects)."""
+    """Complete every request in `requests` (mpi4py Requests or mpipar.comm.Request objects)."""
     from mpi4py import MPI
 
     reqs = [r for r in requests if r is not None]
+    ours = [r for r in reqs if hasattr(r, "mpi_request")]  # mpipar Requests: finish via .wait()
+    if ours:
+        wait_all([r for r in reqs if not hasattr(r, "mpi_request")])
+        for r in ours:  # all are posted already, so waiting one by one cannot deadlock
+            r.wait()
+        return
     if not reqs:
         return
     if not node_is_oversubscribed():

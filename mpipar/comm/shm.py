@@ -1,0 +1,223 @@
+"""Shared-memory collectives on symmetric tensors: zero copy inside a node.
+
+When every rank's tensor lives at the same place of the same window
+(mpipar.comm.symmetric), each rank reads and writes its peers' memory directly:
+- all-reduce: rank r owns slice r (64-byte aligned); it walks its slice in
+  cache-sized chunks (MPIPAR_SHM_CHUNK_BYTES, default 256 KiB), adds every
+  peer's chunk into its own in place, then, while the chunk is in cache,
+  PUSHES it into every peer's slot. Each element is reduced once, by its
+  owner, so every rank ends bit-identical.
+- reduce-scatter: the owner of slice r reduces it into a fresh output tensor.
+- all-gather: every rank copies each peer's piece into its output.
+- broadcast: every rank copies the root's tensor into its own.
+Synchronisation is Sync-Barrier-Sync under the windows' Lock_all(MODE_NOCHECK)
+epoch: once on entry (inputs are ready; the same barrier carries each rank's
+[window, offset, nbytes], so all agree whether the tensor is symmetric), once
+on exit (no rank reads or overwrites a slot that a peer may still touch). The
+barrier is a flag barrier in shared memory (mpipar.comm.shm_sync; an
+Iallgather when the group spans nodes); it waits politely (yield, then sleep)
+when ranks outnumber cores.
+bf16/fp16 reduce in float32 chunk by chunk and are rounded once.
+algorithm="shm" forces this path for any tensor (staging it through a pooled
+scratch window: one copy in, one copy out); "auto" takes it only for
+symmetric tensors (tuning.choose_shared). Groups spanning nodes all-reduce
+hierarchically (mpipar.comm.hierarchical).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..errors import MpiparError
+from . import hierarchical, tuning
+from .buffers import flat_chunks, offsets, reduce_dtype
+from .shm_kernels import blocks, chunk_elements, np_of, owner_slices, reduce_into, typed
+from .symmetric import pool_of
+from .wait import wait_all
+
+SHM_ALGORITHMS = ("auto", "shm", "hier")
+
+
+# -- synchronisation -----------------------------------------------------------------------------
+def barrier(pool, *windows) -> None:
+    """Sync-Barrier-Sync on the node (a polite barrier on shared-memory flags)."""
+    for w in windows:
+        w.sync()
+    pool.sync.wait()
+    for w in windows:
+        w.sync()
+
+
+def _enter(g, t, algorithm, op_name, nbytes):
+    """Agree whether this call runs in shared memory: (pool, window, offset, choice) or None.
+
+    Collective only when a decision needs data from every rank; the exchange of
+    [window, offset, nbytes] is also the entry barrier of the shm algorithms.
+    """
+    if algorithm not in SHM_ALGORITHMS:
+        return None
+    forced = algorithm != "auto"
+    if not forced and not tuning.shm_pays(op_name, nbytes):
+        return None
+    pool = pool_of(g, create=forced)
+    if pool is None:
+        return None
+    mine = pool.locate(t)
+    if mine is not None:
+        mine[0].sync()
+    if pool.one_node:  # node rank == group rank
+        table = pool.sync.wait(pool.descriptor(t))
+    else:
+        table = np.empty((g.size, 3), dtype=np.int64)
+        wait_all([g.comm.Iallgather(pool.descriptor(t), table)])
+    symmetric = bool(table[0, 0] >= 0 and (table == table[0]).all())
+    choice = tuning.choose_shared(op_name, algorithm, symmetric, pool.one_node)
+    if choice is None:
+        if forced:
+            raise MpiparError(f"{op_name}: algorithm={algorithm!r} needs a group on one node "
+                              f"(this group spans nodes); use 'auto', 'mpi' or 'ring'")
+        return None
+    pool.calls[(op_name, choice)] += 1
+    if not symmetric:
+        return pool, None, 0, choice
+    window = pool.window(int(table[0, 0]))
+    window.sync()
+    return pool, window, int(table[0, 1]), choice
+
+
+def _stage_in(pool, t: torch.Tensor, capacity: int):
+    """Copy `t` into this rank's segment of the scratch window, then barrier. Returns the window."""
+    w = pool.scratch(capacity)
+    nbytes = t.numel() * t.element_size()
+    if nbytes:
+        torch.from_numpy(w.local[:nbytes]).view(t.dtype).view(t.shape).copy_(t)
+    barrier(pool, w)
+    return w
+
+
+def _local_tensor(window, offset: int, t: torch.Tensor) -> torch.Tensor:
+    nbytes = t.numel() * t.element_size()
+    return torch.from_numpy(window.local[offset:offset + nbytes]).view(t.dtype).view(t.shape)
+
+
+# -- collectives ---------------------------------------------------------------------------------
+def all_reduce(t: torch.Tensor, g, op: str, algorithm: str) -> bool:
+    """In place on `t` through shared memory; False (nothing done) when this call does not apply."""
+    if algorithm in SHM_ALGORITHMS:
+        reduce_dtype(t.dtype)  # raises the same error on every rank for unsupported dtypes
+    nbytes = t.numel() * t.element_size()
+    plan = _enter(g, t, algorithm, "all_reduce", nbytes)
+    if plan is None:
+        return False
+    pool, window, offset, choice = plan
+    staged = window is None
+    if staged:
+        window, offset = _stage_in(pool, t, nbytes), 0
+    with np.errstate(all="ignore"):  # inf/nan arithmetic is the user's business, as in torch
+        if choice == "hier":
+            hierarchical.all_reduce_(pool, window, offset, t.numel(), t.dtype, op)
+        else:
+            _all_reduce(pool, window, offset, t.numel(), t.dtype, op)
+    barrier(pool, window)
+    if staged:
+        t.copy_(_local_tensor(window, offset, t))
+    return True
+
+
+def _all_reduce(pool, window, offset: int, numel: int, dtype, op: str) -> None:
+    n, me = pool.local_size, pool.local_rank
+    item = dtype.itemsize
+    views = [typed(window.view(p, offset, numel * item), dtype) for p in range(n)]
+    peers = [p for p in range(n) if p != me]
+    lo, hi = owner_slices(numel, n, item)[me]
+    step = chunk_elements(item)
+    for c0 in range(lo, hi, step):
+        c1 = min(c0 + step, hi)
+        own = views[me][c0:c1]
+        reduce_into(own, own, [views[p][c0:c1] for p in peers], dtype, op)
+        for p in peers:
+            np.copyto(views[p][c0:c1], own)
+
+
+def reduce_scatter(t: torch.Tensor, g, dim: int, op: str, algorithm: str):
+    """Slice g.rank (tensor_split order along `dim`) of the reduction, or None when not applicable."""
+    if algorithm in SHM_ALGORITHMS:
+        reduce_dtype(t.dtype)
+    nbytes = t.numel() * t.element_size()
+    plan = _enter(g, t, algorithm, "reduce_scatter", nbytes)
+    if plan is None:
+        return None
+    pool, window, offset, _ = plan
+    if window is None:
+        window, offset = _stage_in(pool, t.detach(), nbytes), 0
+    n, me, shape = pool.local_size, pool.local_rank, list(t.shape)
+    outer, size, inner = math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:])
+    sizes = flat_chunks(size, n)
+    a, cnt = offsets(sizes)[me], sizes[me]
+    views = [typed(window.view(p, offset, nbytes), t.dtype).reshape(outer, size * inner)
+             [:, a * inner:(a + cnt) * inner] for p in range(n)]
+    out = _output(pool, outer * max(sizes) * inner, outer * cnt * inner, t.dtype).view(outer, cnt * inner)
+    dst, order = np_of(out), [me] + [p for p in range(n) if p != me]
+    with np.errstate(all="ignore"):
+        for r0, r1, c0, c1 in blocks(outer, cnt * inner, chunk_elements(t.element_size())):
+            srcs = [views[p][r0:r1, c0:c1] for p in order]
+            reduce_into(dst[r0:r1, c0:c1], srcs[0], srcs[1:], t.dtype, op)
+    barrier(pool, window)
+    shape[dim] = cnt
+    return out.view(shape).to(t.device)
+
+
+def all_gather(t: torch.Tensor, g, dim: int, sizes: list[int], algorithm: str):
+    """Concatenation along `dim` of every rank's `t` (sizes[r] along dim), or None when not applicable."""
+    shape = list(t.shape)
+    outer, inner = math.prod(shape[:dim]), math.prod(shape[dim + 1:])
+    item, total = t.element_size(), sum(sizes)
+    plan = _enter(g, t, algorithm, "all_gather", outer * total * inner * item)
+    if plan is None:
+        return None
+    pool, window, offset, _ = plan
+    if window is None:
+        window, offset = _stage_in(pool, t.detach(), outer * max(sizes) * inner * item), 0
+    numel = outer * total * inner
+    out = _output(pool, numel, numel, t.dtype).view(outer, total * inner)
+    where = pool.locate(out)
+    if where is None:  # a plain output: pull every piece
+        dst = np_of(out)
+        for p, (off, s) in enumerate(zip(offsets(sizes), sizes)):
+            src = typed(window.view(p, offset, outer * s * inner * item), t.dtype).reshape(outer, s * inner)
+            np.copyto(dst[:, off * inner:(off + s) * inner], src)
+        barrier(pool, window)
+    else:  # a symmetric output: push this rank's piece into every rank's output, while in cache
+        me, ow = pool.local_rank, where[0]
+        off, s = offsets(sizes)[me], sizes[me]
+        src = typed(window.view(me, offset, outer * s * inner * item), t.dtype).reshape(outer, s * inner)
+        for p in [me] + [q for q in range(pool.local_size) if q != me]:
+            dst = typed(ow.view(p, 0, numel * item), t.dtype).reshape(outer, total * inner)
+            np.copyto(dst[:, off * inner:(off + s) * inner], src)
+        barrier(pool, window, ow)
+    shape[dim] = total
+    return out.view(shape).to(t.device)
+
+
+def _output(pool, capacity: int, numel: int, dtype) -> torch.Tensor:
+    """A flat output of `numel` elements: from the pool (collective; `capacity` equal on every
+    rank) when large (no page faults of fresh memory on every call: outputs of >= 32 MiB are a
+    fresh mmap each time), else torch.empty."""
+    if capacity * dtype.itemsize >= max(1, tuning.shm_pooled_output_bytes()):
+        return pool.empty((capacity,), dtype)[:numel]
+    return torch.empty(numel, dtype=dtype)
+
+
+def broadcast(t: torch.Tensor, g, root: int) -> bool:
+    """In place: root's symmetric `t` copied into every rank's; False when `t` is not symmetric."""
+    nbytes = t.numel() * t.element_size()
+    plan = _enter(g, t, "auto", "broadcast", nbytes)
+    if plan is None:
+        return False
+    pool, window, offset, _ = plan
+    if pool.local_rank != root:
+        np.copyto(window.view(pool.local_rank, offset, nbytes), window.view(root, offset, nbytes))
+    barrier(pool, window)
+    return True

@@ -1,0 +1,105 @@
+"""Shared pytest fixtures and helpers for mpipar's tests (unit and MPI).
+
+Import the helpers with `from conftest import ...` (pytest puts tests/ on sys.path).
+mpi4py is imported lazily, so unit tests that launch `mpiexec` themselves never
+initialise MPI in the pytest process.
+
+- `world` fixture: MPI.COMM_WORLD.
+- `skip_unless_divisible(n, size, what)`: skip (identically on every rank) when size does not divide n.
+- `rank_tensor(shape, dtype, rank, seed)`: deterministic data any rank can rebuild for any other rank.
+- `same_on_all_ranks(comm, value)`: True on every rank iff `value` (picklable) is equal on every rank.
+- `checks` fixture (`RankChecks`): record comparisons without leaving the test early, then
+  fail on every rank together. A rank that asserts and leaves a test while the
+  others go on into the next collective would hang the job, so MPI tests that
+  compare inside loops of collectives record with `checks` and call `checks.finish()`.
+- `requires_cuda`: skipif marker for CUDA-only tests.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def world():
+    """MPI.COMM_WORLD (the communicator every MPI test runs on)."""
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD
+
+
+def skip_unless_divisible(n: int, size: int, what: str = "size") -> None:
+    """pytest.skip unless size divides n (the outcome is the same on every rank)."""
+    if size <= 0 or n % size:
+        pytest.skip(f"{what} {n} is not divisible by {size}")
+
+
+def rank_tensor(shape, dtype=torch.float64, rank: int = 0, seed: int = 0) -> torch.Tensor:
+    """Deterministic test data of `rank` (every rank can rebuild every other rank's data).
+
+    Floats are multiples of 1/4 in [-16, 16): sums of a few of them are exact in
+    float32, so reductions of any float dtype have a single exact reference.
+    Integers are in [-50, 50) (uint8: [0, 60)), bools are random.
+    """
+    gen = torch.Generator().manual_seed(1_000_003 * seed + 7919 * rank + 17)
+    if dtype is torch.bool:
+        return torch.randint(0, 2, shape, generator=gen).bool()
+    if dtype is torch.uint8:
+        return torch.randint(0, 60, shape, generator=gen).to(dtype)
+    if dtype.is_floating_point:
+        return (torch.randint(-64, 64, shape, generator=gen).double() / 4).to(dtype)
+    return torch.randint(-50, 50, shape, generator=gen).to(dtype)
+
+
+def same_on_all_ranks(comm, value) -> bool:
+    """Collective: True on every rank iff `value` is equal (==) on every rank of `comm`."""
+    values = comm.allgather(value)
+    return all(v == values[0] for v in values)
+
+
+class RankChecks:
+    """Per-rank check results, failed together on every rank by `finish()` (collective)."""
+
+    def __init__(self, comm):
+        self.comm, self.failures, self.finished = comm, [], False
+
+    def true(self, cond, msg="") -> bool:
+        if not cond:
+            self.failures.append(str(msg))
+        return bool(cond)
+
+    def equal(self, got: torch.Tensor, want: torch.Tensor, msg="") -> bool:
+        """Same dtype, shape and values (bit-equal up to NaN placement)."""
+        if got.dtype != want.dtype or got.shape != want.shape:
+            return self.true(False, f"{msg}: got {got.dtype}{tuple(got.shape)}, want {want.dtype}{tuple(want.shape)}")
+        ok = torch.equal(got, want)
+        diff = "" if ok else f" max |diff| {(got.double() - want.double()).abs().max().item()}"
+        return self.true(ok, f"{msg}: values differ{diff}")
+
+    def close(self, got, want, rtol, atol, msg="") -> bool:
+        """Same dtype and shape, |got - want| <= atol + rtol * |want| elementwise."""
+        if got.dtype != want.dtype or got.shape != want.shape:
+            return self.true(False, f"{msg}: got {got.dtype}{tuple(got.shape)}, want {want.dtype}{tuple(want.shape)}")
+        ok = torch.allclose(got, want, rtol=rtol, atol=atol)
+        diff = "" if ok else f" max |diff| {(got.double() - want.double()).abs().max().item()}"
+        return self.true(ok, f"{msg}: not close (rtol {rtol}, atol {atol}){diff}")
+
+    def finish(self) -> None:
+        """Collective: raise AssertionError on every rank if any rank recorded a failure."""
+        self.finished = True
+        every = self.comm.allgather(self.failures)
+        lines = [f"rank {r}: {m}" for r, fs in enumerate(every) for m in fs]
+        self.failures = []
+        if lines:
+            raise AssertionError("\n".join(lines[:20]) + (f"\n... {len(lines) - 20} more" if len(lines) > 20 else ""))
+
+
+@pytest.fixture
+def checks(world):
+    """A RankChecks on COMM_WORLD; finished at teardown if the test did not call finish()."""
+    c = RankChecks(world)
+    yield c
+    if not c.finished:
+        c.finish()
