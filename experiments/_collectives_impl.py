@@ -3,8 +3,9 @@
 Each implementation turns a point (op, impl, nbytes, dtype, iters, warmup)
 into an input tensor and a `run()` returning the output: mpipar's
 collectives ("mpi", "ring", "auto", "shm"; "auto_sym" = auto on a symmetric
-tensor), raw mpi4py on numpy views ("mpi4py"), torch.distributed over gloo
-("gloo") and a local copy ("memcpy"). `measure` checks the result once
+tensor; "hier" = the hierarchical all-reduce on fake nodes), raw mpi4py on
+numpy views ("mpi4py"), torch.distributed over gloo ("gloo"), a local copy
+("memcpy") and an in-place pass np.add(buf, 0, out=buf) ("inplace"). `measure` checks the result once
 against the exact expected output, then times the calls.
 """
 from __future__ import annotations
@@ -104,6 +105,22 @@ def bench_gloo(op, inp, count, n):
     return lambda: (fn(out, inp), out)[1]
 
 
+def hier_group(g):
+    """g split into fake nodes of MPIPAR_FAKE_RANKS_PER_NODE ranks (default: two nodes), made
+    once per g: the hierarchical all-reduce's inter-node path on one machine."""
+    hg = getattr(g, "_bench_hier_group", None)
+    if hg is None:
+        from mpipar.mesh import Group
+
+        saved = os.environ.get("MPIPAR_FAKE_RANKS_PER_NODE")
+        os.environ["MPIPAR_FAKE_RANKS_PER_NODE"] = saved or str(max(1, g.size // 2))
+        hg = g._bench_hier_group = Group(g.comm.Dup(), "hier")
+        C.symmetric_empty((1,), torch.float32, hg)  # its pool reads the setting now
+        if saved is None:
+            del os.environ["MPIPAR_FAKE_RANKS_PER_NODE"]
+    return hg
+
+
 def build(point: dict, g, count: int):
     op, impl, dtype, n = point["op"], point["impl"], DTYPES[point["dtype"]], g.size
     shape = (count // n,) if op == "all_gather" else (count,)
@@ -111,6 +128,13 @@ def build(point: dict, g, count: int):
     if impl == "memcpy":
         out = torch.empty_like(inp)
         return inp, lambda: out.copy_(inp)
+    if impl == "inplace":
+        a = _np(inp)
+        return inp, lambda: (np.add(a, 0, out=a), inp)[1]
+    if impl == "hier":
+        hg = hier_group(g)
+        inp = C.symmetric_empty(shape, dtype, hg)
+        return inp, lambda: C.all_reduce(inp, hg, algorithm="hier")
     if impl == "mpi4py":
         return inp, bench_mpi4py(op, g.comm, inp, count, n)
     if impl == "gloo":
@@ -137,7 +161,7 @@ def measure(point: dict, g) -> dict:
     times = np.array(g.comm.allgather((time.perf_counter() - start) / point["iters"]))
     nbytes = count * dtype.itemsize
     algbw = nbytes / times.mean() / 1e9
-    factor = 1.0 if op == "memcpy" else C.bus_factor(op, n)
+    factor = 1.0 if op in ("memcpy", "inplace") else C.bus_factor(op, n)
     return {"count": count, "bytes": nbytes, "time_s": float(times.mean()), "time_min_s": float(times.min()),
             "time_max_s": float(times.max()), "algbw_GBps": algbw, "busbw_GBps": algbw * factor,
             "wrong": int(g.comm.allreduce(wrong))}

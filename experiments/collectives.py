@@ -12,10 +12,14 @@ differ from the exact expected result, summed over ranks; inputs are small
 integers so every dtype is exact). "size" is nccl-tests' size: the full
 tensor (all_gather: the output; reduce_scatter, all_to_all: the input).
 Implementations: mpipar "mpi", "ring" (all_reduce, all_gather, reduce_scatter),
-"auto" (every op), "shm" and "auto_sym" (auto on a symmetric tensor; opt-in);
+"auto" (every op), "shm" (forced shared memory on a plain tensor: staged through a
+window), "auto_sym" (auto on a symmetric tensor: zero-copy shared memory), "hier"
+(all_reduce: the hierarchical path on a symmetric tensor, the ranks split into two
+fake nodes unless MPIPAR_FAKE_RANKS_PER_NODE says otherwise; opt-in);
 "mpi4py" (raw comm.Allreduce & co on numpy, no mpipar); "gloo"
 (torch.distributed); "memcpy" (a local torch copy_ of the same size: the
-physical limit; its busbw is the copy rate). At the end: the measured size
+physical limit; its busbw is the copy rate); "inplace" (np.add(buf, 0, out=buf) on
+every rank at once: the in-place memory pass, the ceiling of shared-memory all-reduce). At the end: the measured size
 from which "ring" beats "mpi" (feeds mpipar/comm/tuning.py) and alpha-beta
 fits of the ring points (mpipar.comm.fit_alpha_beta).
 
@@ -46,8 +50,9 @@ from _collectives_impl import ALGO_OPS, DTYPES, element_count, init_gloo, measur
 
 TABLE = "collectives"
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
-IMPLS = ("mpi", "ring", "auto", "shm", "auto_sym", "mpi4py", "gloo", "memcpy")
-DEFAULT_IMPLS = ("mpi", "ring", "auto", "mpi4py", "gloo", "memcpy")
+IMPLS = ("mpi", "ring", "auto", "shm", "auto_sym", "hier", "mpi4py", "gloo", "memcpy", "inplace")
+DEFAULT_IMPLS = ("mpi", "ring", "auto", "auto_sym", "mpi4py", "gloo", "memcpy", "inplace")
+LOCAL = ("memcpy", "inplace")  # one-rank memory passes, run on every rank at once: the limits
 NUMPY_REDUCIBLE = ("float32", "float64", "int32", "int64")
 UNITS = {"nbytes": "B", "bytes": "B", "count": "elements", "time_s": "s", "time_min_s": "s",
          "time_max_s": "s", "algbw_GBps": "GB/s", "busbw_GBps": "GB/s", "memcpy_GBps": "GB/s", "wrong": "elements"}
@@ -124,8 +129,10 @@ def parse_args(argv=None) -> Config:
 # ---- what to run ---------------------------------------------------------------------------
 
 def applicable(op: str, impl: str, dtype: str) -> bool:
-    if impl == "memcpy" or op == "memcpy":
+    if impl in LOCAL or op in LOCAL:
         return impl == op
+    if impl == "hier":
+        return op == "all_reduce" and hasattr(C, "symmetric_empty")
     if impl in ("mpi", "ring"):
         return op in ALGO_OPS
     if impl == "shm":
@@ -140,7 +147,7 @@ def applicable(op: str, impl: str, dtype: str) -> bool:
 def plan(cfg: Config, n: int) -> list[dict]:
     """Every point of the sweep, in run order (identical on every rank)."""
     itemsize = DTYPES[cfg.dtype].itemsize
-    ops = [*(["memcpy"] if "memcpy" in cfg.impls else []), *cfg.ops]  # memcpy first: the limit of each row
+    ops = [*(o for o in LOCAL if o in cfg.impls), *cfg.ops]  # memcpy, inplace first: the limits of each row
     return [{"op": op, "impl": impl, "nbytes": size, "dtype": cfg.dtype, "world_size": n,
              "iters": cfg.iters, "warmup": cfg.warmup}
             for op in ops for size in cfg.sizes for impl in cfg.impls
@@ -179,16 +186,19 @@ def fits(rows: list[dict], n: int, dtype: str) -> list[dict]:
 def print_report(rows: list[dict], fit_rows: list[dict], n: int, dtype: str) -> None:
     impls = [i for i in IMPLS if any(r["impl"] == i for r in rows)]
     copy = {r["nbytes"]: r["busbw_GBps"] for r in rows if r["op"] == "memcpy"}
+    inplace = {r["nbytes"]: r["busbw_GBps"] for r in rows if r["op"] == "inplace"}
     for op in [o for o in OPS if any(r["op"] == o for r in rows)]:
         mine = {(r["impl"], r["nbytes"]): r for r in rows if r["op"] == op}
-        cols = [i for i in impls if i != "memcpy" and any(k[0] == i for k in mine)]
-        print(f"\n{op}  {dtype}  {n} ranks   cells: avg time [us] busbw [GB/s]; memcpy: copy rate [GB/s]")
-        print(f"{'size':>9} |" + "|".join(f"{c:^17}" for c in cols) + f"| {'memcpy':>7} | #wrong")
+        cols = [i for i in impls if i not in LOCAL and any(k[0] == i for k in mine)]
+        print(f"\n{op}  {dtype}  {n} ranks   cells: avg time [us] busbw [GB/s]; memcpy: copy rate, "
+              f"inplace: in-place pass rate on every rank at once [GB/s]")
+        print(f"{'size':>9} |" + "|".join(f"{c:^17}" for c in cols) + f"| {'memcpy':>7} | {'inplace':>7} | #wrong")
         for size in sorted({k[1] for k in mine}):
             cells = [mine.get((c, size)) for c in cols]
             text = [f"{r['time_s'] * 1e6:9.1f} {r['busbw_GBps']:7.3f}" if r else f"{'-':^17}" for r in cells]
             wrong = sum(r["wrong"] for r in cells if r)
-            print(f"{human(size):>9} |" + "|".join(text) + f"| {copy.get(size, float('nan')):7.2f} | {wrong}")
+            print(f"{human(size):>9} |" + "|".join(text) + f"| {copy.get(size, float('nan')):7.2f} "
+                  f"| {inplace.get(size, float('nan')):7.2f} | {wrong}")
     for f in fit_rows:
         cross = "never (at no measured size)" if f["crossover_bytes"] < 0 else f"from {human(f['crossover_bytes'])} up"
         print(f"{f['op']}: ring fit alpha = {f['alpha_s'] * 1e6:.2f} us, 1/beta = {f['bandwidth_GBps']:.2f} GB/s; "
@@ -209,10 +219,31 @@ def verdicts(rows: list[dict]) -> list[str]:
             out.append(f"{op} >= 1 MiB: busbw auto / best(mpi, ring) min {min(best):.2f} (target >= 0.95)")
         if gloo:
             out.append(f"{op} >= 1 MiB: busbw auto / gloo min {min(gloo):.2f} (target >= 1.5)")
+    out += shm_verdicts(rows)
     small = min((s for (o, i, s) in t if o == "all_reduce" and i == "mpi"), default=None)
     if small is not None and ("all_reduce", "mpi4py", small) in t:
         ratio = t[("all_reduce", "mpi", small)] / t[("all_reduce", "mpi4py", small)]
         out.append(f"all_reduce {human(small)} latency: mpipar mpi / raw mpi4py {ratio:.2f} (target <= 2)")
+    return out
+
+
+def shm_verdicts(rows: list[dict]) -> list[str]:
+    """Issue 8's targets: zero-copy shared memory ("auto_sym") against MPICH ("mpi4py") and the
+    in-place pass limit ("inplace", busbw = its pass rate), by busbw at equal sizes."""
+    bw = {(r["op"], r["impl"], r["nbytes"]): r["busbw_GBps"] for r in rows}
+    out = []
+    for op, lo, hi, target in (("all_reduce", 16 << 20, 256 << 20, 4.0), ("all_reduce", 1 << 20, 4 << 20, 2.0),
+                               ("reduce_scatter", 16 << 20, 1 << 40, 2.0), ("all_gather", 16 << 20, 1 << 40, 2.0)):
+        sizes = [s for (o, i, s) in bw if o == op and i == "auto_sym" and lo <= s <= hi]
+        ratio = [bw[(op, "auto_sym", s)] / bw[(op, "mpi4py", s)] for s in sizes if (op, "mpi4py", s) in bw]
+        if ratio:
+            out.append(f"{op} {human(lo)}-{human(min(hi, max(sizes)))}: busbw auto_sym / mpi4py "
+                       f"min {min(ratio):.2f} (target >= {target:g})")
+    big = [s for (o, i, s) in bw if o == "all_reduce" and i == "auto_sym" and s >= 16 << 20]
+    limit = [bw[("all_reduce", "auto_sym", s)] / bw[("inplace", "inplace", s)]
+             for s in big if ("inplace", "inplace", s) in bw]
+    if limit:
+        out.append(f"all_reduce >= 16 MiB: busbw auto_sym / inplace limit min {min(limit):.2f} (target >= 0.5)")
     return out
 
 

@@ -7,9 +7,13 @@ When every rank's tensor lives at the same place of the same window
   peer's chunk into its own in place, then, while the chunk is in cache,
   PUSHES it into every peer's slot. Each element is reduced once, by its
   owner, so every rank ends bit-identical.
-- reduce-scatter: the owner of slice r reduces it into a fresh output tensor.
-- all-gather: every rank copies each peer's piece into its output.
+- reduce-scatter: the owner of slice r reduces it, chunk by chunk, into its output.
+- all-gather: every rank pulls each peer's piece into its output; large outputs
+  (tuning.SHM_POOLED_OUTPUT_BYTES) come from the pool, symmetric, and then every
+  rank PUSHES its piece into every rank's output instead.
 - broadcast: every rank copies the root's tensor into its own.
+Large reduce-scatter/all-gather outputs live in pooled windows because a fresh
+tensor of >= 32 MiB is a fresh mmap whose page faults cost more than the copy.
 Synchronisation is Sync-Barrier-Sync under the windows' Lock_all(MODE_NOCHECK)
 epoch: once on entry (inputs are ready; the same barrier carries each rank's
 [window, offset, nbytes], so all agree whether the tensor is symmetric), once

@@ -268,7 +268,8 @@ def is_symmetric(t: torch.Tensor, group) -> bool:
 
 
 def free_symmetric(group) -> None:
-    """Collective: free every window of the group's pool (its tensors become invalid)."""
+    """Collective: free every window of the group's pool. Its tensors become invalid: the
+    symmetric ones and the large reduce_scatter/all_gather outputs taken from the pool."""
     g = as_group(group)
     pool = getattr(g, _ATTR, None)
     if pool is not None:

@@ -71,16 +71,27 @@ def agree(name: str, g, sig: np.ndarray, need_op: bool, need_algorithm: bool, fr
     if free_dim:
         mine = np.array([h, bad, sig[free] if free is not None else 0], dtype=np.int64)
         table = np.empty((g.size, 3), dtype=np.int64)
-        g.comm.Allgather(mine, table)
+        _polite(g, lambda: g.comm.Iallgather(mine, table), lambda: g.comm.Allgather(mine, table))
         consistent = not table[:, 1].any() and (table[:, 0] == h).all()
     else:
         both = np.array([h, -h, bad], dtype=np.int64)
-        g.comm.Allreduce(_in_place(), both, op=_mpi_max())
+        _polite(g, lambda: g.comm.Iallreduce(_in_place(), both, op=_mpi_max()),
+                lambda: g.comm.Allreduce(_in_place(), both, op=_mpi_max()))
         consistent = both[0] == -both[1] and not both[2]
     if not consistent:
         check(name, exchange(g, sig), need_op, need_algorithm, free_dim)
         raise MpiparError(f"{name}: arguments differ across ranks")  # pragma: no cover (hash collision)
     return [int(x) for x in table[:, 2]] if free_dim else None
+
+
+def _polite(g, nonblocking, blocking) -> None:
+    """Blocking call when ranks have their own cores; test-and-sleep when oversubscribed."""
+    if g.oversubscribed:
+        from .wait import wait_all
+
+        wait_all([nonblocking()])
+    else:
+        blocking()
 
 
 def _in_place():
