@@ -69,6 +69,32 @@ def mpi_buffer(t: torch.Tensor):
     return t.reshape(-1).view(carrier) if carrier != t.dtype else t.reshape(-1)
 
 
+_MPI_TYPES: dict = {}
+
+
+def _mpi_type(carrier: torch.dtype):
+    """The MPI datatype of a carrier dtype (cached after the first lookup)."""
+    if not _MPI_TYPES:
+        from mpi4py import MPI
+
+        _MPI_TYPES.update({
+            torch.float64: MPI.DOUBLE, torch.float32: MPI.FLOAT, torch.int64: MPI.INT64_T,
+            torch.int32: MPI.INT32_T, torch.int16: MPI.INT16_T, torch.int8: MPI.INT8_T,
+            torch.uint8: MPI.UINT8_T, torch.complex64: MPI.C_FLOAT_COMPLEX,
+            torch.complex128: MPI.C_DOUBLE_COMPLEX,
+        })
+    return _MPI_TYPES[carrier]
+
+
+def address_buffer(t: torch.Tensor):
+    """[raw memory, MPI datatype] of a contiguous non-empty CPU tensor, for a plain buffer
+    argument (not inside a vector spec): skips the numpy round trip on latency-bound calls."""
+    from mpi4py import MPI
+
+    carrier, _ = _CARRIER[t.dtype]
+    return [MPI.buffer.fromaddress(t.data_ptr(), t.numel() * t.element_size()), _mpi_type(carrier)]
+
+
 class StagingPool:
     """Reusable pinned host buffers for CUDA tensors when MPI is not CUDA-aware."""
 

@@ -16,7 +16,7 @@ import torch
 from ..errors import MpiparError
 from ..mesh import as_group
 from . import ring, shm, tuning
-from .buffers import flat_chunks, host_contiguous, mpi_buffer, needs_staging, offsets, reduce_dtype
+from .buffers import address_buffer, flat_chunks, host_contiguous, mpi_buffer, needs_staging, offsets, reduce_dtype
 from .validate import BAD_DIM, agree, norm_dim, signature
 from .wait import wait_all
 
@@ -87,10 +87,11 @@ def _mpi_all_reduce(g, flat: torch.Tensor, op: str) -> None:
     from mpi4py import MPI
 
     mop = _mpi_op(op, flat.dtype)
+    buf = address_buffer(flat) if flat.device.type == "cpu" and flat.numel() else mpi_buffer(flat)
     if g.oversubscribed:
-        wait_all([g.comm.Iallreduce(MPI.IN_PLACE, mpi_buffer(flat), op=mop)])
+        wait_all([g.comm.Iallreduce(MPI.IN_PLACE, buf, op=mop)])
     else:
-        g.comm.Allreduce(MPI.IN_PLACE, mpi_buffer(flat), op=mop)
+        g.comm.Allreduce(MPI.IN_PLACE, buf, op=mop)
 
 
 def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto") -> torch.Tensor:

@@ -1,0 +1,20 @@
+"""mpipar.tensor: Megatron-style tensor parallelism (with Megatron sequence parallelism).
+
+Every layer takes the tensor-parallel Group it works on (e.g. `mesh.tp`), draws
+its FULL parameters from `seed` and keeps this rank's shard (the numbers never
+depend on the layout), and offers `from_serial(module, group, ...)` and
+`full_state_dict()`. Constructors are collective over the group (they check
+that every rank passed the same arguments).
+"""
+from .attention import ParallelSelfAttention
+from .init import seeded_embedding, seeded_init_, seeded_linear
+from .linear import ColumnParallelLinear, RowParallelLinear
+from .mlp import ParallelMLP
+from .sharding import shard, unshard
+from .vocab import VocabParallelEmbedding, vocab_parallel_cross_entropy
+
+__all__ = [
+    "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
+    "ParallelMLP", "ParallelSelfAttention",
+    "seeded_init_", "seeded_linear", "seeded_embedding", "shard", "unshard",
+]
