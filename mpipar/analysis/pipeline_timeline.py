@@ -1,0 +1,126 @@
+"""Pipeline timeline figures: stages as rows, F/B/W as coloured boxes, measured next to simulated.
+
+    rows = sim_rows(pipeline.simulate("1f1b", 4, 8))          # simulated timeline
+    rows = span_rows(spans_df)                                 # measured, from /spans of one point
+    figure(measured_rows, simulated_rows, "1f1b p=4 m=8", "out.png")
+    plot_timelines(["results/pipeline.h5"], "figures/")        # one PNG per schedule
+
+A timeline is a list (one entry per stage, stage 0 on top) of boxes
+(op, microbatch, chunk, start, end). Like the papers' figures: forward boxes
+blue, backward (input gradient) green, weight gradient orange; later chunks of
+an interleaved schedule drawn lighter; the microbatch number inside each box.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+COLORS = {"F": "#4c72b0", "B": "#55a868", "W": "#dd8452"}
+OPS = ("F", "B", "W")
+
+
+def sim_rows(result) -> list[list[tuple]]:
+    """Boxes of a `pipeline.SimResult`."""
+    return [[(a.op, a.microbatch, a.chunk, start, end) for a, start, end in row] for row in result.timeline]
+
+
+def span_rows(spans: pd.DataFrame, num_stages: int | None = None) -> list[list[tuple]]:
+    """Boxes of the F/B/W spans of one traced step (times from the earliest span, in seconds)."""
+    ops = spans[spans["name"].isin(OPS)]
+    if ops.empty:
+        return []
+    t0 = spans["t_start"].min()
+    p = int(num_stages or ops["stage"].max() + 1)
+    chunk = ops["chunk"] if "chunk" in ops.columns else pd.Series(0, index=ops.index)
+    rows: list[list[tuple]] = [[] for _ in range(p)]
+    for (_, s), c in zip(ops.iterrows(), chunk.fillna(0)):
+        rows[int(s["stage"])].append((s["name"], int(s["microbatch"]), int(c),
+                                      float(s["t_start"] - t0), float(s["t_end"] - t0)))
+    return [sorted(r, key=lambda box: box[3]) for r in rows]
+
+
+def draw(ax, rows: list[list[tuple]], title: str = "", unit: str = "") -> None:
+    """Draw one timeline on `ax`: stage s is row s from the top."""
+    end = max((box[4] for row in rows for box in row), default=1.0) or 1.0
+    for s, row in enumerate(rows):
+        for op, mb, chunk, start, stop in row:
+            alpha = 1.0 if chunk == 0 else max(0.35, 1.0 - 0.3 * chunk)
+            ax.broken_barh([(start, stop - start)], (s - 0.4, 0.8), facecolors=COLORS.get(op, "gray"),
+                           edgecolors="white", linewidth=0.4, alpha=alpha)
+            if (stop - start) > end / 70:
+                ax.text((start + stop) / 2, s, str(mb), ha="center", va="center", fontsize=6, color="white")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"stage {s}" for s in range(len(rows))])
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xlim(0, end * 1.01)
+    ax.set_xlabel(f"time{f' ({unit})' if unit else ''}")
+    ax.set_title(title, fontsize=9)
+    handles = [matplotlib.patches.Patch(color=COLORS[o], label=o) for o in OPS
+               if any(box[0] == o for row in rows for box in row)]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
+
+
+def figure(measured, simulated, title: str, path) -> Path:
+    """One PNG: measured timeline (seconds) above the simulated one (same costs)."""
+    panels = [(r, t, u) for r, t, u in ((measured, "measured", "ms"), (simulated, "simulated", "ms"))
+              if r]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(11, 1.2 + 0.5 * sum(len(r) for r, _, _ in panels)),
+                             squeeze=False)
+    for ax, (rows, label, unit) in zip(axes[:, 0], panels):
+        scaled = [[(o, mb, c, a * 1e3, b * 1e3) for o, mb, c, a, b in row] for row in rows]
+        draw(ax, scaled, f"{title}: {label}", unit)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _pick(points: pd.DataFrame) -> pd.Series:
+    """The point drawn for a schedule: the most stages, then m closest to 8."""
+    best = points[points["pp"] == points["pp"].max()]
+    return best.iloc[int(np.argmin(np.abs(best["microbatches"].to_numpy() - 8)))]
+
+
+def plot_timelines(paths, out_dir, everything: bool = False) -> list[Path]:
+    """Per mpipar schedule in the files' /results/pipeline: measured vs simulated timeline PNGs.
+
+    everything=True draws every traced point instead of one per schedule.
+    """
+    from ..pipeline import simulate
+    from .load import load, load_spans
+
+    table = load(paths).get("pipeline")
+    spans = load_spans(paths)
+    if table is None or table.empty or spans.empty or "impl" not in spans.columns:
+        return []
+    table = table[(table["impl"] == "mpipar") & table["f_s"].notna()]
+    spans = spans[spans["impl"] == "mpipar"]
+    written = []
+    for (file, name), points in table.groupby(["file", "schedule"], sort=True):
+        chosen = points.itertuples(index=False) if everything else [_pick(points)]
+        for pt in chosen:
+            pt = pt._asdict() if hasattr(pt, "_asdict") else pt.to_dict()
+            p, m, v = int(pt["pp"]), int(pt["microbatches"]), int(pt["chunks"])
+            mine = spans[(spans["file"] == file) & (spans["schedule"] == name) & (spans["pp"] == p)
+                         & (spans["microbatches"] == m)]
+            for col in ("run", "iteration"):  # the latest run (resumed files), its last traced step
+                if col in mine.columns and len(mine):
+                    mine = mine[mine[col] == mine[col].max()]
+            costs = {k: pt[f"{k}_s"] for k in "fbw"}
+            if isinstance(pt.get("costs_per_stage"), str) and pt["costs_per_stage"]:
+                costs = json.loads(pt["costs_per_stage"])  # measured per stage
+            sim = simulate(name, p, m, v, comm=pt["comm_s"], **costs)
+            title = (f"{name}, p={p}, m={m}" + (f", v={v}" if v > 1 else "")
+                     + f": bubble measured {pt['bubble_measured']:.3f}, simulated {sim.bubble_fraction:.3f}")
+            out = Path(out_dir) / f"pipeline_timeline_{name}_p{p}_m{m}.png"
+            written.append(figure(span_rows(mine, p), sim_rows(sim), title, out))
+    return written
