@@ -10,11 +10,8 @@ against the exact expected output, then times the calls.
 """
 from __future__ import annotations
 
-import datetime
 import os
-import socket
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -167,20 +164,3 @@ def measure(point: dict, g) -> dict:
             "wrong": int(g.comm.allreduce(wrong))}
 
 
-def init_gloo(g) -> None:
-    """torch.distributed over gloo on the same ranks; rank 0 picks a free port, MPI broadcasts it."""
-    import torch.distributed as dist
-
-    hosts = g.comm.allgather(socket.gethostname())
-    addr, port = "127.0.0.1", None
-    if g.rank == 0:
-        if len(set(hosts)) > 1:
-            addr = socket.gethostbyname(hosts[0])
-        with socket.socket() as s:
-            s.bind(("" if len(set(hosts)) > 1 else addr, 0))
-            port = s.getsockname()[1]
-    addr, port = g.comm.bcast((addr, port), root=0)
-    os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port))
-    dist.init_process_group("gloo", init_method="env://", rank=g.rank, world_size=g.size,
-                            timeout=datetime.timedelta(seconds=300))
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")

@@ -8,8 +8,6 @@ zb-h1) over a gloo process group on 127.0.0.1 (port chosen by rank 0).
 from __future__ import annotations
 
 import copy
-import datetime
-import socket
 
 import torch
 from mpi4py import MPI
@@ -17,6 +15,8 @@ from torch import nn
 
 from mpipar.pipeline import partition
 from mpipar.trace import ActivationMeter
+
+from _common import init_gloo  # noqa: E402
 
 LOSS = nn.functional.mse_loss
 TORCH = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved-1f1b": "ScheduleInterleaved1F1B",
@@ -27,14 +27,7 @@ def init_torch(world, sizes) -> dict:
     """gloo on 127.0.0.1 (port from rank 0) and a process group over the first p ranks per p."""
     import torch.distributed as dist
 
-    port = None
-    if world.rank == 0:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    port = world.bcast(port)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=world.rank,
-                            world_size=world.size, timeout=datetime.timedelta(seconds=300))
+    init_gloo(world, timeout_s=300)
     return {p: dist.new_group(list(range(p)), backend="gloo") for p in sizes}  # collective over the world
 
 

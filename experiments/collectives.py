@@ -46,7 +46,8 @@ import mpipar  # noqa: E402
 from mpipar import comm as C  # noqa: E402
 from mpipar import trace  # noqa: E402
 from mpipar.errors import MpiparError, install_abort_on_exception, require  # noqa: E402
-from _collectives_impl import ALGO_OPS, DTYPES, element_count, init_gloo, measure  # noqa: E402
+from _collectives_impl import ALGO_OPS, DTYPES, element_count, measure  # noqa: E402
+from _common import init_gloo  # noqa: E402
 
 TABLE = "collectives"
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -34,6 +35,7 @@ from mpi4py import MPI  # noqa: E402
 from mpipar import device as mdevice  # noqa: E402
 from mpipar.comm.wait import wait_all  # noqa: E402
 from mpipar.errors import install_abort_on_exception  # noqa: E402
+from _common import init_gloo, prefix_groups, print_table  # noqa: E402
 from mpipar.mesh import Group  # noqa: E402
 from mpipar.sequence import ring_attention, ulysses_attention  # noqa: E402
 from mpipar.sequence.layout import num_chunks  # noqa: E402
@@ -194,16 +196,11 @@ def points(cfg: Config):
 
 def try_context_parallel(world) -> dict:
     """Run torch's context_parallel on CPU (gloo) once; record whether it runs and why not."""
-    import datetime
-    import os
-
     import torch.distributed as dist
 
     status, reason = "ok", ""
-    port = world.bcast(29500 + os.getpid() % 2000 if world.rank == 0 else None)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=world.rank,
-                                world_size=world.size, timeout=datetime.timedelta(seconds=30))
+        init_gloo(world, timeout_s=30)
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor.experimental import context_parallel
 
@@ -267,13 +264,8 @@ def figure(done: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def print_table(done: list[dict]) -> None:
-    cols = ["method", "sp", "seq", "time_s", "time_vs_serial", "exposed_frac", "imbalance",
-            "peak_act_bytes", "mem_vs_serial", "fits_budget"]
-    print(" ".join(f"{c:>15}" for c in cols))
-    for r in done:
-        vals = [r.get(c, float("nan")) for c in cols]
-        print(" ".join(f"{v:>15.4g}" if isinstance(v, float) else f"{str(v):>15}" for v in vals))
+TABLE_COLUMNS = ["method", "sp", "seq", "time_s", "time_vs_serial", "exposed_frac", "imbalance",
+                 "peak_act_bytes", "mem_vs_serial", "fits_budget"]
 
 
 def main() -> None:
@@ -283,8 +275,7 @@ def main() -> None:
     _, local_size = mdevice.ranks_on_node(world)
     threads = cfg.threads or mdevice.set_threads(local_size)
     torch.set_num_threads(threads)
-    groups = {n: world.Split(0 if world.rank < n else MPI.UNDEFINED, world.rank) for n in cfg.sp}
-    groups = {n: Group(c, f"sp{n}") if c != MPI.COMM_NULL else None for n, c in groups.items()}
+    groups = prefix_groups(world, cfg.sp, "sp")
     tracer = Tracer(world)
     prov = provenance(world)
     writer = ResultsWriter(cfg.out, TABLE, UNITS, prov) if world.rank == 0 else None
@@ -328,7 +319,7 @@ def main() -> None:
         write_table(cfg.out, "context_parallel", [cp])
         if done:
             figure(done, cfg.figure)
-            print_table(done)
+            print_table(done, TABLE_COLUMNS, 15)
         print(f"context_parallel on CPU: {cp['status']} {cp['reason']}")
         print(f"wrote {cfg.out} and {cfg.figure}")
 

@@ -21,15 +21,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import json
-import socket
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from mpi4py import MPI  # noqa: E402
@@ -39,6 +38,7 @@ import mpipar.comm.autograd as region_ops  # noqa: E402
 from mpipar import device as mdevice, models  # noqa: E402
 from mpipar.comm.wait import wait_all  # noqa: E402
 from mpipar.errors import install_abort_on_exception  # noqa: E402
+from _common import init_gloo, prefix_groups, print_table  # noqa: E402
 from mpipar.mesh import Group, as_group  # noqa: E402
 from mpipar.models.serial import merge_heads, split_heads  # noqa: E402
 from mpipar.tensor import ParallelMLP, ParallelSelfAttention  # noqa: E402
@@ -256,14 +256,7 @@ def init_torch_distributed(world, tp_sizes):
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh
 
-    port = None
-    if world.rank == 0:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-    port = world.bcast(port)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=world.rank,
-                            world_size=world.size, timeout=datetime.timedelta(seconds=120))
+    init_gloo(world, timeout_s=120)
     meshes = {}
     for n in tp_sizes:
         pg = dist.new_group(list(range(n)), backend="gloo")  # collective over the world
@@ -280,13 +273,8 @@ def previous_times(path: str) -> dict:
     return {(str(b), int(h), str(m), int(n)): float(s) for b, h, m, n, s in keys}
 
 
-def print_table(done: list[dict]) -> None:
-    cols = ["block", "hidden", "tp", "method", "time_s", "fwd_s", "bwd_s", "comm_s", "comm_bytes",
-            "act_bytes", "gflops", "time_vs_serial", "time_vs_torch"]
-    print(" ".join(f"{c:>14}" for c in cols))
-    for r in done:
-        vals = [r.get(c, float("nan")) for c in cols]
-        print(" ".join(f"{v:>14.4g}" if isinstance(v, float) else f"{str(v):>14}" for v in vals))
+TABLE_COLUMNS = ["block", "hidden", "tp", "method", "time_s", "fwd_s", "bwd_s", "comm_s", "comm_bytes",
+                 "act_bytes", "gflops", "time_vs_serial", "time_vs_torch"]
 
 
 def main() -> None:
@@ -296,8 +284,7 @@ def main() -> None:
     _, local_size = mdevice.ranks_on_node(world)
     threads = cfg.threads or mdevice.set_threads(local_size)
     torch.set_num_threads(threads)
-    split = {n: world.Split(0 if world.rank < n else MPI.UNDEFINED, world.rank) for n in cfg.tp}
-    groups = {n: Group(c, f"tp{n}") if c != MPI.COMM_NULL else None for n, c in split.items()}
+    groups = prefix_groups(world, cfg.tp, "tp")
     meshes = init_torch_distributed(world, cfg.tp) if "torch" in cfg.methods else {}
     tracer = Tracer(world)
     prov = provenance(world)  # collective
@@ -329,7 +316,7 @@ def main() -> None:
         polite_barrier(world)
     tracer.save(cfg.out, attrs={"config": json.dumps(dataclasses.asdict(cfg))})
     if world.rank == 0:
-        print_table(done)
+        print_table(done, TABLE_COLUMNS)
         print(f"wrote {cfg.out}")
     if meshes:
         import torch.distributed as dist
