@@ -4,7 +4,10 @@ algorithm="mpi" uses the MPI library's collective, "ring" the textbook ring
 on point-to-point (mpipar.comm.ring), "auto" picks by message size from the
 measured crossover (`tuning.choose`). Every call first agrees on its
 arguments across the group (mpipar.comm.validate), so bad input raises
-MpiparError on every rank and never hangs.
+MpiparError on every rank and never hangs. `validate=False` (all_reduce,
+reduce_scatter) skips that agreement for callers whose arguments are
+consistent by construction, e.g. a backward whose shapes mirror a forward
+that was validated.
 """
 from __future__ import annotations
 
@@ -55,10 +58,12 @@ def _working(t: torch.Tensor) -> torch.Tensor:
     return x.to(rd) if rd != x.dtype else x
 
 
-def all_reduce(t: torch.Tensor, group, op: str = "sum", algorithm: str = "auto") -> torch.Tensor:
+def all_reduce(t: torch.Tensor, group, op: str = "sum", algorithm: str = "auto", *,
+               validate: bool = True) -> torch.Tensor:
     """In place: every rank's `t` becomes the elementwise op over the group. Returns `t`."""
     g = as_group(group)
-    _agree("all_reduce", g, t, op=op, algorithm=algorithm)
+    if validate:
+        _agree("all_reduce", g, t, op=op, algorithm=algorithm)
     op = _bool_op(op, t.dtype)
     if g.size == 1:
         return t
@@ -123,11 +128,13 @@ def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto") ->
     return out.movedim(0, d).contiguous().to(t.device)
 
 
-def reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algorithm: str = "auto") -> torch.Tensor:
+def reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algorithm: str = "auto", *,
+                   validate: bool = True) -> torch.Tensor:
     """Rank r gets slice r (torch.tensor_split order) along `dim` of the elementwise op over ranks."""
     g = as_group(group)
     d = norm_dim(dim, t.dim())
-    _agree("reduce_scatter", g, t, op=op, algorithm=algorithm, dim=d)
+    if validate or d == BAD_DIM:
+        _agree("reduce_scatter", g, t, op=op, algorithm=algorithm, dim=d)
     if t.dim() == 0:
         raise MpiparError("reduce_scatter: a 0-d tensor has no dim to scatter along")
     op = _bool_op(op, t.dtype)
