@@ -31,10 +31,15 @@ def FORCE_STAGING() -> bool:  # noqa: N802 - reads the test-only override
     return _os.environ.get("MPIPAR_FORCE_STAGING") == "1"
 
 
-def _mpi_op(op: str, dtype: torch.dtype):
-    from mpi4py import MPI
+_MPI_OPS: dict = {}
 
-    return {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op]
+
+def _mpi_op(op: str, dtype: torch.dtype):
+    if not _MPI_OPS:
+        from mpi4py import MPI
+
+        _MPI_OPS.update(sum=MPI.SUM, max=MPI.MAX, min=MPI.MIN)
+    return _MPI_OPS[op]
 
 
 def _bool_op(op: str, dtype: torch.dtype) -> str:

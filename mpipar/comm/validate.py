@@ -35,7 +35,7 @@ def code(value, known) -> int:
     return known.index(value) if value in known else _UNKNOWN
 
 
-def signature(t, op=None, algorithm=None, dim: int = 0, root: int = 0) -> np.ndarray:
+def signature(t, op=None, algorithm=None, dim: int = 0, root: int = 0) -> tuple:
     """[op, algorithm, dtype, ndim, dim, root, shape (padded to MAX_NDIM)]."""
     shape = list(t.shape)
     if len(shape) > MAX_NDIM:  # fold trailing dims so the row keeps its length (ranks still agree)
@@ -45,7 +45,7 @@ def signature(t, op=None, algorithm=None, dim: int = 0, root: int = 0) -> np.nda
         _UNKNOWN if algorithm is None else code(algorithm, ALGORITHMS),
         DTYPE_CODES.get(t.dtype, _UNKNOWN), t.dim(), dim, root,
     ]
-    return np.array(head + shape + [0] * (MAX_NDIM - len(shape)), dtype=np.int64)
+    return tuple(head + shape + [0] * (MAX_NDIM - len(shape)))
 
 
 def agree(name: str, g, sig: np.ndarray, need_op: bool, need_algorithm: bool, free_dim: bool = False):
@@ -57,16 +57,13 @@ def agree(name: str, g, sig: np.ndarray, need_op: bool, need_algorithm: bool, fr
     """
     bad = int((need_op and sig[0] == _UNKNOWN) or (need_algorithm and sig[1] == _UNKNOWN)
               or sig[2] == _UNKNOWN or sig[4] == BAD_DIM)
-    key = sig.copy()
-    free = 6 + int(sig[4]) if free_dim and sig[4] != BAD_DIM else None
-    if free is not None:
-        key[free] = 0
-    h = hash(tuple(key.tolist()))
     if g.size > 1 and not free_dim and not bad and not validation_enabled():
         return None  # MPIPAR_VALIDATE=0: trust the caller, skip the agreement collective
+    free = 6 + int(sig[4]) if free_dim and sig[4] != BAD_DIM else None
+    h = hash(sig if free is None else sig[:free] + (0,) + sig[free + 1:])
     if g.size == 1:
         if bad:
-            check(name, sig[None, :], need_op, need_algorithm, free_dim)
+            check(name, np.array([sig], dtype=np.int64), need_op, need_algorithm, free_dim)
         return [int(sig[free])] if free is not None else None
     if free_dim:
         mine = np.array([h, bad, sig[free] if free is not None else 0], dtype=np.int64)
@@ -79,7 +76,7 @@ def agree(name: str, g, sig: np.ndarray, need_op: bool, need_algorithm: bool, fr
                 lambda: g.comm.Allreduce(_in_place(), both, op=_mpi_max()))
         consistent = both[0] == -both[1] and not both[2]
     if not consistent:
-        check(name, exchange(g, sig), need_op, need_algorithm, free_dim)
+        check(name, exchange(g, np.array(sig, dtype=np.int64)), need_op, need_algorithm, free_dim)
         raise MpiparError(f"{name}: arguments differ across ranks")  # pragma: no cover (hash collision)
     return [int(x) for x in table[:, 2]] if free_dim else None
 
@@ -95,15 +92,17 @@ def _polite(g, nonblocking, blocking) -> None:
 
 
 def _in_place():
-    from mpi4py import MPI
-
-    return MPI.IN_PLACE
+    return _mpi().IN_PLACE
 
 
 def _mpi_max():
+    return _mpi().MAX
+
+
+def _mpi():
     from mpi4py import MPI
 
-    return MPI.MAX
+    return MPI
 
 
 def validation_enabled() -> bool:
