@@ -1,0 +1,135 @@
+"""Figures of scaling studies (matplotlib, headless Agg backend), one PNG per call.
+
+- `line_plot`: y against x, one line per value of `hue` (scaling curves:
+  speedup/efficiency vs ranks; time vs size), optional log axes and an ideal line.
+- `busbw_plot`: bus bandwidth against message size per implementation, with
+  the memcpy bandwidth as the physical limit.
+- `memory_time_plot`: peak memory and step time against sequence length.
+- `bar_plot`: one bar per category (tokens/s per parallel layout).
+- `pipeline_timelines`: the measured/simulated pipeline timeline figures of
+  `pipeline_timeline.py` when that module is present.
+Every function returns the path written, or None when there was nothing to plot.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _lines(ax, df: pd.DataFrame, x: str, y: str, hue) -> int:
+    hues = [c for c in ([hue] if isinstance(hue, str) else (hue or [])) if c in df.columns]
+    groups = df.groupby(hues, dropna=False, sort=True) if hues else [((), df)]
+    count = 0
+    for key, g in groups:
+        g = g.dropna(subset=[x, y]).groupby(x, sort=True)[y].median()
+        if g.empty:
+            continue
+        key = key if isinstance(key, tuple) else (key,)
+        ax.plot(g.index, g.values, marker="o", label=" ".join(map(str, key)) or y)
+        count += 1
+    return count
+
+
+def line_plot(df: pd.DataFrame, x: str, y: str, path, hue=None, title: str = "", xlabel: str = "",
+              ylabel: str = "", logx: bool = False, logy: bool = False, ideal: str | None = None):
+    """y vs x with one line per `hue` group (median over repeats). ideal: 'linear' or 'one'."""
+    if df is None or df.empty or x not in df.columns or y not in df.columns:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if not _lines(ax, df, x, y, hue):
+        plt.close(fig)
+        return None
+    xs = np.sort(df[x].dropna().unique())
+    if ideal == "linear":
+        ax.plot(xs, xs / xs[0], "k--", lw=1, label="ideal")
+    elif ideal == "one":
+        ax.axhline(1.0, color="k", ls="--", lw=1, label="ideal")
+    ax.set_xscale("log", base=2) if logx else None
+    ax.set_yscale("log") if logy else None
+    ax.set(title=title, xlabel=xlabel or x, ylabel=ylabel or y)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def busbw_plot(df: pd.DataFrame, path, size: str = "nbytes", busbw: str = "busbw_GBps", hue=("impl",),
+               limit: str | None = "memcpy_GBps", title: str = "Bus bandwidth vs message size"):
+    """Bus bandwidth vs message size (log-log) per implementation; memcpy limit dashed."""
+    if df is None or df.empty or size not in df.columns or busbw not in df.columns:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    _lines(ax, df[df[busbw] > 0], size, busbw, list(hue))
+    if limit and limit in df.columns and df[limit].notna().any():
+        ax.axhline(float(df[limit].max()), color="k", ls="--", lw=1, label="memcpy limit")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set(title=title, xlabel="message size (bytes)", ylabel="bus bandwidth (GB/s)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def memory_time_plot(df: pd.DataFrame, path, seq: str = "seq_len", memory: str = "peak_activation_bytes",
+                     time: str | None = "time_s", hue=("impl",), title: str = "Memory and time vs sequence length"):
+    """Two panels against sequence length: peak memory (MiB) and step time."""
+    if df is None or df.empty or seq not in df.columns or memory not in df.columns:
+        return None
+    panels = 2 if time and time in df.columns else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6.0 * panels, 4.2), squeeze=False)
+    mib = df.assign(_mib=df[memory] / 2 ** 20)
+    _lines(axes[0, 0], mib, seq, "_mib", list(hue))
+    axes[0, 0].set(xlabel="sequence length", ylabel=f"{memory} (MiB)", title=title)
+    if panels == 2:
+        _lines(axes[0, 1], df, seq, time, list(hue))
+        axes[0, 1].set(xlabel="sequence length", ylabel=time, title="step time")
+    for ax in axes[0]:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def bar_plot(df: pd.DataFrame, x: str, y: str, path, title: str = "", ylabel: str = ""):
+    """One bar per row: y (e.g. tokens/s) per category x (e.g. a parallel layout)."""
+    if df is None or df.empty or x not in df.columns or y not in df.columns:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.8 * len(df)), 4.2))
+    ax.bar(df[x].astype(str), df[y])
+    ax.set(title=title, ylabel=ylabel or y)
+    ax.tick_params(axis="x", labelrotation=30)
+    ax.grid(True, axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def pipeline_timelines(paths, out_dir) -> list[Path]:
+    """Timeline figures from mpipar.analysis.pipeline_timeline, if that module exists.
+
+    It is called as `plot_timelines(h5_paths, out_dir)` (or `plot(...)`), and
+    returns the paths it wrote; absent module or function: nothing is drawn.
+    """
+    try:
+        mod = importlib.import_module("mpipar.analysis.pipeline_timeline")
+    except ImportError:
+        return []
+    fn = getattr(mod, "plot_timelines", None) or getattr(mod, "plot", None)
+    if fn is None:
+        return []
+    written = fn([str(p) for p in paths], str(out_dir))
+    return [Path(p) for p in (written or [])]

@@ -1,0 +1,267 @@
+"""Per-experiment analysis recipes: derived tables, figures and the headline of each driver's table.
+
+A recipe takes the DataFrame of one `/results/<name>` table and the output
+folder and returns a `Result`: derived tables (written as <name>_<key>.csv),
+figure paths, and headline rows {headline, value, unit, baseline,
+baseline_value, ratio, better} comparing mpipar with the baseline measured in
+the same run (ratio = value / baseline_value). Recipes are registered by
+table name; the columns they read are those the drivers write (results/README.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import figures, metrics
+
+
+@dataclasses.dataclass
+class Result:
+    derived: dict = dataclasses.field(default_factory=dict)
+    figures: list = dataclasses.field(default_factory=list)
+    headlines: list = dataclasses.field(default_factory=list)
+
+
+RECIPES: dict = {}
+COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
+# study driver name -> the table its recipe reads (for the summary's status column)
+DRIVER_TABLES = {"collectives": "collectives", "tensor": "tensor_parallel", "pipeline": "pipeline",
+                 "sequence": "sequence_parallel", "gpt": "train_gpt"}
+
+
+def recipe(table: str):
+    """Register a recipe for the table `/results/<table>`."""
+    def deco(fn):
+        RECIPES[table] = fn
+        return fn
+    return deco
+
+
+def find(table: str):
+    """The recipe of a table name, or None."""
+    return RECIPES.get(table)
+
+
+def table_prefix(driver: str) -> str:
+    """The table name of a study driver (its headline rows carry this experiment name)."""
+    return DRIVER_TABLES.get(driver, driver)
+
+
+def headline(name: str, value, unit: str, baseline: str | None = None, baseline_value=None,
+             better: str = "higher") -> dict:
+    """A summary row; ratio = value / baseline_value."""
+    def num(x):
+        return None if x is None or pd.isna(x) else float(x)
+
+    value, baseline_value = num(value), num(baseline_value)
+    ratio = value / baseline_value if value is not None and baseline_value else np.nan
+    return {"headline": name, "value": value, "unit": unit, "baseline": baseline,
+            "baseline_value": baseline_value, "ratio": ratio, "better": better}
+
+
+def _one(df: pd.DataFrame, col: str, **where):
+    """Median of `col` over the rows matching `where` (None if there is none)."""
+    mask = np.ones(len(df), dtype=bool)
+    for k, v in where.items():
+        mask &= (df[k] == v).to_numpy()
+    vals = df.loc[mask, col].dropna()
+    return float(vals.median()) if len(vals) else None
+
+
+def _human(nbytes: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:g} {unit}"
+    return f"{nbytes} B"
+
+
+@recipe("collectives")
+def collectives(df: pd.DataFrame, out: Path) -> Result:
+    """Alpha-beta fits per impl, busbw as a fraction of memcpy, busbw-vs-size figures per op."""
+    res = Result()
+    coll = df[df["op"].isin(COLLECTIVES)]
+    res.derived["alpha_beta"] = metrics.fit_alpha_beta(coll, time="time_s", by=("impl", "dtype"))
+    if "memcpy_GBps" in df.columns:
+        res.derived["vs_memcpy"] = metrics.vs_limit(coll, "busbw_GBps", "memcpy_GBps", "busbw_frac_of_memcpy")[
+            ["op", "impl", "nbytes", "world_size", "busbw_GBps", "memcpy_GBps", "busbw_frac_of_memcpy"]]
+    limit = "memcpy_GBps" if "memcpy_GBps" in df.columns else None
+    ranks = int(df["world_size"].max())
+    for op in sorted(coll["op"].unique()):
+        res.figures.append(figures.busbw_plot(coll[coll["op"] == op], out / f"collectives_busbw_{op}.png",
+                                              hue=("impl",), limit=limit,
+                                              title=f"{op}: bus bandwidth vs size, {ranks} ranks"))
+    ar = coll[coll["op"] == "all_reduce"]
+    if len(ar):
+        size = int(ar["nbytes"].max())
+        name = f"all_reduce busbw, mpipar auto, {_human(size)}"
+        value = _one(ar, "busbw_GBps", impl="auto", nbytes=size)
+        for base in ("gloo", "mpi4py"):
+            if (ar["impl"] == base).any():
+                base_value = _one(ar, "busbw_GBps", impl=base, nbytes=size)
+                res.headlines.append(headline(name, value, "GB/s", base, base_value))
+        limit = _one(df, "busbw_GBps", op="memcpy", nbytes=size)
+        if limit:
+            res.headlines.append(headline(name, value, "GB/s", "memcpy limit", limit))
+    return res
+
+
+@recipe("tensor_parallel")
+def tensor_parallel(df: pd.DataFrame, out: Path) -> Result:
+    """Strong scaling over TP per (block, hidden, method); time vs TP; mpipar vs serial and torch."""
+    res = Result()
+    par = df[df["method"] != "serial"]
+    if len(par):
+        res.derived["scaling"] = metrics.scaling(par, "tp", "time_s", by=["block", "hidden", "method"])
+    hidden = int(df["hidden"].max())
+    for block in sorted(df["block"].unique()):
+        part = df[(df["block"] == block) & (df["hidden"] == hidden)]
+        res.figures.append(figures.line_plot(part, "tp", "time_s", out / f"tensor_parallel_{block}_time.png",
+                                             hue="method", logy=True, xlabel="TP size", ylabel="fwd+bwd step (s)",
+                                             title=f"{block}, hidden {hidden}: step time vs TP"))
+        if "scaling" in res.derived:
+            s = res.derived["scaling"]
+            s = s[(s["block"] == block) & (s["hidden"] == hidden)]
+            res.figures.append(figures.line_plot(s, "tp", "speedup", out / f"tensor_parallel_{block}_speedup.png",
+                                                 hue="method", ideal="linear", xlabel="TP size",
+                                                 title=f"{block}, hidden {hidden}: strong-scaling speedup"))
+    for block in sorted(df["block"].unique()):
+        part = df[(df["block"] == block) & (df["hidden"] == hidden)]
+        tp = int(part.loc[part["method"] == "mpipar", "tp"].max()) if (part["method"] == "mpipar").any() else None
+        if tp is None:
+            continue
+        name = f"{block} step, mpipar TP={tp}, hidden {hidden}"
+        value = _one(part, "time_s", method="mpipar", tp=tp)
+        res.headlines.append(headline(name, value, "s", "serial 1 rank", _one(part, "time_s", method="serial"),
+                                      better="lower"))
+        if (part["method"] == "torch").any():
+            res.headlines.append(headline(name, value, "s", f"torch TP={tp} (gloo)",
+                                          _one(part, "time_s", method="torch", tp=tp), better="lower"))
+    return res
+
+
+def _weak_sequence(df: pd.DataFrame) -> pd.DataFrame:
+    """Weak scaling of each SP method: points with the same tokens per rank, serial SDPA as N=1.
+
+    Attention work grows as seq^2, so at fixed tokens per rank the work per
+    rank grows as N: `work_efficiency` = efficiency x (seq/seq0)^2 / (N/N0) is
+    1 for perfect scaling (plain `efficiency` T0/T would ideally fall as N0/N).
+    """
+    d = df.assign(tokens_per_rank=df["seq"] // df["sp"])
+    serial = d[d["method"] == "serial"]
+    rows = [pd.concat([serial.assign(method=m), d[d["method"] == m]]) for m in sorted(set(d["method"]) - {"serial"})]
+    if not rows:
+        return pd.DataFrame()
+    both = pd.concat(rows, ignore_index=True)
+    keep = both.groupby(["method", "tokens_per_rank"])["sp"].transform("nunique") > 1
+    weak = metrics.scaling(both[keep], "sp", "time_s", by=["method", "tokens_per_rank"], kind="weak")
+    seq0 = weak["tokens_per_rank"] * weak["baseline_n"]
+    weak["work_efficiency"] = weak["efficiency"] * (weak["seq"] / seq0) ** 2 / (weak["sp"] / weak["baseline_n"])
+    return weak
+
+
+@recipe("sequence_parallel")
+def sequence_parallel(df: pd.DataFrame, out: Path) -> Result:
+    """Strong scaling vs serial SDPA per seq, weak scaling at fixed tokens per rank, memory/time vs seq."""
+    res = Result()
+    serial = df[df["method"] == "serial"].groupby("seq")["time_s"].min()
+    par = df[df["method"] != "serial"].copy()
+    par["speedup"] = par["seq"].map(serial) / par["time_s"]
+    par["efficiency"] = par["speedup"] / par["sp"]
+    res.derived["scaling"] = par
+    weak = _weak_sequence(df)
+    if len(weak):
+        res.derived["weak_scaling"] = weak
+        res.figures.append(figures.line_plot(weak, "sp", "work_efficiency", out / "sequence_parallel_weak.png",
+                                             hue=["method", "tokens_per_rank"], ideal="one", xlabel="SP size",
+                                             ylabel="weak-scaling efficiency per unit of work",
+                                             title="sequence parallel, fixed tokens per rank (work ~ seq^2)"))
+    res.figures.append(figures.memory_time_plot(df, out / "sequence_parallel_memory_time.png", seq="seq",
+                                                memory="peak_act_bytes", time="time_s", hue=("method", "sp")))
+    seq, sp = int(df["seq"].max()), int(df["sp"].max())
+    for method in ("ring-zigzag", "ulysses"):
+        if not ((df["method"] == method) & (df["sp"] == sp) & (df["seq"] == seq)).any():
+            continue
+        label = f"{method} SP={sp}, seq {seq}"
+        res.headlines.append(headline(f"{label}: fwd+bwd", _one(df, "time_s", method=method, sp=sp, seq=seq), "s",
+                                      "serial SDPA", _one(df, "time_s", method="serial", seq=seq), better="lower"))
+        res.headlines.append(headline(f"{label}: peak activations/rank",
+                                      _one(df, "peak_act_bytes", method=method, sp=sp, seq=seq), "B",
+                                      "serial SDPA", _one(df, "peak_act_bytes", method="serial", seq=seq),
+                                      better="lower"))
+    return res
+
+
+@recipe("pipeline")
+def pipeline(df: pd.DataFrame, out: Path) -> Result:
+    """Measured vs simulated bubble, step time vs m per schedule; mpipar vs torch.distributed.pipelining."""
+    res = Result()
+    mine = df[df["impl"] == "mpipar"]
+    if {"bubble_measured", "bubble_simulated"} <= set(mine.columns) and len(mine):
+        res.derived["bubble"] = metrics.bubble_error(mine)[
+            ["schedule", "pp", "microbatches", "chunks", "bubble_measured", "bubble_simulated", "bubble_error"]
+            + [c for c in ("bubble_theory",) if c in mine.columns]]
+        res.derived["scaling"] = metrics.scaling(mine, "pp", "time_s", by=["schedule", "microbatches"])
+    p = int(df["pp"].max())
+    at_p = df[df["pp"] == p].assign(label=lambda d: d["impl"] + " " + d["schedule"])
+    res.figures.append(figures.line_plot(at_p, "microbatches", "time_s", out / "pipeline_step_time.png",
+                                         hue="label", logx=True, xlabel="microbatches m", ylabel="step time (s)",
+                                         title=f"pipeline step time, p={p}"))
+    if "bubble" in res.derived:
+        b = res.derived["bubble"]
+        b = b[b["pp"] == p].melt(id_vars=["schedule", "microbatches"], var_name="kind", value_name="bubble",
+                                 value_vars=["bubble_measured", "bubble_simulated"])
+        res.figures.append(figures.line_plot(b, "microbatches", "bubble", out / "pipeline_bubble.png",
+                                             hue=["schedule", "kind"], logx=True, xlabel="microbatches m",
+                                             ylabel="bubble fraction", title=f"measured vs simulated bubble, p={p}"))
+    for name in ("1f1b", "gpipe", "interleaved-1f1b", "zb-h1"):
+        pts = mine[(mine["schedule"] == name) & (mine["pp"] == p)]
+        if pts.empty:
+            continue
+        m = int(pts["microbatches"].max())
+        label = f"{name} step, p={p}, m={m}"
+        value = _one(pts, "time_s", microbatches=m)
+        torch_rows = df[(df["impl"] == "torch") & (df["pp"] == p) & (df["microbatches"] == m)
+                        & (df.get("mpipar_schedule", df["schedule"]) == name)]
+        if len(torch_rows):
+            res.headlines.append(headline(label, value, "s", f"torch {torch_rows['schedule'].iloc[0]}",
+                                          float(torch_rows["time_s"].median()), better="lower"))
+        if "bubble_measured" in pts.columns:
+            res.headlines.append(headline(f"{name} bubble, p={p}, m={m}", _one(pts, "bubble_measured", microbatches=m),
+                                          "", "simulated", _one(pts, "bubble_simulated", microbatches=m),
+                                          better="lower"))
+        if name == "1f1b":
+            break
+    return res
+
+
+@recipe("train_gpt")
+def train_gpt(df: pd.DataFrame, out: Path) -> Result:
+    """Loss curves per layout; the loss after the last step vs the first, per layout."""
+    res = Result()
+    res.figures.append(figures.line_plot(df, "step", "loss", out / "train_gpt_loss.png", hue="layout",
+                                         xlabel="step", ylabel="cross-entropy (nats)", title="GPT training loss"))
+    for layout, g in df.sort_values("step").groupby("layout", sort=True):
+        first, last = g.iloc[0], g.iloc[-1]
+        res.headlines.append(headline(f"loss after step {int(last['step'])}, {layout}", last["loss"], "nats",
+                                      f"loss at step {int(first['step'])}", first["loss"], better="lower"))
+        if df["layout"].nunique() > 2:
+            break  # the per-layout table gives the rest
+    return res
+
+
+@recipe("train_gpt_layouts")
+def train_gpt_layouts(df: pd.DataFrame, out: Path) -> Result:
+    """Tokens/s per dp x pp x sp x tp layout; the fastest layout vs pure data parallelism."""
+    res = Result()
+    res.figures.append(figures.bar_plot(df, "layout", "tokens_per_s", out / "train_gpt_layouts.png",
+                                        title="GPT tokens/s per layout (dp-pp-sp-tp)", ylabel="tokens/s"))
+    best = df.loc[df["tokens_per_s"].idxmax()]
+    dp_only = df[(df["pp"] == 1) & (df["sp"] == 1) & (df["tp"] == 1)]
+    if len(dp_only):
+        base = dp_only.iloc[0]
+        res.headlines.append(headline(f"tokens/s, fastest layout {best['layout']}", best["tokens_per_s"],
+                                      "tokens/s", f"data parallel {base['layout']}", base["tokens_per_s"]))
+    return res

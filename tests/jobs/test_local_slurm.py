@@ -1,0 +1,105 @@
+"""Real scheduler runs: the jobs/ scripts submitted with sbatch and qsub to a local SLURM cluster.
+
+Starts the single-node cluster of ../shared/tools/local-slurm.sh (root only),
+submits jobs/slurm/study_srun.sbatch and jobs/slurm/study_mpiexec.sbatch with
+`sbatch` and jobs/pbs/study.pbs with `qsub` (SLURM's Torque wrappers), each a
+tiny study (the collectives driver, --quick, 2 ranks), waits for them, checks
+the HDF5 they wrote (provenance attributes, a results table of 2 ranks, read
+by h5py, pandas and `h5dump -H`) and stops the cluster. Run by `make test-jobs`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import h5py
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SLURM = (ROOT / ".." / "shared" / "tools" / "local-slurm.sh").resolve()
+DRIVER = ROOT / "experiments" / "collectives.py"
+RANKS = 2
+STUDY_ARGS = "--only collectives --quick --silent"
+
+pytestmark = [
+    pytest.mark.jobs,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the local SLURM cluster needs root"),
+    pytest.mark.skipif(not SLURM.is_file(), reason=f"{SLURM} is missing"),
+    pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "activate").exists(), reason="needs .venv (make install)"),
+    pytest.mark.skipif(not DRIVER.exists(), reason="experiments/collectives.py does not exist yet"),
+]
+
+
+def _slurm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SLURM), *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The local SLURM cluster, up for this module's tests, always stopped afterwards."""
+    if _slurm("install").returncode != 0:
+        pytest.skip("could not install slurm-wlm/munge/slurm-wlm-torque (apt-get failed)")
+    up = _slurm("up")
+    try:
+        assert up.returncode == 0, f"local-slurm.sh up failed:\n{up.stdout}\n{up.stderr}"
+        yield
+    finally:
+        _slurm("down", timeout=120)
+
+
+def _submit(kind: str, results: Path, log: Path) -> str:
+    """Submit one job script with 2 ranks and no GPU; returns the job id.
+
+    The settings travel in the environment (`--export=ALL` / `qsub -V`): SLURM's
+    qsub wrapper cannot pass a `-v` value containing spaces.
+    """
+    env = {**os.environ, "MPIPAR_RESULTS": str(results), "MPIPAR_STUDY": "jobs-test", "MPIPAR_STUDY_ARGS": STUDY_ARGS}
+    if kind == "pbs":
+        cmd = ["qsub", "-V", "-l", f"select=1:ncpus={RANKS}:mpiprocs={RANKS}", "-o", str(log), "-j", "oe",
+               "jobs/pbs/study.pbs"]
+    else:
+        script = {"srun": "jobs/slurm/study_srun.sbatch", "mpiexec": "jobs/slurm/study_mpiexec.sbatch"}[kind]
+        cmd = ["sbatch", "--parsable", "--nodes=1", f"--ntasks-per-node={RANKS}", "--gpus-per-node=0",
+               "--cpus-per-task=1", "-o", str(log), "--export=ALL", script]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60, env=env)
+    assert res.returncode == 0, f"{cmd} failed:\n{res.stdout}\n{res.stderr}"
+    return res.stdout.strip().split(";")[0].split(".")[0]
+
+
+def _check_results(results: Path) -> None:
+    """The study folder the job wrote: a complete manifest and a readable, documented HDF5 file."""
+    from mpipar.analysis import load
+    from mpipar.trace import PROVENANCE_KEYS
+
+    (folder,) = list((results / "jobs-test").iterdir())
+    manifest = json.loads((folder / "study.json").read_text())
+    assert manifest["np"] == RANKS
+    assert manifest["drivers"]["collectives"]["status"] == "ok", manifest
+    h5 = folder / manifest["drivers"]["collectives"]["out"]
+    with h5py.File(h5, "r") as f:
+        missing = [k for k in PROVENANCE_KEYS if k not in f.attrs]
+        assert not missing, f"provenance attributes missing: {missing}"
+        assert int(f.attrs["world_size"]) == RANKS
+        assert len(f["results"]) >= 1
+    tables = load([h5])
+    assert tables and all(len(df) > 0 for df in tables.values())
+    assert (folder / "summary.csv").exists()
+    if shutil.which("h5dump"):
+        dump = subprocess.run(["h5dump", "-H", str(h5)], capture_output=True, text=True, timeout=60)
+        assert dump.returncode == 0, dump.stderr
+
+
+@pytest.mark.timeout(1500)
+def test_sbatch_and_qsub_jobs_complete_and_write_hdf5(cluster, tmp_path):
+    jobs = {}
+    for kind in ("srun", "mpiexec", "pbs"):
+        results, log = tmp_path / kind, tmp_path / f"{kind}.out"
+        jobs[kind] = (_submit(kind, results, log), results, log)
+    for kind, (job, results, log) in jobs.items():
+        res = _slurm("wait", job, "600", timeout=700)
+        output = log.read_text() if log.exists() else "(no job output)"
+        assert res.returncode == 0, f"{kind} job {job}: {res.stdout}{res.stderr}\n{output[-4000:]}"
+        _check_results(results)

@@ -1,0 +1,212 @@
+"""experiments/study.py: a study killed with SIGTERM midway and resumed loses and repeats no point.
+
+The study runs a tiny sweep driver (written here; it resumes through
+mpipar.trace.ResultsWriter like the real drivers) under `mpiexec -n 2`. We
+SIGTERM either the study itself or its mpiexec once a few points are stored,
+then `--resume` the same folder and check every point is stored exactly once
+with the right value. Also: a new run makes a new folder, `--dry-run` lists
+points and runs nothing, a driver that cannot resume has its partial file
+moved aside, and the flags given to a driver follow its --help.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+STUDY = ROOT / "experiments" / "study.py"
+MPIEXEC = ROOT / ".venv" / "bin" / "mpiexec"
+POINTS = 6
+
+pytestmark = pytest.mark.skipif(not MPIEXEC.exists(), reason="needs the venv's mpiexec (make install)")
+
+DRIVER = textwrap.dedent('''
+    """Tiny sweep for the study tests. Resumes: completed points are skipped."""
+    import argparse, time
+    from mpi4py import MPI
+    from mpipar.errors import install_abort_on_exception
+    from mpipar.trace import ResultsWriter, completed_points, point_key
+    install_abort_on_exception()
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", required=True)
+    p.add_argument("--points", type=int, default=4)
+    p.add_argument("--sleep", type=float, default=0.2)
+    p.add_argument("--dry-run", action="store_true")
+    args = p.parse_args()
+    comm = MPI.COMM_WORLD
+    points = [{"i": i, "size": 2 ** i, "ranks": comm.size} for i in range(args.points)]
+    done = comm.bcast(completed_points(args.out, "sweep") if comm.rank == 0 else None)
+    if args.dry_run:
+        for cfg in points:
+            if comm.rank == 0:
+                print("point", "done" if point_key(cfg) in done else "todo", point_key(cfg))
+        raise SystemExit(0)
+    attrs = {"command": "fake sweep", "world_size": comm.size}
+    w = ResultsWriter(args.out, "sweep", units={"total": "1"}, attrs=attrs) if comm.rank == 0 else None
+    for cfg in points:
+        if point_key(cfg) in done:
+            continue
+        total = comm.allreduce(cfg["size"])
+        time.sleep(args.sleep)
+        if comm.rank == 0:
+            w.append(cfg, {"total": total})
+            print("stored", cfg["i"], flush=True)
+        comm.Barrier()
+''')
+
+
+def _plan(tmp_path: Path, sleep: float = 0.5) -> Path:
+    driver = tmp_path / "fake_sweep.py"
+    driver.write_text(DRIVER)
+    plan = {"study": "resume-test", "drivers": [
+        {"name": "sweep", "script": str(driver), "out": "sweep.h5", "timeout_s": 240,
+         "args": {"--points": POINTS, "--sleep": sleep}, "quick_args": {"--points": 3, "--sleep": 0.0}}]}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    return path
+
+
+def _study(tmp_path: Path, *args: str) -> list[str]:
+    return [sys.executable, str(STUDY), "--np", "2", "--mpiexec", str(MPIEXEC), "--results",
+            str(tmp_path / "results"), "--config", str(_plan(tmp_path)), "--silent", *args]
+
+
+def _rows(path: Path) -> list[int]:
+    try:
+        with h5py.File(path, "r") as f:
+            return [int(i) for i in f["results/sweep/i"][()]]
+    except (OSError, KeyError):
+        return []
+
+
+def _study_dirs(tmp_path: Path) -> list[Path]:
+    return sorted((tmp_path / "results" / "resume-test").glob("*T*Z*"))
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _import_study():
+    sys.path.insert(0, str(STUDY.parent))
+    try:
+        import study
+    finally:
+        sys.path.pop(0)
+    return study
+
+
+def _kill_midway(cmd: list[str], tmp_path: Path, target: str, min_points: int = 2) -> tuple[Path, int]:
+    """Start the study, SIGTERM `target` ("study" or "mpiexec") once min_points are stored."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    folder = None
+    while time.time() < deadline:
+        dirs = _study_dirs(tmp_path)
+        folder = dirs[-1] if dirs else None
+        if folder and len(_rows(folder / "sweep.h5")) >= min_points:
+            break
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.1)
+    else:
+        proc.kill()
+        pytest.fail("the sweep never stored its first points")
+    if target == "study":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        (mpiexec,) = [p for p in _children(proc.pid) if "mpiexec" in Path(f"/proc/{p}/cmdline").read_text()]
+        os.kill(mpiexec, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert len(_rows(folder / "sweep.h5")) < POINTS, f"killed too late to test anything:\n{out}"
+    return folder, proc.returncode
+
+
+def _check_complete(folder: Path, analysed: bool) -> None:
+    rows = _rows(folder / "sweep.h5")
+    assert sorted(rows) == list(range(POINTS)), f"points lost or repeated: {rows}"
+    with h5py.File(folder / "sweep.h5", "r") as f:
+        keys = f["results/sweep/point_key"].asstr()[()].tolist()
+        totals = f["results/sweep/total"][()].tolist()
+        assert len(set(keys)) == len(keys) == POINTS
+        assert totals == [2 * 2 ** i for i in rows], "a point holds a wrong value"
+    manifest = json.loads((folder / "study.json").read_text())
+    assert manifest["drivers"]["sweep"]["status"] == "ok"
+    assert manifest["drivers"]["sweep"]["points"] == POINTS
+    assert (folder / "sweep.csv").exists() == analysed and (folder / "summary.csv").exists() == analysed
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("target", ["study", "mpiexec"])
+def test_sigterm_midway_then_resume_loses_and_repeats_nothing(tmp_path, target):
+    extra = ["--no-analysis"] if target == "mpiexec" else []  # the analysis is checked once
+    folder, rc = _kill_midway(_study(tmp_path, *extra), tmp_path, target)
+    manifest = json.loads((folder / "study.json").read_text())
+    expected = {"study": ("interrupted", 143), "mpiexec": ("failed", 1)}[target]
+    assert (manifest["drivers"]["sweep"]["status"], rc) == expected
+    before = _rows(folder / "sweep.h5")
+    res = subprocess.run(_study(tmp_path, "--resume", str(folder), *extra), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    _check_complete(folder, analysed=not extra)
+    assert _rows(folder / "sweep.h5")[: len(before)] == before, "resume rewrote stored points"
+    assert _study_dirs(tmp_path) == [folder], "resume must not create a new study folder"
+    assert manifest["drivers"]["sweep"]["runs"] == 1
+    assert json.loads((folder / "study.json").read_text())["drivers"]["sweep"]["runs"] == 2
+
+
+@pytest.mark.timeout(300)
+def test_new_run_new_folder_and_dry_run_lists_points(tmp_path):
+    res = subprocess.run(_study(tmp_path, "--quick"), capture_output=True, text=True, timeout=200)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Summary" in res.stdout
+    res = subprocess.run(_study(tmp_path, "--quick", "--no-analysis"), capture_output=True, text=True, timeout=200)
+    assert res.returncode == 0, res.stdout + res.stderr
+    first, second = _study_dirs(tmp_path)
+    assert sorted(_rows(first / "sweep.h5")) == sorted(_rows(second / "sweep.h5")) == [0, 1, 2]
+    res = subprocess.run(_study(tmp_path, "--dry-run"), capture_output=True, text=True, timeout=200)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("point todo") == POINTS
+    assert len(_study_dirs(tmp_path)) == 2, "--dry-run must not create a study folder"
+    res = subprocess.run(_study(tmp_path, "--dry-run", "--resume", str(first)), capture_output=True,
+                         text=True, timeout=200)
+    assert res.stdout.count("point done") == 3 and res.stdout.count("point todo") == 0, res.stdout
+
+
+def test_driver_without_resume_support_has_its_partial_file_moved_aside(tmp_path):
+    study = _import_study()
+    out = tmp_path / "x.h5"
+    out.write_bytes(b"partial")
+    entry: dict = {}
+    study.prepare_resume(out, "done = completed_points(args.out, 'sweep')", entry)
+    study.prepare_resume(out, "if writer.done(conf): continue", entry)
+    assert out.exists() and not entry, "a ResultsWriter driver resumes on its own file"
+    study.prepare_resume(out, "write_table(cfg.out, 'train', rows)", entry)
+    assert not out.exists() and len(entry["moved_aside"]) == 1
+    assert (tmp_path / entry["moved_aside"][0]).read_bytes() == b"partial"
+    assert not entry["moved_aside"][0].endswith(".h5"), "the analysis would load the partial file"
+
+
+def test_driver_flags_follow_the_drivers_help(tmp_path):
+    study = _import_study()
+    d = study.Driver("x", "experiments/x.py", "x.h5", {"--sizes": "4K,1M", "--quick": True, "--nope": 3})
+    argv, dropped = study.driver_argv(d, False, "usage: x.py [-h] [--out OUT] [--sizes S] [--quick]",
+                                      tmp_path / "x.h5", {})
+    assert argv == ["experiments/x.py", "--out", str(tmp_path / "x.h5"), "--sizes", "4K,1M", "--quick"]
+    assert dropped == ["--nope"]
