@@ -154,9 +154,7 @@ def reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algori
     counts = [s * inner for s in sizes]
     algo = tuning.choose("reduce_scatter", algorithm, x.numel() * x.element_size(), g.size)
     if algo == "ring":
-        shares = x.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
-        flat = x.reshape(-1).clone() if shares else x.reshape(-1)
-        mine = ring.reduce_scatter_(flat, g, counts, op)
+        mine = ring.reduce_scatter_into(x.reshape(-1), g, counts, op)
     else:
         mine = torch.empty(counts[g.rank], dtype=x.dtype, device=x.device)
         wait_all([g.comm.Ireduce_scatter(mpi_buffer(x), mpi_buffer(mine), counts, op=_mpi_op(op, x.dtype))])

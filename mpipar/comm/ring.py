@@ -51,6 +51,28 @@ def reduce_scatter_(flat: torch.Tensor, g, counts: list[int], op: str = "sum") -
     return chunk(r)
 
 
+def reduce_scatter_into(src: torch.Tensor, g, counts: list[int], op: str = "sum") -> torch.Tensor:
+    """Like reduce_scatter_ but leaves `src` untouched: only two chunk-sized buffers are
+    allocated (no full-size copy, whose fresh pages cost more than the ring itself).
+    Returns this rank's reduced chunk."""
+    n, r = g.size, g.rank
+    offs = offsets(counts)
+    chunk = lambda i: src.narrow(0, offs[i % n], counts[i % n])
+    if n == 1:
+        return chunk(0).clone()
+    incoming = torch.empty(max(counts), dtype=src.dtype, device=src.device)
+    acc = torch.empty(max(counts), dtype=src.dtype, device=src.device)
+    send = chunk(r - 1)
+    for k in range(n - 1):
+        i = (r - k - 2) % n
+        _exchange(g, send, incoming[: counts[i]])
+        partial = acc[: counts[i]]
+        partial.copy_(chunk(i))
+        _COMBINE[op](partial, incoming[: counts[i]])
+        send = partial
+    return send
+
+
 def all_gather_(flat: torch.Tensor, g, counts: list[int]) -> torch.Tensor:
     """In place: chunk g.rank of `flat` is this rank's part; fills the other chunks."""
     n, r = g.size, g.rank
