@@ -91,7 +91,7 @@ def parse_args() -> Config:
     if no_clip:
         cfg.max_grad_norm = None
     if quick:
-        cfg.batch, cfg.seq, cfg.hidden, cfg.layers, cfg.log_every, cfg.warmup = 8, 32, 32, 4, 1, 1
+        cfg.batch, cfg.seq, cfg.hidden, cfg.layers, cfg.log_every, cfg.warmup = 16, 32, 32, 4, 1, 1
         cfg.steps = 4 if cfg.steps == Config.steps else cfg.steps
     return cfg
 
