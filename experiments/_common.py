@@ -7,6 +7,7 @@ import os
 import socket
 import warnings
 
+import torch
 from mpi4py import MPI
 
 from mpipar.mesh import Group, as_group
@@ -33,6 +34,16 @@ def init_gloo(group, timeout_s: float = 300) -> None:
     dist.init_process_group("gloo", init_method="env://", rank=g.rank, world_size=g.size,
                             timeout=datetime.timedelta(seconds=timeout_s))
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+
+
+def setup_threads(world, threads: int) -> int:
+    """torch threads per rank: `threads`, or cores // ranks on this node when 0. Returns it."""
+    from mpipar import device
+
+    if not threads:
+        threads = device.set_threads(device.ranks_on_node(world)[1])
+    torch.set_num_threads(threads)
+    return threads
 
 
 def prefix_groups(world, sizes, name: str) -> dict:

@@ -35,7 +35,7 @@ from mpi4py import MPI  # noqa: E402
 from mpipar import device as mdevice  # noqa: E402
 from mpipar.comm.wait import wait_all  # noqa: E402
 from mpipar.errors import install_abort_on_exception  # noqa: E402
-from _common import init_gloo, prefix_groups, print_table  # noqa: E402
+from _common import init_gloo, prefix_groups, print_table, setup_threads  # noqa: E402
 from mpipar.mesh import Group  # noqa: E402
 from mpipar.sequence import ring_attention, ulysses_attention  # noqa: E402
 from mpipar.sequence.layout import num_chunks  # noqa: E402
@@ -272,9 +272,8 @@ def main() -> None:
     install_abort_on_exception()
     world = MPI.COMM_WORLD
     cfg = parse_args(world.size)
-    _, local_size = mdevice.ranks_on_node(world)
-    threads = cfg.threads or mdevice.set_threads(local_size)
-    torch.set_num_threads(threads)
+    threads = setup_threads(world, cfg.threads)
+    local_size = mdevice.ranks_on_node(world)[1]
     groups = prefix_groups(world, cfg.sp, "sp")
     tracer = Tracer(world)
     prov = provenance(world)

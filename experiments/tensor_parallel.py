@@ -35,10 +35,10 @@ from mpi4py import MPI  # noqa: E402
 
 import mpipar.comm  # noqa: E402
 import mpipar.comm.autograd as region_ops  # noqa: E402
-from mpipar import device as mdevice, models  # noqa: E402
+from mpipar import models  # noqa: E402
 from mpipar.comm.wait import wait_all  # noqa: E402
 from mpipar.errors import install_abort_on_exception  # noqa: E402
-from _common import init_gloo, prefix_groups, print_table  # noqa: E402
+from _common import init_gloo, prefix_groups, print_table, setup_threads  # noqa: E402
 from mpipar.mesh import Group, as_group  # noqa: E402
 from mpipar.models.serial import merge_heads, split_heads  # noqa: E402
 from mpipar.tensor import ParallelMLP, ParallelSelfAttention  # noqa: E402
@@ -281,9 +281,7 @@ def main() -> None:
     install_abort_on_exception()
     world = MPI.COMM_WORLD
     cfg = parse_args(world.size)
-    _, local_size = mdevice.ranks_on_node(world)
-    threads = cfg.threads or mdevice.set_threads(local_size)
-    torch.set_num_threads(threads)
+    threads = setup_threads(world, cfg.threads)
     groups = prefix_groups(world, cfg.tp, "tp")
     meshes = init_torch_distributed(world, cfg.tp) if "torch" in cfg.methods else {}
     tracer = Tracer(world)

@@ -45,6 +45,17 @@ class _ParallelLinear(nn.Module):
         require((b is not None) == bias, f"{self._what}: bias={bias} but the given bias is {b!r}")
         return w.detach(), (None if b is None else b.detach())
 
+    @classmethod
+    def from_serial(cls, linear: nn.Linear, group, **kwargs):
+        """Shard an existing nn.Linear (kwargs: the constructor's, e.g. gather_output or
+        input_is_parallel; a `seed` is ignored: the weights come from `linear`)."""
+        kwargs.pop("seed", None)
+        kwargs.setdefault("dtype", linear.weight.dtype)
+        kwargs.setdefault("device", linear.weight.device)
+        b = None if linear.bias is None else linear.bias.detach()
+        return cls(linear.in_features, linear.out_features, group, bias=linear.bias is not None,
+                   full_params=(linear.weight.detach(), b), **kwargs)
+
     def _param(self, t, dtype, device) -> nn.Parameter:
         dtype = dtype if dtype is not None else torch.get_default_dtype()
         return nn.Parameter(t.to(dtype=dtype, device=device).contiguous())
@@ -89,16 +100,6 @@ class ColumnParallelLinear(_ParallelLinear):
         self.out_local = out_features // g.size
         self.weight = self._param(shard(w, g, 0, stride), dtype, device)
         self.bias = None if b is None else self._param(shard(b, g, 0, stride), dtype, device)
-
-    @classmethod
-    def from_serial(cls, linear: nn.Linear, group, **kwargs) -> "ColumnParallelLinear":
-        """Shard an existing nn.Linear (kwargs: the constructor's, e.g. gather_output)."""
-        kwargs.pop("seed", None)
-        kwargs.setdefault("dtype", linear.weight.dtype)
-        kwargs.setdefault("device", linear.weight.device)
-        b = None if linear.bias is None else linear.bias.detach()
-        return cls(linear.in_features, linear.out_features, group, bias=linear.bias is not None,
-                   full_params=(linear.weight.detach(), b), **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x, self.in_features)
@@ -152,16 +153,6 @@ class RowParallelLinear(_ParallelLinear):
         self.input_is_parallel, self.sequence_parallel = input_is_parallel, sequence_parallel
         self.weight = self._param(shard(w, g, 1), dtype, device)
         self.bias = None if b is None else self._param(b.clone(), dtype, device)
-
-    @classmethod
-    def from_serial(cls, linear: nn.Linear, group, **kwargs) -> "RowParallelLinear":
-        """Shard an existing nn.Linear (kwargs: the constructor's, e.g. input_is_parallel)."""
-        kwargs.pop("seed", None)
-        kwargs.setdefault("dtype", linear.weight.dtype)
-        kwargs.setdefault("device", linear.weight.device)
-        b = None if linear.bias is None else linear.bias.detach()
-        return cls(linear.in_features, linear.out_features, group, bias=linear.bias is not None,
-                   full_params=(linear.weight.detach(), b), **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expected = self.in_local if self.input_is_parallel else self.in_features
