@@ -1,18 +1,21 @@
 """How algorithm="auto" picks between the MPI library's collective and the ring.
 
-Crossovers are message sizes in bytes above which the ring wins, measured
-with experiments/collectives.py on the development machine (MPICH 5.0.2,
-2 ranks on one node): MPICH's all-reduce loses to the ring above ~256 KiB.
-Override with MPIPAR_CROSSOVER_<OP>=bytes (e.g. MPIPAR_CROSSOVER_ALL_REDUCE).
+Crossovers are message sizes in bytes from which the ring wins, measured
+with experiments/collectives.py on the development machine (MPICH 5.0.2 wheel,
+2 ranks on one node, quiet machine, 2026-11-24): the ring never beat MPICH's
+all-reduce or all-gather between 4 KiB and 256 MiB (busbw at 1 MiB: mpi 6.4,
+ring 4.8 GB/s), and beat its reduce-scatter from 2 MiB on. Override with
+MPIPAR_CROSSOVER_<OP>=bytes (e.g. MPIPAR_CROSSOVER_ALL_REDUCE=262144).
 """
 from __future__ import annotations
 
 import os
 
+NEVER = 1 << 62
 CROSSOVER_BYTES = {
-    "all_reduce": 256 * 1024,
-    "all_gather": 256 * 1024,
-    "reduce_scatter": 256 * 1024,
+    "all_reduce": NEVER,
+    "all_gather": NEVER,
+    "reduce_scatter": 2 * 1024 * 1024,
 }
 
 
