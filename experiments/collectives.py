@@ -97,6 +97,8 @@ def parse_sizes(text: str) -> list[int]:
 
 
 def human(n: int) -> str:
+    if n >= C.tuning.NEVER:
+        return "never"
     for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= scale and n % scale == 0:
             return f"{n // scale} {unit}"
