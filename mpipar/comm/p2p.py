@@ -11,8 +11,8 @@ import torch
 
 from ..errors import MpiparError
 from ..mesh import as_group
-from .buffers import mpi_buffer, needs_staging, STAGING
-from .wait import wait_all
+from .buffers import mpi_buffer, needs_staging
+from .wait import wait_all, wait_status
 
 MAX_USER_TAG = 32767  # the MPI standard guarantees at least this
 
@@ -109,32 +109,12 @@ class _RecvRequest(Request):
 
         if not self.done:
             try:
-                if self._staged is None and not _polite():
-                    self._req.Wait(self._status)
-                else:
-                    _polite_wait_status(self._req, self._status)
+                wait_status(self._req, self._status)
             except MPI.Exception as exc:
                 raise MpiparError(f"recv failed: {exc.Get_error_string()} (message larger than the buffer?)") from None
             self.done = True
             self._finish()
         return self._tensor
-
-
-def _polite() -> bool:
-    from ..device import node_is_oversubscribed
-
-    return node_is_oversubscribed()
-
-
-def _polite_wait_status(req, status) -> None:
-    import time
-
-    spins, sleep = 0, 1e-6
-    while not req.Test(status):
-        spins += 1
-        if spins > 50:
-            time.sleep(sleep)
-            sleep = min(sleep * 2, 2e-4)
 
 
 def send(t: torch.Tensor, dst: int, group, tag: int = 0) -> None:

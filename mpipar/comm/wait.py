@@ -31,13 +31,26 @@ def wait_all(requests) -> None:
     if not node_is_oversubscribed():
         MPI.Request.Waitall(reqs)
         return
-    spins, sleep = 0, 1e-6
-    while not MPI.Request.Testall(reqs):
-        spins += 1
-        if spins > _SPIN_TESTS:
-            time.sleep(sleep)
-            sleep = min(sleep * 2, _MAX_SLEEP)
+    _poll(lambda: MPI.Request.Testall(reqs))
 
 
 def wait(request) -> None:
     wait_all([request])
+
+
+def wait_status(request, status) -> None:
+    """Complete one mpi4py request, filling `status` (MPI's Wait, or polite polling)."""
+    if not node_is_oversubscribed():
+        request.Wait(status)
+        return
+    _poll(lambda: request.Test(status))
+
+
+def _poll(done) -> None:
+    """Call done() until it is true: spin a little, then sleep with exponential back-off."""
+    spins, sleep = 0, 1e-6
+    while not done():
+        spins += 1
+        if spins > _SPIN_TESTS:
+            time.sleep(sleep)
+            sleep = min(sleep * 2, _MAX_SLEEP)
