@@ -103,3 +103,49 @@ def checks(world):
     yield c
     if not c.finished:
         c.finish()
+
+
+def full_attention_inputs(batch, heads, seq, dim, dtype, seed=0):
+    """q, k, v, dout on the full sequence, identical on every rank."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, seq, dim, generator=g, dtype=torch.float64).to(dtype) for _ in range(4)]
+
+
+def attention_vs_sdpa(fn, comm, causal, layout, dtype, batch=2, heads=3, local=8, dim=8, atol=1e-10,
+                      ref_dtype=None, seed=0):
+    """Max abs error of fn's out, dq, dk, dv (this rank's part) vs SDPA on the full sequence.
+
+    fn is a sequence-parallel attention (ring_attention, ulysses_attention) called as
+    fn(q, k, v, comm, causal=..., layout=...) on this rank's shard of each tensor.
+    """
+    import torch.nn.functional as F
+
+    from mpipar.sequence import shard_sequence
+
+    q, k, v, dout = full_attention_inputs(batch, heads, local * comm.Get_size(), dim, dtype, seed)
+    ref_dtype = ref_dtype or dtype
+    full = [t.to(ref_dtype).requires_grad_() for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*full, is_causal=causal)
+    ref_grads = torch.autograd.grad(ref, full, dout.to(ref_dtype))
+    mine = [shard_sequence(t, comm, layout=layout).requires_grad_() for t in (q, k, v)]
+    out = fn(*mine, comm, causal=causal, layout=layout)
+    assert out.shape == mine[0].shape and out.dtype == dtype
+    grads = torch.autograd.grad(out, mine, shard_sequence(dout, comm, layout=layout))
+    errs = [(a.to(ref_dtype) - shard_sequence(b, comm, layout=layout)).abs().max().item()
+            for a, b in zip([out, *grads], [ref.detach(), *ref_grads])]
+    if atol is not None:
+        assert max(errs) <= atol, f"errors out/dq/dk/dv {errs}"
+    return errs
+
+
+def np_reduce(tensors, op):
+    """Elementwise op over ranks in float64/int64 numpy, rounded once to the dtype (int sums wrap)."""
+    import numpy as np
+
+    dtype = tensors[0].dtype
+    stack = torch.stack([t.double() if dtype.is_floating_point else t.long() for t in tensors]).numpy()
+    if dtype is torch.bool:
+        out = {"sum": np.any, "max": np.any, "min": np.all}[op](stack, axis=0)
+    else:
+        out = {"sum": np.sum, "max": np.max, "min": np.min}[op](stack, axis=0)
+    return torch.from_numpy(np.asarray(out)).to(dtype)

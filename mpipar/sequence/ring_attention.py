@@ -106,6 +106,17 @@ def _fold(acc, out_b, lse_b, blk, c: int, length: int):
     return acc
 
 
+def _pass_kv(ring, kv, slots, step: int, tag_k: int, tag_v: int):
+    """Post the receive of the next K/V block (into ping-pong slot step % 2) and the send of
+    the block in hand, before any compute on it. Returns (next block, requests)."""
+    slot = step % 2
+    if slots[slot] is None:
+        slots[slot] = (torch.empty_like(kv[0]), torch.empty_like(kv[1]))
+    nxt = slots[slot]
+    reqs = [ring.recv(nxt[0], tag_k), ring.recv(nxt[1], tag_v), ring.send(kv[0], tag_k), ring.send(kv[1], tag_v)]
+    return nxt, reqs
+
+
 def _ring_forward(q, k, v, g, causal, layout, scale, profile):
     """(out in q.dtype, lse) of this rank's queries against the whole sequence."""
     n, rank, length = g.size, g.rank, q.shape[2]
@@ -118,12 +129,7 @@ def _ring_forward(q, k, v, g, causal, layout, scale, profile):
         t0 = time.perf_counter()
         reqs, nxt = [], None
         if s < n - 1:
-            slot = s % 2
-            if slots[slot] is None:
-                slots[slot] = (torch.empty_like(kv[0]), torch.empty_like(kv[1]))
-            nxt = slots[slot]
-            reqs = [ring.recv(nxt[0], TAG_FWD_K), ring.recv(nxt[1], TAG_FWD_V),
-                    ring.send(kv[0], TAG_FWD_K), ring.send(kv[1], TAG_FWD_V)]
+            nxt, reqs = _pass_kv(ring, kv, slots, s, TAG_FWD_K, TAG_FWD_V)
         t1 = time.perf_counter()
         for blk in step_plan(rank, s, n, layout, causal):
             out_b, lse_b = kernels.block_forward(q[:, :, _rows(blk, c)], kv[0][:, :, _cols(blk, c)],
@@ -168,12 +174,7 @@ def _ring_backward(dout, q, k, v, out, lse, g, causal, layout, scale, profile):
         t0 = time.perf_counter()
         reqs, nxt, inc, inc_req = [], None, None, None
         if s < n - 1:
-            slot = s % 2
-            if slots[slot] is None:
-                slots[slot] = (torch.empty_like(kv[0]), torch.empty_like(kv[1]))
-            nxt = slots[slot]
-            reqs = [ring.recv(nxt[0], TAG_BWD_K), ring.recv(nxt[1], TAG_BWD_V),
-                    ring.send(kv[0], TAG_BWD_K), ring.send(kv[1], TAG_BWD_V)]
+            nxt, reqs = _pass_kv(ring, kv, slots, s, TAG_BWD_K, TAG_BWD_V)
         if s > 0:  # the dK/dV accumulated so far for the block in hand
             inc = torch.empty(dkv_shape, dtype=dt, device=q.device)
             inc_req = ring.recv(inc, TAG_BWD_DKV)

@@ -8,10 +8,9 @@ reference (exactly, on data whose sums are exact), and be identical on every ran
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from conftest import rank_tensor, same_on_all_ranks
+from conftest import np_reduce, rank_tensor, same_on_all_ranks
 
 from mpipar import MpiparError, comm
 from mpipar.comm import symmetric
@@ -22,17 +21,6 @@ pytestmark = pytest.mark.mpi
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16,
           torch.int32, torch.int64, torch.int8, torch.uint8, torch.bool]
 OPS = ["sum", "max", "min"]
-
-
-def np_reduce(tensors, op):
-    """Elementwise op over ranks in float64/int64 numpy, rounded once to the dtype (int sums wrap)."""
-    dtype = tensors[0].dtype
-    stack = torch.stack([t.double() if dtype.is_floating_point else t.long() for t in tensors]).numpy()
-    if dtype is torch.bool:
-        out = {"sum": np.any, "max": np.any, "min": np.all}[op](stack, axis=0)
-    else:
-        out = {"sum": np.sum, "max": np.max, "min": np.min}[op](stack, axis=0)
-    return torch.from_numpy(np.asarray(out)).to(dtype)
 
 
 def _group(ranks_per_node):

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
+from conftest import attention_vs_sdpa, full_attention_inputs as full_inputs
+
 from mpipar.errors import MpiparError
 from mpipar.sequence import gather_sequence, ring_attention, shard_sequence
 
@@ -14,29 +16,9 @@ COMM = MPI.COMM_WORLD
 N = COMM.Get_size()
 
 
-def full_inputs(batch, heads, seq, dim, dtype, seed=0):
-    """q, k, v, dout on the full sequence, identical on every rank."""
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(batch, heads, seq, dim, generator=g, dtype=torch.float64).to(dtype) for _ in range(4)]
-
-
-def compare(fn, causal, layout, dtype, batch=2, heads=3, local=8, dim=8, atol=1e-10, ref_dtype=None):
-    """Max abs error of fn's out, dq, dk, dv (this rank's part) vs SDPA on the full sequence."""
-    seq = local * N
-    q, k, v, dout = full_inputs(batch, heads, seq, dim, dtype)
-    ref_dtype = ref_dtype or dtype
-    full = [t.to(ref_dtype).requires_grad_() for t in (q, k, v)]
-    ref = F.scaled_dot_product_attention(*full, is_causal=causal)
-    ref_grads = torch.autograd.grad(ref, full, dout.to(ref_dtype))
-    mine = [shard_sequence(t, COMM, layout=layout).requires_grad_() for t in (q, k, v)]
-    out = fn(*mine, COMM, causal=causal, layout=layout)
-    assert out.shape == mine[0].shape and out.dtype == dtype
-    grads = torch.autograd.grad(out, mine, shard_sequence(dout, COMM, layout=layout))
-    errs = [(a.to(ref_dtype) - shard_sequence(b, COMM, layout=layout)).abs().max().item()
-            for a, b in zip([out, *grads], [ref.detach(), *ref_grads])]
-    if atol is not None:
-        assert max(errs) <= atol, f"errors out/dq/dk/dv {errs}"
-    return errs
+def compare(fn, causal, layout, dtype, **kw):
+    """Max abs error of fn's out, dq, dk, dv vs SDPA on the full sequence (conftest helper)."""
+    return attention_vs_sdpa(fn, COMM, causal, layout, dtype, **kw)
 
 
 CASES = list(itertools.product([True, False], ["zigzag", "contiguous"]))

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import torch
-from conftest import rank_tensor, same_on_all_ranks
+from conftest import np_reduce, rank_tensor, same_on_all_ranks
 
 from mpipar import MpiparError, comm
 from mpipar.comm import symmetric, tuning
@@ -82,17 +81,6 @@ def sym(g, src: torch.Tensor) -> torch.Tensor:
     t = comm.symmetric_empty(src.shape, src.dtype, g)
     t.copy_(src)
     return t
-
-
-def np_reduce(tensors, op):
-    """Elementwise op over ranks in float64/int64 numpy, rounded once to the dtype (int sums wrap)."""
-    dtype = tensors[0].dtype
-    stack = torch.stack([t.double() if dtype.is_floating_point else t.long() for t in tensors]).numpy()
-    if dtype is torch.bool:
-        out = {"sum": np.any, "max": np.any, "min": np.all}[op](stack, axis=0)
-    else:
-        out = {"sum": np.sum, "max": np.max, "min": np.min}[op](stack, axis=0)
-    return torch.from_numpy(np.asarray(out)).to(dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -3,12 +3,13 @@ import itertools
 
 import pytest
 import torch
-import torch.nn.functional as F
 from mpi4py import MPI
+
+from conftest import attention_vs_sdpa
 
 from mpipar.errors import MpiparError
 from mpipar.mesh import as_group
-from mpipar.sequence import shard_sequence, ulysses_attention
+from mpipar.sequence import ulysses_attention
 from mpipar.sequence.ulysses import heads_to_seq, seq_to_heads
 
 pytestmark = pytest.mark.mpi
@@ -17,24 +18,9 @@ N = COMM.Get_size()
 HEADS = 12  # divisible by 1, 2, 3 and 4
 
 
-def compare(fn, causal, layout, dtype, batch=2, heads=HEADS, local=8, dim=8, atol=1e-10, ref_dtype=None):
-    """Max abs error of fn's out, dq, dk, dv (this rank's part) vs SDPA on the full sequence."""
-    g = torch.Generator().manual_seed(1)
-    q, k, v, dout = [torch.randn(batch, heads, local * N, dim, generator=g, dtype=torch.float64).to(dtype)
-                     for _ in range(4)]
-    ref_dtype = ref_dtype or dtype
-    full = [t.to(ref_dtype).requires_grad_() for t in (q, k, v)]
-    ref = F.scaled_dot_product_attention(*full, is_causal=causal)
-    ref_grads = torch.autograd.grad(ref, full, dout.to(ref_dtype))
-    mine = [shard_sequence(t, COMM, layout=layout).requires_grad_() for t in (q, k, v)]
-    out = fn(*mine, COMM, causal=causal, layout=layout)
-    assert out.shape == mine[0].shape and out.dtype == dtype
-    grads = torch.autograd.grad(out, mine, shard_sequence(dout, COMM, layout=layout))
-    errs = [(a.to(ref_dtype) - shard_sequence(b, COMM, layout=layout)).abs().max().item()
-            for a, b in zip([out, *grads], [ref.detach(), *ref_grads])]
-    if atol is not None:
-        assert max(errs) <= atol, f"errors out/dq/dk/dv {errs}"
-    return errs
+def compare(fn, causal, layout, dtype, heads=HEADS, **kw):
+    """Max abs error of fn's out, dq, dk, dv vs SDPA on the full sequence (conftest helper)."""
+    return attention_vs_sdpa(fn, COMM, causal, layout, dtype, heads=heads, seed=1, **kw)
 
 
 def _raises_everywhere(fn):
