@@ -5,8 +5,9 @@ into an input tensor and a `run()` returning the output: mpipar's
 collectives ("mpi", "ring", "auto", "shm"; "auto_sym" = auto on a symmetric
 tensor; "hier" = the hierarchical all-reduce on fake nodes), raw mpi4py on
 numpy views ("mpi4py"), torch.distributed over gloo ("gloo"), a local copy
-("memcpy") and an in-place pass np.add(buf, 0, out=buf) ("inplace"). `measure` checks the result once
-against the exact expected output, then times the calls.
+("memcpy") and an in-place pass np.add(buf, 0, out=buf) ("inplace"). `measure_size` checks
+each implementation once against the exact expected output, then times them side by side
+in interleaved rounds.
 """
 from __future__ import annotations
 
@@ -118,10 +119,15 @@ def hier_group(g):
     return hg
 
 
-def build(point: dict, g, count: int):
+def build(point: dict, g, count: int, plain=None):
+    """(input tensor, run) for one point; `plain` (a regular tensor of the right shape) is
+    shared by the implementations that take one, so a size's impls fit in memory together."""
     op, impl, dtype, n = point["op"], point["impl"], DTYPES[point["dtype"]], g.size
     shape = (count // n,) if op == "all_gather" else (count,)
-    inp = C.symmetric_empty(shape, dtype, g) if impl == "auto_sym" else torch.empty(shape, dtype=dtype)
+    if impl == "auto_sym":
+        inp = C.symmetric_empty(shape, dtype, g)
+    else:
+        inp = plain if plain is not None else torch.empty(shape, dtype=dtype)
     if impl == "memcpy":
         out = torch.empty_like(inp)
         return inp, lambda: out.copy_(inp)
@@ -139,28 +145,62 @@ def build(point: dict, g, count: int):
     return inp, bench_mpipar(op, "auto" if impl == "auto_sym" else impl, g, inp)
 
 
-def measure(point: dict, g) -> dict:
-    """Check once, then time `iters` calls after `warmup`; collective over g."""
-    op, n = point["op"], g.size
-    dtype = DTYPES[point["dtype"]]
-    count = element_count(op, point["nbytes"], dtype.itemsize, n)
-    inp, run = build(point, g, count)
-    given, expected = check_case(op, g.rank, n, count, dtype)
+def iterations(point: dict) -> int:
+    """Timed calls per round: --iters, and proportionally more below 1 MiB (up to 50x), so
+    latency-bound blocks last long enough to time (a 4 KiB call takes ~5-10 us)."""
+    iters = point["iters"]
+    return max(iters, min(50 * iters, (iters << 20) // max(point["nbytes"], 1)))
+
+
+def prepare(point: dict, g, plain_for: dict):
+    """Build one point's run() and check it once against the exact expected output.
+    Returns (run, #wrong on this rank); the input is zeroed afterwards (timing on zeros
+    keeps in-place reductions finite)."""
+    op, dtype = point["op"], DTYPES[point["dtype"]]
+    count = element_count(op, point["nbytes"], dtype.itemsize, g.size)
+    shape = (count // g.size,) if op == "all_gather" else (count,)
+    plain = plain_for.setdefault(shape, torch.empty(shape, dtype=dtype))
+    inp, run = build(point, g, count, plain)
+    given, expected = check_case(op, g.rank, g.size, count, dtype)
     inp.copy_(given)
     wrong = int((run() != expected).sum())
     inp.zero_()
     for _ in range(point["warmup"]):
         run()
+    return run, wrong
+
+
+def time_block(run, iters: int, g) -> np.ndarray:
+    """Each rank's mean seconds per call over `iters` calls, started together."""
     g.comm.Barrier()
     start = time.perf_counter()
-    for _ in range(point["iters"]):
+    for _ in range(iters):
         run()
-    times = np.array(g.comm.allgather((time.perf_counter() - start) / point["iters"]))
+    return np.array(g.comm.allgather((time.perf_counter() - start) / iters))
+
+
+def measure_size(points: list[dict], g, rounds: int) -> list[dict]:
+    """Time the implementations of one (op, size) side by side: `rounds` rounds, each timing
+    every implementation in turn, so a slow phase of the machine hits all of them alike.
+    time_s is the best round's mean over ranks (time_min_s/time_max_s: that round's ranks),
+    time_median_s the median over rounds."""
+    plain_for: dict = {}
+    runs = [prepare(p, g, plain_for) for p in points]
+    blocks = [[] for _ in points]
+    for _ in range(rounds):
+        for i, (p, (run, _)) in enumerate(zip(points, runs)):
+            blocks[i].append(time_block(run, iterations(p), g))
+    return [metrics(p, g, b, wrong) for p, b, (_, wrong) in zip(points, blocks, runs)]
+
+
+def metrics(point: dict, g, blocks: list, wrong: int) -> dict:
+    op, dtype = point["op"], DTYPES[point["dtype"]]
+    count = element_count(op, point["nbytes"], dtype.itemsize, g.size)
+    best = min(blocks, key=lambda b: b.mean())
     nbytes = count * dtype.itemsize
-    algbw = nbytes / times.mean() / 1e9
-    factor = 1.0 if op in ("memcpy", "inplace") else C.bus_factor(op, n)
-    return {"count": count, "bytes": nbytes, "time_s": float(times.mean()), "time_min_s": float(times.min()),
-            "time_max_s": float(times.max()), "algbw_GBps": algbw, "busbw_GBps": algbw * factor,
-            "wrong": int(g.comm.allreduce(wrong))}
-
-
+    algbw = nbytes / best.mean() / 1e9
+    factor = 1.0 if op in ("memcpy", "inplace") else C.bus_factor(op, g.size)
+    return {"count": count, "bytes": nbytes, "time_s": float(best.mean()), "time_min_s": float(best.min()),
+            "time_max_s": float(best.max()), "time_median_s": float(np.median([b.mean() for b in blocks])),
+            "iters_per_round": iterations(point), "algbw_GBps": algbw,
+            "busbw_GBps": algbw * factor, "wrong": int(g.comm.allreduce(wrong))}

@@ -3,10 +3,15 @@
 
     mpiexec -n 2 python experiments/collectives.py [--quick] [--sizes 4K:256M[:factor] | 4K,1M,..]
         [--ops all_reduce,all_gather,reduce_scatter,broadcast,all_to_all] [--dtype float32]
-        [--impls mpi,ring,auto,mpi4py,gloo,memcpy] [--iters 20] [--warmup 5] [--out F.h5] [--dry-run]
+        [--impls mpi,ring,auto,mpi4py,gloo,memcpy] [--iters 20] [--warmup 5] [--rounds 5]
+        [--out F.h5] [--dry-run]
 
-Per op, size and implementation: time per call (min/avg/max over ranks of each
-rank's mean over --iters calls), algbw = bytes / avg time, busbw = algbw x
+Per op and size, every implementation is timed side by side in --rounds interleaved
+rounds (round k times each implementation in turn for --iters calls; sizes under
+1 MiB take proportionally more calls, up to 50x), so a slow phase of a shared
+machine hits all of them alike. Per implementation: time per call of the best round
+(avg over ranks, and min/max over ranks of each rank's mean), the median over rounds,
+algbw = bytes / avg time, busbw = algbw x
 nccl-tests' bus factor (mpipar.comm.bus_factor), and #wrong (elements that
 differ from the exact expected result, summed over ranks; inputs are small
 integers so every dtype is exact). "size" is nccl-tests' size: the full
@@ -46,7 +51,7 @@ import mpipar  # noqa: E402
 from mpipar import comm as C  # noqa: E402
 from mpipar import trace  # noqa: E402
 from mpipar.errors import MpiparError, install_abort_on_exception, require  # noqa: E402
-from _collectives_impl import ALGO_OPS, DTYPES, element_count, measure  # noqa: E402
+from _collectives_impl import ALGO_OPS, DTYPES, element_count, measure_size  # noqa: E402
 from _common import init_gloo  # noqa: E402
 
 TABLE = "collectives"
@@ -56,7 +61,7 @@ DEFAULT_IMPLS = ("mpi", "ring", "auto", "auto_sym", "mpi4py", "gloo", "memcpy", 
 LOCAL = ("memcpy", "inplace")  # one-rank memory passes, run on every rank at once: the limits
 NUMPY_REDUCIBLE = ("float32", "float64", "int32", "int64")
 UNITS = {"nbytes": "B", "bytes": "B", "count": "elements", "time_s": "s", "time_min_s": "s",
-         "time_max_s": "s", "algbw_GBps": "GB/s", "busbw_GBps": "GB/s", "memcpy_GBps": "GB/s", "wrong": "elements"}
+         "time_max_s": "s", "time_median_s": "s", "algbw_GBps": "GB/s", "busbw_GBps": "GB/s", "memcpy_GBps": "GB/s", "wrong": "elements"}
 FIT_UNITS = {"alpha_s": "s", "beta_s_per_byte": "s/B", "bandwidth_GBps": "GB/s", "crossover_bytes": "B"}
 
 
@@ -68,6 +73,7 @@ class Config:
     dtype: str = "float32"
     iters: int = 20
     warmup: int = 5
+    rounds: int = 5
     out: str = ""
     dry_run: bool = False
 
@@ -113,7 +119,8 @@ def parse_args(argv=None) -> Config:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--iters", type=int, default=None, help="timed calls per point (default 20; quick 5)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 5; quick 1)")
-    p.add_argument("--quick", action="store_true", help="4K:1M:4, 5 iters, 1 warmup (a smoke test)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5; quick 2)")
+    p.add_argument("--quick", action="store_true", help="4K:1M:4, 5 iters, 1 warmup, 2 rounds (a smoke test)")
     p.add_argument("--out", default=None, help="HDF5 file (default results/collectives/<UTC stamp>.h5)")
     p.add_argument("--dry-run", action="store_true", help="list the points (done or to do) and exit")
     a = p.parse_args(argv)
@@ -121,11 +128,11 @@ def parse_args(argv=None) -> Config:
                  ops=[o for o in a.ops.split(",") if o], impls=[i for i in a.impls.split(",") if i],
                  dtype=a.dtype, iters=a.iters or (5 if a.quick else 20),
                  warmup=a.warmup if a.warmup is not None else (1 if a.quick else 5),
-                 out=a.out or "", dry_run=a.dry_run)
+                 rounds=a.rounds or (2 if a.quick else 5), out=a.out or "", dry_run=a.dry_run)
     require(not set(cfg.ops) - set(OPS), f"collectives: unknown ops {sorted(set(cfg.ops) - set(OPS))}")
     require(not set(cfg.impls) - set(IMPLS), f"collectives: unknown impls {sorted(set(cfg.impls) - set(IMPLS))}")
-    require(cfg.sizes and min(cfg.sizes) > 0 and cfg.iters > 0 and cfg.warmup >= 0,
-            "collectives: need sizes > 0, iters > 0, warmup >= 0")
+    require(cfg.sizes and min(cfg.sizes) > 0 and cfg.iters > 0 and cfg.warmup >= 0 and cfg.rounds > 0,
+            "collectives: need sizes > 0, iters > 0, warmup >= 0, rounds > 0")
     return cfg
 
 
@@ -152,7 +159,7 @@ def plan(cfg: Config, n: int) -> list[dict]:
     itemsize = DTYPES[cfg.dtype].itemsize
     ops = [*(o for o in LOCAL if o in cfg.impls), *cfg.ops]  # memcpy, inplace first: the limits of each row
     return [{"op": op, "impl": impl, "nbytes": size, "dtype": cfg.dtype, "world_size": n,
-             "iters": cfg.iters, "warmup": cfg.warmup}
+             "iters": cfg.iters, "warmup": cfg.warmup, "rounds": cfg.rounds}
             for op in ops for size in cfg.sizes for impl in cfg.impls
             if applicable(op, impl, cfg.dtype) and element_count(op, size, itemsize, n) > 0]
 
@@ -250,6 +257,14 @@ def shm_verdicts(rows: list[dict]) -> list[str]:
     return out
 
 
+def by_size(points: list[dict]) -> list[list[dict]]:
+    """The points grouped by (op, size), in plan order: each group is timed side by side."""
+    groups: dict = {}
+    for p in points:
+        groups.setdefault((p["op"], p["nbytes"]), []).append(p)
+    return list(groups.values())
+
+
 def stored(path) -> tuple[set, dict]:
     """(keys of the points already in the file, memcpy rate per size of those points)."""
     if not os.path.exists(path):
@@ -287,17 +302,20 @@ def main(argv=None) -> int:
         if g.rank == 0 else None
     from tqdm import tqdm
 
-    bar = tqdm(todo, desc="collectives", unit="pt", disable=g.rank != 0, file=sys.stderr,
+    bar = tqdm(total=len(todo), desc="collectives", unit="pt", disable=g.rank != 0, file=sys.stderr,
                mininterval=0.5 if sys.stderr.isatty() else 5.0)
-    for p in bar:
-        bar.set_postfix_str(f"{p['op']} {p['impl']} {human(p['nbytes'])}", refresh=False)
-        with tracer.span("point", op=p["op"], impl=p["impl"], nbytes=p["nbytes"]):
-            metrics = measure(p, g)
-        if p["op"] == "memcpy":
-            limit[p["nbytes"]] = metrics["busbw_GBps"]
-        metrics["memcpy_GBps"] = limit.get(p["nbytes"], float("nan"))
-        if writer is not None:
-            writer.append(p, metrics)
+    for group in by_size(todo):
+        op, size = group[0]["op"], group[0]["nbytes"]
+        bar.set_postfix_str(f"{op} {human(size)} x{len(group)}", refresh=False)
+        with tracer.span("size", op=op, nbytes=size, impls=",".join(p["impl"] for p in group)):
+            measured = measure_size(group, g, cfg.rounds)
+        for p, metrics in zip(group, measured):
+            if p["op"] == "memcpy":
+                limit[p["nbytes"]] = metrics["busbw_GBps"]
+            metrics["memcpy_GBps"] = limit.get(p["nbytes"], float("nan"))
+            if writer is not None:
+                writer.append(p, metrics)  # flushed per size: a killed sweep keeps what finished
+        bar.update(len(group))
     bar.close()
     tracer.save(cfg.out, attrs={"driver": "experiments/collectives.py"})
     if g.rank == 0:

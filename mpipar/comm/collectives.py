@@ -18,9 +18,9 @@ import torch
 
 from ..errors import MpiparError
 from ..mesh import as_group
-from . import ring, shm, tuning
+from . import inline, ring, shm, tuning
 from .buffers import address_buffer, flat_chunks, host_contiguous, mpi_buffer, needs_staging, offsets, reduce_dtype
-from .validate import BAD_DIM, agree, norm_dim, signature
+from .validate import BAD_DIM, agree, norm_dim, signature, validation_enabled
 from .wait import wait_all
 
 
@@ -68,7 +68,11 @@ def all_reduce(t: torch.Tensor, group, op: str = "sum", algorithm: str = "auto",
     """In place: every rank's `t` becomes the elementwise op over the group. Returns `t`."""
     g = as_group(group)
     if validate:
-        _agree("all_reduce", g, t, op=op, algorithm=algorithm)
+        if g.size > 1 and validation_enabled():  # one Allgather: agreement, and small data too
+            if inline.agree_all_reduce(t, g, op, algorithm):
+                return t
+        else:
+            _agree("all_reduce", g, t, op=op, algorithm=algorithm)
     op = _bool_op(op, t.dtype)
     if g.size == 1:
         return t

@@ -11,6 +11,18 @@ from __future__ import annotations
 
 import os
 
+_RAW_ENVIRON = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def env(name: str) -> str | None:
+    """os.environ.get(name), read on the per-call path without os.environ's key encoding
+    (0.1 instead of 0.8 us: small collectives read several settings per call)."""
+    if _RAW_ENVIRON is not None:
+        v = _RAW_ENVIRON.get(name.encode())
+        return None if v is None else v.decode()
+    return os.environ.get(name)
+
+
 NEVER = 1 << 62
 CROSSOVER_BYTES = {
     "all_reduce": NEVER,
@@ -20,8 +32,8 @@ CROSSOVER_BYTES = {
 
 
 def crossover(op: str) -> int:
-    env = os.environ.get(f"MPIPAR_CROSSOVER_{op.upper()}")
-    return int(env) if env else CROSSOVER_BYTES[op]
+    value = env(f"MPIPAR_CROSSOVER_{op.upper()}")
+    return int(value) if value else CROSSOVER_BYTES[op]
 
 
 def choose(op: str, algorithm: str, nbytes: int, group_size: int) -> str:
@@ -51,14 +63,14 @@ SHM_POOLED_OUTPUT_BYTES = 16 << 20
 
 
 def shm_pooled_output_bytes() -> int:
-    env = os.environ.get("MPIPAR_SHM_POOLED_OUTPUT_BYTES")
-    return int(env) if env else SHM_POOLED_OUTPUT_BYTES
+    value = env("MPIPAR_SHM_POOLED_OUTPUT_BYTES")
+    return int(value) if value else SHM_POOLED_OUTPUT_BYTES
 
 
 def shm_pays(op: str, nbytes: int) -> bool:
     """Is a symmetric tensor of `nbytes` worth the shared-memory path under "auto"?"""
-    env = os.environ.get(f"MPIPAR_SHM_CROSSOVER_{op.upper()}")
-    return nbytes >= (int(env) if env else SHM_CROSSOVER_BYTES[op])
+    value = env(f"MPIPAR_SHM_CROSSOVER_{op.upper()}")
+    return nbytes >= (int(value) if value else SHM_CROSSOVER_BYTES[op])
 
 
 def choose_shared(op: str, algorithm: str, symmetric: bool, one_node: bool) -> str | None:

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..errors import MpiparError
 from .buffers import DTYPE_CODES
+from .tuning import env
 
 OPS = ("sum", "max", "min")
 ALGORITHMS = ("auto", "mpi", "ring", "shm", "hier")
@@ -108,7 +109,7 @@ def _mpi():
 def validation_enabled() -> bool:
     """MPIPAR_VALIDATE=0 skips the cross-rank agreement of arguments (one tiny collective
     per call). Local checks still run; a mismatch across ranks may then hang."""
-    return os.environ.get("MPIPAR_VALIDATE", "1") != "0"
+    return env("MPIPAR_VALIDATE") != "0"
 
 
 def exchange(g, sig: np.ndarray) -> np.ndarray:

@@ -50,8 +50,11 @@ def np_reduce(tensors, op):
     return torch.from_numpy(np.asarray(out)).to(dtype)
 
 
-# (shape, transpose): 1-d, non-contiguous 2-d, 3-d, empty, 0-d
-REDUCE_CASES = [((7,), False), ((3, 5), True), ((2, 3, 4), False), ((0,), False), ((), False)]
+# (shape, transpose): 1-d, non-contiguous 2-d, 3-d, empty, 0-d (all small enough to ride along
+# with the agreement message: mpipar.comm.inline), then a non-contiguous one above that size in
+# every dtype (5155 elements > INLINE_BYTES), which takes the algorithm's own path
+REDUCE_CASES = [((7,), False), ((3, 5), True), ((2, 3, 4), False), ((0,), False), ((), False),
+                ((1031, 5), True)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -174,7 +177,7 @@ def test_all_to_all_indivisible_raises_on_every_rank(world):
     assert same and "divisible" in str(info.value)
 
 
-@pytest.mark.parametrize("size", [1000, 1001])
+@pytest.mark.parametrize("size", [10, 1000, 1001, 5001])
 def test_ring_is_bit_identical_on_every_rank(world, checks, size):
     n, r = world.size, world.rank
     inputs = [torch.randn(size, generator=torch.Generator().manual_seed(100 + i)) for i in range(n)]
@@ -184,6 +187,25 @@ def test_ring_is_bit_identical_on_every_rank(world, checks, size):
     checks.true(all(b == blobs[0] for b in blobs), "ring results differ between ranks")
     want = torch.stack(inputs).double().sum(0)
     checks.close(x.double(), want, rtol=1e-5, atol=1e-5, msg="ring sum")
+    checks.finish()
+
+
+@pytest.mark.parametrize("piece_bytes", ["8", "12", "4096"])
+@pytest.mark.parametrize("op", OPS)
+def test_ring_pieces_match_reference(world, checks, monkeypatch, op, piece_bytes):
+    """The ring's reduce steps pipeline pieces of MPIPAR_RING_PIECE_BYTES through two scratch
+    buffers: tiny pieces (1-3 elements, many in flight, uneven chunk counts) give the reference."""
+    monkeypatch.setenv("MPIPAR_RING_PIECE_BYTES", piece_bytes)
+    n, r = world.size, world.rank
+    for size in (1, 2 * n + 1, 1500, 2001):  # the last two above INLINE_BYTES: the ring runs
+        inputs = [make((size,), torch.float32, i, 31) for i in range(n)]
+        want = np_reduce(inputs, op)
+        x = inputs[r].clone()
+        comm.all_reduce(x, world, op=op, algorithm="ring")
+        checks.equal(x, want, msg=f"all_reduce {op} size {size}")
+        rs = comm.reduce_scatter(inputs[r].clone(), world, op=op, algorithm="ring")
+        checks.equal(rs, torch.tensor_split(want, n)[r], msg=f"reduce_scatter {op} size {size}")
+        checks.equal(inputs[r], make((size,), torch.float32, r, 31), msg="reduce_scatter left its input alone")
     checks.finish()
 
 

@@ -20,6 +20,13 @@ def cases(n, r):
     odd = r == n - 1
     return {
         "shape_differs": (2, lambda w: comm.all_reduce(torch.zeros(3 + odd), w)),
+        # one rank small enough to ride along with the agreement (mpipar.comm.inline), one not
+        "shape_differs_small_vs_large": (2, lambda w: comm.all_reduce(torch.zeros(3 + 5000 * odd), w)),
+        "shape_differs_large": (2, lambda w: comm.all_reduce(torch.zeros(5000 + odd), w)),
+        "dtype_differs_small_bf16": (2, lambda w: comm.all_reduce(
+            torch.zeros(3, dtype=torch.bfloat16 if odd else torch.float32), w)),
+        "algorithm_differs_shm_small": (2, lambda w: comm.all_reduce(torch.zeros(3), w,
+                                                                     algorithm="shm" if odd else "mpi")),
         "dtype_differs": (2, lambda w: comm.all_reduce(torch.zeros(3, dtype=torch.float64 if odd else torch.float32),
                                                        w)),
         "ndim_differs": (2, lambda w: comm.all_gather(torch.zeros((2, 1) if odd else (2,)), w)),

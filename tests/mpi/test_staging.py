@@ -12,6 +12,7 @@ from conftest import rank_tensor, requires_cuda
 
 from mpipar import comm
 from mpipar.comm import buffers
+from mpipar.comm.inline import INLINE_BYTES
 
 pytestmark = pytest.mark.mpi
 
@@ -73,10 +74,11 @@ def test_staging_buffers_are_reused(world, checks, monkeypatch):
     pool = CountingPool()
     monkeypatch.setattr(buffers, "STAGING", pool)
     monkeypatch.setenv("MPIPAR_FORCE_STAGING", "1")
+    numel = 2 * INLINE_BYTES  # above the size that rides along with the agreement message
     for i in range(3):
-        x = torch.full((64,), float(i))
+        x = torch.full((numel,), float(i))
         comm.all_reduce(x, world, algorithm="mpi")
-        checks.equal(x, torch.full((64,), float(i * world.size)), f"call {i}")
+        checks.equal(x, torch.full((numel,), float(i * world.size)), f"call {i}")
     checks.true(pool.calls >= 3, f"pool used {pool.calls} times")
     checks.true(len(pool._buffers) == 1, f"{len(pool._buffers)} buffers for one size and dtype")
     checks.finish()

@@ -1,0 +1,147 @@
+"""all_reduce's argument agreement, which carries small tensors along.
+
+Every validated all_reduce starts with ONE fixed-size Allgather: each rank
+sends [hash of its signature, bad-argument flag] and a 4 KiB payload slot.
+The message size never depends on the arguments, so ranks that disagree
+still complete it, see the disagreement and raise the same MpiparError.
+When the (agreed) signature says the tensor is small (at most INLINE_BYTES,
+a dtype numpy reduces, algorithm "auto", "mpi" or "ring"), its data rode in
+the payload slot: every rank reduces the N gathered rows in rank order
+(bit-identical everywhere) and the all-reduce is done, one collective in all.
+Larger tensors go on to their collective after the agreement.
+
+Measured with 2 ranks here (4 KiB float32): a separate agreement collective
+before MPI's Allreduce cost 23 us per call against raw mpi4py's 4-5 us; this
+path costs one Allgather of 4 KiB (about 3 us) plus the Python around it.
+"""
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import torch
+
+from ..errors import MpiparError
+from . import tuning
+from .validate import _UNKNOWN, check, exchange, signature
+
+INLINE_BYTES = 4096  # the payload slot; identical on every rank by construction (never from env)
+_HEAD = 2  # int64 words: signature hash, bad flag
+_SLOT = _HEAD * 8 + INLINE_BYTES
+_INLINE_ALGORITHMS = ("auto", "mpi", "ring")
+_CARRIER = {torch.float32: torch.float32, torch.float64: torch.float64, torch.int64: torch.int64,
+            torch.int32: torch.int32, torch.int16: torch.int16, torch.int8: torch.int8,
+            torch.uint8: torch.uint8, torch.bool: torch.uint8}
+_PAIR = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum}
+_INFO: dict = {}  # (shape, dtype, op, algorithm) -> _Call
+
+
+class _Call:
+    """What a signature implies, computed once per distinct call shape."""
+
+    __slots__ = ("sig", "head", "head_bytes", "bad", "numel", "nbytes", "combine", "unless_shm")
+
+    def __init__(self, t: torch.Tensor, op, algorithm):
+        self.sig = signature(t, op, algorithm)
+        self.bad = int(self.sig[0] == _UNKNOWN or self.sig[1] == _UNKNOWN or self.sig[2] == _UNKNOWN)
+        self.head = np.array([hash(self.sig), self.bad], dtype=np.int64)
+        self.head_bytes = self.head.tobytes()
+        self.numel, self.nbytes = t.numel(), t.numel() * t.element_size()
+        inline = (not self.bad and t.dtype in _CARRIER and 0 < self.nbytes <= INLINE_BYTES
+                  and algorithm in _INLINE_ALGORITHMS)
+        self.unless_shm = algorithm == "auto"  # "auto" leaves symmetric tensors to shared memory
+        op = "max" if t.dtype is torch.bool and op == "sum" else op
+        self.combine = _PAIR[op] if inline else None
+
+
+def _call(t: torch.Tensor, op, algorithm) -> _Call:
+    try:
+        key = (t.shape, t.dtype, op, algorithm)
+        info = _INFO.get(key)
+    except TypeError:  # an unhashable op/algorithm: no cache (and certainly unknown)
+        return _Call(t, op, algorithm)
+    if info is None:
+        if len(_INFO) > 4096:
+            _INFO.clear()
+        info = _INFO[key] = _Call(t, op, algorithm)
+    return info
+
+
+class _Buffers:
+    """A group's reused (N, slot) table: row r is rank r's slot (gathered in place)."""
+
+    def __init__(self, size: int, rank: int):
+        self.table = np.zeros((size, _SLOT), dtype=np.uint8)
+        self.heads = self.table[:, : _HEAD * 8].view(np.int64)
+        self.my_head = self.heads[rank]
+        self.my_addr = self.table[rank].ctypes.data + _HEAD * 8
+        self.rank = rank
+        self.rows: dict = {}
+
+    def typed_rows(self, t: torch.Tensor) -> tuple:
+        """The N payloads (row r: rank r's), shaped and typed like `t`."""
+        key = (t.dtype, t.shape)
+        views = self.rows.get(key)
+        if views is None:
+            n = t.numel()
+            slots = torch.from_numpy(self.table[:, _HEAD * 8:])
+            views = tuple(s.view(_CARRIER[t.dtype])[:n].view(t.dtype).view(t.shape) for s in slots)
+            if len(self.rows) > 256:
+                self.rows.clear()
+            self.rows[key] = views
+        return views
+
+
+def _buffers(g) -> _Buffers:
+    b = getattr(g, "_inline_buffers", None)
+    if b is None:
+        b = g._inline_buffers = _Buffers(g.size, g.rank)
+    return b
+
+
+def agree_all_reduce(t: torch.Tensor, g, op, algorithm) -> bool:
+    """Collective over g (size > 1): agree on the arguments (raise MpiparError on every rank
+    if they differ or are bad); True when `t` was small and is now reduced in place."""
+    info = _call(t, op, algorithm)
+    combine = info.combine
+    if info.unless_shm and combine is not None and tuning.shm_pays("all_reduce", info.nbytes):
+        combine = None  # the crossover lowered below INLINE_BYTES (a setting shared by all ranks)
+    buf = _buffers(g)
+    buf.my_head[:] = info.head
+    if combine is not None:
+        if t.is_cpu and t.is_contiguous():
+            _MEMMOVE(buf.my_addr, t.data_ptr(), info.nbytes)
+        else:
+            buf.typed_rows(t)[buf.rank].copy_(t.detach())
+    _allgather(g, buf.table)
+    if info.bad or buf.heads.tobytes() != info.head_bytes * g.size:
+        check("all_reduce", exchange(g, np.array(info.sig, dtype=np.int64)), True, True)
+        raise MpiparError("all_reduce: arguments differ across ranks")  # pragma: no cover (hash collision)
+    if combine is None:
+        return False
+    first, *rest = buf.typed_rows(t)
+    out = t.detach() if t.requires_grad else t
+    if out.is_cpu:  # rank order: bit-identical on every rank
+        combine(first, rest[0], out=out)
+        for row in rest[1:]:
+            combine(out, row, out=out)
+    else:
+        acc = combine(first, rest[0])
+        for row in rest[1:]:
+            acc = combine(acc, row)
+        out.copy_(acc)
+    return True
+
+
+_MEMMOVE = ctypes.memmove
+
+
+def _allgather(g, table) -> None:
+    from mpi4py import MPI
+
+    if g.oversubscribed:
+        from .wait import wait_all
+
+        wait_all([g.comm.Iallgather(MPI.IN_PLACE, table)])
+    else:
+        g.comm.Allgather(MPI.IN_PLACE, table)

@@ -1,0 +1,114 @@
+"""Small all-reduces ride along with the argument agreement (mpipar.comm.inline).
+
+A validated all_reduce of at most INLINE_BYTES makes exactly ONE collective
+(the fixed-size Allgather that also agrees on the arguments); larger ones make
+the agreement plus their own collective. The inline result is the rank-order
+sum, bit-identical on every rank.
+"""
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+from mpipar import comm
+from mpipar.comm.inline import INLINE_BYTES
+from mpipar.mesh import Group
+
+pytestmark = pytest.mark.mpi
+
+COLLECTIVES = ("Allgather", "Iallgather", "Allreduce", "Iallreduce", "Reduce_scatter", "Ireduce_scatter")
+
+
+class CountingComm:
+    """Forwards to an mpi4py communicator, counting collective calls by name."""
+
+    def __init__(self, comm_):
+        self._comm = comm_
+        self.calls = collections.Counter()
+
+    def __getattr__(self, name):
+        attr = getattr(self._comm, name)
+        if name in COLLECTIVES:
+            def counted(*args, **kwargs):
+                self.calls[name] += 1
+                return attr(*args, **kwargs)
+            return counted
+        return attr
+
+
+@pytest.fixture
+def counted(world):
+    c = CountingComm(world.Dup())
+    yield Group(c, "counted"), c.calls
+    c._comm.Free()
+
+
+def test_small_all_reduce_is_one_collective(counted, world):
+    g, calls = counted
+    if g.size == 1:
+        pytest.skip("a single rank communicates nothing")
+    for algorithm in ("auto", "mpi", "ring"):
+        calls.clear()
+        x = torch.full((INLINE_BYTES // 4,), 1.0)
+        comm.all_reduce(x, g, algorithm=algorithm)
+        assert torch.equal(x, torch.full_like(x, float(g.size)))
+        assert sum(calls.values()) == 1, (algorithm, dict(calls))
+        calls.clear()
+        y = torch.full((INLINE_BYTES // 4 + 1,), 1.0)  # one element more: agreement + its collective
+        comm.all_reduce(y, g, algorithm=algorithm)
+        assert torch.equal(y, torch.full_like(y, float(g.size)))
+        data = sum(calls.values()) - 1  # the ring moves its data point-to-point
+        assert calls["Allgather"] + calls["Iallgather"] >= 1 and data == (0 if algorithm == "ring" else 1), \
+            (algorithm, dict(calls))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int32, torch.int8, torch.bool], ids=str)
+@pytest.mark.parametrize("op", ["sum", "max", "min"])
+def test_inline_is_rank_order_and_bit_identical(world, checks, op, dtype):
+    n, r = world.size, world.rank
+    gen = [torch.Generator().manual_seed(40 + i) for i in range(n)]
+    inputs = [(torch.randn(5, 7, generator=gen[i]) * 50).to(dtype) for i in range(n)]
+    want = inputs[0].clone()
+    for x in inputs[1:]:  # the documented order: row 0 op row 1 op ...
+        if dtype is torch.bool:
+            want = want | x if op in ("sum", "max") else want & x
+        else:
+            want = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum}[op](want, x)
+    got = inputs[r].clone()
+    comm.all_reduce(got, world, op=op)
+    checks.equal(got, want, f"{op} {dtype}")
+    blobs = world.allgather(got.numpy().tobytes())
+    checks.true(all(b == blobs[0] for b in blobs), "ranks differ")
+    checks.finish()
+
+
+def test_inline_layouts_and_autograd_leaves(world, checks):
+    n = world.size
+    base = torch.arange(24, dtype=torch.float32).reshape(4, 6)
+    t = base.t()  # non-contiguous
+    comm.all_reduce(t, world)
+    checks.equal(base, torch.arange(24, dtype=torch.float32).reshape(4, 6) * n, "non-contiguous in place")
+    leaf = torch.ones(3, requires_grad=True)
+    out = comm.all_reduce(leaf, world)
+    checks.true(out is leaf, "returns its argument")
+    checks.equal(leaf.detach(), torch.full((3,), float(n)), "leaf reduced in place")
+    scalar = torch.tensor(2.0)
+    comm.all_reduce(scalar, world, op="max")
+    checks.equal(scalar, torch.tensor(2.0), "0-d")
+    checks.finish()
+
+
+def test_unvalidated_small_all_reduce_uses_the_library(counted, monkeypatch):
+    g, calls = counted
+    if g.size == 1:
+        pytest.skip("a single rank communicates nothing")
+    x = torch.ones(4)
+    comm.all_reduce(x, g, validate=False)
+    assert torch.equal(x, torch.full((4,), float(g.size)))
+    assert calls["Allreduce"] + calls["Iallreduce"] == 1 and calls["Allgather"] + calls["Iallgather"] == 0, calls
+    monkeypatch.setenv("MPIPAR_VALIDATE", "0")
+    calls.clear()
+    comm.all_reduce(x, g)
+    assert calls["Allgather"] + calls["Iallgather"] == 0, calls
