@@ -5,7 +5,8 @@ into an input tensor and a `run()` returning the output: mpipar's
 collectives ("mpi", "ring", "auto", "shm"; "auto_sym" = auto on a symmetric
 tensor; "hier" = the hierarchical all-reduce on fake nodes), raw mpi4py on
 numpy views ("mpi4py"), torch.distributed over gloo ("gloo"), a local copy
-("memcpy") and an in-place pass np.add(buf, 0, out=buf) ("inplace"). `measure_size` checks
+("memcpy") and an in-place pass np.add(buf, 0, out=buf) over plain ("inplace") or
+symmetric ("inplace_sym") memory. `measure_size` checks
 each implementation once against the exact expected output, then times them side by side
 in interleaved rounds.
 """
@@ -124,14 +125,14 @@ def build(point: dict, g, count: int, plain=None):
     shared by the implementations that take one, so a size's impls fit in memory together."""
     op, impl, dtype, n = point["op"], point["impl"], DTYPES[point["dtype"]], g.size
     shape = (count // n,) if op == "all_gather" else (count,)
-    if impl == "auto_sym":
+    if impl in ("auto_sym", "inplace_sym"):
         inp = C.symmetric_empty(shape, dtype, g)
     else:
         inp = plain if plain is not None else torch.empty(shape, dtype=dtype)
     if impl == "memcpy":
         out = torch.empty_like(inp)
         return inp, lambda: out.copy_(inp)
-    if impl == "inplace":
+    if impl in ("inplace", "inplace_sym"):
         a = _np(inp)
         return inp, lambda: (np.add(a, 0, out=a), inp)[1]
     if impl == "hier":
@@ -199,7 +200,7 @@ def metrics(point: dict, g, blocks: list, wrong: int) -> dict:
     best = min(blocks, key=lambda b: b.mean())
     nbytes = count * dtype.itemsize
     algbw = nbytes / best.mean() / 1e9
-    factor = 1.0 if op in ("memcpy", "inplace") else C.bus_factor(op, g.size)
+    factor = 1.0 if op in ("memcpy", "inplace", "inplace_sym") else C.bus_factor(op, g.size)
     return {"count": count, "bytes": nbytes, "time_s": float(best.mean()), "time_min_s": float(best.min()),
             "time_max_s": float(best.max()), "time_median_s": float(np.median([b.mean() for b in blocks])),
             "iters_per_round": iterations(point), "algbw_GBps": algbw,

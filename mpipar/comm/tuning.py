@@ -2,10 +2,14 @@
 
 Crossovers are message sizes in bytes from which the ring wins, measured
 with experiments/collectives.py on the development machine (MPICH 5.0.2 wheel,
-2 ranks on one node, quiet machine, 2026-11-24): the ring never beat MPICH's
-all-reduce or all-gather between 4 KiB and 256 MiB (busbw at 1 MiB: mpi 6.4,
-ring 4.8 GB/s), and beat its reduce-scatter from 2 MiB on. Override with
-MPIPAR_CROSSOVER_<OP>=bytes (e.g. MPIPAR_CROSSOVER_ALL_REDUCE=262144).
+2 ranks on one node, 2026-11-24, interleaved rounds, after the ring's reduce
+steps were pipelined on reused scratch and large tensors moved to huge pages):
+- all-reduce: MPICH wins below ~6 MiB (1 MiB: 6.3 vs 4.4 GB/s busbw), the two
+  tie at 6 MiB, the ring wins from 8 MiB and by ~3x from 32 MiB (6.5 vs 2.4);
+- reduce-scatter: the ring wins from 1 MiB (2.8 vs 2.5 GB/s; 3.9 vs 1.2 at 256 MiB);
+- all-gather: within +-10% at every size (both pay for the fresh output), so MPI.
+Override with MPIPAR_CROSSOVER_<OP>=bytes (e.g. MPIPAR_CROSSOVER_ALL_REDUCE=262144);
+every rank must see the same value.
 """
 from __future__ import annotations
 
@@ -25,9 +29,9 @@ def env(name: str) -> str | None:
 
 NEVER = 1 << 62
 CROSSOVER_BYTES = {
-    "all_reduce": NEVER,
+    "all_reduce": 8 << 20,
     "all_gather": NEVER,
-    "reduce_scatter": 2 * 1024 * 1024,
+    "reduce_scatter": 1 << 20,
 }
 
 
