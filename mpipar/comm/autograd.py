@@ -10,12 +10,15 @@ Each operator's backward is its adjoint: <op(x), y> == <x, op^T(y)>.
   gather_from_sequence        forward all-gather     / backward reduce-scatter
 
 Splits follow torch.tensor_split order (rank r keeps slice r); sizes need not divide.
+The all-reduces of copy_to_region (backward) and reduce_from_region (forward) run on
+a copy that is born in shared memory when that pays (mpipar.comm.activations).
 """
 from __future__ import annotations
 
 import torch
 
 from ..mesh import as_group
+from .activations import reduction_copy
 from .buffers import flat_chunks
 from .collectives import all_gather, all_reduce, reduce_scatter
 
@@ -36,7 +39,8 @@ class _CopyToRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        return all_reduce(dy.clone(), ctx.g, validate=False), None  # shapes mirror the checked forward
+        # shapes mirror the checked forward: no agreement needed
+        return all_reduce(reduction_copy(dy, ctx.g), ctx.g, validate=False), None
 
 
 class _ReduceFromRegion(torch.autograd.Function):
@@ -44,7 +48,7 @@ class _ReduceFromRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, g):
-        return all_reduce(x.clone(), g)
+        return all_reduce(reduction_copy(x, g), g)
 
     @staticmethod
     def backward(ctx, dy):

@@ -34,7 +34,7 @@ from .buffers import dtype_code
 from .wait import wait_all
 
 PAGE = 4096
-MAX_IDLE = 4          # idle windows kept for reuse; beyond that they are freed
+MAX_IDLE = 32         # idle windows kept for reuse (a training step's activation windows); beyond: freed
 MAX_IDLE_BYTES = 1 << 30   # ... and at most this much memory (per rank) in idle windows
 MAX_WASTE = 4         # reuse a window only if capacity <= MAX_WASTE * request (+1 page)
 _ATTR = "_mpipar_symmetric_pool"
