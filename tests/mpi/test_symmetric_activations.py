@@ -5,7 +5,7 @@ import torch
 from mpi4py import MPI
 
 from mpipar import MpiparError, comm, models
-from mpipar.comm import activations, tuning
+from mpipar.comm import activations
 from mpipar.comm.symmetric import pool_of
 from mpipar.mesh import as_group
 from mpipar.tensor import ParallelMLP, ParallelSelfAttention
@@ -32,7 +32,7 @@ def run(module, x, dy):
 def test_region_ops_exact_and_symmetric_when_asked(monkeypatch, setting):
     monkeypatch.setenv(activations.ENV, setting)
     g = as_group(W)
-    x = torch.full((64, 257), float(g.rank + 1), dtype=torch.float64)  # 131 KiB: above the crossover
+    x = torch.full((512, 257), float(g.rank + 1), dtype=torch.float64)  # 1.004 MiB: above AUTO_BYTES
     y = comm.reduce_from_region(x, g)
     assert torch.equal(y, torch.full_like(x, N * (N + 1) / 2))
     assert torch.equal(x, torch.full_like(x, float(g.rank + 1))), "the input must stay untouched"
@@ -49,7 +49,7 @@ def test_region_ops_exact_and_symmetric_when_asked(monkeypatch, setting):
 def test_small_activations_stay_plain(monkeypatch):
     monkeypatch.delenv(activations.ENV, raising=False)
     g = as_group(W)
-    small = torch.ones(tuning.SHM_CROSSOVER_BYTES["all_reduce"] // 8 - 1, dtype=torch.float64)
+    small = torch.ones(activations.AUTO_BYTES // 8 - 1, dtype=torch.float64)
     y = comm.reduce_from_region(small, g)
     pool = pool_of(g)
     assert pool is None or pool.locate(y) is None
