@@ -146,17 +146,23 @@ def build(point: dict, g, count: int, plain=None):
     return inp, bench_mpipar(op, "auto" if impl == "auto_sym" else impl, g, inp)
 
 
-def iterations(point: dict) -> int:
-    """Timed calls per round: --iters, and proportionally more below 1 MiB (up to 50x), so
-    latency-bound blocks last long enough to time (a 4 KiB call takes ~5-10 us)."""
+BLOCK_SECONDS = 0.02  # a timed block lasts at least this long (within 50x --iters)
+
+
+def iterations(point: dict, seconds_per_call: float) -> int:
+    """Timed calls per round: --iters, or more (up to 50x) so that a block lasts at least
+    BLOCK_SECONDS: short hiccups of a shared machine then average out (a 4 KiB call takes
+    ~5-10 us, a 1 MiB one ~150 us)."""
     iters = point["iters"]
-    return max(iters, min(50 * iters, (iters << 20) // max(point["nbytes"], 1)))
+    want = int(BLOCK_SECONDS / max(seconds_per_call, 1e-7)) + 1
+    return max(iters, min(50 * iters, want))
 
 
 def prepare(point: dict, g, plain_for: dict):
     """Build one point's run() and check it once against the exact expected output.
-    Returns (run, #wrong on this rank); the input is zeroed afterwards (timing on zeros
-    keeps in-place reductions finite)."""
+    Returns (run, #wrong on this rank, calls per timed block); the input is zeroed afterwards
+    (timing on zeros keeps in-place reductions finite). The warmup calls are timed to size
+    the blocks (the slowest rank's estimate, so every rank makes the same number of calls)."""
     op, dtype = point["op"], DTYPES[point["dtype"]]
     count = element_count(op, point["nbytes"], dtype.itemsize, g.size)
     shape = (count // g.size,) if op == "all_gather" else (count,)
@@ -166,9 +172,12 @@ def prepare(point: dict, g, plain_for: dict):
     inp.copy_(given)
     wrong = int((run() != expected).sum())
     inp.zero_()
-    for _ in range(point["warmup"]):
+    g.comm.Barrier()
+    start = time.perf_counter()
+    for _ in range(max(1, point["warmup"])):
         run()
-    return run, wrong
+    per_call = g.comm.allreduce((time.perf_counter() - start) / max(1, point["warmup"]), op=MPI.MAX)
+    return run, wrong, iterations(point, per_call)
 
 
 def time_block(run, iters: int, g) -> np.ndarray:
@@ -189,12 +198,12 @@ def measure_size(points: list[dict], g, rounds: int) -> list[dict]:
     runs = [prepare(p, g, plain_for) for p in points]
     blocks = [[] for _ in points]
     for _ in range(rounds):
-        for i, (p, (run, _)) in enumerate(zip(points, runs)):
-            blocks[i].append(time_block(run, iterations(p), g))
-    return [metrics(p, g, b, wrong) for p, b, (_, wrong) in zip(points, blocks, runs)]
+        for i, (run, _, iters) in enumerate(runs):
+            blocks[i].append(time_block(run, iters, g))
+    return [metrics(p, g, b, wrong, iters) for p, b, (_, wrong, iters) in zip(points, blocks, runs)]
 
 
-def metrics(point: dict, g, blocks: list, wrong: int) -> dict:
+def metrics(point: dict, g, blocks: list, wrong: int, iters: int) -> dict:
     op, dtype = point["op"], DTYPES[point["dtype"]]
     count = element_count(op, point["nbytes"], dtype.itemsize, g.size)
     best = min(blocks, key=lambda b: b.mean())
@@ -203,5 +212,5 @@ def metrics(point: dict, g, blocks: list, wrong: int) -> dict:
     factor = 1.0 if op in ("memcpy", "inplace", "inplace_sym") else C.bus_factor(op, g.size)
     return {"count": count, "bytes": nbytes, "time_s": float(best.mean()), "time_min_s": float(best.min()),
             "time_max_s": float(best.max()), "time_median_s": float(np.median([b.mean() for b in blocks])),
-            "iters_per_round": iterations(point), "algbw_GBps": algbw,
+            "iters_per_round": iters, "algbw_GBps": algbw,
             "busbw_GBps": algbw * factor, "wrong": int(g.comm.allreduce(wrong))}

@@ -7,9 +7,9 @@
         [--out F.h5] [--dry-run]
 
 Per op and size, every implementation is timed side by side in --rounds interleaved
-rounds (round k times each implementation in turn for --iters calls; sizes under
-1 MiB take proportionally more calls, up to 50x), so a slow phase of a shared
-machine hits all of them alike. Per implementation: time per call of the best round
+rounds (round k times each implementation in turn for --iters calls, or more, up to
+50x, so that a block lasts at least 20 ms, sized from the timed warmup calls), so a
+slow phase of a shared machine hits all of them alike. Per implementation: time per call of the best round
 (avg over ranks, and min/max over ranks of each rank's mean), the median over rounds,
 algbw = bytes / avg time, busbw = algbw x
 nccl-tests' bus factor (mpipar.comm.bus_factor), and #wrong (elements that

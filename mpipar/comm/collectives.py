@@ -4,7 +4,9 @@ algorithm="mpi" uses the MPI library's collective, "ring" the textbook ring
 on point-to-point (mpipar.comm.ring), "auto" picks by message size from the
 measured crossover (`tuning.choose`). Every call first agrees on its
 arguments across the group (mpipar.comm.validate), so bad input raises
-MpiparError on every rank and never hangs. `validate=False` (all_reduce,
+MpiparError on every rank and never hangs; all_reduce's agreement is one
+fixed-size Allgather that also carries tensors of at most 4 KiB, which are
+then reduced locally (mpipar.comm.inline): one collective per small all-reduce. `validate=False` (all_reduce,
 reduce_scatter) skips that agreement for callers whose arguments are
 consistent by construction, e.g. a backward whose shapes mirror a forward
 that was validated.
@@ -67,16 +69,18 @@ def all_reduce(t: torch.Tensor, group, op: str = "sum", algorithm: str = "auto",
                validate: bool = True) -> torch.Tensor:
     """In place: every rank's `t` becomes the elementwise op over the group. Returns `t`."""
     g = as_group(group)
+    entry = None  # the shared-memory entry exchange, when the agreement already made it
     if validate:
         if g.size > 1 and validation_enabled():  # one Allgather: agreement, and small data too
-            if inline.agree_all_reduce(t, g, op, algorithm):
+            entry = inline.agree_all_reduce(t, g, op, algorithm)
+            if entry is True:
                 return t
         else:
             _agree("all_reduce", g, t, op=op, algorithm=algorithm)
     op = _bool_op(op, t.dtype)
     if g.size == 1:
         return t
-    if shm.all_reduce(t, g, op, algorithm):  # symmetric tensor or algorithm="shm"/"hier"
+    if shm.all_reduce(t, g, op, algorithm, entry):  # symmetric tensor or algorithm="shm"/"hier"
         return t
     if t.device.type == "cpu" and t.dtype in _NATIVE and t.is_contiguous() and not FORCE_STAGING():
         flat = t.detach().view(-1)  # fast path: zero copy, no staging

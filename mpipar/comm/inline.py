@@ -26,7 +26,8 @@ from . import tuning
 from .validate import _UNKNOWN, check, exchange, signature
 
 INLINE_BYTES = 4096  # the payload slot; identical on every rank by construction (never from env)
-_HEAD = 2  # int64 words: signature hash, bad flag
+_HEAD = 5  # int64 words: signature hash, bad flag, symmetric descriptor [window, offset, nbytes]
+_AGREED = 2  # the words every rank must have equal
 _SLOT = _HEAD * 8 + INLINE_BYTES
 _INLINE_ALGORITHMS = ("auto", "mpi", "ring")
 _CARRIER = {torch.float32: torch.float32, torch.float64: torch.float64, torch.int64: torch.int64,
@@ -73,14 +74,18 @@ class _Buffers:
     def __init__(self, size: int, rank: int):
         self.table = np.zeros((size, _SLOT), dtype=np.uint8)
         self.heads = self.table[:, : _HEAD * 8].view(np.int64)
-        self.my_head = self.heads[rank]
+        self.agreed = self.heads[:, :_AGREED]
+        self.descriptors = self.heads[:, _AGREED:]
+        self.my_head = self.heads[rank, :_AGREED]
+        self.my_descriptor = self.heads[rank, _AGREED:]
         self.my_addr = self.table[rank].ctypes.data + _HEAD * 8
         self.rank = rank
         self.rows: dict = {}
+        self.last, self.expect = None, b""  # the _Call whose head is in this rank's row
 
     def typed_rows(self, t: torch.Tensor) -> tuple:
         """The N payloads (row r: rank r's), shaped and typed like `t`."""
-        key = (t.dtype, t.shape)
+        key = (t.dtype, t.shape)  # (dtype, shape) fix the views; the caller's tensor does not
         views = self.rows.get(key)
         if views is None:
             n = t.numel()
@@ -99,49 +104,65 @@ def _buffers(g) -> _Buffers:
     return b
 
 
-def agree_all_reduce(t: torch.Tensor, g, op, algorithm) -> bool:
+def agree_all_reduce(t: torch.Tensor, g, op, algorithm):
     """Collective over g (size > 1): agree on the arguments (raise MpiparError on every rank
-    if they differ or are bad); True when `t` was small and is now reduced in place."""
+    if they differ or are bad). Returns True when `t` was small and is now reduced in place;
+    else the (N, 3) table of every rank's symmetric descriptor [window, offset, nbytes] when
+    the group has a one-node symmetric pool (mpipar.comm.shm then needs no entry exchange:
+    this Allgather was it), else None."""
     info = _call(t, op, algorithm)
     combine = info.combine
     if info.unless_shm and combine is not None and tuning.shm_pays("all_reduce", info.nbytes):
         combine = None  # the crossover lowered below INLINE_BYTES (a setting shared by all ranks)
     buf = _buffers(g)
-    buf.my_head[:] = info.head
-    if combine is not None:
+    if buf.last is not info:  # the in-place Allgather leaves this rank's own row alone
+        buf.my_head[:] = info.head
+        buf.last, buf.expect = info, info.head_bytes * g.size
+    pool = getattr(g, _POOL_ATTR, None) if combine is None else None
+    shared = pool is not None and pool.one_node
+    if shared:
+        buf.my_descriptor[:] = pool.descriptor(t)
+        found = pool.locate(t)
+        if found is not None:
+            found[0].sync()  # this rank's writes to t are visible before the peers read them
+    elif combine is not None:
         if t.is_cpu and t.is_contiguous():
             _MEMMOVE(buf.my_addr, t.data_ptr(), info.nbytes)
         else:
             buf.typed_rows(t)[buf.rank].copy_(t.detach())
     _allgather(g, buf.table)
-    if info.bad or buf.heads.tobytes() != info.head_bytes * g.size:
+    if info.bad or buf.agreed.tobytes() != buf.expect:
         check("all_reduce", exchange(g, np.array(info.sig, dtype=np.int64)), True, True)
         raise MpiparError("all_reduce: arguments differ across ranks")  # pragma: no cover (hash collision)
     if combine is None:
-        return False
-    first, *rest = buf.typed_rows(t)
+        return buf.descriptors.copy() if shared else None
+    rows = buf.typed_rows(t)
     out = t.detach() if t.requires_grad else t
     if out.is_cpu:  # rank order: bit-identical on every rank
-        combine(first, rest[0], out=out)
-        for row in rest[1:]:
-            combine(out, row, out=out)
+        combine(rows[0], rows[1], out=out)
+        for k in range(2, len(rows)):
+            combine(out, rows[k], out=out)
     else:
-        acc = combine(first, rest[0])
-        for row in rest[1:]:
-            acc = combine(acc, row)
+        acc = combine(rows[0], rows[1])
+        for k in range(2, len(rows)):
+            acc = combine(acc, rows[k])
         out.copy_(acc)
     return True
 
 
 _MEMMOVE = ctypes.memmove
+_POOL_ATTR = "_mpipar_symmetric_pool"  # mpipar.comm.symmetric's per-group pool (never created here)
+_IN_PLACE = []
 
 
 def _allgather(g, table) -> None:
-    from mpi4py import MPI
+    if not _IN_PLACE:
+        from mpi4py import MPI
 
+        _IN_PLACE.append(MPI.IN_PLACE)
     if g.oversubscribed:
         from .wait import wait_all
 
-        wait_all([g.comm.Iallgather(MPI.IN_PLACE, table)])
+        wait_all([g.comm.Iallgather(_IN_PLACE[0], table)])
     else:
-        g.comm.Allgather(MPI.IN_PLACE, table)
+        g.comm.Allgather(_IN_PLACE[0], table)

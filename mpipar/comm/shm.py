@@ -54,11 +54,13 @@ def barrier(pool, *windows) -> None:
         w.sync()
 
 
-def _enter(g, t, algorithm, op_name, nbytes):
+def _enter(g, t, algorithm, op_name, nbytes, entry=None):
     """Agree whether this call runs in shared memory: (pool, window, offset, choice) or None.
 
     Collective only when a decision needs data from every rank; the exchange of
     [window, offset, nbytes] is also the entry barrier of the shm algorithms.
+    `entry`: that exchange's (N, 3) table when the caller already made it (all_reduce's
+    argument agreement carries it, mpipar.comm.inline); same on every rank.
     """
     if algorithm not in SHM_ALGORITHMS:
         return None
@@ -68,12 +70,17 @@ def _enter(g, t, algorithm, op_name, nbytes):
     pool = pool_of(g, create=forced)
     if pool is None:
         return None
-    mine = pool.locate(t)
-    if mine is not None:
-        mine[0].sync()
-    if pool.one_node:  # node rank == group rank
+    if entry is not None and pool.one_node:
+        table = entry  # the agreement Allgather was the entry barrier (its sender synced)
+    elif pool.one_node:  # node rank == group rank
+        mine = pool.locate(t)
+        if mine is not None:
+            mine[0].sync()
         table = pool.sync.wait(pool.descriptor(t))
     else:
+        mine = pool.locate(t)
+        if mine is not None:
+            mine[0].sync()
         table = np.empty((g.size, 3), dtype=np.int64)
         wait_all([g.comm.Iallgather(pool.descriptor(t), table)])
     symmetric = bool(table[0, 0] >= 0 and (table == table[0]).all())
@@ -107,12 +114,13 @@ def _local_tensor(window, offset: int, t: torch.Tensor) -> torch.Tensor:
 
 
 # -- collectives ---------------------------------------------------------------------------------
-def all_reduce(t: torch.Tensor, g, op: str, algorithm: str) -> bool:
-    """In place on `t` through shared memory; False (nothing done) when this call does not apply."""
+def all_reduce(t: torch.Tensor, g, op: str, algorithm: str, entry=None) -> bool:
+    """In place on `t` through shared memory; False (nothing done) when this call does not apply.
+    `entry`: the descriptor table of the agreement that already synchronised the ranks."""
     if algorithm in SHM_ALGORITHMS:
         reduce_dtype(t.dtype)  # raises the same error on every rank for unsupported dtypes
     nbytes = t.numel() * t.element_size()
-    plan = _enter(g, t, algorithm, "all_reduce", nbytes)
+    plan = _enter(g, t, algorithm, "all_reduce", nbytes, entry)
     if plan is None:
         return False
     pool, window, offset, choice = plan

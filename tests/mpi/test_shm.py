@@ -211,7 +211,8 @@ def test_results_bit_identical_on_every_rank(group, checks):
                     f"{dtype} results differ between ranks")
 
 
-def test_many_small_calls_race_free_and_no_window_leak(fresh_group, checks, monkeypatch):
+@pytest.mark.parametrize("validate", ["0", "1"])
+def test_many_small_calls_race_free_and_no_window_leak(fresh_group, checks, monkeypatch, validate):
     """10,000 back-to-back calls (2,500 when ranks outnumber cores; MPIPAR_TEST_SHM_CALLS
     overrides) on 2 reused buffers: all-reduce, broadcast, reduce-scatter and all-gather
     in turn, the last two with pooled outputs (pushed into by peers). Writers and
@@ -219,12 +220,15 @@ def test_many_small_calls_race_free_and_no_window_leak(fresh_group, checks, monk
     a rank that left a collective early (no exit barrier) or read too early (no entry
     barrier) would see another iteration's values. MPIPAR_VALIDATE=0 drops the
     argument-agreement collective, which would otherwise act as an extra entry barrier
-    and hide a missing one. Pool windows are counted: reused, never piling up."""
-    monkeypatch.setenv("MPIPAR_VALIDATE", "0")
+    and hide a missing one; with it on (a quarter of the calls), all_reduce's entry
+    exchange rides on the agreement Allgather (mpipar.comm.inline), which must then be
+    a sufficient entry barrier. Pool windows are counted: reused, never piling up."""
+    monkeypatch.setenv("MPIPAR_VALIDATE", validate)
     monkeypatch.setenv("MPIPAR_SHM_POOLED_OUTPUT_BYTES", "1")
     group = fresh_group
     n, r = group.size, group.rank
     total = int(os.environ.get("MPIPAR_TEST_SHM_CALLS", 2_500 if node_is_oversubscribed() else 10_000))
+    total = total if validate == "0" else total // 4
     a = comm.symmetric_empty((13,), torch.float64, group)
     b = comm.symmetric_empty((2 * n + 1,), torch.int32, group)
     base = torch.arange(13, dtype=torch.float64)
@@ -249,6 +253,7 @@ def test_many_small_calls_race_free_and_no_window_leak(fresh_group, checks, monk
             out = comm.all_gather(b, group)
             bad += not torch.equal(out, (i + torch.arange(n, dtype=torch.int32)).repeat_interleave(2 * n + 1))
     checks.true(bad == 0, f"{bad} of {total} calls saw wrong values")
+    checks.true(n == 1 or calls(group, "all_reduce") == total // 4 + (total % 4 > 0), "all-reduces not in shm")
     pool = symmetric.pool_of(group)
     checks.true(n == 1 or pool.num_windows <= 5, f"{pool.num_windows} windows for 2 buffers and 2 outputs")
     for i in range(300):  # allocate and drop: windows are reused or freed, never piling up
