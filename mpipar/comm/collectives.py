@@ -49,10 +49,17 @@ def _bool_op(op: str, dtype: torch.dtype) -> str:
     return "max" if dtype is torch.bool and op == "sum" else op
 
 
-def _agree(name, g, t, op=None, algorithm=None, dim=0, root=0, free_dim=False):
-    """Agree on the call's arguments across the group (raises MpiparError on every rank)."""
+def _agree(name, g, t, op=None, algorithm=None, dim=0, root=0, free_dim=False, entry=None):
+    """Agree on the call's arguments across the group (raises MpiparError on every rank).
+    With `entry` (a list), the shared-memory entry exchange rides along: its table is appended."""
     sig = signature(t, op, algorithm, dim, root)
-    return agree(name, g, sig, need_op=op is not None, need_algorithm=algorithm is not None, free_dim=free_dim)
+    descriptor = shm.local_descriptor(g, t) if entry is not None and g.size > 1 else None
+    return agree(name, g, sig, need_op=op is not None, need_algorithm=algorithm is not None, free_dim=free_dim,
+                 descriptor=descriptor, entry=entry)
+
+
+def _first(entry: list):
+    return entry[0] if entry else None
 
 
 def _working(t: torch.Tensor) -> torch.Tensor:
@@ -118,10 +125,11 @@ def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto") ->
         return all_gather(t.reshape(1), group, 0, algorithm)
     g = as_group(group)
     d = norm_dim(dim, t.dim())
-    sizes = _agree("all_gather", g, t, algorithm=algorithm, dim=d, free_dim=True)
+    entry: list = []
+    sizes = _agree("all_gather", g, t, algorithm=algorithm, dim=d, free_dim=True, entry=entry)
     if g.size == 1:
         return t.clone()
-    shared = shm.all_gather(t, g, d, sizes, algorithm)
+    shared = shm.all_gather(t, g, d, sizes, algorithm, _first(entry))
     if shared is not None:
         return shared
     x = t.detach().movedim(d, 0)
@@ -146,14 +154,15 @@ def reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algori
     """Rank r gets slice r (torch.tensor_split order) along `dim` of the elementwise op over ranks."""
     g = as_group(group)
     d = norm_dim(dim, t.dim())
+    entry: list = []
     if validate or d == BAD_DIM:
-        _agree("reduce_scatter", g, t, op=op, algorithm=algorithm, dim=d)
+        _agree("reduce_scatter", g, t, op=op, algorithm=algorithm, dim=d, entry=entry)
     if t.dim() == 0:
         raise MpiparError("reduce_scatter: a 0-d tensor has no dim to scatter along")
     op = _bool_op(op, t.dtype)
     if g.size == 1:
         return t.clone()
-    shared = shm.reduce_scatter(t, g, d, op, algorithm)
+    shared = shm.reduce_scatter(t, g, d, op, algorithm, _first(entry))
     if shared is not None:
         return shared
     x = _working(t.movedim(d, 0))
@@ -174,11 +183,12 @@ def broadcast(t: torch.Tensor, group, root: int = 0) -> torch.Tensor:
     """In place: every rank's `t` becomes root's `t`. Returns `t`."""
     g = as_group(group)
     r = root if isinstance(root, int) and 0 <= root < g.size else BAD_DIM
-    _agree("broadcast", g, t, dim=r)
+    entry: list = []
+    _agree("broadcast", g, t, dim=r, entry=entry)
     # (a bad root travels in the dim slot, so every rank raises the same error)
     if g.size == 1:
         return t
-    if shm.broadcast(t, g, root):  # symmetric tensor on one node: zero copy
+    if shm.broadcast(t, g, root, _first(entry)):  # symmetric tensor on one node: zero copy
         return t
     with host_contiguous(t, write_back=g.rank != root) as h:
         wait_all([g.comm.Ibcast(mpi_buffer(h), root=root)])
@@ -195,8 +205,14 @@ def all_to_all(t: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> tor
                           f"is not divisible by the group size {g.size}")
     if g.size == 1:
         return t.clone()
-    send = torch.stack(t.detach().chunk(g.size, dim=sd))
-    send = (send.cpu() if needs_staging(send) else send).contiguous()
+    x = t.detach()
+    x = x.cpu() if needs_staging(x) else x
+    send = x.movedim(sd, 0).contiguous()  # block j (rows j*S/N ..) goes to rank j; no copy when sd == 0
     recv = torch.empty_like(send)
     wait_all([g.comm.Ialltoall(mpi_buffer(send), mpi_buffer(recv))])
-    return torch.cat(recv.unbind(0), dim=gd).to(t.device)
+    # block i came from rank i: (N, S/N, rest) back in t's dim order, then concatenated along gd
+    blocks = recv.view(g.size, send.shape[0] // g.size, *send.shape[1:]).movedim(1, sd + 1)
+    out_shape = list(t.shape)
+    out_shape[sd] //= g.size
+    out_shape[gd] *= g.size
+    return blocks.movedim(0, gd).reshape(out_shape).to(t.device)  # a view when sd == gd == 0

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import MpiparError
-from . import tuning
+from . import shm, tuning
 from .validate import _UNKNOWN, check, exchange, signature
 
 INLINE_BYTES = 4096  # the payload slot; identical on every rank by construction (never from env)
@@ -118,13 +118,10 @@ def agree_all_reduce(t: torch.Tensor, g, op, algorithm):
     if buf.last is not info:  # the in-place Allgather leaves this rank's own row alone
         buf.my_head[:] = info.head
         buf.last, buf.expect = info, info.head_bytes * g.size
-    pool = getattr(g, _POOL_ATTR, None) if combine is None else None
-    shared = pool is not None and pool.one_node
+    descriptor = shm.local_descriptor(g, t) if combine is None else None
+    shared = descriptor is not None
     if shared:
-        buf.my_descriptor[:] = pool.descriptor(t)
-        found = pool.locate(t)
-        if found is not None:
-            found[0].sync()  # this rank's writes to t are visible before the peers read them
+        buf.my_descriptor[:] = descriptor
     elif combine is not None:
         if t.is_cpu and t.is_contiguous():
             _MEMMOVE(buf.my_addr, t.data_ptr(), info.nbytes)
@@ -151,7 +148,6 @@ def agree_all_reduce(t: torch.Tensor, g, op, algorithm):
 
 
 _MEMMOVE = ctypes.memmove
-_POOL_ATTR = "_mpipar_symmetric_pool"  # mpipar.comm.symmetric's per-group pool (never created here)
 _IN_PLACE = []
 
 

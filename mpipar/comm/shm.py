@@ -113,6 +113,20 @@ def _local_tensor(window, offset: int, t: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(window.local[offset:offset + nbytes]).view(t.dtype).view(t.shape)
 
 
+def local_descriptor(g, t: torch.Tensor):
+    """This rank's [window, offset, nbytes] of `t` for an argument agreement to carry (the
+    shared-memory entry exchange then rides on it), or None when `g` has no one-node pool.
+    Local (never creates the pool); syncs `t`'s window so the peers see this rank's writes."""
+    pool = pool_of(g)
+    if pool is None or not pool.one_node:
+        return None
+    found = pool.locate(t)
+    if found is None:
+        return np.full(3, -1, dtype=np.int64)
+    found[0].sync()
+    return np.array([found[0].ident, found[1], t.numel() * t.element_size()], dtype=np.int64)
+
+
 # -- collectives ---------------------------------------------------------------------------------
 def all_reduce(t: torch.Tensor, g, op: str, algorithm: str, entry=None) -> bool:
     """In place on `t` through shared memory; False (nothing done) when this call does not apply.
@@ -153,12 +167,12 @@ def _all_reduce(pool, window, offset: int, numel: int, dtype, op: str) -> None:
             np.copyto(views[p][c0:c1], own)
 
 
-def reduce_scatter(t: torch.Tensor, g, dim: int, op: str, algorithm: str):
+def reduce_scatter(t: torch.Tensor, g, dim: int, op: str, algorithm: str, entry=None):
     """Slice g.rank (tensor_split order along `dim`) of the reduction, or None when not applicable."""
     if algorithm in SHM_ALGORITHMS:
         reduce_dtype(t.dtype)
     nbytes = t.numel() * t.element_size()
-    plan = _enter(g, t, algorithm, "reduce_scatter", nbytes)
+    plan = _enter(g, t, algorithm, "reduce_scatter", nbytes, entry)
     if plan is None:
         return None
     pool, window, offset, _ = plan
@@ -181,12 +195,12 @@ def reduce_scatter(t: torch.Tensor, g, dim: int, op: str, algorithm: str):
     return out.view(shape).to(t.device)
 
 
-def all_gather(t: torch.Tensor, g, dim: int, sizes: list[int], algorithm: str):
+def all_gather(t: torch.Tensor, g, dim: int, sizes: list[int], algorithm: str, entry=None):
     """Concatenation along `dim` of every rank's `t` (sizes[r] along dim), or None when not applicable."""
     shape = list(t.shape)
     outer, inner = math.prod(shape[:dim]), math.prod(shape[dim + 1:])
     item, total = t.element_size(), sum(sizes)
-    plan = _enter(g, t, algorithm, "all_gather", outer * total * inner * item)
+    plan = _enter(g, t, algorithm, "all_gather", outer * total * inner * item, entry)
     if plan is None:
         return None
     pool, window, offset, _ = plan
@@ -222,10 +236,10 @@ def _output(pool, capacity: int, numel: int, dtype) -> torch.Tensor:
     return torch.empty(numel, dtype=dtype)
 
 
-def broadcast(t: torch.Tensor, g, root: int) -> bool:
+def broadcast(t: torch.Tensor, g, root: int, entry=None) -> bool:
     """In place: root's symmetric `t` copied into every rank's; False when `t` is not symmetric."""
     nbytes = t.numel() * t.element_size()
-    plan = _enter(g, t, "auto", "broadcast", nbytes)
+    plan = _enter(g, t, "auto", "broadcast", nbytes, entry)
     if plan is None:
         return False
     pool, window, offset, _ = plan

@@ -49,12 +49,16 @@ def signature(t, op=None, algorithm=None, dim: int = 0, root: int = 0) -> tuple:
     return tuple(head + shape + [0] * (MAX_NDIM - len(shape)))
 
 
-def agree(name: str, g, sig: np.ndarray, need_op: bool, need_algorithm: bool, free_dim: bool = False):
+def agree(name: str, g, sig: np.ndarray, need_op: bool, need_algorithm: bool, free_dim: bool = False,
+          descriptor=None, entry: list | None = None):
     """Collective: check `sig` is consistent across the group; raise on every rank if not.
 
     Fast path: one tiny collective on a hash of the signature (a few microseconds).
     Only on a mismatch do ranks exchange full signatures to name the culprit.
     Returns each rank's size along the free dim when free_dim, else None.
+    `descriptor` (this rank's symmetric [window, offset, nbytes], mpipar.comm.shm) rides
+    along; the (N, 3) table the shared-memory path needs is then appended to `entry`
+    (rows equal and >= 0 exactly when every rank's tensor is at the same symmetric place).
     """
     bad = int((need_op and sig[0] == _UNKNOWN) or (need_algorithm and sig[1] == _UNKNOWN)
               or sig[2] == _UNKNOWN or sig[4] == BAD_DIM)
@@ -66,16 +70,22 @@ def agree(name: str, g, sig: np.ndarray, need_op: bool, need_algorithm: bool, fr
         if bad:
             check(name, np.array([sig], dtype=np.int64), need_op, need_algorithm, free_dim)
         return [int(sig[free])] if free is not None else None
+    d = list(descriptor) if descriptor is not None else [-1, -1, -1]
     if free_dim:
-        mine = np.array([h, bad, sig[free] if free is not None else 0], dtype=np.int64)
-        table = np.empty((g.size, 3), dtype=np.int64)
+        mine = np.array([h, bad, sig[free] if free is not None else 0] + d, dtype=np.int64)
+        table = np.empty((g.size, 6), dtype=np.int64)
         _polite(g, lambda: g.comm.Iallgather(mine, table), lambda: g.comm.Allgather(mine, table))
         consistent = not table[:, 1].any() and (table[:, 0] == h).all()
+        descriptors = table[:, 3:].copy()
     else:
-        both = np.array([h, -h, bad], dtype=np.int64)
+        both = np.array([h, -h, bad] + d + [-x for x in d], dtype=np.int64)
         _polite(g, lambda: g.comm.Iallreduce(_in_place(), both, op=_mpi_max()),
                 lambda: g.comm.Allreduce(_in_place(), both, op=_mpi_max()))
         consistent = both[0] == -both[1] and not both[2]
+        same = bool((both[3:6] == -both[6:9]).all())  # max == min: one place on every rank
+        descriptors = np.tile(both[3:6] if same else np.full(3, -1, dtype=np.int64), (g.size, 1))
+    if descriptor is not None and entry is not None:
+        entry.append(descriptors)
     if not consistent:
         check(name, exchange(g, np.array(sig, dtype=np.int64)), need_op, need_algorithm, free_dim)
         raise MpiparError(f"{name}: arguments differ across ranks")  # pragma: no cover (hash collision)
