@@ -1,7 +1,9 @@
 """all_reduce's argument agreement, which carries small tensors along.
 
 Every validated all_reduce starts with ONE fixed-size Allgather: each rank
-sends [hash of its signature, bad-argument flag] and a 4 KiB payload slot.
+sends [hash of its signature, bad-argument flag, its symmetric descriptor
+(window, offset, nbytes: the shared-memory path's entry exchange, so that
+needs no second one)] and a 4 KiB payload slot.
 The message size never depends on the arguments, so ranks that disagree
 still complete it, see the disagreement and raise the same MpiparError.
 When the (agreed) signature says the tensor is small (at most INLINE_BYTES,
@@ -12,7 +14,8 @@ Larger tensors go on to their collective after the agreement.
 
 Measured with 2 ranks here (4 KiB float32): a separate agreement collective
 before MPI's Allreduce cost 23 us per call against raw mpi4py's 4-5 us; this
-path costs one Allgather of 4 KiB (about 3 us) plus the Python around it.
+path costs one Allgather of 4 KiB (about 3 us) plus the Python around it:
+7.7 us against raw mpi4py's 4.0 us in one sweep of experiments/collectives.py.
 """
 from __future__ import annotations
 

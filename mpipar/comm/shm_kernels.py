@@ -6,12 +6,11 @@ fp16 are reduced in float32 chunk by chunk and rounded to nearest-even once.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 
 from .buffers import flat_chunks, offsets
+from .tuning import env
 
 _UFUNC = {"sum": np.add, "max": np.maximum, "min": np.minimum}
 _NP = {
@@ -24,7 +23,7 @@ _NP = {
 
 def chunk_elements(itemsize: int) -> int:
     """Elements per cache-sized chunk (MPIPAR_SHM_CHUNK_BYTES, default 256 KiB)."""
-    nbytes = int(os.environ.get("MPIPAR_SHM_CHUNK_BYTES", 256 * 1024))
+    nbytes = int(env("MPIPAR_SHM_CHUNK_BYTES") or 256 * 1024)
     return max(64, nbytes // itemsize)
 
 

@@ -75,6 +75,7 @@ class Window:
         self.local = self.segments[node.Get_rank()]
         self.base = self.local.ctypes.data
         self.live = 0      # tensors of this rank still referencing the window
+        self.plans: dict = {}  # cached numpy views of the shm kernels (mpipar.comm.shm), freed with it
 
     def view(self, peer: int, offset: int, nbytes: int) -> np.ndarray:
         """uint8 view of `nbytes` bytes at `offset` in node peer `peer`'s segment."""
@@ -88,7 +89,7 @@ class Window:
 
     def free(self) -> None:
         """Collective over the node: end the Lock_all epoch, then free the window."""
-        self.segments, self.local = [], None
+        self.segments, self.local, self.plans = [], None, {}
         self.win.Unlock_all()
         self.win.Free()
 
