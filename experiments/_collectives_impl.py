@@ -191,14 +191,17 @@ def time_block(run, iters: int, g) -> np.ndarray:
 
 def measure_size(points: list[dict], g, rounds: int) -> list[dict]:
     """Time the implementations of one (op, size) side by side: `rounds` rounds, each timing
-    every implementation in turn, so a slow phase of the machine hits all of them alike.
+    every implementation in turn (round k starting with the k-th, so none always runs in the
+    same position), so a slow phase of the machine hits all of them alike.
     time_s is the best round's mean over ranks (time_min_s/time_max_s: that round's ranks),
     time_median_s the median over rounds."""
     plain_for: dict = {}
     runs = [prepare(p, g, plain_for) for p in points]
     blocks = [[] for _ in points]
-    for _ in range(rounds):
-        for i, (run, _, iters) in enumerate(runs):
+    for k in range(rounds):
+        for j in range(len(runs)):  # round k starts at implementation k: no one always goes first
+            i = (j + k) % len(runs)
+            run, _, iters = runs[i]
             blocks[i].append(time_block(run, iters, g))
     return [metrics(p, g, b, wrong, iters) for p, b, (_, wrong, iters) in zip(points, blocks, runs)]
 

@@ -230,6 +230,14 @@ def verdicts(rows: list[dict]) -> list[str]:
         gloo = [t[(op, "gloo", s)] / t[(op, "auto", s)] for s in big if (op, "gloo", s) in t]
         if best:
             out.append(f"{op} >= 1 MiB: busbw auto / best(mpi, ring) min {min(best):.2f} (target >= 0.95)")
+            same = [t[(op, C.tuning.choose(op, "auto", s, 2), s)] / t[(op, "auto", s)] for s in big
+                    if (op, "mpi", s) in t and (op, "ring", s) in t]
+            out.append(f"{op} >= 1 MiB: A/A noise floor: busbw auto / the algorithm auto ran (same code) "
+                       f"min {min(same):.2f} max {max(same):.2f}")
+            choice = [min(t[(op, "mpi", s)], t[(op, "ring", s)]) / t[(op, C.tuning.choose(op, "auto", s, 2), s)]
+                      for s in big if (op, "mpi", s) in t and (op, "ring", s) in t]
+            out.append(f"{op} >= 1 MiB: auto's choice: busbw of the algorithm it picks / the better of mpi, ring "
+                       f"min {min(choice):.2f}")
         if gloo:
             out.append(f"{op} >= 1 MiB: busbw auto / gloo min {min(gloo):.2f} (target >= 1.5)")
     out += shm_verdicts(rows)
