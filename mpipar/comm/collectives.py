@@ -6,7 +6,9 @@ measured crossover (`tuning.choose`). Every call first agrees on its
 arguments across the group (mpipar.comm.validate), so bad input raises
 MpiparError on every rank and never hangs; all_reduce's agreement is one
 fixed-size Allgather that also carries tensors of at most 4 KiB, which are
-then reduced locally (mpipar.comm.inline): one collective per small all-reduce. `validate=False` (all_reduce,
+then reduced locally (mpipar.comm.inline): one collective per small
+all-reduce. Every agreement also carries the shared-memory entry exchange of
+symmetric tensors (mpipar.comm.shm). `validate=False` (all_reduce,
 reduce_scatter) skips that agreement for callers whose arguments are
 consistent by construction, e.g. a backward whose shapes mirror a forward
 that was validated.
