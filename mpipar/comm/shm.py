@@ -59,8 +59,8 @@ def _enter(g, t, algorithm, op_name, nbytes, entry=None):
 
     Collective only when a decision needs data from every rank; the exchange of
     [window, offset, nbytes] is also the entry barrier of the shm algorithms.
-    `entry`: that exchange's (N, 3) table when the caller already made it (all_reduce's
-    argument agreement carries it, mpipar.comm.inline); same on every rank.
+    `entry`: that exchange's (N, 3) table when the caller already made it (the argument
+    agreement carries it: mpipar.comm.validate, mpipar.comm.inline); same on every rank.
     """
     if algorithm not in SHM_ALGORITHMS:
         return None
@@ -71,18 +71,16 @@ def _enter(g, t, algorithm, op_name, nbytes, entry=None):
     if pool is None:
         return None
     if entry is not None and pool.one_node:
-        table = entry  # the agreement Allgather was the entry barrier (its sender synced)
-    elif pool.one_node:  # node rank == group rank
-        mine = pool.locate(t)
-        if mine is not None:
-            mine[0].sync()
-        table = pool.sync.wait(pool.descriptor(t))
+        table = entry  # the agreement was the entry barrier (each sender synced its window)
     else:
         mine = pool.locate(t)
         if mine is not None:
             mine[0].sync()
-        table = np.empty((g.size, 3), dtype=np.int64)
-        wait_all([g.comm.Iallgather(pool.descriptor(t), table)])
+        if pool.one_node:  # node rank == group rank
+            table = pool.sync.wait(pool.descriptor(t))
+        else:
+            table = np.empty((g.size, 3), dtype=np.int64)
+            wait_all([g.comm.Iallgather(pool.descriptor(t), table)])
     symmetric = bool(table[0, 0] >= 0) and table.tobytes() == table[0].tobytes() * len(table)
     choice = tuning.choose_shared(op_name, algorithm, symmetric, pool.one_node)
     if choice is None:
@@ -121,10 +119,9 @@ def local_descriptor(g, t: torch.Tensor):
     if pool is None or not pool.one_node:
         return None
     found = pool.locate(t)
-    if found is None:
-        return np.full(3, -1, dtype=np.int64)
-    found[0].sync()
-    return np.array([found[0].ident, found[1], t.numel() * t.element_size()], dtype=np.int64)
+    if found is not None:
+        found[0].sync()
+    return pool.descriptor(t)
 
 
 # -- collectives ---------------------------------------------------------------------------------
