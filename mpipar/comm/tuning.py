@@ -8,9 +8,12 @@ steps were pipelined on reused scratch and large tensors moved to huge pages):
   tie at 6 MiB, the ring wins from 8 MiB and by ~3x from 32 MiB (6.5 vs 2.4);
 - reduce-scatter: the ring wins from 1-2 MiB (two sweeps: 2.8 vs 2.5 GB/s at 1 MiB in
   one, 3.4 vs 3.5 in the other; 4.8 vs 4.2 at 2 MiB; 3.4 vs 1.1 at 256 MiB);
-- all-gather: within +-10% at every size (both pay for the fresh output), so MPI.
-Override with MPIPAR_CROSSOVER_<OP>=bytes (e.g. MPIPAR_CROSSOVER_ALL_REDUCE=262144);
-every rank must see the same value.
+- all-gather: the ring from 4 MiB up to (not including) 32 MiB, where MPICH wins again
+  (four sweeps, busbw ring / mpi: 1.00-1.11 at 4 MiB, 1.03-1.16 at 8 MiB, 1.00-1.03 at
+  16 MiB, 0.87-0.91 at 32 MiB, 0.85-0.90 at 256 MiB; mixed at 2 MiB).
+Override with MPIPAR_CROSSOVER_<OP>=bytes (e.g. MPIPAR_CROSSOVER_ALL_REDUCE=262144)
+and MPIPAR_RING_CEILING_<OP>=bytes (where MPI wins again); every rank must see the
+same values.
 """
 from __future__ import annotations
 
@@ -31,8 +34,14 @@ def env(name: str) -> str | None:
 NEVER = 1 << 62
 CROSSOVER_BYTES = {
     "all_reduce": 8 << 20,
-    "all_gather": NEVER,
+    "all_gather": 4 << 20,
     "reduce_scatter": 2 << 20,
+}
+# ... and the size from which MPI's collective wins again (the ring's window is [crossover, ceiling)).
+RING_CEILING_BYTES = {
+    "all_reduce": NEVER,
+    "all_gather": 32 << 20,
+    "reduce_scatter": NEVER,
 }
 
 
@@ -41,11 +50,16 @@ def crossover(op: str) -> int:
     return int(value) if value else CROSSOVER_BYTES[op]
 
 
+def ring_ceiling(op: str) -> int:
+    value = env(f"MPIPAR_RING_CEILING_{op.upper()}")
+    return int(value) if value else RING_CEILING_BYTES[op]
+
+
 def choose(op: str, algorithm: str, nbytes: int, group_size: int) -> str:
     """Concrete algorithm ("mpi" or "ring") for this call."""
     if algorithm != "auto":
         return algorithm
-    return "ring" if nbytes >= crossover(op) and group_size > 1 else "mpi"
+    return "ring" if crossover(op) <= nbytes < ring_ceiling(op) and group_size > 1 else "mpi"
 
 
 # Shared memory (mpipar.comm.shm): "auto" takes it for tensors that every rank holds in a

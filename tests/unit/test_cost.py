@@ -105,6 +105,7 @@ def test_busbw_of_the_model_approaches_one_over_beta():
 def test_auto_choice_follows_the_crossover(monkeypatch):
     for op in ("all_reduce", "all_gather", "reduce_scatter"):
         monkeypatch.delenv(f"MPIPAR_CROSSOVER_{op.upper()}", raising=False)
+        monkeypatch.delenv(f"MPIPAR_RING_CEILING_{op.upper()}", raising=False)
         x = tuning.crossover(op)
         assert x > 0
         assert tuning.choose(op, "auto", x - 1, 4) == "mpi"
@@ -115,3 +116,12 @@ def test_auto_choice_follows_the_crossover(monkeypatch):
         monkeypatch.setenv(f"MPIPAR_CROSSOVER_{op.upper()}", "100")
         assert tuning.crossover(op) == 100
         assert tuning.choose(op, "auto", 99, 2) == "mpi" and tuning.choose(op, "auto", 100, 2) == "ring"
+
+
+def test_auto_goes_back_to_mpi_at_the_ring_ceiling(monkeypatch):
+    monkeypatch.setenv("MPIPAR_CROSSOVER_ALL_GATHER", "100")
+    monkeypatch.setenv("MPIPAR_RING_CEILING_ALL_GATHER", "1000")
+    assert [tuning.choose("all_gather", "auto", b, 2) for b in (99, 100, 999, 1000)] == ["mpi", "ring", "ring", "mpi"]
+    monkeypatch.delenv("MPIPAR_RING_CEILING_ALL_GATHER")
+    assert tuning.choose("all_gather", "auto", tuning.RING_CEILING_BYTES["all_gather"], 2) == "mpi"
+    assert tuning.ring_ceiling("all_reduce") == tuning.NEVER
