@@ -9,8 +9,8 @@ steps were pipelined on reused scratch and large tensors moved to huge pages):
 - reduce-scatter: the ring wins from 1-2 MiB (two sweeps: 2.8 vs 2.5 GB/s at 1 MiB in
   one, 3.4 vs 3.5 in the other; 4.8 vs 4.2 at 2 MiB; 3.4 vs 1.1 at 256 MiB);
 - all-gather: the ring from 4 MiB up to (not including) 32 MiB, where MPICH wins again
-  (four sweeps, busbw ring / mpi: 1.00-1.11 at 4 MiB, 1.03-1.16 at 8 MiB, 1.00-1.03 at
-  16 MiB, 0.87-0.91 at 32 MiB, 0.85-0.90 at 256 MiB; mixed at 2 MiB).
+  (five sweeps, busbw ring / mpi: 0.98-1.19 at 4 MiB, 1.03-1.17 at 8 MiB, 0.97-1.03 at
+  16 MiB, 0.87-0.89 at 32 MiB, 0.69-0.93 at 256 MiB; 0.93-1.15 at 2 MiB).
 Override with MPIPAR_CROSSOVER_<OP>=bytes (e.g. MPIPAR_CROSSOVER_ALL_REDUCE=262144)
 and MPIPAR_RING_CEILING_<OP>=bytes (where MPI wins again); every rank must see the
 same values.
