@@ -23,7 +23,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 
-def _save(fig, path) -> Path:
+def save_figure(fig, path) -> Path:
+    """Write `fig` to `path` (folders made), then close it. Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -65,7 +66,7 @@ def line_plot(df: pd.DataFrame, x: str, y: str, path, hue=None, title: str = "",
     ax.set(title=title, xlabel=xlabel or x, ylabel=ylabel or y)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def busbw_plot(df: pd.DataFrame, path, size: str = "nbytes", busbw: str = "busbw_GBps", hue=("impl",),
@@ -82,7 +83,7 @@ def busbw_plot(df: pd.DataFrame, path, size: str = "nbytes", busbw: str = "busbw
     ax.set(title=title, xlabel="message size (bytes)", ylabel="bus bandwidth (GB/s)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def memory_time_plot(df: pd.DataFrame, path, seq: str = "seq_len", memory: str = "peak_activation_bytes",
@@ -103,7 +104,7 @@ def memory_time_plot(df: pd.DataFrame, path, seq: str = "seq_len", memory: str =
         ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def bar_plot(df: pd.DataFrame, x: str, y: str, path, title: str = "", ylabel: str = ""):
@@ -115,7 +116,7 @@ def bar_plot(df: pd.DataFrame, x: str, y: str, path, title: str = "", ylabel: st
     ax.set(title=title, ylabel=ylabel or y)
     ax.tick_params(axis="x", labelrotation=30)
     ax.grid(True, axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def pipeline_timelines(paths, out_dir) -> list[Path]:

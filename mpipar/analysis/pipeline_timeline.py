@@ -22,6 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .figures import save_figure  # noqa: E402
+
 COLORS = {"F": "#4c72b0", "B": "#55a868", "W": "#dd8452"}
 OPS = ("F", "B", "W")
 
@@ -76,12 +78,7 @@ def figure(measured, simulated, title: str, path) -> Path:
     for ax, (rows, label, unit) in zip(axes[:, 0], panels):
         scaled = [[(o, mb, c, a * 1e3, b * 1e3) for o, mb, c, a, b in row] for row in rows]
         draw(ax, scaled, f"{title}: {label}", unit)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _pick(points: pd.DataFrame) -> pd.Series:

@@ -7,8 +7,6 @@ raises the same MpiparError on every rank instead of hanging.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from ..errors import MpiparError
