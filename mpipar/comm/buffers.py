@@ -10,12 +10,12 @@
 from __future__ import annotations
 
 import contextlib
-import os
 
 import numpy as np
 import torch
 
 from ..errors import MpiparError
+from .tuning import env
 
 # torch dtype -> (dtype whose numpy view carries the bits, reducible by MPI natively)
 _CARRIER = {
@@ -116,7 +116,7 @@ STAGING = StagingPool()
 
 def needs_staging(t: torch.Tensor) -> bool:
     """True when `t` must pass through host memory (forced by MPIPAR_FORCE_STAGING=1)."""
-    if os.environ.get("MPIPAR_FORCE_STAGING") == "1":
+    if env("MPIPAR_FORCE_STAGING") == "1":
         return True
     if t.device.type == "cpu":
         return False

@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from . import outputs
 from .buffers import mpi_buffer, offsets
 from .wait import wait_all
 
@@ -102,7 +103,7 @@ def reduce_scatter_into(src: torch.Tensor, g, counts: list[int], op: str = "sum"
     chunk = lambda i: src.narrow(0, offs[i % n], counts[i % n])
     if n == 1:
         return chunk(0).clone()
-    acc = torch.empty(max(counts), dtype=src.dtype, device=src.device)
+    acc = outputs.empty([max(counts)], src.dtype, src.device)  # returned: recycled when freed
     send = chunk(r - 1)
     for k in range(n - 1):
         i = (r - k - 2) % n

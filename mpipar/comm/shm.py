@@ -8,12 +8,13 @@ When every rank's tensor lives at the same place of the same window
   PUSHES it into every peer's slot. Each element is reduced once, by its
   owner, so every rank ends bit-identical.
 - reduce-scatter: the owner of slice r reduces it, chunk by chunk, into its output.
-- all-gather: every rank pulls each peer's piece into its output; large outputs
-  (tuning.SHM_POOLED_OUTPUT_BYTES) come from the pool, symmetric, and then every
-  rank PUSHES its piece into every rank's output instead.
+- all-gather: every rank pulls each peer's piece into its output (a recycled plain
+  tensor, mpipar.comm.outputs); with MPIPAR_SHM_POOLED_OUTPUT_BYTES set, outputs from
+  that size come from the pool, symmetric, and every rank PUSHES its piece into every
+  rank's output instead (measured slower here: tuning.SHM_POOLED_OUTPUT_BYTES).
 - broadcast: every rank copies the root's tensor into its own.
-Large reduce-scatter/all-gather outputs live in pooled windows because a fresh
-tensor of >= 32 MiB is a fresh mmap whose page faults cost more than the copy.
+Outputs are recycled because a fresh tensor of a few MiB is a fresh mmap whose
+page faults cost more than the copy.
 Synchronisation is Sync-Barrier-Sync under the windows' Lock_all(MODE_NOCHECK)
 epoch: once on entry (inputs are ready; the same barrier carries each rank's
 [window, offset, nbytes], so all agree whether the tensor is symmetric), once
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import MpiparError
-from . import hierarchical, tuning
+from . import hierarchical, outputs, tuning
 from .buffers import flat_chunks, offsets, reduce_dtype
 from .shm_kernels import blocks, chunk_elements, np_of, owner_slices, reduce_into, typed
 from .symmetric import pool_of
@@ -237,11 +238,11 @@ def all_gather(t: torch.Tensor, g, dim: int, sizes: list[int], algorithm: str, e
 
 def _output(pool, capacity: int, numel: int, dtype) -> torch.Tensor:
     """A flat output of `numel` elements: from the pool (collective; `capacity` equal on every
-    rank) when large (no page faults of fresh memory on every call: outputs of >= 32 MiB are a
-    fresh mmap each time), else torch.empty."""
+    rank) when large, else a recycled plain tensor (mpipar.comm.outputs). Neither pays the
+    page faults of fresh memory on every call."""
     if capacity * dtype.itemsize >= max(1, tuning.shm_pooled_output_bytes()):
         return pool.empty((capacity,), dtype)[:numel]
-    return torch.empty(numel, dtype=dtype)
+    return outputs.empty([numel], dtype)
 
 
 def broadcast(t: torch.Tensor, g, root: int, entry=None) -> bool:

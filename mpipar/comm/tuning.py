@@ -76,9 +76,13 @@ SHM_CROSSOVER_BYTES = {
 }
 
 
-# Outputs of shared-memory reduce-scatter/all-gather at least this large come from the pool
-# (reused windows: no page faults; the all-gather then pushes). MPIPAR_SHM_POOLED_OUTPUT_BYTES.
-SHM_POOLED_OUTPUT_BYTES = 16 << 20
+# Outputs of shared-memory reduce-scatter/all-gather at least this large come from the symmetric
+# pool (the all-gather then pushes its piece into every rank's output); smaller ones are recycled
+# plain tensors (mpipar.comm.outputs: no page faults either, 2 MiB pages) that every rank pulls into.
+# Pulling into plain outputs measured faster at every size (2 ranks, interleaved, busbw GB/s,
+# push vs pull: 1 MiB 3.6 vs 5.3, 16 MiB 4.3 vs 5.9, 256 MiB 3.7 vs 4.7), so pushing is off
+# by default. MPIPAR_SHM_POOLED_OUTPUT_BYTES=bytes turns it on from that size.
+SHM_POOLED_OUTPUT_BYTES = NEVER
 
 
 def shm_pooled_output_bytes() -> int:

@@ -12,6 +12,7 @@ import numpy as np
 from ..errors import MpiparError
 from .buffers import DTYPE_CODES
 from .tuning import env
+from .wait import complete
 
 OPS = ("sum", "max", "min")
 ALGORITHMS = ("auto", "mpi", "ring", "shm", "hier")
@@ -72,12 +73,12 @@ def agree(name: str, g, sig: np.ndarray, need_op: bool, need_algorithm: bool, fr
     if free_dim:
         mine = np.array([h, bad, sig[free] if free is not None else 0] + d, dtype=np.int64)
         table = np.empty((g.size, 6), dtype=np.int64)
-        _polite(g, lambda: g.comm.Iallgather(mine, table), lambda: g.comm.Allgather(mine, table))
+        complete(g, lambda: g.comm.Iallgather(mine, table), lambda: g.comm.Allgather(mine, table))
         consistent = not table[:, 1].any() and (table[:, 0] == h).all()
         descriptors = table[:, 3:].copy()
     else:
         both = np.array([h, -h, bad] + d + [-x for x in d], dtype=np.int64)
-        _polite(g, lambda: g.comm.Iallreduce(_in_place(), both, op=_mpi_max()),
+        complete(g, lambda: g.comm.Iallreduce(_in_place(), both, op=_mpi_max()),
                 lambda: g.comm.Allreduce(_in_place(), both, op=_mpi_max()))
         consistent = both[0] == -both[1] and not both[2]
         same = bool((both[3:6] == -both[6:9]).all())  # max == min: one place on every rank
@@ -88,16 +89,6 @@ def agree(name: str, g, sig: np.ndarray, need_op: bool, need_algorithm: bool, fr
         check(name, exchange(g, np.array(sig, dtype=np.int64)), need_op, need_algorithm, free_dim)
         raise MpiparError(f"{name}: arguments differ across ranks")  # pragma: no cover (hash collision)
     return [int(x) for x in table[:, 2]] if free_dim else None
-
-
-def _polite(g, nonblocking, blocking) -> None:
-    """Blocking call when ranks have their own cores; test-and-sleep when oversubscribed."""
-    if g.oversubscribed:
-        from .wait import wait_all
-
-        wait_all([nonblocking()])
-    else:
-        blocking()
 
 
 def _in_place():

@@ -34,6 +34,16 @@ def wait_all(requests) -> None:
     _poll(lambda: MPI.Request.Testall(reqs))
 
 
+def complete(g, nonblocking, blocking) -> None:
+    """Run one collective of group `g`: `blocking()` when ranks have their own cores (MPI's
+    blocking collectives are the fastest: MPICH's non-blocking ones go through its
+    schedule engine, ~15 us more at 256 KiB here), else `nonblocking()` waited politely."""
+    if g.oversubscribed:
+        wait_all([nonblocking()])
+    else:
+        blocking()
+
+
 def wait(request) -> None:
     wait_all([request])
 
