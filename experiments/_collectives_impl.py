@@ -146,29 +146,36 @@ def build(point: dict, g, count: int, plain=None):
     return inp, bench_mpipar(op, "auto" if impl == "auto_sym" else impl, g, inp)
 
 
-BLOCK_SECONDS = 0.02  # a timed block lasts at least this long (within 50x --iters)
+BLOCK_SECONDS = 0.02  # a timed block lasts at least this long (within 50x --iters) ...
+BLOCK_MAX_SECONDS = 0.1  # ... and at most about this long (down to one call)
 
 
 def iterations(point: dict, seconds_per_call: float) -> int:
     """Timed calls per round: --iters, or more (up to 50x) so that a block lasts at least
     BLOCK_SECONDS: short hiccups of a shared machine then average out (a 4 KiB call takes
-    ~5-10 us, a 1 MiB one ~150 us)."""
-    iters = point["iters"]
-    want = int(BLOCK_SECONDS / max(seconds_per_call, 1e-7)) + 1
-    return max(iters, min(50 * iters, want))
+    ~5-10 us, a 1 MiB one ~150 us); or fewer, down to one, so that it lasts at most about
+    BLOCK_MAX_SECONDS: a 256 MiB call takes 20-170 ms, and many short rounds give every
+    implementation more chances at the machine's quiet phases than a few long ones."""
+    iters, per_call = point["iters"], max(seconds_per_call, 1e-7)
+    longer = max(iters, min(50 * iters, int(BLOCK_SECONDS / per_call) + 1))
+    return min(longer, max(1, int(BLOCK_MAX_SECONDS / per_call)))
 
 
-def prepare(point: dict, g, plain_for: dict):
+def prepare(point: dict, g, plain_for: dict, cases: dict):
     """Build one point's run() and check it once against the exact expected output.
     Returns (run, #wrong on this rank, calls per timed block); the input is zeroed afterwards
     (timing on zeros keeps in-place reductions finite). The warmup calls are timed to size
-    the blocks (the slowest rank's estimate, so every rank makes the same number of calls)."""
+    the blocks (the slowest rank's estimate, so every rank makes the same number of calls).
+    `plain_for` and `cases` share the plain input and the check case between a size's points."""
     op, dtype = point["op"], DTYPES[point["dtype"]]
     count = element_count(op, point["nbytes"], dtype.itemsize, g.size)
     shape = (count // g.size,) if op == "all_gather" else (count,)
     plain = plain_for.setdefault(shape, torch.empty(shape, dtype=dtype))
     inp, run = build(point, g, count, plain)
-    given, expected = check_case(op, g.rank, g.size, count, dtype)
+    key = (op, count, dtype)
+    if key not in cases:
+        cases[key] = check_case(op, g.rank, g.size, count, dtype)
+    given, expected = cases[key]
     inp.copy_(given)
     wrong = int((run() != expected).sum())
     inp.zero_()
@@ -196,7 +203,10 @@ def measure_size(points: list[dict], g, rounds: int) -> list[dict]:
     time_s is the best round's mean over ranks (time_min_s/time_max_s: that round's ranks),
     time_median_s the median over rounds."""
     plain_for: dict = {}
-    runs = [prepare(p, g, plain_for) for p in points]
+    cases: dict = {}
+    runs = [prepare(p, g, plain_for, cases) for p in points]
+    plain_for.clear()
+    cases.clear()
     blocks = [[] for _ in points]
     for k in range(rounds):
         for j in range(len(runs)):  # round k starts at implementation k: no one always goes first

@@ -183,11 +183,20 @@ def reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algori
         mine = ring.reduce_scatter_into(x.reshape(-1), g, counts, op)
     else:
         mine = outputs.empty([counts[g.rank]], x.dtype, x.device)
-        send, recv, mop = mpi_buffer(x), mpi_buffer(mine), _mpi_op(op, x.dtype)
-        complete(g, lambda: g.comm.Ireduce_scatter(send, recv, counts, op=mop),
-                 lambda: g.comm.Reduce_scatter(send, recv, counts, op=mop))
+        _mpi_reduce_scatter(g, mpi_buffer(x), mpi_buffer(mine), counts, _mpi_op(op, x.dtype))
     out = mine.view([sizes[g.rank]] + list(x.shape[1:])).movedim(0, d)
     return out.to(device=t.device, dtype=t.dtype).contiguous()
+
+
+def _mpi_reduce_scatter(g, send, recv, counts: list[int], mop) -> None:
+    """MPI_Reduce_scatter_block when every rank gets the same count (MPICH's Reduce_scatter
+    with counts measured 2x its time at 256 KiB-1 MiB here), else MPI_Reduce_scatter."""
+    if min(counts) == max(counts):
+        complete(g, lambda: g.comm.Ireduce_scatter_block(send, recv, op=mop),
+                 lambda: g.comm.Reduce_scatter_block(send, recv, op=mop))
+        return
+    complete(g, lambda: g.comm.Ireduce_scatter(send, recv, counts, op=mop),
+             lambda: g.comm.Reduce_scatter(send, recv, counts, op=mop))
 
 
 def broadcast(t: torch.Tensor, group, root: int = 0) -> torch.Tensor:
