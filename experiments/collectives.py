@@ -3,7 +3,7 @@
 
     mpiexec -n 2 python experiments/collectives.py [--quick] [--sizes 4K:256M[:factor] | 4K,1M,..]
         [--ops all_reduce,all_gather,reduce_scatter,broadcast,all_to_all] [--dtype float32]
-        [--impls mpi,ring,auto,mpi4py,gloo,memcpy] [--iters 20] [--warmup 5] [--rounds 9]
+        [--impls mpi,ring,auto,mpi4py,gloo,memcpy] [--iters 20] [--warmup 5] [--rounds 15]
         [--out F.h5] [--dry-run]
 
 Per op and size, every implementation is timed side by side in --rounds interleaved
@@ -76,7 +76,7 @@ class Config:
     dtype: str = "float32"
     iters: int = 20
     warmup: int = 5
-    rounds: int = 9
+    rounds: int = 15
     out: str = ""
     dry_run: bool = False
 
@@ -122,7 +122,7 @@ def parse_args(argv=None) -> Config:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--iters", type=int, default=None, help="timed calls per point (default 20; quick 5)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 5; quick 1)")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 9; quick 2)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 15; quick 2)")
     p.add_argument("--quick", action="store_true", help="4K:1M:4, 5 iters, 1 warmup, 2 rounds (a smoke test)")
     p.add_argument("--out", default=None, help="HDF5 file (default results/collectives/<UTC stamp>.h5)")
     p.add_argument("--dry-run", action="store_true", help="list the points (done or to do) and exit")
@@ -131,7 +131,7 @@ def parse_args(argv=None) -> Config:
                  ops=[o for o in a.ops.split(",") if o], impls=[i for i in a.impls.split(",") if i],
                  dtype=a.dtype, iters=a.iters or (5 if a.quick else 20),
                  warmup=a.warmup if a.warmup is not None else (1 if a.quick else 5),
-                 rounds=a.rounds or (2 if a.quick else 9), out=a.out or "", dry_run=a.dry_run)
+                 rounds=a.rounds or (2 if a.quick else 15), out=a.out or "", dry_run=a.dry_run)
     require(not set(cfg.ops) - set(OPS), f"collectives: unknown ops {sorted(set(cfg.ops) - set(OPS))}")
     require(not set(cfg.impls) - set(IMPLS), f"collectives: unknown impls {sorted(set(cfg.impls) - set(IMPLS))}")
     require(cfg.sizes and min(cfg.sizes) > 0 and cfg.iters > 0 and cfg.warmup >= 0 and cfg.rounds > 0,

@@ -70,25 +70,30 @@ def agree(name: str, g, sig: np.ndarray, need_op: bool, need_algorithm: bool, fr
             check(name, np.array([sig], dtype=np.int64), need_op, need_algorithm, free_dim)
         return [int(sig[free])] if free is not None else None
     d = list(descriptor) if descriptor is not None else [-1, -1, -1]
+    wanted = descriptor is not None and entry is not None
+    # (the checks run on Python lists: numpy's per-call overhead on arrays of 6-9 elements
+    # cost more than the collective itself)
     if free_dim:
         mine = np.array([h, bad, sig[free] if free is not None else 0] + d, dtype=np.int64)
         table = np.empty((g.size, 6), dtype=np.int64)
         complete(g, lambda: g.comm.Iallgather(mine, table), lambda: g.comm.Allgather(mine, table))
-        consistent = not table[:, 1].any() and (table[:, 0] == h).all()
-        descriptors = table[:, 3:].copy()
+        rows = table.tolist()
+        consistent = all(r[0] == h and not r[1] for r in rows)
+        if wanted:
+            entry.append(table[:, 3:])
     else:
         both = np.array([h, -h, bad] + d + [-x for x in d], dtype=np.int64)
         complete(g, lambda: g.comm.Iallreduce(_in_place(), both, op=_mpi_max()),
-                lambda: g.comm.Allreduce(_in_place(), both, op=_mpi_max()))
-        consistent = both[0] == -both[1] and not both[2]
-        same = bool((both[3:6] == -both[6:9]).all())  # max == min: one place on every rank
-        descriptors = np.tile(both[3:6] if same else np.full(3, -1, dtype=np.int64), (g.size, 1))
-    if descriptor is not None and entry is not None:
-        entry.append(descriptors)
+                 lambda: g.comm.Allreduce(_in_place(), both, op=_mpi_max()))
+        v = both.tolist()
+        consistent = v[0] == -v[1] and not v[2]
+        if wanted:  # max == min: one place on every rank
+            same = v[3:6] == [-x for x in v[6:9]]
+            entry.append(np.array([v[3:6] if same else [-1, -1, -1]] * g.size, dtype=np.int64))
     if not consistent:
         check(name, exchange(g, np.array(sig, dtype=np.int64)), need_op, need_algorithm, free_dim)
         raise MpiparError(f"{name}: arguments differ across ranks")  # pragma: no cover (hash collision)
-    return [int(x) for x in table[:, 2]] if free_dim else None
+    return [r[2] for r in rows] if free_dim else None
 
 
 def _in_place():
