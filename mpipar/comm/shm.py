@@ -3,7 +3,7 @@
 When every rank's tensor lives at the same place of the same window
 (mpipar.comm.symmetric), each rank reads and writes its peers' memory directly:
 - all-reduce: rank r owns slice r (64-byte aligned); it walks its slice in
-  cache-sized chunks (MPIPAR_SHM_CHUNK_BYTES, default 256 KiB), adds every
+  cache-sized chunks (MPIPAR_SHM_CHUNK_BYTES, default 512 KiB), adds every
   peer's chunk into its own in place, then, while the chunk is in cache,
   PUSHES it into every peer's slot. Each element is reduced once, by its
   owner, so every rank ends bit-identical.
