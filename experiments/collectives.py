@@ -120,7 +120,7 @@ def parse_args(argv=None) -> Config:
     p.add_argument("--ops", default=",".join(OPS))
     p.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help=f"any of {','.join(IMPLS)}")
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--iters", type=int, default=None, help="timed calls per point (default 20; quick 5)")
+    p.add_argument("--iters", type=int, default=None, help="timed calls per block, before sizing blocks to 20-100 ms (default 20; quick 5)")
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 5; quick 1)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 15; quick 2)")
     p.add_argument("--quick", action="store_true", help="4K:1M:4, 5 iters, 1 warmup, 2 rounds (a smoke test)")

@@ -36,8 +36,8 @@ def wait_all(requests) -> None:
 
 def complete(g, nonblocking, blocking) -> None:
     """Run one collective of group `g`: `blocking()` when ranks have their own cores (MPI's
-    blocking collectives are the fastest: MPICH's non-blocking ones go through its
-    schedule engine, ~15 us more at 256 KiB here), else `nonblocking()` waited politely."""
+    own wait, no Python between the start and the end; MPICH's Iallreduce + Waitall measured
+    within 1-2 us of Allreduce here at 256 KiB-64 MiB), else `nonblocking()` waited politely."""
     if g.oversubscribed:
         wait_all([nonblocking()])
     else:
