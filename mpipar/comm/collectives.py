@@ -132,7 +132,7 @@ def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto") ->
     shared = shm.all_gather(t, g, d, sizes, algorithm, _first(entry))
     if shared is not None:
         return shared
-    x = t.detach().movedim(d, 0)
+    x = t.detach() if d == 0 else t.detach().movedim(d, 0)
     x = (x.cpu() if needs_staging(x) else x).contiguous()
     rest = list(x.shape[1:])
     inner = math.prod(rest)
@@ -145,7 +145,9 @@ def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto") ->
         ring.all_gather_(flat, g, counts)
     else:
         _mpi_all_gather(g, mpi_buffer(x), mpi_buffer(flat), counts)
-    return out.movedim(0, d).contiguous().to(t.device)
+    if d:
+        out = out.movedim(0, d).contiguous()
+    return out if out.device == t.device else out.to(t.device)
 
 
 def _mpi_all_gather(g, send, recv, counts: list[int]) -> None:

@@ -21,6 +21,7 @@ autograd saved, as blocks of the CUDA caching allocator are covered.
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 
@@ -39,10 +40,10 @@ def _uses(base: torch.Tensor) -> int:
 class _Buffer:
     __slots__ = ("base", "idle_uses", "stamp")
 
-    def __init__(self, nbytes: int, stamp: int):
+    def __init__(self, nbytes: int):
         self.base = torch.empty(nbytes, dtype=torch.uint8)
         self.idle_uses = _uses(self.base)  # the count while only the pool holds it
-        self.stamp = stamp
+        self.stamp = 0  # when it was last handed out (OutputPool.clock)
 
     def free(self) -> bool:
         return _uses(self.base) == self.idle_uses
@@ -57,10 +58,7 @@ class OutputPool:
         self.hits = self.misses = 0
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
-        numel = 1
-        for s in shape:
-            numel *= s
-        nbytes = numel * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         limit = idle_limit()
         if not MIN_BYTES <= nbytes <= limit or _use_count is None:
             return torch.empty(shape, dtype=dtype)
@@ -70,7 +68,7 @@ class OutputPool:
             if len(same) >= MAX_PER_SIZE:
                 return torch.empty(shape, dtype=dtype)
             self.release(limit - nbytes)
-            buf = _Buffer(nbytes, 0)
+            buf = _Buffer(nbytes)
             self.buffers.setdefault(nbytes, []).append(buf)
             self.misses += 1
         else:
@@ -107,6 +105,7 @@ POOL = OutputPool()
 
 def empty(shape, dtype: torch.dtype, device=None) -> torch.Tensor:
     """An uninitialised output tensor: recycled (CPU, large) or fresh."""
-    if device is not None and torch.device(device).type != "cpu":
+    on_cpu = device is None or getattr(device, "type", None) == "cpu" or torch.device(device).type == "cpu"
+    if not on_cpu or math.prod(shape) * dtype.itemsize < MIN_BYTES:  # (small: no settings to read)
         return torch.empty(shape, dtype=dtype, device=device)
     return POOL.empty(list(shape), dtype)

@@ -44,7 +44,8 @@ def test_memory_in_use_is_never_handed_out_again(keep):
     elif keep == "numpy":
         assert np.all(held == 7.0)
     del held, b
-    assert pool.empty([N], torch.float32).data_ptr() in (ptr, pool.buffers[N * 4][1].base.data_ptr())
+    pool.empty([N], torch.float32)
+    assert pool.misses == 2  # both buffers free again: the next call reuses one
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.int64, torch.bool, torch.uint8])
