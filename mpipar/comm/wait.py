@@ -37,7 +37,8 @@ def wait_all(requests) -> None:
 def complete(g, nonblocking, blocking) -> None:
     """Run one collective of group `g`: `blocking()` when ranks have their own cores (MPI's
     own wait, no Python between the start and the end; MPICH's Iallreduce + Waitall measured
-    within 1-2 us of Allreduce here at 256 KiB-64 MiB), else `nonblocking()` waited politely."""
+    within 7 us of Allreduce here at 256 KiB-8 MiB, slower at five of six sizes, and within
+    the run's noise at 16-64 MiB), else `nonblocking()` waited politely."""
     if g.oversubscribed:
         wait_all([nonblocking()])
     else:
