@@ -3,8 +3,9 @@
 Each implementation turns a point (op, impl, nbytes, dtype, iters, warmup)
 into an input tensor and a `run()` returning the output: mpipar's
 collectives ("mpi", "ring", "auto", "shm"; "auto_sym" = auto on a symmetric
-tensor; "hier" = the hierarchical all-reduce on fake nodes), raw mpi4py on
-numpy views ("mpi4py"), torch.distributed over gloo ("gloo"), a local copy
+tensor; "hier" = the hierarchical all-reduce on fake nodes; "sym_inplace" = an
+in-place all-gather into a symmetric output), raw mpi4py on numpy views
+("mpi4py"; "mpi4py_inplace": MPI_IN_PLACE all-gather), torch.distributed over gloo ("gloo"), a local copy
 ("memcpy") and an in-place pass np.add(buf, 0, out=buf) over plain ("inplace") or
 symmetric ("inplace_sym") memory. `measure_size` checks
 each implementation once against the exact expected output, then times them side by side
@@ -139,11 +140,27 @@ def build(point: dict, g, count: int, plain=None):
         hg = hier_group(g)
         inp = C.symmetric_empty(shape, dtype, hg)
         return inp, lambda: C.all_reduce(inp, hg, algorithm="hier")
+    if impl in ("sym_inplace", "mpi4py_inplace"):
+        return in_place_all_gather(impl, g, count, dtype)
     if impl == "mpi4py":
         return inp, bench_mpi4py(op, g.comm, inp, count, n)
     if impl == "gloo":
         return inp, bench_gloo(op, inp, count, n)
     return inp, bench_mpipar(op, "auto" if impl == "auto_sym" else impl, g, inp)
+
+
+def in_place_all_gather(impl: str, g, count: int, dtype):
+    """All-gather in place: the input is this rank's slice of the output. "sym_inplace":
+    mpipar's all_gather(..., out=) into a symmetric output (in shared memory only the peers'
+    pieces move); "mpi4py_inplace": MPI_Allgather(MPI_IN_PLACE, ...) on a plain output."""
+    piece = count // g.size
+    if impl == "sym_inplace":
+        out = C.symmetric_empty((count,), dtype, g)
+        inp = out[g.rank * piece:(g.rank + 1) * piece]
+        return inp, lambda: C.all_gather(inp, g, out=out)
+    out = torch.empty(count, dtype=dtype)
+    o = _np(out)
+    return out[g.rank * piece:(g.rank + 1) * piece], lambda: (g.comm.Allgather(MPI.IN_PLACE, o), out)[1]
 
 
 BLOCK_SECONDS = 0.02  # a timed block lasts at least this long (within 50x --iters) ...

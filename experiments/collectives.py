@@ -3,7 +3,7 @@
 
     mpiexec -n 2 python experiments/collectives.py [--quick] [--sizes 4K:256M[:factor] | 4K,1M,..]
         [--ops all_reduce,all_gather,reduce_scatter,broadcast,all_to_all] [--dtype float32]
-        [--impls mpi,ring,auto,mpi4py,gloo,memcpy] [--iters 20] [--warmup 5] [--rounds 15]
+        [--impls mpi,ring,auto,auto_sym,sym_inplace,mpi4py,mpi4py_inplace,gloo,memcpy,...] [--iters 20] [--warmup 5] [--rounds 15]
         [--out F.h5] [--dry-run]
 
 Per op and size, every implementation is timed side by side in --rounds interleaved
@@ -22,7 +22,10 @@ Implementations: mpipar "mpi", "ring" (all_reduce, all_gather, reduce_scatter),
 window), "auto_sym" (auto on a symmetric tensor: zero-copy shared memory), "hier"
 (all_reduce: the hierarchical path on a symmetric tensor, the ranks split into two
 fake nodes unless MPIPAR_FAKE_RANKS_PER_NODE says otherwise; opt-in);
-"mpi4py" (raw comm.Allreduce & co on numpy, no mpipar); "gloo"
+"sym_inplace" (all_gather(t, g, out=out) with `out` symmetric and `t` this rank's slice
+of it: only the peers' pieces move);
+"mpi4py" (raw comm.Allreduce & co on numpy, no mpipar); "mpi4py_inplace" (all_gather:
+raw comm.Allgather(MPI.IN_PLACE, out), the MPI library's own in-place all-gather); "gloo"
 (torch.distributed); "memcpy" (a local torch copy_ of the same size: the
 physical limit; its busbw is the copy rate); "inplace" (np.add(buf, 0, out=buf) on
 every rank at once: the in-place memory pass over plain torch memory, which sits on
@@ -59,8 +62,10 @@ from _common import init_gloo  # noqa: E402
 
 TABLE = "collectives"
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
-IMPLS = ("mpi", "ring", "auto", "shm", "auto_sym", "hier", "mpi4py", "gloo", "memcpy", "inplace", "inplace_sym")
-DEFAULT_IMPLS = ("mpi", "ring", "auto", "auto_sym", "mpi4py", "gloo", "memcpy", "inplace", "inplace_sym")
+IMPLS = ("mpi", "ring", "auto", "shm", "auto_sym", "sym_inplace", "hier", "mpi4py", "mpi4py_inplace", "gloo",
+         "memcpy", "inplace", "inplace_sym")
+DEFAULT_IMPLS = ("mpi", "ring", "auto", "auto_sym", "sym_inplace", "mpi4py", "mpi4py_inplace", "gloo",
+                 "memcpy", "inplace", "inplace_sym")
 LOCAL = ("memcpy", "inplace", "inplace_sym")  # one-rank memory passes, run on every rank at once: the limits
 NUMPY_REDUCIBLE = ("float32", "float64", "int32", "int64")
 UNITS = {"nbytes": "B", "bytes": "B", "count": "elements", "time_s": "s", "time_min_s": "s",
@@ -152,6 +157,8 @@ def applicable(op: str, impl: str, dtype: str) -> bool:
         return op in ALGO_OPS
     if impl == "auto_sym":
         return hasattr(C, "symmetric_empty") and op in (*ALGO_OPS, "broadcast")
+    if impl in ("sym_inplace", "mpi4py_inplace"):
+        return op == "all_gather"
     if impl == "mpi4py" and op in ("all_reduce", "reduce_scatter"):
         return dtype in NUMPY_REDUCIBLE
     return True
@@ -261,6 +268,13 @@ def shm_verdicts(rows: list[dict]) -> list[str]:
         if ratio:
             out.append(f"{op} {human(lo)}-{human(min(hi, max(sizes)))}: busbw auto_sym / mpi4py "
                        f"min {min(ratio):.2f} (target >= {target:g})")
+    for impl, base, what in (("sym_inplace", "mpi4py", "target >= 2"),
+                             ("sym_inplace", "mpi4py_inplace", "the same in-place semantics on both sides")):
+        sizes = [s for (o, i, s) in bw if o == "all_gather" and i == impl and s >= 16 << 20 and
+                 ("all_gather", base, s) in bw]
+        if sizes:
+            ratio = min(bw[("all_gather", impl, s)] / bw[("all_gather", base, s)] for s in sizes)
+            out.append(f"all_gather >= 16 MiB: busbw {impl} / {base} min {ratio:.2f} ({what})")
     big = [s for (o, i, s) in bw if o == "all_reduce" and i == "auto_sym" and s >= 16 << 20]
     for limit_op in ("inplace_sym", "inplace"):
         limit = [bw[("all_reduce", "auto_sym", s)] / bw[(limit_op, limit_op, s)]

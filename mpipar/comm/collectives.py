@@ -22,7 +22,7 @@ import torch
 
 from ..errors import MpiparError
 from ..mesh import as_group
-from . import inline, outputs, ring, shm, tuning
+from . import inline, into, outputs, ring, shm, tuning
 from .buffers import address_buffer, flat_chunks, host_contiguous, mpi_buffer, needs_staging, offsets, reduce_dtype
 from .validate import BAD_DIM, agree, norm_dim, signature, validation_enabled
 from .wait import complete
@@ -51,13 +51,15 @@ def _bool_op(op: str, dtype: torch.dtype) -> str:
     return "max" if dtype is torch.bool and op == "sum" else op
 
 
-def _agree(name, g, t, op=None, algorithm=None, dim=0, root=0, free_dim=False, entry=None):
+def _agree(name, g, t, op=None, algorithm=None, dim=0, root=0, free_dim=False, entry=None, of=None,
+           root_name="root"):
     """Agree on the call's arguments across the group (raises MpiparError on every rank).
-    With `entry` (a list), the shared-memory entry exchange rides along: its table is appended."""
+    With `entry` (a list), the shared-memory entry exchange of `of` (default `t`) rides
+    along: its table is appended."""
     sig = signature(t, op, algorithm, dim, root)
-    descriptor = shm.local_descriptor(g, t) if entry is not None and g.size > 1 else None
+    descriptor = shm.local_descriptor(g, t if of is None else of) if entry is not None and g.size > 1 else None
     return agree(name, g, sig, need_op=op is not None, need_algorithm=algorithm is not None, free_dim=free_dim,
-                 descriptor=descriptor, entry=entry)
+                 descriptor=descriptor, entry=entry, root_name=root_name)
 
 
 def _first(entry: list):
@@ -119,14 +121,25 @@ def _mpi_all_reduce(g, flat: torch.Tensor, op: str) -> None:
              lambda: g.comm.Allreduce(MPI.IN_PLACE, buf, op=mop))
 
 
-def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto") -> torch.Tensor:
-    """Concatenation of every rank's `t` along `dim` (sizes along `dim` may differ per rank)."""
+def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """Concatenation of every rank's `t` along `dim` (sizes along `dim` may differ per rank).
+
+    `out` (keyword, not differentiable): write the result into this contiguous tensor of
+    t's dtype and device, shaped like the result, and return it (torch's
+    all_gather_into_tensor). When `t` IS this rank's slice of `out` (out.narrow(dim,
+    offset of rank r, size of rank r)), the gather is in place: this rank's piece is not
+    copied (MPI_IN_PLACE; in shared memory only the peers' pieces move, see mpipar.comm.shm).
+    """
     if t.dim() == 0:  # one scalar per rank gathers to a vector of group size (as torch.distributed)
-        return all_gather(t.reshape(1), group, 0, algorithm)
+        return all_gather(t.reshape(1), group, 0, algorithm, out=out)
     g = as_group(group)
     d = norm_dim(dim, t.dim())
     entry: list = []
-    sizes = _agree("all_gather", g, t, algorithm=algorithm, dim=d, free_dim=True, entry=entry)
+    sizes = _agree("all_gather", g, t, algorithm=algorithm, dim=d, root=into.code(t, out, d), free_dim=True,
+                   entry=entry, of=out, root_name="out")
+    if out is not None:
+        return _all_gather_into(t, g, d, sizes, algorithm, out, _first(entry))
     if g.size == 1:
         return t.clone()
     shared = shm.all_gather(t, g, d, sizes, algorithm, _first(entry))
@@ -148,6 +161,36 @@ def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto") ->
     if d:
         out = out.movedim(0, d).contiguous()
     return out if out.device == t.device else out.to(t.device)
+
+
+@torch.no_grad()
+def _all_gather_into(t, g, d: int, sizes: list[int], algorithm: str, out: torch.Tensor, entry) -> torch.Tensor:
+    """all_gather(..., out=out) once the ranks agreed on the arguments (out included)."""
+    into.check(t, out, d, sum(sizes))  # same verdict on every rank: the agreement covered out
+    in_place = into.is_own_slice(t, out, d, sizes, g.rank)
+    if g.size == 1:
+        return out if in_place else out.copy_(t)
+    if shm.all_gather(t, g, d, sizes, algorithm, entry, out=out, in_place=in_place) is not None:
+        return out
+    if d or needs_staging(out):  # pieces are strided in `out`, or MPI cannot read it: gather, then copy
+        return out.copy_(all_gather(t, g, d, algorithm))
+    flat = out.view(-1)
+    inner = math.prod(out.shape[1:])
+    counts = [s * inner for s in sizes]
+    if tuning.choose("all_gather", algorithm, flat.numel() * flat.element_size(), g.size) == "ring":
+        if not in_place:
+            flat.narrow(0, offsets(counts)[g.rank], counts[g.rank]).copy_(t.reshape(-1))
+        ring.all_gather_(flat, g, counts)
+    else:
+        send = _in_place() if in_place else mpi_buffer(t.detach().contiguous())
+        _mpi_all_gather(g, send, mpi_buffer(flat), counts)
+    return out
+
+
+def _in_place():
+    from mpi4py import MPI
+
+    return MPI.IN_PLACE
 
 
 def _mpi_all_gather(g, send, recv, counts: list[int]) -> None:

@@ -204,36 +204,66 @@ def reduce_scatter(t: torch.Tensor, g, dim: int, op: str, algorithm: str, entry=
     return out.view(shape).to(t.device)
 
 
-def all_gather(t: torch.Tensor, g, dim: int, sizes: list[int], algorithm: str, entry=None):
-    """Concatenation along `dim` of every rank's `t` (sizes[r] along dim), or None when not applicable."""
+def all_gather(t: torch.Tensor, g, dim: int, sizes: list[int], algorithm: str, entry=None, out=None,
+               in_place: bool = False):
+    """Concatenation along `dim` of every rank's `t` (sizes[r] along dim), or None when not applicable.
+
+    Without `out`, `t` must be symmetric (or algorithm="shm": staged): every rank pulls every
+    piece into a new output. With `out` (all_gather's out=), `out` must be symmetric: every
+    rank pushes its piece into every rank's `out` (not into its own when `in_place`: `t` is
+    already its slice of `out`), so only the peers' pieces move.
+    """
     shape = list(t.shape)
     outer, inner = math.prod(shape[:dim]), math.prod(shape[dim + 1:])
     item, total = t.element_size(), sum(sizes)
-    plan = _enter(g, t, algorithm, "all_gather", outer * total * inner * item, entry)
+    plan = _enter(g, t if out is None else out, algorithm, "all_gather", outer * total * inner * item, entry)
     if plan is None:
         return None
     pool, window, offset, _ = plan
-    if window is None:
-        window, offset = _stage_in(pool, t.detach(), outer * max(sizes) * inner * item), 0
     numel = outer * total * inner
-    out = _output(pool, numel, numel, t.dtype).view(outer, total * inner)
-    where = pool.locate(out)
+    if out is not None and window is not None:  # a symmetric out
+        src = t.detach().contiguous() if not in_place else None
+        _push(pool, np_of(src) if src is not None else None, window, offset, numel, dim, shape, sizes, t.dtype)
+        barrier(pool, window)
+        return out
+    if window is None:  # forced "shm" on plain tensors: stage t
+        window, offset = _stage_in(pool, t.detach(), outer * max(sizes) * inner * item), 0
+    result = out.view(outer, total * inner) if out is not None else \
+        _output(pool, numel, numel, t.dtype).view(outer, total * inner)
+    where = pool.locate(result) if out is None else None
     if where is None:  # a plain output: pull every piece
-        dst = np_of(out)
+        dst = np_of(result)
         for p, (off, s) in enumerate(zip(offsets(sizes), sizes)):
             src = typed(window.view(p, offset, outer * s * inner * item), t.dtype).reshape(outer, s * inner)
             np.copyto(dst[:, off * inner:(off + s) * inner], src)
         barrier(pool, window)
-    else:  # a symmetric output: push this rank's piece into every rank's output, while in cache
-        me, ow = pool.local_rank, where[0]
-        off, s = offsets(sizes)[me], sizes[me]
-        src = typed(window.view(me, offset, outer * s * inner * item), t.dtype).reshape(outer, s * inner)
-        for p in [me] + [q for q in range(pool.local_size) if q != me]:
-            dst = typed(ow.view(p, 0, numel * item), t.dtype).reshape(outer, total * inner)
-            np.copyto(dst[:, off * inner:(off + s) * inner], src)
-        barrier(pool, window, ow)
+    else:  # a pooled symmetric output (MPIPAR_SHM_POOLED_OUTPUT_BYTES): push this rank's piece
+        mine = window.view(pool.local_rank, offset, outer * sizes[pool.local_rank] * inner * item)
+        _push(pool, mine, where[0], where[1], numel, dim, shape, sizes, t.dtype)
+        barrier(pool, window, where[0])
+    if out is not None:
+        return out
     shape[dim] = total
-    return out.view(shape).to(t.device)
+    return result.view(shape).to(t.device)
+
+
+def _push(pool, src, window, offset: int, numel: int, dim: int, shape, sizes, dtype) -> None:
+    """Copy this rank's piece `src` (bytes or elements; None: already in place in its own
+    output) into its slot of every rank's symmetric output at (window, offset), its own first."""
+    me = pool.local_rank
+    outer, inner = math.prod(shape[:dim]), math.prod(shape[dim + 1:])
+    off, s, total = offsets(sizes)[me], sizes[me], sum(sizes)
+    item = dtype.itemsize
+    if src is None:
+        src = window.view(me, offset, numel * item)
+        src = typed(src, dtype).reshape(outer, total * inner)[:, off * inner:(off + s) * inner]
+        peers = [q for q in range(pool.local_size) if q != me]
+    else:
+        src = (typed(src, dtype) if src.dtype == np.uint8 else src).reshape(outer, s * inner)
+        peers = [me] + [q for q in range(pool.local_size) if q != me]
+    for p in peers:
+        dst = typed(window.view(p, offset, numel * item), dtype).reshape(outer, total * inner)
+        np.copyto(dst[:, off * inner:(off + s) * inner], src)
 
 
 def _output(pool, capacity: int, numel: int, dtype) -> torch.Tensor:

@@ -49,7 +49,7 @@ def signature(t, op=None, algorithm=None, dim: int = 0, root: int = 0) -> tuple:
 
 
 def agree(name: str, g, sig: np.ndarray, need_op: bool, need_algorithm: bool, free_dim: bool = False,
-          descriptor=None, entry: list | None = None):
+          descriptor=None, entry: list | None = None, root_name: str = "root"):
     """Collective: check `sig` is consistent across the group; raise on every rank if not.
 
     Fast path: one tiny collective on a hash of the signature (a few microseconds).
@@ -58,16 +58,19 @@ def agree(name: str, g, sig: np.ndarray, need_op: bool, need_algorithm: bool, fr
     `descriptor` (this rank's symmetric [window, offset, nbytes], mpipar.comm.shm) rides
     along; the (N, 3) table the shared-memory path needs is then appended to `entry`
     (rows equal and >= 0 exactly when every rank's tensor is at the same symmetric place).
+    `root_name`: what the signature's root slot holds, for error messages ("out": all_gather's
+    out= code, mpipar.comm.into).
     """
     bad = int((need_op and sig[0] == _UNKNOWN) or (need_algorithm and sig[1] == _UNKNOWN)
               or sig[2] == _UNKNOWN or sig[4] == BAD_DIM)
     if g.size > 1 and not free_dim and not bad and not validation_enabled():
         return None  # MPIPAR_VALIDATE=0: trust the caller, skip the agreement collective
     free = 6 + int(sig[4]) if free_dim and sig[4] != BAD_DIM else None
-    h = hash(sig if free is None else sig[:free] + (0,) + sig[free + 1:])
+    h = hash(sig if free is None else sig[:free] + (0,) + sig[free + 1:])  # (hash(-1) == hash(-2): no
+    # slot may hold both; codes are -1 for "none" and <= -3 for anything else)
     if g.size == 1:
         if bad:
-            check(name, np.array([sig], dtype=np.int64), need_op, need_algorithm, free_dim)
+            check(name, np.array([sig], dtype=np.int64), need_op, need_algorithm, free_dim, root_name)
         return [int(sig[free])] if free is not None else None
     d = list(descriptor) if descriptor is not None else [-1, -1, -1]
     wanted = descriptor is not None and entry is not None
@@ -91,7 +94,7 @@ def agree(name: str, g, sig: np.ndarray, need_op: bool, need_algorithm: bool, fr
             same = v[3:6] == [-x for x in v[6:9]]
             entry.append(np.array([v[3:6] if same else [-1, -1, -1]] * g.size, dtype=np.int64))
     if not consistent:
-        check(name, exchange(g, np.array(sig, dtype=np.int64)), need_op, need_algorithm, free_dim)
+        check(name, exchange(g, np.array(sig, dtype=np.int64)), need_op, need_algorithm, free_dim, root_name)
         raise MpiparError(f"{name}: arguments differ across ranks")  # pragma: no cover (hash collision)
     return [r[2] for r in rows] if free_dim else None
 
@@ -126,7 +129,8 @@ def exchange(g, sig: np.ndarray) -> np.ndarray:
     return table
 
 
-def check(name: str, table: np.ndarray, need_op: bool, need_algorithm: bool, free_dim: bool = False) -> None:
+def check(name: str, table: np.ndarray, need_op: bool, need_algorithm: bool, free_dim: bool = False,
+          root_name: str = "root") -> None:
     """Raise MpiparError (same text on every rank) if the table is not consistent."""
     for col, what, known, needed in ((0, "op", OPS, need_op), (1, "algorithm", ALGORITHMS, need_algorithm)):
         if needed and (table[:, col] == _UNKNOWN).any():
@@ -146,14 +150,18 @@ def check(name: str, table: np.ndarray, need_op: bool, need_algorithm: bool, fre
     diff = np.nonzero((cmp != ref).any(axis=1))[0]
     if diff.size:
         r = int(diff[0])
-        raise MpiparError(f"{name}: arguments differ across ranks: rank 0 has {_describe(table[0])}, "
-                          f"rank {r} has {_describe(table[r])}")
+        raise MpiparError(f"{name}: arguments differ across ranks: rank 0 has {_describe(table[0], root_name)}, "
+                          f"rank {r} has {_describe(table[r], root_name)}")
 
 
-def _describe(row) -> str:
+_OUT_CODES = {-1: "none", -3: "unusable"}  # mpipar.comm.into.NO_OUT, BAD_OUT
+
+
+def _describe(row, root_name: str = "root") -> str:
     ndim = int(row[3])
     return (f"op={_name(row[0], OPS)} algorithm={_name(row[1], ALGORITHMS)} dtype={_DTYPES.get(int(row[2]), '?')} "
-            f"shape={tuple(int(x) for x in row[6:6 + ndim])} dim={int(row[4])} root={int(row[5])}")
+            f"shape={tuple(int(x) for x in row[6:6 + ndim])} dim={int(row[4])} "
+            f"{root_name}={_OUT_CODES.get(int(row[5]), int(row[5])) if root_name == 'out' else int(row[5])}")
 
 
 def _name(c, known) -> str:
