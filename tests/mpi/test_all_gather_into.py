@@ -101,7 +101,7 @@ def test_scalar_into_vector(group, checks):
 
 
 @pytest.mark.parametrize("case", ["wrong size", "wrong dtype", "non-contiguous", "missing on rank 0",
-                                  "size differs by rank"])
+                                  "size differs by rank", "unusable on rank 0, missing elsewhere"])
 def test_bad_out_raises_on_every_rank(group, case):
     n, r = group.size, group.rank
     t = torch.ones(r + 2, 3)
@@ -110,8 +110,10 @@ def test_bad_out_raises_on_every_rank(group, case):
            "wrong dtype": torch.empty(total, 3, dtype=torch.float64),
            "non-contiguous": torch.empty(3, total).t(),
            "missing on rank 0": None if r == 0 else torch.empty(total, 3),
-           "size differs by rank": torch.empty(total + r, 3)}[case]
-    if case in ("missing on rank 0", "size differs by rank") and n == 1:
+           "size differs by rank": torch.empty(total + r, 3),
+           # (the codes of "unusable" and "missing" must not hash alike: CPython's hash(-1) == hash(-2))
+           "unusable on rank 0, missing elsewhere": torch.empty(total, 3, dtype=torch.int8) if r == 0 else None}[case]
+    if case != "wrong size" and "rank" in case and n == 1:
         pytest.skip("needs two ranks to differ")
     with pytest.raises(MpiparError, match="all_gather: (out must be|arguments differ)"):
         comm.all_gather(t, group, out=out)
