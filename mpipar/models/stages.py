@@ -91,6 +91,9 @@ class TiedProjection(nn.Module):
         super().__init__()
         self.tp, self.sequence_parallel = par.tp, par.sequence_parallel
         self._source = [source]  # a list: not registered as a child (its parameter has one owner)
+        # reading another module's parameter breaks the pipeline's weight-gradient split
+        # (mpipar.pipeline.weight_grad), which then runs full backwards for this chunk
+        self.uses_foreign_parameters = source is not None
         self.weight = None if weight is None else nn.Parameter(weight.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

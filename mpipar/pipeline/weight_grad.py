@@ -9,8 +9,11 @@ weight-gradient work. The sum equals one ordinary backward.
 
 Assumption (checked where it can be): each parameter is used only inside the
 forward of the module that owns it, which runs once per forward. Where a
-module runs twice, returns a non-tensor, or shares a parameter with another
-module, that microbatch falls back to a full backward in B and a no-op W.
+module runs twice, returns a non-tensor, shares a parameter with another
+module, or says it reads another module's parameters (`uses_foreign_parameters`,
+e.g. a tied head on the embedding's stage), that microbatch falls back to a full
+backward in B and a no-op W. Owner modules must be called as modules
+(`module(x)`, not `module.forward(x)`): the record comes from forward hooks.
 """
 from __future__ import annotations
 
@@ -27,6 +30,8 @@ class WeightGradSplit:
         seen: set[int] = set()
         self.supported = True
         for mod in module.modules():
+            if getattr(mod, "uses_foreign_parameters", False):
+                self.supported = False
             params = [p for p in mod.parameters(recurse=False) if p.requires_grad]
             if not params:
                 continue

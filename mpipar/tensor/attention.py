@@ -61,6 +61,7 @@ class ParallelSelfAttention(nn.Module):
         kw = dict(sequence_parallel=sequence_parallel, seed=seed, dtype=dtype, device=device)
         self.qkv = ColumnParallelLinear(hidden, 3 * hidden, g, stride=3, full_params=full_params[0], **kw)
         self.proj = RowParallelLinear(hidden, hidden, g, full_params=full_params[1], **kw)
+        self.qkv.check_inputs = self.proj.check_inputs = False  # checked here once; local checks only
 
     def _check_sp(self, sp_group, sp_mode, sp_layout):
         """Validate the sequence-parallel arguments (the same on every rank)."""
@@ -105,9 +106,9 @@ class ParallelSelfAttention(nn.Module):
                 checks.agree_input(self.sp_group, self._what, err, [x])
         else:
             require(err is None, err or "")
-        qkv = self.qkv.forward_unchecked(x)
+        qkv = self.qkv(x)  # as modules: their forward hooks fire (mpipar.pipeline.weight_grad)
         q, k, v = (split_heads(t, self.local_heads) for t in qkv.chunk(3, dim=-1))
-        return self.proj.forward_unchecked(merge_heads(self._attend(q, k, v)))
+        return self.proj(merge_heads(self._attend(q, k, v)))
 
     def _attend(self, q, k, v):
         """Attention of this rank's heads: [..., local_heads, seq, head_dim]."""

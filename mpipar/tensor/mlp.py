@@ -48,6 +48,7 @@ class ParallelMLP(nn.Module):
         kw = dict(sequence_parallel=sequence_parallel, seed=seed, dtype=dtype, device=device)
         self.fc1 = ColumnParallelLinear(hidden, ffn_hidden, self.group, full_params=p1, **kw)
         self.fc2 = RowParallelLinear(ffn_hidden, hidden, self.group, full_params=p2, **kw)
+        self.fc1.check_inputs = self.fc2.check_inputs = False  # checked here once; local checks only
 
     @classmethod
     def from_serial(cls, mlp: nn.Module, group, **kwargs) -> "ParallelMLP":
@@ -64,7 +65,9 @@ class ParallelMLP(nn.Module):
             checks.agree_input(self.group, self._what, err, [x])
         else:
             require(err is None, err or "")
-        return self.fc2.forward_unchecked(F.gelu(self.fc1.forward_unchecked(x)))
+        # called as modules (not forward_unchecked): their forward hooks fire, which the pipeline's
+        # input/weight-gradient split relies on (mpipar.pipeline.weight_grad)
+        return self.fc2(F.gelu(self.fc1(x)))
 
     def full_state_dict(self) -> dict:
         """models.MLP's state_dict (fc1.weight, fc1.bias, fc2.weight, fc2.bias) on every rank."""

@@ -97,8 +97,11 @@ def test_layout_matches_serial(layout, schedule, num_chunks, m):
 @pytest.mark.mpi
 @four_ranks
 @pytest.mark.parametrize("layout,schedule", [((1, 2, 1, 2), "1f1b"), ((2, 1, 2, 1), "1f1b"),
-                                             ((1, 4, 1, 1), "gpipe")])
+                                             ((1, 4, 1, 1), "gpipe"), ((1, 2, 1, 2), "zb-h1"),
+                                             ((2, 1, 2, 1), "zb-h1")])
 def test_tied_embeddings(layout, schedule):
+    """zb-h1: the last stage's head copy splits B from W; on one stage the head reads the
+    embedding's weight and the chunk runs full backwards (test_gpt_weight_grad_split)."""
     check_same(config(tied=True), layout, 2, schedule)
 
 
