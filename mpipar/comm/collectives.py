@@ -1,14 +1,15 @@
 """Collectives on torch tensors: all_reduce, all_gather, reduce_scatter, broadcast, all_to_all.
 
-algorithm="mpi" uses the MPI library's collective, "ring" the textbook ring
-on point-to-point (mpipar.comm.ring), "auto" picks by message size from the
-measured crossover (`tuning.choose`). Every call first agrees on its
-arguments across the group (mpipar.comm.validate), so bad input raises
-MpiparError on every rank and never hangs; all_reduce's agreement is one
-fixed-size Allgather that also carries tensors of at most 4 KiB, which are
-then reduced locally (mpipar.comm.inline): one collective per small
-all-reduce. Every agreement also carries the shared-memory entry exchange of
-symmetric tensors (mpipar.comm.shm). `validate=False` (all_reduce,
+algorithm="mpi" uses the MPI library's collective (mpipar.comm.native), "ring"
+the textbook ring on point-to-point (mpipar.comm.ring), "auto" picks by message
+size from the measured crossover (`tuning.choose`). Every call first agrees on
+its arguments across the group (mpipar.comm.validate), so bad input raises
+MpiparError on every rank and never hangs. For all_reduce, broadcast,
+reduce_scatter and all_gather that agreement is one fixed-size Allgather that
+also carries tensors of at most 4 KiB, which then finish locally
+(mpipar.comm.inline, inline_ops): one collective per small call. Every
+agreement also carries the shared-memory entry exchange of symmetric tensors
+(mpipar.comm.shm). `validate=False` (all_reduce,
 reduce_scatter) skips that agreement for callers whose arguments are
 consistent by construction, e.g. a backward whose shapes mirror a forward
 that was validated.
@@ -22,8 +23,8 @@ import torch
 
 from ..errors import MpiparError
 from ..mesh import as_group
-from . import inline, into, outputs, ring, shm, tuning
-from .buffers import address_buffer, flat_chunks, host_contiguous, mpi_buffer, needs_staging, offsets, reduce_dtype
+from . import inline, inline_ops, into, native, outputs, ring, shm, tuning
+from .buffers import flat_chunks, host_contiguous, mpi_buffer, needs_staging, offsets, reduce_dtype
 from .validate import BAD_DIM, agree, norm_dim, signature, validation_enabled
 from .wait import complete
 
@@ -33,17 +34,6 @@ _NATIVE = (torch.float32, torch.float64, torch.int32, torch.int64, torch.int16, 
 
 def FORCE_STAGING() -> bool:  # noqa: N802 - reads the test-only override
     return _os.environ.get("MPIPAR_FORCE_STAGING") == "1"
-
-
-_MPI_OPS: dict = {}
-
-
-def _mpi_op(op: str, dtype: torch.dtype):
-    if not _MPI_OPS:
-        from mpi4py import MPI
-
-        _MPI_OPS.update(sum=MPI.SUM, max=MPI.MAX, min=MPI.MIN)
-    return _MPI_OPS[op]
 
 
 def _bool_op(op: str, dtype: torch.dtype) -> str:
@@ -96,7 +86,7 @@ def all_reduce(t: torch.Tensor, group, op: str = "sum", algorithm: str = "auto",
     if t.device.type == "cpu" and t.dtype in _NATIVE and t.is_contiguous() and not FORCE_STAGING():
         flat = t.detach().view(-1)  # fast path: zero copy, no staging
         if tuning.choose("all_reduce", algorithm, flat.numel() * flat.element_size(), g.size) == "mpi":
-            _mpi_all_reduce(g, flat, op)
+            native.all_reduce_(g, flat, op)
             return t
     with host_contiguous(t) as h:
         rd = reduce_dtype(h.dtype)
@@ -106,19 +96,10 @@ def all_reduce(t: torch.Tensor, group, op: str = "sum", algorithm: str = "auto",
         if algo == "ring":
             ring.all_reduce_(flat, g, flat_chunks(flat.numel(), g.size), op)
         else:
-            _mpi_all_reduce(g, flat, op)
+            native.all_reduce_(g, flat, op)
         if work is not h:
             h.copy_(work)
     return t
-
-
-def _mpi_all_reduce(g, flat: torch.Tensor, op: str) -> None:
-    from mpi4py import MPI
-
-    mop = _mpi_op(op, flat.dtype)
-    buf = address_buffer(flat) if flat.device.type == "cpu" and flat.numel() else mpi_buffer(flat)
-    complete(g, lambda: g.comm.Iallreduce(MPI.IN_PLACE, buf, op=mop),
-             lambda: g.comm.Allreduce(MPI.IN_PLACE, buf, op=mop))
 
 
 def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *,
@@ -136,8 +117,17 @@ def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *,
     g = as_group(group)
     d = norm_dim(dim, t.dim())
     entry: list = []
-    sizes = _agree("all_gather", g, t, algorithm=algorithm, dim=d, root=into.code(t, out, d), free_dim=True,
-                   entry=entry, of=out, root_name="out")
+    code = into.code(t, out, d)
+    if g.size > 1:  # one Allgather: agreement, sizes, and small pieces too
+        small, sizes, table = inline_ops.agree_all_gather(t, g, d, algorithm, code, t if out is None else out)
+        entry.append(table)
+        if small is not None:
+            if out is None:
+                return small
+            into.check(t, out, d, sum(sizes))
+            return out.copy_(small)
+    else:
+        sizes = _agree("all_gather", g, t, algorithm=algorithm, dim=d, root=code, free_dim=True, root_name="out")
     if out is not None:
         return _all_gather_into(t, g, d, sizes, algorithm, out, _first(entry))
     if g.size == 1:
@@ -157,7 +147,7 @@ def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *,
         flat.narrow(0, offsets(counts)[g.rank], counts[g.rank]).copy_(x.reshape(-1))
         ring.all_gather_(flat, g, counts)
     else:
-        _mpi_all_gather(g, mpi_buffer(x), mpi_buffer(flat), counts)
+        native.all_gather(g, mpi_buffer(x), mpi_buffer(flat), counts)
     if d:
         out = out.movedim(0, d).contiguous()
     return out if out.device == t.device else out.to(t.device)
@@ -172,35 +162,22 @@ def _all_gather_into(t, g, d: int, sizes: list[int], algorithm: str, out: torch.
         return out if in_place else out.copy_(t)
     if shm.all_gather(t, g, d, sizes, algorithm, entry, out=out, in_place=in_place) is not None:
         return out
-    if d or needs_staging(out):  # pieces are strided in `out`, or MPI cannot read it: gather, then copy
+    if d:  # pieces are strided in `out` (d is agreed: every rank takes this branch): gather, then copy
         return out.copy_(all_gather(t, g, d, algorithm))
-    flat = out.view(-1)
+    # MPI cannot read `out` (a device without CUDA-aware MPI): the same collective on a host copy
+    host = outputs.empty(list(out.shape), out.dtype) if needs_staging(out) else out
+    direct = in_place and host is out
+    flat = host.view(-1)
     inner = math.prod(out.shape[1:])
     counts = [s * inner for s in sizes]
     if tuning.choose("all_gather", algorithm, flat.numel() * flat.element_size(), g.size) == "ring":
-        if not in_place:
+        if not direct:
             flat.narrow(0, offsets(counts)[g.rank], counts[g.rank]).copy_(t.reshape(-1))
         ring.all_gather_(flat, g, counts)
     else:
-        send = _in_place() if in_place else mpi_buffer(t.detach().contiguous())
-        _mpi_all_gather(g, send, mpi_buffer(flat), counts)
-    return out
-
-
-def _in_place():
-    from mpi4py import MPI
-
-    return MPI.IN_PLACE
-
-
-def _mpi_all_gather(g, send, recv, counts: list[int]) -> None:
-    """MPI_Allgather when every rank sends the same count (MPICH's Allgatherv takes a slower
-    algorithm: 2.2x the time at 2-16 MiB here), else MPI_Allgatherv."""
-    if min(counts) == max(counts):
-        complete(g, lambda: g.comm.Iallgather(send, recv), lambda: g.comm.Allgather(send, recv))
-        return
-    recv = [recv, (counts, offsets(counts))]
-    complete(g, lambda: g.comm.Iallgatherv(send, recv), lambda: g.comm.Allgatherv(send, recv))
+        send = native.in_place() if direct else mpi_buffer(t.detach().to(host.device).contiguous())
+        native.all_gather(g, send, mpi_buffer(flat), counts)
+    return out if host is out else out.copy_(host)
 
 
 def reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algorithm: str = "auto", *,
@@ -209,7 +186,12 @@ def reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algori
     g = as_group(group)
     d = norm_dim(dim, t.dim())
     entry: list = []
-    if validate or d == BAD_DIM:
+    if g.size > 1 and (validate or d == BAD_DIM) and validation_enabled():
+        small, table = inline_ops.agree_reduce_scatter(t, g, d, op, algorithm)  # one Allgather
+        if small is not None:
+            return small
+        entry.append(table)
+    elif validate or d == BAD_DIM:
         _agree("reduce_scatter", g, t, op=op, algorithm=algorithm, dim=d, entry=entry)
     if t.dim() == 0:
         raise MpiparError("reduce_scatter: a 0-d tensor has no dim to scatter along")
@@ -228,20 +210,9 @@ def reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algori
         mine = ring.reduce_scatter_into(x.reshape(-1), g, counts, op)
     else:
         mine = outputs.empty([counts[g.rank]], x.dtype, x.device)
-        _mpi_reduce_scatter(g, mpi_buffer(x), mpi_buffer(mine), counts, _mpi_op(op, x.dtype))
+        native.reduce_scatter(g, mpi_buffer(x), mpi_buffer(mine), counts, op)
     out = mine.view([sizes[g.rank]] + list(x.shape[1:])).movedim(0, d)
     return out.to(device=t.device, dtype=t.dtype).contiguous()
-
-
-def _mpi_reduce_scatter(g, send, recv, counts: list[int], mop) -> None:
-    """MPI_Reduce_scatter_block when every rank gets the same count (MPICH's Reduce_scatter
-    with counts measured 2x its time at 256 KiB-1 MiB here), else MPI_Reduce_scatter."""
-    if min(counts) == max(counts):
-        complete(g, lambda: g.comm.Ireduce_scatter_block(send, recv, op=mop),
-                 lambda: g.comm.Reduce_scatter_block(send, recv, op=mop))
-        return
-    complete(g, lambda: g.comm.Ireduce_scatter(send, recv, counts, op=mop),
-             lambda: g.comm.Reduce_scatter(send, recv, counts, op=mop))
 
 
 def broadcast(t: torch.Tensor, group, root: int = 0) -> torch.Tensor:
@@ -249,8 +220,14 @@ def broadcast(t: torch.Tensor, group, root: int = 0) -> torch.Tensor:
     g = as_group(group)
     r = root if isinstance(root, int) and 0 <= root < g.size else BAD_DIM
     entry: list = []
-    _agree("broadcast", g, t, dim=r, entry=entry)
     # (a bad root travels in the dim slot, so every rank raises the same error)
+    if g.size > 1 and validation_enabled():
+        small, table = inline_ops.agree_broadcast(t, g, root, r)  # one Allgather; small data too
+        if small:
+            return t
+        entry.append(table)
+    else:
+        _agree("broadcast", g, t, dim=r, entry=entry)
     if g.size == 1:
         return t
     if shm.broadcast(t, g, root, _first(entry)):  # symmetric tensor on one node: zero copy

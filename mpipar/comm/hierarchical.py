@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import shm_kernels as k
+from .native import mpi_op
 from .wait import wait_all
 
 
@@ -41,14 +42,6 @@ def slice_comms(pool) -> list:
     return pool.slice_comms
 
 
-def _mpi_op(op: str, dtype: torch.dtype):
-    from mpi4py import MPI
-
-    if dtype is torch.bool and op == "sum":  # bool sum = logical or
-        return MPI.MAX
-    return {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op]
-
-
 def all_reduce_(pool, window, offset: int, numel: int, dtype: torch.dtype, op: str) -> None:
     """Reduce the symmetric flat tensor at `offset` of `window` over the whole group, in place."""
     n, me = pool.local_size, pool.local_rank
@@ -67,7 +60,7 @@ def all_reduce_(pool, window, offset: int, numel: int, dtype: torch.dtype, op: s
             from mpi4py import MPI
 
             buf = acc.view(np.uint8) if acc.dtype == np.bool_ else acc
-            pending.append(c.Iallreduce(MPI.IN_PLACE, buf, op=_mpi_op(op, dtype)))
+            pending.append(c.Iallreduce(MPI.IN_PLACE, buf, op=mpi_op(op, dtype)))
     wait_all(pending)
     for (s, lo, hi), acc in zip(owned, accs):
         own = views[me][lo:hi]

@@ -1,16 +1,19 @@
-"""all_reduce's argument agreement, which carries small tensors along.
+"""The argument agreement that carries small tensors along: one collective per small call.
 
-Every validated all_reduce starts with ONE fixed-size Allgather: each rank
-sends [hash of its signature, bad-argument flag, its symmetric descriptor
-(window, offset, nbytes: the shared-memory path's entry exchange, so that
-needs no second one)] and a 4 KiB payload slot.
+Every validated all_reduce, broadcast, reduce_scatter and all_gather starts with
+ONE fixed-size Allgather: each rank sends [hash of its signature, bad-argument
+flag, its size along the free dim (all_gather), its symmetric descriptor
+(window, offset, nbytes: the shared-memory path's entry exchange, so that needs
+no second one)] and a 4 KiB payload slot.
 The message size never depends on the arguments, so ranks that disagree
 still complete it, see the disagreement and raise the same MpiparError.
-When the (agreed) signature says the tensor is small (at most INLINE_BYTES,
-a dtype numpy reduces, algorithm "auto", "mpi" or "ring"), its data rode in
-the payload slot: every rank reduces the N gathered rows in rank order
-(bit-identical everywhere) and the all-reduce is done, one collective in all.
-Larger tensors go on to their collective after the agreement.
+When the (agreed) signature says the tensor is small (at most INLINE_BYTES, a
+dtype the slot carries, algorithm "auto", "mpi" or "ring"), its data rode in
+the payload slot and the call finishes locally (mpipar.comm.inline_ops):
+all-reduce and reduce-scatter reduce the N rows in rank order (bit-identical
+on every rank), broadcast copies the root's row, all-gather concatenates the
+rows (inline only when EVERY rank's piece fits, which every rank reads from
+the same table). Larger tensors go on to their collective after the agreement.
 
 Measured with 2 ranks here (4 KiB float32): a separate agreement collective
 before MPI's Allreduce cost 23 us per call against raw mpi4py's 4-5 us; this
@@ -26,48 +29,56 @@ import torch
 
 from ..errors import MpiparError
 from . import shm, tuning
-from .validate import _UNKNOWN, check, exchange, signature
+from .validate import BAD_DIM, _UNKNOWN, check, exchange, signature
 
 INLINE_BYTES = 4096  # the payload slot; identical on every rank by construction (never from env)
-_HEAD = 5  # int64 words: signature hash, bad flag, symmetric descriptor [window, offset, nbytes]
+_HEAD = 6  # int64 words: signature hash, bad flag, free size, symmetric descriptor [window, offset, nbytes]
 _AGREED = 2  # the words every rank must have equal
+_MINE = 3    # the words a call writes into its row's head (hash, bad, free size)
 _SLOT = _HEAD * 8 + INLINE_BYTES
 _INLINE_ALGORITHMS = ("auto", "mpi", "ring")
-_CARRIER = {torch.float32: torch.float32, torch.float64: torch.float64, torch.int64: torch.int64,
-            torch.int32: torch.int32, torch.int16: torch.int16, torch.int8: torch.int8,
-            torch.uint8: torch.uint8, torch.bool: torch.uint8}
+CARRIER = {torch.float32: torch.float32, torch.float64: torch.float64, torch.int64: torch.int64,
+           torch.int32: torch.int32, torch.int16: torch.int16, torch.int8: torch.int8,
+           torch.uint8: torch.uint8, torch.bool: torch.uint8}
 _PAIR = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum}
-_INFO: dict = {}  # (shape, dtype, op, algorithm) -> _Call
+_INFO: dict = {}  # (name, shape, dtype, op, algorithm, dim, root) -> _Call
 
 
 class _Call:
     """What a signature implies, computed once per distinct call shape."""
 
-    __slots__ = ("sig", "head", "head_bytes", "bad", "numel", "nbytes", "combine", "unless_shm")
+    __slots__ = ("name", "sig", "head", "head_bytes", "bad", "free", "numel", "nbytes", "combine", "fits",
+                 "need_op", "need_algorithm", "root_name")
 
-    def __init__(self, t: torch.Tensor, op, algorithm):
-        self.sig = signature(t, op, algorithm)
-        self.bad = int(self.sig[0] == _UNKNOWN or self.sig[1] == _UNKNOWN or self.sig[2] == _UNKNOWN)
-        self.head = np.array([hash(self.sig), self.bad], dtype=np.int64)
-        self.head_bytes = self.head.tobytes()
+    def __init__(self, name, t: torch.Tensor, op, algorithm, dim, root, free_dim, root_name):
+        self.name, self.root_name = name, root_name
+        self.need_op, self.need_algorithm = op is not None, algorithm is not None
+        self.sig = signature(t, op, algorithm, dim, root)
+        self.bad = int((self.need_op and self.sig[0] == _UNKNOWN) or (self.need_algorithm and self.sig[1] == _UNKNOWN)
+                       or self.sig[2] == _UNKNOWN or self.sig[4] == BAD_DIM)
+        free = 6 + int(self.sig[4]) if free_dim and not self.bad else None
+        self.free = None if free is None else int(self.sig[free])
+        agreed = self.sig if free is None else self.sig[:free] + (0,) + self.sig[free + 1:]
+        self.head = np.array([hash(agreed), self.bad, self.free or 0], dtype=np.int64)
+        self.head_bytes = self.head[:_AGREED].tobytes()
         self.numel, self.nbytes = t.numel(), t.numel() * t.element_size()
-        inline = (not self.bad and t.dtype in _CARRIER and 0 < self.nbytes <= INLINE_BYTES
-                  and algorithm in _INLINE_ALGORITHMS)
-        self.unless_shm = algorithm == "auto"  # "auto" leaves symmetric tensors to shared memory
+        # this rank's data rides along (all_gather: whether it is USED is decided on the table)
+        self.fits = (not self.bad and t.dtype in CARRIER and self.nbytes <= INLINE_BYTES
+                     and (algorithm is None or algorithm in _INLINE_ALGORITHMS))
         op = "max" if t.dtype is torch.bool and op == "sum" else op
-        self.combine = _PAIR[op] if inline else None
+        self.combine = _PAIR.get(op) if self.fits and op is not None else None
 
 
-def _call(t: torch.Tensor, op, algorithm) -> _Call:
+def _call(name, t: torch.Tensor, op=None, algorithm=None, dim=0, root=0, free_dim=False, root_name="root") -> _Call:
     try:
-        key = (t.shape, t.dtype, op, algorithm)
+        key = (name, t.shape, t.dtype, op, algorithm, dim, root)
         info = _INFO.get(key)
     except TypeError:  # an unhashable op/algorithm: no cache (and certainly unknown)
-        return _Call(t, op, algorithm)
+        return _Call(name, t, op, algorithm, dim, root, free_dim, root_name)
     if info is None:
         if len(_INFO) > 4096:
             _INFO.clear()
-        info = _INFO[key] = _Call(t, op, algorithm)
+        info = _INFO[key] = _Call(name, t, op, algorithm, dim, root, free_dim, root_name)
     return info
 
 
@@ -78,33 +89,77 @@ class _Buffers:
         self.table = np.zeros((size, _SLOT), dtype=np.uint8)
         self.heads = self.table[:, : _HEAD * 8].view(np.int64)
         self.agreed = self.heads[:, :_AGREED]
-        self.descriptors = self.heads[:, _AGREED:]
-        self.my_head = self.heads[rank, :_AGREED]
-        self.my_descriptor = self.heads[rank, _AGREED:]
+        self.descriptors = self.heads[:, _MINE:]
+        self.my_head = self.heads[rank, :_MINE]
+        self.my_descriptor = self.heads[rank, _MINE:]
         self.my_addr = self.table[rank].ctypes.data + _HEAD * 8
         self.rank = rank
         self.rows: dict = {}
         self.last, self.expect = None, b""  # the _Call whose head is in this rank's row
 
-    def typed_rows(self, t: torch.Tensor) -> tuple:
-        """The N payloads (row r: rank r's), shaped and typed like `t`."""
-        key = (t.dtype, t.shape)  # (dtype, shape) fix the views; the caller's tensor does not
+    def typed_rows(self, dtype: torch.dtype, shape) -> tuple:
+        """The N payloads (row r: rank r's), shaped `shape` and typed `dtype`."""
+        key = (dtype, shape)  # (dtype, shape) fix the views; the caller's tensor does not
         views = self.rows.get(key)
         if views is None:
-            n = t.numel()
+            n = int(np.prod(shape, dtype=np.int64))
             slots = torch.from_numpy(self.table[:, _HEAD * 8:])
-            views = tuple(s.view(_CARRIER[t.dtype])[:n].view(t.dtype).view(t.shape) for s in slots)
+            views = tuple(s.view(CARRIER[dtype])[:n].view(dtype).view(shape) for s in slots)
             if len(self.rows) > 256:
                 self.rows.clear()
             self.rows[key] = views
         return views
 
+    def cached(self, key, build):
+        """Views over the table built once per key (the table never moves)."""
+        views = self.rows.get(key)
+        if views is None:
+            if len(self.rows) > 256:
+                self.rows.clear()
+            views = self.rows[key] = build()
+        return views
 
-def _buffers(g) -> _Buffers:
+    def row(self, k: int, dtype: torch.dtype, shape) -> torch.Tensor:
+        """Row k's payload as one tensor of `shape` (all_gather: each rank's own shape)."""
+        n = int(np.prod(shape, dtype=np.int64))
+        slot = torch.from_numpy(self.table[k, _HEAD * 8:])
+        return slot.view(CARRIER[dtype])[:n].view(dtype).view(shape)
+
+    def free_sizes(self) -> list[int]:
+        return self.heads[:, 2].tolist()
+
+
+def buffers(g) -> _Buffers:
     b = getattr(g, "_inline_buffers", None)
     if b is None:
         b = g._inline_buffers = _Buffers(g.size, g.rank)
     return b
+
+
+def exchange_args(g, info: _Call, t: torch.Tensor, payload: bool, shared_of=None) -> tuple:
+    """Collective over g (size > 1): the one Allgather. Sends this rank's head, and either
+    its data (`payload`) or the symmetric descriptor of `shared_of` (when the group has a
+    one-node pool). Raises MpiparError on every rank if the arguments differ or are bad.
+    Returns (the group's buffers, the (N, 3) descriptor table or None)."""
+    buf = buffers(g)
+    if buf.last is not info:  # the in-place Allgather leaves this rank's own row alone
+        buf.my_head[:] = info.head
+        buf.last, buf.expect = info, info.head_bytes * g.size
+    descriptor = None
+    if shared_of is not None:
+        descriptor = shm.local_descriptor(g, shared_of)
+        buf.my_descriptor[:] = descriptor if descriptor is not None else -1
+    if payload:
+        if t.is_cpu and t.is_contiguous():
+            _MEMMOVE(buf.my_addr, t.data_ptr(), info.nbytes)
+        else:
+            buf.typed_rows(t.dtype, t.shape)[buf.rank].copy_(t.detach())
+    _allgather(g, buf.table)
+    if info.bad or buf.agreed.tobytes() != buf.expect:
+        check(info.name, exchange(g, np.array(info.sig, dtype=np.int64)), info.need_op, info.need_algorithm,
+              info.free is not None, info.root_name)
+        raise MpiparError(f"{info.name}: arguments differ across ranks")  # pragma: no cover (hash collision)
+    return buf, (buf.descriptors.copy() if descriptor is not None else None)
 
 
 def agree_all_reduce(t: torch.Tensor, g, op, algorithm):
@@ -113,41 +168,30 @@ def agree_all_reduce(t: torch.Tensor, g, op, algorithm):
     else the (N, 3) table of every rank's symmetric descriptor [window, offset, nbytes] when
     the group has a one-node symmetric pool (mpipar.comm.shm then needs no entry exchange:
     this Allgather was it), else None."""
-    info = _call(t, op, algorithm)
+    info = _call("all_reduce", t, op, algorithm)
     combine = info.combine
-    if info.unless_shm and combine is not None and tuning.shm_pays("all_reduce", info.nbytes):
+    if info.combine is not None and algorithm == "auto" and tuning.shm_pays("all_reduce", info.nbytes):
         combine = None  # the crossover lowered below INLINE_BYTES (a setting shared by all ranks)
-    buf = _buffers(g)
-    if buf.last is not info:  # the in-place Allgather leaves this rank's own row alone
-        buf.my_head[:] = info.head
-        buf.last, buf.expect = info, info.head_bytes * g.size
-    descriptor = shm.local_descriptor(g, t) if combine is None else None
-    shared = descriptor is not None
-    if shared:
-        buf.my_descriptor[:] = descriptor
-    elif combine is not None:
-        if t.is_cpu and t.is_contiguous():
-            _MEMMOVE(buf.my_addr, t.data_ptr(), info.nbytes)
-        else:
-            buf.typed_rows(t)[buf.rank].copy_(t.detach())
-    _allgather(g, buf.table)
-    if info.bad or buf.agreed.tobytes() != buf.expect:
-        check("all_reduce", exchange(g, np.array(info.sig, dtype=np.int64)), True, True)
-        raise MpiparError("all_reduce: arguments differ across ranks")  # pragma: no cover (hash collision)
+    buf, entry = exchange_args(g, info, t, combine is not None, t if combine is None else None)
     if combine is None:
-        return buf.descriptors.copy() if shared else None
-    rows = buf.typed_rows(t)
+        return entry
+    rows = buf.typed_rows(t.dtype, t.shape)
     out = t.detach() if t.requires_grad else t
     if out.is_cpu:  # rank order: bit-identical on every rank
         combine(rows[0], rows[1], out=out)
         for k in range(2, len(rows)):
             combine(out, rows[k], out=out)
     else:
-        acc = combine(rows[0], rows[1])
-        for k in range(2, len(rows)):
-            acc = combine(acc, rows[k])
-        out.copy_(acc)
+        out.copy_(reduce_rows(combine, rows))
     return True
+
+
+def reduce_rows(combine, rows) -> torch.Tensor:
+    """rows[0] op rows[1] op ... in rank order, as a new tensor."""
+    acc = combine(rows[0], rows[1])
+    for k in range(2, len(rows)):
+        combine(acc, rows[k], out=acc)
+    return acc
 
 
 _MEMMOVE = ctypes.memmove

@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from conftest import rank_tensor
+from conftest import rank_tensor, requires_cuda
 
 from mpipar import MpiparError, comm
 from mpipar.comm import into, symmetric
@@ -81,6 +81,37 @@ def test_into_out_and_in_place(group, checks, algorithm, kind, dim, dtype):
     checks.equal(out, want, f"{algorithm} {kind} dim {dim} {dtype}: in place")
     uses_shm = n > 1 and (algorithm == "shm" or (algorithm == "auto" and kind == "symmetric"))
     checks.true(shm_calls(group) - before == (2 if uses_shm else 0), f"shm calls {shm_calls(group) - before}")
+
+
+@pytest.mark.parametrize("algorithm", ["mpi", "ring"])
+def test_forced_staging(group, checks, monkeypatch, algorithm):
+    """MPIPAR_FORCE_STAGING=1: `out` goes through a host copy (as a GPU tensor without
+    CUDA-aware MPI would), into out and in place."""
+    monkeypatch.setenv("MPIPAR_FORCE_STAGING", "1")
+    n, r = group.size, group.rank
+    ins = pieces(n, 0, torch.float64, seed=4)
+    want = torch.cat(ins)
+    out = torch.zeros_like(want)
+    checks.equal(comm.all_gather(ins[r], group, algorithm=algorithm, out=out), want, "into out")
+    out = torch.zeros_like(want)
+    mine = into.own_slice(out, 0, [x.shape[0] for x in ins], r)
+    mine.copy_(ins[r])
+    checks.equal(comm.all_gather(mine, group, algorithm=algorithm, out=out), want, "in place")
+
+
+@requires_cuda
+@pytest.mark.parametrize("algorithm", ["mpi", "ring"])
+def test_cuda_out(group, checks, algorithm):
+    """A CUDA `out` (CUDA-aware MPI reads it directly; otherwise it is staged through host)."""
+    n, r = group.size, group.rank
+    ins = [x.cuda() for x in pieces(n, 0, torch.float32, seed=5)]
+    want = torch.cat(ins)
+    out = torch.zeros_like(want)
+    checks.equal(comm.all_gather(ins[r], group, algorithm=algorithm, out=out).cpu(), want.cpu(), "into out")
+    out = torch.zeros_like(want)
+    mine = into.own_slice(out, 0, [x.shape[0] for x in ins], r)
+    mine.copy_(ins[r])
+    checks.equal(comm.all_gather(mine, group, algorithm=algorithm, out=out).cpu(), want.cpu(), "in place")
 
 
 def test_in_place_detection(group):

@@ -73,7 +73,10 @@ def test_all_reduce(world, checks, algorithm, op, dtype):
 
 # (shape, dim, transpose): non-divisible sizes, dims other than 0, a non-contiguous input,
 # fewer rows than ranks (some ranks get an empty slice)
-SCATTER_CASES = [((7,), 0, False), ((5, 3), 0, False), ((3, 6), 1, True), ((2, 5, 3), -2, False), ((1, 4), 0, False)]
+# (the small ones ride along with the agreement message, mpipar.comm.inline; the last is above
+# INLINE_BYTES in every dtype and takes the algorithm's own path)
+SCATTER_CASES = [((7,), 0, False), ((5, 3), 0, False), ((3, 6), 1, True), ((2, 5, 3), -2, False), ((1, 4), 0, False),
+                 ((1031, 5), 0, True)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -102,6 +105,10 @@ def gather_input(case, dtype, rank, seed):
         return make((rank % 2, 3), dtype, rank, seed), 0
     if case == "transposed_last":
         return make((3, 2 + rank % 3), dtype, rank, seed, transpose=True), -1
+    if case == "large_ragged":  # above INLINE_BYTES in every dtype: the algorithm's own path
+        return make((1030 + rank, 5), dtype, rank, seed, transpose=True), 0
+    if case == "large_on_rank_0":  # one piece too large to ride along: no rank takes the inline path
+        return make((1031 if rank == 0 else 2, 5), dtype, rank, seed), 0
     raise AssertionError(case)
 
 
@@ -109,7 +116,8 @@ def gather_input(case, dtype, rank, seed):
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_all_gather(world, checks, algorithm, dtype):
     n, r = world.size, world.rank
-    for seed, case in enumerate(["equal", "ragged_dim1", "empty_on_even_ranks", "transposed_last"]):
+    for seed, case in enumerate(["equal", "ragged_dim1", "empty_on_even_ranks", "transposed_last", "large_ragged",
+                                 "large_on_rank_0"]):
         parts = [gather_input(case, dtype, i, seed) for i in range(n)]
         dim = parts[0][1]
         want = torch.cat([p for p, _ in parts], dim=dim)
@@ -133,7 +141,7 @@ def test_all_gather_of_scalars(world, checks, algorithm):
 def test_broadcast_from_every_root(world, checks, dtype):
     n, r = world.size, world.rank
     for root in range(n):
-        for seed, (shape, transpose) in enumerate([((5,), False), ((3, 4), True)]):
+        for seed, (shape, transpose) in enumerate([((5,), False), ((3, 4), True), ((1031, 5), True)]):
             want = make(shape, dtype, root, seed, transpose)
             x = make(shape, dtype, r, seed, transpose)
             out = comm.broadcast(x, world, root=root)

@@ -1,9 +1,10 @@
-"""Small all-reduces ride along with the argument agreement (mpipar.comm.inline).
+"""Small collectives ride along with the argument agreement (mpipar.comm.inline, inline_ops).
 
-A validated all_reduce of at most INLINE_BYTES makes exactly ONE collective
-(the fixed-size Allgather that also agrees on the arguments); larger ones make
-the agreement plus their own collective. The inline result is the rank-order
-sum, bit-identical on every rank.
+A validated all_reduce, broadcast, reduce_scatter or all_gather of at most
+INLINE_BYTES (per rank's piece, for all_gather) makes exactly ONE collective (the
+fixed-size Allgather that also agrees on the arguments); larger ones make the
+agreement plus their own collective. Inline reductions are in rank order,
+bit-identical on every rank.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from mpipar.mesh import Group
 
 pytestmark = pytest.mark.mpi
 
-COLLECTIVES = ("Allgather", "Iallgather", "Allreduce", "Iallreduce", "Reduce_scatter", "Ireduce_scatter")
+COLLECTIVES = ("Allgather", "Iallgather", "Allreduce", "Iallreduce", "Reduce_scatter", "Ireduce_scatter",
+               "Reduce_scatter_block", "Ireduce_scatter_block", "Allgatherv", "Iallgatherv", "Bcast", "Ibcast")
 
 
 class CountingComm:
@@ -97,6 +99,57 @@ def test_inline_layouts_and_autograd_leaves(world, checks):
     scalar = torch.tensor(2.0)
     comm.all_reduce(scalar, world, op="max")
     checks.equal(scalar, torch.tensor(2.0), "0-d")
+    checks.finish()
+
+
+def _other_ops(g, numel, checks):
+    """broadcast, reduce_scatter and all_gather of `numel` float32 elements (all_gather: per rank),
+    their results recorded in `checks` (collective at finish: a wrong value on one rank must not
+    leave the others waiting in the next call); yields each op's name after running it."""
+    n, r = g.size, g.rank
+    x = torch.full((numel,), float(r))
+    comm.broadcast(x, g, root=n - 1)
+    checks.true(torch.equal(x, torch.full_like(x, float(n - 1))), f"broadcast {numel}")
+    yield "broadcast"
+    y = torch.arange(numel, dtype=torch.float32) + r
+    out = comm.reduce_scatter(y, g)
+    full = n * torch.arange(numel, dtype=torch.float32) + n * (n - 1) / 2
+    checks.true(torch.equal(out, torch.tensor_split(full, n)[r]), f"reduce_scatter {numel}")
+    yield "reduce_scatter"
+    out = comm.all_gather(torch.full((numel,), float(r)), g)
+    checks.true(torch.equal(out, torch.arange(n, dtype=torch.float32).repeat_interleave(numel)), f"all_gather {numel}")
+    yield "all_gather"
+
+
+def test_small_broadcast_reduce_scatter_all_gather_are_one_collective(counted, checks):
+    g, calls = counted
+    if g.size == 1:
+        pytest.skip("a single rank communicates nothing")
+    calls.clear()
+    for name in _other_ops(g, INLINE_BYTES // 4, checks):
+        one = dict(calls) in ({"Allgather": 1}, {"Iallgather": 1})
+        checks.true(one, f"{name}: {dict(calls)}")
+        calls.clear()
+    for name in _other_ops(g, INLINE_BYTES // 4 + 1, checks):  # one element more: agreement + its collective
+        checks.true(sum(calls.values()) == 2 and calls["Allgather"] + calls["Iallgather"] >= 1, f"{name}: {dict(calls)}")
+        calls.clear()
+    checks.finish()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int32, torch.int8, torch.bool], ids=str)
+@pytest.mark.parametrize("op", ["sum", "max", "min"])
+def test_small_reduce_scatter_is_rank_order(world, checks, op, dtype):
+    n, r = world.size, world.rank
+    gen = [torch.Generator().manual_seed(60 + i) for i in range(n)]
+    inputs = [(torch.randn(2 * n + 1, 3, generator=gen[i]) * 50).to(dtype) for i in range(n)]
+    want = inputs[0].clone()
+    for x in inputs[1:]:
+        if dtype is torch.bool:
+            want = want | x if op in ("sum", "max") else want & x
+        else:
+            want = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum}[op](want, x)
+    got = comm.reduce_scatter(inputs[r], world, op=op)
+    checks.equal(got, torch.tensor_split(want, n)[r].contiguous(), f"{op} {dtype}")
     checks.finish()
 
 

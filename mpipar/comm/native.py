@@ -1,0 +1,59 @@
+"""The MPI library's own collectives on buffers: what algorithm="mpi" calls.
+
+Each picks the library's fastest variant for the call: MPI_Allgather and
+MPI_Reduce_scatter_block when every rank has the same count (MPICH's
+Allgatherv took 2.2x the time at 2-16 MiB here, its Reduce_scatter with counts
+2x at 256 KiB-1 MiB), else the v-variants. Blocking when ranks have their own
+cores, non-blocking with polite waiting otherwise (mpipar.comm.wait.complete).
+"""
+from __future__ import annotations
+
+import torch
+
+from .buffers import address_buffer, mpi_buffer, offsets
+from .wait import complete
+
+_MPI_OPS: dict = {}
+
+
+def mpi_op(op: str, dtype: torch.dtype | None = None):
+    """MPI.SUM/MAX/MIN for "sum"/"max"/"min" (a bool sum is a logical or: MAX)."""
+    if not _MPI_OPS:
+        from mpi4py import MPI
+
+        _MPI_OPS.update(sum=MPI.SUM, max=MPI.MAX, min=MPI.MIN)
+    return _MPI_OPS["max" if dtype is torch.bool and op == "sum" else op]
+
+
+def in_place():
+    from mpi4py import MPI
+
+    return MPI.IN_PLACE
+
+
+def all_reduce_(g, flat: torch.Tensor, op: str) -> None:
+    """In place on a flat tensor MPI can read."""
+    mop = mpi_op(op, flat.dtype)
+    buf = address_buffer(flat) if flat.device.type == "cpu" and flat.numel() else mpi_buffer(flat)
+    complete(g, lambda: g.comm.Iallreduce(in_place(), buf, op=mop),
+             lambda: g.comm.Allreduce(in_place(), buf, op=mop))
+
+
+def all_gather(g, send, recv, counts: list[int]) -> None:
+    """`send` (a buffer, or in_place(): already in `recv`) into `recv`; counts[r] from rank r."""
+    if min(counts) == max(counts):
+        complete(g, lambda: g.comm.Iallgather(send, recv), lambda: g.comm.Allgather(send, recv))
+        return
+    recv = [recv, (counts, offsets(counts))]
+    complete(g, lambda: g.comm.Iallgatherv(send, recv), lambda: g.comm.Allgatherv(send, recv))
+
+
+def reduce_scatter(g, send, recv, counts: list[int], op: str) -> None:
+    """Rank r's `recv` gets block r (counts[r] elements) of the op over every rank's `send`."""
+    mop = mpi_op(op)
+    if min(counts) == max(counts):
+        complete(g, lambda: g.comm.Ireduce_scatter_block(send, recv, op=mop),
+                 lambda: g.comm.Reduce_scatter_block(send, recv, op=mop))
+        return
+    complete(g, lambda: g.comm.Ireduce_scatter(send, recv, counts, op=mop),
+             lambda: g.comm.Reduce_scatter(send, recv, counts, op=mop))
