@@ -100,8 +100,9 @@ def test_layout_matches_serial(layout, schedule, num_chunks, m):
                                              ((1, 4, 1, 1), "gpipe"), ((1, 2, 1, 2), "zb-h1"),
                                              ((2, 1, 2, 1), "zb-h1")])
 def test_tied_embeddings(layout, schedule):
-    """zb-h1: the last stage's head copy splits B from W; on one stage the head reads the
-    embedding's weight and the chunk runs full backwards (test_gpt_weight_grad_split)."""
+    """zb-h1 with pp > 1: the last stage's head holds its own copy of the embedding's shard and
+    its chunk splits B from W. (pp = 1 trains without a pipeline; a one-stage PipelineRunner,
+    where the head reads the embedding's weight: tests/unit/test_tied_head_weight_grad.py.)"""
     check_same(config(tied=True), layout, 2, schedule)
 
 
