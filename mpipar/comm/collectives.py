@@ -41,19 +41,11 @@ def _bool_op(op: str, dtype: torch.dtype) -> str:
     return "max" if dtype is torch.bool and op == "sum" else op
 
 
-def _agree(name, g, t, op=None, algorithm=None, dim=0, root=0, free_dim=False, entry=None, of=None,
-           root_name="root"):
-    """Agree on the call's arguments across the group (raises MpiparError on every rank).
-    With `entry` (a list), the shared-memory entry exchange of `of` (default `t`) rides
-    along: its table is appended."""
+def _agree(name, g, t, op=None, algorithm=None, dim=0, root=0, free_dim=False, root_name="root"):
+    """Agree on the call's arguments across the group (raises MpiparError on every rank)."""
     sig = signature(t, op, algorithm, dim, root)
-    descriptor = shm.local_descriptor(g, t if of is None else of) if entry is not None and g.size > 1 else None
     return agree(name, g, sig, need_op=op is not None, need_algorithm=algorithm is not None, free_dim=free_dim,
-                 descriptor=descriptor, entry=entry, root_name=root_name)
-
-
-def _first(entry: list):
-    return entry[0] if entry else None
+                 root_name=root_name)
 
 
 def _working(t: torch.Tensor) -> torch.Tensor:
@@ -116,23 +108,20 @@ def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *,
         return all_gather(t.reshape(1), group, 0, algorithm, out=out)
     g = as_group(group)
     d = norm_dim(dim, t.dim())
-    entry: list = []
     code = into.code(t, out, d)
+    small = table = None  # table: the shared-memory entry exchange (mpipar.comm.shm)
     if g.size > 1:  # one Allgather: agreement, sizes, and small pieces too
         small, sizes, table = inline_ops.agree_all_gather(t, g, d, algorithm, code, t if out is None else out)
-        entry.append(table)
-        if small is not None:
-            if out is None:
-                return small
-            into.check(t, out, d, sum(sizes))
-            return out.copy_(small)
     else:
         sizes = _agree("all_gather", g, t, algorithm=algorithm, dim=d, root=code, free_dim=True, root_name="out")
     if out is not None:
-        return _all_gather_into(t, g, d, sizes, algorithm, out, _first(entry))
+        into.check(t, out, d, sum(sizes))  # same verdict on every rank: the agreement covered out
+        return out.copy_(small) if small is not None else _all_gather_into(t, g, d, sizes, algorithm, out, table)
+    if small is not None:
+        return small
     if g.size == 1:
         return t.clone()
-    shared = shm.all_gather(t, g, d, sizes, algorithm, _first(entry))
+    shared = shm.all_gather(t, g, d, sizes, algorithm, table)
     if shared is not None:
         return shared
     x = t.detach() if d == 0 else t.detach().movedim(d, 0)
@@ -155,8 +144,8 @@ def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *,
 
 @torch.no_grad()
 def _all_gather_into(t, g, d: int, sizes: list[int], algorithm: str, out: torch.Tensor, entry) -> torch.Tensor:
-    """all_gather(..., out=out) once the ranks agreed on the arguments (out included)."""
-    into.check(t, out, d, sum(sizes))  # same verdict on every rank: the agreement covered out
+    """all_gather(..., out=out) once the ranks agreed on the arguments (out included) and
+    `out` was checked."""
     in_place = into.is_own_slice(t, out, d, sizes, g.rank)
     if g.size == 1:
         return out if in_place else out.copy_(t)
@@ -185,20 +174,19 @@ def reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algori
     """Rank r gets slice r (torch.tensor_split order) along `dim` of the elementwise op over ranks."""
     g = as_group(group)
     d = norm_dim(dim, t.dim())
-    entry: list = []
+    table = None  # the shared-memory entry exchange, when the agreement made it
     if g.size > 1 and (validate or d == BAD_DIM) and validation_enabled():
         small, table = inline_ops.agree_reduce_scatter(t, g, d, op, algorithm)  # one Allgather
         if small is not None:
             return small
-        entry.append(table)
     elif validate or d == BAD_DIM:
-        _agree("reduce_scatter", g, t, op=op, algorithm=algorithm, dim=d, entry=entry)
+        _agree("reduce_scatter", g, t, op=op, algorithm=algorithm, dim=d)
     if t.dim() == 0:
         raise MpiparError("reduce_scatter: a 0-d tensor has no dim to scatter along")
     op = _bool_op(op, t.dtype)
     if g.size == 1:
         return t.clone()
-    shared = shm.reduce_scatter(t, g, d, op, algorithm, _first(entry))
+    shared = shm.reduce_scatter(t, g, d, op, algorithm, table)
     if shared is not None:
         return shared
     x = _working(t.movedim(d, 0))
@@ -219,18 +207,17 @@ def broadcast(t: torch.Tensor, group, root: int = 0) -> torch.Tensor:
     """In place: every rank's `t` becomes root's `t`. Returns `t`."""
     g = as_group(group)
     r = root if isinstance(root, int) and 0 <= root < g.size else BAD_DIM
-    entry: list = []
+    table = None  # the shared-memory entry exchange, when the agreement made it
     # (a bad root travels in the dim slot, so every rank raises the same error)
     if g.size > 1 and validation_enabled():
         small, table = inline_ops.agree_broadcast(t, g, root, r)  # one Allgather; small data too
         if small:
             return t
-        entry.append(table)
     else:
-        _agree("broadcast", g, t, dim=r, entry=entry)
+        _agree("broadcast", g, t, dim=r)
     if g.size == 1:
         return t
-    if shm.broadcast(t, g, root, _first(entry)):  # symmetric tensor on one node: zero copy
+    if shm.broadcast(t, g, root, table):  # symmetric tensor on one node: zero copy
         return t
     with host_contiguous(t, write_back=g.rank != root) as h:
         buf = mpi_buffer(h)

@@ -65,7 +65,7 @@ def _enter(g, t, algorithm, op_name, nbytes, entry=None):
     Collective only when a decision needs data from every rank; the exchange of
     [window, offset, nbytes] is also the entry barrier of the shm algorithms.
     `entry`: that exchange's (N, 3) table when the caller already made it (the argument
-    agreement carries it: mpipar.comm.validate, mpipar.comm.inline); same on every rank.
+    agreement carries it: mpipar.comm.inline, inline_ops); same on every rank.
     """
     if algorithm not in SHM_ALGORITHMS:
         return None
@@ -242,7 +242,7 @@ def all_gather(t: torch.Tensor, g, dim: int, sizes: list[int], algorithm: str, e
             np.copyto(dst[:, off * inner:(off + s) * inner], src)
         barrier(pool, window)
     else:  # a pooled symmetric output (MPIPAR_SHM_POOLED_OUTPUT_BYTES): push this rank's piece
-        mine = window.view(pool.local_rank, offset, outer * sizes[pool.local_rank] * inner * item)
+        mine = typed(window.view(pool.local_rank, offset, outer * sizes[pool.local_rank] * inner * item), t.dtype)
         _push(pool, mine, where[0], where[1], numel, dim, shape, sizes, t.dtype)
         barrier(pool, window, where[0])
     if out is not None:
@@ -252,8 +252,8 @@ def all_gather(t: torch.Tensor, g, dim: int, sizes: list[int], algorithm: str, e
 
 
 def _push(pool, src, window, offset: int, numel: int, dim: int, shape, sizes, dtype) -> None:
-    """Copy this rank's piece `src` (bytes or elements; None: already in place in its own
-    output) into its slot of every rank's symmetric output at (window, offset), its own first."""
+    """Copy this rank's piece `src` (a numpy array of its elements; None: already in place in
+    its own output) into its slot of every rank's symmetric output at (window, offset), its own first."""
     me = pool.local_rank
     outer, inner = math.prod(shape[:dim]), math.prod(shape[dim + 1:])
     off, s, total = offsets(sizes)[me], sizes[me], sum(sizes)
@@ -263,7 +263,7 @@ def _push(pool, src, window, offset: int, numel: int, dim: int, shape, sizes, dt
         src = typed(src, dtype).reshape(outer, total * inner)[:, off * inner:(off + s) * inner]
         peers = [q for q in range(pool.local_size) if q != me]
     else:
-        src = (typed(src, dtype) if src.dtype == np.uint8 else src).reshape(outer, s * inner)
+        src = src.reshape(outer, s * inner)
         peers = [me] + [q for q in range(pool.local_size) if q != me]
     for p in peers:
         dst = typed(window.view(p, offset, numel * item), dtype).reshape(outer, total * inner)

@@ -49,54 +49,37 @@ def signature(t, op=None, algorithm=None, dim: int = 0, root: int = 0) -> tuple:
 
 
 def agree(name: str, g, sig: np.ndarray, need_op: bool, need_algorithm: bool, free_dim: bool = False,
-          descriptor=None, entry: list | None = None, root_name: str = "root"):
+          root_name: str = "root"):
     """Collective: check `sig` is consistent across the group; raise on every rank if not.
 
     Fast path: one tiny collective on a hash of the signature (a few microseconds).
     Only on a mismatch do ranks exchange full signatures to name the culprit.
-    Returns each rank's size along the free dim when free_dim, else None.
-    `descriptor` (this rank's symmetric [window, offset, nbytes], mpipar.comm.shm) rides
-    along; the (N, 3) table the shared-memory path needs is then appended to `entry`
-    (rows equal and >= 0 exactly when every rank's tensor is at the same symmetric place).
+    `free_dim` (one rank only; all_gather over more ranks agrees, sizes included, in
+    mpipar.comm.inline_ops): returns [the size along the free dim], else None.
     `root_name`: what the signature's root slot holds, for error messages ("out": all_gather's
     out= code, mpipar.comm.into).
     """
     bad = int((need_op and sig[0] == _UNKNOWN) or (need_algorithm and sig[1] == _UNKNOWN)
               or sig[2] == _UNKNOWN or sig[4] == BAD_DIM)
-    if g.size > 1 and not free_dim and not bad and not validation_enabled():
-        return None  # MPIPAR_VALIDATE=0: trust the caller, skip the agreement collective
-    free = 6 + int(sig[4]) if free_dim and sig[4] != BAD_DIM else None
-    h = hash(sig if free is None else sig[:free] + (0,) + sig[free + 1:])  # (hash(-1) == hash(-2): no
-    # slot may hold both; codes are -1 for "none" and <= -3 for anything else)
     if g.size == 1:
         if bad:
             check(name, np.array([sig], dtype=np.int64), need_op, need_algorithm, free_dim, root_name)
-        return [int(sig[free])] if free is not None else None
-    d = list(descriptor) if descriptor is not None else [-1, -1, -1]
-    wanted = descriptor is not None and entry is not None
-    # (the checks run on Python lists: numpy's per-call overhead on arrays of 6-9 elements
-    # cost more than the collective itself)
+        return [int(sig[6 + int(sig[4])])] if free_dim else None
     if free_dim:
-        mine = np.array([h, bad, sig[free] if free is not None else 0] + d, dtype=np.int64)
-        table = np.empty((g.size, 6), dtype=np.int64)
-        complete(g, lambda: g.comm.Iallgather(mine, table), lambda: g.comm.Allgather(mine, table))
-        rows = table.tolist()
-        consistent = all(r[0] == h and not r[1] for r in rows)
-        if wanted:
-            entry.append(table[:, 3:])
-    else:
-        both = np.array([h, -h, bad] + d + [-x for x in d], dtype=np.int64)
-        complete(g, lambda: g.comm.Iallreduce(_in_place(), both, op=_mpi_max()),
-                 lambda: g.comm.Allreduce(_in_place(), both, op=_mpi_max()))
-        v = both.tolist()
-        consistent = v[0] == -v[1] and not v[2]
-        if wanted:  # max == min: one place on every rank
-            same = v[3:6] == [-x for x in v[6:9]]
-            entry.append(np.array([v[3:6] if same else [-1, -1, -1]] * g.size, dtype=np.int64))
-    if not consistent:
+        raise AssertionError("validate.agree: free_dim over several ranks is mpipar.comm.inline_ops' job")
+    if not bad and not validation_enabled():
+        return None  # MPIPAR_VALIDATE=0: trust the caller, skip the agreement collective
+    h = hash(sig)  # (hash(-1) == hash(-2): no slot may hold both; codes are -1 for "none", <= -3 else)
+    # (the checks run on Python lists: numpy's per-call overhead on a few elements costs more
+    # than the collective itself)
+    both = np.array([h, -h, bad], dtype=np.int64)
+    complete(g, lambda: g.comm.Iallreduce(_in_place(), both, op=_mpi_max()),
+             lambda: g.comm.Allreduce(_in_place(), both, op=_mpi_max()))
+    v = both.tolist()
+    if v[0] != -v[1] or v[2]:
         check(name, exchange(g, np.array(sig, dtype=np.int64)), need_op, need_algorithm, free_dim, root_name)
         raise MpiparError(f"{name}: arguments differ across ranks")  # pragma: no cover (hash collision)
-    return [r[2] for r in rows] if free_dim else None
+    return None
 
 
 def _in_place():
