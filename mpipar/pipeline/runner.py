@@ -196,7 +196,7 @@ class PipelineRunner:
         if self.num_stages == 1:
             return float(local[0]) / self.num_microbatches
         req = self._comm.Iallreduce(local, total, op=MPI.SUM)
-        self.transport.wait(req)
+        self.transport.wait(req, local, total)
         return float(total[0]) / self.num_microbatches
 
     def _span(self, name, action=None, **fields):

@@ -9,6 +9,15 @@ or dtype for the computation fails in the computation, not in MPI.
 Fail-fast: a stage that fails tells every other stage (`fail`, one small
 message each on a reserved tag). Every wait here also watches for such a
 notice and raises `PeerFailed` (an MpiparError) instead of waiting forever.
+
+Two rules keep a failed step from corrupting memory later. No receive is ever
+dropped while MPI may still write into it: every posted receive is in
+`_headers`, `_data` or `_inflight` until it completes, and a failure cancels
+them all. And the failure watch is one receive per peer, never
+MPI_ANY_SOURCE: MPICH's ch4 posts an any-source receive to both its
+shared-memory and network paths and cancels the twin ("anysrc partner"), a
+path with a history of crashes (pmodels/mpich#7203, #7702, #7745); this
+runner used to post and cancel one every step.
 """
 from __future__ import annotations
 
@@ -48,14 +57,16 @@ class Transport:
         self.num_virtual, self.device = num_virtual, device
         self.polite = node_is_oversubscribed()
         self.tag_ub = comm.Get_attr(MPI.TAG_UB) or 32767
+        self._stranded: list = []  # requests a peer's failure left pending, with their buffers
         self._reset()
 
     def _reset(self) -> None:
         self._headers: dict = {}   # key -> (request, header array, source)
         self._data: dict = {}      # key -> (request, tensor, host staging or None, source)
         self._local: dict = {}     # key -> tensor handed over within this rank
+        self._inflight: dict = {}  # key -> (request, buffer) being waited for in recv
         self._sends: list = []     # (request, buffers kept alive)
-        self._error = None         # (request, byte buffer)
+        self._watch: list = []     # failure notices: (request, byte buffer), one per peer
 
     def max_tag(self, num_microbatches: int) -> int:
         return message_tag((1, num_microbatches - 1, self.num_virtual - 1), self.num_virtual) + 1
@@ -64,8 +75,10 @@ class Transport:
     def begin(self, receives) -> None:
         """Post the header receives of this step; receives = [(key, source rank)], remote only."""
         self._reset()
-        buf = bytearray(_ERROR_BYTES)
-        self._error = (self.comm.Irecv([buf, MPI.BYTE], source=MPI.ANY_SOURCE, tag=ERROR_TAG), buf)
+        for src in range(self.comm.Get_size()):
+            if src != self.rank:
+                buf = bytearray(_ERROR_BYTES)
+                self._watch.append((self.comm.Irecv([buf, MPI.BYTE], source=src, tag=ERROR_TAG), buf))
         for key, src in receives:
             header = np.zeros(2 + MAX_NDIM, dtype=np.int64)
             req = self.comm.Irecv(header, source=src, tag=message_tag(key, self.num_virtual))
@@ -97,12 +110,16 @@ class Transport:
         if header is not None:
             req, values, src = header
             self._post_arrived()
+            self._inflight[key] = (req, values)
             self._wait([req])
+            del self._inflight[key]
             self._post_data(key, values, src)
         if key not in self._data:
             raise MpiparError(f"pipeline recv: message {key} was not expected in this step")
         req, tensor, host, _ = self._data.pop(key)
+        self._inflight[key] = (req, tensor, host)
         self._wait([req])
+        del self._inflight[key]
         if host is not None:
             tensor.copy_(host)
         return tensor
@@ -149,21 +166,26 @@ class Transport:
         The added latency is at most one sleep (<= 0.2 ms).
         """
         pending = [r for r in requests if r]
-        watch = self._error[0] if self._error is not None else None
         spin_until = time.perf_counter() + (0.0 if self.polite else SPIN_S)
         sleep = 1e-6
         while not MPI.Request.Testall(pending):
-            if watch is not None and watch.Get_status():
-                status = MPI.Status()
-                watch.Test(status)
-                self._raise_peer_failure(status)
+            self._check_error()
             if time.perf_counter() > spin_until:
                 time.sleep(sleep)
                 sleep = min(sleep * 2, MAX_SLEEP_S)
 
-    def wait(self, request) -> None:
-        """Wait for any MPI request while watching for failures of other stages."""
-        self._wait([request])
+    def wait(self, request, *buffers) -> None:
+        """Wait for any MPI request while watching for failures of other stages.
+
+        If another stage fails first, the request (a collective cannot be
+        cancelled) and its `buffers` stay referenced by this transport, so MPI
+        never writes into freed memory.
+        """
+        try:
+            self._wait([request])
+        except PeerFailed:
+            self._stranded.append((request, buffers))
+            raise
 
     # ---- failures --------------------------------------------------------------------------
     def fail(self, message: str) -> None:
@@ -175,25 +197,22 @@ class Transport:
         self._cancel_receives()
 
     def _check_error(self) -> None:
-        if self._error is None:
-            return
-        status = MPI.Status()
-        if self._error[0].Test(status):
-            self._raise_peer_failure(status)
-
-    def _raise_peer_failure(self, status) -> None:
-        buf = self._error[1]
-        self._error = None
-        text = bytes(buf[:status.Get_count(MPI.BYTE)]).decode(errors="replace")
-        self._cancel_receives()
-        raise PeerFailed(text)
+        """Raise PeerFailed if another stage's failure notice has arrived."""
+        for req, buf in self._watch:
+            if req.Get_status():
+                status = MPI.Status()
+                req.Wait(status)
+                text = bytes(buf[:status.Get_count(MPI.BYTE)]).decode(errors="replace")
+                self._cancel_receives()
+                raise PeerFailed(text)
 
     def _cancel_receives(self) -> None:
-        pending = [e[0] for e in self._headers.values()] + [e[0] for e in self._data.values()]
-        if self._error is not None:
-            pending.append(self._error[0])
-        for req in pending:
-            req.Cancel()
-            req.Wait()
-        self._headers, self._data, self._error = {}, {}, None
+        """Cancel every receive still posted and complete it, so MPI holds no buffer of ours."""
+        entries = (list(self._headers.values()) + list(self._data.values())
+                   + list(self._inflight.values()) + self._watch)
+        for entry in entries:
+            if entry[0]:  # not completed yet
+                entry[0].Cancel()
+                entry[0].Wait()
+        self._headers, self._data, self._inflight, self._watch = {}, {}, {}, []
 
