@@ -207,10 +207,15 @@ class PipelineRunner:
         return self.tracer.span(name, stage=self.stage, **fields)
 
     def close(self) -> None:
-        """Release the runner's private communicator (collective over the pipeline group)."""
-        if self._comm is not None:
+        """Release the runner's private communicator (collective over the pipeline group).
+
+        A runner broken by a failure keeps it instead: messages of the failed step may
+        still sit unreceived in MPI's queues under its context, and a freed context
+        is recycled by the next Dup, whose receives would match those stale messages.
+        """
+        if self._comm is not None and self._broken is None:
             self._comm.Free()
-            self._comm = None
+        self._comm = None
 
 
 def _agree_fast(comm, local_error) -> None:

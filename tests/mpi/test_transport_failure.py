@@ -82,7 +82,8 @@ def test_waiting_stages_cancel_their_receives_when_a_peer_fails(waiting_for, fai
 @pytest.mark.mpi(min_size=2)
 def test_runner_leaves_no_receive_posted_after_a_stage_fails():
     """Through PipelineRunner: the last stage fails at its first forward; afterwards a
-    message on every tag a stage could have been waiting for is still unreceived."""
+    message on every tag a stage could have been waiting for is still unreceived, and
+    close() has kept the broken runner's communicator (still usable here)."""
     from torch import nn
 
     from mpipar.errors import MpiparError
@@ -95,6 +96,8 @@ def test_runner_leaves_no_receive_posted_after_a_stage_fails():
     with pytest.raises(MpiparError, match=f"stage {P - 1} failed"):
         runner.step(x, y)
     comm = runner._comm
+    runner.close()  # a broken runner keeps its communicator: stale messages must not reach a new one
+    assert comm != MPI.COMM_NULL, "close() freed the communicator of a broken runner"
     mine = sorted({(peer, message_tag(key, P) + part)
                    for kind, _, peer, _, key in runner.plan if kind == "recv" and peer != RANK
                    for part in (0, 1)})
