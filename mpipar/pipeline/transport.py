@@ -11,9 +11,9 @@ message each on a reserved tag). Every wait here also watches for such a
 notice and raises `PeerFailed` (an MpiparError) instead of waiting forever.
 
 Two rules keep a failed step from corrupting memory later. No receive is ever
-dropped while MPI may still write into it: every posted receive is in
-`_headers`, `_data` or `_inflight` until it completes, and a failure cancels
-them all. And the failure watch is one receive per peer, never
+dropped while MPI may still write into it: every posted receive stays in
+`_headers` or `_data` until it has completed (also while `recv` waits for
+it), and a failure cancels them all. And the failure watch is one receive per peer, never
 MPI_ANY_SOURCE: MPICH's ch4 posts an any-source receive to both its
 shared-memory and network paths and cancels the twin ("anysrc partner"), a
 path with a history of crashes (pmodels/mpich#7203, #7702, #7745); this
@@ -64,7 +64,6 @@ class Transport:
         self._headers: dict = {}   # key -> (request, header array, source)
         self._data: dict = {}      # key -> (request, tensor, host staging or None, source)
         self._local: dict = {}     # key -> tensor handed over within this rank
-        self._inflight: dict = {}  # key -> (request, buffer) being waited for in recv
         self._sends: list = []     # (request, buffers kept alive)
         self._watch: list = []     # failure notices: (request, byte buffer), one per peer
 
@@ -106,20 +105,17 @@ class Transport:
         """Wait (politely, watching for failures) for message `key` and return its tensor."""
         if key in self._local:
             return self._local.pop(key)
-        header = self._headers.pop(key, None)
-        if header is not None:
-            req, values, src = header
-            self._post_arrived()
-            self._inflight[key] = (req, values)
+        self._post_arrived()
+        if key in self._headers:  # not arrived yet; stays in the table while waited for
+            req, values, src = self._headers[key]
             self._wait([req])
-            del self._inflight[key]
+            del self._headers[key]
             self._post_data(key, values, src)
         if key not in self._data:
             raise MpiparError(f"pipeline recv: message {key} was not expected in this step")
-        req, tensor, host, _ = self._data.pop(key)
-        self._inflight[key] = (req, tensor, host)
+        req, tensor, host, _ = self._data[key]
         self._wait([req])
-        del self._inflight[key]
+        del self._data[key]
         if host is not None:
             tensor.copy_(host)
         return tensor
@@ -208,11 +204,10 @@ class Transport:
 
     def _cancel_receives(self) -> None:
         """Cancel every receive still posted and complete it, so MPI holds no buffer of ours."""
-        entries = (list(self._headers.values()) + list(self._data.values())
-                   + list(self._inflight.values()) + self._watch)
+        entries = list(self._headers.values()) + list(self._data.values()) + self._watch
         for entry in entries:
             if entry[0]:  # not completed yet
                 entry[0].Cancel()
                 entry[0].Wait()
-        self._headers, self._data, self._inflight, self._watch = {}, {}, {}, []
+        self._headers, self._data, self._watch = {}, {}, []
 
