@@ -12,9 +12,9 @@ notice and raises `PeerFailed` (an MpiparError) instead of waiting forever.
 
 Two rules keep a failed step from corrupting memory later. No receive is ever
 dropped while MPI may still write into it: every posted receive stays in
-`_headers` or `_data` until it has completed (also while `recv` waits for
-it), and a failure cancels them all. And the failure watch is one receive per peer, never
-MPI_ANY_SOURCE: MPICH's ch4 posts an any-source receive to both its
+`_headers` or `_data` until it has completed (also while `recv` waits for it),
+and a failure cancels them all. And the failure watch is one receive per peer,
+never MPI_ANY_SOURCE: MPICH's ch4 posts an any-source receive to both its
 shared-memory and network paths and cancels the twin ("anysrc partner"), a
 path with a history of crashes (pmodels/mpich#7203, #7702, #7745); this
 runner used to post and cancel one every step.
