@@ -29,6 +29,7 @@ import torch
 
 from ..errors import MpiparError
 from . import shm, tuning
+from .native import in_place
 from .validate import BAD_DIM, _UNKNOWN, check, exchange, signature
 
 INLINE_BYTES = 4096  # the payload slot; identical on every rank by construction (never from env)
@@ -99,16 +100,8 @@ class _Buffers:
 
     def typed_rows(self, dtype: torch.dtype, shape) -> tuple:
         """The N payloads (row r: rank r's), shaped `shape` and typed `dtype`."""
-        key = (dtype, shape)  # (dtype, shape) fix the views; the caller's tensor does not
-        views = self.rows.get(key)
-        if views is None:
-            n = int(np.prod(shape, dtype=np.int64))
-            slots = torch.from_numpy(self.table[:, _HEAD * 8:])
-            views = tuple(s.view(CARRIER[dtype])[:n].view(dtype).view(shape) for s in slots)
-            if len(self.rows) > 256:
-                self.rows.clear()
-            self.rows[key] = views
-        return views
+        # (dtype, shape) fix the views; the caller's tensor does not
+        return self.cached((dtype, shape), lambda: tuple(self.row(k, dtype, shape) for k in range(len(self.table))))
 
     def cached(self, key, build):
         """Views over the table built once per key (the table never moves)."""
@@ -195,17 +188,12 @@ def reduce_rows(combine, rows) -> torch.Tensor:
 
 
 _MEMMOVE = ctypes.memmove
-_IN_PLACE = []
 
 
 def _allgather(g, table) -> None:
-    if not _IN_PLACE:
-        from mpi4py import MPI
-
-        _IN_PLACE.append(MPI.IN_PLACE)
     if g.oversubscribed:
         from .wait import wait_all
 
-        wait_all([g.comm.Iallgather(_IN_PLACE[0], table)])
+        wait_all([g.comm.Iallgather(in_place(), table)])
     else:
-        g.comm.Allgather(_IN_PLACE[0], table)
+        g.comm.Allgather(in_place(), table)

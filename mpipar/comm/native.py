@@ -13,22 +13,25 @@ import torch
 from .buffers import address_buffer, mpi_buffer, offsets
 from .wait import complete
 
-_MPI_OPS: dict = {}
+_MPI_CONSTANTS: dict = {}  # filled at first use: importing this module does not import MPI
+
+
+def _constants() -> dict:
+    if not _MPI_CONSTANTS:
+        from mpi4py import MPI
+
+        _MPI_CONSTANTS.update(sum=MPI.SUM, max=MPI.MAX, min=MPI.MIN, in_place=MPI.IN_PLACE)
+    return _MPI_CONSTANTS
 
 
 def mpi_op(op: str, dtype: torch.dtype | None = None):
     """MPI.SUM/MAX/MIN for "sum"/"max"/"min" (a bool sum is a logical or: MAX)."""
-    if not _MPI_OPS:
-        from mpi4py import MPI
-
-        _MPI_OPS.update(sum=MPI.SUM, max=MPI.MAX, min=MPI.MIN)
-    return _MPI_OPS["max" if dtype is torch.bool and op == "sum" else op]
+    return _constants()["max" if dtype is torch.bool and op == "sum" else op]
 
 
 def in_place():
-    from mpi4py import MPI
-
-    return MPI.IN_PLACE
+    """MPI.IN_PLACE (looked up once: small calls run this on their hot path)."""
+    return _constants()["in_place"]
 
 
 def all_reduce_(g, flat: torch.Tensor, op: str) -> None:

@@ -11,6 +11,8 @@ import numpy as np
 
 from ..errors import MpiparError
 from .buffers import DTYPE_CODES
+from .into import BAD_OUT, NO_OUT
+from .native import in_place, mpi_op
 from .tuning import env
 from .wait import complete
 
@@ -73,27 +75,13 @@ def agree(name: str, g, sig: np.ndarray, need_op: bool, need_algorithm: bool, fr
     # (the checks run on Python lists: numpy's per-call overhead on a few elements costs more
     # than the collective itself)
     both = np.array([h, -h, bad], dtype=np.int64)
-    complete(g, lambda: g.comm.Iallreduce(_in_place(), both, op=_mpi_max()),
-             lambda: g.comm.Allreduce(_in_place(), both, op=_mpi_max()))
+    complete(g, lambda: g.comm.Iallreduce(in_place(), both, op=mpi_op("max")),
+             lambda: g.comm.Allreduce(in_place(), both, op=mpi_op("max")))
     v = both.tolist()
     if v[0] != -v[1] or v[2]:
         check(name, exchange(g, np.array(sig, dtype=np.int64)), need_op, need_algorithm, free_dim, root_name)
         raise MpiparError(f"{name}: arguments differ across ranks")  # pragma: no cover (hash collision)
     return None
-
-
-def _in_place():
-    return _mpi().IN_PLACE
-
-
-def _mpi_max():
-    return _mpi().MAX
-
-
-def _mpi():
-    from mpi4py import MPI
-
-    return MPI
 
 
 def validation_enabled() -> bool:
@@ -137,7 +125,7 @@ def check(name: str, table: np.ndarray, need_op: bool, need_algorithm: bool, fre
                           f"rank {r} has {_describe(table[r], root_name)}")
 
 
-_OUT_CODES = {-1: "none", -3: "unusable"}  # mpipar.comm.into.NO_OUT, BAD_OUT
+_OUT_CODES = {NO_OUT: "none", BAD_OUT: "unusable"}
 
 
 def _describe(row, root_name: str = "root") -> str:
