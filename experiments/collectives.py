@@ -58,6 +58,7 @@ from mpipar import comm as C  # noqa: E402
 from mpipar import trace  # noqa: E402
 from mpipar.errors import MpiparError, install_abort_on_exception, require  # noqa: E402
 from _collectives_impl import ALGO_OPS, DTYPES, element_count, measure_size  # noqa: E402
+from _collectives_verdicts import human, verdicts  # noqa: E402
 from _common import init_gloo  # noqa: E402
 
 TABLE = "collectives"
@@ -108,15 +109,6 @@ def parse_sizes(text: str) -> list[int]:
             size *= factor
         return out
     return [parse_size(s) for s in text.split(",") if s.strip()]
-
-
-def human(n: int) -> str:
-    if n >= C.tuning.NEVER:
-        return "never"
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale and n % scale == 0:
-            return f"{n // scale} {unit}"
-    return f"{n} B"
 
 
 def parse_args(argv=None) -> Config:
@@ -225,64 +217,6 @@ def print_report(rows: list[dict], fit_rows: list[dict], n: int, dtype: str) -> 
         print(f"{f['op']}: ring fit alpha = {f['alpha_s'] * 1e6:.2f} us, 1/beta = {f['bandwidth_GBps']:.2f} GB/s; "
               f"crossover: ring beats mpi {cross} (mpipar/comm/tuning.py now: "
               f"{human(C.tuning.crossover(f['op']))})")
-
-
-def verdicts(rows: list[dict]) -> list[str]:
-    """The issue's benchmark targets, from this run's points (ratios of times at equal sizes)."""
-    t = {(r["op"], r["impl"], r["nbytes"]): r["time_s"] for r in rows}
-    out = []
-    for op in ALGO_OPS:
-        big = sorted(s for (o, i, s) in t if o == op and i == "auto" and s >= 1 << 20)
-        best = [min(t[(op, "mpi", s)], t[(op, "ring", s)]) / t[(op, "auto", s)]
-                for s in big if (op, "mpi", s) in t and (op, "ring", s) in t]
-        gloo = [t[(op, "gloo", s)] / t[(op, "auto", s)] for s in big if (op, "gloo", s) in t]
-        if best:
-            out.append(f"{op} >= 1 MiB: busbw auto / best(mpi, ring) min {min(best):.2f} (target >= 0.95)")
-            same = [t[(op, C.tuning.choose(op, "auto", s, 2), s)] / t[(op, "auto", s)] for s in big
-                    if (op, "mpi", s) in t and (op, "ring", s) in t]
-            out.append(f"{op} >= 1 MiB: A/A noise floor: busbw auto / the algorithm auto ran (same code) "
-                       f"min {min(same):.2f} max {max(same):.2f}")
-            choice = [min(t[(op, "mpi", s)], t[(op, "ring", s)]) / t[(op, C.tuning.choose(op, "auto", s, 2), s)]
-                      for s in big if (op, "mpi", s) in t and (op, "ring", s) in t]
-            out.append(f"{op} >= 1 MiB: auto's choice: busbw of the algorithm it picks / the better of mpi, ring "
-                       f"min {min(choice):.2f}")
-        if gloo:
-            out.append(f"{op} >= 1 MiB: busbw auto / gloo min {min(gloo):.2f} (target >= 1.5)")
-    out += shm_verdicts(rows)
-    small = min((s for (o, i, s) in t if o == "all_reduce" and i == "mpi"), default=None)
-    if small is not None and ("all_reduce", "mpi4py", small) in t:
-        ratio = t[("all_reduce", "mpi", small)] / t[("all_reduce", "mpi4py", small)]
-        out.append(f"all_reduce {human(small)} latency: mpipar mpi / raw mpi4py {ratio:.2f} (target <= 2)")
-    return out
-
-
-def shm_verdicts(rows: list[dict]) -> list[str]:
-    """Issue 8's targets: zero-copy shared memory ("auto_sym") against MPICH ("mpi4py") and the
-    in-place pass limit ("inplace", busbw = its pass rate), by busbw at equal sizes."""
-    bw = {(r["op"], r["impl"], r["nbytes"]): r["busbw_GBps"] for r in rows}
-    out = []
-    for op, lo, hi, target in (("all_reduce", 16 << 20, 256 << 20, 4.0), ("all_reduce", 1 << 20, 4 << 20, 2.0),
-                               ("reduce_scatter", 16 << 20, 1 << 40, 2.0), ("all_gather", 16 << 20, 1 << 40, 2.0)):
-        sizes = [s for (o, i, s) in bw if o == op and i == "auto_sym" and lo <= s <= hi]
-        ratio = [bw[(op, "auto_sym", s)] / bw[(op, "mpi4py", s)] for s in sizes if (op, "mpi4py", s) in bw]
-        if ratio:
-            out.append(f"{op} {human(lo)}-{human(min(hi, max(sizes)))}: busbw auto_sym / mpi4py "
-                       f"min {min(ratio):.2f} (target >= {target:g})")
-    for impl, base, what in (("sym_inplace", "mpi4py", "target >= 2"),
-                             ("sym_inplace", "mpi4py_inplace", "the same in-place semantics on both sides")):
-        sizes = [s for (o, i, s) in bw if o == "all_gather" and i == impl and s >= 16 << 20 and
-                 ("all_gather", base, s) in bw]
-        if sizes:
-            ratio = min(bw[("all_gather", impl, s)] / bw[("all_gather", base, s)] for s in sizes)
-            out.append(f"all_gather >= 16 MiB: busbw {impl} / {base} min {ratio:.2f} ({what})")
-    big = [s for (o, i, s) in bw if o == "all_reduce" and i == "auto_sym" and s >= 16 << 20]
-    for limit_op in ("inplace_sym", "inplace"):
-        limit = [bw[("all_reduce", "auto_sym", s)] / bw[(limit_op, limit_op, s)]
-                 for s in big if (limit_op, limit_op, s) in bw]
-        if limit:
-            out.append(f"all_reduce >= 16 MiB: busbw auto_sym / {limit_op} limit min {min(limit):.2f} "
-                       f"(target >= 0.5)")
-    return out
 
 
 def by_size(points: list[dict]) -> list[list[dict]]:
