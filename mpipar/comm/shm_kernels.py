@@ -98,3 +98,23 @@ def owner_slices(numel: int, parts: int, itemsize: int) -> list[tuple[int, int]]
     for off, c in zip(offsets(counts), counts):
         out.append((min(off * unit, numel), min((off + c) * unit, numel)))
     return out
+
+
+def owned(window, n: int, me: int, offset: int, numel: int, dtype) -> tuple:
+    """(rank me's owned slice, the other ranks' same slices) of the symmetric tensor of `numel`
+    `dtype` elements at `offset` of `window` (n ranks: see owner_slices), as numpy views."""
+    views = [typed(window.view(p, offset, numel * dtype.itemsize), dtype) for p in range(n)]
+    lo, hi = owner_slices(numel, n, dtype.itemsize)[me]
+    return views[me][lo:hi], [views[p][lo:hi] for p in range(n) if p != me]
+
+
+def cached_plan(window, key, build):
+    """window.plans[key], built by build() once: a training loop all-reduces the same buffers
+    every step, and rebuilding the views costs ~10 us of Python a call. Kept on the window
+    (freed with it); cleared when it holds more than 64 plans."""
+    plan = window.plans.get(key)
+    if plan is None:
+        if len(window.plans) > 64:
+            window.plans.clear()
+        plan = window.plans[key] = build()
+    return plan

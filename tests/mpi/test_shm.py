@@ -15,7 +15,7 @@ import torch
 from conftest import np_reduce, rank_tensor, same_on_all_ranks
 
 from mpipar import MpiparError, comm
-from mpipar.comm import symmetric, tuning
+from mpipar.comm import shm_fused, symmetric, tuning
 from mpipar.device import node_is_oversubscribed
 from mpipar.mesh import Group
 
@@ -83,18 +83,25 @@ def sym(g, src: torch.Tensor) -> torch.Tensor:
     return t
 
 
+@pytest.mark.parametrize("kernel", ["fused", "numpy"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op", OPS)
-def test_all_reduce(group, checks, op, dtype):
+def test_all_reduce(group, checks, op, dtype, kernel, monkeypatch):
+    """Both kernels: the compiled one-pass sum (mpipar.comm.shm_fused) where it applies, and numpy."""
+    monkeypatch.setenv("MPIPAR_SHM_FUSED", "1" if kernel == "fused" else "0")
     n = group.size
+    fused = kernel == "fused" and n > 1 and shm_fused.kernel(dtype, op) is not None
+    checks.true(fused or kernel == "numpy" or n == 1 or op != "sum" or dtype not in shm_fused.TYPES
+                or shm_fused.compiler() is None, "the fused kernel did not build")
     for shape in [(1,), (3, 5, 41), (2 * n + 1, 333)]:
         ins = [rank_tensor(shape, dtype, r, seed=1) for r in range(n)]
         t = sym(group, ins[group.rank])
-        before = calls(group, "all_reduce")
+        before, before_fused = calls(group, "all_reduce"), calls(group, "all_reduce", "fused")
         out = comm.all_reduce(t, group, op=op)
         checks.true(out is t, "all_reduce returns its input")
-        checks.equal(t, np_reduce(ins, op), f"{shape} {op} {dtype}")
+        checks.equal(t, np_reduce(ins, op), f"{shape} {op} {dtype} {kernel}")
         checks.true(n == 1 or calls(group, "all_reduce") == before + 1, "shm path not taken")
+        checks.true(calls(group, "all_reduce", "fused") == before_fused + fused, f"fused kernel ran: {not fused}")
 
 
 def half_inputs(n, dtype):
@@ -209,6 +216,21 @@ def test_results_bit_identical_on_every_rank(group, checks):
         comm.all_reduce(t, group)
         checks.true(same_on_all_ranks(group.comm, t.view(-1).view(torch.uint8).numpy().tobytes()),
                     f"{dtype} results differ between ranks")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_fused_and_numpy_kernels_agree_bit_for_bit(group, checks, monkeypatch, dtype):
+    """Random floats (rounding in every add): the compiled kernel sums in numpy's order."""
+    gen = torch.Generator().manual_seed(7 + group.rank)
+    src = (torch.randn(70001, generator=gen, dtype=torch.float64) * 1e3).to(dtype)
+    results = {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("MPIPAR_SHM_FUSED", setting)
+        t = sym(group, src)
+        comm.all_reduce(t, group)
+        results[setting] = t.numpy().tobytes()
+    checks.true(results["1"] == results["0"], f"{dtype}: the fused kernel and numpy differ")
+    checks.true(same_on_all_ranks(group.comm, results["1"]), f"{dtype}: results differ between ranks")
 
 
 @pytest.mark.parametrize("validate", ["0", "1"])
