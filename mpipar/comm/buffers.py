@@ -159,3 +159,14 @@ def offsets(counts: list[int]) -> list[int]:
         out.append(acc)
         acc += c
     return out
+
+
+def memo(cache: dict, key, build, limit: int):
+    """cache[key], built by build() on first use; the cache is emptied once it holds more
+    than `limit` entries (views kept for a hot path, bounded)."""
+    value = cache.get(key)
+    if value is None:
+        if len(cache) > limit:
+            cache.clear()
+        value = cache[key] = build()
+    return value

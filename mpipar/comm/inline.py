@@ -29,6 +29,7 @@ import torch
 
 from ..errors import MpiparError
 from . import shm, tuning
+from .buffers import memo
 from .native import in_place
 from .validate import BAD_DIM, _UNKNOWN, check, exchange, signature
 
@@ -105,12 +106,7 @@ class _Buffers:
 
     def cached(self, key, build):
         """Views over the table built once per key (the table never moves)."""
-        views = self.rows.get(key)
-        if views is None:
-            if len(self.rows) > 256:
-                self.rows.clear()
-            views = self.rows[key] = build()
-        return views
+        return memo(self.rows, key, build, 256)
 
     def row(self, k: int, dtype: torch.dtype, shape) -> torch.Tensor:
         """Row k's payload as one tensor of `shape` (all_gather: each rank's own shape)."""

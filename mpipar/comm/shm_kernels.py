@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .buffers import flat_chunks, offsets
+from .buffers import flat_chunks, memo, offsets
 from .tuning import env
 
 _UFUNC = {"sum": np.add, "max": np.maximum, "min": np.minimum}
@@ -112,9 +112,4 @@ def cached_plan(window, key, build):
     """window.plans[key], built by build() once: a training loop all-reduces the same buffers
     every step, and rebuilding the views costs ~10 us of Python a call. Kept on the window
     (freed with it); cleared when it holds more than 64 plans."""
-    plan = window.plans.get(key)
-    if plan is None:
-        if len(window.plans) > 64:
-            window.plans.clear()
-        plan = window.plans[key] = build()
-    return plan
+    return memo(window.plans, key, build, 64)
