@@ -78,10 +78,11 @@ def shm_verdicts(rows: list[dict]) -> list[str]:
 
 
 def one_copy_verdict(rows: list[dict], bw: dict) -> list[str]:
-    """The in-place all-gather against its ceiling: each rank copies its piece (size / n) into
-    n - 1 peers, so a gather at the machine's copy rate has busbw = that rate: memcpy of one piece,
-    on every rank at once. (MPICH's out-of-place Allgather copies twice as much per rank: a
-    local copy of its own piece and the peers' pieces; beating it 2x needs a copy faster than its.)"""
+    """The in-place all-gather against one copy: each rank copies its piece (size / n) into
+    n - 1 peers, so a gather at torch's copy rate has busbw = that rate: a torch copy_ of one
+    piece, on every rank at once. MPICH's out-of-place Allgather copies twice as much per rank
+    (its own piece locally, then the peers' pieces), so beating it 2x needs a copy faster than
+    each of its copies: mpipar streams large ones (non-temporal stores, shm_compiled.c)."""
     n = max((r["world_size"] for r in rows), default=1)
     pairs = [(s, bw[("all_gather", "sym_inplace", s)] / bw[("memcpy", "memcpy", s // n)])
              for (o, i, s) in bw if o == "all_gather" and i == "sym_inplace" and s >= 16 << 20
@@ -89,4 +90,4 @@ def one_copy_verdict(rows: list[dict], bw: dict) -> list[str]:
     if not pairs:
         return []
     text = ", ".join(f"{human(s)} {r:.2f}" for s, r in sorted(pairs))
-    return [f"all_gather >= 16 MiB: busbw sym_inplace / memcpy of one piece (the one-copy ceiling): {text}"]
+    return [f"all_gather >= 16 MiB: busbw sym_inplace / torch copy_ of one piece: {text}"]

@@ -26,8 +26,9 @@ fake nodes unless MPIPAR_FAKE_RANKS_PER_NODE says otherwise; opt-in);
 of it: only the peers' pieces move);
 "mpi4py" (raw comm.Allreduce & co on numpy, no mpipar); "mpi4py_inplace" (all_gather:
 raw comm.Allgather(MPI.IN_PLACE, out), the MPI library's own in-place all-gather); "gloo"
-(torch.distributed); "memcpy" (a local torch copy_ of the same size: the
-physical limit; its busbw is the copy rate); "inplace" (np.add(buf, 0, out=buf) on
+(torch.distributed); "memcpy" (a local torch copy_ of the same size; its busbw
+is the copy rate; past the cache mpipar's streaming copies beat it, see
+mpipar/comm/shm_compiled.c); "inplace" (np.add(buf, 0, out=buf) on
 every rank at once: the in-place memory pass over plain torch memory, which sits on
 2 MiB transparent huge pages), "inplace_sym" (the same pass over a symmetric tensor:
 the shared-memory window's own 4 KiB pages, the ceiling of shared-memory all-reduce). At the end: the measured size

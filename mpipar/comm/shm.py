@@ -7,8 +7,9 @@ When every rank's tensor lives at the same place of the same window
   peer's chunk into its own in place, then, while the chunk is in cache,
   PUSHES it into every peer's slot. Each element is reduced once, by its
   owner, so every rank ends bit-identical. Sums of float32/64 and int32/64 do
-  both in one call of a compiled kernel (mpipar.comm.shm_fused; 1.1-1.5x numpy's
-  two calls per chunk), with numpy's results bit for bit.
+  both in one call of a compiled kernel (mpipar.comm.shm_compiled; 1.1-1.5x numpy's
+  two calls per chunk), with numpy's results bit for bit. Large copies of the
+  all-gather and broadcast stream (non-temporal stores, the same module).
 - reduce-scatter: the owner of slice r reduces it, chunk by chunk, into its output.
 - all-gather: every rank pulls each peer's piece into its output (a recycled plain
   tensor, mpipar.comm.outputs); with MPIPAR_SHM_POOLED_OUTPUT_BYTES set, outputs from
@@ -16,8 +17,8 @@ When every rank's tensor lives at the same place of the same window
   rank's output instead (measured slower here: tuning.SHM_POOLED_OUTPUT_BYTES).
   all_gather(t, g, out=out) with `out` symmetric: every rank pushes its piece into
   every rank's `out`; in place (`t` is its slice of `out`) only into the peers', so a
-  rank writes (N-1)/N of the output instead of all of it (2 ranks, 16-256 MiB:
-  7.4-11.4 GB/s busbw against 4.5-5.9 pulling into a plain output).
+  rank writes (N-1)/N of the output instead of all of it (2 ranks, 16-256 MiB, streaming
+  copies: 17.5-27.5 GB/s busbw against 7.3-15.6 pulling into a plain output).
 - broadcast: every rank copies the root's tensor into its own.
 Outputs are recycled because a fresh tensor of a few MiB is a fresh mmap whose
 page faults cost more than the copy.
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 
 from ..errors import MpiparError
-from . import hierarchical, outputs, shm_fused, tuning
+from . import hierarchical, outputs, shm_compiled, tuning
 from .buffers import flat_chunks, offsets, reduce_dtype
 from .shm_kernels import blocks, cached_plan, chunk_elements, np_of, owned, reduce_into, typed
 from .symmetric import pool_of
@@ -157,7 +158,7 @@ def all_reduce(t: torch.Tensor, g, op: str, algorithm: str, entry=None) -> bool:
 
 
 def _all_reduce(pool, window, offset: int, numel: int, dtype, op: str) -> None:
-    fused = _fused_call(pool, window, offset, numel, dtype, op)
+    fused = shm_compiled.sum_push_plan(pool, window, offset, numel, dtype, op)
     if fused is not None:
         fused()
         pool.calls[("all_reduce", "fused")] += 1
@@ -166,15 +167,6 @@ def _all_reduce(pool, window, offset: int, numel: int, dtype, op: str) -> None:
         reduce_into(own, own, peers, dtype, op)
         for peer in peers:
             np.copyto(peer, own)
-
-
-def _fused_call(pool, window, offset: int, numel: int, dtype, op: str):
-    """The compiled add-and-push over this rank's slice (mpipar.comm.shm_fused), or None (numpy)."""
-    fn = shm_fused.kernel(dtype, op) if pool.local_size > 1 else None
-    if fn is None:
-        return None
-    return cached_plan(window, ("fused", offset, numel, dtype),
-                       lambda: shm_fused.bind(fn, *owned(window, pool.local_size, pool.local_rank, offset, numel, dtype)))
 
 
 def _all_reduce_chunks(pool, window, offset: int, numel: int, dtype) -> list:
@@ -247,7 +239,7 @@ def all_gather(t: torch.Tensor, g, dim: int, sizes: list[int], algorithm: str, e
         dst = np_of(result)
         for p, (off, s) in enumerate(zip(offsets(sizes), sizes)):
             src = typed(window.view(p, offset, outer * s * inner * item), t.dtype).reshape(outer, s * inner)
-            np.copyto(dst[:, off * inner:(off + s) * inner], src)
+            shm_compiled.copy(dst[:, off * inner:(off + s) * inner], src)
         barrier(pool, window)
     else:  # a pooled symmetric output (MPIPAR_SHM_POOLED_OUTPUT_BYTES): push this rank's piece
         mine = typed(window.view(pool.local_rank, offset, outer * sizes[pool.local_rank] * inner * item), t.dtype)
@@ -275,7 +267,7 @@ def _push(pool, src, window, offset: int, numel: int, dim: int, shape, sizes, dt
         peers = [me] + [q for q in range(pool.local_size) if q != me]
     for p in peers:
         dst = typed(window.view(p, offset, numel * item), dtype).reshape(outer, total * inner)
-        np.copyto(dst[:, off * inner:(off + s) * inner], src)
+        shm_compiled.copy(dst[:, off * inner:(off + s) * inner], src)
 
 
 def _output(pool, capacity: int, numel: int, dtype) -> torch.Tensor:
@@ -295,6 +287,6 @@ def broadcast(t: torch.Tensor, g, root: int, entry=None) -> bool:
         return False
     pool, window, offset, _ = plan
     if pool.local_rank != root:
-        np.copyto(window.view(pool.local_rank, offset, nbytes), window.view(root, offset, nbytes))
+        shm_compiled.copy(window.view(pool.local_rank, offset, nbytes), window.view(root, offset, nbytes))
     barrier(pool, window)
     return True

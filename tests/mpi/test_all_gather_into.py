@@ -15,7 +15,7 @@ import torch
 from conftest import rank_tensor, requires_cuda
 
 from mpipar import MpiparError, comm
-from mpipar.comm import into, symmetric
+from mpipar.comm import into, shm_compiled, symmetric
 from mpipar.device import node_is_oversubscribed
 from mpipar.mesh import Group
 
@@ -151,12 +151,16 @@ def test_bad_out_raises_on_every_rank(group, case):
     comm.all_gather(t, group, out=torch.empty(total, 3))  # the group still works afterwards
 
 
-def test_many_in_place_calls_race_free(group, checks, monkeypatch):
+@pytest.mark.parametrize("copy", ["numpy", "streaming"])
+def test_many_in_place_calls_race_free(group, checks, monkeypatch, copy):
     """Back-to-back in-place gathers into one symmetric output (every rank pushes its piece
     into its peers' outputs): each call writes new values; a rank that returned before every
     peer had pushed (no exit barrier) would read the previous call's values; a rank that
-    pushed before a peer had finished reading (no entry barrier) would overwrite them."""
+    pushed before a peer had finished reading (no entry barrier) would overwrite them.
+    "streaming": every push uses non-temporal stores (weakly ordered: fenced before the barrier)."""
     monkeypatch.setenv("MPIPAR_VALIDATE", "0")
+    monkeypatch.setenv("MPIPAR_SHM_STREAM_BYTES", "1" if copy == "streaming" else str(1 << 62))
+    streamed = shm_compiled.STATS["streamed"]
     n, r = group.size, group.rank
     rows = 2 * n + 1
     total = int(os.environ.get("MPIPAR_TEST_SHM_CALLS", 1_000 if node_is_oversubscribed() else 4_000))
@@ -169,3 +173,6 @@ def test_many_in_place_calls_race_free(group, checks, monkeypatch):
         comm.all_gather(mine, group, out=out)
         bad += not torch.equal(out, i * n + owner)
     checks.true(bad == 0, f"{bad} of {total} calls saw wrong values")
+    streams = copy == "streaming" and n > 1 and shm_compiled.library() is not None
+    checks.true((shm_compiled.STATS["streamed"] - streamed == total * (n - 1)) if streams
+                else shm_compiled.STATS["streamed"] == streamed, "streaming copies: wrong count")

@@ -15,7 +15,7 @@ import torch
 from conftest import np_reduce, rank_tensor, same_on_all_ranks
 
 from mpipar import MpiparError, comm
-from mpipar.comm import shm_fused, symmetric, tuning
+from mpipar.comm import shm_compiled, symmetric, tuning
 from mpipar.device import node_is_oversubscribed
 from mpipar.mesh import Group
 
@@ -87,12 +87,12 @@ def sym(g, src: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op", OPS)
 def test_all_reduce(group, checks, op, dtype, kernel, monkeypatch):
-    """Both kernels: the compiled one-pass sum (mpipar.comm.shm_fused) where it applies, and numpy."""
-    monkeypatch.setenv("MPIPAR_SHM_FUSED", "1" if kernel == "fused" else "0")
+    """Both kernels: the compiled one-pass sum (mpipar.comm.shm_compiled) where it applies, and numpy."""
+    monkeypatch.setenv("MPIPAR_SHM_COMPILED", "1" if kernel == "fused" else "0")
     n = group.size
-    fused = kernel == "fused" and n > 1 and shm_fused.kernel(dtype, op) is not None
-    checks.true(fused or kernel == "numpy" or n == 1 or op != "sum" or dtype not in shm_fused.TYPES
-                or shm_fused.compiler() is None, "the fused kernel did not build")
+    fused = kernel == "fused" and n > 1 and shm_compiled.kernel(dtype, op) is not None
+    checks.true(fused or kernel == "numpy" or n == 1 or op != "sum" or dtype not in shm_compiled.TYPES
+                or shm_compiled.compiler() is None, "the fused kernel did not build")
     for shape in [(1,), (3, 5, 41), (2 * n + 1, 333)]:
         ins = [rank_tensor(shape, dtype, r, seed=1) for r in range(n)]
         t = sym(group, ins[group.rank])
@@ -154,18 +154,33 @@ def test_reduce_scatter(group, checks, output, dim, dtype):
     checks.true(n == 1 or calls(group, "reduce_scatter") == 3, "shm path not taken")
 
 
+@pytest.fixture(params=["numpy", "streaming"])
+def copies(request, monkeypatch):
+    """Copies of every size stream (non-temporal stores, mpipar.comm.shm_compiled.copy), or none.
+    Returns a function: how many copies streamed since the fixture was set up."""
+    monkeypatch.setenv("MPIPAR_SHM_STREAM_BYTES", "1" if request.param == "streaming" else str(1 << 62))
+    start = shm_compiled.STATS["streamed"]
+    return lambda: shm_compiled.STATS["streamed"] - start
+
+
+def streams(group) -> bool:
+    return group.size > 1 and os.environ["MPIPAR_SHM_STREAM_BYTES"] == "1" and shm_compiled.library() is not None
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("dim", [0, 1, -1])
-def test_all_gather(group, checks, output, dim, dtype):
+def test_all_gather(group, checks, output, dim, dtype, copies):
     n = group.size
     ins = [rank_tensor((3, 2 * n + 1, 7), dtype, r, seed=3) for r in range(n)]
     out = comm.all_gather(sym(group, ins[group.rank]), group, dim=dim)
     checks.equal(out, torch.cat(ins, dim=dim), f"dim {dim} {dtype}")
     checks.true(n == 1 or calls(group, "all_gather") == 1, "shm path not taken")
+    if dim == 0:  # one contiguous piece per rank: n streaming copies (pull every piece, or push into every output)
+        checks.true(copies() == n * streams(group), f"{copies()} copies streamed")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8, torch.bool], ids=str)
-def test_broadcast(group, checks, dtype):
+def test_broadcast(group, checks, dtype, copies):
     n = group.size
     ins = [rank_tensor((5, 37), dtype, r, seed=4) for r in range(n)]
     t = comm.symmetric_empty((5, 37), dtype, group)
@@ -174,6 +189,7 @@ def test_broadcast(group, checks, dtype):
         comm.broadcast(t, group, root=root)
         checks.equal(t, ins[root], f"root {root} {dtype}")
     checks.true(n == 1 or calls(group, "broadcast") == n, "shm path not taken")
+    checks.true(copies() == (n - 1) * streams(group), f"{copies()} copies streamed")
 
 
 def test_forced_shm_on_plain_tensors(group, checks, output):
@@ -225,7 +241,7 @@ def test_fused_and_numpy_kernels_agree_bit_for_bit(group, checks, monkeypatch, d
     src = (torch.randn(70001, generator=gen, dtype=torch.float64) * 1e3).to(dtype)
     results = {}
     for setting in ("1", "0"):
-        monkeypatch.setenv("MPIPAR_SHM_FUSED", setting)
+        monkeypatch.setenv("MPIPAR_SHM_COMPILED", setting)
         t = sym(group, src)
         comm.all_reduce(t, group)
         results[setting] = t.numpy().tobytes()

@@ -43,7 +43,7 @@ def test_shm_ratios_take_the_worst_size():
     assert not [s for s in out if "inplace_sym" in s or s.startswith("all_gather")]  # not measured: no line
 
 
-def test_one_copy_ceiling_compares_with_a_copy_of_one_piece():
+def test_one_copy_verdict_compares_with_a_copy_of_one_piece():
     n = 4
     rows = [point("all_gather", "sym_inplace", 64 * MiB, 9.0, n), point("all_gather", "sym_inplace", 256 * MiB, 6.0, n),
             point("memcpy", "memcpy", 16 * MiB, 12.0, n), point("memcpy", "memcpy", 64 * MiB, 10.0, n),
