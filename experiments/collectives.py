@@ -31,8 +31,9 @@ is the copy rate; past the cache mpipar's streaming copies beat it, see
 mpipar/comm/shm_compiled.c); "inplace" (np.add(buf, 0, out=buf) on
 every rank at once: the in-place memory pass over plain torch memory, which sits on
 2 MiB transparent huge pages), "inplace_sym" (the same pass over a symmetric tensor:
-the shared-memory window's own 4 KiB pages, the ceiling of shared-memory all-reduce). At the end: the measured size
-from which "ring" beats "mpi" (feeds mpipar/comm/tuning.py) and alpha-beta
+the shared-memory window's own 4 KiB pages, the ceiling of shared-memory all-reduce); both
+passes also run among each all_reduce size's implementations, so its ratios to them are
+side by side. At the end: the measured size from which "ring" beats "mpi" (feeds mpipar/comm/tuning.py) and alpha-beta
 fits of the ring points (mpipar.comm.fit_alpha_beta).
 
 Writes /results/collectives (one row per point, resumable: rerun with the same
@@ -58,17 +59,14 @@ import mpipar  # noqa: E402
 from mpipar import comm as C  # noqa: E402
 from mpipar import trace  # noqa: E402
 from mpipar.errors import MpiparError, install_abort_on_exception, require  # noqa: E402
-from _collectives_impl import ALGO_OPS, DTYPES, element_count, measure_size  # noqa: E402
-from _collectives_verdicts import human, verdicts  # noqa: E402
+from _collectives_impl import ALGO_OPS, DTYPES, IMPLS, OPS, PASSES, element_count, measure_size  # noqa: E402
+from _collectives_report import human, print_report, verdicts  # noqa: E402
 from _common import init_gloo  # noqa: E402
 
 TABLE = "collectives"
-OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
-IMPLS = ("mpi", "ring", "auto", "shm", "auto_sym", "sym_inplace", "hier", "mpi4py", "mpi4py_inplace", "gloo",
-         "memcpy", "inplace", "inplace_sym")
 DEFAULT_IMPLS = ("mpi", "ring", "auto", "auto_sym", "sym_inplace", "mpi4py", "mpi4py_inplace", "gloo",
                  "memcpy", "inplace", "inplace_sym")
-LOCAL = ("memcpy", "inplace", "inplace_sym")  # one-rank memory passes, run on every rank at once: the limits
+SIDE_BY_SIDE_LIMITS = ("inplace", "inplace_sym")  # ... the in-place passes also run in each all_reduce size's rounds
 NUMPY_REDUCIBLE = ("float32", "float64", "int32", "int64")
 UNITS = {"nbytes": "B", "bytes": "B", "count": "elements", "time_s": "s", "time_min_s": "s",
          "time_max_s": "s", "time_median_s": "s", "algbw_GBps": "GB/s", "busbw_GBps": "GB/s", "memcpy_GBps": "GB/s", "wrong": "elements"}
@@ -140,7 +138,9 @@ def parse_args(argv=None) -> Config:
 # ---- what to run ---------------------------------------------------------------------------
 
 def applicable(op: str, impl: str, dtype: str) -> bool:
-    if impl in LOCAL or op in LOCAL:
+    if impl in SIDE_BY_SIDE_LIMITS:  # also timed among the all-reduces: ratios side by side
+        return op in (impl, "all_reduce")
+    if impl in PASSES or op in PASSES:
         return impl == op
     if impl == "hier":
         return op == "all_reduce" and hasattr(C, "symmetric_empty")
@@ -160,7 +160,7 @@ def applicable(op: str, impl: str, dtype: str) -> bool:
 def plan(cfg: Config, n: int) -> list[dict]:
     """Every point of the sweep, in run order (identical on every rank)."""
     itemsize = DTYPES[cfg.dtype].itemsize
-    ops = [*(o for o in LOCAL if o in cfg.impls), *cfg.ops]  # memcpy, inplace first: the limits of each row
+    ops = [*(o for o in PASSES if o in cfg.impls), *cfg.ops]  # memcpy, inplace first: the limits of each row
     return [{"op": op, "impl": impl, "nbytes": size, "dtype": cfg.dtype, "world_size": n,
              "iters": cfg.iters, "warmup": cfg.warmup, "rounds": cfg.rounds}
             for op in ops for size in cfg.sizes for impl in cfg.impls
@@ -194,30 +194,6 @@ def fits(rows: list[dict], n: int, dtype: str) -> list[dict]:
                     "bandwidth_GBps": 1 / beta / 1e9 if beta > 0 else float("nan"),
                     "crossover_bytes": -1 if cross is None else int(cross)})
     return out
-
-
-def print_report(rows: list[dict], fit_rows: list[dict], n: int, dtype: str) -> None:
-    impls = [i for i in IMPLS if any(r["impl"] == i for r in rows)]
-    copy = {r["nbytes"]: r["busbw_GBps"] for r in rows if r["op"] == "memcpy"}
-    inplace = {r["nbytes"]: r["busbw_GBps"] for r in rows if r["op"] == "inplace"}
-    inplace_sym = {r["nbytes"]: r["busbw_GBps"] for r in rows if r["op"] == "inplace_sym"}
-    for op in [o for o in OPS if any(r["op"] == o for r in rows)]:
-        mine = {(r["impl"], r["nbytes"]): r for r in rows if r["op"] == op}
-        cols = [i for i in impls if i not in LOCAL and any(k[0] == i for k in mine)]
-        print(f"\n{op}  {dtype}  {n} ranks   cells: avg time [us] busbw [GB/s]; memcpy: copy rate, "
-              f"inplace(_sym): in-place pass rate on every rank at once, plain (symmetric) memory [GB/s]")
-        print(f"{'size':>9} |" + "|".join(f"{c:^17}" for c in cols) + f"| {'memcpy':>7} | {'inplace':>7} | {'in_sym':>7} | #wrong")
-        for size in sorted({k[1] for k in mine}):
-            cells = [mine.get((c, size)) for c in cols]
-            text = [f"{r['time_s'] * 1e6:9.1f} {r['busbw_GBps']:7.3f}" if r else f"{'-':^17}" for r in cells]
-            wrong = sum(r["wrong"] for r in cells if r)
-            print(f"{human(size):>9} |" + "|".join(text) + f"| {copy.get(size, float('nan')):7.2f} "
-                  f"| {inplace.get(size, float('nan')):7.2f} | {inplace_sym.get(size, float('nan')):7.2f} | {wrong}")
-    for f in fit_rows:
-        cross = "never (at no measured size)" if f["crossover_bytes"] < 0 else f"from {human(f['crossover_bytes'])} up"
-        print(f"{f['op']}: ring fit alpha = {f['alpha_s'] * 1e6:.2f} us, 1/beta = {f['bandwidth_GBps']:.2f} GB/s; "
-              f"crossover: ring beats mpi {cross} (mpipar/comm/tuning.py now: "
-              f"{human(C.tuning.crossover(f['op']))})")
 
 
 def by_size(points: list[dict]) -> list[list[dict]]:

@@ -132,7 +132,6 @@ def bind(fn, own: np.ndarray, peers: list[np.ndarray]):
     return call
 
 
-
 def sum_push_plan(pool, window, offset: int, numel: int, dtype, op: str):
     """The bound sum_push over this rank's slice of the symmetric tensor at (window, offset),
     cached on the window (mpipar.comm.shm_kernels.cached_plan); None where it does not apply."""
@@ -142,6 +141,7 @@ def sum_push_plan(pool, window, offset: int, numel: int, dtype, op: str):
     me, n = pool.local_rank, pool.local_size
     return cached_plan(window, ("sum_push", offset, numel, dtype),
                        lambda: bind(fn, *owned(window, n, me, offset, numel, dtype)))
+
 
 STREAM_BYTES = 8 << 20  # copies from this size stream (MPIPAR_SHM_STREAM_BYTES); see the module docstring
 STATS = {"streamed": 0}  # copies this process streamed (a count for tests and benchmarks, not comm state)

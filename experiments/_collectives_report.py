@@ -1,12 +1,12 @@
-"""The issues' benchmark targets, read from one sweep's points (experiments/collectives.py).
+"""What experiments/collectives.py prints: the nccl-tests-style tables and the issues' targets.
 
-Every verdict is a ratio of two implementations measured side by side in the same run
-(interleaved rounds), at equal sizes; the target each issue set is printed beside it.
+Every verdict is a ratio of two implementations at equal sizes of one run, most of them
+measured side by side (interleaved rounds); the target each issue set is printed beside it.
 """
 from __future__ import annotations
 
 from mpipar import comm as C
-from _collectives_impl import ALGO_OPS
+from _collectives_impl import ALGO_OPS, IMPLS, OPS, PASSES
 
 
 def human(n: int) -> str:
@@ -69,11 +69,12 @@ def shm_verdicts(rows: list[dict]) -> list[str]:
     out += one_copy_verdict(rows, bw)
     big = [s for (o, i, s) in bw if o == "all_reduce" and i == "auto_sym" and s >= 16 << 20]
     for limit_op in ("inplace_sym", "inplace"):
-        limit = [bw[("all_reduce", "auto_sym", s)] / bw[(limit_op, limit_op, s)]
-                 for s in big if (limit_op, limit_op, s) in bw]
-        if limit:
-            out.append(f"all_reduce >= 16 MiB: busbw auto_sym / {limit_op} limit min {min(limit):.2f} "
-                       f"(target >= 0.5)")
+        for where, how in (("all_reduce", "timed side by side"), (limit_op, "timed apart")):
+            limit = [bw[("all_reduce", "auto_sym", s)] / bw[(where, limit_op, s)]
+                     for s in big if (where, limit_op, s) in bw]
+            if limit:
+                out.append(f"all_reduce >= 16 MiB: busbw auto_sym / {limit_op} limit ({how}) min {min(limit):.2f} "
+                           f"(target >= 0.5)")
     return out
 
 
@@ -91,3 +92,36 @@ def one_copy_verdict(rows: list[dict], bw: dict) -> list[str]:
         return []
     text = ", ".join(f"{human(s)} {r:.2f}" for s, r in sorted(pairs))
     return [f"all_gather >= 16 MiB: busbw sym_inplace / torch copy_ of one piece: {text}"]
+
+
+def limit_column(mine: dict, impl: str, timed_apart: dict) -> dict:
+    """busbw per size of a memory pass for one op's table: timed side by side with the op's
+    implementations where it was (all_reduce), else the pass's own points."""
+    return {s: r["busbw_GBps"] for (i, s), r in mine.items() if i == impl} or timed_apart
+
+
+def print_report(rows: list[dict], fit_rows: list[dict], n: int, dtype: str) -> None:
+    impls = [i for i in IMPLS if any(r["impl"] == i for r in rows)]
+    copy = {r["nbytes"]: r["busbw_GBps"] for r in rows if r["op"] == "memcpy"}
+    inplace_all = {r["nbytes"]: r["busbw_GBps"] for r in rows if r["op"] == "inplace"}
+    inplace_sym_all = {r["nbytes"]: r["busbw_GBps"] for r in rows if r["op"] == "inplace_sym"}
+    for op in [o for o in OPS if any(r["op"] == o for r in rows)]:
+        mine = {(r["impl"], r["nbytes"]): r for r in rows if r["op"] == op}
+        inplace = limit_column(mine, "inplace", inplace_all)
+        inplace_sym = limit_column(mine, "inplace_sym", inplace_sym_all)
+        cols = [i for i in impls if i not in PASSES and any(k[0] == i for k in mine)]
+        print(f"\n{op}  {dtype}  {n} ranks   cells: avg time [us] busbw [GB/s]; memcpy: copy rate, "
+              f"inplace(_sym): in-place pass rate on every rank at once, plain (symmetric) memory [GB/s], "
+              f"timed side by side where the op ran it")
+        print(f"{'size':>9} |" + "|".join(f"{c:^17}" for c in cols) + f"| {'memcpy':>7} | {'inplace':>7} | {'in_sym':>7} | #wrong")
+        for size in sorted({k[1] for k in mine}):
+            cells = [mine.get((c, size)) for c in cols]
+            text = [f"{r['time_s'] * 1e6:9.1f} {r['busbw_GBps']:7.3f}" if r else f"{'-':^17}" for r in cells]
+            wrong = sum(r["wrong"] for r in cells if r)
+            print(f"{human(size):>9} |" + "|".join(text) + f"| {copy.get(size, float('nan')):7.2f} "
+                  f"| {inplace.get(size, float('nan')):7.2f} | {inplace_sym.get(size, float('nan')):7.2f} | {wrong}")
+    for f in fit_rows:
+        cross = "never (at no measured size)" if f["crossover_bytes"] < 0 else f"from {human(f['crossover_bytes'])} up"
+        print(f"{f['op']}: ring fit alpha = {f['alpha_s'] * 1e6:.2f} us, 1/beta = {f['bandwidth_GBps']:.2f} GB/s; "
+              f"crossover: ring beats mpi {cross} (mpipar/comm/tuning.py now: "
+              f"{human(C.tuning.crossover(f['op']))})")

@@ -1,4 +1,4 @@
-"""experiments/_collectives_verdicts.py: the benchmark targets read from a sweep's points.
+"""experiments/_collectives_report.py: the benchmark targets read from a sweep's points.
 
 Synthetic points with known times: each verdict must print the ratio those times imply,
 at the size where it is smallest, and skip what the sweep did not measure.
@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "experiments"))
 
-from _collectives_verdicts import human, one_copy_verdict, shm_verdicts, verdicts  # noqa: E402
+from _collectives_report import human, one_copy_verdict, shm_verdicts, verdicts  # noqa: E402
 
 MiB = 1 << 20
 
@@ -39,8 +39,12 @@ def test_shm_ratios_take_the_worst_size():
     rows += [point("inplace", "inplace", s, 30.0) for s in (16 * MiB, 64 * MiB)]
     out = shm_verdicts(rows)
     assert "min 4.00 (target >= 4)" in line(out, "all_reduce 16 MiB-64 MiB: busbw auto_sym / mpi4py")
-    assert "min 0.40 (target >= 0.5)" in line(out, "all_reduce >= 16 MiB: busbw auto_sym / inplace limit")
-    assert not [s for s in out if "inplace_sym" in s or s.startswith("all_gather")]  # not measured: no line
+    assert "min 0.40 (target >= 0.5)" in line(out, "all_reduce >= 16 MiB: busbw auto_sym / inplace limit (timed apart)")
+    assert not [s for s in out if "inplace_sym" in s or "side by side" in s or s.startswith("all_gather")]  # not measured
+    rows += [point("all_reduce", "inplace", s, 20.0) for s in (16 * MiB, 64 * MiB)]  # the same pass, in the rounds
+    out = shm_verdicts(rows)
+    assert "min 0.60 (target >= 0.5)" in line(out, "all_reduce >= 16 MiB: busbw auto_sym / inplace limit (timed side by side)")
+    assert "min 0.40" in line(out, "all_reduce >= 16 MiB: busbw auto_sym / inplace limit (timed apart)")
 
 
 def test_one_copy_verdict_compares_with_a_copy_of_one_piece():
