@@ -33,8 +33,8 @@ every rank at once: the in-place memory pass over plain torch memory, which sits
 2 MiB transparent huge pages), "inplace_sym" (the same pass over a symmetric tensor:
 the shared-memory window's own 4 KiB pages, the ceiling of shared-memory all-reduce); both
 passes also run among each all_reduce size's implementations, so its ratios to them are
-side by side. At the end: the measured size from which "ring" beats "mpi" (feeds mpipar/comm/tuning.py) and alpha-beta
-fits of the ring points (mpipar.comm.fit_alpha_beta).
+side by side. At the end: the measured size from which "ring" beats "mpi" (feeds
+mpipar/comm/tuning.py) and alpha-beta fits of the ring points (mpipar.comm.fit_alpha_beta).
 
 Writes /results/collectives (one row per point, resumable: rerun with the same
 --out to finish a killed sweep), /results/collectives_fit, and the spans to
