@@ -70,9 +70,13 @@ def choose(op: str, algorithm: str, nbytes: int, group_size: int) -> str:
 # library's own latency-optimised collective is used (the shm path costs two barriers and
 # ~20 us of Python; MPICH's small all-reduce is one round). Measured with 2 ranks on the
 # (loaded) development machine: MPI wins at 16 KiB, shm from 256 KiB on, ~4x at 4 MiB.
+# all_reduce, re-measured on symmetric tensors once the compiled kernel landed (2 ranks, us,
+# best of 9 x 400 calls, auto below / above the crossover): 4 KiB 11.5 (inline in the
+# argument agreement) / 20.7, 8 KiB 35.4 / 24.8, 16 KiB 42.5 / 28.6, 32 KiB 48.1 / 25.4,
+# 64 KiB 55.6 / 22.1, 128 KiB 55.9 / 19.4: shared memory from just above the inline slot.
 # Override: MPIPAR_SHM_CROSSOVER_<OP>=bytes.
 SHM_CROSSOVER_BYTES = {
-    "all_reduce": 64 * 1024,
+    "all_reduce": 4096 + 1,  # mpipar.comm.inline.INLINE_BYTES + 1
     "all_gather": 64 * 1024,
     "reduce_scatter": 64 * 1024,
     "broadcast": 64 * 1024,
