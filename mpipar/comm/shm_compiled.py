@@ -152,15 +152,20 @@ def stream_bytes() -> int:
     return int(value) if value else STREAM_BYTES
 
 
+def streaming() -> bool:
+    """Does `copy` stream large copies here (the kernels are on, built, and have streaming stores)?"""
+    lib = enabled()
+    return lib is not None and lib.stream_width() > 0
+
+
 def copy(dst: np.ndarray, src: np.ndarray) -> None:
     """np.copyto(dst, src) for arrays of one dtype and shape; a streaming copy when both are
     contiguous and at least stream_bytes() long and this machine's build has streaming stores."""
     n = src.nbytes
     if (n >= stream_bytes() and dst.dtype == src.dtype and dst.shape == src.shape
             and dst.flags.c_contiguous and src.flags.c_contiguous):
-        lib = enabled()
-        if lib is not None and lib.stream_width() > 0:
-            lib.stream_copy(dst.ctypes.data, src.ctypes.data, n)
+        if streaming():
+            library().stream_copy(dst.ctypes.data, src.ctypes.data, n)
             STATS["streamed"] += 1
             return
     np.copyto(dst, src)

@@ -164,7 +164,7 @@ def copies(request, monkeypatch):
 
 
 def streams(group) -> bool:
-    return group.size > 1 and os.environ["MPIPAR_SHM_STREAM_BYTES"] == "1" and shm_compiled.library() is not None
+    return group.size > 1 and os.environ["MPIPAR_SHM_STREAM_BYTES"] == "1" and shm_compiled.streaming()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -99,7 +99,7 @@ def test_copy_streams_from_the_threshold_only(monkeypatch):
         before = shm_compiled.STATS["streamed"]
         shm_compiled.copy(dst, src[:n])
         assert np.array_equal(dst, src[:n])
-        assert shm_compiled.STATS["streamed"] - before == (streams and shm_compiled.library().stream_width() > 0)
+        assert shm_compiled.STATS["streamed"] - before == (streams and shm_compiled.streaming())
     before = shm_compiled.STATS["streamed"]
     dst = np.zeros((2, 1024), np.float32)
     shm_compiled.copy(dst[:, ::2], np.ones((2, 512), np.float32))  # strided: numpy's copy
