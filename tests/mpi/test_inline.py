@@ -93,8 +93,10 @@ def test_inline_layouts_and_autograd_leaves(world, checks):
     comm.all_reduce(t, world)
     checks.equal(base, torch.arange(24, dtype=torch.float32).reshape(4, 6) * n, "non-contiguous in place")
     leaf = torch.ones(3, requires_grad=True)
+    version = leaf._version
     out = comm.all_reduce(leaf, world)
     checks.true(out is leaf, "returns its argument")
+    checks.true(n == 1 or leaf._version > version, "an in-place write autograd records (version counter)")
     checks.equal(leaf.detach(), torch.full((3,), float(n)), "leaf reduced in place")
     scalar = torch.tensor(2.0)
     comm.all_reduce(scalar, world, op="max")
