@@ -105,6 +105,16 @@ def address_buffer(t: torch.Tensor):
 _ADDRESS: dict = {}
 
 
+def blocking_buffer(t: torch.Tensor):
+    """mpi_buffer(t) for a collective that completes before its caller returns (blocking, or
+    waited at once) while `t` is alive: a contiguous CPU tensor's memory by address (0.3 us
+    against 2.8 for a numpy view per buffer). Such a buffer does not keep `t` alive, so it
+    is never for a request left pending."""
+    if t.is_cpu and t.numel() and t.is_contiguous():
+        return address_buffer(t)
+    return mpi_buffer(t)
+
+
 class StagingPool:
     """Reusable pinned host buffers for CUDA tensors when MPI is not CUDA-aware."""
 

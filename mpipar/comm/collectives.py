@@ -23,7 +23,7 @@ import torch
 from ..errors import MpiparError
 from ..mesh import as_group
 from . import inline, inline_ops, into, native, outputs, ring, shm, tuning
-from .buffers import flat_chunks, host_contiguous, mpi_buffer, needs_staging, offsets, reduce_dtype
+from .buffers import blocking_buffer, flat_chunks, host_contiguous, needs_staging, offsets, reduce_dtype
 from .validate import BAD_DIM, agree, norm_dim, signature, validation_enabled
 from .wait import complete
 
@@ -129,13 +129,13 @@ def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *,
     inner = math.prod(rest)
     counts = [s * inner for s in sizes]
     out = outputs.empty([sum(sizes)] + rest, x.dtype, x.device)
-    flat = out.view(-1)
-    algo = tuning.choose("all_gather", algorithm, flat.numel() * flat.element_size(), g.size)
+    algo = tuning.choose("all_gather", algorithm, out.numel() * out.element_size(), g.size)
     if algo == "ring":
+        flat = out.view(-1)
         flat.narrow(0, offsets(counts)[g.rank], counts[g.rank]).copy_(x.reshape(-1))
         ring.all_gather_(flat, g, counts)
     else:
-        native.all_gather(g, mpi_buffer(x), mpi_buffer(flat), counts)
+        native.all_gather(g, blocking_buffer(x), blocking_buffer(out), counts)
     if d:
         out = out.movedim(0, d).contiguous()
     return out if out.device == t.device else out.to(t.device)
@@ -163,8 +163,8 @@ def _all_gather_into(t, g, d: int, sizes: list[int], algorithm: str, out: torch.
             flat.narrow(0, offsets(counts)[g.rank], counts[g.rank]).copy_(t.reshape(-1))
         ring.all_gather_(flat, g, counts)
     else:
-        send = native.in_place() if direct else mpi_buffer(t.detach().to(host.device).contiguous())
-        native.all_gather(g, send, mpi_buffer(flat), counts)
+        send = native.in_place() if direct else blocking_buffer(t.detach().to(host.device).contiguous())
+        native.all_gather(g, send, blocking_buffer(flat), counts)
     return out if host is out else out.copy_(host)
 
 
@@ -197,7 +197,7 @@ def reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algori
         mine = ring.reduce_scatter_into(x.reshape(-1), g, counts, op)
     else:
         mine = outputs.empty([counts[g.rank]], x.dtype, x.device)
-        native.reduce_scatter(g, mpi_buffer(x), mpi_buffer(mine), counts, op)
+        native.reduce_scatter(g, blocking_buffer(x), blocking_buffer(mine), counts, op)
     out = mine.view([sizes[g.rank]] + list(x.shape[1:])).movedim(0, d)
     return out.to(device=t.device, dtype=t.dtype).contiguous()
 
@@ -219,7 +219,7 @@ def broadcast(t: torch.Tensor, group, root: int = 0) -> torch.Tensor:
     if shm.broadcast(t, g, root, table):  # symmetric tensor on one node: zero copy
         return t
     with host_contiguous(t, write_back=g.rank != root) as h:
-        buf = mpi_buffer(h)
+        buf = blocking_buffer(h)
         complete(g, lambda: g.comm.Ibcast(buf, root=root), lambda: g.comm.Bcast(buf, root=root))
     return t
 
@@ -238,7 +238,7 @@ def all_to_all(t: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> tor
     x = x.cpu() if needs_staging(x) else x
     send = x.movedim(sd, 0).contiguous()  # block j (rows j*S/N ..) goes to rank j; no copy when sd == 0
     recv = outputs.empty(send.shape, send.dtype, send.device)
-    bufs = mpi_buffer(send), mpi_buffer(recv)
+    bufs = blocking_buffer(send), blocking_buffer(recv)
     complete(g, lambda: g.comm.Ialltoall(*bufs), lambda: g.comm.Alltoall(*bufs))
     # block i came from rank i: (N, S/N, rest) back in t's dim order, then concatenated along gd
     blocks = recv.view(g.size, send.shape[0] // g.size, *send.shape[1:]).movedim(1, sd + 1)

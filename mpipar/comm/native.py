@@ -49,7 +49,8 @@ def all_gather(g, send, recv, counts: list[int]) -> None:
     if min(counts) == max(counts):
         complete(g, lambda: g.comm.Iallgather(send, recv), lambda: g.comm.Allgather(send, recv))
         return
-    recv = [recv, (counts, offsets(counts))]
+    spec = (counts, offsets(counts))  # a vector spec: [data, (counts, displacements), datatype]
+    recv = [recv[0], spec, recv[1]] if isinstance(recv, list) else [recv, spec]
     complete(g, lambda: g.comm.Iallgatherv(send, recv), lambda: g.comm.Allgatherv(send, recv))
 
 
