@@ -188,7 +188,7 @@ def reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algori
     shared = shm.reduce_scatter(t, g, d, op, algorithm, table)
     if shared is not None:
         return shared
-    x = _working(t.movedim(d, 0))
+    x = _working(t.movedim(d, 0) if d else t)
     sizes = flat_chunks(x.shape[0], g.size)
     inner = math.prod(x.shape[1:])
     counts = [s * inner for s in sizes]
@@ -198,8 +198,12 @@ def reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algori
     else:
         mine = outputs.empty([counts[g.rank]], x.dtype, x.device)
         native.reduce_scatter(g, blocking_buffer(x), blocking_buffer(mine), counts, op)
-    out = mine.view([sizes[g.rank]] + list(x.shape[1:])).movedim(0, d)
-    return out.to(device=t.device, dtype=t.dtype).contiguous()
+    out = mine.view([sizes[g.rank]] + list(x.shape[1:]))
+    if d:
+        out = out.movedim(0, d).contiguous()
+    if out.dtype != t.dtype or out.device != t.device:  # (staged, or reduced in a wider dtype)
+        out = out.to(device=t.device, dtype=t.dtype)
+    return out
 
 
 def broadcast(t: torch.Tensor, group, root: int = 0) -> torch.Tensor:
