@@ -222,10 +222,16 @@ def broadcast(t: torch.Tensor, group, root: int = 0) -> torch.Tensor:
         return t
     if shm.broadcast(t, g, root, table):  # symmetric tensor on one node: zero copy
         return t
+    if t.is_cpu and t.is_contiguous() and not FORCE_STAGING():  # zero copy (and no context manager:
+        _bcast(g, blocking_buffer(t), root)                       # 3 us of a 16 KiB broadcast)
+        return t
     with host_contiguous(t, write_back=g.rank != root) as h:
-        buf = blocking_buffer(h)
-        complete(g, lambda: g.comm.Ibcast(buf, root=root), lambda: g.comm.Bcast(buf, root=root))
+        _bcast(g, blocking_buffer(h), root)
     return t
+
+
+def _bcast(g, buf, root: int) -> None:
+    complete(g, lambda: g.comm.Ibcast(buf, root=root), lambda: g.comm.Bcast(buf, root=root))
 
 
 def all_to_all(t: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:

@@ -141,7 +141,8 @@ def test_all_gather_of_scalars(world, checks, algorithm):
 def test_broadcast_from_every_root(world, checks, dtype):
     n, r = world.size, world.rank
     for root in range(n):
-        for seed, (shape, transpose) in enumerate([((5,), False), ((3, 4), True), ((1031, 5), True)]):
+        for seed, (shape, transpose) in enumerate([((5,), False), ((3, 4), True), ((1031, 5), True),
+                                                   ((1031, 5), False)]):  # (large: the MPI path)
             want = make(shape, dtype, root, seed, transpose)
             x = make(shape, dtype, r, seed, transpose)
             out = comm.broadcast(x, world, root=root)
