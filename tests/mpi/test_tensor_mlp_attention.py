@@ -147,6 +147,9 @@ def test_attention_communicates_once(counter):
     counter.clear()
     y = par(x)
     assert dict(counter) == {"all_reduce": 1}
+    counter.clear()
+    y.sum().backward()
+    assert dict(counter) == {"all_reduce": 1}  # the input gradient of the column-parallel qkv
 
 
 @pytest.mark.parametrize("kind", ["mlp", "attention"])
