@@ -85,10 +85,10 @@ def _enter(g, t, algorithm, op_name, nbytes, entry=None):
         if mine is not None:
             mine[0].sync()
         if pool.one_node:  # node rank == group rank
-            table = pool.sync.wait(pool.descriptor(t))
+            table = pool.sync.wait(pool.descriptor(t, mine))
         else:
             table = np.empty((g.size, 3), dtype=np.int64)
-            wait_all([g.comm.Iallgather(pool.descriptor(t), table)])
+            wait_all([g.comm.Iallgather(pool.descriptor(t, mine), table)])
     symmetric = bool(table[0, 0] >= 0) and table.tobytes() == table[0].tobytes() * len(table)
     choice = tuning.choose_shared(op_name, algorithm, symmetric, pool.one_node)
     if choice is None:
@@ -129,7 +129,7 @@ def local_descriptor(g, t: torch.Tensor):
     found = pool.locate(t)
     if found is not None:
         found[0].sync()
-    return pool.descriptor(t)
+    return pool.descriptor(t, found)
 
 
 # -- collectives ---------------------------------------------------------------------------------
@@ -146,11 +146,11 @@ def all_reduce(t: torch.Tensor, g, op: str, algorithm: str, entry=None) -> bool:
     staged = window is None
     if staged:
         window, offset = _stage_in(pool, t, nbytes), 0
-    with np.errstate(all="ignore"):  # inf/nan arithmetic is the user's business, as in torch
-        if choice == "hier":
+    if choice == "hier":
+        with np.errstate(all="ignore"):  # inf/nan arithmetic is the user's business, as in torch
             hierarchical.all_reduce_(pool, window, offset, t.numel(), t.dtype, op)
-        else:
-            _all_reduce(pool, window, offset, t.numel(), t.dtype, op)
+    else:
+        _all_reduce(pool, window, offset, t.numel(), t.dtype, op)
     barrier(pool, window)
     if staged:
         t.copy_(_local_tensor(window, offset, t))
@@ -163,10 +163,11 @@ def _all_reduce(pool, window, offset: int, numel: int, dtype, op: str) -> None:
         fused()
         pool.calls[("all_reduce", "fused")] += 1
         return
-    for own, peers in _all_reduce_chunks(pool, window, offset, numel, dtype):
-        reduce_into(own, own, peers, dtype, op)
-        for peer in peers:
-            np.copyto(peer, own)
+    with np.errstate(all="ignore"):  # inf/nan arithmetic is the user's business, as in torch
+        for own, peers in _all_reduce_chunks(pool, window, offset, numel, dtype):
+            reduce_into(own, own, peers, dtype, op)
+            for peer in peers:
+                np.copyto(peer, own)
 
 
 def _all_reduce_chunks(pool, window, offset: int, numel: int, dtype) -> list:

@@ -199,9 +199,10 @@ class SymmetricPool:
                 return w, start - w.base
         return None
 
-    def descriptor(self, t: torch.Tensor) -> np.ndarray:
-        """[window id, byte offset, nbytes] of `t`, or -1s when it is not symmetric."""
-        found = self.locate(t)
+    def descriptor(self, t: torch.Tensor, found=False) -> np.ndarray:
+        """[window id, byte offset, nbytes] of `t`, or -1s when it is not symmetric.
+        `found`: locate(t), when the caller has it already."""
+        found = self.locate(t) if found is False else found
         if found is None:
             return np.full(3, -1, dtype=np.int64)
         w, off = found
