@@ -120,7 +120,7 @@ def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *,
         return small
     if g.size == 1:
         return t.clone()
-    shared = shm.all_gather(t, g, d, sizes, algorithm, table)
+    shared = shm.all_gather(t, g, d, sizes, algorithm, table) if shm.may_apply(g, algorithm) else None
     if shared is not None:
         return shared
     x = t.detach() if d == 0 else t.detach().movedim(d, 0)
@@ -128,7 +128,7 @@ def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *,
     rest = list(x.shape[1:])
     inner = math.prod(rest)
     counts = [s * inner for s in sizes]
-    out = outputs.empty([sum(sizes)] + rest, x.dtype, x.device)
+    out = outputs.empty([sum(sizes)] + rest, x.dtype, None if x.is_cpu else x.device)
     algo = tuning.choose("all_gather", algorithm, out.numel() * out.element_size(), g.size)
     if algo == "ring":
         flat = out.view(-1)
@@ -185,7 +185,7 @@ def reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algori
     op = _bool_op(op, t.dtype)
     if g.size == 1:
         return t.clone()
-    shared = shm.reduce_scatter(t, g, d, op, algorithm, table)
+    shared = shm.reduce_scatter(t, g, d, op, algorithm, table) if shm.may_apply(g, algorithm) else None
     if shared is not None:
         return shared
     x = _working(t.movedim(d, 0) if d else t)
@@ -196,7 +196,7 @@ def reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algori
     if algo == "ring":
         mine = ring.reduce_scatter_into(x.reshape(-1), g, counts, op)
     else:
-        mine = outputs.empty([counts[g.rank]], x.dtype, x.device)
+        mine = outputs.empty([counts[g.rank]], x.dtype, None if x.is_cpu else x.device)
         native.reduce_scatter(g, blocking_buffer(x), blocking_buffer(mine), counts, op)
     out = mine.view([sizes[g.rank]] + list(x.shape[1:]))
     if d:

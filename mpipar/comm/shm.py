@@ -52,6 +52,13 @@ from .wait import wait_all
 SHM_ALGORITHMS = ("auto", "shm", "hier")
 
 
+def may_apply(g, algorithm) -> bool:
+    """Could this call run in shared memory? Local and cheap, the same answer on every rank:
+    forced algorithms always try; "auto" only on a group that has a symmetric pool (made
+    collectively by symmetric_empty). Lets plain tensors skip the shape work of the shm calls."""
+    return algorithm in ("shm", "hier") or (algorithm == "auto" and pool_of(g) is not None)
+
+
 # -- synchronisation -----------------------------------------------------------------------------
 def barrier(pool, *windows) -> None:
     """Sync-Barrier-Sync on the node (a polite barrier on shared-memory flags)."""
