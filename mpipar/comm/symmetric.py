@@ -190,7 +190,7 @@ class SymmetricPool:
     # -- registry ------------------------------------------------------------------------------
     def locate(self, t: torch.Tensor):
         """(window, byte offset) when `t` is a contiguous CPU tensor inside one of our windows."""
-        if t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0:
+        if not t.is_cpu or not t.is_contiguous() or t.numel() == 0:
             return None
         start = t.data_ptr()
         end = start + t.numel() * t.element_size()
