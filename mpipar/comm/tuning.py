@@ -74,12 +74,18 @@ def choose(op: str, algorithm: str, nbytes: int, group_size: int) -> str:
 # best of 9 x 400 calls, auto below / above the crossover): 4 KiB 11.5 (inline in the
 # argument agreement) / 20.7, 8 KiB 35.4 / 24.8, 16 KiB 42.5 / 28.6, 32 KiB 48.1 / 25.4,
 # 64 KiB 55.6 / 22.1, 128 KiB 55.9 / 19.4: shared memory from just above the inline slot.
+# all_gather, reduce_scatter, broadcast, re-measured once the MPI path's mid-size overheads
+# were cut (2 ranks, symmetric tensors, algorithm "mpi" / "shm", us, best of 9 x 300 calls, two
+# runs): all_gather 64 KiB 31.8-32.7 / 35.4-36.1, 128 KiB 38.2-40.0 / 36.4-37.2, 256 KiB
+# 57.2-57.7 / 44.1-44.2; reduce_scatter 32 KiB 37.9 / 42.0, 64 KiB 46.5 / 41.9, 128 KiB
+# 82.5 / 63.9; broadcast 8 KiB 14.1-22.2 / 12.5-21.1, 32 KiB 16.2-22.7 / 13.0-20.4, 64 KiB
+# 18.3-27.0 / 13.7-22.6 (shared memory ahead at every size above the inline slot).
 # Override: MPIPAR_SHM_CROSSOVER_<OP>=bytes.
 SHM_CROSSOVER_BYTES = {
     "all_reduce": 4096 + 1,  # mpipar.comm.inline.INLINE_BYTES + 1
-    "all_gather": 64 * 1024,
+    "all_gather": 128 * 1024,
     "reduce_scatter": 64 * 1024,
-    "broadcast": 64 * 1024,
+    "broadcast": 4096 + 1,
 }
 
 
