@@ -9,6 +9,14 @@
  * -fwrapv), as in numpy; floats follow IEEE without contraction or reassociation, so the
  * result is bit-identical to numpy's.
  *
+ * stream_fanout(dsts, ndst, src, n): stream_copy of `src` into every dsts[k], reading each
+ * source line once (from L1 for every destination after the first). An all-gather that pushes
+ * this rank's piece into every rank's output reads it once instead of once per rank. Measured
+ * with 2 ranks, each pushing its piece into both symmetric outputs at once (busbw GB/s; pulling
+ * both pieces into a plain output with stream_copy, this, MPICH's Allgather): 16 MiB 6.1,
+ * 10.5, 4.5; 64 MiB 5.7, 9.6, 4.9; 128 MiB 5.9, 10.5, 5.3; 256 MiB 6.7, 10.7, 5.4.
+ * Destinations aligned differently (mod the store width) fall back to one stream_copy each.
+ *
  * stream_copy(dst, src, n): memcpy with non-temporal (streaming) stores, then a store fence.
  * Measured with 2 ranks, each copying its piece into the other's shared-memory window at
  * once (GB/s, best of 6-8 rounds; glibc memcpy, streaming): 4 MiB 40.0, 25.7; 16 MiB 18.2,
@@ -93,5 +101,35 @@ void stream_copy(char *dst, const char *src, size_t n) {
     _mm_sfence(); /* streaming stores are weakly ordered: visible before any later store */
 #else
     memcpy(dst, src, n);
+#endif
+}
+
+void stream_fanout(char **dsts, int ndst, const char *src, size_t n) {
+#ifdef WIDTH
+    size_t head = (size_t)(-(uintptr_t)dsts[0]) & (WIDTH - 1);
+    for (int k = 1; k < ndst; k++) {
+        if (((uintptr_t)dsts[k] & (WIDTH - 1)) != ((uintptr_t)dsts[0] & (WIDTH - 1))) {
+            for (int j = 0; j < ndst; j++)
+                stream_copy(dsts[j], src, n);
+            return;
+        }
+    }
+    if (head > n)
+        head = n;
+    for (int k = 0; k < ndst; k++)
+        memcpy(dsts[k], src, head);
+    size_t body = head + ((n - head) & ~(size_t)(2 * WIDTH - 1));
+    for (size_t i = head; i < body; i += 2 * WIDTH) {
+        for (int k = 0; k < ndst; k++) {
+            STREAM(dsts[k] + i, src + i);
+            STREAM(dsts[k] + i + WIDTH, src + i + WIDTH);
+        }
+    }
+    for (int k = 0; k < ndst; k++)
+        memcpy(dsts[k] + body, src + body, n - body);
+    _mm_sfence();
+#else
+    for (int k = 0; k < ndst; k++)
+        memcpy(dsts[k], src, n);
 #endif
 }

@@ -11,6 +11,8 @@
 - Streaming copy (`copy`: all-gather pieces, broadcast): copies of at least
   MPIPAR_SHM_STREAM_BYTES (default 8 MiB) use non-temporal stores: 1.4-2x glibc's
   memcpy from 16 MiB on here (figures in shm_compiled.c); smaller ones np.copyto.
+  `fanout` streams one source into several destinations reading it once (the all-gather
+  that pushes its piece into every rank's symmetric output).
 
 Built with the C compiler ($CC, else `cc`; -O3 -march=native, so the file name hashes
 this CPU's feature flags with the source and the flags) into $MPIPAR_KERNEL_CACHE, else
@@ -85,6 +87,8 @@ def _build(cc: str) -> ctypes.CDLL:
         fn.restype = None
     lib.stream_copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
     lib.stream_copy.restype = None
+    lib.stream_fanout.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+    lib.stream_fanout.restype = None
     lib.stream_width.restype = ctypes.c_int
     return lib
 
@@ -156,6 +160,20 @@ def streaming() -> bool:
     """Does `copy` stream large copies here (the kernels are on, built, and have streaming stores)?"""
     lib = enabled()
     return lib is not None and lib.stream_width() > 0
+
+
+def fanout(dsts: list[np.ndarray], src: np.ndarray) -> None:
+    """copy(dst, src) for every dst; streamed (stream_fanout: each source line read once) when
+    all are contiguous and at least stream_bytes() long, as `copy` streams."""
+    n = src.nbytes
+    if (dsts and n >= stream_bytes() and src.flags.c_contiguous and streaming()
+            and all(d.dtype == src.dtype and d.shape == src.shape and d.flags.c_contiguous for d in dsts)):
+        ptrs = (ctypes.c_void_p * len(dsts))(*[d.ctypes.data for d in dsts])
+        library().stream_fanout(ptrs, len(dsts), src.ctypes.data, n)
+        STATS["streamed"] += len(dsts)
+        return
+    for d in dsts:
+        copy(d, src)
 
 
 def copy(dst: np.ndarray, src: np.ndarray) -> None:

@@ -89,18 +89,22 @@ SHM_CROSSOVER_BYTES = {
 }
 
 
-# Outputs of shared-memory reduce-scatter/all-gather at least this large come from the symmetric
-# pool (the all-gather then pushes its piece into every rank's output); smaller ones are recycled
-# plain tensors (mpipar.comm.outputs: no page faults either, 2 MiB pages) that every rank pulls into.
-# Pulling into plain outputs measured faster at every size (2 ranks, interleaved, busbw GB/s,
-# push vs pull: 1 MiB 3.6 vs 5.3, 16 MiB 4.3 vs 5.9, 256 MiB 3.7 vs 4.7), so pushing is off
-# by default. MPIPAR_SHM_POOLED_OUTPUT_BYTES=bytes turns it on from that size.
-SHM_POOLED_OUTPUT_BYTES = NEVER
+# Outputs of shared-memory all-gathers (reduce-scatters) at least this large come from the
+# symmetric pool, and the all-gather PUSHES its piece into every rank's output, reading it once
+# (shm_compiled.fanout); smaller ones are recycled plain tensors (mpipar.comm.outputs: no page
+# faults) that every rank PULLS every piece into. Measured with 2 ranks on symmetric inputs
+# (busbw GB/s, best of 7 rounds; pull, push, MPICH's Allgather): 1 MiB 6.2, 3.4, 1.6; 4 MiB
+# 8.3, 6.9, 1.8; 8 MiB 6.3, 5.4, 3.8; 16 MiB 7.8, 9.3, 4.9; 64 MiB 5.7, 10.1, 4.3; 256 MiB
+# 7.0, 11.0, 5.4: pushing from 16 MiB (before the fan-out kernel, pushing copied the piece
+# once per rank and lost at every size). A reduce-scatter gains nothing from a pooled output
+# (its owner writes it once either way), so it keeps plain ones.
+# MPIPAR_SHM_POOLED_OUTPUT_BYTES=bytes sets the size for both.
+SHM_POOLED_OUTPUT_BYTES = {"all_gather": 16 << 20, "reduce_scatter": NEVER}
 
 
-def shm_pooled_output_bytes() -> int:
+def shm_pooled_output_bytes(op: str) -> int:
     value = env("MPIPAR_SHM_POOLED_OUTPUT_BYTES")
-    return int(value) if value else SHM_POOLED_OUTPUT_BYTES
+    return int(value) if value else SHM_POOLED_OUTPUT_BYTES[op]
 
 
 def shm_pays(op: str, nbytes: int) -> bool:

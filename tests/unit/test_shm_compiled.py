@@ -113,3 +113,34 @@ def test_this_x86_build_streams():
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("streaming stores are built for x86 only")
     assert shm_compiled.library().stream_width() in (16, 32, 64)
+
+
+# -- streaming fan-out (one source into several destinations) ----------------------------------
+@pytest.mark.parametrize("n", [0, 1, 63, 128, 129, 4096 + 33, 100_000])
+@pytest.mark.parametrize("offs", [(0, 0, 0), (5, 5, 5), (17, 17), (3, 64 + 3, 128 + 3), (0, 1, 2)])
+def test_stream_fanout_copies_every_byte_into_every_destination(n, offs):
+    """Destinations equally misaligned share one aligned body; differently aligned ones
+    (the last case) take a stream_copy each. Nothing outside [off, off + n) is written."""
+    lib = shm_compiled.library()
+    rng = np.random.default_rng([n, *offs])
+    src = rng.integers(0, 256, size=n + 7, dtype=np.uint8)[7:]
+    dsts = [np.zeros(n + 256, dtype=np.uint8) for _ in offs]
+    ptrs = (shm_compiled.ctypes.c_void_p * len(offs))(*[d[o:].ctypes.data for d, o in zip(dsts, offs)])
+    lib.stream_fanout(ptrs, len(offs), src.ctypes.data, n)
+    for d, o in zip(dsts, offs):
+        assert d[o:o + n].tobytes() == src.tobytes()
+        assert not d[:o].any() and not d[o + n:].any()
+
+
+def test_fanout_streams_from_the_threshold_only(monkeypatch):
+    monkeypatch.setenv("MPIPAR_SHM_STREAM_BYTES", "4096")
+    src = np.arange(2048, dtype=np.float32)
+    for n, streams in ((1023, False), (1024, True)):
+        dsts = [np.zeros(n, np.float32) for _ in range(3)]
+        before = shm_compiled.STATS["streamed"]
+        shm_compiled.fanout(dsts, src[:n])
+        assert all(np.array_equal(d, src[:n]) for d in dsts)
+        assert shm_compiled.STATS["streamed"] - before == (3 if streams and shm_compiled.streaming() else 0)
+    dsts = [np.zeros(1024, np.float32), np.zeros(2048, np.float32)[::2]]  # one strided: copy each
+    shm_compiled.fanout(dsts, src[:1024])
+    assert all(np.array_equal(d, src[:1024]) for d in dsts)
