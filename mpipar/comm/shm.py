@@ -11,11 +11,11 @@ When every rank's tensor lives at the same place of the same window
   two calls per chunk), with numpy's results bit for bit. Large copies of the
   all-gather and broadcast stream (non-temporal stores, the same module).
 - reduce-scatter: the owner of slice r reduces it, chunk by chunk, into its output.
-- all-gather: below 16 MiB every rank pulls each peer's piece into its output (a
-  recycled plain tensor, mpipar.comm.outputs); from 16 MiB (tuning.SHM_POOLED_OUTPUT_BYTES,
+- all-gather: below 32 MiB every rank pulls each peer's piece into its output (a
+  recycled plain tensor, mpipar.comm.outputs); from 32 MiB (tuning.SHM_POOLED_OUTPUT_BYTES,
   MPIPAR_SHM_POOLED_OUTPUT_BYTES) outputs come from the pool, symmetric, and every rank
   PUSHES its piece into every rank's output, reading it once (shm_compiled.fanout; 2
-  ranks, 16-256 MiB: 1.2-1.75x pulling, 1.9-2.3x MPICH's Allgather).
+  ranks, 64-256 MiB: 1.05-1.78x pulling).
   all_gather(t, g, out=out) with `out` symmetric: every rank pushes its piece into
   every rank's `out`; in place (`t` is its slice of `out`) only into the peers', so a
   rank writes (N-1)/N of the output instead of all of it (2 ranks, 16-256 MiB, streaming

@@ -95,11 +95,13 @@ SHM_CROSSOVER_BYTES = {
 # faults) that every rank PULLS every piece into. Measured with 2 ranks on symmetric inputs
 # (busbw GB/s, best of 7 rounds; pull, push, MPICH's Allgather): 1 MiB 6.2, 3.4, 1.6; 4 MiB
 # 8.3, 6.9, 1.8; 8 MiB 6.3, 5.4, 3.8; 16 MiB 7.8, 9.3, 4.9; 64 MiB 5.7, 10.1, 4.3; 256 MiB
-# 7.0, 11.0, 5.4: pushing from 16 MiB (before the fan-out kernel, pushing copied the piece
-# once per rank and lost at every size). A reduce-scatter gains nothing from a pooled output
+# 7.0, 11.0, 5.4. Runs vary up to 2x from process to process here; side by side over nine
+# runs, push / pull was 0.93-1.20 at 16 MiB (1.0 median), 1.0-1.3 at 32 MiB, 1.05-1.78
+# from 64 MiB: pushing from 32 MiB (before the fan-out kernel, pushing copied the piece once
+# per rank and lost at every size). A reduce-scatter gains nothing from a pooled output
 # (its owner writes it once either way), so it keeps plain ones.
 # MPIPAR_SHM_POOLED_OUTPUT_BYTES=bytes sets the size for both.
-SHM_POOLED_OUTPUT_BYTES = {"all_gather": 16 << 20, "reduce_scatter": NEVER}
+SHM_POOLED_OUTPUT_BYTES = {"all_gather": 32 << 20, "reduce_scatter": NEVER}
 
 
 def shm_pooled_output_bytes(op: str) -> int:
