@@ -22,7 +22,7 @@ import torch
 
 from ..errors import MpiparError
 from ..mesh import as_group
-from . import inline, inline_ops, into, native, outputs, ring, shm, tuning
+from . import inline, inline_ops, into, native, outputs, ring, shm, shm_entry, tuning
 from .buffers import blocking_buffer, flat_chunks, host_contiguous, needs_staging, offsets, reduce_dtype
 from .validate import BAD_DIM, agree, norm_dim, signature, validation_enabled
 from .wait import complete
@@ -120,7 +120,7 @@ def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *,
         return small
     if g.size == 1:
         return t.clone()
-    shared = shm.all_gather(t, g, d, sizes, algorithm, table) if shm.may_apply(g, algorithm) else None
+    shared = shm.all_gather(t, g, d, sizes, algorithm, table) if shm_entry.may_apply(g, algorithm) else None
     if shared is not None:
         return shared
     x = t.detach() if d == 0 else t.detach().movedim(d, 0)
@@ -185,7 +185,7 @@ def reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algori
     op = _bool_op(op, t.dtype)
     if g.size == 1:
         return t.clone()
-    shared = shm.reduce_scatter(t, g, d, op, algorithm, table) if shm.may_apply(g, algorithm) else None
+    shared = shm.reduce_scatter(t, g, d, op, algorithm, table) if shm_entry.may_apply(g, algorithm) else None
     if shared is not None:
         return shared
     x = _working(t.movedim(d, 0) if d else t)

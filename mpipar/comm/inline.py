@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import MpiparError
-from . import shm, tuning
+from . import shm_entry, tuning
 from .buffers import memo
 from .native import in_place
 from .validate import BAD_DIM, _UNKNOWN, check, exchange, signature
@@ -140,7 +140,7 @@ def exchange_args(g, info: _Call, t: torch.Tensor, payload: bool, shared_of=None
         buf.last, buf.expect = info, info.head_bytes * g.size
     descriptor = None
     if shared_of is not None:
-        descriptor = shm.local_descriptor(g, shared_of)
+        descriptor = shm_entry.local_descriptor(g, shared_of)
         buf.my_descriptor[:] = descriptor if descriptor is not None else -1
     if payload:
         if t.is_cpu and t.is_contiguous():

@@ -23,13 +23,7 @@ When every rank's tensor lives at the same place of the same window
 - broadcast: every rank copies the root's tensor into its own.
 Outputs are recycled because a fresh tensor of a few MiB is a fresh mmap whose
 page faults cost more than the copy.
-Synchronisation is Sync-Barrier-Sync under the windows' Lock_all(MODE_NOCHECK)
-epoch: once on entry (inputs are ready; the same barrier carries each rank's
-[window, offset, nbytes], so all agree whether the tensor is symmetric), once
-on exit (no rank reads or overwrites a slot that a peer may still touch). The
-barrier is a flag barrier in shared memory (mpipar.comm.shm_sync; an
-Iallgather when the group spans nodes); it waits politely (yield, then sleep)
-when ranks outnumber cores.
+Entry and exit: mpipar.comm.shm_entry (Sync-Barrier-Sync on shared-memory flags).
 bf16/fp16 reduce in float32 chunk by chunk and are rounded once.
 algorithm="shm" forces this path for any tensor (staging it through a pooled
 scratch window: one copy in, one copy out); "auto" takes it only for
@@ -43,101 +37,14 @@ import math
 import numpy as np
 import torch
 
-from ..errors import MpiparError
 from . import hierarchical, outputs, shm_compiled, tuning
 from .buffers import flat_chunks, offsets, reduce_dtype
 from .shm_kernels import blocks, cached_plan, chunk_elements, np_of, owned, reduce_into, typed
-from .symmetric import pool_of
-from .wait import wait_all
-
-SHM_ALGORITHMS = ("auto", "shm", "hier")
-
-
-def may_apply(g, algorithm) -> bool:
-    """Could this call run in shared memory? Local and cheap, the same answer on every rank:
-    forced algorithms always try; "auto" only on a group that has a symmetric pool (made
-    collectively by symmetric_empty). Lets plain tensors skip the shape work of the shm calls."""
-    return algorithm in ("shm", "hier") or (algorithm == "auto" and pool_of(g) is not None)
-
-
-# -- synchronisation -----------------------------------------------------------------------------
-def barrier(pool, *windows) -> None:
-    """Sync-Barrier-Sync on the node (a polite barrier on shared-memory flags)."""
-    for w in windows:
-        w.sync()
-    pool.sync.wait()
-    for w in windows:
-        w.sync()
-
-
-def _enter(g, t, algorithm, op_name, nbytes, entry=None):
-    """Agree whether this call runs in shared memory: (pool, window, offset, choice) or None.
-
-    Collective only when a decision needs data from every rank; the exchange of
-    [window, offset, nbytes] is also the entry barrier of the shm algorithms.
-    `entry`: that exchange's (N, 3) table when the caller already made it (the argument
-    agreement carries it: mpipar.comm.inline, inline_ops); same on every rank.
-    """
-    if algorithm not in SHM_ALGORITHMS:
-        return None
-    forced = algorithm != "auto"
-    if not forced and not tuning.shm_pays(op_name, nbytes):
-        return None
-    pool = pool_of(g, create=forced)
-    if pool is None:
-        return None
-    if entry is not None and pool.one_node:
-        table = entry  # the agreement was the entry barrier (each sender synced its window)
-    else:
-        mine = pool.locate(t)
-        if mine is not None:
-            mine[0].sync()
-        if pool.one_node:  # node rank == group rank
-            table = pool.sync.wait(pool.descriptor(t, mine))
-        else:
-            table = np.empty((g.size, 3), dtype=np.int64)
-            wait_all([g.comm.Iallgather(pool.descriptor(t, mine), table)])
-    symmetric = bool(table[0, 0] >= 0) and table.tobytes() == table[0].tobytes() * len(table)
-    choice = tuning.choose_shared(op_name, algorithm, symmetric, pool.one_node)
-    if choice is None:
-        if forced:
-            raise MpiparError(f"{op_name}: algorithm={algorithm!r} needs a group on one node "
-                              f"(this group spans nodes); use 'auto', 'mpi' or 'ring'")
-        return None
-    pool.calls[(op_name, choice)] += 1
-    if not symmetric:
-        return pool, None, 0, choice
-    window = pool.window(int(table[0, 0]))
-    window.sync()
-    return pool, window, int(table[0, 1]), choice
-
-
-def _stage_in(pool, t: torch.Tensor, capacity: int):
-    """Copy `t` into this rank's segment of the scratch window, then barrier. Returns the window."""
-    w = pool.scratch(capacity)
-    nbytes = t.numel() * t.element_size()
-    if nbytes:
-        torch.from_numpy(w.local[:nbytes]).view(t.dtype).view(t.shape).copy_(t)
-    barrier(pool, w)
-    return w
-
+from .shm_entry import SHM_ALGORITHMS, barrier, enter, stage_in
 
 def _local_tensor(window, offset: int, t: torch.Tensor) -> torch.Tensor:
     nbytes = t.numel() * t.element_size()
     return torch.from_numpy(window.local[offset:offset + nbytes]).view(t.dtype).view(t.shape)
-
-
-def local_descriptor(g, t: torch.Tensor):
-    """This rank's [window, offset, nbytes] of `t` for an argument agreement to carry (the
-    shared-memory entry exchange then rides on it), or None when `g` has no one-node pool.
-    Local (never creates the pool); syncs `t`'s window so the peers see this rank's writes."""
-    pool = pool_of(g)
-    if pool is None or not pool.one_node:
-        return None
-    found = pool.locate(t)
-    if found is not None:
-        found[0].sync()
-    return pool.descriptor(t, found)
 
 
 # -- collectives ---------------------------------------------------------------------------------
@@ -147,13 +54,13 @@ def all_reduce(t: torch.Tensor, g, op: str, algorithm: str, entry=None) -> bool:
     if algorithm in SHM_ALGORITHMS:
         reduce_dtype(t.dtype)  # raises the same error on every rank for unsupported dtypes
     nbytes = t.numel() * t.element_size()
-    plan = _enter(g, t, algorithm, "all_reduce", nbytes, entry)
+    plan = enter(g, t, algorithm, "all_reduce", nbytes, entry)
     if plan is None:
         return False
     pool, window, offset, choice = plan
     staged = window is None
     if staged:
-        window, offset = _stage_in(pool, t, nbytes), 0
+        window, offset = stage_in(pool, t, nbytes), 0
     if choice == "hier":
         with np.errstate(all="ignore"):  # inf/nan arithmetic is the user's business, as in torch
             hierarchical.all_reduce_(pool, window, offset, t.numel(), t.dtype, op)
@@ -194,12 +101,12 @@ def reduce_scatter(t: torch.Tensor, g, dim: int, op: str, algorithm: str, entry=
     if algorithm in SHM_ALGORITHMS:
         reduce_dtype(t.dtype)
     nbytes = t.numel() * t.element_size()
-    plan = _enter(g, t, algorithm, "reduce_scatter", nbytes, entry)
+    plan = enter(g, t, algorithm, "reduce_scatter", nbytes, entry)
     if plan is None:
         return None
     pool, window, offset, _ = plan
     if window is None:
-        window, offset = _stage_in(pool, t.detach(), nbytes), 0
+        window, offset = stage_in(pool, t.detach(), nbytes), 0
     n, me, shape = pool.local_size, pool.local_rank, list(t.shape)
     outer, size, inner = math.prod(shape[:dim]), shape[dim], math.prod(shape[dim + 1:])
     sizes = flat_chunks(size, n)
@@ -230,7 +137,7 @@ def all_gather(t: torch.Tensor, g, dim: int, sizes: list[int], algorithm: str, e
     shape = list(t.shape)
     outer, inner = math.prod(shape[:dim]), math.prod(shape[dim + 1:])
     item, total = t.element_size(), sum(sizes)
-    plan = _enter(g, t if out is None else out, algorithm, "all_gather", outer * total * inner * item, entry)
+    plan = enter(g, t if out is None else out, algorithm, "all_gather", outer * total * inner * item, entry)
     if plan is None:
         return None
     pool, window, offset, _ = plan
@@ -241,7 +148,7 @@ def all_gather(t: torch.Tensor, g, dim: int, sizes: list[int], algorithm: str, e
         barrier(pool, window)
         return out
     if window is None:  # forced "shm" on plain tensors: stage t
-        window, offset = _stage_in(pool, t.detach(), outer * max(sizes) * inner * item), 0
+        window, offset = stage_in(pool, t.detach(), outer * max(sizes) * inner * item), 0
     result = out.view(outer, total * inner) if out is not None else \
         _output(pool, "all_gather", numel, numel, t.dtype).view(outer, total * inner)
     where = pool.locate(result) if out is None else None
@@ -296,7 +203,7 @@ def _output(pool, op: str, capacity: int, numel: int, dtype) -> torch.Tensor:
 def broadcast(t: torch.Tensor, g, root: int, entry=None) -> bool:
     """In place: root's symmetric `t` copied into every rank's; False when `t` is not symmetric."""
     nbytes = t.numel() * t.element_size()
-    plan = _enter(g, t, "auto", "broadcast", nbytes, entry)
+    plan = enter(g, t, "auto", "broadcast", nbytes, entry)
     if plan is None:
         return False
     pool, window, offset, _ = plan
