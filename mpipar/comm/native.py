@@ -47,10 +47,7 @@ def all_reduce_(g, flat: torch.Tensor, op: str) -> None:
 def all_gather(g, send, recv, counts: list[int]) -> None:
     """`send` (a buffer, or in_place(): already in `recv`) into `recv`; counts[r] from rank r."""
     if min(counts) == max(counts):
-        if g.oversubscribed:  # (wait.complete, inlined: the mid-size latency path)
-            wait_all([g.comm.Iallgather(send, recv)])
-        else:
-            g.comm.Allgather(send, recv)
+        complete(g, lambda: g.comm.Iallgather(send, recv), lambda: g.comm.Allgather(send, recv))
         return
     spec = (counts, offsets(counts))  # a vector spec: [data, (counts, displacements), datatype]
     recv = [recv[0], spec, recv[1]] if isinstance(recv, list) else [recv, spec]
@@ -61,10 +58,8 @@ def reduce_scatter(g, send, recv, counts: list[int], op: str) -> None:
     """Rank r's `recv` gets block r (counts[r] elements) of the op over every rank's `send`."""
     mop = mpi_op(op)
     if min(counts) == max(counts):
-        if g.oversubscribed:
-            wait_all([g.comm.Ireduce_scatter_block(send, recv, op=mop)])
-        else:
-            g.comm.Reduce_scatter_block(send, recv, op=mop)
+        complete(g, lambda: g.comm.Ireduce_scatter_block(send, recv, op=mop),
+                 lambda: g.comm.Reduce_scatter_block(send, recv, op=mop))
         return
     complete(g, lambda: g.comm.Ireduce_scatter(send, recv, counts, op=mop),
              lambda: g.comm.Reduce_scatter(send, recv, counts, op=mop))

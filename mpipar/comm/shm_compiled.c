@@ -12,9 +12,10 @@
  * stream_fanout(dsts, ndst, src, n): stream_copy of `src` into every dsts[k], reading each
  * source line once (from L1 for every destination after the first). An all-gather that pushes
  * this rank's piece into every rank's output reads it once instead of once per rank. Measured
- * with 2 ranks, each pushing its piece into both symmetric outputs at once (busbw GB/s; pulling
- * both pieces into a plain output with stream_copy, this, MPICH's Allgather): 16 MiB 6.1,
- * 10.5, 4.5; 64 MiB 5.7, 9.6, 4.9; 128 MiB 5.9, 10.5, 5.3; 256 MiB 6.7, 10.7, 5.4.
+ * with 2 ranks, each pushing its piece into both symmetric outputs at once (the kernels alone,
+ * between barriers; busbw GB/s; pulling both pieces into a plain output with stream_copy,
+ * this, MPICH's Allgather): 16 MiB 6.1, 10.5, 4.5; 64 MiB 5.7, 9.6, 4.9; 128 MiB 5.9, 10.5,
+ * 5.3; 256 MiB 6.7, 10.7, 5.4. Inside the collective the gain is smaller (tuning.py).
  * Destinations aligned differently (mod the store width) fall back to one stream_copy each.
  *
  * stream_copy(dst, src, n): memcpy with non-temporal (streaming) stores, then a store fence.
