@@ -166,3 +166,27 @@ def test_unhandled_exception_on_one_rank_aborts_the_job(jobs, name):
     assert rc != 0, out
     assert "boom on rank 1" in out, out
     assert "UNREACHABLE" not in out, out
+
+
+def test_abort_hook_unlinks_only_the_shared_memory_files_this_process_maps(tmp_path):
+    """MPICH leaves its /dev/shm files behind after MPI_Abort; the hook unlinks the ones this
+    process maps (mpipar.errors.unlink_mapped_shm) before aborting, and no others."""
+    import mmap
+
+    from mpipar.errors import unlink_mapped_shm
+
+    base = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path
+    prefix = str(base / f"mpipar_test_{os.getpid()}_")
+    mapped, other = Path(prefix + "mapped"), Path(prefix + "not_mapped")
+    for p in (mapped, other):
+        p.write_bytes(b"\0" * 4096)
+    try:
+        with open(mapped, "r+b") as f, mmap.mmap(f.fileno(), 4096) as m:
+            assert unlink_mapped_shm(prefix) == [str(mapped)]
+            assert not mapped.exists() and other.exists()
+            m[:4] = b"live"  # the mapping outlives the name, as MPI's does until the abort
+            assert m[:4] == b"live"
+        assert unlink_mapped_shm(prefix) == []
+    finally:
+        for p in (mapped, other):
+            p.unlink(missing_ok=True)
