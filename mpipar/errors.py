@@ -83,8 +83,8 @@ def unlink_mapped_shm(prefix: str = "/dev/shm/mpich_") -> list[str]:
     attached long ago, and an unlinked file lives on while some process maps it. Only the
     files this process maps are touched, so other jobs' files never are. Returns the paths."""
     try:
-        with open("/proc/self/maps") as f:
-            paths = {line.split(maxsplit=5)[5].strip() for line in f if len(line.split(maxsplit=5)) == 6}
+        with open("/proc/self/maps") as f:  # address perms offset dev inode [path]
+            paths = {fields[5].strip() for fields in (line.split(maxsplit=5) for line in f) if len(fields) == 6}
     except OSError:
         return []
     removed = []

@@ -134,9 +134,14 @@ class StagingPool:
 STAGING = StagingPool()
 
 
+def staging_forced() -> bool:
+    """MPIPAR_FORCE_STAGING=1 (test-only): every tensor passes through host staging buffers."""
+    return env("MPIPAR_FORCE_STAGING") == "1"
+
+
 def needs_staging(t: torch.Tensor) -> bool:
     """True when `t` must pass through host memory (forced by MPIPAR_FORCE_STAGING=1)."""
-    if env("MPIPAR_FORCE_STAGING") == "1":
+    if staging_forced():
         return True
     if t.device.type == "cpu":
         return False

@@ -23,16 +23,13 @@ import torch
 from ..errors import MpiparError
 from ..mesh import as_group
 from . import inline, inline_ops, into, native, outputs, ring, shm, shm_entry, tuning
-from .buffers import blocking_buffer, flat_chunks, host_contiguous, needs_staging, offsets, reduce_dtype
+from .buffers import (blocking_buffer, flat_chunks, host_contiguous, needs_staging, offsets, reduce_dtype,
+                      staging_forced)
 from .validate import BAD_DIM, agree, norm_dim, signature, validation_enabled
 from .wait import complete
 
 
 _NATIVE = (torch.float32, torch.float64, torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
-
-
-def FORCE_STAGING() -> bool:  # noqa: N802 - reads the test-only override
-    return tuning.env("MPIPAR_FORCE_STAGING") == "1"
 
 
 def _bool_op(op: str, dtype: torch.dtype) -> str:
@@ -74,7 +71,7 @@ def all_reduce(t: torch.Tensor, group, op: str = "sum", algorithm: str = "auto",
         return t
     if shm.all_reduce(t, g, op, algorithm, entry):  # symmetric tensor or algorithm="shm"/"hier"
         return t
-    if t.is_cpu and t.dtype in _NATIVE and t.is_contiguous() and t.numel() and not FORCE_STAGING():
+    if t.is_cpu and t.dtype in _NATIVE and t.is_contiguous() and t.numel() and not staging_forced():
         # fast path: zero copy, no staging (MPI writes t's memory by address)
         if tuning.choose("all_reduce", algorithm, t.numel() * t.element_size(), g.size) == "mpi":
             native.all_reduce_(g, t, op)
@@ -222,7 +219,7 @@ def broadcast(t: torch.Tensor, group, root: int = 0) -> torch.Tensor:
         return t
     if shm.broadcast(t, g, root, table):  # symmetric tensor on one node: zero copy
         return t
-    if t.is_cpu and t.is_contiguous() and not FORCE_STAGING():
+    if t.is_cpu and t.is_contiguous() and not staging_forced():
         _bcast(g, blocking_buffer(t), root)  # zero copy, without host_contiguous (3 us of a 16 KiB call)
         return t
     with host_contiguous(t, write_back=g.rank != root) as h:
@@ -231,7 +228,7 @@ def broadcast(t: torch.Tensor, group, root: int = 0) -> torch.Tensor:
 
 
 def _bcast(g, buf, root: int) -> None:
-    complete(g, lambda: g.comm.Ibcast(buf, root=root), lambda: g.comm.Bcast(buf, root=root))
+    complete(g, "Bcast", buf, root=root)
 
 
 def all_to_all(t: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
@@ -249,7 +246,7 @@ def all_to_all(t: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> tor
     send = x.movedim(sd, 0).contiguous()  # block j (rows j*S/N ..) goes to rank j; no copy when sd == 0
     recv = outputs.empty(send.shape, send.dtype, send.device)
     bufs = blocking_buffer(send), blocking_buffer(recv)
-    complete(g, lambda: g.comm.Ialltoall(*bufs), lambda: g.comm.Alltoall(*bufs))
+    complete(g, "Alltoall", *bufs)
     # block i came from rank i: (N, S/N, rest) back in t's dim order, then concatenated along gd
     blocks = recv.view(g.size, send.shape[0] // g.size, *send.shape[1:]).movedim(1, sd + 1)
     out_shape = list(t.shape)

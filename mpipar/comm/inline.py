@@ -135,9 +135,7 @@ def exchange_args(g, info: _Call, t: torch.Tensor, payload: bool, shared_of=None
     one-node pool). Raises MpiparError on every rank if the arguments differ or are bad.
     Returns (the group's buffers, the (N, 3) descriptor table or None)."""
     buf = buffers(g)
-    if buf.last is not info:  # the in-place Allgather leaves this rank's own row alone
-        buf.my_head[:] = info.head
-        buf.last, buf.expect = info, info.head_bytes * g.size
+    _load_head(buf, info, g.size)
     descriptor = None
     if shared_of is not None:
         descriptor = shm_entry.local_descriptor(g, shared_of)
@@ -147,10 +145,24 @@ def exchange_args(g, info: _Call, t: torch.Tensor, payload: bool, shared_of=None
             _MEMMOVE(buf.my_addr, t.data_ptr(), info.nbytes)
         else:
             buf.typed_rows(t.dtype, t.shape)[buf.rank].copy_(t.detach())
+    _gather_checked(g, buf, info)
+    return buf, (buf.descriptors.copy() if descriptor is not None else None)
+
+
+def _load_head(buf: _Buffers, info: _Call, size: int) -> None:
+    """This rank's head in its row (the in-place Allgather leaves the row alone, so only
+    when the call shape changed) and the heads every rank must then send."""
+    if buf.last is not info:
+        buf.my_head[:] = info.head
+        buf.last, buf.expect = info, info.head_bytes * size
+
+
+def _gather_checked(g, buf: _Buffers, info: _Call) -> None:
+    """The Allgather of the table; MpiparError on every rank when the heads differ or flag bad
+    arguments."""
     buf.gather()
     if info.bad or buf.agreed.tobytes() != buf.expect:
         _disagreement(g, info)
-    return buf, (buf.descriptors.copy() if descriptor is not None else None)
 
 
 def _disagreement(g, info: _Call):
@@ -186,14 +198,10 @@ def _small_all_reduce(g, info: _Call, t: torch.Tensor) -> None:
     flattened: the hot path of small all-reduces, where each call layer costs a few percent.
     The N rows are reduced in rank order, so every rank gets the same bits."""
     buf = buffers(g)
-    if buf.last is not info:
-        buf.my_head[:] = info.head
-        buf.last, buf.expect = info, info.head_bytes * g.size
+    _load_head(buf, info, g.size)
     if info.nbytes:
         _MEMMOVE(buf.my_addr, t.data_ptr(), info.nbytes)
-    buf.gather()
-    if info.bad or buf.agreed.tobytes() != buf.expect:
-        _disagreement(g, info)
+    _gather_checked(g, buf, info)
     rows = buf.rows.get(info)
     if rows is None:
         rows = buf.cached(info, lambda: buf.typed_rows(t.dtype, t.shape))

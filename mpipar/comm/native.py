@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .buffers import address_buffer, mpi_buffer, offsets
-from .wait import complete, wait_all
+from .wait import complete
 
 _MPI_CONSTANTS: dict = {}  # filled at first use: importing this module does not import MPI
 
@@ -38,28 +38,23 @@ def all_reduce_(g, flat: torch.Tensor, op: str) -> None:
     """In place on a contiguous tensor MPI can read (a CPU one by address, any shape)."""
     mop = mpi_op(op, flat.dtype)
     buf = address_buffer(flat) if flat.is_cpu and flat.numel() else mpi_buffer(flat)
-    if g.oversubscribed:  # (wait.complete, inlined: this is the mid-size latency path)
-        wait_all([g.comm.Iallreduce(in_place(), buf, op=mop)])
-    else:
-        g.comm.Allreduce(in_place(), buf, op=mop)
+    complete(g, "Allreduce", in_place(), buf, op=mop)
 
 
 def all_gather(g, send, recv, counts: list[int]) -> None:
     """`send` (a buffer, or in_place(): already in `recv`) into `recv`; counts[r] from rank r."""
     if min(counts) == max(counts):
-        complete(g, lambda: g.comm.Iallgather(send, recv), lambda: g.comm.Allgather(send, recv))
+        complete(g, "Allgather", send, recv)
         return
     spec = (counts, offsets(counts))  # a vector spec: [data, (counts, displacements), datatype]
     recv = [recv[0], spec, recv[1]] if isinstance(recv, list) else [recv, spec]
-    complete(g, lambda: g.comm.Iallgatherv(send, recv), lambda: g.comm.Allgatherv(send, recv))
+    complete(g, "Allgatherv", send, recv)
 
 
 def reduce_scatter(g, send, recv, counts: list[int], op: str) -> None:
     """Rank r's `recv` gets block r (counts[r] elements) of the op over every rank's `send`."""
     mop = mpi_op(op)
     if min(counts) == max(counts):
-        complete(g, lambda: g.comm.Ireduce_scatter_block(send, recv, op=mop),
-                 lambda: g.comm.Reduce_scatter_block(send, recv, op=mop))
+        complete(g, "Reduce_scatter_block", send, recv, op=mop)
         return
-    complete(g, lambda: g.comm.Ireduce_scatter(send, recv, counts, op=mop),
-             lambda: g.comm.Reduce_scatter(send, recv, counts, op=mop))
+    complete(g, "Reduce_scatter", send, recv, counts, op=mop)

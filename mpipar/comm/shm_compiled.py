@@ -165,11 +165,9 @@ def streaming() -> bool:
 def fanout(dsts: list[np.ndarray], src: np.ndarray) -> None:
     """copy(dst, src) for every dst; streamed (stream_fanout: each source line read once) when
     all are contiguous and at least stream_bytes() long, as `copy` streams."""
-    n = src.nbytes
-    if (dsts and n >= stream_bytes() and src.flags.c_contiguous and streaming()
-            and all(d.dtype == src.dtype and d.shape == src.shape and d.flags.c_contiguous for d in dsts)):
+    if dsts and all(_streams(d, src) for d in dsts):
         ptrs = (ctypes.c_void_p * len(dsts))(*[d.ctypes.data for d in dsts])
-        library().stream_fanout(ptrs, len(dsts), src.ctypes.data, n)
+        library().stream_fanout(ptrs, len(dsts), src.ctypes.data, src.nbytes)
         STATS["streamed"] += len(dsts)
         return
     for d in dsts:
@@ -179,11 +177,15 @@ def fanout(dsts: list[np.ndarray], src: np.ndarray) -> None:
 def copy(dst: np.ndarray, src: np.ndarray) -> None:
     """np.copyto(dst, src) for arrays of one dtype and shape; a streaming copy when both are
     contiguous and at least stream_bytes() long and this machine's build has streaming stores."""
-    n = src.nbytes
-    if (n >= stream_bytes() and dst.dtype == src.dtype and dst.shape == src.shape
-            and dst.flags.c_contiguous and src.flags.c_contiguous):
-        if streaming():
-            library().stream_copy(dst.ctypes.data, src.ctypes.data, n)
-            STATS["streamed"] += 1
-            return
+    if _streams(dst, src):
+        library().stream_copy(dst.ctypes.data, src.ctypes.data, src.nbytes)
+        STATS["streamed"] += 1
+        return
     np.copyto(dst, src)
+
+
+def _streams(dst: np.ndarray, src: np.ndarray) -> bool:
+    """Does a copy of src into dst stream: both contiguous, one dtype and shape, at least
+    stream_bytes() long, and a build with streaming stores?"""
+    return (src.nbytes >= stream_bytes() and dst.dtype == src.dtype and dst.shape == src.shape
+            and dst.flags.c_contiguous and src.flags.c_contiguous and streaming())

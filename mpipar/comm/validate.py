@@ -75,8 +75,7 @@ def agree(name: str, g, sig: np.ndarray, need_op: bool, need_algorithm: bool, fr
     # (the checks run on Python lists: numpy's per-call overhead on a few elements costs more
     # than the collective itself)
     both = np.array([h, -h, bad], dtype=np.int64)
-    complete(g, lambda: g.comm.Iallreduce(in_place(), both, op=mpi_op("max")),
-             lambda: g.comm.Allreduce(in_place(), both, op=mpi_op("max")))
+    complete(g, "Allreduce", in_place(), both, op=mpi_op("max"))
     v = both.tolist()
     if v[0] != -v[1] or v[2]:
         check(name, exchange(g, np.array(sig, dtype=np.int64)), need_op, need_algorithm, free_dim, root_name)
