@@ -33,7 +33,7 @@ endif
 	$(PIP) install -q $(TORCH_PIN) numpy h5py matplotlib pandas tqdm pytest pytest-mpi pytest-timeout
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	@$(PY) -c "import mpi4py.MPI as M, torch, h5py; print('installed:', M.Get_library_version().splitlines()[0], '| torch', torch.__version__)"
-	@touch $@
+	@touch $(VENV)/.installed
 
 test: $(VENV)/.installed  ## unit tests, then MPI tests at 1, 2, 3 and 4 ranks
 	$(MAKE) test-unit
