@@ -6,13 +6,10 @@
   the memcpy bandwidth as the physical limit.
 - `memory_time_plot`: peak memory and step time against sequence length.
 - `bar_plot`: one bar per category (tokens/s per parallel layout).
-- `pipeline_timelines`: the measured/simulated pipeline timeline figures of
-  `pipeline_timeline.py` when that module is present.
 Every function returns the path written, or None when there was nothing to plot.
 """
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 import matplotlib
@@ -118,19 +115,3 @@ def bar_plot(df: pd.DataFrame, x: str, y: str, path, title: str = "", ylabel: st
     ax.grid(True, axis="y", alpha=0.3)
     return save_figure(fig, path)
 
-
-def pipeline_timelines(paths, out_dir) -> list[Path]:
-    """Timeline figures from mpipar.analysis.pipeline_timeline, if that module exists.
-
-    It is called as `plot_timelines(h5_paths, out_dir)` (or `plot(...)`), and
-    returns the paths it wrote; absent module or function: nothing is drawn.
-    """
-    try:
-        mod = importlib.import_module("mpipar.analysis.pipeline_timeline")
-    except ImportError:
-        return []
-    fn = getattr(mod, "plot_timelines", None) or getattr(mod, "plot", None)
-    if fn is None:
-        return []
-    written = fn([str(p) for p in paths], str(out_dir))
-    return [Path(p) for p in (written or [])]

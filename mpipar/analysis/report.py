@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import figures, recipes
+from . import recipes
+from .pipeline_timeline import plot_timelines
 from .load import h5_files, load, load_spans
 
 SUMMARY_COLUMNS = ["experiment", "headline", "value", "unit", "baseline", "baseline_value", "ratio", "better"]
@@ -58,7 +59,7 @@ def analyze(paths, out_dir, manifest: dict | None = None) -> dict:
         figs += [p for p in result.figures if p]
         rows += [{"experiment": name, **r} for r in result.headlines]
     try:
-        figs += figures.pipeline_timelines([f for f in files if _has_spans(f)], out_dir)
+        figs += plot_timelines([str(f) for f in files if _has_spans(f)], str(out_dir))
     except Exception as e:
         errors.append(f"pipeline timelines: {type(e).__name__}: {e}")
     summary = pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
