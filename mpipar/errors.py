@@ -28,7 +28,13 @@ def agree(comm, local_error: str | None) -> None:
     The message of the lowest failing rank is used on all ranks. Costs one
     allgather of small Python objects: use it for set-up checks, not hot paths.
     """
-    errors = comm.allgather(local_error)
+    from .flight.recorder import begin, channel_of, done
+
+    slot = begin(channel_of(comm), "agree")
+    try:
+        errors = comm.allgather(local_error)
+    finally:
+        done(slot)
     for rank, err in enumerate(errors):
         if err is not None:
             raise MpiparError(err if comm.Get_size() == 1 else f"{err} (reported by rank {rank})")
@@ -45,7 +51,13 @@ def agree_ints(comm, values, describe) -> np.ndarray:
 
     v = np.asarray(values, dtype=np.int64)
     both = np.concatenate([v, -v])
-    comm.Allreduce(MPI.IN_PLACE, both, op=MPI.MAX)
+    from .flight.recorder import begin, channel_of, done
+
+    slot = begin(channel_of(comm), "agree")
+    try:
+        comm.Allreduce(MPI.IN_PLACE, both, op=MPI.MAX)
+    finally:
+        done(slot)
     vmax, vmin = both[: len(v)], -both[len(v):]
     if not np.array_equal(vmax, vmin):
         raise MpiparError(describe(vmin, vmax))

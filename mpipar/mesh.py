@@ -13,7 +13,7 @@ import torch
 from . import device as _device
 from .errors import MpiparError
 from .flight import job as _flight_job
-from .flight.recorder import world_ranks
+from .flight.recorder import register, world_ranks
 
 DIMS = ("tp", "sp", "dp", "pp")  # fastest-varying first
 
@@ -35,6 +35,7 @@ class Group:
         self.world_ranks = world_ranks(comm)  # the flight recorder's view (mpipar.flight)
         self.flight_seq = 0
         self.flight_p2p = 0
+        register(comm, self)
 
     @property
     def p2p(self):

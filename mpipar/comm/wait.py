@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 
 from ..device import node_is_oversubscribed
-from ..flight.recorder import begin, done
+from ..flight.recorder import UNKNOWN, begin, done
 
 _SPIN_TESTS = 50
 _MAX_SLEEP = 2e-4
@@ -29,10 +29,14 @@ def wait_all(requests) -> None:
         return
     if not reqs:
         return
-    if not node_is_oversubscribed():
-        MPI.Request.Waitall(reqs)
-        return
-    _poll(lambda: MPI.Request.Testall(reqs))
+    slot = begin(UNKNOWN, "wait")  # -1 (nothing recorded) inside a recorded call, the usual case
+    try:
+        if not node_is_oversubscribed():
+            MPI.Request.Waitall(reqs)
+            return
+        _poll(lambda: MPI.Request.Testall(reqs))
+    finally:
+        done(slot)
 
 
 def complete(g, name: str, *args, **kwargs) -> None:

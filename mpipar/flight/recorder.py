@@ -43,13 +43,34 @@ _current = -1   # slot of the call in flight, -1 when none
 class Channel:
     """A communicator's identity in the record: a name, its members' world ranks, counters."""
 
-    __slots__ = ("name", "world_ranks", "flight_seq", "flight_p2p")
+    __slots__ = ("comm", "name", "world_ranks", "flight_seq", "flight_p2p")
 
     def __init__(self, comm, name: str):
+        self.comm = comm
         self.name = name
-        self.world_ranks = world_ranks(comm)
+        self.world_ranks = world_ranks(comm) if comm is not None else ()
         self.flight_seq = 0
         self.flight_p2p = 0
+
+
+UNKNOWN = Channel(None, "unknown")  # waits on requests whose communicator the waiter does not know
+_channels: dict = {}  # id(comm) -> its Group or Channel (checked with `is`: ids are reused)
+
+
+def register(comm, ch) -> None:
+    """Make `ch` (an mpipar Group) the channel that `channel_of(comm)` returns."""
+    if len(_channels) > 4096:
+        _channels.clear()
+    _channels[id(comm)] = ch
+
+
+def channel_of(comm, name: str = "comm"):
+    """The Group or Channel of an mpi4py communicator (a new Channel the first time)."""
+    ch = _channels.get(id(comm))
+    if ch is None or ch.comm is not comm:
+        ch = Channel(comm, name)
+        register(comm, ch)
+    return ch
 
 
 def world_ranks(comm) -> tuple:
