@@ -219,8 +219,11 @@ def _p2p(records):
                     lines.append(f"  rank {p} left no record")
                     continue
                 last = _last_call(records[p])
-                lines.append(f"  rank {p}'s last call: {_describe(last, records[p]) if last else 'none recorded'}")
-                if last is None or last.get("end") is not None:
+                if last is not None and last.get("end") is None:
+                    lines.append(f"  rank {p} itself waits: {_describe(last, records[p])}")
+                else:
                     missing.append(p)
+                    lines.append(f"  rank {p} is in no mpipar call; its last call: "
+                                 f"{_describe(last, records[p]) if last else 'none recorded'}")
             out.append(Finding("p2p", label, call["seq"], call["op"], [k], missing, lines, call["start"]))
     return out

@@ -108,7 +108,7 @@ def test_verdict_point_to_point_wait_names_the_peer():
     f = [f for f in v.findings if f.kind == "p2p"][0]
     assert f.waiting == [0] and f.missing == [1]
     assert "rank 0 waited 5.2 s in recv #1 on group pipeline [0, 1] for rank 1" in str(v)
-    assert "rank 1's last call: all_reduce #4 on group dp [1]" in str(v)
+    assert "rank 1 is in no mpipar call; its last call: all_reduce #4 on group dp [1]" in str(v)
 
 
 def test_verdict_ignores_records_of_another_job(tmp_path):

@@ -127,9 +127,10 @@ out.sum().backward()
 print(f"UNREACHABLE rank {m.world.rank}", flush=True)
 '''
 
-# name -> (ranks, script, MPIPAR_TIMEOUT)
+# name -> (ranks, script, MPIPAR_TIMEOUT[, MPIPAR_ABORT_ON_ERROR])
 JOBS = {
     "raise_main": (2, RAISE_MAIN, "0"),
+    "raise_main_opt_out": (2, RAISE_MAIN, "3", "0"),
     "raise_thread": (3, RAISE_THREAD, "0"),
     "hang_all_reduce": (3, HANG_ALL_REDUCE, "3"),
     "hang_recv": (2, HANG_RECV, "3"),
@@ -139,24 +140,25 @@ JOBS = {
 }
 
 
-def job_env(timeout: str, flight_dir: Path) -> dict:
+def job_env(flight_dir: Path, timeout: str, abort_on_error: str = "1") -> dict:
     """The caller's environment without MPI launcher variables (we may run under one), with
     this checkout first on the path."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "MPIR_", "OMPI_"))}
     env.update(MPIPAR_TIMEOUT=timeout, MPIPAR_FLIGHT_DIR=str(flight_dir), MPIPAR_THREADS="1",
+               MPIPAR_ABORT_ON_ERROR=abort_on_error,
                PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p]))
     return env
 
 
 class Job:
     def __init__(self, name, tmp: Path):
-        n, script, timeout = JOBS[name]
+        n, script, *settings = JOBS[name]
         path = tmp / f"{name}.py"
         path.write_text(script)
         self.flight = tmp / f"{name}-flight"
         self.n, self.start = n, time.monotonic()
         self.proc = subprocess.Popen([str(MPIEXEC), "-n", str(n), sys.executable, str(path)], cwd=tmp,
-                                     env=job_env(timeout, self.flight), stdout=subprocess.PIPE,
+                                     env=job_env(self.flight, *settings), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self._result = None
 
@@ -203,6 +205,14 @@ def test_an_exception_on_one_rank_ends_the_job(jobs, name, where):
     assert records[1]["reason"] == "exception" and "RuntimeError" in records[1]["message"], records.get(1)
 
 
+def test_abort_on_error_opt_out_leaves_the_hang_to_the_watchdog(jobs):
+    """MPIPAR_ABORT_ON_ERROR=0: Python's own hook; rank 0 waits until its watchdog (3 s) ends the job."""
+    out = ended_non_zero(jobs["raise_main_opt_out"])
+    assert "boom in the main thread of rank 1" in out, out
+    assert re.search(r"^mpipar watchdog: rank 0 waited [\d.]+ s in all_reduce #2 on group \[0, 1\]", out, re.M), out
+    assert load(str(jobs["raise_main_opt_out"].flight))[0]["reason"] == "watchdog"
+
+
 # name -> (the watchdog's op, the sleeping rank, the verdict's kind of finding)
 HANGS = {
     "hang_all_reduce": ("all_reduce", 1, "hang"),
@@ -237,7 +247,7 @@ def test_the_command_line_verdict_names_the_missing_rank_and_its_last_call(jobs)
     job = jobs["hang_all_reduce"]
     ended_non_zero(job)
     run = subprocess.run([sys.executable, "-m", "mpipar.flight", str(job.flight)], capture_output=True, text=True,
-                         env=job_env("0", job.flight), timeout=60)
+                         env=job_env(job.flight, "0"), timeout=60)
     assert run.returncode == 1, run.stdout + run.stderr
     text = run.stdout
     assert "verdict: all_reduce #4 on group world [0, 1, 2]: ranks [0, 2] waited" in text, text
