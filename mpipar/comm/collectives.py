@@ -97,6 +97,16 @@ def all_reduce(t: torch.Tensor, group, op: str = "sum", algorithm: str = "auto",
 
 def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *,
                out: torch.Tensor | None = None) -> torch.Tensor:
+    g = as_group(group)
+    slot = begin(g, "all_gather", t.dtype, t.shape, algorithm)
+    try:
+        return _all_gather(t, g, dim, algorithm, out=out)
+    finally:
+        done(slot)
+
+
+def _all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """Concatenation of every rank's `t` along `dim` (sizes along `dim` may differ per rank).
 
     `out` (keyword, not differentiable): write the result into this contiguous tensor of
@@ -108,43 +118,39 @@ def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *,
     if t.dim() == 0:  # one scalar per rank gathers to a vector of group size (as torch.distributed)
         return all_gather(t.reshape(1), group, 0, algorithm, out=out)
     g = as_group(group)
-    slot = begin(g, "all_gather", t.dtype, t.shape, algorithm)
-    try:
-        d = norm_dim(dim, t.dim())
-        code = into.code(t, out, d)
-        small = table = None  # table: the shared-memory entry exchange (mpipar.comm.shm)
-        if g.size > 1:  # one Allgather: agreement, sizes, and small pieces too
-            small, sizes, table = inline_ops.agree_all_gather(t, g, d, algorithm, code, t if out is None else out)
-        else:
-            sizes = _agree("all_gather", g, t, algorithm=algorithm, dim=d, root=code, free_dim=True, root_name="out")
-        if out is not None:
-            into.check(t, out, d, sum(sizes))  # same verdict on every rank: the agreement covered out
-            return out.copy_(small) if small is not None else _all_gather_into(t, g, d, sizes, algorithm, out, table)
-        if small is not None:
-            return small
-        if g.size == 1:
-            return t.clone()
-        shared = shm.all_gather(t, g, d, sizes, algorithm, table) if shm_entry.may_apply(g, algorithm) else None
-        if shared is not None:
-            return shared
-        x = t.detach() if d == 0 else t.detach().movedim(d, 0)
-        x = (x.cpu() if needs_staging(x) else x).contiguous()
-        rest = list(x.shape[1:])
-        inner = math.prod(rest)
-        counts = [s * inner for s in sizes]
-        out = outputs.empty([sum(sizes)] + rest, x.dtype, None if x.is_cpu else x.device)
-        algo = tuning.choose("all_gather", algorithm, out.numel() * out.element_size(), g.size)
-        if algo == "ring":
-            flat = out.view(-1)
-            flat.narrow(0, offsets(counts)[g.rank], counts[g.rank]).copy_(x.reshape(-1))
-            ring.all_gather_(flat, g, counts)
-        else:
-            native.all_gather(g, blocking_buffer(x), blocking_buffer(out), counts)
-        if d:
-            out = out.movedim(0, d).contiguous()
-        return out if out.device == t.device else out.to(t.device)
-    finally:
-        done(slot)
+    d = norm_dim(dim, t.dim())
+    code = into.code(t, out, d)
+    small = table = None  # table: the shared-memory entry exchange (mpipar.comm.shm)
+    if g.size > 1:  # one Allgather: agreement, sizes, and small pieces too
+        small, sizes, table = inline_ops.agree_all_gather(t, g, d, algorithm, code, t if out is None else out)
+    else:
+        sizes = _agree("all_gather", g, t, algorithm=algorithm, dim=d, root=code, free_dim=True, root_name="out")
+    if out is not None:
+        into.check(t, out, d, sum(sizes))  # same verdict on every rank: the agreement covered out
+        return out.copy_(small) if small is not None else _all_gather_into(t, g, d, sizes, algorithm, out, table)
+    if small is not None:
+        return small
+    if g.size == 1:
+        return t.clone()
+    shared = shm.all_gather(t, g, d, sizes, algorithm, table) if shm_entry.may_apply(g, algorithm) else None
+    if shared is not None:
+        return shared
+    x = t.detach() if d == 0 else t.detach().movedim(d, 0)
+    x = (x.cpu() if needs_staging(x) else x).contiguous()
+    rest = list(x.shape[1:])
+    inner = math.prod(rest)
+    counts = [s * inner for s in sizes]
+    out = outputs.empty([sum(sizes)] + rest, x.dtype, None if x.is_cpu else x.device)
+    algo = tuning.choose("all_gather", algorithm, out.numel() * out.element_size(), g.size)
+    if algo == "ring":
+        flat = out.view(-1)
+        flat.narrow(0, offsets(counts)[g.rank], counts[g.rank]).copy_(x.reshape(-1))
+        ring.all_gather_(flat, g, counts)
+    else:
+        native.all_gather(g, blocking_buffer(x), blocking_buffer(out), counts)
+    if d:
+        out = out.movedim(0, d).contiguous()
+    return out if out.device == t.device else out.to(t.device)
 
 
 @torch.no_grad()
@@ -176,72 +182,83 @@ def _all_gather_into(t, g, d: int, sizes: list[int], algorithm: str, out: torch.
 
 def reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algorithm: str = "auto", *,
                    validate: bool = True) -> torch.Tensor:
-    """Rank r gets slice r (torch.tensor_split order) along `dim` of the elementwise op over ranks."""
     g = as_group(group)
     slot = begin(g, "reduce_scatter", t.dtype, t.shape, algorithm)
     try:
-        d = norm_dim(dim, t.dim())
-        table = None  # the shared-memory entry exchange, when the agreement made it
-        if g.size > 1 and (validate or d == BAD_DIM) and validation_enabled():
-            small, table = inline_ops.agree_reduce_scatter(t, g, d, op, algorithm)  # one Allgather
-            if small is not None:
-                return small
-        elif validate or d == BAD_DIM:
-            _agree("reduce_scatter", g, t, op=op, algorithm=algorithm, dim=d)
-        if t.dim() == 0:
-            raise MpiparError("reduce_scatter: a 0-d tensor has no dim to scatter along")
-        op = _bool_op(op, t.dtype)
-        if g.size == 1:
-            return t.clone()
-        shared = shm.reduce_scatter(t, g, d, op, algorithm, table) if shm_entry.may_apply(g, algorithm) else None
-        if shared is not None:
-            return shared
-        x = _working(t.movedim(d, 0) if d else t)
-        sizes = flat_chunks(x.shape[0], g.size)
-        inner = math.prod(x.shape[1:])
-        counts = [s * inner for s in sizes]
-        algo = tuning.choose("reduce_scatter", algorithm, x.numel() * x.element_size(), g.size)
-        if algo == "ring":
-            mine = ring.reduce_scatter_into(x.reshape(-1), g, counts, op)
-        else:
-            mine = outputs.empty([counts[g.rank]], x.dtype, None if x.is_cpu else x.device)
-            native.reduce_scatter(g, blocking_buffer(x), blocking_buffer(mine), counts, op)
-        out = mine.view([sizes[g.rank]] + list(x.shape[1:]))
-        if d:
-            out = out.movedim(0, d).contiguous()
-        if out.dtype != t.dtype or out.device != t.device:  # (staged, or reduced in a wider dtype)
-            out = out.to(device=t.device, dtype=t.dtype)
-        return out
+        return _reduce_scatter(t, g, dim, op, algorithm, validate=validate)
     finally:
         done(slot)
+
+
+def _reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algorithm: str = "auto", *,
+                     validate: bool = True) -> torch.Tensor:
+    """Rank r gets slice r (torch.tensor_split order) along `dim` of the elementwise op over ranks."""
+    g = as_group(group)
+    d = norm_dim(dim, t.dim())
+    table = None  # the shared-memory entry exchange, when the agreement made it
+    if g.size > 1 and (validate or d == BAD_DIM) and validation_enabled():
+        small, table = inline_ops.agree_reduce_scatter(t, g, d, op, algorithm)  # one Allgather
+        if small is not None:
+            return small
+    elif validate or d == BAD_DIM:
+        _agree("reduce_scatter", g, t, op=op, algorithm=algorithm, dim=d)
+    if t.dim() == 0:
+        raise MpiparError("reduce_scatter: a 0-d tensor has no dim to scatter along")
+    op = _bool_op(op, t.dtype)
+    if g.size == 1:
+        return t.clone()
+    shared = shm.reduce_scatter(t, g, d, op, algorithm, table) if shm_entry.may_apply(g, algorithm) else None
+    if shared is not None:
+        return shared
+    x = _working(t.movedim(d, 0) if d else t)
+    sizes = flat_chunks(x.shape[0], g.size)
+    inner = math.prod(x.shape[1:])
+    counts = [s * inner for s in sizes]
+    algo = tuning.choose("reduce_scatter", algorithm, x.numel() * x.element_size(), g.size)
+    if algo == "ring":
+        mine = ring.reduce_scatter_into(x.reshape(-1), g, counts, op)
+    else:
+        mine = outputs.empty([counts[g.rank]], x.dtype, None if x.is_cpu else x.device)
+        native.reduce_scatter(g, blocking_buffer(x), blocking_buffer(mine), counts, op)
+    out = mine.view([sizes[g.rank]] + list(x.shape[1:]))
+    if d:
+        out = out.movedim(0, d).contiguous()
+    if out.dtype != t.dtype or out.device != t.device:  # (staged, or reduced in a wider dtype)
+        out = out.to(device=t.device, dtype=t.dtype)
+    return out
 
 
 def broadcast(t: torch.Tensor, group, root: int = 0) -> torch.Tensor:
-    """In place: every rank's `t` becomes root's `t`. Returns `t`."""
     g = as_group(group)
-    slot = begin(g, "broadcast", t.dtype, t.shape, None)
+    slot = begin(g, "broadcast", t.dtype, t.shape)
     try:
-        r = root if isinstance(root, int) and 0 <= root < g.size else BAD_DIM
-        table = None  # the shared-memory entry exchange, when the agreement made it
-        # (a bad root travels in the dim slot, so every rank raises the same error)
-        if g.size > 1 and validation_enabled():
-            small, table = inline_ops.agree_broadcast(t, g, root, r)  # one Allgather; small data too
-            if small:
-                return t
-        else:
-            _agree("broadcast", g, t, dim=r)
-        if g.size == 1:
-            return t
-        if shm.broadcast(t, g, root, table):  # symmetric tensor on one node: zero copy
-            return t
-        if t.is_cpu and t.is_contiguous() and not staging_forced():
-            _bcast(g, blocking_buffer(t), root)  # zero copy, without host_contiguous (3 us of a 16 KiB call)
-            return t
-        with host_contiguous(t, write_back=g.rank != root) as h:
-            _bcast(g, blocking_buffer(h), root)
-        return t
+        return _broadcast(t, g, root)
     finally:
         done(slot)
+
+
+def _broadcast(t: torch.Tensor, group, root: int = 0) -> torch.Tensor:
+    """In place: every rank's `t` becomes root's `t`. Returns `t`."""
+    g = as_group(group)
+    r = root if isinstance(root, int) and 0 <= root < g.size else BAD_DIM
+    table = None  # the shared-memory entry exchange, when the agreement made it
+    # (a bad root travels in the dim slot, so every rank raises the same error)
+    if g.size > 1 and validation_enabled():
+        small, table = inline_ops.agree_broadcast(t, g, root, r)  # one Allgather; small data too
+        if small:
+            return t
+    else:
+        _agree("broadcast", g, t, dim=r)
+    if g.size == 1:
+        return t
+    if shm.broadcast(t, g, root, table):  # symmetric tensor on one node: zero copy
+        return t
+    if t.is_cpu and t.is_contiguous() and not staging_forced():
+        _bcast(g, blocking_buffer(t), root)  # zero copy, without host_contiguous (3 us of a 16 KiB call)
+        return t
+    with host_contiguous(t, write_back=g.rank != root) as h:
+        _bcast(g, blocking_buffer(h), root)
+    return t
 
 
 def _bcast(g, buf, root: int) -> None:
@@ -249,28 +266,39 @@ def _bcast(g, buf, root: int) -> None:
 
 
 def all_to_all(t: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
-    """Split `t` into N chunks along scatter_dim, send chunk j to rank j, concat received along gather_dim."""
     g = as_group(group)
-    slot = begin(g, "all_to_all", t.dtype, t.shape, None)
+    slot = begin(g, "all_to_all", t.dtype, t.shape)
     try:
-        sd, gd = norm_dim(scatter_dim, t.dim()), norm_dim(gather_dim, t.dim())
-        _agree("all_to_all", g, t, dim=sd if gd != BAD_DIM else BAD_DIM, root=gd)
-        if t.shape[sd] % g.size:
-            raise MpiparError(f"all_to_all: size {t.shape[sd]} of scatter_dim {scatter_dim} "
-                              f"is not divisible by the group size {g.size}")
-        if g.size == 1:
-            return t.clone()
-        x = t.detach()
-        x = x.cpu() if needs_staging(x) else x
-        send = x.movedim(sd, 0).contiguous()  # block j (rows j*S/N ..) goes to rank j; no copy when sd == 0
-        recv = outputs.empty(send.shape, send.dtype, send.device)
-        bufs = blocking_buffer(send), blocking_buffer(recv)
-        complete(g, "Alltoall", *bufs)
-        # block i came from rank i: (N, S/N, rest) back in t's dim order, then concatenated along gd
-        blocks = recv.view(g.size, send.shape[0] // g.size, *send.shape[1:]).movedim(1, sd + 1)
-        out_shape = list(t.shape)
-        out_shape[sd] //= g.size
-        out_shape[gd] *= g.size
-        return blocks.movedim(0, gd).reshape(out_shape).to(t.device)  # a view when sd == gd == 0
+        return _all_to_all(t, g, scatter_dim, gather_dim)
     finally:
         done(slot)
+
+
+def _all_to_all(t: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    """Split `t` into N chunks along scatter_dim, send chunk j to rank j, concat received along gather_dim."""
+    g = as_group(group)
+    sd, gd = norm_dim(scatter_dim, t.dim()), norm_dim(gather_dim, t.dim())
+    _agree("all_to_all", g, t, dim=sd if gd != BAD_DIM else BAD_DIM, root=gd)
+    if t.shape[sd] % g.size:
+        raise MpiparError(f"all_to_all: size {t.shape[sd]} of scatter_dim {scatter_dim} "
+                          f"is not divisible by the group size {g.size}")
+    if g.size == 1:
+        return t.clone()
+    x = t.detach()
+    x = x.cpu() if needs_staging(x) else x
+    send = x.movedim(sd, 0).contiguous()  # block j (rows j*S/N ..) goes to rank j; no copy when sd == 0
+    recv = outputs.empty(send.shape, send.dtype, send.device)
+    bufs = blocking_buffer(send), blocking_buffer(recv)
+    complete(g, "Alltoall", *bufs)
+    # block i came from rank i: (N, S/N, rest) back in t's dim order, then concatenated along gd
+    blocks = recv.view(g.size, send.shape[0] // g.size, *send.shape[1:]).movedim(1, sd + 1)
+    out_shape = list(t.shape)
+    out_shape[sd] //= g.size
+    out_shape[gd] *= g.size
+    return blocks.movedim(0, gd).reshape(out_shape).to(t.device)  # a view when sd == gd == 0
+
+
+for _public, _private in ((all_gather, _all_gather), (reduce_scatter, _reduce_scatter), (broadcast, _broadcast),
+                          (all_to_all, _all_to_all)):
+    _public.__doc__ = _private.__doc__  # the wrappers record the call (mpipar.flight); the bodies say what it does
+del _public, _private
