@@ -8,6 +8,7 @@
   backward: the watchdog names the rank and the call, every rank writes its
   flight record, and the verdict (`python -m mpipar.flight DIR`) names the
   sleeping rank and what it did last.
+- kill -9 of one rank mid-loop ends the job.
 All jobs start together (module fixture) to keep the wall time down.
 """
 from __future__ import annotations
@@ -127,6 +128,17 @@ out.sum().backward()
 print(f"UNREACHABLE rank {m.world.rank}", flush=True)
 '''
 
+KILLED = HEAD + r'''
+import os, signal
+
+m = mpipar.Mesh()
+for i in range(1000000):
+    comm.all_reduce(torch.ones(1024), m.world)
+    if i == 100 and m.world.rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9 mid-loop: no hook, no record
+print(f"UNREACHABLE rank {m.world.rank}", flush=True)
+'''
+
 # name -> (ranks, script, MPIPAR_TIMEOUT[, MPIPAR_ABORT_ON_ERROR])
 JOBS = {
     "raise_main": (2, RAISE_MAIN, "0"),
@@ -137,6 +149,7 @@ JOBS = {
     "hang_shm": (2, HANG_SHM, "3"),
     "hang_pipeline": (2, HANG_PIPELINE, "3"),
     "hang_ring": (2, HANG_RING, "3"),
+    "killed": (3, KILLED, "5"),
 }
 
 
@@ -203,6 +216,11 @@ def test_an_exception_on_one_rank_ends_the_job(jobs, name, where):
     assert "mpipar watchdog" not in out, out  # the hook ended it (MPIPAR_TIMEOUT=0)
     records = load(str(jobs[name].flight))
     assert records[1]["reason"] == "exception" and "RuntimeError" in records[1]["message"], records.get(1)
+
+
+def test_kill_9_of_one_rank_mid_loop_ends_the_job(jobs):
+    """The launcher (or, where it does not, the others' watchdogs) ends the job."""
+    ended_non_zero(jobs["killed"])
 
 
 def test_abort_on_error_opt_out_leaves_the_hang_to_the_watchdog(jobs):
