@@ -129,6 +129,7 @@ def analyse(records: dict) -> Verdict:
         if f is not None:
             findings.append(f)
     findings += _p2p(records)
+    findings += _unknown_group(records)
     findings.sort(key=lambda f: (f.since, f.group))
 
     if not findings:
@@ -201,6 +202,39 @@ def _hang(label, members, by_rank, records):
     return Finding("hang", label, s, op, sorted(at), missing, lines + notes, since)
 
 
+def _others(k, records, peers=None):
+    """Lines on what the other ranks were doing, and those in no call."""
+    lines, idle = [], []
+    for p in sorted(records) if peers is None else peers:
+        if p == k:
+            continue
+        if p not in records:
+            idle.append(p)
+            lines.append(f"  rank {p} left no record")
+            continue
+        last = _last_call(records[p])
+        if last is not None and last.get("end") is None:
+            lines.append(f"  rank {p} itself waits: {_describe(last, records[p])}")
+        else:
+            idle.append(p)
+            lines.append(f"  rank {p} is in no mpipar call; its last call: "
+                         f"{_describe(last, records[p]) if last else 'none recorded'}")
+    return lines, idle
+
+
+def _unknown_group(records):
+    """Waits whose group the recorder did not know (a bare wait on MPI requests)."""
+    out = []
+    for k, rec in sorted(records.items()):
+        for call in rec.get("calls") or []:
+            if call.get("kind") != "collective" or call.get("ranks") or call.get("end") is not None:
+                continue
+            lines, idle = _others(k, records, list(range(rec.get("world_size", 0))))
+            head = f"rank {k} waited {call.get('waited', 0.0):.1f} s in {call['op']} #{call['seq']} (group not known)"
+            out.append(Finding("wait", "unknown", call["seq"], call["op"], [k], idle, [head] + lines, call["start"]))
+    return out
+
+
 def _p2p(records):
     out = []
     for k, rec in sorted(records.items()):
@@ -211,19 +245,8 @@ def _p2p(records):
             label = _group_label(call)
             head = (f"rank {k} waited {call.get('waited', 0.0):.1f} s in {call['op']} #{call['seq']} on group {label}"
                     + (f" for rank {peer}" if peer is not None else " (several peers)"))
-            lines, missing = [head], []
             peers = [peer] if peer is not None else [r for r in call.get("ranks", []) if r != k]
-            for p in peers:
-                if p not in records:
-                    missing.append(p)
-                    lines.append(f"  rank {p} left no record")
-                    continue
-                last = _last_call(records[p])
-                if last is not None and last.get("end") is None:
-                    lines.append(f"  rank {p} itself waits: {_describe(last, records[p])}")
-                else:
-                    missing.append(p)
-                    lines.append(f"  rank {p} is in no mpipar call; its last call: "
-                                 f"{_describe(last, records[p]) if last else 'none recorded'}")
+            more, missing = _others(k, records, peers)
+            lines = [head] + more
             out.append(Finding("p2p", label, call["seq"], call["op"], [k], missing, lines, call["start"]))
     return out

@@ -111,6 +111,16 @@ def test_verdict_point_to_point_wait_names_the_peer():
     assert "rank 1 is in no mpipar call; its last call: all_reduce #4 on group dp [1]" in str(v)
 
 
+def test_verdict_on_a_wait_whose_group_is_not_known():
+    records = {0: rec(0, [call(1), call(1, op="wait", group="unknown", ranks=(), waiting=True)], 2),
+               1: rec(1, [call(1)], 2)}
+    v = analyse(records)
+    f = v.findings[0]
+    assert (f.kind, f.op, f.waiting, f.missing) == ("wait", "wait", [0], [1])
+    assert "rank 0 waited 5.2 s in wait #1 (group not known)" in str(v)
+    assert "rank 1 is in no mpipar call; its last call: all_reduce #1" in str(v)
+
+
 def test_verdict_ignores_records_of_another_job(tmp_path):
     records = {r: rec(r, [call(1), call(2, waiting=r != 1)]) for r in range(3)}
     records[1]["job"] = "host:999"
