@@ -36,7 +36,7 @@ from mpipar.flight import recorder  # noqa: E402
 
 TABLE = "flight_overhead"
 UNITS = {"median_us": "us", "best_us": "us"}
-_USERS = ("mpipar.comm.collectives", "mpipar.comm.wait", "mpipar.comm.shm_sync")
+_USERS = ("mpipar.comm.collectives", "mpipar.comm.wait", "mpipar.comm.symmetric.barrier")
 
 
 def _off_begin(*args) -> int:

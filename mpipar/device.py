@@ -6,8 +6,6 @@ import os
 
 import torch
 
-_thread_policy_set = False
-
 
 def node_comm(comm):
     """The ranks of `comm` that share this node (MPI_COMM_TYPE_SHARED)."""
@@ -84,12 +82,10 @@ def set_threads(local_size: int) -> int:
 
     OMP_NUM_THREADS or MPIPAR_THREADS set by the user win.
     """
-    global _thread_policy_set
     user = os.environ.get("MPIPAR_THREADS") or os.environ.get("OMP_NUM_THREADS")
     threads = int(user) if user else max(1, cores_on_node() // max(1, local_size))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    _thread_policy_set = True
     return threads
 
 

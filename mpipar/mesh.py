@@ -6,7 +6,6 @@ parallel layer is handed the Group it works on.
 """
 from __future__ import annotations
 
-import json
 
 import torch
 
@@ -131,9 +130,6 @@ class Mesh:
         c = dict(self.coords)
         c[dim] = 0
         return self.rank_of(**c)
-
-    def to_json(self) -> str:
-        return json.dumps(self.shape)
 
     def __repr__(self) -> str:
         return f"Mesh({self.shape}, coords={self.coords})"

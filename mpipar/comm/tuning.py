@@ -65,7 +65,7 @@ def choose(op: str, algorithm: str, nbytes: int, group_size: int) -> str:
     return "ring" if crossover(op) <= nbytes < ring_ceiling(op) and group_size > 1 else "mpi"
 
 
-# Shared memory (mpipar.comm.shm): "auto" takes it for tensors that every rank holds in a
+# Shared memory (mpipar.comm.symmetric.collectives): "auto" takes it for tensors that every rank holds in a
 # symmetric window (mpipar.comm.symmetric_empty) at or above these sizes; below, the MPI
 # library's own latency-optimised collective is used (the shm path costs two barriers and
 # ~20 us of Python; MPICH's small all-reduce is one round). Measured with 2 ranks on the
@@ -82,7 +82,7 @@ def choose(op: str, algorithm: str, nbytes: int, group_size: int) -> str:
 # 18.3-27.0 / 13.7-22.6 (shared memory ahead at every size above the inline slot).
 # Override: MPIPAR_SHM_CROSSOVER_<OP>=bytes.
 SHM_CROSSOVER_BYTES = {
-    "all_reduce": 4096 + 1,  # mpipar.comm.inline.INLINE_BYTES + 1
+    "all_reduce": 4096 + 1,  # mpipar.comm.agreement.inline.INLINE_BYTES + 1
     "all_gather": 128 * 1024,
     "reduce_scatter": 64 * 1024,
     "broadcast": 4096 + 1,

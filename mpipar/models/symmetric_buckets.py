@@ -3,7 +3,7 @@
 `GradBuckets(..., symmetric=...)` keeps the flat buffers of its larger buckets
 in ONE symmetric tensor (`comm.symmetric_empty`, an MPI-3 shared-memory window
 of the node), allocated once at construction and reused every step. Their
-all-reduce then runs zero-copy through shared memory (mpipar.comm.shm: each
+all-reduce then runs zero-copy through shared memory (mpipar.comm.symmetric.collectives: each
 rank reduces its slice of every peer's buffer in place and pushes it back),
 instead of MPICH's Iallreduce, which copies through its own buffers.
 
@@ -26,7 +26,7 @@ import torch
 
 from ..comm import tuning
 from ..comm.collectives import all_reduce
-from ..comm.symmetric import pool_of, symmetric_empty
+from ..comm.symmetric.pool import pool_of, symmetric_empty
 from ..errors import agree_ints, require
 
 ENV = "MPIPAR_SYMMETRIC_BUCKETS"

@@ -15,7 +15,8 @@ import torch
 from conftest import rank_tensor, requires_cuda
 
 from mpipar import MpiparError, comm
-from mpipar.comm import into, shm_compiled, symmetric
+from mpipar.comm.agreement import into
+from mpipar.comm.symmetric import compiled as shm_compiled, pool as symmetric
 from mpipar.device import node_is_oversubscribed
 from mpipar.mesh import Group
 

@@ -1,4 +1,4 @@
-"""Hierarchical all-reduce (mpipar.comm.hierarchical) on faked node boundaries.
+"""Hierarchical all-reduce (mpipar.comm.symmetric.hierarchical) on faked node boundaries.
 
 MPIPAR_FAKE_RANKS_PER_NODE=k makes groups of k consecutive ranks act as nodes,
 so the inter-node path (shared-memory reduce-scatter inside each "node", MPI
@@ -13,7 +13,7 @@ import torch
 from conftest import np_reduce, rank_tensor, same_on_all_ranks
 
 from mpipar import MpiparError, comm
-from mpipar.comm import symmetric
+from mpipar.comm.symmetric import pool as symmetric
 from mpipar.mesh import Group
 
 pytestmark = pytest.mark.mpi

@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .buffers import flat_chunks, memo, offsets
-from .tuning import env
+from ..buffers import flat_chunks, memo, offsets
+from ..tuning import env
 
 _UFUNC = {"sum": np.add, "max": np.maximum, "min": np.minimum}
 _NP = {

@@ -3,9 +3,9 @@
 `reduce_from_region`'s forward all-reduces a copy of its input and
 `copy_to_region`'s backward a copy of the incoming gradient. With symmetric
 activations that copy is made into a symmetric tensor (a pooled window of the
-node, mpipar.comm.symmetric; the window goes back to the pool when the
+node, mpipar.comm.symmetric.pool; the window goes back to the pool when the
 activation is dropped), so the all-reduce runs zero-copy through shared memory
-(mpipar.comm.shm) instead of through MPI's internal buffers: the same one copy,
+(mpipar.comm.symmetric.collectives) instead of through MPI's internal buffers: the same one copy,
 a faster reduction.
 
 When: MPIPAR_SYMMETRIC_ACTIVATIONS=1|0 forces it on|off; unset (auto) it is on
@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import require
-from . import tuning
-from .symmetric import pool_of, symmetric_empty
+from ...errors import require
+from .. import tuning
+from .pool import pool_of, symmetric_empty
 
 ENV = "MPIPAR_SYMMETRIC_ACTIVATIONS"
 AUTO_BYTES = 1 << 20

@@ -22,9 +22,9 @@ import os
 
 import torch
 
-from . import outputs
-from .buffers import mpi_buffer, offsets
-from .wait import wait_all
+from .. import outputs
+from ..buffers import mpi_buffer, offsets
+from ..wait import wait_all
 
 RING_TAG = 1 << 14
 PIECE_BYTES = 1 << 20

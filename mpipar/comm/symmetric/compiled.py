@@ -36,10 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .shm_kernels import cached_plan, owned
-from .tuning import env
+from .kernels import cached_plan, owned
+from ..tuning import env
 
-SOURCE = Path(__file__).with_name("shm_compiled.c")
+SOURCE = Path(__file__).with_name("compiled.c")
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fwrapv", "-ffp-contract=off", "-fno-fast-math")
 TYPES = {torch.float32: "float32", torch.float64: "float64", torch.int32: "int32", torch.int64: "int64"}
 _loaded: dict = {}  # this process's build: {"lib": CDLL or None} once tried (a compiled file, not comm state)
@@ -138,7 +138,7 @@ def bind(fn, own: np.ndarray, peers: list[np.ndarray]):
 
 def sum_push_plan(pool, window, offset: int, numel: int, dtype, op: str):
     """The bound sum_push over this rank's slice of the symmetric tensor at (window, offset),
-    cached on the window (mpipar.comm.shm_kernels.cached_plan); None where it does not apply."""
+    cached on the window (mpipar.comm.symmetric.kernels.cached_plan); None where it does not apply."""
     fn = kernel(dtype, op) if pool.local_size > 1 else None
     if fn is None:
         return None

@@ -19,8 +19,9 @@ import time
 
 import numpy as np
 
-from ..flight.recorder import Channel, begin, done
-from .wait import wait_all
+from ...flight.recorder import Channel, begin, done
+from ..wait import wait_all
+from .window import Window
 
 SLOT = 256                 # bytes per rank: its own cache lines
 _SPIN = 64                 # checks before yielding (only when cores are not oversubscribed)
@@ -32,8 +33,6 @@ class ShmBarrier:
     """Barrier + small allgather over the ranks of a node communicator (collective creation)."""
 
     def __init__(self, node, polite: bool):
-        from .symmetric import Window
-
         self.window = Window(node, SLOT, -2)
         self.n, self.me = node.Get_size(), node.Get_rank()
         self.slots = [s.view(np.int64) for s in self.window.segments]
