@@ -138,6 +138,17 @@ def done(i: int) -> None:
         _current = -1
 
 
+def recorded(ch, name, fn, *args, **kwargs):
+    """fn(*args, **kwargs) recorded as collective `name` on channel `ch` (a Group, or
+    `channel_of(comm)`): for the blocking mpi4py calls off the hot path (object
+    allgather, bcast, gather, Barrier), so that the watchdog sees their waits too."""
+    slot = begin(ch, name)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        done(slot)
+
+
 def in_flight():
     """(slot, calls recorded, start) of the call in flight, or None. Safe from another thread:
     the caller re-checks `still(slot, count)` after using the values."""
