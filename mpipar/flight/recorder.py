@@ -3,10 +3,10 @@
 Each slot is a position in preallocated per-field lists (op, channel, sequence
 number, dtype, shape, algorithm, peer, start, end), so recording a call stores
 a few references and reads the clock once at the start and once at the end;
-the memory never grows (Python still makes the clock's float). A channel is what the calls go over: an mpipar Group or
-a `Channel` made for a private communicator; it carries the world ranks of its
-members and its own sequence counters, so the ranks' records of one group line
-up by sequence number (mpipar.flight.verdict).
+the memory never grows. A channel is what the calls go over: an mpipar Group
+or a `Channel` made for a private communicator; it carries the world ranks of
+its members and its own sequence counters, so the ranks' records of one group
+line up by sequence number (mpipar.flight.verdict).
 
 Calls nest (an all_reduce waits in an Allgather, then in a shared-memory
 barrier): only the outermost is recorded, so every rank numbers the same calls.
@@ -20,6 +20,7 @@ The watchdog (mpipar.flight.watchdog) reads `in_flight()` from its own thread.
 from __future__ import annotations
 
 import time
+import weakref
 
 CAPACITY = 256
 _MASK = CAPACITY - 1
@@ -43,7 +44,7 @@ _current = -1   # slot of the call in flight, -1 when none
 class Channel:
     """A communicator's identity in the record: a name, its members' world ranks, counters."""
 
-    __slots__ = ("comm", "name", "world_ranks", "flight_seq", "flight_p2p")
+    __slots__ = ("comm", "name", "world_ranks", "flight_seq", "flight_p2p", "__weakref__")
 
     def __init__(self, comm, name: str):
         self.comm = comm
@@ -54,13 +55,11 @@ class Channel:
 
 
 UNKNOWN = Channel(None, "unknown")  # waits on requests whose communicator the waiter does not know
-_channels: dict = {}  # id(comm) -> its Group or Channel (checked with `is`: ids are reused)
+_channels = weakref.WeakValueDictionary()  # id(comm) -> its Group or Channel (checked with `is`)
 
 
 def register(comm, ch) -> None:
     """Make `ch` (an mpipar Group) the channel that `channel_of(comm)` returns."""
-    if len(_channels) > 4096:
-        _channels.clear()
     _channels[id(comm)] = ch
 
 
@@ -70,7 +69,13 @@ def channel_of(comm, name: str = "comm"):
     if ch is None or ch.comm is not comm:
         ch = Channel(comm, name)
         register(comm, ch)
+        if len(_made) > 1024:
+            _made.clear()
+        _made[id(comm)] = ch  # kept: its sequence numbers must go on
     return ch
+
+
+_made: dict = {}
 
 
 def world_ranks(comm) -> tuple:
