@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What the flight recorder and the watchdog cost a small and a shared-memory all-reduce.
 
-    mpiexec -n 2 python experiments/flight_overhead.py [--rounds 15] [--iters 2000] [--out F.h5]
+    mpiexec -n 2 python experiments/flight_overhead.py [--quick] [--rounds 15] [--iters 2000] [--out F.h5]
 
 Two tight loops, each timed in --rounds interleaved rounds of --iters calls with the
 recorder on (as always: every call writes its slot in the ring, the watchdog thread
@@ -93,8 +93,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--iters", type=int, default=2000)
+    p.add_argument("--quick", action="store_true", help="2 rounds of 100 calls (a smoke test)")
     p.add_argument("--out", default=None, help="HDF5 file (default results/flight_overhead/<UTC stamp>.h5)")
     cfg = p.parse_args(argv)
+    if cfg.quick:
+        cfg.rounds, cfg.iters = 2, 100
     from mpi4py import MPI
 
     mesh = mpipar.Mesh()
