@@ -35,6 +35,16 @@ def _start_ticks(pid: int) -> str | None:
         return None
 
 
+def _launcher_job() -> str | None:
+    """The scheduler's id of this job step, when it gives one (the same on every rank)."""
+    if os.environ.get("SLURM_JOB_ID"):
+        return f"slurm:{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '')}"
+    for var in ("PBS_JOBID", "PMIX_NAMESPACE", "OMPI_MCA_orte_ess_jobid"):
+        if os.environ.get(var):
+            return f"{var}:{os.environ[var]}"
+    return None
+
+
 def install(comm) -> None:
     """Collective over `comm` the first time (every rank of it builds the Mesh); later a no-op."""
     global _installed, _peers, _watchdog
@@ -47,7 +57,7 @@ def install(comm) -> None:
     identity.rank, identity.size = world.Get_rank(), world.Get_size()
     me = (socket.gethostname(), os.getpid(), _start_ticks(os.getpid()))
     _peers = comm.allgather(me)
-    identity.job = "%s:%d" % _peers[0][:2]
+    identity.job = _launcher_job() or "%s:%d" % _peers[0][:2]
     _installed = True
     try:
         os.remove(path_of(identity.rank))  # a record of an earlier job
