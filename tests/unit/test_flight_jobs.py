@@ -168,7 +168,7 @@ class Job:
         n, script, *settings = JOBS[name]
         path = tmp / f"{name}.py"
         path.write_text(script)
-        self.flight = tmp / f"{name}-flight"
+        self.name, self.flight = name, tmp / f"{name}-flight"
         self.n, self.start = n, time.monotonic()
         self.proc = subprocess.Popen([str(MPIEXEC), "-n", str(n), sys.executable, str(path)], cwd=tmp,
                                      env=job_env(self.flight, *settings), stdout=subprocess.PIPE,
@@ -203,6 +203,7 @@ def jobs(tmp_path_factory):
 
 def ended_non_zero(job):
     rc, out, secs = job.result()
+    print(f"{job.name}: exit {rc} after {secs:.1f} s (all jobs started together)")
     assert rc is not None, f"job hung (killed after {LIMIT} s):\n{out[-3000:]}"
     assert rc != 0, out
     assert "UNREACHABLE" not in out, out
