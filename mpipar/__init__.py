@@ -1,7 +1,7 @@
 """mpipar: tensor, pipeline and sequence parallelism for PyTorch over MPI.
 
 Public names: Mesh, Group, MpiparError and the subpackages comm, tensor,
-pipeline, sequence, models, trace (imported lazily: `mpipar.tensor` etc.).
+pipeline, sequence, models, trace, analysis, flight (imported lazily: `mpipar.tensor` etc.).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .errors import MpiparError
 from .mesh import Group, Mesh
 
 __version__ = "0.1.0"
-_SUBPACKAGES = ("comm", "tensor", "pipeline", "sequence", "models", "trace", "analysis")
+_SUBPACKAGES = ("comm", "tensor", "pipeline", "sequence", "models", "trace", "analysis", "flight")
 
 __all__ = ["Mesh", "Group", "MpiparError", "__version__", *_SUBPACKAGES]
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import comm
 from ..errors import agree, agree_ints, require
+from ..flight.recorder import recorded
 from ..mesh import Group
 from ..pipeline.partition import balanced_edges
 from ..sequence.layout import local_positions
@@ -253,7 +254,7 @@ class ParallelGPT(GPT):
                 local[s.name] = assemble(pieces, s.dim, s.stride).clone()
                 offset += n
         merged = {}
-        for part in self.mesh.pp.comm.allgather(local):
+        for part in recorded(self.mesh.pp, "full_state_dict", self.mesh.pp.comm.allgather, local):
             merged.update(part)
         device = next(self.parameters()).device
         return {k: merged[k].to(device) for k in param_names(self.cfg)}

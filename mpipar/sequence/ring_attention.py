@@ -21,6 +21,7 @@ import time
 import torch
 
 from ..comm.wait import wait_all
+from ..flight.recorder import begin_p2p, done
 from ..mesh import as_group
 from . import kernels
 from .tiles import step_plan
@@ -41,6 +42,7 @@ class _Ring:
 
     def __init__(self, g):
         self.comm = g.p2p if g.size > 1 else None
+        self.group = g
         self.next, self.prev = (g.rank + 1) % g.size, (g.rank - 1) % g.size
 
     @staticmethod
@@ -64,10 +66,14 @@ class _Ring:
         return (self.comm.Irecv(mpi_buffer(buf), source=self.prev, tag=tag), buf, t if buf is not t else None)
 
 
-def finish(handles) -> None:
+def finish(handles, ring=None) -> None:
     """Wait for ring handles (None entries ignored); copy staged receives to their device."""
     handles = [h for h in handles if h is not None]
-    wait_all([h[0] for h in handles])
+    slot = begin_p2p(ring.group, "ring attention", ring.prev) if ring is not None else -1
+    try:
+        wait_all([h[0] for h in handles])
+    finally:
+        done(slot)
     for _, buf, target in handles:
         if target is not None:
             target.copy_(buf)
@@ -136,7 +142,7 @@ def _ring_forward(q, k, v, g, causal, layout, scale, profile):
                                                  kv[1][:, :, _cols(blk, c)], blk.causal, scale)
             acc = _fold(acc, out_b, lse_b, blk, c, length)
         t2 = time.perf_counter()
-        finish(reqs)
+        finish(reqs, ring)
         timer.record(s, t2 - t1, (t1 - t0) + (time.perf_counter() - t2))
         kv = nxt
     return acc[0].to(q.dtype), acc[1]
@@ -181,19 +187,19 @@ def _ring_backward(dout, q, k, v, out, lse, g, causal, layout, scale, profile):
         t1 = time.perf_counter()
         mine = _block_grads(dout, q, kv, out, lse, step_plan(rank, s, n, layout, causal), c, scale, dq_acc)
         t2 = time.perf_counter()
-        finish([inc_req])
+        finish([inc_req], ring)
         travel = mine if inc is None else (inc if mine is None else inc.add_(mine))
         if travel is None:
             travel = torch.zeros(dkv_shape, dtype=dt, device=q.device)
         if n > 1:
             pending_sends.append(ring.send(travel, TAG_BWD_DKV))  # the handle keeps the buffer alive
-        finish(reqs)
+        finish(reqs, ring)
         timer.record(s, t2 - t1, (t1 - t0) + (time.perf_counter() - t2))
         kv = nxt
     if n > 1:
         t0 = time.perf_counter()
         travel = torch.empty(dkv_shape, dtype=dt, device=q.device)
-        finish([ring.recv(travel, TAG_BWD_DKV)] + pending_sends)
+        finish([ring.recv(travel, TAG_BWD_DKV)] + pending_sends, ring)
         timer.record(n, 0.0, time.perf_counter() - t0)
     return dq_acc.to(q.dtype), travel[0].to(k.dtype), travel[1].to(v.dtype)
 
