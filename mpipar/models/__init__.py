@@ -7,7 +7,9 @@ from .serial import MLP, SelfAttention
 from .gpt import GPT, GPTConfig, SerialGPT
 from .train import clip_grad_norm, global_grad_norm, train_step
 from .checkpoint import load, save
+from .checkpoint import latest, load_full, save_step
 from .data import CharCorpus
 
 __all__ = ["MLP", "SelfAttention", "GPT", "GPTConfig", "SerialGPT", "train_step", "clip_grad_norm",
-           "global_grad_norm", "save", "load", "CharCorpus"]
+           "global_grad_norm", "save", "load", "CharCorpus",
+           "save_step", "latest", "load_full"]
