@@ -40,7 +40,7 @@ from mpipar.comm.wait import wait_all  # noqa: E402
 from mpipar.errors import install_abort_on_exception  # noqa: E402
 from _common import init_gloo, prefix_groups, print_table, setup_threads  # noqa: E402
 from mpipar.mesh import Group, as_group  # noqa: E402
-from mpipar.models.serial import merge_heads, split_heads  # noqa: E402
+from mpipar.layers.heads import merge_heads, split_heads  # noqa: E402
 from mpipar.tensor import ParallelMLP, ParallelSelfAttention  # noqa: E402
 from mpipar.trace import ActivationMeter, ResultsWriter, Tracer, provenance, read_results  # noqa: E402
 

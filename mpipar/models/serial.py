@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .rotary import RotaryCache, apply_rotary
+from ..layers.heads import merge_heads, repeat_kv, split_heads  # noqa: F401  (re-exported)
+from ..layers.rotary import RotaryCache, apply_rotary
 
 
 def _seeded(module: nn.Module, seed: int | None) -> None:
@@ -39,16 +40,6 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
-
-
-def split_heads(t: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """[..., seq, heads*head_dim] -> [..., heads, seq, head_dim] (SDPA's layout)."""
-    return t.unflatten(-1, (num_heads, t.shape[-1] // num_heads)).transpose(-3, -2)
-
-
-def merge_heads(t: torch.Tensor) -> torch.Tensor:
-    """[..., heads, seq, head_dim] -> [..., seq, heads*head_dim]."""
-    return t.transpose(-3, -2).flatten(-2)
 
 
 class SelfAttention(nn.Module):
@@ -103,11 +94,6 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down(F.silu(self.gate(x)) * self.up(x))
-
-
-def repeat_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
-    """[..., kv_heads, seq, d] -> [..., kv_heads*groups, seq, d]: K/V head j serves q heads j*groups.."""
-    return t if groups == 1 else t.repeat_interleave(groups, dim=-3)
 
 
 class GQAttention(nn.Module):

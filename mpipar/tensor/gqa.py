@@ -23,8 +23,8 @@ from torch import nn
 
 from .. import comm
 from ..errors import require
-from ..models.rotary import RotaryCache, apply_rotary
-from ..models.serial import merge_heads, repeat_kv, split_heads
+from ..layers.heads import merge_heads, repeat_kv, split_heads
+from ..layers.rotary import RotaryCache, apply_rotary
 from ..sequence.layout import local_positions
 from . import checks
 from .attention import ParallelSelfAttention
