@@ -37,7 +37,8 @@ FORMAT = "mpipar-gpt-checkpoint"
 VERSION = 1
 MANIFEST = "manifest.json"
 META = "meta.pt"
-CONFIG_KEYS = ("vocab_size", "seq_len", "hidden", "num_heads", "num_layers", "ffn_hidden", "tied")
+CONFIG_KEYS = ("vocab_size", "seq_len", "hidden", "num_heads", "num_layers", "ffn_hidden", "tied", "arch",
+               "num_kv_heads")
 
 
 class _Ctx:
@@ -224,6 +225,7 @@ def _read_manifest(path: str, cfg):
     if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         return None, f"checkpoint {path}: not an {FORMAT} v{VERSION} manifest"
     saved, mine = manifest["config"], cfg.to_dict()
+    saved = {"arch": "gpt2", "num_kv_heads": saved.get("num_heads"), **saved}  # manifests before arch
     diff = [k for k in CONFIG_KEYS if saved.get(k) != mine[k]]
     if diff:
         return None, (f"checkpoint {path}: model shape differs: " +

@@ -133,3 +133,23 @@ def test_load_full_state_dict_on_a_layout():
         bad = serial.full_state_dict()  # only some ranks hold a bad state: every rank still raises
     with pytest.raises(MpiparError, match="missing"):
         model.load_full_state_dict(bad if n > 1 else {})
+
+
+@pytest.mark.mpi
+def test_checkpoint_across_layouts(tmp_path_factory):
+    """Saved with K/V heads replicated over tp (or sharded), loaded on pp x dp and by the serial model."""
+    n = WORLD.Get_size()
+    cfg = config(kv={2: 1}.get(n, 2))  # tp = 2: one K/V head on both ranks; tp = 4: 2 heads, each on 2 ranks
+    path = WORLD.bcast(str(tmp_path_factory.mktemp("llama_ckpt")) if WORLD.Get_rank() == 0 else None)
+    model = models.GPT(cfg, mpipar.Mesh(**({"pp": 3} if n == 3 else {"tp": n})), dtype=F64)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    models.train_step(model, batches(cfg)[0], opt, model.mesh)
+    models.save(model, opt, path)
+    saved = model.full_state_dict()
+    other = models.GPT(cfg, mpipar.Mesh(pp=2 if n % 2 == 0 else 1, dp=n // 2 if n % 2 == 0 else n), dtype=F64)
+    models.load(other, torch.optim.AdamW(other.parameters(), lr=1e-2), path)
+    state = other.full_state_dict()
+    assert all(torch.equal(state[k], v) for k, v in saved.items())
+    serial = models.GPT(cfg, dtype=F64)
+    models.load(serial, None, path)
+    assert all(torch.equal(serial.state_dict()[k], v) for k, v in saved.items())
