@@ -153,3 +153,17 @@ def test_checkpoint_across_layouts(tmp_path_factory):
     serial = models.GPT(cfg, dtype=F64)
     models.load(serial, None, path)
     assert all(torch.equal(serial.state_dict()[k], v) for k, v in saved.items())
+
+
+@pytest.mark.mpi
+def test_bf16_autocast_close_to_serial():
+    n = WORLD.Get_size()
+    if n not in (2, 4):
+        pytest.skip("tp = 2 with dp filling 2 or 4 ranks")
+    cfg = config()
+    ref, _ = serial_run(cfg, 2, bf16=True)
+    mesh = mpipar.Mesh(tp=2, dp=n // 2)
+    model = models.GPT(cfg, mesh, dtype=F64, sp_mode="ring")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    losses = [models.train_step(model, b, opt, mesh, num_microbatches=2, bf16=True) for b in batches(cfg)]
+    assert all(abs(a - b) < 3e-2 for a, b in zip(losses, ref)), (losses, ref)
