@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """The peer of `train_gpt.py --model PRESET`: transformers' LlamaForCausalLM under torch DDP (gloo).
 
-    mpiexec -n 4 python experiments/train_gpt.py --model llama-tiny --data tokens.bin --layouts all --out results/llama.h5
+    mpiexec -n 4 python experiments/train_gpt.py --model llama-tiny --data tokens.bin --layouts all \
+        --out results/llama.h5
     mpiexec -n 4 python experiments/llama_peer.py --model llama-tiny --data tokens.bin --out results/llama.h5
 
-Same model (mpipar's initial weights, converted with models.to_hf), data,
+Same model (mpipar's initial weights, converted with models.to_hf), data
+(--data, or train_gpt.py's default built-in corpus),
 global batch, microbatches (gradient accumulation with no_sync) and AdamW as
 train_gpt.py at dp = world size. Writes /results/llama_peer (one row: median
 step time and tokens/s after the warm-up steps, losses) into --out and prints it.
@@ -29,7 +31,7 @@ def main() -> None:
     install_abort_on_exception()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llama-tiny")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", default="", help="token file (default: the built-in character corpus)")
     p.add_argument("--data-dtype", default="uint16")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=2)
@@ -40,7 +42,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / ranks)")
     p.add_argument("--out", default="results/llama_peer.h5")
+    p.add_argument("--quick", action="store_true", help="2 steps of batch 8, seq 32 (smoke test)")
     a = p.parse_args()
+    if a.quick:
+        a.steps, a.warmup, a.batch, a.seq, a.microbatches = 2, 0, 8, 32, 2
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
     import transformers
@@ -53,8 +58,12 @@ def main() -> None:
     mesh = Mesh(dp=n)
     threads = setup_threads(world, a.threads)
     init_gloo(mesh.dp)
-    data = models.TokenFile(a.data, a.data_dtype)
-    vocab = -(-(data.max_id() + 1) // 64) * 64
+    if a.data:
+        data = models.TokenFile(a.data, a.data_dtype)
+        vocab = -(-(data.max_id() + 1) // 64) * 64
+    else:
+        data = models.CharCorpus(num_chars=200_000, seed=a.seed)
+        vocab = data.vocab_size
     cfg = models.preset(a.model, vocab_size=vocab, seq_len=a.seq, seed=a.seed)
     hf = transformers.LlamaForCausalLM(models.to_hf_config(cfg))
     hf.load_state_dict(models.to_hf(cfg, models.GPT(cfg).full_state_dict()), strict=False)
@@ -62,7 +71,8 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1)
     times, losses = [], []
     for step in range(a.steps):
-        tokens, targets = data.batch(step, a.batch, a.seq, seed=a.seed)
+        tokens, targets = (data.batch(step, a.batch, a.seq, seed=a.seed) if a.data
+                           else data.batch(step, a.batch, a.seq))
         x, y = tokens.tensor_split(n)[rank], targets.tensor_split(n)[rank]
         world.Barrier()
         t0 = time.perf_counter()

@@ -151,7 +151,8 @@ def run_layout(cfg: Config, layout: tuple, corpus, tracer_rows: list, world) -> 
         act = mesh.world.comm.allreduce(mem["activation_peak_bytes"], op=MPI.MAX)
         times.append(dt)
         losses.append(loss)
-        row = {"layout": name, "dp": dp, "pp": pp, "sp": sp, "tp": tp, "schedule": schedule, "step": step,
+        row = {"layout": name, "arch": gcfg.arch, "dp": dp, "pp": pp, "sp": sp, "tp": tp, "schedule": schedule,
+               "step": step,
                "loss": loss, "step_s": dt, "tokens": cfg.batch * cfg.seq, "tokens_per_s": cfg.batch * cfg.seq / dt,
                "max_rss_bytes": rss, "max_activation_peak_bytes": act}
         tracer_rows.append(row)
@@ -162,7 +163,7 @@ def run_layout(cfg: Config, layout: tuple, corpus, tracer_rows: list, world) -> 
         models.save(model, opt, cfg.save, extra={"step": start + cfg.steps})
     tracer.save(cfg.out, attrs={"experiment": "train_gpt", "config": dataclasses.asdict(cfg)})
     timed = times[cfg.warmup:] or times
-    return {"layout": name, "dp": dp, "pp": pp, "sp": sp, "tp": tp, "schedule": schedule,
+    return {"layout": name, "arch": gcfg.arch, "dp": dp, "pp": pp, "sp": sp, "tp": tp, "schedule": schedule,
             "params": gcfg.num_params(), "first_loss": losses[0], "last_loss": losses[-1],
             "tokens_per_s": cfg.batch * cfg.seq / statistics.median(timed),
             "step_s": statistics.median(timed), "max_rss_bytes": max(r["max_rss_bytes"] for r in tracer_rows

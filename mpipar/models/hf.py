@@ -113,8 +113,8 @@ def to_hf(cfg: GPTConfig, state: dict) -> dict:
     for name, t in state.items():
         if name.startswith("blocks."):
             index, _, leaf = name[len("blocks."):].partition(".")
-            out[f"{layers}{index}.{inverse_layer[leaf]}"] = t.t().contiguous() if cfg.arch == "gpt2" and leaf in CONV1D \
-                else t
+            conv1d = cfg.arch == "gpt2" and leaf in CONV1D
+            out[f"{layers}{index}.{inverse_layer[leaf]}"] = t.t().contiguous() if conv1d else t
         else:
             out[inverse_top[name]] = t
     if cfg.tied:

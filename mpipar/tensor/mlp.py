@@ -21,7 +21,9 @@ from .linear import ColumnParallelLinear, RowParallelLinear
 
 
 class ParallelMLP(nn.Module):
-    """fc1: ColumnParallelLinear(hidden, ffn), GELU (exact, or `approximate="tanh"`), fc2: RowParallelLinear(ffn, hidden).
+    """fc1: ColumnParallelLinear(hidden, ffn), GELU, fc2: RowParallelLinear(ffn, hidden).
+
+    GELU is exact, or the tanh approximation with `approximate="tanh"` (GPT-2's).
 
     Input and output: [..., seq, hidden], replicated on the group; with
     sequence_parallel=True, this rank's block of the sequence (dim -2).
