@@ -5,6 +5,8 @@
     mpiexec -n 4 python experiments/train_gpt.py --layouts all --steps 12   # the 8 layouts of 4 ranks
     mpiexec -n 4 python experiments/train_gpt.py --tp 2 --pp 2 --steps 20 --save ckpt/
     mpiexec -n 4 python experiments/train_gpt.py --tp 1 --pp 4 --steps 40 --resume ckpt/  # any layout
+    mpiexec -n 4 python experiments/train_gpt.py --model llama-tiny --data tokens.bin --tp 2 --sp 2
+    mpiexec -n 4 python experiments/train_gpt.py --init-from hf_folder/ --data tokens.bin --seq 256
 
 Preemptible: SIGTERM or SIGUSR1 finishes the step in hand, saves into --save
 (ckpt/step-NNNNNN/, atomic; --save-every K also every K steps, --keep N newest
@@ -41,6 +43,7 @@ import mpipar  # noqa: E402
 from mpipar import models  # noqa: E402
 from mpipar.errors import install_abort_on_exception, require  # noqa: E402
 from mpipar.trace import Tracer, write_table  # noqa: E402
+from _model_source import Source  # noqa: E402
 
 LAYOUTS_4 = [(1, 1, 1, 4), (1, 4, 1, 1), (1, 1, 4, 1), (4, 1, 1, 1),
              (1, 2, 1, 2), (2, 1, 1, 2), (1, 2, 2, 1), (2, 2, 1, 1)]  # (dp, pp, sp, tp)
@@ -80,6 +83,11 @@ class Config:
     save_every: int = 0
     keep: int = 2
     out: str = "results/train_gpt.h5"
+    arch: str = "gpt2"     # gpt2 | llama (with the --hidden/--heads/--layers flags)
+    model: str = ""        # a preset (models.PRESETS: llama-tiny, llama-160m, gpt2-small, ...) or a JSON file
+    data: str = ""         # a token file (experiments/tokenize_text.py); default: the built-in corpus
+    data_dtype: str = "uint16"
+    init_from: str = ""    # a local Hugging Face save_pretrained folder (Llama or GPT-2)
 
 
 def parse_args() -> Config:
@@ -122,12 +130,12 @@ def run_layout(cfg: Config, layout: tuple, corpus, world) -> dict:
     """Train one layout for cfg.steps steps; returns its summary row (same on every rank)."""
     dp, pp, sp, tp = layout
     mesh = mpipar.Mesh(tp=tp, pp=pp, sp=sp, dp=dp)
-    gcfg = models.GPTConfig(corpus.vocab_size, cfg.seq, cfg.hidden, cfg.heads, cfg.layers,
-                            tied=cfg.tied, seed=cfg.seed)
+    gcfg = corpus.config
     schedule = cfg.schedule if pp > 1 else "-"
     chunks = cfg.chunks if pp > 1 else 1
     model = models.GPT(gcfg, mesh, chunks, sp_mode=cfg.sp_mode, dtype=getattr(torch, cfg.dtype),
                        activation_checkpointing=cfg.checkpointing)
+    corpus.load_into(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     tracer = Tracer(mesh)
     name = f"dp{dp}-pp{pp}-sp{sp}-tp{tp}"
@@ -151,7 +159,8 @@ def run_layout(cfg: Config, layout: tuple, corpus, world) -> dict:
         mem = tracer.sample_memory(f"step {step}", step=step, layout=name)
         rss = mesh.world.comm.allreduce(mem["rss_bytes"], op=MPI.MAX)
         act = mesh.world.comm.allreduce(mem["activation_peak_bytes"], op=MPI.MAX)
-        row = {"layout": name, "dp": dp, "pp": pp, "sp": sp, "tp": tp, "schedule": schedule, "step": step,
+        row = {"layout": name, "arch": gcfg.arch, "dp": dp, "pp": pp, "sp": sp, "tp": tp, "schedule": schedule,
+               "step": step,
                "loss": loss, "step_s": dt, "tokens": cfg.batch * cfg.seq, "tokens_per_s": cfg.batch * cfg.seq / dt,
                "max_rss_bytes": rss, "max_activation_peak_bytes": act}
         run.record(row)
@@ -164,7 +173,7 @@ def run_layout(cfg: Config, layout: tuple, corpus, world) -> dict:
     tracer.save(cfg.out, attrs={"experiment": "train_gpt", "config": dataclasses.asdict(cfg)})
     run.stop(signum)
     stats = run.summary(cfg.warmup) or dict.fromkeys(("first_loss", "last_loss", "step_s", "max_rss_bytes"), 0.0)
-    return {"layout": name, "dp": dp, "pp": pp, "sp": sp, "tp": tp, "schedule": schedule,
+    return {"layout": name, "arch": gcfg.arch, "dp": dp, "pp": pp, "sp": sp, "tp": tp, "schedule": schedule,
             "params": gcfg.num_params(), **stats, "tokens_per_s": cfg.batch * cfg.seq / (stats["step_s"] or float("inf"))}
 
 
@@ -173,7 +182,7 @@ def main() -> None:
     cfg = parse_args()
     world = MPI.COMM_WORLD
     require(cfg.steps >= 1, "--steps must be at least 1")
-    corpus = models.CharCorpus(num_chars=200_000, seed=cfg.seed)
+    corpus = Source(cfg)
     summary = []
     if not cfg.resume:
         reset_table(cfg.out, world)

@@ -64,7 +64,8 @@ LEGACY_META = "meta.pt"
 STEP = re.compile(r"^step-(\d+)$")
 LEFTOVER = re.compile(r"^\.(step-\d+)\.(tmp|old)-(.+)-(\d+)$")
 PAUSE_ENV = "MPIPAR_CHECKPOINT_PAUSE_S"  # test hook: rank 0 sleeps this long with the shards written
-CONFIG_KEYS = ("vocab_size", "seq_len", "hidden", "num_heads", "num_layers", "ffn_hidden", "tied")
+CONFIG_KEYS = ("vocab_size", "seq_len", "hidden", "num_heads", "num_layers", "ffn_hidden", "tied", "arch",
+               "num_kv_heads")
 
 
 class _Ctx:
@@ -456,6 +457,7 @@ def _read_manifest(path: str, cfg):
         return None, f"checkpoint {path}: not an {FORMAT} manifest of version {VERSIONS}"
     saved, mine = manifest.get("config"), cfg.to_dict()
     saved = saved if isinstance(saved, dict) else {}
+    saved = {"arch": "gpt2", "num_kv_heads": saved.get("num_heads"), **saved}  # manifests before arch
     diff = [k for k in CONFIG_KEYS if saved.get(k) != mine[k]]
     if diff:
         return None, (f"checkpoint {path}: model shape differs: " +
