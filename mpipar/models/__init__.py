@@ -8,6 +8,8 @@ from .gpt import GPT, GPTConfig, SerialGPT
 from .train import clip_grad_norm, global_grad_norm, train_step
 from .checkpoint import load, save
 from .data import CharCorpus
+from .zero import optimizer
 
 __all__ = ["MLP", "SelfAttention", "GPT", "GPTConfig", "SerialGPT", "train_step", "clip_grad_norm",
-           "global_grad_norm", "save", "load", "CharCorpus"]
+           "global_grad_norm", "save", "load", "CharCorpus",
+           "optimizer"]
