@@ -7,7 +7,8 @@
     mpiexec -n 4 python experiments/train_gpt.py --tp 1 --pp 4 --steps 40 --resume ckpt/  # any layout
 
 AdamW with gradient clipping by the global norm (--max-grad-norm), optional
-bf16 autocast (--bf16) and activation checkpointing (--checkpointing). The
+bf16 autocast (--bf16), activation checkpointing (--checkpointing) and ZeRO
+sharding over dp (--zero 1|2|3). The
 default model has about 1M parameters (hidden 144, 4 layers, 4 heads, sequence
 64, the corpus' 64-character vocabulary). Per step: loss, step time, tokens/s
 and every rank's memory (RSS, autograd-saved activation bytes, device bytes)
@@ -63,6 +64,7 @@ class Config:
     max_grad_norm: float | None = 1.0
     bf16: bool = False
     checkpointing: bool = False
+    zero: int = 0
     dtype: str = "float32"
     seed: int = 0
     warmup: int = 2
@@ -117,8 +119,8 @@ def run_layout(cfg: Config, layout: tuple, corpus, tracer_rows: list, world) -> 
     schedule = cfg.schedule if pp > 1 else "-"
     chunks = cfg.chunks if pp > 1 else 1
     model = models.GPT(gcfg, mesh, chunks, sp_mode=cfg.sp_mode, dtype=getattr(torch, cfg.dtype),
-                       activation_checkpointing=cfg.checkpointing)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+                       activation_checkpointing=cfg.checkpointing, zero=cfg.zero)
+    opt = models.optimizer(model, torch.optim.AdamW, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if cfg.resume:
         start = (models.load(model, opt, cfg.resume) or {}).get("step", 0)
