@@ -32,6 +32,7 @@ import torch
 from ..errors import MpiparError, agree
 from .gpt import SerialGPT
 from .shards import assemble, serial_specs, take_shard
+from .zero import checkpoint as zero_checkpoint
 
 FORMAT = "mpipar-gpt-checkpoint"
 VERSION = 1
@@ -103,6 +104,8 @@ def save(model, optimizer, path: str, extra: dict | None = None) -> None:
 
     Collective over the model's mesh. `extra` (picklable, e.g. {"step": 100}) is returned by `load`.
     """
+    if getattr(model, "zero", 0):
+        return zero_checkpoint.save(model, optimizer, path, extra)  # every rank writes its own shards
     ctx = _Ctx(model)
     err = None
     try:
@@ -174,6 +177,8 @@ def load(model, optimizer, path: str):
     belongs to a different model shape.
     """
     ctx = _Ctx(model)
+    if getattr(model, "zero", 0) or zero_checkpoint.is_zero_checkpoint(path):
+        return zero_checkpoint.load(model, optimizer, path, ctx)
     manifest, err = _read_manifest(path, ctx.cfg)
     ctx.agree(err)
     names = {s.name for s in ctx.specs}

@@ -5,9 +5,15 @@ global norm): losses to 1e-9 and full_state_dict to 1e-8 of the serial run;
 plus pipeline schedules, tied embeddings, activation checkpointing and bf16
 (parameters and autocast); the optimizer state a rank holds is 1/d of the
 model's (+ padding), ZeRO-3 holds 1/d of the parameters between steps; bad
-stages and non-elementwise optimizers raise MpiparError on every rank.
+stages and non-elementwise optimizers raise MpiparError on every rank;
+checkpoints written shard by shard resume training exactly across zero stages
+(and to the serial model, and from a plain checkpoint) and layouts.
 """
 from __future__ import annotations
+
+import os
+import shutil
+import tempfile
 
 import pytest
 import torch
@@ -195,3 +201,62 @@ def test_non_elementwise_optimizer_raises_everywhere():
     assert isinstance(models.optimizer(model, MyElementwise, lr=0.1), MyElementwise)
     replicated = models.GPT(config(), mesh, dtype=F64, zero=0)
     assert isinstance(models.optimizer(replicated, torch.optim.LBFGS), torch.optim.LBFGS)
+
+
+@pytest.fixture
+def ckpt_dir():
+    path = WORLD.bcast(tempfile.mkdtemp(prefix="mpipar-zero-") if WORLD.rank == 0 else None)
+    yield os.path.join(path, "ckpt")
+    WORLD.Barrier()
+    if WORLD.rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _resume_case(path, saved_by, loaded_into):
+    """Train 2 steps under `saved_by` = (layout, zero), save, load into `loaded_into` (None: serial),
+    train 2 more: the losses continue the uninterrupted serial run's."""
+    cfg = config()
+    ref_losses, ref_state = serial_run(cfg, 2)
+    mesh, model, opt = parallel(cfg, *saved_by)
+    for b in batches()[:2]:
+        models.train_step(model, b, opt, mesh, num_microbatches=2, max_grad_norm=0.5)
+    models.save(model, opt, path, extra={"step": 2})
+    if loaded_into is None:
+        mesh, model = None, models.GPT(cfg, dtype=F64)
+        opt = models.optimizer(model, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+    else:
+        mesh, model, opt = parallel(cfg, *loaded_into)
+    assert models.load(model, opt, path) == {"step": 2}
+    losses = [models.train_step(model, b, opt, mesh, num_microbatches=2, max_grad_norm=0.5) for b in batches()[2:]]
+    for a, b in zip(losses, ref_losses[2:]):
+        assert abs(a - b) < 1e-9, (losses, ref_losses[2:])
+    state = model.full_state_dict()
+    assert max(float((state[k] - ref_state[k]).abs().max()) for k in ref_state) < 1e-8
+
+
+@pytest.mark.mpi
+@needs_dp
+@pytest.mark.parametrize("saved_zero,loaded_zero", [(3, 1), (2, None), (0, 2), (1, 0)])
+def test_checkpoint_across_stages(ckpt_dir, saved_zero, loaded_zero):
+    layout = LAYOUTS[0]
+    _resume_case(ckpt_dir, (layout, saved_zero), None if loaded_zero is None else (layout, loaded_zero))
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(N != 4, reason="two layouts of 4 ranks")
+def test_checkpoint_across_layouts(ckpt_dir):
+    _resume_case(ckpt_dir, ((2, 1, 1, 2), 3), ((2, 2, 1, 1), 2))
+
+
+@pytest.mark.mpi
+@needs_dp
+def test_checkpoint_missing_shard_raises_everywhere(ckpt_dir):
+    path = ckpt_dir
+    mesh, model, opt = parallel(config(), LAYOUTS[0], 2)
+    models.save(model, opt, path)
+    WORLD.Barrier()
+    if WORLD.rank == 0:
+        os.remove(os.path.join(path, sorted(f for f in os.listdir(path) if f.startswith("zero-"))[-1]))
+    WORLD.Barrier()
+    with pytest.raises(MpiparError, match="missing"):
+        models.load(model, opt, path)
