@@ -9,10 +9,11 @@ Benchmark: train_gpt.py's GPT on the character corpus (default hidden 384,
 parallel over 2 ranks, one microbatch per step, float32, AdamW. Variants:
 mpipar zero 0-3 (models.GPT(cfg, mesh, zero=z) + models.optimizer), torch
 DDP and torch FSDP2 (`fully_shard` per block and at the root, gloo). Per
-variant: median step time (slowest rank) and peak memory per rank: the
-highest RSS sampled every 0.5 ms during separate steps minus the RSS before
-the model was built (glibc's mmap threshold is pinned at 64 KiB so freed
-tensors leave the RSS). /results/zero_benchmark.
+variant: median step time (slowest rank; all variants built, one step of
+each in turn per round) and peak memory per rank: the highest RSS sampled
+every 0.5 ms during 3 steps of the variant alone minus the RSS before it was
+built (glibc's mmap threshold is pinned at 64 KiB so freed tensors leave the
+RSS). /results/zero_benchmark.
 
 --sweep: mixed precision (bf16 parameters; zero >= 1 keeps float32 master
 weights, zero=0 is plain AdamW on the bf16 parameters) at dp = 1, 2, 4 (those
@@ -152,10 +153,14 @@ def build(variant: str, cfg, group):
 
 
 def benchmark(a, group, corpus) -> list[dict]:
+    """Peak memory of each variant alone (built, primed, sampled, torn down in turn), then step
+    times with every variant built, one step of each in turn per round (the machine's load
+    drifts alike for all)."""
     cfg = gpt_config(a, corpus.vocab_size)
-    rows = []
-    batches = [corpus.batch(s, a.batch, a.seq) for s in range(a.warmup + a.steps + 3)]
-    for variant in a.variants.split(","):
+    variants = a.variants.split(",")
+    batches = [corpus.batch(s, a.batch, a.seq) for s in range(a.warmup + a.steps)]
+    peaks = {}
+    for variant in variants:
         step, cleanup = build(variant, cfg, group)  # a first run pays the one-time allocations
         for x, y in batches[:2]:
             step(x, y)
@@ -164,25 +169,32 @@ def benchmark(a, group, corpus) -> list[dict]:
         gc.collect()
         base = rss_bytes()
         step, cleanup = build(variant, cfg, group)
-        times = []
-        for i, (x, y) in enumerate(batches[: a.warmup + a.steps]):
+        with RssSampler() as rss:
+            for x, y in batches[:3]:
+                step(x, y)
+        peaks[variant] = group.comm.allreduce(rss.peak - base, op=MPI.MAX)
+        cleanup()
+        del step, cleanup
+        gc.collect()
+    built = {v: build(v, cfg, group) for v in variants}
+    times = {v: [] for v in variants}
+    for i, (x, y) in enumerate(batches):
+        for v in variants:
             group.comm.Barrier()
             t0 = time.perf_counter()
-            step(x, y)
+            built[v][0](x, y)
             dt = group.comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
             if i >= a.warmup:
-                times.append(dt)
-        with RssSampler() as rss:
-            for x, y in batches[a.warmup + a.steps:]:
-                step(x, y)
-        peak = group.comm.allreduce(rss.peak - base, op=MPI.MAX)
+                times[v].append(dt)
+    for _, cleanup in built.values():
         cleanup()
-        step_s = statistics.median(times)
-        rows.append({"variant": variant, "ranks": group.size, "params": cfg.num_params(), "step_s": step_s,
-                     "tokens_per_s": a.batch * a.seq / step_s, "peak_bytes": int(peak)})
+    rows = []
+    for v in variants:
+        step_s = statistics.median(times[v])
+        rows.append({"variant": v, "ranks": group.size, "params": cfg.num_params(), "step_s": step_s,
+                     "tokens_per_s": a.batch * a.seq / step_s, "peak_bytes": int(peaks[v])})
         if group.rank == 0:
-            print(f"{variant:>12}: step {step_s * 1e3:7.1f} ms   peak {peak / 2**20:7.1f} MiB per rank", flush=True)
-        del step, cleanup
+            print(f"{v:>12}: step {step_s * 1e3:7.1f} ms   peak {peaks[v] / 2**20:7.1f} MiB per rank", flush=True)
     return rows
 
 

@@ -155,7 +155,7 @@ class ShardedBuckets:
                     p.grad = None
         if self.zero == 3:
             for b in self.buckets:
-                b.users, b.accumulated = 0, 0
+                b.users, b.accumulated, b.grad_flat = 0, 0, None
             self._gather_roots()
         self._armed = True
 
@@ -195,6 +195,11 @@ class ShardedBuckets:
 
         if self.zero == 1:
             send = b.grad_full if b.grad_full.dtype == b.reduce_dtype else b.grad_full.to(b.reduce_dtype)
+        elif self.zero == 3 and b.grad_flat is not None:  # a ZeRO-3 block's gradients accumulated in place
+            send = b.grad_flat if b.dtype == b.reduce_dtype else b.grad_flat.to(b.reduce_dtype)
+            b.grad_flat = None
+            for p in b.params:
+                p.grad = None
         else:
             send = torch.empty(b.padded, dtype=b.reduce_dtype, device=b.device)
             send[b.numel:].zero_()
@@ -310,7 +315,7 @@ class ShardedBuckets:
     # ---- ZeRO-3 parameter gathering ----------------------------------------------------------
     def _init_units(self, model) -> None:
         for b in self.buckets:
-            b.unit, b.users, b.forwarding, b.accumulated, b.gather_op = False, 0, 0, 0, None
+            b.unit, b.users, b.forwarding, b.accumulated, b.gather_op, b.grad_flat = False, 0, 0, 0, None, None
         for k, (mod, b) in enumerate(self.units):
             b.unit = True
             prev = self.units[k - 1][1] if k > 0 and _adjacent(model, self.units[k - 1][0], mod) else None
@@ -359,6 +364,12 @@ class ShardedBuckets:
         def hook(grad):
             self._gather(b)
             b.users += 1
+            if self._armed and b.grad_flat is None and b.dtype == b.reduce_dtype:
+                # the block's gradients accumulate straight into the flat buffer its reduce-scatter
+                # sends (no packing copy, no second copy of them alive while packing)
+                b.grad_flat = torch.zeros(b.padded, dtype=b.dtype, device=b.device)
+                for p, g in b.param_views(b.grad_flat):
+                    p.grad = g.view(p.shape)
             if prev is not None:
                 self._gather(prev, wait=False)
         return hook
