@@ -16,7 +16,8 @@ on the same layout every later loss equals the uninterrupted run's. The rows
 of /results/train_gpt are written one per step (a killed run keeps them).
 
 AdamW with gradient clipping by the global norm (--max-grad-norm), optional
-bf16 autocast (--bf16) and activation checkpointing (--checkpointing). The
+bf16 autocast (--bf16), activation checkpointing (--checkpointing) and ZeRO
+sharding over dp (--zero 1|2|3). The
 default model has about 1M parameters (hidden 144, 4 layers, 4 heads, sequence
 64, the corpus' 64-character vocabulary). Per step: loss, step time, tokens/s
 and every rank's memory (RSS, autograd-saved activation bytes, device bytes)
@@ -74,6 +75,7 @@ class Config:
     max_grad_norm: float | None = 1.0
     bf16: bool = False
     checkpointing: bool = False
+    zero: int = 0
     dtype: str = "float32"
     seed: int = 0
     warmup: int = 2
@@ -134,9 +136,9 @@ def run_layout(cfg: Config, layout: tuple, corpus, world) -> dict:
     schedule = cfg.schedule if pp > 1 else "-"
     chunks = cfg.chunks if pp > 1 else 1
     model = models.GPT(gcfg, mesh, chunks, sp_mode=cfg.sp_mode, dtype=getattr(torch, cfg.dtype),
-                       activation_checkpointing=cfg.checkpointing)
+                       activation_checkpointing=cfg.checkpointing, zero=cfg.zero)
     corpus.load_into(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = models.optimizer(model, torch.optim.AdamW, lr=cfg.lr, weight_decay=cfg.weight_decay)
     tracer = Tracer(mesh)
     name = f"dp{dp}-pp{pp}-sp{sp}-tp{tp}"
     run = Run(cfg, name, cfg.layouts == "all", mesh.world.comm, UNITS,

@@ -54,6 +54,7 @@ import torch
 from ..errors import MpiparError, agree
 from .gpt import SerialGPT
 from .shards import assemble, serial_specs, take_shard
+from .zero import checkpoint as zero_checkpoint
 
 FORMAT = "mpipar-gpt-checkpoint"
 VERSION = 2
@@ -181,6 +182,8 @@ def save(model, optimizer, path: str, extra=None, rank_state=None) -> str:
     returned to the same rank by `load_full` on the same world size and layout. An existing
     `path` is replaced. Raises MpiparError on every rank if any rank failed; then `path` is as before.
     """
+    if getattr(model, "zero", 0):
+        return zero_checkpoint.save(model, optimizer, path, extra)  # every rank writes its own shards
     ctx = _Ctx(model)
     path = os.path.abspath(path)
 
@@ -371,6 +374,8 @@ def load_full(model, optimizer, path: str) -> Loaded:
 
 
 def _load_one(ctx: _Ctx, model, optimizer, path: str) -> Loaded:
+    if getattr(model, "zero", 0) or zero_checkpoint.is_zero_checkpoint(path):  # ZeRO: its own shards
+        return Loaded(zero_checkpoint.load(model, optimizer, path, ctx), path)
     manifest, err = _read_manifest(path, ctx.cfg)
     ctx.agree(err)
     try:

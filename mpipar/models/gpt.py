@@ -144,10 +144,12 @@ class SerialGPT(nn.Module):
     """
 
     def __init__(self, cfg: GPTConfig, mesh=None, num_chunks: int = 1, *, dtype=None, device=None,
-                 activation_checkpointing: bool = False, autocast_dtype: torch.dtype | None = None):
+                 activation_checkpointing: bool = False, autocast_dtype: torch.dtype | None = None, zero: int = 0):
         super().__init__()
         require(isinstance(cfg, GPTConfig), f"GPT: expected a GPTConfig, got {type(cfg).__name__}")
         require(mesh is None and num_chunks == 1, "SerialGPT: takes no mesh and one chunk (use models.GPT(cfg, mesh))")
+        require(zero == 0 and not isinstance(zero, bool), f"SerialGPT: zero must be 0 (nothing to shard without a "
+                                                          f"mesh), got {zero!r}")
         self.cfg = cfg
         self.activation_checkpointing, self.autocast_dtype = activation_checkpointing, autocast_dtype
         self.tok_emb, self.pos_emb = make_embeddings(cfg, dtype, device)

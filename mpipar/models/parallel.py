@@ -32,12 +32,13 @@ from ..pipeline.partition import balanced_edges
 from ..sequence.layout import local_positions
 from ..tensor import VocabParallelEmbedding, vocab_parallel_cross_entropy
 from ..tensor.gqa import kv_split
-from .data_parallel import DEFAULT_BUCKET_BYTES, GradBuckets
+from .data_parallel import DEFAULT_BUCKET_BYTES
 from .config import GPTConfig
 from .gpt import Block, check_state, make_embeddings, make_head, make_norm, param_names
 from .shards import assemble, parallel_specs, take_shard
 from .stages import (Chunk, Embedding, Head, ParallelBlock, Parallelism, Runtime, TiedProjection, _quiet,
                      make_head_projection)
+from .zero.attach import attach as attach_buckets
 
 SP_MODES = ("ring", "ulysses")
 
@@ -79,13 +80,15 @@ class ParallelGPT(nn.Module):
     sequence_parallel (Megatron SP, default tp > 1); bucket_bytes (data-parallel
     buckets); activation_checkpointing; autocast_dtype; dtype and device
     (default: mesh.device); boundaries (explicit layer cut points of the
-    pp * num_chunks virtual stages, default: balanced by layer count).
+    pp * num_chunks virtual stages, default: balanced by layer count);
+    zero (0-3: ZeRO stage over the data-parallel group, mpipar.models.zero).
     """
 
     def __init__(self, cfg: GPTConfig, mesh, num_chunks: int = 1, *, sp_mode: str = "ring",
                  sp_layout: str = "zigzag", sequence_parallel: bool | None = None,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, activation_checkpointing: bool = False,
-                 autocast_dtype: torch.dtype | None = None, dtype=None, device=None, boundaries=None):
+                 autocast_dtype: torch.dtype | None = None, dtype=None, device=None, boundaries=None,
+                 zero: int = 0):
         super().__init__()
         require(isinstance(cfg, GPTConfig), f"GPT: expected a GPTConfig, got {type(cfg).__name__}")
         shape = dict(mesh.shape)
@@ -112,8 +115,9 @@ class ParallelGPT(nn.Module):
         self._chunks = self._make_chunks()
         self._specs = None
         self.data_group = _data_group(mesh)
-        self.buckets = GradBuckets(self.parameters(), self.data_group, bucket_bytes)
         self.tied_group = _tied_group(mesh) if cfg.tied and p > 1 else None
+        self.zero = zero
+        self.buckets = attach_buckets(self, zero, bucket_bytes)  # GradBuckets, or ZeRO's sharded ones
         self._runners = {}
 
     # ---- construction ------------------------------------------------------------------------
@@ -232,6 +236,8 @@ class ParallelGPT(nn.Module):
     def finish_grad_sync(self) -> None:
         """Complete every gradient reduction: dp x sp mean, tp sum of SP-replicated, tied sum."""
         self.buckets.finish()
+        if self.zero:
+            return  # ZeRO's buckets did all three on the gradient shards
         reduce = [s.param for s in self.specs() if s.sp_reduce and s.param.grad is not None]
         if reduce:
             flat = torch.cat([p.grad.reshape(-1) for p in reduce])
@@ -248,6 +254,12 @@ class ParallelGPT(nn.Module):
 
         One all-gather over tp of every shard packed together, one allgather over pp.
         """
+        if self.zero == 3:
+            with self.buckets.gathered():  # ZeRO-3 holds only shards between uses
+                return self._full_state_dict()
+        return self._full_state_dict()
+
+    def _full_state_dict(self) -> dict:
         specs = [s for s in self.specs() if s.primary]
         sharded = [s for s in specs if s.sharded]
         local = {s.name: s.param.detach().cpu().clone() for s in specs if not s.sharded}
