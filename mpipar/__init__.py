@@ -15,15 +15,17 @@ import os
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from .errors import MpiparError
-from .mesh import Group, Mesh
 
 __version__ = "0.1.0"
-_SUBPACKAGES = ("comm", "tensor", "pipeline", "sequence", "models", "trace", "analysis")
+_SUBPACKAGES = ("comm", "tensor", "pipeline", "sequence", "models", "trace", "analysis", "plan")
 
 __all__ = ["Mesh", "Group", "MpiparError", "__version__", *_SUBPACKAGES]
 
 
 def __getattr__(name):
+    if name in ("Mesh", "Group"):  # lazily: mesh imports torch, and mpipar.plan must import without it
+        from . import mesh
+        return getattr(mesh, name)
     if name in _SUBPACKAGES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'mpipar' has no attribute {name!r}")

@@ -1,0 +1,236 @@
+"""estimate(spec, system, layout) -> Estimate: step time by component, memory by kind, throughput, MFU.
+
+The step, on the critical path:
+  pipeline   the makespan of the schedule (pipeline.py) over per-stage costs
+             (costs.py: blocks of the stage, the embedding on stage 0, the head
+             on stage p-1); with pp = 1, m microbatches back to back
+  dp_comm    gradient reduction over dp * sp (all-reduce, or ZeRO's
+             reduce-scatter / all-gathers) in buckets, less the part the last
+             backward hides (software.dp_overlap), plus ZeRO-3's parameter gathers
+  optimizer  one Adam update of the rank's (ZeRO-sharded) parameters: memory traffic
+             plus the host overhead per parameter tensor
+Breakdown (seconds, sums to step_time): compute, tp_comm and sp_comm are the
+busiest stage's m microbatches of work; bubble is the rest of the makespan
+without p2p costs; pp_comm what p2p adds to the makespan.
+On CPU systems (`cores`) ranks that outnumber the cores share them: compute
+slows by the busy ranks per core.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..errors import MpiparError
+from ..pipeline.partition import balanced_edges
+from .costs import PhaseCost, embedding_cost, head_cost, layer_cost
+from .memory import (end_activation_bytes, end_params_per_rank, layer_activation_bytes, layer_params_per_rank,
+                     state_bytes_per_param)
+from .pipeline import pipeline_time
+from .spec import DTYPE_BYTES, Layout, ModelSpec, check_fit
+
+COMPONENTS = ("compute", "tp_comm", "sp_comm", "pp_comm", "dp_comm", "bubble", "optimizer")
+
+
+@dataclass
+class Estimate:
+    """Predicted step of one layout; times in seconds, memory in bytes (the heaviest rank)."""
+
+    layout: Layout
+    step_time: float
+    breakdown: dict
+    memory: float
+    memory_breakdown: dict
+    tokens_per_s: float
+    mfu: float
+    runtime_memory: float = 0.0         # the framework's own bytes (system.runtime_bytes), not in memory
+    details: dict = field(default_factory=dict, repr=False)
+
+    def fits(self, limit: float) -> bool:
+        return self.memory + self.runtime_memory <= limit
+
+    def explain(self) -> str:
+        """The per-component reasoning, one line each."""
+        d, b = self.details, self.breakdown
+        lines = [f"layout {self.layout.name()}: step {self.step_time * 1e3:.3f} ms, "
+                 f"{self.tokens_per_s:,.0f} tokens/s, MFU {self.mfu:.1%}"]
+        for k in COMPONENTS:
+            lines.append(f"  {k:<10}{b[k] * 1e3:10.3f} ms  {b[k] / self.step_time:6.1%}  {d.get('why_' + k, '')}")
+        lines.append(f"  memory {self.memory / 2**30:.2f} GiB + runtime {self.runtime_memory / 2**30:.2f} GiB: "
+                     + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in self.memory_breakdown.items())
+                     + f" GiB ({d.get('why_memory', '')})")
+        return "\n".join(lines)
+
+
+def model_flops_per_token(spec: ModelSpec) -> float:
+    """Training FLOPs per token without recompute: 6 per matmul parameter + 12 * L * s * h for attention."""
+    matmul = spec.num_layers * (spec.layer_params()) + spec.vocab_size * spec.hidden
+    return 6.0 * matmul + 12.0 * spec.num_layers * spec.seq_len * spec.hidden
+
+
+def stage_layers(num_layers: int, p: int, v: int) -> list[int]:
+    """Blocks per stage, as mpipar's ParallelGPT splits them (balanced_edges over p * v virtual stages)."""
+    edges = balanced_edges([1.0] * num_layers, p * v)
+    sizes = [edges[i + 1] - edges[i] for i in range(p * v)]
+    return [sum(sizes[c * p + s] for c in range(v)) for s in range(p)]
+
+
+def estimate(spec: ModelSpec, system, layout: Layout) -> Estimate:
+    """Predicted step time, memory and throughput of `layout` for `spec` on `system`."""
+    if not isinstance(spec, ModelSpec):
+        raise MpiparError(f"estimate: spec must be a plan.ModelSpec, got {type(spec).__name__}")
+    if not isinstance(layout, Layout):
+        raise MpiparError(f"estimate: layout must be a plan.Layout, got {type(layout).__name__}")
+    check_fit(spec, layout)
+    L = layout
+    p, v, m, t = L.pp, L.num_chunks, L.num_microbatches, L.tp
+    if p > 1:
+        from ..pipeline.schedules import check_args
+        check_args(L.schedule, p, m, v)
+    system.peak(L.dtype)
+    layers = _stage_layers_cached(system, spec.num_layers, p, v)
+    lc = layer_cost(spec, system, L)
+    emb, head = embedding_cost(spec, system, L), head_cost(spec, system, L)
+    stages = []
+    for s in range(p):
+        c = lc.scale(layers[s])
+        if s == 0:
+            c = c + emb
+        if s == p - 1:
+            c = c + head
+        stages.append(c)
+
+    # p2p: one activation (and its gradient) per boundary per microbatch, split over tp with SP
+    e = DTYPE_BYTES[L.dtype]
+    act = L.micro_batch * spec.seq_len / L.sp * spec.hidden * e / (t if L.sequence_parallel else 1)
+    stride_pp = t * L.sp * L.dp
+    comm = system.collective("send_recv", act, 2, stride_pp) if p > 1 else 0.0
+
+    # CPU hosts: busy ranks beyond the cores slow compute
+    slow = 1.0
+    world = L.world_size
+    span, span0, peaks = _pipeline(L, stages, comm, 1.0)
+    if system.cores and world > system.cores:
+        busy = sum(m * (c.total_f + c.total_b + c.w) for c in stages) / max(p * span0, 1e-30)
+        slow = max(1.0, world * min(1.0, busy) / float(system.cores))
+        if slow > 1.0:
+            span, span0, peaks = _pipeline(L, stages, comm, slow)
+
+    crit = max(range(p), key=lambda s: stages[s].total_f + stages[s].total_b + stages[s].w)
+    cs = stages[crit]
+    compute = m * (cs.f + cs.b + cs.w) * slow
+    tp_comm = m * (cs.f_tp + cs.b_tp)
+    sp_comm = m * (cs.f_sp + cs.b_sp)
+    bubble = max(0.0, span0 - compute - tp_comm - sp_comm)
+    pp_comm = max(0.0, span - span0)
+
+    # parameters and data-parallel communication
+    params = [layer_params_per_rank(spec, t) * layers[s] + end_params_per_rank(spec, t, s == 0, s == p - 1, p)
+              for s in range(p)]
+    heavy = max(range(p), key=lambda s: params[s])
+    psi = params[heavy]
+    d = L.dp * L.sp
+    dp_comm, why_dp = _dp_comm(system, L, psi, d, stages[heavy], slow, m)
+
+    # optimizer
+    opt_params = psi / d if L.zero >= 1 else psi
+    n_tensors = _param_tensors(spec, layers[heavy], heavy == 0, heavy == p - 1)
+    optimizer = (opt_params * float(system.data["optimizer"]["bytes_per_param"]) / system.bandwidth
+                 + n_tensors * float(system.data["optimizer"]["per_tensor"])) * slow
+
+    step = compute + tp_comm + sp_comm + bubble + pp_comm + dp_comm + optimizer
+    breakdown = {"compute": compute, "tp_comm": tp_comm, "sp_comm": sp_comm, "pp_comm": pp_comm,
+                 "dp_comm": dp_comm, "bubble": bubble, "optimizer": optimizer}
+
+    # memory: the stage with the largest total
+    flash = system.software["attention"] == "flash"
+    per_layer = layer_activation_bytes(spec, L, flash)
+    full_extra = layer_activation_bytes(spec, L.replace(recompute="none"), flash) if L.recompute == "full" else 0.0
+    best = None
+    for s in range(p):
+        pb, gb, ob = (x * params[s] for x in state_bytes_per_param(L.dtype, L.zero, d))
+        inflight = peaks[s] if p > 1 else 1.0
+        acts = inflight * layers[s] * per_layer + full_extra + end_activation_bytes(spec, L, s == 0, s == p - 1)
+        total = pb + gb + ob + acts
+        if best is None or total > best[0]:
+            best = (total, {"params": pb, "grads": gb, "optimizer": ob, "activations": acts}, s, inflight)
+    memory, mem_breakdown, mem_stage, inflight = best
+
+    tokens = L.global_batch * spec.seq_len
+    mfu = model_flops_per_token(spec) * tokens / (step * world * system.peak(L.dtype)) if step > 0 else 0.0
+    details = {
+        "stage_layers": layers, "critical_stage": crit, "memory_stage": mem_stage, "slowdown": slow,
+        "stage_f": [c.total_f for c in stages], "stage_b": [c.total_b for c in stages],
+        "stage_w": [c.w for c in stages], "p2p": comm, "inflight": list(peaks), "params_per_rank": psi,
+        "why_compute": f"{m} microbatches x (F {cs.f * 1e3:.3f} + B {cs.b * 1e3:.3f} + W {cs.w * 1e3:.3f} ms) on "
+                       f"stage {crit} ({layers[crit]} blocks{' + embedding' if crit == 0 else ''}"
+                       f"{' + head' if crit == p - 1 else ''})" + (f", x{slow:.2f} for {world} ranks on "
+                                                                   f"{system.cores} cores" if slow > 1 else ""),
+        "why_tp_comm": f"tp={t}: {'2 all-gathers + 2 reduce-scatters' if L.sequence_parallel else '2 all-reduces'}"
+                       f" per block each way" if t > 1 else "tp=1",
+        "why_sp_comm": (f"sp={L.sp} {L.sp_mode}: " + ("exposed KV passes beyond the block compute"
+                        if L.sp_mode == "ring" else "4 all-to-alls per block each way")) if L.sp > 1 else "sp=1",
+        "why_pp_comm": f"p2p {comm * 1e6:.1f} us per boundary crossing" if p > 1 else "pp=1",
+        "why_bubble": f"{L.schedule} p={p} m={m} v={v}: idle {bubble / max(span0, 1e-30):.1%} of the makespan"
+                      if p > 1 else "no pipeline",
+        "why_dp_comm": why_dp,
+        "why_optimizer": f"Adam on {opt_params / 1e6:.2f}M parameters, {n_tensors} tensors",
+        "why_memory": f"stage {mem_stage}, {inflight:g} microbatches in flight x {layers[mem_stage]} blocks x "
+                      f"{per_layer / 2**20:.2f} MiB, ZeRO {L.zero} over d={d}",
+    }
+    return Estimate(L, step, breakdown, memory, mem_breakdown, tokens / step if step > 0 else math.inf, mfu,
+                    float(system.data["runtime_bytes"]), details)
+
+
+def _stage_layers_cached(system, n: int, p: int, v: int) -> list[int]:
+    cache = system.__dict__.setdefault("_plan_cache", {})
+    key = ("stages", n, p, v)
+    if key not in cache:
+        cache[key] = stage_layers(n, p, v)
+    return cache[key]
+
+
+def _pipeline(L: Layout, stages: list[PhaseCost], comm: float, slow: float):
+    m = L.num_microbatches
+    if L.pp == 1:
+        c = stages[0]
+        span = m * ((c.f + c.b + c.w) * slow + c.f_tp + c.b_tp + c.f_sp + c.b_sp)
+        return span, span, (1.0,)
+    f = [c.f * slow + c.f_tp + c.f_sp for c in stages]
+    b = [c.b * slow + c.b_tp + c.b_sp for c in stages]
+    w = [c.w * slow for c in stages]
+    return pipeline_time(L.schedule, L.pp, m, L.num_chunks, f, b, w, comm)
+
+
+def _param_tensors(spec: ModelSpec, layers: int, first: bool, last: bool) -> int:
+    per_block = 12 if spec.arch == "gpt2" else 7
+    return layers * per_block + (2 if first else 0) + (3 if last else 0)
+
+
+def _dp_comm(system, L: Layout, psi: float, d: int, stage: PhaseCost, slow: float, m: int):
+    """Exposed seconds of gradient reduction (and ZeRO gathers) over the d = dp * sp data ranks."""
+    if d <= 1:
+        return 0.0, "no data parallelism"
+    sw = system.software
+    grad_bytes = psi * float(sw["grad_reduce_bytes"])
+    param_bytes = psi * DTYPE_BYTES[L.dtype]
+    stride = L.tp
+    buckets = max(1, math.ceil(grad_bytes / float(sw["bucket_bytes"])))
+    window = float(sw["dp_overlap"]) * (stage.b * slow + stage.w * slow + stage.b_tp + stage.b_sp)
+    if L.zero <= 1:
+        reduce = system.collective("all_reduce", grad_bytes, d, stride, buckets)
+        what = f"all-reduce {grad_bytes / 2**20:.1f} MiB in {buckets} buckets"
+    else:
+        reduce = system.collective("reduce_scatter", grad_bytes, d, stride, buckets)
+        what = f"reduce-scatter {grad_bytes / 2**20:.1f} MiB in {buckets} buckets"
+    exposed = max(0.0, reduce - window)
+    extra = 0.0
+    if L.zero in (1, 2):
+        extra = system.collective("all_gather", param_bytes, d, stride, buckets)
+        what += f" + all-gather of the updated {param_bytes / 2**20:.1f} MiB"
+    elif L.zero == 3:
+        gather = system.collective("all_gather", param_bytes, d, stride, buckets)
+        hide_f = float(sw["dp_overlap"]) * (stage.f * slow + stage.f_tp)
+        extra = m * (max(0.0, gather - hide_f) + max(0.0, gather - window))
+        what += f" + {2 * m} parameter all-gathers of {param_bytes / 2**20:.1f} MiB (forward and backward)"
+    small = system.collective("all_reduce", 8, d, stride, 1)   # the loss mean
+    return exposed + extra + small, f"{what}; {min(reduce, window) * 1e3:.3f} ms hidden by the last backward"

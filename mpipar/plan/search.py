@@ -1,0 +1,1 @@
+def search(*a, **k): raise NotImplementedError
