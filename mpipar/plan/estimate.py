@@ -90,6 +90,10 @@ def estimate(spec: ModelSpec, system, layout: Layout) -> Estimate:
     layers = _stage_layers_cached(system, spec.num_layers, p, v)
     lc = layer_cost(spec, system, L)
     emb, head = embedding_cost(spec, system, L), head_cost(spec, system, L)
+    params = [layer_params_per_rank(spec, t) * layers[s] + end_params_per_rank(spec, t, s == 0, s == p - 1, p)
+              for s in range(p)]
+    # every microbatch adds its weight gradients into the accumulated ones (a memory pass per parameter)
+    accumulate = float(system.software.get("grad_accumulation_bytes", 0.0)) / system.bandwidth
     stages = []
     for s in range(p):
         c = lc.scale(layers[s])
@@ -97,11 +101,15 @@ def estimate(spec: ModelSpec, system, layout: Layout) -> Estimate:
             c = c + emb
         if s == p - 1:
             c = c + head
+        if accumulate:
+            c = c + PhaseCost(w=params[s] * accumulate)
         stages.append(c)
 
     # p2p: one activation (and its gradient) per boundary per microbatch, split over tp with SP
+    # or Megatron's scatter-gather (each tp rank sends 1/t, an all-gather over tp rebuilds it)
     e = DTYPE_BYTES[L.dtype]
-    act = L.micro_batch * spec.seq_len / L.sp * spec.hidden * e / (t if L.sequence_parallel else 1)
+    split = L.sequence_parallel or system.software.get("p2p_scatter_gather", False)
+    act = L.micro_batch * spec.seq_len / L.sp * spec.hidden * e / (t if split else 1)
     stride_pp = t * L.sp * L.dp
     comm = system.collective("send_recv", act, 2, stride_pp) if p > 1 else 0.0
 
@@ -123,9 +131,7 @@ def estimate(spec: ModelSpec, system, layout: Layout) -> Estimate:
     bubble = max(0.0, span0 - compute - tp_comm - sp_comm)
     pp_comm = max(0.0, span - span0)
 
-    # parameters and data-parallel communication
-    params = [layer_params_per_rank(spec, t) * layers[s] + end_params_per_rank(spec, t, s == 0, s == p - 1, p)
-              for s in range(p)]
+    # data-parallel communication
     heavy = max(range(p), key=lambda s: params[s])
     psi = params[heavy]
     d = L.dp * L.sp

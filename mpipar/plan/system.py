@@ -20,7 +20,9 @@ Fields (every shipped number carries its source under "sources"):
   software{attention, dp_overlap, ring_overlap, bucket_bytes, grad_reduce_bytes}
                                what the training code does: "flash" or "unfused" attention,
                                fraction of the last backward that hides data-parallel
-                               communication, bucket size, bytes per reduced gradient element
+                               communication, bucket size, bytes per reduced gradient element,
+                               whether p2p sends 1/tp of an activation (Megatron's scatter-gather),
+                               memory traffic per parameter per microbatch to accumulate gradients
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ REQUIRED = ("name", "peak_flops", "matmul", "attention", "memory_bandwidth", "me
             "memory_capacity", "op_overhead", "overhead_mode", "ranks_per_node", "links", "optimizer",
             "runtime_bytes", "software")
 SOFTWARE_DEFAULTS = {"attention": "flash", "dp_overlap": 1.0, "ring_overlap": 1.0,
-                     "bucket_bytes": 25 * 2**20, "grad_reduce_bytes": 4}
+                     "bucket_bytes": 25 * 2**20, "grad_reduce_bytes": 4,
+                     "p2p_scatter_gather": False, "grad_accumulation_bytes": 0.0}
 
 
 class System:
