@@ -17,11 +17,13 @@ slows by the busy ranks per core.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
 from ..errors import MpiparError
 from ..pipeline.partition import balanced_edges
+from ..pipeline.schedules import check_args
 from .costs import PhaseCost, embedding_cost, head_cost, layer_cost
 from .memory import (end_activation_bytes, end_params_per_rank, layer_activation_bytes, layer_params_per_rank,
                      state_bytes_per_param)
@@ -50,14 +52,35 @@ class Estimate:
 
     def explain(self) -> str:
         """The per-component reasoning, one line each."""
-        d, b = self.details, self.breakdown
-        lines = [f"layout {self.layout.name()}: step {self.step_time * 1e3:.3f} ms, "
+        d, b, L = self.details, self.breakdown, self.layout
+        p, m, crit, cs = L.pp, L.num_microbatches, d["critical_stage"], d["critical"]
+        ends = (" + embedding" if crit == 0 else "") + (" + head" if crit == p - 1 else "")
+        why = {
+            "compute": f"{m} microbatches x (F {cs.f * 1e3:.3f} + B {cs.b * 1e3:.3f} + W {cs.w * 1e3:.3f} ms) "
+                       f"on stage {crit} ({d['stage_layers'][crit]} blocks{ends})"
+                       + (f", x{d['slowdown']:.2f}: {L.world_size} ranks share {d['cores']} cores"
+                          if d["slowdown"] > 1 else ""),
+            "tp_comm": (f"tp={L.tp}: " + ("2 all-gathers + 2 reduce-scatters" if L.sequence_parallel
+                                          else "2 all-reduces") + " per block each way") if L.tp > 1 else "tp=1",
+            "sp_comm": (f"sp={L.sp} {L.sp_mode}: " + ("KV passes the block compute does not hide"
+                        if L.sp_mode == "ring" else "4 all-to-alls per block each way")) if L.sp > 1 else "sp=1",
+            "pp_comm": f"p2p {d['p2p'] * 1e6:.1f} us per boundary crossing" if p > 1 else "pp=1",
+            "bubble": (f"{L.schedule} p={p} m={m} v={L.num_chunks}: idle "
+                       f"{b['bubble'] / max(d['makespan_no_p2p'], 1e-30):.1%} of the makespan") if p > 1
+                      else "no pipeline",
+            "dp_comm": d["dp_comm"],
+            "optimizer": f"Adam on {d['optimizer_params'] / 1e6:.2f}M parameters, {d['optimizer_tensors']} tensors",
+        }
+        lines = [f"layout {L.name()}: step {self.step_time * 1e3:.3f} ms, "
                  f"{self.tokens_per_s:,.0f} tokens/s, MFU {self.mfu:.1%}"]
         for k in COMPONENTS:
-            lines.append(f"  {k:<10}{b[k] * 1e3:10.3f} ms  {b[k] / self.step_time:6.1%}  {d.get('why_' + k, '')}")
-        lines.append(f"  memory {self.memory / 2**30:.2f} GiB + runtime {self.runtime_memory / 2**30:.2f} GiB: "
-                     + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in self.memory_breakdown.items())
-                     + f" GiB ({d.get('why_memory', '')})")
+            lines.append(f"  {k:<10}{b[k] * 1e3:10.3f} ms  {b[k] / self.step_time:6.1%}  {why[k]}")
+        ms = d["memory_stage"]
+        lines.append(f"  memory {self.memory / 2**30:.3f} GiB + runtime {self.runtime_memory / 2**30:.2f} GiB: "
+                     + ", ".join(f"{k} {v / 2**30:.3f}" for k, v in self.memory_breakdown.items())
+                     + f" GiB (stage {ms}: {d['inflight'][ms] if p > 1 else 1:g} microbatches in flight x "
+                     f"{d['stage_layers'][ms]} blocks x {d['layer_activation_bytes'] / 2**20:.2f} MiB; "
+                     f"ZeRO {L.zero} over {d['data_ranks']} data ranks)")
         return "\n".join(lines)
 
 
@@ -67,6 +90,7 @@ def model_flops_per_token(spec: ModelSpec) -> float:
     return 6.0 * matmul + 12.0 * spec.num_layers * spec.seq_len * spec.hidden
 
 
+@functools.lru_cache(maxsize=4096)
 def stage_layers(num_layers: int, p: int, v: int) -> list[int]:
     """Blocks per stage, as mpipar's ParallelGPT splits them (balanced_edges over p * v virtual stages)."""
     edges = balanced_edges([1.0] * num_layers, p * v)
@@ -74,27 +98,39 @@ def stage_layers(num_layers: int, p: int, v: int) -> list[int]:
     return [sum(sizes[c * p + s] for c in range(v)) for s in range(p)]
 
 
-def estimate(spec: ModelSpec, system, layout: Layout) -> Estimate:
-    """Predicted step time, memory and throughput of `layout` for `spec` on `system`."""
-    if not isinstance(spec, ModelSpec):
-        raise MpiparError(f"estimate: spec must be a plan.ModelSpec, got {type(spec).__name__}")
-    if not isinstance(layout, Layout):
-        raise MpiparError(f"estimate: layout must be a plan.Layout, got {type(layout).__name__}")
-    check_fit(spec, layout)
-    L = layout
-    p, v, m, t = L.pp, L.num_chunks, L.num_microbatches, L.tp
-    if p > 1:
-        from ..pipeline.schedules import check_args
-        check_args(L.schedule, p, m, v)
+@dataclass(frozen=True)
+class _Stages:
+    """What does not depend on dp, zero, schedule or batch: per-stage costs, parameters, activations."""
+
+    layers: list
+    costs: list            # PhaseCost per stage
+    params: list           # parameters per rank of each stage
+    per_layer: float       # activation bytes of one block, one microbatch
+    static_acts: list      # per stage: activation bytes that do not scale with microbatches in flight
+    crit: int              # the stage with the most work per microbatch
+    heavy: int             # the stage with the most parameters
+    n_tensors: int         # parameter tensors of the heavy stage
+    p2p_bytes: float
+
+
+def _stages(spec: ModelSpec, system, L: Layout) -> _Stages:
+    cache = system.__dict__.setdefault("_plan_cache", {})
+    key = ("stage-model", spec, L.tp, L.sp, L.sp_mode, L.sequence_parallel, L.micro_batch, L.recompute, L.dtype,
+           L.pp, L.num_chunks)
+    hit = cache.get(key)
+    if hit is not None:
+        return hit
+    check_fit(spec, L)
     system.peak(L.dtype)
-    layers = _stage_layers_cached(system, spec.num_layers, p, v)
+    p, v, t = L.pp, L.num_chunks, L.tp
+    layers = stage_layers(spec.num_layers, p, v)
     lc = layer_cost(spec, system, L)
     emb, head = embedding_cost(spec, system, L), head_cost(spec, system, L)
     params = [layer_params_per_rank(spec, t) * layers[s] + end_params_per_rank(spec, t, s == 0, s == p - 1, p)
               for s in range(p)]
     # every microbatch adds its weight gradients into the accumulated ones (a memory pass per parameter)
     accumulate = float(system.software.get("grad_accumulation_bytes", 0.0)) / system.bandwidth
-    stages = []
+    costs = []
     for s in range(p):
         c = lc.scale(layers[s])
         if s == 0:
@@ -103,27 +139,48 @@ def estimate(spec: ModelSpec, system, layout: Layout) -> Estimate:
             c = c + head
         if accumulate:
             c = c + PhaseCost(w=params[s] * accumulate)
-        stages.append(c)
-
+        costs.append(c)
+    flash = system.software["attention"] == "flash"
+    per_layer = layer_activation_bytes(spec, L, flash)
+    # full recompute: the block being recomputed holds its whole activations once
+    full_extra = layer_activation_bytes(spec, L.replace(recompute="none"), flash) if L.recompute == "full" else 0.0
+    static = [full_extra + end_activation_bytes(spec, L, s == 0, s == p - 1) for s in range(p)]
+    crit = max(range(p), key=lambda s: costs[s].total_f + costs[s].total_b + costs[s].w)
+    heavy = max(range(p), key=lambda s: params[s])
     # p2p: one activation (and its gradient) per boundary per microbatch, split over tp with SP
     # or Megatron's scatter-gather (each tp rank sends 1/t, an all-gather over tp rebuilds it)
-    e = DTYPE_BYTES[L.dtype]
     split = L.sequence_parallel or system.software.get("p2p_scatter_gather", False)
-    act = L.micro_batch * spec.seq_len / L.sp * spec.hidden * e / (t if split else 1)
-    stride_pp = t * L.sp * L.dp
-    comm = system.collective("send_recv", act, 2, stride_pp) if p > 1 else 0.0
+    p2p = L.micro_batch * spec.seq_len / L.sp * spec.hidden * DTYPE_BYTES[L.dtype] / (t if split else 1)
+    hit = cache[key] = _Stages(layers, costs, params, per_layer, static, crit, heavy,
+                               _param_tensors(spec, layers[heavy], heavy == 0, heavy == p - 1), p2p)
+    return hit
+
+
+def estimate(spec: ModelSpec, system, layout: Layout) -> Estimate:
+    """Predicted step time, memory and throughput of `layout` for `spec` on `system`."""
+    if not isinstance(spec, ModelSpec):
+        raise MpiparError(f"estimate: spec must be a plan.ModelSpec, got {type(spec).__name__}")
+    if not isinstance(layout, Layout):
+        raise MpiparError(f"estimate: layout must be a plan.Layout, got {type(layout).__name__}")
+    L = layout
+    p, v, m, t = L.pp, L.num_chunks, L.num_microbatches, L.tp
+    if p > 1:
+        check_args(L.schedule, p, m, v)
+    S = _stages(spec, system, L)
+    layers, stages, params = S.layers, S.costs, S.params
+    comm = system.collective("send_recv", S.p2p_bytes, 2, t * L.sp * L.dp) if p > 1 else 0.0
 
     # CPU hosts: busy ranks beyond the cores slow compute
     slow = 1.0
     world = L.world_size
-    span, span0, peaks = _pipeline(L, stages, comm, 1.0)
+    span, span0, peaks = _pipeline(system, S, L, comm, 1.0)
     if system.cores and world > system.cores:
         busy = sum(m * (c.total_f + c.total_b + c.w) for c in stages) / max(p * span0, 1e-30)
         slow = max(1.0, world * min(1.0, busy) / float(system.cores))
         if slow > 1.0:
-            span, span0, peaks = _pipeline(L, stages, comm, slow)
+            span, span0, peaks = _pipeline(system, S, L, comm, slow)
 
-    crit = max(range(p), key=lambda s: stages[s].total_f + stages[s].total_b + stages[s].w)
+    crit = S.crit
     cs = stages[crit]
     compute = m * (cs.f + cs.b + cs.w) * slow
     tp_comm = m * (cs.f_tp + cs.b_tp)
@@ -132,70 +189,56 @@ def estimate(spec: ModelSpec, system, layout: Layout) -> Estimate:
     pp_comm = max(0.0, span - span0)
 
     # data-parallel communication
-    heavy = max(range(p), key=lambda s: params[s])
-    psi = params[heavy]
+    psi = params[S.heavy]
     d = L.dp * L.sp
-    dp_comm, why_dp = _dp_comm(system, L, psi, d, stages[heavy], slow, m)
+    dp_comm, why_dp = _dp_comm(system, L, psi, d, stages[S.heavy], slow, m)
 
     # optimizer
     opt_params = psi / d if L.zero >= 1 else psi
-    n_tensors = _param_tensors(spec, layers[heavy], heavy == 0, heavy == p - 1)
-    optimizer = (opt_params * float(system.data["optimizer"]["bytes_per_param"]) / system.bandwidth
-                 + n_tensors * float(system.data["optimizer"]["per_tensor"])) * slow
+    opt = system.data["optimizer"]
+    optimizer = (opt_params * float(opt["bytes_per_param"]) / system.bandwidth
+                 + S.n_tensors * float(opt["per_tensor"])) * slow
 
     step = compute + tp_comm + sp_comm + bubble + pp_comm + dp_comm + optimizer
     breakdown = {"compute": compute, "tp_comm": tp_comm, "sp_comm": sp_comm, "pp_comm": pp_comm,
                  "dp_comm": dp_comm, "bubble": bubble, "optimizer": optimizer}
 
     # memory: the stage with the largest total
-    flash = system.software["attention"] == "flash"
-    per_layer = layer_activation_bytes(spec, L, flash)
-    full_extra = layer_activation_bytes(spec, L.replace(recompute="none"), flash) if L.recompute == "full" else 0.0
-    best = None
+    kp, kg, ko = state_bytes_per_param(L.dtype, L.zero, d)
+    k = kp + kg + ko
+    best, mem_stage = -1.0, 0
     for s in range(p):
-        pb, gb, ob = (x * params[s] for x in state_bytes_per_param(L.dtype, L.zero, d))
-        inflight = peaks[s] if p > 1 else 1.0
-        acts = inflight * layers[s] * per_layer + full_extra + end_activation_bytes(spec, L, s == 0, s == p - 1)
-        total = pb + gb + ob + acts
-        if best is None or total > best[0]:
-            best = (total, {"params": pb, "grads": gb, "optimizer": ob, "activations": acts}, s, inflight)
-    memory, mem_breakdown, mem_stage, inflight = best
+        total = k * params[s] + (peaks[s] if p > 1 else 1.0) * layers[s] * S.per_layer + S.static_acts[s]
+        if total > best:
+            best, mem_stage = total, s
+    ps, inflight = params[mem_stage], (peaks[mem_stage] if p > 1 else 1.0)
+    mem_breakdown = {"params": kp * ps, "grads": kg * ps, "optimizer": ko * ps,
+                     "activations": inflight * layers[mem_stage] * S.per_layer + S.static_acts[mem_stage]}
 
     tokens = L.global_batch * spec.seq_len
-    mfu = model_flops_per_token(spec) * tokens / (step * world * system.peak(L.dtype)) if step > 0 else 0.0
-    details = {
-        "stage_layers": layers, "critical_stage": crit, "memory_stage": mem_stage, "slowdown": slow,
-        "stage_f": [c.total_f for c in stages], "stage_b": [c.total_b for c in stages],
-        "stage_w": [c.w for c in stages], "p2p": comm, "inflight": list(peaks), "params_per_rank": psi,
-        "why_compute": f"{m} microbatches x (F {cs.f * 1e3:.3f} + B {cs.b * 1e3:.3f} + W {cs.w * 1e3:.3f} ms) on "
-                       f"stage {crit} ({layers[crit]} blocks{' + embedding' if crit == 0 else ''}"
-                       f"{' + head' if crit == p - 1 else ''})" + (f", x{slow:.2f} for {world} ranks on "
-                                                                   f"{system.cores} cores" if slow > 1 else ""),
-        "why_tp_comm": f"tp={t}: {'2 all-gathers + 2 reduce-scatters' if L.sequence_parallel else '2 all-reduces'}"
-                       f" per block each way" if t > 1 else "tp=1",
-        "why_sp_comm": (f"sp={L.sp} {L.sp_mode}: " + ("exposed KV passes beyond the block compute"
-                        if L.sp_mode == "ring" else "4 all-to-alls per block each way")) if L.sp > 1 else "sp=1",
-        "why_pp_comm": f"p2p {comm * 1e6:.1f} us per boundary crossing" if p > 1 else "pp=1",
-        "why_bubble": f"{L.schedule} p={p} m={m} v={v}: idle {bubble / max(span0, 1e-30):.1%} of the makespan"
-                      if p > 1 else "no pipeline",
-        "why_dp_comm": why_dp,
-        "why_optimizer": f"Adam on {opt_params / 1e6:.2f}M parameters, {n_tensors} tensors",
-        "why_memory": f"stage {mem_stage}, {inflight:g} microbatches in flight x {layers[mem_stage]} blocks x "
-                      f"{per_layer / 2**20:.2f} MiB, ZeRO {L.zero} over d={d}",
-    }
-    return Estimate(L, step, breakdown, memory, mem_breakdown, tokens / step if step > 0 else math.inf, mfu,
+    mfu = _flops_per_token(spec) * tokens / (step * world * system.peak(L.dtype)) if step > 0 else 0.0
+    details = {"stage_layers": layers, "critical_stage": crit, "memory_stage": mem_stage, "slowdown": slow,
+               "critical": cs, "stages": stages, "p2p": comm, "inflight": peaks, "params_per_rank": psi,
+               "dp_comm": why_dp, "optimizer_params": opt_params, "optimizer_tensors": S.n_tensors,
+               "layer_activation_bytes": S.per_layer, "data_ranks": d, "makespan_no_p2p": span0,
+               "cores": system.cores}
+    return Estimate(L, step, breakdown, best, mem_breakdown, tokens / step if step > 0 else math.inf, mfu,
                     float(system.data["runtime_bytes"]), details)
 
 
-def _stage_layers_cached(system, n: int, p: int, v: int) -> list[int]:
+_flops_per_token = functools.lru_cache(maxsize=256)(model_flops_per_token)
+
+
+def _pipeline(system, S: _Stages, L: Layout, comm: float, slow: float):
     cache = system.__dict__.setdefault("_plan_cache", {})
-    key = ("stages", n, p, v)
-    if key not in cache:
-        cache[key] = stage_layers(n, p, v)
-    return cache[key]
+    key = ("pipeline", id(S), L.schedule, L.num_microbatches, comm, slow)
+    hit = cache.get(key)
+    if hit is None:
+        hit = cache[key] = _pipeline_uncached(L, S.costs, comm, slow)
+    return hit
 
 
-def _pipeline(L: Layout, stages: list[PhaseCost], comm: float, slow: float):
+def _pipeline_uncached(L: Layout, stages: list[PhaseCost], comm: float, slow: float):
     m = L.num_microbatches
     if L.pp == 1:
         c = stages[0]

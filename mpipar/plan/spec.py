@@ -108,8 +108,10 @@ class Layout:
     dtype: str = "bf16"
 
     def __post_init__(self):
-        for name in ("tp", "pp", "dp", "sp", "num_chunks", "micro_batch", "global_batch"):
-            _positive_int("Layout", name, getattr(self, name))
+        sizes = (self.tp, self.pp, self.dp, self.sp, self.num_chunks, self.micro_batch, self.global_batch)
+        if not all(type(x) is int and x >= 1 for x in sizes):
+            for name in ("tp", "pp", "dp", "sp", "num_chunks", "micro_batch", "global_batch"):
+                _positive_int("Layout", name, getattr(self, name))
         if self.sp_mode not in SP_MODES:
             raise MpiparError(f"Layout: sp_mode must be one of {SP_MODES}, got {self.sp_mode!r}")
         if self.schedule not in SCHEDULES:

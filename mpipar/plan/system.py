@@ -67,6 +67,7 @@ class System:
         self.cores = d.get("cores")
         self.ranks_per_node = int(d["ranks_per_node"])
         self.software = d["software"]
+        self._memo: dict = {}
         self.collectives = {(op, int(n)): (float(ab[0]), float(ab[1]))
                             for op, fits in d.get("collectives", {}).items() for n, ab in fits.items()}
 
@@ -144,6 +145,15 @@ class System:
         """Seconds of `calls` collectives `op` moving `nbytes` in total on a group of `size` ranks."""
         if size <= 1 or calls <= 0:
             return 0.0
+        key = (op, nbytes, size, stride, calls)
+        hit = self._memo.get(key)
+        if hit is None:
+            if len(self._memo) > 100_000:
+                self._memo.clear()
+            hit = self._memo[key] = self._collective(op, nbytes, size, stride, calls)
+        return hit
+
+    def _collective(self, op: str, nbytes: float, size: int, stride: int, calls: int) -> float:
         fit = self.collectives.get((op, size))
         if fit is not None and size * stride <= self.ranks_per_node:
             return calls * fit[0] + nbytes * fit[1]
