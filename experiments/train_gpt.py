@@ -32,6 +32,7 @@ from mpi4py import MPI  # noqa: E402
 import mpipar  # noqa: E402
 from mpipar import models  # noqa: E402
 from mpipar.errors import install_abort_on_exception, require  # noqa: E402
+from mpipar.plan import runs as plan_runs  # noqa: E402
 from mpipar.trace import Tracer, write_table  # noqa: E402
 
 LAYOUTS_4 = [(1, 1, 1, 4), (1, 4, 1, 1), (1, 1, 4, 1), (4, 1, 1, 1),
@@ -70,6 +71,7 @@ class Config:
     save: str = ""
     resume: str = ""
     out: str = "results/train_gpt.h5"
+    plan_system: str = "local-cpu"  # mpipar.plan system file or name for the predicted-vs-measured columns
 
 
 def parse_args() -> Config:
@@ -154,11 +156,15 @@ def run_layout(cfg: Config, layout: tuple, corpus, tracer_rows: list, world) -> 
         models.save(model, opt, cfg.save, extra={"step": start + cfg.steps})
     tracer.save(cfg.out, attrs={"experiment": "train_gpt", "config": dataclasses.asdict(cfg)})
     timed = times[cfg.warmup:] or times
-    return {"layout": name, "dp": dp, "pp": pp, "sp": sp, "tp": tp, "schedule": schedule,
-            "params": gcfg.num_params(), "first_loss": losses[0], "last_loss": losses[-1],
-            "tokens_per_s": cfg.batch * cfg.seq / statistics.median(timed),
-            "step_s": statistics.median(timed), "max_rss_bytes": max(r["max_rss_bytes"] for r in tracer_rows
-                                                                     if r["layout"] == name)}
+    row = {"layout": name, "dp": dp, "pp": pp, "sp": sp, "tp": tp, "schedule": schedule,
+           "params": gcfg.num_params(), "first_loss": losses[0], "last_loss": losses[-1],
+           "tokens_per_s": cfg.batch * cfg.seq / statistics.median(timed),
+           "step_s": statistics.median(timed), "max_rss_bytes": max(r["max_rss_bytes"] for r in tracer_rows
+                                                                    if r["layout"] == name),
+           "max_activation_peak_bytes": max(r["max_activation_peak_bytes"] for r in tracer_rows
+                                            if r["layout"] == name)}
+    row.update(plan_runs.train_gpt_prediction(gcfg, cfg, layout, row, tracer.spans))  # predicted vs measured
+    return row
 
 
 def main() -> None:
@@ -172,13 +178,13 @@ def main() -> None:
         summary.append(run_layout(cfg, layout, corpus, rows, world))
     if world.rank == 0:
         write_table(cfg.out, "train_gpt", rows, UNITS)
-        if len(summary) > 1:
-            write_table(cfg.out, "train_gpt_layouts", summary, UNITS)
+        write_table(cfg.out, "train_gpt_layouts", summary, {**UNITS, **plan_runs.UNITS})
         print(f"\n{'layout':<20}{'schedule':<18}{'tokens/s':>10}{'step s':>9}{'loss first':>12}"
               f"{'loss last':>11}{'max RSS MiB':>13}")
         for s in summary:
             print(f"{s['layout']:<20}{s['schedule']:<18}{s['tokens_per_s']:>10.0f}{s['step_s']:>9.3f}"
                   f"{s['first_loss']:>12.4f}{s['last_loss']:>11.4f}{s['max_rss_bytes'] / 2**20:>13.0f}")
+        print(plan_runs.format_predicted(summary))
         print(f"results: {cfg.out}")
 
 

@@ -140,17 +140,19 @@ def _layer_cost(spec: ModelSpec, system, L: Layout) -> PhaseCost:
         bh = L.micro_batch * a
         bmm = system.matmul(s_q, s_kv, hd, dt, e) * bh
         score = bh * s_q * s_kv
-        attn_f = 2 * bmm + system.memory_bound(score * (4 * e + 1))
-        attn_b = 4 * bmm + system.memory_bound(score * (5 * e + 1))
-        ops.add("F", 2 * bmm, count=2, flops=2 * core_flops)
-        ops.add("F", system.memory_bound(score * (4 * e + 1)), count=2)
+        drop = 1 if spec.dropout else 0
+        ew_f = system.memory_bound(score * (2 * e + drop * (2 * e + 1)))   # softmax (+ dropout)
+        ew_b = system.memory_bound(score * (3 * e + drop * (2 * e + 1)))
+        attn_f, attn_b = 2 * bmm + ew_f, 4 * bmm + ew_b
+        ops.add("F", 2 * bmm, count=2, flops=core_flops)
+        ops.add("F", ew_f, count=1 + drop)
         ops.add("B", 4 * bmm, count=4, flops=2 * core_flops)
-        ops.add("B", system.memory_bound(score * (5 * e + 1)), count=2)
+        ops.add("B", ew_b, count=1 + drop)
         ops_f, ops_b = 4, 4
 
     # elementwise passes (forward bytes; the backward moves about twice as much)
     if spec.arch == "gpt2":
-        hid = T_ew * (2 * 2 * h * e + 2 * (3 * e + 1) * h)   # two LayerNorms, two bias-dropout-adds
+        hid = T_ew * (2 * 2 * h * e + 2 * (3 * e + (1 if spec.dropout else 0)) * h)  # 2 LayerNorms, 2 (dropout-)adds
         wide = T * 2 * e * f / t                          # bias-GeLU
         n_ew = 5
     else:

@@ -185,7 +185,7 @@ def estimate(spec: ModelSpec, system, layout: Layout) -> Estimate:
     compute = m * (cs.f + cs.b + cs.w) * slow
     tp_comm = m * (cs.f_tp + cs.b_tp)
     sp_comm = m * (cs.f_sp + cs.b_sp)
-    bubble = max(0.0, span0 - compute - tp_comm - sp_comm)
+    bubble = max(0.0, span0 - compute - tp_comm - sp_comm) if p > 1 else 0.0
     pp_comm = max(0.0, span - span0)
 
     # data-parallel communication

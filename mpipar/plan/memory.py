@@ -43,14 +43,14 @@ def layer_activation_bytes(spec: ModelSpec, layout: Layout, flash: bool, elem: i
     rep_t = t if layout.sequence_parallel else 1
     if layout.recompute == "full":
         return tokens * h * e / rep_t
+    mask = 1 if spec.dropout else 0                       # dropout keeps a byte mask per element
     if spec.arch == "gpt2":
-        replicated = (4 * e + 2) * h                     # 2 norm inputs, qkv and fc1 inputs, 2 dropout masks
+        replicated = 4 * e * h + 2 * mask * h             # 2 norm inputs, qkv and fc1 inputs, 2 dropout masks
         split = (h + 2 * g * hd + h + 2 * f) * e          # q, k, v, proj input, GeLU input, fc2 input
-        scores = (2 * e + 1) * a * spec.seq_len            # softmax out, dropout mask, dropout out
     else:
-        replicated = 4 * h * e                            # 2 norm inputs, qkv and MLP inputs
+        replicated = 4 * h * e + 2 * mask * h             # 2 norm inputs, qkv and MLP inputs
         split = (h + 2 * g * hd + h + 4 * f) * e          # q, k, v, proj input, gate, up, silu, down input
-        scores = (e + 0) * a * spec.seq_len                # softmax out (no dropout)
+    scores = (e + (e + 1) * mask) * a * spec.seq_len       # softmax out (+ dropout mask and output)
     per_token = replicated / rep_t + split / t
     if not flash and layout.recompute == "none":
         per_token += scores / t

@@ -24,7 +24,11 @@ def _positive_int(owner: str, name: str, value) -> None:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Shape of the model, in GPTConfig's order. ffn_hidden=None: 4h (gpt2) or Llama's 8h/3 rounded up to 256."""
+    """Shape of the model, in GPTConfig's order. ffn_hidden=None: 4h (gpt2) or Llama's 8h/3 rounded up to 256.
+
+    dropout: whether the blocks apply dropout (Megatron's GPT does, with its masks
+    kept for the backward; mpipar's models do not, and from_config says so).
+    """
 
     vocab_size: int
     seq_len: int
@@ -35,6 +39,7 @@ class ModelSpec:
     arch: str = "gpt2"
     num_kv_heads: int | None = None
     tied: bool = False
+    dropout: bool = True
 
     def __post_init__(self):
         for name in ("vocab_size", "seq_len", "hidden", "num_heads", "num_layers"):
@@ -56,11 +61,12 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, cfg) -> "ModelSpec":
-        """From a models.GPTConfig (or anything with its attribute names)."""
+        """From a models.GPTConfig (or anything with its attribute names); mpipar's models have no dropout."""
         arch = getattr(cfg, "arch", "gpt2")
         return cls(cfg.vocab_size, cfg.seq_len, cfg.hidden, cfg.num_heads, cfg.num_layers,
                    ffn_hidden=getattr(cfg, "ffn_hidden", None), arch=arch,
-                   num_kv_heads=getattr(cfg, "num_kv_heads", None), tied=bool(getattr(cfg, "tied", False)))
+                   num_kv_heads=getattr(cfg, "num_kv_heads", None), tied=bool(getattr(cfg, "tied", False)),
+                   dropout=bool(getattr(cfg, "dropout", False)))
 
     @property
     def head_dim(self) -> int:
