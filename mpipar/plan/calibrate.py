@@ -11,6 +11,8 @@ ranks fill the cores):
                    fraction of the matmul peak
   memory           a large copy's bandwidth; Adam's traffic per parameter and its
                    host cost per tensor (with the gradient-norm pass of clipping)
+  contention       a fixed compute probe with 2 and 4 ranks busy at once, against
+                   one: how much slower each rank computes when they share the host
   collectives      mpipar.comm's all-reduce, all-gather, reduce-scatter, all-to-all
                    and p2p at 2 and 4 ranks under mpiexec (calibrate_comm.py), fitted
                    per call as a + nbytes * b; the resident set of a bare rank
@@ -38,14 +40,15 @@ from .system import System
 
 
 def _bench(fn, reps: int, rounds: int = 5) -> float:
+    """Median seconds per call over `rounds` rounds (medians, as train_gpt reports its steps)."""
     fn()
-    best = float("inf")
+    times = []
     for _ in range(rounds):
         t0 = time.perf_counter()
         for _ in range(reps):
             fn()
-        best = min(best, (time.perf_counter() - t0) / reps)
-    return best
+        times.append((time.perf_counter() - t0) / reps)
+    return float(np.median(times))
 
 
 def _counting_system() -> System:
@@ -158,7 +161,7 @@ def measure_comm(ranks, quick: bool) -> dict:
     mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
     if mpiexec is None:
         raise MpiparError("calibrate: no mpiexec found next to the Python executable or on PATH")
-    out: dict = {"collectives": {}, "collective_points": {}, "rss_bytes": 0}
+    out: dict = {"collectives": {}, "collective_points": {}, "rss_bytes": 0, "probe_s": {}}
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                        os.environ.get("PYTHONPATH", "")])}
     for n in ranks:
@@ -175,6 +178,7 @@ def measure_comm(ranks, quick: bool) -> dict:
             for op, fits in got[key].items():
                 out[key].setdefault(op, {}).update(fits)
         out["rss_bytes"] = max(out["rss_bytes"], got["rss_bytes"])
+        out["probe_s"][str(n)] = got["probe_s"]
     return out
 
 
@@ -200,7 +204,13 @@ def calibrate(out=None, ranks=(2, 4), quick: bool = False, threads: int = 1, log
     log(f"memory bandwidth {bw / 1e9:.1f} GB/s")
     per_tensor, bytes_per_param = measure_optimizer(torch, bw)
     log(f"optimizer {per_tensor * 1e6:.1f} us per tensor, {bytes_per_param:.0f} bytes per parameter")
-    comm = measure_comm(ranks, quick) if ranks else {"collectives": {}, "collective_points": {}, "rss_bytes": 0}
+    from .calibrate_comm import compute_probe
+
+    probe1 = compute_probe(torch)
+    comm = measure_comm(ranks, quick) if ranks else {"collectives": {}, "collective_points": {}, "rss_bytes": 0,
+                                                      "probe_s": {}}
+    contention = {n: t / probe1 for n, t in comm["probe_s"].items()}
+    log("compute slowdown with N ranks busy: " + ", ".join(f"{n}: {c:.2f}x" for n, c in contention.items()))
     ar = comm["collectives"].get("all_reduce", {})
     n_big = max((int(n) for n in ar), default=2)
     a, b = ar.get(str(n_big), [20e-6, 1e-9])
@@ -220,7 +230,7 @@ def calibrate(out=None, ranks=(2, 4), quick: bool = False, threads: int = 1, log
         "memory_bandwidth": bw, "memory_efficiency": 1.0,
         "memory_capacity": float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
         "op_overhead": overhead, "overhead_mode": "add",
-        "cores": cores, "ranks_per_node": 1 << 20,
+        "cores": cores, "ranks_per_node": 1 << 20, "contention": contention,
         "links": {"intra": {"alpha": alpha, "bandwidth": busbw, "p2p_alpha": pa, "p2p_bandwidth": 1 / max(pb, 1e-15)},
                   "inter": {"alpha": alpha, "bandwidth": busbw, "p2p_alpha": pa, "p2p_bandwidth": 1 / max(pb, 1e-15)}},
         "collectives": comm["collectives"],

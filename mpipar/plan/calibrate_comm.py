@@ -8,7 +8,8 @@ time = a + nbytes * b (rows weighted by 1/time: the noise is relative).
 nbytes is the full tensor: the all-reduce's buffer, the all-gather's output,
 the reduce-scatter's input, the all-to-all's local buffer, the p2p message.
 Rank 0 writes {"collectives": {op: {N: [a, b]}}, "collective_points": the
-measurements, "rss_bytes": the largest rank's resident set} to OUT.json.
+measurements, "rss_bytes": the largest rank's resident set, "probe_s": the mean
+time of a fixed compute probe with all N ranks busy at once} to OUT.json.
 """
 from __future__ import annotations
 
@@ -37,6 +38,29 @@ def _max():
     return MPI.MAX
 
 
+def compute_probe(torch) -> float:
+    """Seconds of a fixed mix of eager ops and GEMMs (the median of 5 rounds)."""
+    from mpipar.models.gpt import Block, GPTConfig
+
+    block = Block(GPTConfig(16, 16, 32, 2, 1), 0)
+    x = torch.randn(2, 16, 32, requires_grad=True)
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+
+    def once():
+        for _ in range(10):
+            block(x).sum().backward()
+        for _ in range(10):
+            a @ b
+
+    once()
+    rounds = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        once()
+        rounds.append(time.perf_counter() - t0)
+    return float(np.median(rounds))
+
+
 def _fit(sizes, times) -> list[float]:
     x, t = np.asarray(sizes, float), np.asarray(times, float)
     A = np.stack([np.ones_like(x), x], axis=1) / t[:, None]
@@ -59,6 +83,9 @@ def main(argv=None) -> int:
     mesh = mpipar.Mesh(dp=n)
     g = mesh.dp
     rss = world.allreduce(rss_bytes(), op=MPI.MAX)
+    torch.set_num_threads(1)
+    world.Barrier()
+    probe = world.allreduce(compute_probe(torch), op=MPI.SUM) / n   # every rank busy at once
     sizes = [256, 4096, 65536, 1 << 20] if quick else [256, 2048, 16384, 131072, 1 << 20, 4 << 20]
     results: dict = {}
     points: dict = {}
@@ -92,7 +119,8 @@ def main(argv=None) -> int:
         points[op] = {str(n): [[s, t] for s, t in zip(sizes, times)]}
     if world.rank == 0:
         with open(out, "w") as f:
-            json.dump({"collectives": results, "collective_points": points, "rss_bytes": rss}, f)
+            json.dump({"collectives": results, "collective_points": points, "rss_bytes": rss,
+                       "probe_s": probe}, f)
     return 0
 
 

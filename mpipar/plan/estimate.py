@@ -12,8 +12,9 @@ The step, on the critical path:
 Breakdown (seconds, sums to step_time): compute, tp_comm and sp_comm are the
 busiest stage's m microbatches of work; bubble is the rest of the makespan
 without p2p costs; pp_comm what p2p adds to the makespan.
-On CPU systems (`cores`) ranks that outnumber the cores share them: compute
-slows by the busy ranks per core.
+On CPU systems (`cores`) ranks share the host: compute slows by the
+system's measured contention for the ranks busy at once (world size times the
+pipeline's busy fraction), or by busy ranks per core without a measurement.
 """
 from __future__ import annotations
 
@@ -174,9 +175,9 @@ def estimate(spec: ModelSpec, system, layout: Layout) -> Estimate:
     slow = 1.0
     world = L.world_size
     span, span0, peaks = _pipeline(system, S, L, comm, 1.0)
-    if system.cores and world > system.cores:
+    if system.cores and world > 1:
         busy = sum(m * (c.total_f + c.total_b + c.w) for c in stages) / max(p * span0, 1e-30)
-        slow = max(1.0, world * min(1.0, busy) / float(system.cores))
+        slow = system.slowdown(world * min(1.0, busy))
         if slow > 1.0:
             span, span0, peaks = _pipeline(system, S, L, comm, slow)
 

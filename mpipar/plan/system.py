@@ -10,6 +10,8 @@ Fields (every shipped number carries its source under "sources"):
   op_overhead, overhead_mode   seconds per kernel launch / eager op; "max" (asynchronous
                                launches hide behind work) or "add" (the host waits)
   cores                        host cores shared by the ranks of a node (CPU systems), else null
+  contention{N: factor}        measured compute slowdown with N ranks busy on the host (calibrate);
+                               without it, N / cores beyond the cores
   ranks_per_node               devices per node
   links{intra, inter}          alpha (s per ring step), bandwidth (bus bandwidth, B/s), p2p_alpha,
                                p2p_bandwidth; inter: bandwidth per device (its NIC)
@@ -104,6 +106,22 @@ class System:
         if dtype not in self.peak_flops:
             raise MpiparError(f"System {self.name!r} has no peak rate for dtype {dtype!r}")
         return self.peak_flops[dtype]
+
+    def slowdown(self, busy_ranks: float) -> float:
+        """Compute slowdown when `busy_ranks` ranks compute at once on one host (1 on accelerators)."""
+        if not self.cores:
+            return 1.0
+        table = sorted((int(n), float(f)) for n, f in self.data.get("contention", {}).items())
+        if not table:
+            return max(1.0, busy_ranks / float(self.cores))
+        pts = [(1, 1.0)] + [x for x in table if x[0] > 1]
+        if busy_ranks <= 1:
+            return 1.0
+        for (n0, f0), (n1, f1) in zip(pts, pts[1:]):
+            if busy_ranks <= n1:
+                return max(1.0, f0 + (f1 - f0) * (busy_ranks - n0) / (n1 - n0))
+        n_last, f_last = pts[-1]
+        return max(1.0, f_last * busy_ranks / n_last)
 
     def op(self, work: float) -> float:
         """Time of one kernel / eager op doing `work` seconds of device work."""
