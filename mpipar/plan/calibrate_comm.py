@@ -8,7 +8,8 @@ time = a + nbytes * b (rows weighted by 1/time: the noise is relative).
 nbytes is the full tensor: the all-reduce's buffer, the all-gather's output,
 the reduce-scatter's input, the all-to-all's local buffer, the p2p message.
 Rank 0 writes {"collectives": {op: {N: [a, b]}}, "collective_points": the
-measurements, "rss_bytes": the largest rank's resident set, "probe_s": the mean
+measurements, "rss_bytes": the largest rank's resident set after a few steps of a
+tiny model, "probe_s": the mean
 time of a fixed compute probe with all N ranks busy at once} to OUT.json.
 """
 from __future__ import annotations
@@ -61,6 +62,21 @@ def compute_probe(torch) -> float:
     return float(np.median(rounds))
 
 
+def _trained_rss(torch, mesh, rss_bytes) -> int:
+    """Resident set after a few steps of a tiny data-parallel GPT: what the framework itself holds
+    (its model states are a few hundred KiB)."""
+    from mpipar import models
+
+    cfg = models.GPTConfig(64, 32, 32, 2, 2)
+    model = models.GPT(cfg, mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        tokens = torch.randint(0, 64, (2 * mesh.dp.size, 32), generator=gen)
+        models.train_step(model, (tokens, tokens), opt, mesh, 2, max_grad_norm=1.0)
+    return rss_bytes()
+
+
 def _fit(sizes, times) -> list[float]:
     x, t = np.asarray(sizes, float), np.asarray(times, float)
     A = np.stack([np.ones_like(x), x], axis=1) / t[:, None]
@@ -82,7 +98,7 @@ def main(argv=None) -> int:
     n = world.Get_size()
     mesh = mpipar.Mesh(dp=n)
     g = mesh.dp
-    rss = world.allreduce(rss_bytes(), op=MPI.MAX)
+    rss = world.allreduce(_trained_rss(torch, mesh, rss_bytes), op=MPI.MAX)
     torch.set_num_threads(1)
     world.Barrier()
     probe = world.allreduce(compute_probe(torch), op=MPI.SUM) / n   # every rank busy at once
