@@ -43,6 +43,7 @@ from _train_resume import Run, reset_table  # noqa: E402
 import mpipar  # noqa: E402
 from mpipar import models  # noqa: E402
 from mpipar.errors import install_abort_on_exception, require  # noqa: E402
+from mpipar.plan import runs as plan_runs  # noqa: E402
 from mpipar.trace import Tracer, write_table  # noqa: E402
 from _model_source import Source  # noqa: E402
 
@@ -90,6 +91,7 @@ class Config:
     data: str = ""         # a token file (experiments/tokenize_text.py); default: the built-in corpus
     data_dtype: str = "uint16"
     init_from: str = ""    # a local Hugging Face save_pretrained folder (Llama or GPT-2)
+    plan_system: str = "local-cpu"  # mpipar.plan system file or name for the predicted-vs-measured columns
 
 
 def parse_args() -> Config:
@@ -174,9 +176,12 @@ def run_layout(cfg: Config, layout: tuple, corpus, world) -> dict:
             break
     tracer.save(cfg.out, attrs={"experiment": "train_gpt", "config": dataclasses.asdict(cfg)})
     run.stop(signum)
-    stats = run.summary(cfg.warmup) or dict.fromkeys(("first_loss", "last_loss", "step_s", "max_rss_bytes"), 0.0)
-    return {"layout": name, "arch": gcfg.arch, "dp": dp, "pp": pp, "sp": sp, "tp": tp, "schedule": schedule,
-            "params": gcfg.num_params(), **stats, "tokens_per_s": cfg.batch * cfg.seq / (stats["step_s"] or float("inf"))}
+    stats = run.summary(cfg.warmup) or dict.fromkeys(("first_loss", "last_loss", "step_s", "max_rss_bytes",
+                                                      "max_activation_peak_bytes"), 0.0)
+    row = {"layout": name, "arch": gcfg.arch, "dp": dp, "pp": pp, "sp": sp, "tp": tp, "schedule": schedule,
+           "params": gcfg.num_params(), **stats, "tokens_per_s": cfg.batch * cfg.seq / (stats["step_s"] or float("inf"))}
+    row.update(plan_runs.train_gpt_prediction(gcfg, cfg, layout, row, tracer.spans))  # predicted vs measured
+    return row
 
 
 def main() -> None:
@@ -191,13 +196,13 @@ def main() -> None:
     for layout in layouts(cfg, world.Get_size()):
         summary.append(run_layout(cfg, layout, corpus, world))
     if world.rank == 0:
-        if len(summary) > 1:
-            write_table(cfg.out, "train_gpt_layouts", summary, UNITS)
+        write_table(cfg.out, "train_gpt_layouts", summary, {**UNITS, **plan_runs.UNITS})
         print(f"\n{'layout':<20}{'schedule':<18}{'tokens/s':>10}{'step s':>9}{'loss first':>12}"
               f"{'loss last':>11}{'max RSS MiB':>13}")
         for s in summary:
             print(f"{s['layout']:<20}{s['schedule']:<18}{s['tokens_per_s']:>10.0f}{s['step_s']:>9.3f}"
                   f"{s['first_loss']:>12.4f}{s['last_loss']:>11.4f}{s['max_rss_bytes'] / 2**20:>13.0f}")
+        print(plan_runs.format_predicted(summary))
         print(f"results: {cfg.out}")
 
 
