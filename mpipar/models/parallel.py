@@ -1,7 +1,9 @@
 """GPT(cfg, mesh): the serial GPT laid out over a tp x sp x dp x pp mesh, with the same numbers.
 
 - tensor parallelism (mesh.tp): vocab-parallel embedding, head and loss;
-  attention split by heads, MLP column/row parallel (Megatron); Megatron
+  attention split by heads, MLP column/row parallel (Megatron; for llama
+  SwiGLU's gate and up column-, down row-parallel, and grouped K/V heads
+  sharded or replicated: mpipar.tensor.gqa); Megatron
   sequence parallelism (`sequence_parallel`, default on when tp > 1): between
   the TP regions each tp rank holds a block of the sequence.
 - sequence parallelism (mesh.sp): each sp rank holds its part of the sequence
