@@ -15,9 +15,9 @@ from .train import clip_grad_norm, global_grad_norm, train_step
 from .checkpoint import load, save
 from .data import CharCorpus
 from .data import TokenFile
-from .hf import from_hf, load_pretrained, to_hf, to_hf_config
+from .hf import LazyState, from_hf, load_pretrained, to_hf, to_hf_config
 
 __all__ = ["MLP", "SelfAttention", "GPT", "GPTConfig", "SerialGPT", "train_step", "clip_grad_norm",
            "global_grad_norm", "save", "load", "CharCorpus"]
 __all__ += ["ParallelGPT", "GQAttention", "RMSNorm", "SwiGLU", "PRESETS", "preset", "TokenFile",
-            "from_hf", "to_hf", "to_hf_config", "load_pretrained"]
+            "from_hf", "to_hf", "to_hf_config", "load_pretrained", "LazyState"]
