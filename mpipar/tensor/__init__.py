@@ -8,7 +8,7 @@ that every rank passed the same arguments). `parallelize(module, group, plan)`
 applies them to a model mpipar did not write (`plans.llama` for transformers' Llama).
 """
 from .attention import ParallelSelfAttention
-from .init import seeded_embedding, seeded_init_, seeded_linear
+from ..layers.init import seeded_embedding, seeded_init_, seeded_linear
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .mlp import ParallelMLP
 from .sharding import shard, unshard
