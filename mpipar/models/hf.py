@@ -22,6 +22,7 @@ import torch
 
 from ..errors import MpiparError, require
 from .config import GPTConfig
+from ..tensor.sharding import take_shard
 from .gpt import check_state, param_names
 
 GELU = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -109,8 +110,9 @@ def state_from_hf(cfg: GPTConfig, hf_state: dict) -> dict:
 class LazyState(Mapping):
     """A serial state read from safetensors files one tensor at a time, when indexed.
 
-    `load_full_state_dict` reads each tensor once, keeps this rank's shard and
-    lets the full tensor go, so no rank ever holds the whole model twice.
+    A parallel model's `load_full_state_dict` reads only its shard of each
+    tensor (`shard`: row or column slices straight from the file where the
+    split is contiguous there), so no rank holds the whole model.
     `shape_of(name)` reads only the file's header.
     """
 
@@ -138,6 +140,20 @@ class LazyState(Mapping):
         with safe_open(file, framework="pt") as f:
             t = f.get_tensor(hf_name)
         t = t.t().contiguous() if transpose else t
+        return t if self.dtype is None else t.to(self.dtype)
+
+    def shard(self, name: str, part: int, parts: int, dim: int | None, stride: int = 1) -> torch.Tensor:
+        """take_shard(self[name], ...) reading only that slice from the file where it is contiguous
+        in the file's layout (not transposed, stride 1); the whole tensor otherwise."""
+        from safetensors import safe_open
+
+        file, hf_name, transpose, shape = self._where[name]
+        if dim is None or parts == 1 or transpose or stride != 1:
+            return take_shard(self[name], part, parts, dim, stride)
+        size = shape[dim] // parts
+        index = tuple(slice(part * size, (part + 1) * size) if d == dim else slice(None) for d in range(len(shape)))
+        with safe_open(file, framework="pt") as f:
+            t = f.get_slice(hf_name)[index]
         return t if self.dtype is None else t.to(self.dtype)
 
     def __iter__(self):

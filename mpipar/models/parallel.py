@@ -248,8 +248,9 @@ class ParallelGPT(nn.Module):
             err = str(exc)
         agree(self.mesh.world.comm, err)
         for s in self.specs():
-            full = state[s.name]
-            local = take_shard(full, s.part, s.parts, s.dim if s.sharded else None, s.stride)
+            dim = s.dim if s.sharded else None
+            local = state.shard(s.name, s.part, s.parts, dim, s.stride) if hasattr(state, "shard") \
+                else take_shard(state[s.name], s.part, s.parts, dim, s.stride)
             s.param.copy_(local.to(dtype=s.param.dtype, device=s.param.device))
 
 
