@@ -12,7 +12,7 @@ initialise MPI in the pytest process.
   fail on every rank together. A rank that asserts and leaves a test while the
   others go on into the next collective would hang the job, so MPI tests that
   compare inside loops of collectives record with `checks` and call `checks.finish()`.
-- `requires_cuda`: skipif marker for CUDA-only tests.
+- `requires_cuda`: decorator for CUDA-only tests: marked `cuda`, skipped without a GPU.
 - `_settings_follow_env` (autouse): mpipar reads MPIPAR_* once (mpipar.settings); a test that
   sets one with `monkeypatch.setenv`/`delenv` gets the settings re-read at once, and again
   after the environment is restored.
@@ -22,7 +22,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def requires_cuda(test):
+    """Mark a test `cuda` (selected by `make test-gpu`) and skip it without a GPU."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 
 @pytest.fixture(autouse=True)
