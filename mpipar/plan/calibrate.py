@@ -2,15 +2,16 @@
 
 Measured, with one torch thread per rank (what mpipar gives each rank when
 ranks fill the cores):
-  op_overhead      eager PyTorch's cost per op: a tiny GPT block's forward and
-                   backward divided by the ops the model counts for it
+  op_overhead      eager PyTorch's cost per op: a tiny GPT block's forward (and,
+                   for backward ops, its backward) divided by the ops the model counts
   matmul           fp32 GEMMs over square and transformer shapes: the peak and the
                    half-size of the efficiency curve (least squares on log time);
                    bf16 / fp16 as their measured ratio to fp32 at one size
   attention        the fused CPU attention kernel (forward + backward) as a
                    fraction of the matmul peak
-  memory           a large copy's bandwidth; Adam's traffic per parameter and its
-                   host cost per tensor (with the gradient-norm pass of clipping)
+  memory           the copy bandwidth of 4 MiB tensors; Adam's traffic per parameter
+                   (1M parameters in 256 KiB tensors) and its host cost per tensor
+                   (with the gradient-norm pass of clipping)
   contention       a fixed compute probe with 2 and 4 ranks busy at once, against
                    one: how much slower each rank computes when they share the host
   collectives      mpipar.comm's all-reduce, all-gather, reduce-scatter, all-to-all
@@ -78,9 +79,10 @@ def measure_overhead(torch) -> tuple[float, dict]:
     del y
     ops = layer_cost(ModelSpec(16, 4, 8, 2, 1), _counting_system(), Layout(dtype="fp32"))
     n_f, n_b = ops.f, ops.b + ops.w
-    per_op = t_fb / (n_f + n_b)
-    return per_op, {"block_forward_s": t_f, "block_forward_backward_s": t_fb, "ops_forward": n_f,
-                    "ops_backward": n_b}
+    per_op_f = t_f / n_f                              # Python modules and the dispatcher
+    per_op_b = max(t_fb - t_f, 0.0) / n_b             # the C++ autograd engine: cheaper per node
+    return per_op_f, per_op_b, {"block_forward_s": t_f, "block_forward_backward_s": t_fb, "ops_forward": n_f,
+                                "ops_backward": n_b}
 
 
 def measure_matmul(torch, overhead: float, quick: bool) -> tuple[float, float, dict]:
@@ -130,9 +132,11 @@ def measure_attention(torch, peak: float, overhead: float, half: float) -> tuple
 
 
 def measure_memory(torch) -> float:
-    a = torch.ones(1 << 24)
+    """Copy bandwidth of 4 MiB tensors: the size of a small model's activations (cache-resident
+    tensors copy faster than DRAM-sized ones; CPU systems are calibrated for what mpipar runs here)."""
+    a = torch.ones(1 << 20)
     b = torch.empty_like(a)
-    t = _bench(lambda: b.copy_(a), 3, 3)
+    t = _bench(lambda: b.copy_(a), 20, 5)
     return 2 * a.numel() * 4 / t
 
 
@@ -152,9 +156,9 @@ def measure_optimizer(torch, bandwidth: float) -> tuple[float, float]:
 
     many = [torch.nn.Parameter(torch.zeros(16)) for _ in range(64)]
     per_tensor = run(many) / len(many)
-    big = [torch.nn.Parameter(torch.zeros(1 << 22))]
-    t = max(run(big) - per_tensor, 1e-9)
-    return per_tensor, t * bandwidth / big[0].numel()
+    mid = [torch.nn.Parameter(torch.zeros(1 << 16)) for _ in range(16)]   # 1M parameters in 256 KiB tensors
+    t = max(run(mid) - per_tensor * len(mid), 1e-9)
+    return per_tensor, t * bandwidth / sum(p.numel() for p in mid)
 
 
 def measure_comm(ranks, quick: bool) -> dict:
@@ -189,9 +193,10 @@ def calibrate(out=None, ranks=(2, 4), quick: bool = False, threads: int = 1, log
     t_start = time.perf_counter()
     torch.set_num_threads(threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    overhead, o_pts = measure_overhead(torch)
-    log(f"op overhead {overhead * 1e6:.1f} us ({o_pts['ops_forward']:.0f} + {o_pts['ops_backward']:.0f} ops "
-        f"per block, forward+backward {o_pts['block_forward_backward_s'] * 1e6:.0f} us)")
+    overhead, overhead_b, o_pts = measure_overhead(torch)
+    log(f"op overhead {overhead * 1e6:.1f} us forward, {overhead_b * 1e6:.1f} us backward "
+        f"({o_pts['ops_forward']:.0f} + {o_pts['ops_backward']:.0f} ops per block, forward "
+        f"{o_pts['block_forward_s'] * 1e6:.0f} us, with backward {o_pts['block_forward_backward_s'] * 1e6:.0f} us)")
     peak, half, m_pts = measure_matmul(torch, overhead, quick)
     log(f"matmul fp32 peak {peak / 1e9:.1f} GFLOP/s, half-size {half}")
     ratios = {dt: measure_dtype_ratio(torch, getattr(torch, name)) for dt, name in (("bf16", "bfloat16"),
@@ -229,7 +234,7 @@ def calibrate(out=None, ranks=(2, 4), quick: bool = False, threads: int = 1, log
         "attention": {"efficiency": att_eff, "half_dim": att_half},
         "memory_bandwidth": bw, "memory_efficiency": 1.0,
         "memory_capacity": float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
-        "op_overhead": overhead, "overhead_mode": "add",
+        "op_overhead": overhead, "op_overhead_backward": overhead_b, "overhead_mode": "add",
         "cores": cores, "ranks_per_node": 1 << 20, "contention": contention,
         "links": {"intra": {"alpha": alpha, "bandwidth": busbw, "p2p_alpha": pa, "p2p_bandwidth": 1 / max(pb, 1e-15)},
                   "inter": {"alpha": alpha, "bandwidth": busbw, "p2p_alpha": pa, "p2p_bandwidth": 1 / max(pb, 1e-15)}},
