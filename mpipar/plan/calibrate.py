@@ -17,7 +17,11 @@ ranks fill the cores):
   collectives      mpipar.comm's all-reduce, all-gather, reduce-scatter, all-to-all
                    and p2p at 2 and 4 ranks under mpiexec (calibrate_comm.py), fitted
                    per call as a + nbytes * b; the resident set of a bare rank
-Everything runs in a few minutes; --quick in about one.
+A shared host's speed drifts while this runs: every single-rank measurement
+is bracketed by a fixed compute probe and scaled to the probes' median, and
+the probe times are stored (measurements.probe_s) so that a run can measure
+the host again and scale the prediction (runs.host_load).
+Everything runs in a minute or two; --quick in less.
 """
 from __future__ import annotations
 
@@ -193,30 +197,48 @@ def calibrate(out=None, ranks=(2, 4), quick: bool = False, threads: int = 1, log
     t_start = time.perf_counter()
     torch.set_num_threads(threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    overhead, overhead_b, o_pts = measure_overhead(torch)
-    log(f"op overhead {overhead * 1e6:.1f} us forward, {overhead_b * 1e6:.1f} us backward "
-        f"({o_pts['ops_forward']:.0f} + {o_pts['ops_backward']:.0f} ops per block, forward "
-        f"{o_pts['block_forward_s'] * 1e6:.0f} us, with backward {o_pts['block_forward_backward_s'] * 1e6:.0f} us)")
-    peak, half, m_pts = measure_matmul(torch, overhead, quick)
-    log(f"matmul fp32 peak {peak / 1e9:.1f} GFLOP/s, half-size {half}")
-    ratios = {dt: measure_dtype_ratio(torch, getattr(torch, name)) for dt, name in (("bf16", "bfloat16"),
-                                                                                  ("fp16", "float16"))}
-    log("bf16 / fp16 rate vs fp32: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
-    att_half = 16
-    att_eff, a_pts = measure_attention(torch, peak, overhead, att_half)
-    log(f"attention efficiency {att_eff:.2f} of the matmul peak")
-    bw = measure_memory(torch)
-    log(f"memory bandwidth {bw / 1e9:.1f} GB/s")
-    per_tensor, bytes_per_param = measure_optimizer(torch, bw)
-    log(f"optimizer {per_tensor * 1e6:.1f} us per tensor, {bytes_per_param:.0f} bytes per parameter")
     from .calibrate_comm import compute_probe
 
-    probe1 = compute_probe(torch)
+    # A shared host's speed drifts: each measurement is bracketed by the compute probe and
+    # scaled to the median probe, so the file describes one consistent host speed.
+    probes = []
+
+    def steady(fn):
+        p0 = compute_probe(torch)
+        out = fn()
+        p1 = compute_probe(torch)
+        probes.extend([p0, p1])
+        return out, (p0 + p1) / 2
+
+    (overhead, overhead_b, o_pts), p_o = steady(lambda: measure_overhead(torch))
+    (peak, half, m_pts), p_m = steady(lambda: measure_matmul(torch, overhead, quick))
+    ratios = {dt: measure_dtype_ratio(torch, getattr(torch, name)) for dt, name in (("bf16", "bfloat16"),
+                                                                                  ("fp16", "float16"))}
+    att_half = 16
+    (att_eff, a_pts), p_a = steady(lambda: measure_attention(torch, peak, overhead, att_half))
+    bw, p_bw = steady(lambda: measure_memory(torch))
+    (per_tensor, bytes_per_param), p_opt = steady(lambda: measure_optimizer(torch, bw))
+    probe1 = float(np.median(probes))
+    overhead, overhead_b = overhead * probe1 / p_o, overhead_b * probe1 / p_o
+    peak *= p_m / probe1
+    att_eff *= p_a / p_m            # its time scaled to probe1, against the scaled peak
+    bw *= p_bw / probe1
+    per_tensor *= probe1 / p_opt
+    bytes_per_param *= (probe1 / p_opt) * (p_bw / probe1)
+    log(f"op overhead {overhead * 1e6:.1f} us forward, {overhead_b * 1e6:.1f} us backward "
+        f"({o_pts['ops_forward']:.0f} + {o_pts['ops_backward']:.0f} ops per block)")
+    log(f"matmul fp32 peak {peak / 1e9:.1f} GFLOP/s, half-size {half}")
+    log("bf16 / fp16 rate vs fp32: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    log(f"attention efficiency {att_eff:.2f} of the matmul peak")
+    log(f"memory bandwidth {bw / 1e9:.1f} GB/s")
+    log(f"optimizer {per_tensor * 1e6:.1f} us per tensor, {bytes_per_param:.0f} bytes per parameter")
+    log(f"compute probe {probe1 * 1e3:.1f} ms (spread {min(probes) * 1e3:.1f}-{max(probes) * 1e3:.1f} ms)")
     comm = measure_comm(ranks, quick) if ranks else {"collectives": {}, "collective_points": {}, "rss_bytes": 0,
                                                       "probe_s": {}}
     contention = {n: t / probe1 for n, t in comm["probe_s"].items()}
+    o_pts["probe_s"] = {"1": probe1, **comm["probe_s"]}
     log("compute slowdown with N ranks busy: " + ", ".join(f"{n}: {c:.2f}x" for n, c in contention.items()))
-    ar = comm["collectives"].get("all_reduce", {})
+    ar = {k: v for k, v in comm["collectives"].get("all_reduce", {}).items() if "@" not in k}
     n_big = max((int(n) for n in ar), default=2)
     a, b = ar.get(str(n_big), [20e-6, 1e-9])
     alpha = a / (2 * (n_big - 1))

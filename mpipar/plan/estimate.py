@@ -176,7 +176,7 @@ def estimate(spec: ModelSpec, system, layout: Layout) -> Estimate:
     slow = 1.0
     world = L.world_size
     span, span0, peaks = _pipeline(system, S, L, comm, 1.0)
-    if system.cores and world > 1:
+    if system.cores:
         busy = sum(m * (c.total_f + c.total_b + c.w) for c in stages) / max(p * span0, 1e-30)
         slow = system.slowdown(world * min(1.0, busy))
         if slow > 1.0:

@@ -13,6 +13,8 @@ Fields (every shipped number carries its source under "sources"):
   cores                        host cores shared by the ranks of a node (CPU systems), else null
   contention{N: factor}        measured compute slowdown with N ranks busy on the host (calibrate);
                                without it, N / cores beyond the cores
+  load                         optional: how much slower the host runs now than when calibrated
+                               (compute and collectives; see with_load)
   ranks_per_node               devices per node
   links{intra, inter}          alpha (s per ring step), bandwidth (bus bandwidth, B/s), p2p_alpha,
                                p2p_bandwidth; inter: bandwidth per device (its NIC)
@@ -113,8 +115,22 @@ class System:
             raise MpiparError(f"System {self.name!r} has no peak rate for dtype {dtype!r}")
         return self.peak_flops[dtype]
 
+    def with_load(self, load: float) -> "System":
+        """The same host running `load` times slower than when it was calibrated (compute and
+        collectives alike): a shared host measured again at run time (see runs.host_load)."""
+        data = copy.deepcopy(self.data)
+        data["load"] = float(load)
+        return System(data, self.path)
+
+    @property
+    def load_factor(self) -> float:
+        return float(self.data.get("load", 1.0))
+
     def slowdown(self, busy_ranks: float) -> float:
         """Compute slowdown when `busy_ranks` ranks compute at once on one host (1 on accelerators)."""
+        return self._slowdown(busy_ranks) * self.load_factor
+
+    def _slowdown(self, busy_ranks: float) -> float:
         if not self.cores:
             return 1.0
         table = sorted((int(n), float(f)) for n, f in self.data.get("contention", {}).items())
@@ -178,7 +194,7 @@ class System:
         if hit is None:
             if len(self._memo) > 100_000:
                 self._memo.clear()
-            hit = self._memo[key] = self._collective(op, nbytes, size, stride, calls, host or size)
+            hit = self._memo[key] = self._collective(op, nbytes, size, stride, calls, host or size) * self.load_factor
         return hit
 
     def _fit(self, op: str, size: int, host: int):
