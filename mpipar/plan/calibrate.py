@@ -170,15 +170,14 @@ def measure_comm(ranks, quick: bool) -> dict:
     if mpiexec is None:
         raise MpiparError("calibrate: no mpiexec found next to the Python executable or on PATH")
     out: dict = {"collectives": {}, "collective_points": {}, "rss_bytes": 0, "probe_s": {}}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
-                                                       os.environ.get("PYTHONPATH", "")])}
+    root = str(Path(__file__).resolve().parents[2])   # `-m` from here imports this checkout's mpipar
     for n in ranks:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "comm.json"
             cmd = [mpiexec, "-n", str(n), sys.executable, "-m", "mpipar.plan.calibrate_comm", str(path)]
             if quick:
                 cmd.append("--quick")
-            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+            r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
             if r.returncode != 0 or not path.exists():
                 raise MpiparError(f"calibrate: {' '.join(cmd)} failed ({r.returncode}): {r.stderr[-2000:]}")
             got = json.loads(path.read_text())

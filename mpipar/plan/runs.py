@@ -10,7 +10,7 @@ here raises: a layout the model cannot describe gets NaN and a note.
 
 A shared CPU host runs at the speed the other processes leave it, which can
 change several-fold within minutes. So on calibrated CPU systems every rank
-runs calibrate's compute probe (about 50 ms alone) when the hook is called,
+runs calibrate's compute probe (a fraction of a second) when the hook is called,
 all at once: `host_load` is how much slower the host is then than at
 calibration (1 = as calibrated) and `pred_step_at_load_s` the prediction at
 that speed. It is a diagnostic: the probe sees the host after the steps, not
