@@ -1,25 +1,27 @@
 #!/usr/bin/env python3
-"""What the flight recorder and the watchdog cost a small and a shared-memory all-reduce.
+"""What the flight recorder costs a small and a shared-memory all-reduce, on vs off.
 
-    mpiexec -n 2 python experiments/flight_overhead.py [--quick] [--rounds 15] [--iters 2000] [--out F.h5]
+    mpiexec -n 2 python experiments/flight_overhead.py [--quick] [--rounds 40] [--iters 300] [--out F.h5]
 
-Two tight loops, each timed in --rounds interleaved rounds of --iters calls with the
-recorder on (as always: every call writes its slot in the ring, the watchdog thread
-runs) and off: mpipar.comm.all_reduce and its argument agreement's agree_all_reduce
-compiled again from their own source without the lines that record (bare_all_reduce),
-and the nested waits' begin/done (which return at once inside a recorded call)
-replaced by functions that do nothing, so off is the code without the recorder. The rounds
-interleave on and off, so a slow phase of a shared machine hits both alike:
+Two tight loops, timed in --rounds rounds of --iters calls per mode, the modes
+alternating (and which goes first alternating too), so a slow phase of a shared
+machine hits both alike:
 - all_reduce of 4 KiB of float32 (the argument agreement carries the data: one
   Allgather per call), next to raw mpi4py's Allreduce of the same 4 KiB;
-- all_reduce of a 1 MiB symmetric tensor (zero-copy shared memory, mpipar.comm.shm).
-Also the recorder alone (a single process, no MPI: robust on a busy machine): what a
-validated all_reduce adds, begin, the agreement's note of dtype and shape and done,
-against a function that does nothing. Rounds alternate which mode goes first.
+- all_reduce of a 1 MiB symmetric tensor (zero-copy shared memory).
+on: mpipar as it is (every call takes its slot in the ring). off: mpipar.comm.all_reduce
+and its agreement's agree_all_reduce compiled again from their own source without the
+lines that record (bare_all_reduce), and the nested waits' begin/done (which return at
+once inside a recorded call) replaced by functions that do nothing: the code without
+the recorder. The watchdog thread runs in both (it wakes once a second).
+Also the recorder alone (one process, no MPI, so robust on a busy machine): what a
+validated all_reduce adds (begin, the agreement's note of dtype and shape, done)
+against a function that does nothing.
 Each call is timed alone; per case and mode the table gives the 10th percentile and
 the median over all calls (the slowest rank's): on a shared machine the low
-percentile is the call's cost without the calls a lost core slowed down. Writes /results/flight_overhead to results/flight_overhead/<UTC stamp>.h5
-(or --out); prints a table on rank 0.
+percentile is the call's cost without the calls that a lost core slowed down.
+Writes /results/flight_overhead to results/flight_overhead/<UTC stamp>.h5 (or --out);
+prints a table on rank 0.
 """
 from __future__ import annotations
 
@@ -150,8 +152,8 @@ def pair_alone(rounds: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--iters", type=int, default=2000)
+    p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--iters", type=int, default=300)
     p.add_argument("--quick", action="store_true", help="2 rounds of 100 calls (a smoke test)")
     p.add_argument("--out", default=None, help="HDF5 file (default results/flight_overhead/<UTC stamp>.h5)")
     cfg = p.parse_args(argv)
