@@ -31,14 +31,12 @@ import sys
 import time
 import timeit
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import mpipar  # noqa: E402
-from mpipar import comm, trace  # noqa: E402
-from mpipar.flight import recorder  # noqa: E402
+import mpipar
+from mpipar import comm, trace
+from mpipar.flight import recorder
 
 TABLE = "flight_overhead"
 UNITS = {"p10_us": "us", "median_us": "us"}

@@ -6,10 +6,10 @@ parallel layer is handed the Group it works on.
 """
 from __future__ import annotations
 
-
 import torch
 
 from . import device as _device
+from . import settings as _settings
 from .errors import MpiparError
 from .flight import job as _flight_job
 from .flight.recorder import register, world_ranks
@@ -101,6 +101,7 @@ class Mesh:
                 f"Mesh: tp*sp*dp*pp = {tp}*{sp}*{dp}*{pp} = {tp * sp * dp * pp} != world size {world_size}")
         self.shape = {"tp": tp, "sp": sp, "dp": dp, "pp": pp}
         self._comm = base.Dup()
+        self.settings = _settings.agree(self._comm)  # read once per Mesh, equal on every rank
         rank = self._comm.Get_rank()
         self.coords = self._coords_of(rank)
         self.world = Group(self._comm, "world")

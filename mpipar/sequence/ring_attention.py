@@ -24,7 +24,7 @@ from ..comm.wait import wait_all
 from ..flight.recorder import begin_p2p, done
 from ..mesh import as_group
 from . import kernels
-from .blocks import step_plan
+from .tiles import step_plan
 from .checks import agree_call, qkv_error, signature
 from .layout import rank_chunks
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import np_reduce, rank_tensor, same_on_all_ranks
 
-from mpipar import MpiparError, comm
+from mpipar import MpiparError, comm, settings
 from mpipar.comm import tuning
 from mpipar.comm.symmetric import compiled as shm_compiled, pool as symmetric
 from mpipar.device import node_is_oversubscribed
@@ -30,8 +30,7 @@ OPS = ["sum", "max", "min"]
 def _new_group(name):
     from mpi4py import MPI
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MPIPAR_FAKE_RANKS_PER_NODE", raising=False)
+    with settings.override(fake_ranks_per_node=None):
         g = Group(MPI.COMM_WORLD.Dup(), name)
         comm.symmetric_empty((1,), torch.float32, g)  # creates the pool now
     return g

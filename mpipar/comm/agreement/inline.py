@@ -15,11 +15,9 @@ on every rank), broadcast copies the root's row, all-gather concatenates the
 rows (inline only when EVERY rank's piece fits, which every rank reads from
 the same table). Larger tensors go on to their collective after the agreement.
 
-Measured with 2 ranks here (4 KiB float32): a separate agreement collective
-before MPI's Allreduce cost 23 us per call against raw mpi4py's 4-5 us; this
-path costs one Allgather of 4 KiB (about 3 us) plus the Python around it:
-7.4 us against raw mpi4py's 3.9 us in a tight loop (the all-reduce's flattened
-hot path, _small_all_reduce; 8.1 us before it).
+Why: a separate agreement collective before MPI's own would cost a second round
+trip per call; riding on it makes a small checked call cost about one collective
+(results/TUNING.md).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from ...errors import MpiparError
 from ..buffers import DTYPE_CODES
 from .into import BAD_OUT, NO_OUT
 from ..backends.mpi import in_place, mpi_op
-from ..tuning import env
+from ...settings import current
 from ..wait import complete
 
 OPS = ("sum", "max", "min")
@@ -86,7 +86,7 @@ def agree(name: str, g, sig: np.ndarray, need_op: bool, need_algorithm: bool, fr
 def validation_enabled() -> bool:
     """MPIPAR_VALIDATE=0 skips the cross-rank agreement of arguments (one tiny collective
     per call). Local checks still run; a mismatch across ranks may then hang."""
-    return env("MPIPAR_VALIDATE") != "0"
+    return current().validate != "0"
 
 
 def exchange(g, sig: np.ndarray) -> np.ndarray:

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .kernels import cached_plan, owned
-from ..tuning import env
+from ...settings import current
 
 SOURCE = Path(__file__).with_name("compiled.c")
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fwrapv", "-ffp-contract=off", "-fno-fast-math")
@@ -46,7 +46,7 @@ _loaded: dict = {}  # this process's build: {"lib": CDLL or None} once tried (a 
 
 
 def compiler() -> str | None:
-    return shutil.which(os.environ.get("CC") or "cc")
+    return shutil.which(current().cc or "cc")
 
 
 def _cpu_features() -> str:
@@ -61,9 +61,10 @@ def _cpu_features() -> str:
 
 
 def cache_dir() -> Path:
-    if env("MPIPAR_KERNEL_CACHE"):
-        return Path(env("MPIPAR_KERNEL_CACHE"))
-    base = env("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    s = current()
+    if s.kernel_cache:
+        return Path(s.kernel_cache)
+    base = s.xdg_cache_home or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "mpipar"
 
 
@@ -110,7 +111,7 @@ def library() -> ctypes.CDLL | None:
 
 def enabled() -> ctypes.CDLL | None:
     """The library unless MPIPAR_SHM_COMPILED=0 or it cannot be built."""
-    return None if env("MPIPAR_SHM_COMPILED") == "0" else library()
+    return None if current().shm_compiled == "0" else library()
 
 
 def kernel(dtype: torch.dtype, op: str):
@@ -152,8 +153,8 @@ STATS = {"streamed": 0}  # copies this process streamed (a count for tests and b
 
 
 def stream_bytes() -> int:
-    value = env("MPIPAR_SHM_STREAM_BYTES")
-    return int(value) if value else STREAM_BYTES
+    value = current().shm_stream_bytes
+    return STREAM_BYTES if value is None else value
 
 
 def streaming() -> bool:

@@ -7,17 +7,16 @@ and the node barrier (mpipar.comm.symmetric.barrier) both build on `Window`.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
+
+from ...settings import current
 
 PAGE = 4096
 
 
 def fake_ranks_per_node() -> int:
     """MPIPAR_FAKE_RANKS_PER_NODE (test-only), 0 when unset."""
-    value = os.environ.get("MPIPAR_FAKE_RANKS_PER_NODE", "")
-    return int(value) if value.strip() else 0
+    return current().fake_ranks_per_node or 0
 
 
 def node_comm_of(comm):
