@@ -75,6 +75,17 @@ def test_verdict_names_the_rank_that_never_arrived_and_its_last_call():
         in text
 
 
+def test_verdict_names_the_rank_that_failed():
+    records = {r: rec(r, [call(1), call(2, waiting=r != 1)]) for r in range(3)}
+    records[1].update(reason="exception", message="unhandled ValueError in the main thread: x")
+    records[1]["calls"].pop()
+    v = analyse(records)
+    assert v.failed == [1] and not v.agree and v.findings[0].missing == [1]
+    assert "verdict: rank 1 failed (unhandled ValueError in the main thread: x); then all_reduce #2" in str(v)
+    records = {1: records[1]}
+    assert "verdict: rank 1 failed" in str(analyse(records))
+
+
 def test_verdict_names_a_rank_without_a_record():
     records = {0: rec(0, [call(1), call(2, waiting=True)]), 2: rec(2, [call(1), call(2, waiting=True)])}
     v = analyse(records)
