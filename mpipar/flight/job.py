@@ -16,7 +16,7 @@ import threading
 import time
 
 from .dump import dump, identity, path_of
-from .settings import settings
+from ..settings import current as settings
 from .watchdog import Watchdog
 
 _installed = False
@@ -35,16 +35,6 @@ def _start_ticks(pid: int) -> str | None:
         return None
 
 
-def _launcher_job() -> str | None:
-    """The scheduler's id of this job step, when it gives one (the same on every rank)."""
-    if os.environ.get("SLURM_JOB_ID"):
-        return f"slurm:{os.environ['SLURM_JOB_ID']}.{os.environ.get('SLURM_STEP_ID', '')}"
-    for var in ("PBS_JOBID", "PMIX_NAMESPACE", "OMPI_MCA_orte_ess_jobid"):
-        if os.environ.get(var):
-            return f"{var}:{os.environ[var]}"
-    return None
-
-
 def install(comm) -> None:
     """Collective over `comm` the first time (every rank of it builds the Mesh); later a no-op."""
     global _installed, _peers, _watchdog
@@ -57,13 +47,13 @@ def install(comm) -> None:
     identity.rank, identity.size = world.Get_rank(), world.Get_size()
     me = (socket.gethostname(), os.getpid(), _start_ticks(os.getpid()))
     _peers = comm.allgather(me)
-    identity.job = _launcher_job() or "%s:%d" % _peers[0][:2]
+    identity.job = "%s:%d" % _peers[0][:2]  # host and pid of the mesh's first rank
     _installed = True
     try:
         os.remove(path_of(identity.rank))  # a record of an earlier job
     except OSError:
         pass
-    if s.abort_on_error:
+    if s.abort_on_error != "0":
         from ..errors import install_abort_on_exception
 
         install_abort_on_exception()

@@ -37,16 +37,14 @@ GRACE_S = 1.5  # after asking the node's other ranks for their records, before a
 
 def describe(i: int, waited: float) -> str:
     """The watchdog's line for the call in slot i."""
-    ch = recorder.channel[i]
+    name, ch, seq, _, _, _, p, _ = recorder.slots[i]
     ranks = list(getattr(ch, "world_ranks", ()) or ())
-    name = getattr(ch, "name", None)
-    text = (f"mpipar watchdog: rank {identity.rank} waited {waited:.1f} s in {recorder.op[i]} "
-            f"#{recorder.seq[i]} on group {ranks}")
-    p = recorder.peer[i]
-    if p >= 0 and p < len(ranks):
-        text += f" ({name}, peer rank {ranks[p]})"
-    elif name:
-        text += f" ({name})"
+    group = getattr(ch, "name", None)
+    text = f"mpipar watchdog: rank {identity.rank} waited {waited:.1f} s in {name} #{seq} on group {ranks}"
+    if 0 <= p < len(ranks):
+        text += f" ({group}, peer rank {ranks[p]})"
+    elif group:
+        text += f" ({group})"
     return text
 
 

@@ -9,6 +9,7 @@
   flight record, and the verdict (`python -m mpipar.flight DIR`) names the
   sleeping rank and what it did last.
 - kill -9 of one rank mid-loop ends the job.
+- SIGUSR2 writes a live record and the job goes on.
 All jobs start together (module fixture) to keep the wall time down.
 """
 from __future__ import annotations
@@ -139,6 +140,18 @@ for i in range(1000000):
 print(f"UNREACHABLE rank {m.world.rank}", flush=True)
 '''
 
+LIVE_LOOK = HEAD + r'''
+import os, signal
+
+m = mpipar.Mesh()
+for i in range(200):
+    comm.all_reduce(torch.ones(16), m.world)
+    if i == 100 and m.world.rank == 0:
+        os.kill(os.getpid(), signal.SIGUSR2)  # what `kill -USR2 <pid>` does from outside
+time.sleep(1.0)  # the watchdog thread writes the record
+print(f"DONE rank {m.world.rank}", flush=True)
+'''
+
 # name -> (ranks, script, MPIPAR_TIMEOUT[, MPIPAR_ABORT_ON_ERROR])
 JOBS = {
     "raise_main": (2, RAISE_MAIN, "0"),
@@ -150,6 +163,7 @@ JOBS = {
     "hang_pipeline": (2, HANG_PIPELINE, "3"),
     "hang_ring": (2, HANG_RING, "3"),
     "killed": (3, KILLED, "5"),
+    "live_look": (2, LIVE_LOOK, "3"),
 }
 
 
@@ -217,11 +231,22 @@ def test_an_exception_on_one_rank_ends_the_job(jobs, name, where):
     assert "mpipar watchdog" not in out, out  # the hook ended it (MPIPAR_TIMEOUT=0)
     records = load(str(jobs[name].flight))
     assert records[1]["reason"] == "exception" and "RuntimeError" in records[1]["message"], records.get(1)
+    verdict = analyse(records)
+    assert verdict.failed == [1] and f"verdict: rank 1 failed (unhandled RuntimeError in" in str(verdict), str(verdict)
 
 
 def test_kill_9_of_one_rank_mid_loop_ends_the_job(jobs):
     """The launcher (or, where it does not, the others' watchdogs) ends the job."""
     ended_non_zero(jobs["killed"])
+
+
+def test_sigusr2_writes_a_live_record_and_the_job_goes_on(jobs):
+    rc, out, secs = jobs["live_look"].result()
+    assert rc == 0 and "DONE rank 0" in out and "DONE rank 1" in out, out
+    records = load(str(jobs["live_look"].flight))
+    assert list(records) == [0] and records[0]["reason"] == "signal", records
+    calls = records[0]["calls"]
+    assert calls[-1]["op"] == "all_reduce" and 101 <= calls[-1]["seq"] <= 200 and calls[-1]["shape"] == [16], calls[-1]
 
 
 def test_abort_on_error_opt_out_leaves_the_hang_to_the_watchdog(jobs):
