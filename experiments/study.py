@@ -224,9 +224,10 @@ def run_study(args, drivers: list[Driver], folder: Path, manifest: dict) -> dict
             continue
         help_text = runner.help_text(d.script)
         source = (ROOT / d.script).read_text(errors="replace")
-        if args.resume:
+        ckpt = checkpoint_flags(d, folder, help_text)
+        if args.resume and "--resume" not in ckpt:  # a driver resuming from its checkpoint keeps its rows
             prepare_resume(out, source, entry)
-        argv, dropped = driver_argv(d, manifest["quick"], help_text, out, checkpoint_flags(d, folder, help_text))
+        argv, dropped = driver_argv(d, manifest["quick"], help_text, out, ckpt)
         print(f"[{i}/{len(drivers)}] {d.name}: {shlex.join(argv)} (limit {limit:.0f} s)", flush=True)
         entry.update(status="running", command=shlex.join(argv), dropped_flags=dropped, log=f"{d.name}.log")
         write_json(folder / "study.json", manifest)
