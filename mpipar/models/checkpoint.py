@@ -253,7 +253,12 @@ def _finish(ctx: _Ctx, tmp: str, path: str, meta: bytes, reports: list) -> None:
         old = _temp_name(path, "old")
         shutil.rmtree(old, ignore_errors=True)
         os.rename(path, old)
-    os.rename(tmp, path)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        if old:
+            os.rename(old, path)  # the previous checkpoint goes back where it was
+        raise
     _fsync_dir(os.path.dirname(path))
     if old:
         shutil.rmtree(old, ignore_errors=True)
