@@ -34,6 +34,18 @@ def reset_table(out: str, comm) -> None:
     agree(comm, err)
 
 
+_TRAP: list = []
+
+
+def _trap(comm) -> preempt.Preemption:
+    """One trap for the whole process, installed with the first layout and kept between layouts
+    (a signal that lands between two layouts stops the next one after its first step)."""
+    if not _TRAP:
+        _TRAP.append(preempt.Preemption(comm).__enter__())
+    _TRAP[0].comm = comm
+    return _TRAP[0]
+
+
 class Run:
     """Checkpointing, preemption and the step table of one layout's training run (collective)."""
 
@@ -52,18 +64,6 @@ class Run:
                 err = f"train_gpt: cannot open {cfg.out}: {type(exc).__name__}: {exc}"
         agree(comm, err)
         self.trap = _trap(comm)
-
-
-_TRAP: list = []
-
-
-def _trap(comm) -> preempt.Preemption:
-    """One trap for the whole process, installed with the first layout and kept between layouts
-    (a signal that lands between two layouts stops the next one after its first step)."""
-    if not _TRAP:
-        _TRAP.append(preempt.Preemption(comm).__enter__())
-    _TRAP[0].comm = comm
-    return _TRAP[0]
 
     def start(self, model, optimizer) -> int:
         """The first step: 0, or the step of the newest complete checkpoint of --resume (restored)."""
