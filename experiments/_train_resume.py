@@ -34,6 +34,18 @@ def reset_table(out: str, comm) -> None:
     agree(comm, err)
 
 
+_TRAP: list = []
+
+
+def _trap(comm) -> preempt.Preemption:
+    """One trap for the whole process, installed with the first layout and kept between layouts
+    (a signal that lands between two layouts stops the next one after its first step)."""
+    if not _TRAP:
+        _TRAP.append(preempt.Preemption(comm).__enter__())
+    _TRAP[0].comm = comm
+    return _TRAP[0]
+
+
 class Run:
     """Checkpointing, preemption and the step table of one layout's training run (collective)."""
 
@@ -51,11 +63,10 @@ class Run:
             except Exception as exc:  # noqa: BLE001 - reported on every rank
                 err = f"train_gpt: cannot open {cfg.out}: {type(exc).__name__}: {exc}"
         agree(comm, err)
-        self.trap = preempt.Preemption(comm)
+        self.trap = _trap(comm)
 
     def start(self, model, optimizer) -> int:
         """The first step: 0, or the step of the newest complete checkpoint of --resume (restored)."""
-        self.trap.__enter__()
         return preempt.resume(model, optimizer, self.resume_dir) if self.resume_dir else 0
 
     def record(self, row: dict) -> None:
@@ -79,7 +90,6 @@ class Run:
         return signum
 
     def stop(self, signum: int) -> None:
-        self.trap.__exit__()
         if signum:
             sys.stdout.flush()
             raise SystemExit(preempt.exit_code(signum))
