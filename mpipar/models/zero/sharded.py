@@ -15,8 +15,10 @@ writes the new values back into the parameters.
 - zero=3: parameters are sharded too. Every transformer block is its own
   bucket ("unit"): a forward pre-hook all-gathers it (and posts the next
   block's gather: prefetch), it is freed after the forward, gathered again
-  when its output's gradient arrives (prefetching the previous block) and freed
-  once each of its parameters has accumulated that microbatch's gradient.
+  when its output's gradient arrives, and freed once each of its parameters
+  has accumulated that microbatch's gradient, which posts the gather of the
+  block whose backward comes next (posted any earlier, two blocks would be
+  held at the activation peak).
   The ends (embeddings, final LayerNorm, head) are one unit gathered for the
   whole step. Works under any pipeline schedule (the zero-bubble weight pass
   runs while the unit is still held), activation checkpointing and TP/SP.
@@ -51,7 +53,7 @@ def _in_backward() -> bool:
 
 
 class _Op:
-    """A pending non-blocking collective; `done()` copies staged results back."""
+    """A pending non-blocking collective; `complete()` (once MPI has finished it) copies staged results back."""
 
     def __init__(self, request, after=None, keep=()):
         self.request, self.after, self.keep = request, after, keep  # keep: buffers MPI is using
@@ -63,11 +65,14 @@ class _Op:
 
 
 class ShardedBuckets:
+    """The ZeRO stage `zero` of a ParallelGPT's parameters over its data group (collective
+    construction; the model's parameters become views into the buckets)."""
+
     def __init__(self, model, zero: int, bucket_bytes: int):
         self.zero, self.model = zero, model
         self.group = Group(model.data_group.comm.Dup(), "zero")
         d, r = self.group.size, self.group.rank
-        self.tp, self.pp = model.mesh.tp, model.mesh.pp
+        self.tp = model.mesh.tp
         self.tied_group = model.tied_group
         specs = {id(s.param): s for s in model.specs()}
         params = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
@@ -155,7 +160,7 @@ class ShardedBuckets:
                     p.grad = None
         if self.zero == 3:
             for b in self.buckets:
-                b.users, b.accumulated, b.grad_flat = 0, 0, None
+                b.users, b.accumulated = 0, 0
             self._gather_roots()
         self._armed = True
 
@@ -169,11 +174,17 @@ class ShardedBuckets:
             self._overrun = f"a parameter of shape {tuple(p.shape)} accumulated more gradients than expected"
         if self.zero == 3 and b.unit:
             b.accumulated += 1
-            if b.accumulated % len(b.params) == 0:
+            if b.accumulated % len(b.params) == 0:  # this microbatch's backward of the block is done
                 b.users -= 1
                 if b.users <= 0 and b.forwarding == 0:
                     b.users = 0
                     b.release_full()
+                if b.prev is not None:
+                    # prefetch the block whose backward comes next now that this one is released,
+                    # not when this one starts: two blocks held at the activation peak cost more
+                    # than the early start gains (on the CPU the gather's copies are this rank's
+                    # work either way; MPI moves them only inside its calls)
+                    self._gather(b.prev, wait=False)
         self._launch_ready()
         self._reap()
 
@@ -195,11 +206,6 @@ class ShardedBuckets:
 
         if self.zero == 1:
             send = b.grad_full if b.grad_full.dtype == b.reduce_dtype else b.grad_full.to(b.reduce_dtype)
-        elif self.zero == 3 and b.grad_flat is not None:  # a ZeRO-3 block's gradients accumulated in place
-            send = b.grad_flat if b.dtype == b.reduce_dtype else b.grad_flat.to(b.reduce_dtype)
-            b.grad_flat = None
-            for p in b.params:
-                p.grad = None
         else:
             send = torch.empty(b.padded, dtype=b.reduce_dtype, device=b.device)
             send[b.numel:].zero_()
@@ -315,14 +321,15 @@ class ShardedBuckets:
     # ---- ZeRO-3 parameter gathering ----------------------------------------------------------
     def _init_units(self, model) -> None:
         for b in self.buckets:
-            b.unit, b.users, b.forwarding, b.accumulated, b.gather_op, b.grad_flat = False, 0, 0, 0, None, None
+            b.unit, b.users, b.forwarding, b.accumulated, b.gather_op, b.prev = False, 0, 0, 0, None, None
         for k, (mod, b) in enumerate(self.units):
             b.unit = True
             prev = self.units[k - 1][1] if k > 0 and _adjacent(model, self.units[k - 1][0], mod) else None
             nxt = self.units[k + 1][1] if k + 1 < len(self.units) and _adjacent(model, mod, self.units[k + 1][0]) \
                 else None
             self._hooks.append(mod.register_forward_pre_hook(self._pre_forward(b, nxt)))
-            self._hooks.append(mod.register_forward_hook(self._post_forward(b, prev)))
+            self._hooks.append(mod.register_forward_hook(self._post_forward(b)))
+            b.prev = prev
         for chunk in model.chunks:
             self._hooks.append(chunk.register_forward_pre_hook(lambda *_: self._gather_roots()))
 
@@ -349,29 +356,21 @@ class ShardedBuckets:
                 self._gather(nxt, wait=False)
         return hook
 
-    def _post_forward(self, b, prev):
+    def _post_forward(self, b):
         def hook(module, args, output):
             b.forwarding -= 1
             if _in_backward():
                 return
             if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
-                output.register_hook(self._pre_backward(b, prev))
+                output.register_hook(self._pre_backward(b))
             if b.users == 0 and b.forwarding == 0:
                 b.release_full()
         return hook
 
-    def _pre_backward(self, b, prev):
+    def _pre_backward(self, b):
         def hook(grad):
             self._gather(b)
             b.users += 1
-            if self._armed and b.grad_flat is None and b.dtype == b.reduce_dtype:
-                # the block's gradients accumulate straight into the flat buffer its reduce-scatter
-                # sends (no packing copy, no second copy of them alive while packing)
-                b.grad_flat = torch.zeros(b.padded, dtype=b.dtype, device=b.device)
-                for p, g in b.param_views(b.grad_flat):
-                    p.grad = g.view(p.shape)
-            if prev is not None:
-                self._gather(prev, wait=False)
         return hook
 
     @contextlib.contextmanager
