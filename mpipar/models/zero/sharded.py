@@ -160,6 +160,10 @@ class ShardedBuckets:
                     p.grad = None
         if self.zero == 3:
             for b in self.buckets:
+                if b.gather_op is not None:
+                    self._gather(b)
+                if b.unit and b.gathered:  # still held by a forward/backward run outside train_step
+                    b.release_full()
                 b.users, b.accumulated = 0, 0
             self._gather_roots()
         self._armed = True
