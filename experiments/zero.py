@@ -48,7 +48,7 @@ from mpipar.trace import write_table  # noqa: E402
 from mpipar.trace.memory import ActivationMeter, rss_bytes  # noqa: E402
 
 VARIANTS = ["zero0", "zero1", "zero2", "zero3", "torch-ddp", "torch-fsdp2"]
-UNITS = {"step_s": "s", "step_min_s": "s", "peak_bytes": "B", "params": "parameters", "tokens_per_s": "tokens/s"}
+UNITS = {"step_s": "s", "step_min_s": "s", "peak_bytes": "B", "tokens_per_s": "tokens/s"}
 
 
 def parse_args():
@@ -309,17 +309,18 @@ def main() -> None:
     if rows:
         z0 = next((r for r in rows if r["variant"] == "zero0"), None)
         for r in rows:
-            r["vs_zero0_step"] = r["step_s"] / z0["step_s"] if z0 else float("nan")
-            r["vs_zero0_peak"] = r["peak_bytes"] / z0["peak_bytes"] if z0 and z0["peak_bytes"] else float("nan")
-            r["vs_zero0_min"] = r["step_min_s"] / z0["step_min_s"] if z0 else float("nan")
-            r["step_ms"], r["min_ms"], r["peak_MiB"] = r["step_s"] * 1e3, r["step_min_s"] * 1e3, r["peak_bytes"] / 2**20
+            for key, col in (("step_s", "vs_zero0_step"), ("step_min_s", "vs_zero0_min"), ("peak_bytes", "vs_zero0_peak")):
+                r[col] = r[key] / z0[key] if z0 and z0[key] else float("nan")
         write_table(a.out, "zero_benchmark", rows, UNITS, attrs={"experiment": "zero", "config": str(vars(a))})
+        shown = [{**r, "step_ms": r["step_s"] * 1e3, "min_ms": r["step_min_s"] * 1e3, "peak_MiB": r["peak_bytes"] / 2**20}
+                 for r in rows]
         print(f"\n{rows[0]['params'] / 1e6:.2f}M parameters, {a.batch}x{a.seq} tokens per step, 2 ranks "
               f"(step: median and min over {a.steps} rounds)")
-        print_table(rows, ["variant", "step_ms", "min_ms", "peak_MiB", "vs_zero0_step", "vs_zero0_min",
-                           "vs_zero0_peak"])
+        print_table(shown, ["variant", "step_ms", "min_ms", "peak_MiB", "vs_zero0_step", "vs_zero0_min",
+                            "vs_zero0_peak"])
     if mem:
-        write_table(a.out, "zero_memory", mem, {k: "B" for k in mem[0] if k.endswith("_bytes")})
+        write_table(a.out, "zero_memory", mem, {k: "B" if k.endswith("_bytes") else "B/parameter"
+                                                for k in mem[0] if k.endswith(("_bytes", "_per_param"))})
         png = str(Path(a.out).with_suffix("")) + "_memory.png"
         plot(mem, png)
         print("\nbytes per parameter held by a rank (bf16 parameters, AdamW)")
