@@ -6,14 +6,8 @@ pipeline, sequence, models, trace (imported lazily: `mpipar.tensor` etc.).
 from __future__ import annotations
 
 import importlib
-import os
 
-# Large CPU tensors on transparent huge pages (torch reads this at its first large
-# allocation). MPI's shared-memory copies of 2 MiB pages run ~1.5x faster here: the
-# ring all-reduce went from 4.2 to 7.4 GB/s busbw at 256 MiB on 2 ranks. Set
-# THP_MEM_ALLOC_ENABLE=0 before importing mpipar to opt out.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
+from . import settings  # noqa: F401  (first: it sets torch's huge-page default before torch is imported)
 from .errors import MpiparError
 from .mesh import Group, Mesh
 

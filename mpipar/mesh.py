@@ -6,11 +6,10 @@ parallel layer is handed the Group it works on.
 """
 from __future__ import annotations
 
-import json
-
 import torch
 
 from . import device as _device
+from . import settings as _settings
 from .errors import MpiparError
 
 DIMS = ("tp", "sp", "dp", "pp")  # fastest-varying first
@@ -96,6 +95,7 @@ class Mesh:
                 f"Mesh: tp*sp*dp*pp = {tp}*{sp}*{dp}*{pp} = {tp * sp * dp * pp} != world size {world_size}")
         self.shape = {"tp": tp, "sp": sp, "dp": dp, "pp": pp}
         self._comm = base.Dup()
+        self.settings = _settings.agree(self._comm)  # read once per Mesh, equal on every rank
         rank = self._comm.Get_rank()
         self.coords = self._coords_of(rank)
         self.world = Group(self._comm, "world")
@@ -124,9 +124,6 @@ class Mesh:
         c = dict(self.coords)
         c[dim] = 0
         return self.rank_of(**c)
-
-    def to_json(self) -> str:
-        return json.dumps(self.shape)
 
     def __repr__(self) -> str:
         return f"Mesh({self.shape}, coords={self.coords})"

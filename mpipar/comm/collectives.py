@@ -1,15 +1,15 @@
 """Collectives on torch tensors: all_reduce, all_gather, reduce_scatter, broadcast, all_to_all.
 
-algorithm="mpi" uses the MPI library's collective (mpipar.comm.native), "ring"
-the textbook ring on point-to-point (mpipar.comm.ring), "auto" picks by message
+algorithm="mpi" uses the MPI library's collective (mpipar.comm.backends.mpi), "ring"
+the textbook ring on point-to-point (mpipar.comm.backends.ring), "auto" picks by message
 size from the measured crossover (`tuning.choose`). Every call first agrees on
-its arguments across the group (mpipar.comm.validate), so bad input raises
+its arguments across the group (mpipar.comm.agreement.protocol), so bad input raises
 MpiparError on every rank and never hangs. For all_reduce, broadcast,
 reduce_scatter and all_gather that agreement is one fixed-size Allgather that
 also carries tensors of at most 4 KiB, which then finish locally
-(mpipar.comm.inline, inline_ops): one collective per small call. Every
+(mpipar.comm.agreement.inline, inline_ops): one collective per small call. Every
 agreement also carries the shared-memory entry exchange of symmetric tensors
-(mpipar.comm.shm). `validate=False` (all_reduce,
+(mpipar.comm.symmetric.collectives). `validate=False` (all_reduce,
 reduce_scatter) skips that agreement for callers whose arguments are
 consistent by construction, e.g. a backward whose shapes mirror a forward
 that was validated.
@@ -22,10 +22,13 @@ import torch
 
 from ..errors import MpiparError
 from ..mesh import as_group
-from . import inline, inline_ops, into, native, outputs, ring, shm, shm_entry, tuning
+from . import outputs, tuning
+from .agreement import inline, inline_ops, into
+from .backends import mpi as native, ring
+from .symmetric import collectives as shm, entry as shm_entry
 from .buffers import (blocking_buffer, flat_chunks, host_contiguous, needs_staging, offsets, reduce_dtype,
                       staging_forced)
-from .validate import BAD_DIM, agree, norm_dim, signature, validation_enabled
+from .agreement.protocol import BAD_DIM, agree, norm_dim, signature, validation_enabled
 from .wait import complete
 
 
@@ -98,14 +101,14 @@ def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *,
     t's dtype and device, shaped like the result, and return it (torch's
     all_gather_into_tensor). When `t` IS this rank's slice of `out` (out.narrow(dim,
     offset of rank r, size of rank r)), the gather is in place: this rank's piece is not
-    copied (MPI_IN_PLACE; in shared memory only the peers' pieces move, see mpipar.comm.shm).
+    copied (MPI_IN_PLACE; in shared memory only the peers' pieces move, see mpipar.comm.symmetric.collectives).
     """
     if t.dim() == 0:  # one scalar per rank gathers to a vector of group size (as torch.distributed)
         return all_gather(t.reshape(1), group, 0, algorithm, out=out)
     g = as_group(group)
     d = norm_dim(dim, t.dim())
     code = into.code(t, out, d)
-    small = table = None  # table: the shared-memory entry exchange (mpipar.comm.shm)
+    small = table = None  # table: the shared-memory entry exchange (mpipar.comm.symmetric.collectives)
     if g.size > 1:  # one Allgather: agreement, sizes, and small pieces too
         small, sizes, table = inline_ops.agree_all_gather(t, g, d, algorithm, code, t if out is None else out)
     else:

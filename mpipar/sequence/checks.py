@@ -9,23 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import MpiparError
+from ..agree import agree_call  # noqa: F401  (re-exported: the sequence calls agree through it)
 from .layout import LAYOUTS
-
-
-def agree_call(g, name: str, local_error: str | None, signature: dict) -> None:
-    """Collective over g: raise on every rank if any rank failed or signatures differ."""
-    rows = [(local_error, signature)] if g.size == 1 else g.comm.allgather((local_error, signature))
-    for rank, (err, _) in enumerate(rows):
-        if err is not None:
-            where = "" if g.size == 1 else f" (reported by rank {rank})"
-            raise MpiparError(f"{name}: {err}{where}")
-    first = rows[0][1]
-    for rank, (_, sig) in enumerate(rows):
-        for key in first:
-            if sig.get(key) != first[key]:
-                raise MpiparError(f"{name}: {key} differs across ranks: rank 0 has {first[key]}, "
-                                  f"rank {rank} has {sig.get(key)}")
 
 
 def qkv_error(q, k, v, layout: str) -> str | None:

@@ -23,7 +23,7 @@ import torch
 from ..comm.wait import wait_all
 from ..mesh import as_group
 from . import kernels
-from .blocks import step_plan
+from .tiles import step_plan
 from .checks import agree_call, qkv_error, signature
 from .layout import rank_chunks
 

@@ -10,21 +10,19 @@ chunks with the given element counts (chunk r belongs to rank r).
   reduced once, by its owner, then copied).
 A reduce step moves its chunk in pieces of MPIPAR_RING_PIECE_BYTES (default
 1 MiB): piece j+1 is in flight while piece j, just received into one of two
-reused scratch buffers, is combined while it is still in cache. Measured with
-2 ranks here (float32, 64-256 MiB): 8.2 GB/s busbw, against 2.2 for a
-chunk-sized fresh receive buffer (its page faults cost more than the ring)
-and 2.5 for MPICH's Allreduce.
+reused scratch buffers, is combined while it is still in cache. Reused scratch matters:
+a chunk-sized fresh receive buffer's page faults cost more than the ring
+(results/TUNING.md).
 Traffic uses the group's private communicator `group.p2p`, tag RING_TAG.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from . import outputs
-from .buffers import mpi_buffer, offsets
-from .wait import wait_all
+from ...settings import current
+from .. import outputs
+from ..buffers import mpi_buffer, offsets
+from ..wait import wait_all
 
 RING_TAG = 1 << 14
 PIECE_BYTES = 1 << 20
@@ -39,8 +37,7 @@ _SCRATCH: dict = {}  # (dtype, device, slot) -> reused receive buffer (no fresh 
 
 
 def piece_elements(itemsize: int) -> int:
-    env = os.environ.get("MPIPAR_RING_PIECE_BYTES")
-    return max(1, (int(env) if env else PIECE_BYTES) // itemsize)
+    return max(1, (current().ring_piece_bytes or PIECE_BYTES) // itemsize)
 
 
 def _scratch(like: torch.Tensor, numel: int, slot: int) -> torch.Tensor:

@@ -36,17 +36,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .shm_kernels import cached_plan, owned
-from .tuning import env
+from .kernels import cached_plan, owned
+from ...settings import current
 
-SOURCE = Path(__file__).with_name("shm_compiled.c")
+SOURCE = Path(__file__).with_name("compiled.c")
 FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fwrapv", "-ffp-contract=off", "-fno-fast-math")
 TYPES = {torch.float32: "float32", torch.float64: "float64", torch.int32: "int32", torch.int64: "int64"}
 _loaded: dict = {}  # this process's build: {"lib": CDLL or None} once tried (a compiled file, not comm state)
 
 
 def compiler() -> str | None:
-    return shutil.which(os.environ.get("CC") or "cc")
+    return shutil.which(current().cc or "cc")
 
 
 def _cpu_features() -> str:
@@ -61,9 +61,10 @@ def _cpu_features() -> str:
 
 
 def cache_dir() -> Path:
-    if env("MPIPAR_KERNEL_CACHE"):
-        return Path(env("MPIPAR_KERNEL_CACHE"))
-    base = env("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    s = current()
+    if s.kernel_cache:
+        return Path(s.kernel_cache)
+    base = s.xdg_cache_home or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "mpipar"
 
 
@@ -110,7 +111,7 @@ def library() -> ctypes.CDLL | None:
 
 def enabled() -> ctypes.CDLL | None:
     """The library unless MPIPAR_SHM_COMPILED=0 or it cannot be built."""
-    return None if env("MPIPAR_SHM_COMPILED") == "0" else library()
+    return None if current().shm_compiled == "0" else library()
 
 
 def kernel(dtype: torch.dtype, op: str):
@@ -138,7 +139,7 @@ def bind(fn, own: np.ndarray, peers: list[np.ndarray]):
 
 def sum_push_plan(pool, window, offset: int, numel: int, dtype, op: str):
     """The bound sum_push over this rank's slice of the symmetric tensor at (window, offset),
-    cached on the window (mpipar.comm.shm_kernels.cached_plan); None where it does not apply."""
+    cached on the window (mpipar.comm.symmetric.kernels.cached_plan); None where it does not apply."""
     fn = kernel(dtype, op) if pool.local_size > 1 else None
     if fn is None:
         return None
@@ -152,8 +153,8 @@ STATS = {"streamed": 0}  # copies this process streamed (a count for tests and b
 
 
 def stream_bytes() -> int:
-    value = env("MPIPAR_SHM_STREAM_BYTES")
-    return int(value) if value else STREAM_BYTES
+    value = current().shm_stream_bytes
+    return STREAM_BYTES if value is None else value
 
 
 def streaming() -> bool:

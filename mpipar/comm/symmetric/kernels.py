@@ -1,6 +1,6 @@
 """Element kernels of the shared-memory collectives: typed views, reductions, tiling.
 
-numpy does the work (single-threaded, ~1 us per call, safe on shared memory):
+numpy does the work (single-threaded, safe on shared memory):
 bf16 travels as int16 bits, bool as numpy bool (sum = logical or). bf16 and
 fp16 are reduced in float32 chunk by chunk and rounded to nearest-even once.
 """
@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .buffers import flat_chunks, memo, offsets
-from .tuning import env
+from ..buffers import flat_chunks, memo, offsets
+from ...settings import current
 
 _UFUNC = {"sum": np.add, "max": np.maximum, "min": np.minimum}
 _NP = {
@@ -21,11 +21,13 @@ _NP = {
 }
 
 
+CHUNK_BYTES = 512 * 1024
+
+
 def chunk_elements(itemsize: int) -> int:
-    """Elements per cache-sized chunk (MPIPAR_SHM_CHUNK_BYTES, default 512 KiB: two interleaved
-    runs, 2 ranks, all-reduce busbw at 256/512 KiB/1 MiB chunks: 4 MiB 31.1-31.3/31.8-32.4/
-    33.6-34.8, 16 MiB 27.8-31.2/29.3-32.1/30.1-34.0, 64 MiB 18.0-18.3/18.3-19.2/17.3-17.6 GB/s)."""
-    nbytes = int(env("MPIPAR_SHM_CHUNK_BYTES") or 512 * 1024)
+    """Elements per cache-sized chunk (MPIPAR_SHM_CHUNK_BYTES; the default was the best of 256 KiB,
+    512 KiB and 1 MiB in experiments/collectives.py, results/README.md)."""
+    nbytes = current().shm_chunk_bytes or CHUNK_BYTES
     return max(64, nbytes // itemsize)
 
 
@@ -110,6 +112,6 @@ def owned(window, n: int, me: int, offset: int, numel: int, dtype) -> tuple:
 
 def cached_plan(window, key, build):
     """window.plans[key], built by build() once: a training loop all-reduces the same buffers
-    every step, and rebuilding the views costs ~10 us of Python a call. Kept on the window
+    every step, and rebuilding the views is Python per call on the hot path. Kept on the window
     (freed with it); cleared when it holds more than 64 plans."""
     return memo(window.plans, key, build, 64)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import MpiparError
-from .buffers import DTYPE_CODES
+from ...errors import MpiparError
+from ..buffers import DTYPE_CODES
 from .into import BAD_OUT, NO_OUT
-from .native import in_place, mpi_op
-from .tuning import env
-from .wait import complete
+from ..backends.mpi import in_place, mpi_op
+from ...settings import current
+from ..wait import complete
 
 OPS = ("sum", "max", "min")
 ALGORITHMS = ("auto", "mpi", "ring", "shm", "hier")
@@ -57,9 +57,9 @@ def agree(name: str, g, sig: np.ndarray, need_op: bool, need_algorithm: bool, fr
     Fast path: one tiny collective on a hash of the signature (a few microseconds).
     Only on a mismatch do ranks exchange full signatures to name the culprit.
     `free_dim` (one rank only; all_gather over more ranks agrees, sizes included, in
-    mpipar.comm.inline_ops): returns [the size along the free dim], else None.
+    mpipar.comm.agreement.inline_ops): returns [the size along the free dim], else None.
     `root_name`: what the signature's root slot holds, for error messages ("out": all_gather's
-    out= code, mpipar.comm.into).
+    out= code, mpipar.comm.agreement.into).
     """
     bad = int((need_op and sig[0] == _UNKNOWN) or (need_algorithm and sig[1] == _UNKNOWN)
               or sig[2] == _UNKNOWN or sig[4] == BAD_DIM)
@@ -68,7 +68,7 @@ def agree(name: str, g, sig: np.ndarray, need_op: bool, need_algorithm: bool, fr
             check(name, np.array([sig], dtype=np.int64), need_op, need_algorithm, free_dim, root_name)
         return [int(sig[6 + int(sig[4])])] if free_dim else None
     if free_dim:
-        raise AssertionError("validate.agree: free_dim over several ranks is mpipar.comm.inline_ops' job")
+        raise AssertionError("validate.agree: free_dim over several ranks is mpipar.comm.agreement.inline_ops' job")
     if not bad and not validation_enabled():
         return None  # MPIPAR_VALIDATE=0: trust the caller, skip the agreement collective
     h = hash(sig)  # (hash(-1) == hash(-2): no slot may hold both; codes are -1 for "none", <= -3 else)
@@ -86,7 +86,7 @@ def agree(name: str, g, sig: np.ndarray, need_op: bool, need_algorithm: bool, fr
 def validation_enabled() -> bool:
     """MPIPAR_VALIDATE=0 skips the cross-rank agreement of arguments (one tiny collective
     per call). Local checks still run; a mismatch across ranks may then hang."""
-    return env("MPIPAR_VALIDATE") != "0"
+    return current().validate != "0"
 
 
 def exchange(g, sig: np.ndarray) -> np.ndarray:

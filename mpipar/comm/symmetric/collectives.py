@@ -1,34 +1,32 @@
 """Shared-memory collectives on symmetric tensors: zero copy inside a node.
 
 When every rank's tensor lives at the same place of the same window
-(mpipar.comm.symmetric), each rank reads and writes its peers' memory directly:
+(mpipar.comm.symmetric.pool), each rank reads and writes its peers' memory directly:
 - all-reduce: rank r owns slice r (64-byte aligned); it walks its slice in
   cache-sized chunks (MPIPAR_SHM_CHUNK_BYTES, default 512 KiB), adds every
   peer's chunk into its own in place, then, while the chunk is in cache,
   PUSHES it into every peer's slot. Each element is reduced once, by its
   owner, so every rank ends bit-identical. Sums of float32/64 and int32/64 do
-  both in one call of a compiled kernel (mpipar.comm.shm_compiled; 1.1-1.5x numpy's
+  both in one call of a compiled kernel (mpipar.comm.symmetric.compiled; faster than numpy's
   two calls per chunk), with numpy's results bit for bit. Large copies of the
   all-gather and broadcast stream (non-temporal stores, the same module).
 - reduce-scatter: the owner of slice r reduces it, chunk by chunk, into its output.
 - all-gather: below 32 MiB every rank pulls each peer's piece into its output (a
   recycled plain tensor, mpipar.comm.outputs); from 32 MiB (tuning.SHM_POOLED_OUTPUT_BYTES,
   MPIPAR_SHM_POOLED_OUTPUT_BYTES) outputs come from the pool, symmetric, and every rank
-  PUSHES its piece into every rank's output, reading it once (shm_compiled.fanout; 2
-  ranks, 64-256 MiB: 1.05-1.78x pulling).
+  PUSHES its piece into every rank's output, reading it once (compiled.fanout).
   all_gather(t, g, out=out) with `out` symmetric: every rank pushes its piece into
   every rank's `out`; in place (`t` is its slice of `out`) only into the peers', so a
-  rank writes (N-1)/N of the output instead of all of it (2 ranks, 16-256 MiB, streaming
-  copies: 17.5-27.5 GB/s busbw against 7.3-15.6 pulling into a plain output).
+  rank writes (N-1)/N of the output instead of all of it (results/TUNING.md).
 - broadcast: every rank copies the root's tensor into its own.
 Outputs are recycled because a fresh tensor of a few MiB is a fresh mmap whose
 page faults cost more than the copy.
-Entry and exit: mpipar.comm.shm_entry (Sync-Barrier-Sync on shared-memory flags).
+Entry and exit: mpipar.comm.symmetric.entry (Sync-Barrier-Sync on shared-memory flags).
 bf16/fp16 reduce in float32 chunk by chunk and are rounded once.
 algorithm="shm" forces this path for any tensor (staging it through a pooled
 scratch window: one copy in, one copy out); "auto" takes it only for
 symmetric tensors (tuning.choose_shared). Groups spanning nodes all-reduce
-hierarchically (mpipar.comm.hierarchical).
+hierarchically (mpipar.comm.symmetric.hierarchical).
 """
 from __future__ import annotations
 
@@ -37,10 +35,11 @@ import math
 import numpy as np
 import torch
 
-from . import hierarchical, outputs, shm_compiled, tuning
-from .buffers import flat_chunks, offsets, reduce_dtype
-from .shm_kernels import blocks, cached_plan, chunk_elements, np_of, owned, reduce_into, typed
-from .shm_entry import SHM_ALGORITHMS, barrier, enter, stage_in
+from .. import outputs, tuning
+from . import compiled as shm_compiled, hierarchical
+from ..buffers import flat_chunks, offsets, reduce_dtype
+from .kernels import blocks, cached_plan, chunk_elements, np_of, owned, reduce_into, typed
+from .entry import SHM_ALGORITHMS, barrier, enter, stage_in
 
 def _local_tensor(window, offset: int, t: torch.Tensor) -> torch.Tensor:
     nbytes = t.numel() * t.element_size()

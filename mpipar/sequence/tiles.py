@@ -3,7 +3,7 @@
 A rank's queries and the K/V block in hand are lists of global chunk indices
 (one chunk for "contiguous", two for "zigzag"). Under a causal mask a pair of
 chunks is "full" (query chunk after key chunk), "diag" (same chunk: causal
-inside) or "skip" (key chunk in the future). `plan_blocks` turns the pairs
+inside) or "skip" (key chunk in the future). `plan_tiles` turns the pairs
 into as few kernel calls as possible, each a rectangle of local chunks that is
 either fully visible or a square causal diagonal.
 """
@@ -18,7 +18,7 @@ FULL, DIAG, SKIP = "full", "diag", "skip"
 
 
 @dataclass(frozen=True)
-class Block:
+class Tile:
     """One kernel call: local query chunks [q0, q1) x local key chunks [k0, k1)."""
 
     q0: int
@@ -35,7 +35,7 @@ def pair_kind(q_chunk: int, k_chunk: int, causal: bool) -> str:
     return DIAG if q_chunk == k_chunk else SKIP
 
 
-def plan_blocks(q_chunks: list[int], k_chunks: list[int], causal: bool) -> list[Block]:
+def plan_tiles(q_chunks: list[int], k_chunks: list[int], causal: bool) -> list[Tile]:
     """Kernel calls covering exactly the visible pairs of q_chunks x k_chunks.
 
     Identical ascending chunk lists under a causal mask are one causal call
@@ -45,32 +45,32 @@ def plan_blocks(q_chunks: list[int], k_chunks: list[int], causal: bool) -> list[
     """
     n_q, n_k = len(q_chunks), len(k_chunks)
     if causal and q_chunks == k_chunks and q_chunks == sorted(set(q_chunks)):
-        return [Block(0, n_q, 0, n_k, True)]
-    rows: list[Block] = []
+        return [Tile(0, n_q, 0, n_k, True)]
+    rows: list[Tile] = []
     for i, qc in enumerate(q_chunks):
         kinds = [pair_kind(qc, kc, causal) for kc in k_chunks]
         j = 0
         while j < n_k:
             if kinds[j] == DIAG:
-                rows.append(Block(i, i + 1, j, j + 1, True))
+                rows.append(Tile(i, i + 1, j, j + 1, True))
                 j += 1
             elif kinds[j] == FULL:
                 start = j
                 while j < n_k and kinds[j] == FULL:
                     j += 1
-                rows.append(Block(i, i + 1, start, j, False))
+                rows.append(Tile(i, i + 1, start, j, False))
             else:
                 j += 1
     return _merge_rows(rows)
 
 
-def _merge_rows(rows: list[Block]) -> list[Block]:
-    merged: list[Block] = []
+def _merge_rows(rows: list[Tile]) -> list[Tile]:
+    merged: list[Tile] = []
     for b in rows:
         last = merged[-1] if merged else None
         if (last is not None and not b.causal and not last.causal and last.q1 == b.q0
                 and (last.k0, last.k1) == (b.k0, b.k1)):
-            merged[-1] = Block(last.q0, b.q1, b.k0, b.k1, False)
+            merged[-1] = Tile(last.q0, b.q1, b.k0, b.k1, False)
         else:
             merged.append(b)
     return merged
@@ -81,13 +81,13 @@ def ring_source(rank: int, step: int, size: int) -> int:
     return (rank - step) % size
 
 
-def step_plan(rank: int, step: int, size: int, layout: str, causal: bool) -> list[Block]:
+def step_plan(rank: int, step: int, size: int, layout: str, causal: bool) -> list[Tile]:
     """The kernel calls of `rank` at ring step `step`."""
     src = ring_source(rank, step, size)
-    return plan_blocks(rank_chunks(rank, size, layout), rank_chunks(src, size, layout), causal)
+    return plan_tiles(rank_chunks(rank, size, layout), rank_chunks(src, size, layout), causal)
 
 
-def block_pairs(block: Block, chunk: int) -> int:
+def block_pairs(block: Tile, chunk: int) -> int:
     """Number of (query, key) token pairs one kernel call attends (chunk = tokens per chunk)."""
     nq, nk = (block.q1 - block.q0) * chunk, (block.k1 - block.k0) * chunk
     if not block.causal:

@@ -5,7 +5,7 @@ gets a torch tensor over ITS segment of an `MPI.Win.Allocate_shared` window
 created on the node communicator (`Split_type(COMM_TYPE_SHARED)`), zero-copy
 (`torch.frombuffer` over the segment), and every peer's segment of the same
 window is reachable through `Shared_query`. Collectives on such tensors
-(mpipar.comm.shm) read and write the peers' memory directly: no copies.
+(mpipar.comm.symmetric.collectives) read and write the peers' memory directly: no copies.
 
 State lives in a `SymmetricPool` attached lazily to the Group object (never a
 module global). Each window holds one tensor; when every rank has dropped its
@@ -15,83 +15,26 @@ Reuse and free decisions are agreed across the group in the same collective
 that checks the shape, so ranks never diverge. Every window is opened with a
 `Lock_all(MODE_NOCHECK)` epoch held until it is freed (unified memory model:
 `Win.Sync` is the memory barrier used by the shm collectives).
-
-Test-only: MPIPAR_FAKE_RANKS_PER_NODE=k splits groups into fake "nodes" of k
-consecutive ranks, so the inter-node (hierarchical) path runs on one machine.
 """
 from __future__ import annotations
 
 import collections
-import os
 import weakref
 
 import numpy as np
 import torch
 
-from ..errors import MpiparError
-from ..mesh import as_group
-from .buffers import dtype_code
-from .wait import wait_all
+from ...errors import MpiparError
+from ...mesh import as_group
+from ..buffers import dtype_code
+from ..wait import wait_all
+from .barrier import ShmBarrier
+from .window import PAGE, Window, node_comm_of
 
-PAGE = 4096
 MAX_IDLE = 32         # idle windows kept for reuse (a training step's activation windows); beyond: freed
 MAX_IDLE_BYTES = 1 << 30   # ... and at most this much memory (per rank) in idle windows
 MAX_WASTE = 4         # reuse a window only if capacity <= MAX_WASTE * request (+1 page)
 _ATTR = "_mpipar_symmetric_pool"
-
-
-def fake_ranks_per_node() -> int:
-    """MPIPAR_FAKE_RANKS_PER_NODE (test-only), 0 when unset."""
-    value = os.environ.get("MPIPAR_FAKE_RANKS_PER_NODE", "")
-    return int(value) if value.strip() else 0
-
-
-def node_comm_of(comm):
-    """Ranks of `comm` on this node (or on this fake node), ordered by rank in `comm`."""
-    from mpi4py import MPI
-
-    fake = fake_ranks_per_node()
-    if fake > 0:
-        return comm.Split(comm.Get_rank() // fake, key=comm.Get_rank())
-    return comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
-
-
-class Window:
-    """One shared window: this rank's segment plus a numpy view of every node peer's segment."""
-
-    def __init__(self, node, capacity: int, ident: int):
-        from mpi4py import MPI
-
-        info = MPI.Info.Create()
-        info.Set("alloc_shared_noncontig", "true")
-        self.win = MPI.Win.Allocate_shared(capacity, 1, info, comm=node)
-        info.Free()
-        self.win.Lock_all(MPI.MODE_NOCHECK)
-        self.ident, self.capacity = ident, capacity
-        self.segments = []
-        for peer in range(node.Get_size()):
-            buf, _ = self.win.Shared_query(peer)
-            self.segments.append(np.frombuffer(buf, dtype=np.uint8, count=capacity))
-        self.local = self.segments[node.Get_rank()]
-        self.base = self.local.ctypes.data
-        self.live = 0      # tensors of this rank still referencing the window
-        self.plans: dict = {}  # cached numpy views of the shm kernels (mpipar.comm.shm), freed with it
-
-    def view(self, peer: int, offset: int, nbytes: int) -> np.ndarray:
-        """uint8 view of `nbytes` bytes at `offset` in node peer `peer`'s segment."""
-        return self.segments[peer][offset:offset + nbytes]
-
-    def sync(self) -> None:
-        self.win.Sync()
-
-    def _released(self) -> None:
-        self.live -= 1
-
-    def free(self) -> None:
-        """Collective over the node: end the Lock_all epoch, then free the window."""
-        self.segments, self.local, self.plans = [], None, {}
-        self.win.Unlock_all()
-        self.win.Free()
 
 
 class SymmetricPool:
@@ -107,8 +50,6 @@ class SymmetricPool:
         wait_all([group.comm.Iallreduce(MPI.IN_PLACE, sizes, op=MPI.MAX)])
         self.max_local, self.min_local = int(sizes[0]), int(-sizes[1])
         self.one_node = self.local_size == group.size
-        from .shm_sync import ShmBarrier
-
         self.sync = ShmBarrier(self.node, polite=group.oversubscribed)  # node-local barrier
         self.windows: list[Window] = []
         self.scratch_window: Window | None = None

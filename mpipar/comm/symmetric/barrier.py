@@ -19,7 +19,8 @@ import time
 
 import numpy as np
 
-from .wait import wait_all
+from ..wait import wait_all
+from .window import Window
 
 SLOT = 256                 # bytes per rank: its own cache lines
 _SPIN = 64                 # checks before yielding (only when cores are not oversubscribed)
@@ -31,8 +32,6 @@ class ShmBarrier:
     """Barrier + small allgather over the ranks of a node communicator (collective creation)."""
 
     def __init__(self, node, polite: bool):
-        from .symmetric import Window
-
         self.window = Window(node, SLOT, -2)
         self.n, self.me = node.Get_size(), node.Get_rank()
         self.slots = [s.view(np.int64) for s in self.window.segments]

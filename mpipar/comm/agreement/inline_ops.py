@@ -1,11 +1,11 @@
 """Small broadcast, reduce_scatter and all_gather finished from the agreement's table.
 
 Each `agree_<op>` is collective over the group (size > 1) and makes ONE Allgather
-(mpipar.comm.inline.exchange_args): it agrees on the arguments (MpiparError on
+(mpipar.comm.agreement.inline.exchange_args): it agrees on the arguments (MpiparError on
 every rank otherwise) and carries the data of small tensors. It returns
 (result, entry): `result` is the finished call's result when the data rode along
 (None: go on to the collective), `entry` the shared-memory entry table, as from
-mpipar.comm.validate.agree. Every rank takes the same branch: the choice reads only
+mpipar.comm.agreement.protocol.agree. Every rank takes the same branch: the choice reads only
 the agreed signature, settings shared by all ranks, or the gathered table.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ import math
 
 import torch
 
-from . import tuning
-from .buffers import flat_chunks, offsets
+from .. import tuning
+from ..buffers import flat_chunks, offsets
 from .inline import INLINE_BYTES, _call, exchange_args, reduce_rows
 
 
@@ -53,7 +53,7 @@ def _slices(buf, t: torch.Tensor, d: int, g) -> list:
 
 def agree_all_gather(t: torch.Tensor, g, d: int, algorithm, out_code: int, shared_of):
     """(the concatenation along `d` when every rank's piece was small, each rank's size along
-    `d`, entry). `out_code`: mpipar.comm.into.code(t, out, d), agreed like any argument."""
+    `d`, entry). `out_code`: mpipar.comm.agreement.into.code(t, out, d), agreed like any argument."""
     info = _call("all_gather", t, algorithm=algorithm, dim=d, root=out_code, free_dim=True, root_name="out")
     buf, entry = exchange_args(g, info, t, info.fits, shared_of)
     sizes = buf.free_sizes()

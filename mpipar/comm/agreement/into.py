@@ -1,7 +1,7 @@
 """The `out=` argument of all_gather: checks every rank agrees on, and in-place detection.
 
 `code(t, out, dim)` is what a rank puts in its argument agreement (the signature's
-root slot, mpipar.comm.validate): NO_OUT without `out`, BAD_OUT when `out` cannot
+root slot, mpipar.comm.agreement.protocol): NO_OUT without `out`, BAD_OUT when `out` cannot
 hold the result whatever the other ranks send (dtype, device, layout, or a size
 other than t's off `dim`), else out's size along `dim`. The agreement makes every
 rank hold the same code, so `check` raises the same MpiparError on every rank.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import MpiparError
-from .buffers import offsets
+from ...errors import MpiparError
+from ..buffers import offsets
 
 NO_OUT = -1
 BAD_OUT = -3  # not -2: the agreement hashes the signature and in CPython hash(-1) == hash(-2)

@@ -3,27 +3,26 @@
 `reduce_from_region`'s forward all-reduces a copy of its input and
 `copy_to_region`'s backward a copy of the incoming gradient. With symmetric
 activations that copy is made into a symmetric tensor (a pooled window of the
-node, mpipar.comm.symmetric; the window goes back to the pool when the
+node, mpipar.comm.symmetric.pool; the window goes back to the pool when the
 activation is dropped), so the all-reduce runs zero-copy through shared memory
-(mpipar.comm.shm) instead of through MPI's internal buffers: the same one copy,
+(mpipar.comm.symmetric.collectives) instead of through MPI's internal buffers: the same one copy,
 a faster reduction.
 
 When: MPIPAR_SYMMETRIC_ACTIVATIONS=1|0 forces it on|off; unset (auto) it is on
 for CPU tensors of at least AUTO_BYTES (and the shared-memory all-reduce
 crossover) when the group lives on one node. AUTO_BYTES = 1 MiB because the
-symmetric allocation is itself a small collective (~20 us): measured with 2
-ranks here, an 8 MiB MLP activation's forward all-reduce took 2.1 ms of
-communication instead of 47 ms (step 0.596 s vs 0.612 s), while a GPT whose
-activations are 64 KiB trained 5-10% slower with it forced on. Forced on, groups spanning
+symmetric allocation is itself a small collective: it pays for large
+activations and costs small ones (results/TUNING.md). Forced on, groups spanning
 nodes all-reduce hierarchically. Every rank must see the same setting.
 """
 from __future__ import annotations
 
 import torch
 
-from ..errors import require
-from . import tuning
-from .symmetric import pool_of, symmetric_empty
+from ...errors import require
+from ...settings import current
+from .. import tuning
+from .pool import pool_of, symmetric_empty
 
 ENV = "MPIPAR_SYMMETRIC_ACTIVATIONS"
 AUTO_BYTES = 1 << 20
@@ -31,7 +30,7 @@ AUTO_BYTES = 1 << 20
 
 def mode() -> bool | None:
     """True / False when MPIPAR_SYMMETRIC_ACTIVATIONS forces it, None for auto."""
-    value = (tuning.env(ENV) or "").strip()
+    value = current().symmetric_activations or ""
     if not value:
         return None
     require(value in ("0", "1"), f"{ENV} must be 0 or 1, got {value!r}")

@@ -9,10 +9,10 @@
 3. inside each node, the owner pushes the finished slice into every local
    peer's segment (the all-gather), while it is still in cache.
 Only a slice's owner touches it between the entry and exit barriers (done by
-the caller, mpipar.comm.shm.all_reduce), so no barrier is needed between the
+the caller, mpipar.comm.symmetric.collectives.all_reduce), so no barrier is needed between the
 phases. Nodes of unequal size work (a smaller node's ranks own more slices).
 
-Test-only: MPIPAR_FAKE_RANKS_PER_NODE=k (mpipar.comm.symmetric) makes groups of
+Test-only: MPIPAR_FAKE_RANKS_PER_NODE=k (mpipar.comm.symmetric.pool) makes groups of
 k consecutive ranks act as nodes, so this path runs on one machine.
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from . import shm_kernels as k
-from .native import mpi_op
-from .wait import wait_all
+from . import kernels as k
+from ..backends.mpi import mpi_op
+from ..wait import wait_all
 
 
 def slice_comms(pool) -> list:

@@ -9,17 +9,15 @@ The message size never depends on the arguments, so ranks that disagree
 still complete it, see the disagreement and raise the same MpiparError.
 When the (agreed) signature says the tensor is small (at most INLINE_BYTES, a
 dtype the slot carries, algorithm "auto", "mpi" or "ring"), its data rode in
-the payload slot and the call finishes locally (mpipar.comm.inline_ops):
+the payload slot and the call finishes locally (mpipar.comm.agreement.inline_ops):
 all-reduce and reduce-scatter reduce the N rows in rank order (bit-identical
 on every rank), broadcast copies the root's row, all-gather concatenates the
 rows (inline only when EVERY rank's piece fits, which every rank reads from
 the same table). Larger tensors go on to their collective after the agreement.
 
-Measured with 2 ranks here (4 KiB float32): a separate agreement collective
-before MPI's Allreduce cost 23 us per call against raw mpi4py's 4-5 us; this
-path costs one Allgather of 4 KiB (about 3 us) plus the Python around it:
-7.4 us against raw mpi4py's 3.9 us in a tight loop (the all-reduce's flattened
-hot path, _small_all_reduce; 8.1 us before it).
+Why: a separate agreement collective before MPI's own would cost a second round
+trip per call; riding on it makes a small checked call cost about one collective
+(results/TUNING.md).
 """
 from __future__ import annotations
 
@@ -29,11 +27,12 @@ import functools
 import numpy as np
 import torch
 
-from ..errors import MpiparError
-from . import shm_entry, tuning
-from .buffers import memo
-from .native import in_place
-from .validate import BAD_DIM, _UNKNOWN, check, exchange, signature
+from ...errors import MpiparError
+from .. import tuning
+from ..symmetric import entry as shm_entry
+from ..buffers import memo
+from ..backends.mpi import in_place
+from .protocol import BAD_DIM, _UNKNOWN, check, exchange, signature
 
 INLINE_BYTES = 4096  # the payload slot; identical on every rank by construction (never from env)
 _HEAD = 6  # int64 words: signature hash, bad flag, free size, symmetric descriptor [window, offset, nbytes]
@@ -177,7 +176,7 @@ def agree_all_reduce(t: torch.Tensor, g, op, algorithm):
     """Collective over g (size > 1): agree on the arguments (raise MpiparError on every rank
     if they differ or are bad). Returns True when `t` was small and is now reduced in place;
     else the (N, 3) table of every rank's symmetric descriptor [window, offset, nbytes] when
-    the group has a one-node symmetric pool (mpipar.comm.shm then needs no entry exchange:
+    the group has a one-node symmetric pool (mpipar.comm.symmetric.collectives then needs no entry exchange:
     this Allgather was it), else None."""
     info = _call("all_reduce", t, op, algorithm)
     combine = info.combine
@@ -226,7 +225,7 @@ def _allgather_of(g, table):
     """The group's in-place Allgather of its table, as a no-argument call: a polite wait
     (mpipar.comm.wait) when ranks outnumber cores."""
     if g.oversubscribed:
-        from .wait import wait_all
+        from ..wait import wait_all
 
         return lambda: wait_all([g.comm.Iallgather(in_place(), table)])
     return functools.partial(g.comm.Allgather, in_place(), table)

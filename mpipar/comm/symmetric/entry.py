@@ -1,13 +1,13 @@
-"""How a shared-memory collective (mpipar.comm.shm) starts and ends.
+"""How a shared-memory collective (mpipar.comm.symmetric.collectives) starts and ends.
 
 Synchronisation is Sync-Barrier-Sync under the windows' Lock_all(MODE_NOCHECK)
 epoch: once on entry (inputs are ready; the same barrier carries each rank's
 [window, offset, nbytes], so all agree whether the tensor is symmetric), once
 on exit (no rank reads or overwrites a slot that a peer may still touch). The
-barrier is a flag barrier in shared memory (mpipar.comm.shm_sync; an
+barrier is a flag barrier in shared memory (mpipar.comm.symmetric.barrier; an
 Iallgather when the group spans nodes); it waits politely (yield, then sleep)
 when ranks outnumber cores. The entry exchange usually rides on the argument
-agreement (mpipar.comm.inline carries `local_descriptor`), so it costs no
+agreement (mpipar.comm.agreement.inline carries `local_descriptor`), so it costs no
 collective of its own.
 """
 from __future__ import annotations
@@ -15,10 +15,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import MpiparError
-from . import tuning
-from .symmetric import pool_of
-from .wait import wait_all
+from ...errors import MpiparError
+from .. import tuning
+from .pool import pool_of
+from ..wait import wait_all
 
 SHM_ALGORITHMS = ("auto", "shm", "hier")
 
@@ -46,7 +46,7 @@ def enter(g, t, algorithm, op_name, nbytes, entry=None):
     Collective only when a decision needs data from every rank; the exchange of
     [window, offset, nbytes] is also the entry barrier of the shm algorithms.
     `entry`: that exchange's (N, 3) table when the caller already made it (the argument
-    agreement carries it: mpipar.comm.inline, inline_ops); same on every rank.
+    agreement carries it: mpipar.comm.agreement.inline, inline_ops); same on every rank.
     """
     if algorithm not in SHM_ALGORITHMS:
         return None

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from .buffers import address_buffer, mpi_buffer, offsets
-from .wait import complete
+from ..buffers import address_buffer, mpi_buffer, offsets
+from ..wait import complete
 
 _MPI_CONSTANTS: dict = {}  # filled at first use: importing this module does not import MPI
 
