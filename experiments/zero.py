@@ -34,18 +34,15 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from mpi4py import MPI
 
-import torch  # noqa: E402
-from mpi4py import MPI  # noqa: E402
-
-import mpipar  # noqa: E402
-from _common import init_gloo, prefix_groups, print_table, setup_threads  # noqa: E402
-from mpipar import models  # noqa: E402
-from mpipar.errors import install_abort_on_exception  # noqa: E402
-from mpipar.trace import write_table  # noqa: E402
-from mpipar.trace.memory import ActivationMeter, rss_bytes  # noqa: E402
+import mpipar
+from _common import init_gloo, prefix_groups, print_table, setup_threads
+from mpipar import models
+from mpipar.errors import install_abort_on_exception
+from mpipar.trace import ActivationMeter, write_table
+from mpipar.trace.memory import rss_bytes
 
 VARIANTS = ["zero0", "zero1", "zero2", "zero3", "torch-ddp", "torch-fsdp2"]
 UNITS = {"step_s": "s", "step_min_s": "s", "peak_bytes": "B", "tokens_per_s": "tokens/s"}
