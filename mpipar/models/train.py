@@ -29,6 +29,7 @@ from .. import comm
 from ..errors import MpiparError, agree, agree_ints, require
 from .gpt import SerialGPT
 from .parallel import ParallelGPT
+from .zero.optimizer import check_optimizer
 
 
 def train_step(model, batch, optimizer, mesh=None, num_microbatches: int = 1, schedule: str = "1f1b", *,
@@ -37,6 +38,7 @@ def train_step(model, batch, optimizer, mesh=None, num_microbatches: int = 1, sc
     """Forward, backward, gradient reduction, [clipping], optimizer step; returns the mean loss."""
     require(isinstance(batch, (tuple, list)) and len(batch) == 2, "train_step: batch must be (tokens, targets)")
     tokens, targets = batch
+    check_optimizer(model, optimizer)  # ZeRO: the optimizer must step the model's shards
     require(isinstance(num_microbatches, int) and num_microbatches >= 1,
             f"train_step: num_microbatches must be a positive int, got {num_microbatches!r}")
     with _options(model, bf16, activation_checkpointing):

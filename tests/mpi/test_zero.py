@@ -260,3 +260,12 @@ def test_checkpoint_missing_shard_raises_everywhere(ckpt_dir):
     WORLD.Barrier()
     with pytest.raises(MpiparError, match="missing"):
         models.load(model, opt, path)
+
+
+@pytest.mark.mpi
+def test_plain_optimizer_on_a_zero_model_raises_everywhere():
+    mesh = mpipar.Mesh(dp=N)
+    model = models.GPT(config(), mesh, dtype=F64, zero=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with pytest.raises(MpiparError, match="models.optimizer"):
+        models.train_step(model, batches()[0], opt, mesh, num_microbatches=2)

@@ -45,6 +45,7 @@ DRIVERS = {
     # --quick's batch 8 needs dp x microbatches to divide it: 2 microbatches at dp 4
     "train_gpt": (4, ["--quick", "--layouts", "all", "--steps", "2", "--microbatches", "2"]),
     "llama_peer": (2, ["--quick"]),
+    "zero": (2, ["--quick", "--sweep", "--steps", "1", "--warmup", "0", "--variants", "zero0,zero3"]),
 }
 TABLES = {  # table -> the driver that writes it
     "collectives": "collectives",
@@ -56,6 +57,8 @@ TABLES = {  # table -> the driver that writes it
     "train_gpt": "train_gpt",
     "train_gpt_layouts": "train_gpt",
     "llama_peer": "llama_peer",
+    "zero_benchmark": "zero",
+    "zero_memory": "zero",
 }
 
 pytestmark = pytest.mark.skipif(not README.exists() or not MPIEXEC.exists(),

@@ -45,4 +45,12 @@ def optimizer(model, cls, **kwargs):
     buckets = model.buckets
     opt = cls(buckets.masters(), **kwargs)
     opt.register_step_post_hook(lambda *_: buckets.after_step())
+    opt.mpipar_zero_buckets = buckets  # train_step checks that the optimizer steps this model's shards
     return opt
+
+
+def check_optimizer(model, optimizer) -> None:
+    """MpiparError unless `optimizer` came from models.optimizer(model, ...) (ZeRO models only)."""
+    if getattr(model, "zero", 0) and getattr(optimizer, "mpipar_zero_buckets", None) is not model.buckets:
+        raise MpiparError(f"train_step: a ZeRO-{model.zero} model needs its optimizer from "
+                          f"models.optimizer(model, cls, ...) (the gradients live in shards it steps)")

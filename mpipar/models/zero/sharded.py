@@ -13,13 +13,9 @@ writes the new values back into the parameters.
   reduce-scattered as soon as each microbatch's gradients of it are complete
   (accumulating into the shard), and the parameters' `.grad` are dropped.
 - zero=3: parameters are sharded too. Every transformer block is its own
-  bucket ("unit"): a forward pre-hook all-gathers it (and posts the next
-  block's gather: prefetch), it is freed after the forward, gathered again
-  when its output's gradient arrives (prefetching the previous block) and freed
-  once each of its parameters has accumulated that microbatch's gradient.
-  The ends (embeddings, final LayerNorm, head) are one unit gathered for the
-  whole step. Works under any pipeline schedule (the zero-bubble weight pass
-  runs while the unit is still held), activation checkpointing and TP/SP.
+  bucket, materialised only around its forward and its backward (see
+  gathering.py); the ends (embeddings, final LayerNorm, head) are one bucket
+  gathered for the whole step.
 
 Buckets and collectives are launched in one fixed order (bucket index, then
 microbatch round) on every rank, as in GradBuckets; every collective is
@@ -33,83 +29,54 @@ line up).
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 
 from ... import comm
-from ...comm.buffers import address_buffer, mpi_buffer, needs_staging
-from ...comm.wait import wait_all
 from ...errors import MpiparError
 from ...mesh import Group
 from ..data_parallel import _pack
 from .flat import FlatBucket
-
-
-def _in_backward() -> bool:
-    return torch._C._current_graph_task_id() != -1
-
-
-class _Op:
-    """A pending non-blocking collective; `done()` copies staged results back."""
-
-    def __init__(self, request, after=None, keep=()):
-        self.request, self.after, self.keep = request, after, keep  # keep: buffers MPI is using
-
-    def complete(self) -> None:
-        if self.after is not None:
-            self.after()
-            self.after = None
+from .gathering import BlockGathering
+from .nonblocking import post, wait
 
 
 class ShardedBuckets:
+    """The ZeRO stage `zero` of a ParallelGPT's parameters over its data group (collective
+    construction; the model's parameters become views into the buckets)."""
+
     def __init__(self, model, zero: int, bucket_bytes: int):
         self.zero, self.model = zero, model
         self.group = Group(model.data_group.comm.Dup(), "zero")
         d, r = self.group.size, self.group.rank
-        self.tp, self.pp = model.mesh.tp, model.mesh.pp
+        self.tp = model.mesh.tp
         self.tied_group = model.tied_group
         specs = {id(s.param): s for s in model.specs()}
         params = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
         tied = [p for p in params if self.tied_group is not None and specs[id(p)].name == "tok_emb.weight"]
-        self.units = []          # ZeRO-3: (module, bucket) of every transformer block, forward order
-        if zero == 3:
-            in_blocks = set()
-            groups = []
-            for key in model.blocks:
-                ps = [p for p in model.blocks[key].parameters() if p.requires_grad]
-                in_blocks.update(id(p) for p in ps)
-                groups.append(ps)
-            groups = groups[::-1]
+        blocks = [model.blocks[key] for key in model.blocks] if zero == 3 else []
+        block_params = [[p for p in m.parameters() if p.requires_grad] for m in blocks]
+        if zero == 3:  # one bucket per block (backward order), then the tied embedding, then the ends
+            in_blocks = {id(p) for ps in block_params for p in ps}
             rest = [p for p in params if id(p) not in in_blocks and all(p is not t for t in tied)]
-            groups += [g for g in (tied, rest) if g]
+            groups = [ps for ps in reversed(block_params) if ps] + [g for g in (tied, rest) if g]
         else:
             untied = [p for p in params if all(p is not t for t in tied)]
             groups = [b.params for b in _pack(list(reversed(untied)), bucket_bytes)] + ([tied] if tied else [])
         self.buckets = [FlatBucket(g, i, d, r, keep_full=zero < 3) for i, g in enumerate(groups)]
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self._tied_bucket = self._bucket_of[id(tied[0])] if tied else None
-        self._roots, self._hooks = [], []
+        self._hooks, self.gathering = [], None
         if zero == 3:
-            by_first = {id(b.params[0]): b for b in self.buckets}
-            for key in model.blocks:
-                mod = model.blocks[key]
-                first = next((p for p in mod.parameters() if p.requires_grad), None)
-                if first is not None:
-                    self.units.append((mod, by_first[id(first)]))
-            block_buckets = {id(b) for _, b in self.units}
-            self._roots = [b for b in self.buckets if id(b) not in block_buckets]
-            self._init_units(model)
+            units = [(m, self._bucket_of[id(ps[0])]) for m, ps in zip(blocks, block_params) if ps]
+            self.gathering = BlockGathering(model, self.buckets, units, self.group.comm)
         self._norm_spans, self._tp_spans = self._spans(specs)
         if zero == 1:
             for b in self.buckets:
                 b.grad_full = torch.zeros(b.padded, dtype=b.dtype, device=b.device)
         self._hooks += [p.register_post_accumulate_grad_hook(self._on_grad) for b in self.buckets for p in b.params]
         self._armed, self._overrun = False, None
-        self._pending: list = []   # (_Op, bucket, recv) in launch order
-        if zero == 3:
-            for b in self.buckets:
-                b.release_full()
+        self._pending: list = []   # (Pending, bucket, recv) in launch order
         self.closed = False
 
     # ---- layout facts ------------------------------------------------------------------------
@@ -120,7 +87,8 @@ class ShardedBuckets:
             nb, tb = [], []
             for f in b.fragments:
                 s = specs[id(b.params[f.index])]
-                if s.primary and (s.sharded or self.tp.rank == 0):
+                replica = s.sharded and self.tp.rank % getattr(s, "replicas", 1)  # a copy of a grouped K/V part
+                if s.primary and (s.sharded or self.tp.rank == 0) and not replica:
                     nb.append((f.shard_lo, f.shard_hi))
                 if s.sp_reduce:
                     tb.append((f.shard_lo, f.shard_hi))
@@ -153,10 +121,8 @@ class ShardedBuckets:
             for b in self.buckets:
                 for p in b.params:
                     p.grad = None
-        if self.zero == 3:
-            for b in self.buckets:
-                b.users, b.accumulated, b.grad_flat = 0, 0, None
-            self._gather_roots()
+        if self.gathering is not None:
+            self.gathering.start_step()
         self._armed = True
 
     def _on_grad(self, p) -> None:
@@ -167,13 +133,8 @@ class ShardedBuckets:
         b = self._bucket_of[id(p)]
         if n > self._expected:
             self._overrun = f"a parameter of shape {tuple(p.shape)} accumulated more gradients than expected"
-        if self.zero == 3 and b.unit:
-            b.accumulated += 1
-            if b.accumulated % len(b.params) == 0:
-                b.users -= 1
-                if b.users <= 0 and b.forwarding == 0:
-                    b.users = 0
-                    b.release_full()
+        if self.gathering is not None:
+            self.gathering.on_grad(b)
         self._launch_ready()
         self._reap()
 
@@ -195,11 +156,6 @@ class ShardedBuckets:
 
         if self.zero == 1:
             send = b.grad_full if b.grad_full.dtype == b.reduce_dtype else b.grad_full.to(b.reduce_dtype)
-        elif self.zero == 3 and b.grad_flat is not None:  # a ZeRO-3 block's gradients accumulated in place
-            send = b.grad_flat if b.dtype == b.reduce_dtype else b.grad_flat.to(b.reduce_dtype)
-            b.grad_flat = None
-            for p in b.params:
-                p.grad = None
         else:
             send = torch.empty(b.padded, dtype=b.reduce_dtype, device=b.device)
             send[b.numel:].zero_()
@@ -210,25 +166,16 @@ class ShardedBuckets:
                     part.copy_(p.grad.reshape(-1))
                     p.grad = None
         recv = torch.empty(b.shard_numel, dtype=b.reduce_dtype, device=b.device)
-        op = self._start(lambda s, o: self.group.comm.Ireduce_scatter_block(s, o, op=MPI.SUM), send, recv)
+        op = post(lambda s, o: self.group.comm.Ireduce_scatter_block(s, o, op=MPI.SUM), send, recv)
         self._pending.append((op, b, recv))
 
-    def _start(self, post, send, recv) -> _Op:
-        """Post a collective; device tensors go through host copies when MPI cannot read them."""
-        if not ((send is not None and needs_staging(send)) or needs_staging(recv)):
-            return _Op(post(_buffer(send) if send is not None else _in_place(), _buffer(recv)), keep=(send, recv))
-        hs = send.cpu() if send is not None else None
-        hr = recv.cpu()
-        return _Op(post(_buffer(hs) if hs is not None else _in_place(), _buffer(hr)),
-                   lambda: recv.copy_(hr), keep=(hs, hr))
-
-    def _reap(self, wait: bool = False) -> None:
+    def _reap(self, block: bool = False) -> None:
         """Fold completed reduce-scatters (in launch order) into the buckets' gradient shards."""
         from mpi4py import MPI
 
         done = 0
-        if wait:
-            wait_all([op.request for op, _, _ in self._pending])
+        if block:
+            wait(op for op, _, _ in self._pending)
             done = len(self._pending)
         else:
             while done < len(self._pending) and MPI.Request.Test(self._pending[done][0].request):
@@ -247,7 +194,7 @@ class ShardedBuckets:
             return
         self._armed = False
         self._launch_ready(force=True)
-        self._reap(wait=True)
+        self._reap(block=True)
         scale = 1.0 / self.group.size
         with torch.no_grad():
             for b in self.buckets:
@@ -256,13 +203,8 @@ class ShardedBuckets:
         self._tp_sum()
         if self._tied_bucket is not None:
             comm.all_reduce(self._tied_bucket.master.grad, self.tied_group)
-        if self.zero == 3:
-            for b in self.buckets:
-                if b.gather_op is not None:  # a prefetch nobody used
-                    self._gather(b)
-                if b.gathered:
-                    b.release_full()
-                b.users = 0
+        if self.gathering is not None:
+            self.gathering.end_step()
         if self._overrun:
             raise MpiparError(f"ZeRO: {self._overrun} (gradients were reduced too early)")
 
@@ -288,10 +230,7 @@ class ShardedBuckets:
                     b.shard.copy_(b.master)
         if self.zero == 3:
             return
-        ops = [self._start(lambda s, o: self.group.comm.Iallgather(s, o), None, b.full) for b in self.buckets]
-        wait_all([op.request for op in ops])
-        for op in ops:
-            op.complete()
+        wait([post(lambda s, o: self.group.comm.Iallgather(s, o), None, b.full) for b in self.buckets])
 
     # ---- gradient norm -----------------------------------------------------------------------
     def grad_sq_sum(self) -> torch.Tensor:
@@ -312,85 +251,14 @@ class ShardedBuckets:
                 if b.master.grad is not None:
                     b.master.grad.mul_(coef)
 
-    # ---- ZeRO-3 parameter gathering ----------------------------------------------------------
-    def _init_units(self, model) -> None:
-        for b in self.buckets:
-            b.unit, b.users, b.forwarding, b.accumulated, b.gather_op, b.grad_flat = False, 0, 0, 0, None, None
-        for k, (mod, b) in enumerate(self.units):
-            b.unit = True
-            prev = self.units[k - 1][1] if k > 0 and _adjacent(model, self.units[k - 1][0], mod) else None
-            nxt = self.units[k + 1][1] if k + 1 < len(self.units) and _adjacent(model, mod, self.units[k + 1][0]) \
-                else None
-            self._hooks.append(mod.register_forward_pre_hook(self._pre_forward(b, nxt)))
-            self._hooks.append(mod.register_forward_hook(self._post_forward(b, prev)))
-        for chunk in model.chunks:
-            self._hooks.append(chunk.register_forward_pre_hook(lambda *_: self._gather_roots()))
-
-    def _gather(self, b, wait: bool = True) -> None:
-        if not b.gathered and b.gather_op is None:
-            b.allocate_full()
-            b.gather_op = self._start(lambda s, o: self.group.comm.Iallgather(s, o), b.shard, b.full)
-        if wait and b.gather_op is not None:
-            wait_all([b.gather_op.request])
-            b.gather_op.complete()
-            b.gather_op, b.gathered = None, True
-
-    def _gather_roots(self) -> None:
-        for b in self._roots:
-            self._gather(b, wait=False)
-        for b in self._roots:
-            self._gather(b)
-
-    def _pre_forward(self, b, nxt):
-        def hook(module, args):
-            self._gather(b)
-            b.forwarding += 1
-            if nxt is not None and not _in_backward():
-                self._gather(nxt, wait=False)
-        return hook
-
-    def _post_forward(self, b, prev):
-        def hook(module, args, output):
-            b.forwarding -= 1
-            if _in_backward():
-                return
-            if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and output.requires_grad:
-                output.register_hook(self._pre_backward(b, prev))
-            if b.users == 0 and b.forwarding == 0:
-                b.release_full()
-        return hook
-
-    def _pre_backward(self, b, prev):
-        def hook(grad):
-            self._gather(b)
-            b.users += 1
-            if self._armed and b.grad_flat is None and b.dtype == b.reduce_dtype:
-                # the block's gradients accumulate straight into the flat buffer its reduce-scatter
-                # sends (no packing copy, no second copy of them alive while packing)
-                b.grad_flat = torch.zeros(b.padded, dtype=b.dtype, device=b.device)
-                for p, g in b.param_views(b.grad_flat):
-                    p.grad = g.view(p.shape)
-            if prev is not None:
-                self._gather(prev, wait=False)
-        return hook
-
     @contextlib.contextmanager
     def gathered(self):
         """Every parameter materialised inside the block (ZeRO-3; a no-op otherwise). Collective."""
-        if self.zero < 3:
+        if self.gathering is None:
             yield
-            return
-        held = [b for b in self.buckets if b.gathered or b.gather_op is not None]
-        for b in self.buckets:
-            self._gather(b, wait=False)
-        for b in self.buckets:
-            self._gather(b)
-        try:
-            yield
-        finally:
-            for b in self.buckets:
-                if all(b is not h for h in held):
-                    b.release_full()
+        else:
+            with self.gathering.gathered():
+                yield
 
     # ---- accounting --------------------------------------------------------------------------
     def held_bytes(self) -> dict:
@@ -405,31 +273,12 @@ class ShardedBuckets:
         return {"params": params, "grads": grads, "masters": masters}
 
     def close(self) -> None:
+        """Remove the hooks and free the private communicator (collective)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
+        if self.gathering is not None:
+            self.gathering.close()
         if not self.closed:
             self.group.comm.Free()
             self.closed = True
-
-
-def _buffer(t: torch.Tensor):
-    """MPI buffer by address for CPU tensors: a numpy view would pin the storage's size, and
-    ZeRO-3 frees and re-allocates the full parameter storage (the _Op keeps `t` alive)."""
-    return address_buffer(t) if t.is_cpu else mpi_buffer(t)
-
-
-def _in_place():
-    from mpi4py import MPI
-
-    return MPI.IN_PLACE
-
-
-def _adjacent(model, a, b) -> bool:
-    """Blocks a and b run back to back in one chunk (so a's forward may prefetch b)."""
-    for chunk in model.chunks:
-        blocks = list(chunk.blocks)
-        for i in range(len(blocks) - 1):
-            if blocks[i] is a and blocks[i + 1] is b:
-                return True
-    return False
