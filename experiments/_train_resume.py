@@ -13,7 +13,7 @@ import os
 import statistics
 import sys
 
-from mpipar.errors import agree
+from mpipar.agree import agree
 from mpipar.models import checkpoint, preempt
 from mpipar.trace import ResultsWriter, atomic_h5, read_results
 

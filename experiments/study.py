@@ -45,9 +45,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _study_plan import (Driver, count_points, driver_argv, load_plan, prepare_resume,  # noqa: E402
+from _study_plan import (Driver, count_points, driver_argv, load_plan, prepare_resume,
                          select, utc_stamp)
 
 ANALYSIS_RESERVE_S = 30.0  # kept from the budget for the analysis at the end

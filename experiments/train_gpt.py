@@ -29,22 +29,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from mpi4py import MPI
 
-import torch  # noqa: E402
-from mpi4py import MPI  # noqa: E402
-
-import mpipar  # noqa: E402
-from mpipar import models  # noqa: E402
-from mpipar.errors import install_abort_on_exception, require  # noqa: E402
-from mpipar.plan import runs as plan_runs  # noqa: E402
-from mpipar.trace import Tracer, write_table  # noqa: E402
-from _model_source import Source  # noqa: E402
-from _train_resume import Run, reset_table  # noqa: E402  (experiments/: checkpoints, signals, rows)
+import mpipar
+from mpipar import models
+from mpipar.errors import require
+from mpipar.flight.abort import install_abort_on_exception
+from mpipar.plan import runs as plan_runs
+from mpipar.trace import Tracer, write_table
+from _model_source import Source
+from _train_resume import Run, reset_table  # (experiments/: checkpoints, signals, rows)
 
 LAYOUTS_4 = [(1, 1, 1, 4), (1, 4, 1, 1), (1, 1, 4, 1), (4, 1, 1, 1),
              (1, 2, 1, 2), (2, 1, 1, 2), (1, 2, 2, 1), (2, 2, 1, 1)]  # (dp, pp, sp, tp)

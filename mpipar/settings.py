@@ -118,6 +118,10 @@ class Settings:
     flight_dir: str = _opt(
         "MPIPAR_FLIGHT_DIR", "where flight records go, as `rank<R>.json` (default `mpipar-flight`)",
         default="mpipar-flight", agreed=False)
+    checkpoint_pause_s: float = _opt(
+        "MPIPAR_CHECKPOINT_PAUSE_S",
+        "seconds (test-only): rank 0 sleeps this long in each checkpoint save with the shards written and "
+        "no manifest yet, so a test can kill a job mid-save", "seconds", default=0.0, agreed=False)
     # -- process: may differ per node, so not agreed ----------------------------------------------
     polite: str | None = _opt(
         "MPIPAR_POLITE",

@@ -34,7 +34,9 @@ import warnings
 
 import torch
 
-from ..errors import MpiparError, agree
+from ..agree import agree
+from ..errors import MpiparError
+from ..settings import current
 from .checkpoint_files import (FORMAT, LEGACY_META, MANIFEST, META, VERSION, clean_leftovers, fsync_dir, latest,
                                local_values, meta_json, placed, read_manifest, read_meta_json, serialize, state_of,
                                step_path, steps, temp_name, torch_load, verify, write_file)
@@ -43,7 +45,6 @@ from .shards import serial_specs
 from .zero import checkpoint as zero_checkpoint
 
 __all__ = ["save", "load", "load_full", "save_step", "latest", "steps", "step_path", "Loaded"]
-PAUSE_ENV = "MPIPAR_CHECKPOINT_PAUSE_S"  # test hook: rank 0 sleeps this long with the shards written
 
 
 class _Ctx:
@@ -165,7 +166,7 @@ def _write_shard(ctx: _Ctx, optimizer, folder: str, report: dict) -> None:
 
 def _finish(ctx: _Ctx, tmp: str, path: str, meta: bytes, reports: list) -> None:
     """Rank 0: meta, manifest last, fsync the folder, rename it into place, fsync the parent."""
-    pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
+    pause = current().checkpoint_pause_s  # test hook (MPIPAR_CHECKPOINT_PAUSE_S)
     if pause > 0:
         time.sleep(pause)
     files = {META: write_file(os.path.join(tmp, META), meta)}

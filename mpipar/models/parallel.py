@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from .. import comm
-from ..errors import agree, agree_ints, require
+from ..errors import require
+from ..agree import agree, agree_ints
 from ..flight.recorder import recorded
 from ..mesh import Group
 from ..pipeline.partition import balanced_edges

@@ -15,7 +15,8 @@ import time
 import pytest
 import torch
 
-from mpipar.errors import MpiparError, install_abort_on_exception
+from mpipar.errors import MpiparError
+from mpipar.flight.abort import install_abort_on_exception
 from mpipar.flight import __main__ as flight_main
 from mpipar.flight.dump import dump as flight_dump
 from mpipar import settings

@@ -25,7 +25,8 @@ import os
 
 import torch
 
-from ...errors import MpiparError, agree
+from ...errors import MpiparError
+from ...agree import agree
 from ..shards import assemble, take_shard
 
 FORMAT, VERSION, MANIFEST, META = "mpipar-gpt-checkpoint", 1, "manifest.json", "meta.pt"
