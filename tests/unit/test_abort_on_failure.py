@@ -69,7 +69,8 @@ import mpipar
 from mpipar import comm
 
 if "--hook" in sys.argv:
-    mpipar.flight.abort.install_abort_on_exception()
+    from mpipar.flight.abort import install_abort_on_exception
+    install_abort_on_exception()
 w = MPI.COMM_WORLD
 comm.all_reduce(torch.ones(4), w)  # everybody is up
 if w.rank == 1:
