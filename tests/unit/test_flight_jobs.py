@@ -232,7 +232,7 @@ def test_an_exception_on_one_rank_ends_the_job(jobs, name, where):
     records = load(str(jobs[name].flight))
     assert records[1]["reason"] == "exception" and "RuntimeError" in records[1]["message"], records.get(1)
     verdict = analyse(records)
-    assert verdict.failed == [1] and f"verdict: rank 1 failed (unhandled RuntimeError in" in str(verdict), str(verdict)
+    assert verdict.failed == [1] and "verdict: rank 1 failed (unhandled RuntimeError in" in str(verdict), str(verdict)
 
 
 def test_kill_9_of_one_rank_mid_loop_ends_the_job(jobs):
