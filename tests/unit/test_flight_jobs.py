@@ -4,8 +4,8 @@
   script that only builds a Mesh ends the whole job non-zero (MPIPAR_TIMEOUT=0:
   the hooks alone, no watchdog).
 - A rank asleep while the others wait (MPIPAR_TIMEOUT=3) in an all-reduce, a
-  recv, a shared-memory all-reduce, a pipeline step and ring attention's
-  backward: the watchdog names the rank and the call, every rank writes its
+  recv, a shared-memory all-reduce, a pipeline step, ring attention's and
+  Ulysses' backward: the watchdog names the rank and the call, every rank writes its
   flight record, and the verdict (`python -m mpipar.flight DIR`) names the
   sleeping rank and what it did last.
 - kill -9 of one rank mid-loop ends the job.
@@ -129,6 +129,19 @@ out.sum().backward()
 print(f"UNREACHABLE rank {m.world.rank}", flush=True)
 '''
 
+HANG_ULYSSES = HEAD + r'''
+from mpipar.sequence import ulysses_attention
+
+m = mpipar.Mesh(sp=2)
+torch.manual_seed(m.sp.rank)
+q, k, v = (torch.randn(1, 2, 8, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+out = ulysses_attention(q, k, v, m.sp)
+if m.sp.rank == 1:
+    time.sleep(120)
+out.sum().backward()
+print(f"UNREACHABLE rank {m.world.rank}", flush=True)
+'''
+
 KILLED = HEAD + r'''
 import os, signal
 
@@ -162,6 +175,7 @@ JOBS = {
     "hang_shm": (2, HANG_SHM, "3"),
     "hang_pipeline": (2, HANG_PIPELINE, "3"),
     "hang_ring": (2, HANG_RING, "3"),
+    "hang_ulysses": (2, HANG_ULYSSES, "3"),
     "killed": (3, KILLED, "5"),
     "live_look": (2, LIVE_LOOK, "3"),
 }
@@ -232,7 +246,7 @@ def test_an_exception_on_one_rank_ends_the_job(jobs, name, where):
     records = load(str(jobs[name].flight))
     assert records[1]["reason"] == "exception" and "RuntimeError" in records[1]["message"], records.get(1)
     verdict = analyse(records)
-    assert verdict.failed == [1] and f"verdict: rank 1 failed (unhandled RuntimeError in" in str(verdict), str(verdict)
+    assert verdict.failed == [1] and "verdict: rank 1 failed (unhandled RuntimeError in" in str(verdict), str(verdict)
 
 
 def test_kill_9_of_one_rank_mid_loop_ends_the_job(jobs):
@@ -264,6 +278,7 @@ HANGS = {
     "hang_shm": ("all_reduce", 1, "hang"),
     "hang_pipeline": ("pipeline recv", 1, "p2p"),
     "hang_ring": ("ring attention", 1, "p2p"),
+    "hang_ulysses": ("all_to_all", 1, "hang"),
 }
 
 
