@@ -39,7 +39,7 @@ import mpipar  # noqa: E402
 from mpipar import models  # noqa: E402
 from mpipar.errors import install_abort_on_exception, require  # noqa: E402
 from mpipar.trace import Tracer, write_table  # noqa: E402
-from _train_resume import Run, reset_table  # noqa: E402  (experiments/: checkpoints, signals, rows)
+from _train_resume import Run  # noqa: E402  (experiments/: checkpoints, signals, rows)
 
 LAYOUTS_4 = [(1, 1, 1, 4), (1, 4, 1, 1), (1, 1, 4, 1), (4, 1, 1, 1),
              (1, 2, 1, 2), (2, 1, 1, 2), (1, 2, 2, 1), (2, 2, 1, 1)]  # (dp, pp, sp, tp)
@@ -174,8 +174,6 @@ def main() -> None:
     require(cfg.steps >= 1, "--steps must be at least 1")
     corpus = models.CharCorpus(num_chars=200_000, seed=cfg.seed)
     summary = []
-    if not cfg.resume:
-        reset_table(cfg.out, world)
     for layout in layouts(cfg, world.Get_size()):
         summary.append(run_layout(cfg, layout, corpus, world))
     if world.rank == 0:
