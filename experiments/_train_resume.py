@@ -5,7 +5,9 @@ layouts one subfolder per layout), where to resume from (`--resume`), the
 signal trap (`mpipar.models.preempt`) and rank 0's durable per-step table
 /results/train_gpt (a `ResultsWriter`: each row is on disk when the step
 ends, so a killed run keeps its rows; a resumed run skips the steps already
-stored). A fresh run (no --resume) replaces an old /results/train_gpt.
+stored). A fresh run (no --resume) replaces an old /results/train_gpt, and
+refuses a --save folder that holds another run's checkpoints (keep-N would
+delete the new ones, and --resume would pick the old).
 """
 from __future__ import annotations
 
@@ -21,17 +23,12 @@ CONFIG_COLUMNS = ("layout", "dp", "pp", "sp", "tp", "schedule", "step", "tokens"
 TABLE = "train_gpt"
 
 
-def reset_table(out: str, comm) -> None:
-    """Collective: rank 0 drops /results/train_gpt of an existing `out` (a fresh run starts a new table)."""
-    err = None
-    if comm.rank == 0 and os.path.exists(out):
-        try:
-            with atomic_h5(out) as f:
-                if f"results/{TABLE}" in f:
-                    del f[f"results/{TABLE}"]
-        except Exception as exc:  # noqa: BLE001 - reported on every rank
-            err = f"train_gpt: cannot reset /results/{TABLE} of {out}: {type(exc).__name__}: {exc}"
-    agree(comm, err)
+def _drop_table(out: str) -> None:
+    """Rank 0: remove /results/train_gpt from an existing `out`."""
+    if os.path.exists(out):
+        with atomic_h5(out) as f:
+            if f"results/{TABLE}" in f:
+                del f[f"results/{TABLE}"]
 
 
 _TRAP: list = []
@@ -57,8 +54,14 @@ class Run:
             has = comm.bcast(checkpoint.latest(self.resume_dir) is not None if comm.rank == 0 else None)
             self.resume_dir = self.resume_dir if has else ""
         err, self.rows = None, None
-        if comm.rank == 0:
+        if comm.rank == 0 and self.save_dir and checkpoint.latest(self.save_dir) and (
+                not self.resume_dir or os.path.realpath(self.resume_dir) != os.path.realpath(self.save_dir)):
+            err = (f"train_gpt: --save {self.save_dir} already holds checkpoints of another run (newest "
+                   f"{checkpoint.latest(self.save_dir)}); continue it with --resume {cfg.save} or save elsewhere")
+        if comm.rank == 0 and err is None:
             try:
+                if not cfg.resume and not _TRAP:  # a fresh run, first layout: a new table
+                    _drop_table(cfg.out)
                 self.rows = ResultsWriter(cfg.out, TABLE, units, attrs=attrs)
             except Exception as exc:  # noqa: BLE001 - reported on every rank
                 err = f"train_gpt: cannot open {cfg.out}: {type(exc).__name__}: {exc}"

@@ -41,7 +41,7 @@ from mpipar.flight.abort import install_abort_on_exception
 from mpipar.plan import runs as plan_runs
 from mpipar.trace import Tracer, write_table
 from _model_source import Source
-from _train_resume import Run, reset_table  # (experiments/: checkpoints, signals, rows)
+from _train_resume import Run  # (experiments/: checkpoints, signals, rows)
 
 LAYOUTS_4 = [(1, 1, 1, 4), (1, 4, 1, 1), (1, 1, 4, 1), (4, 1, 1, 1),
              (1, 2, 1, 2), (2, 1, 1, 2), (1, 2, 2, 1), (2, 2, 1, 1)]  # (dp, pp, sp, tp)
@@ -187,8 +187,6 @@ def main() -> None:
     require(cfg.steps >= 1, "--steps must be at least 1")
     corpus = Source(cfg)
     summary = []
-    if not cfg.resume:
-        reset_table(cfg.out, world)
     for layout in layouts(cfg, world.Get_size()):
         summary.append(run_layout(cfg, layout, corpus, world))
     if world.rank == 0:

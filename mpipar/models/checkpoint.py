@@ -247,9 +247,6 @@ def load_full(model, optimizer, path: str) -> Loaded:
             if i + 1 < len(tried) and ctx.rank == 0:
                 warnings.warn(f"{exc}; falling back to the older checkpoint {tried[i + 1]}", stacklevel=2)
             continue
-        if errors and ctx.rank == 0:
-            warnings.warn(f"checkpoint {path}: loaded the older {folder} ({len(errors)} newer one(s) damaged)",
-                          stacklevel=2)
         return loaded
     if len(errors) == 1:
         raise MpiparError(errors[0])
