@@ -10,7 +10,9 @@ parallel over 2 ranks, one microbatch per step, float32, AdamW. Variants:
 mpipar zero 0-3 (models.GPT(cfg, mesh, zero=z) + models.optimizer), torch
 DDP and torch FSDP2 (`fully_shard` per block and at the root, gloo). Per
 variant: median and minimum step time (slowest rank; all variants built, one
-step of each in turn per round) and peak memory per rank: the highest RSS sampled
+step of each in turn per round), the median CPU time of the step (process
+time, slowest rank: the work, whatever else shares the cores; run with
+MPIPAR_POLITE=1 so that mpipar's waits sleep instead of spinning) and peak memory per rank: the highest RSS sampled
 every 0.5 ms during 3 steps of the variant alone minus the RSS before it was
 built (glibc's mmap threshold is pinned at 64 KiB so freed tensors leave the
 RSS). /results/zero_benchmark.
@@ -45,7 +47,7 @@ from mpipar.trace import ActivationMeter, write_table
 from mpipar.trace.memory import rss_bytes
 
 VARIANTS = ["zero0", "zero1", "zero2", "zero3", "torch-ddp", "torch-fsdp2"]
-UNITS = {"step_s": "s", "step_min_s": "s", "peak_bytes": "B", "tokens_per_s": "tokens/s"}
+UNITS = {"step_s": "s", "step_min_s": "s", "cpu_s": "s", "peak_bytes": "B", "tokens_per_s": "tokens/s"}
 
 
 def parse_args():
@@ -175,21 +177,24 @@ def benchmark(a, group, corpus) -> list[dict]:
         gc.collect()
     built = {v: build(v, cfg, group) for v in variants}
     times = {v: [] for v in variants}
+    cpu = {v: [] for v in variants}
     for i, (x, y) in enumerate(batches):
         for v in variants:
             group.comm.Barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             built[v][0](x, y)
-            dt = group.comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+            dt, dc = group.comm.allreduce((time.perf_counter() - t0, time.process_time() - c0), op=MPI.MAX)
             if i >= a.warmup:
                 times[v].append(dt)
+                cpu[v].append(dc)
     for _, cleanup in built.values():
         cleanup()
     rows = []
     for v in variants:
         step_s = statistics.median(times[v])
         rows.append({"variant": v, "ranks": group.size, "params": cfg.num_params(), "step_s": step_s,
-                     "step_min_s": min(times[v]), "tokens_per_s": a.batch * a.seq / step_s,
+                     "step_min_s": min(times[v]), "cpu_s": statistics.median(cpu[v]),
+                     "tokens_per_s": a.batch * a.seq / step_s,
                      "peak_bytes": int(peaks[v])})
     return rows
 
@@ -306,15 +311,16 @@ def main() -> None:
     if rows:
         z0 = next((r for r in rows if r["variant"] == "zero0"), None)
         for r in rows:
-            for key, col in (("step_s", "vs_zero0_step"), ("step_min_s", "vs_zero0_min"), ("peak_bytes", "vs_zero0_peak")):
+            for key, col in (("step_s", "vs_zero0_step"), ("step_min_s", "vs_zero0_min"), ("cpu_s", "vs_zero0_cpu"),
+                             ("peak_bytes", "vs_zero0_peak")):
                 r[col] = r[key] / z0[key] if z0 and z0[key] else float("nan")
         write_table(a.out, "zero_benchmark", rows, UNITS, attrs={"experiment": "zero", "config": str(vars(a))})
-        shown = [{**r, "step_ms": r["step_s"] * 1e3, "min_ms": r["step_min_s"] * 1e3, "peak_MiB": r["peak_bytes"] / 2**20}
-                 for r in rows]
+        shown = [{**r, "step_ms": r["step_s"] * 1e3, "min_ms": r["step_min_s"] * 1e3, "cpu_ms": r["cpu_s"] * 1e3,
+                  "peak_MiB": r["peak_bytes"] / 2**20} for r in rows]
         print(f"\n{rows[0]['params'] / 1e6:.2f}M parameters, {a.batch}x{a.seq} tokens per step, 2 ranks "
               f"(step: median and min over {a.steps} rounds)")
-        print_table(shown, ["variant", "step_ms", "min_ms", "peak_MiB", "vs_zero0_step", "vs_zero0_min",
-                            "vs_zero0_peak"])
+        print_table(shown, ["variant", "step_ms", "min_ms", "cpu_ms", "peak_MiB", "vs_zero0_step", "vs_zero0_min",
+                            "vs_zero0_cpu", "vs_zero0_peak"])
     if mem:
         write_table(a.out, "zero_memory", mem, {k: "B" if k.endswith("_bytes") else "B/parameter"
                                                 for k in mem[0] if k.endswith(("_bytes", "_per_param"))})
