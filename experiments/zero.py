@@ -5,8 +5,9 @@
     mpiexec -n 4 python experiments/zero.py --sweep         # + bytes per parameter at dp = 1, 2, 4
 
 Benchmark: train_gpt.py's GPT on the character corpus (default hidden 384,
-4 layers: 7.2M parameters, big enough that AdamW's step is visible), data
-parallel over 2 ranks, one microbatch per step, float32, AdamW. Variants:
+4 layers: 7.2M parameters) on 4 x 64 tokens per step (--batch: a small batch
+keeps AdamW's step visible beside the forward and backward), data parallel
+over 2 ranks, one microbatch per step, float32, AdamW. Variants:
 mpipar zero 0-3 (models.GPT(cfg, mesh, zero=z) + models.optimizer), torch
 DDP and torch FSDP2 (`fully_shard` per block and at the root, gloo). Per
 variant: median and minimum step time (slowest rank; all variants built, one
@@ -14,8 +15,8 @@ step of each in turn per round), the median CPU time of the step (process
 time, slowest rank: the work, whatever else shares the cores; run with
 MPIPAR_POLITE=1 so that mpipar's waits sleep instead of spinning) and peak memory per rank: the highest RSS sampled
 every 0.5 ms during 3 steps of the variant alone minus the RSS before it was
-built (glibc's mmap threshold is pinned at 64 KiB so freed tensors leave the
-RSS). /results/zero_benchmark.
+built (glibc's mmap threshold is pinned at 64 KiB then, so freed tensors
+leave the RSS; at 32 MiB for the timed rounds). /results/zero_benchmark.
 
 --sweep: mixed precision (bf16 parameters; zero >= 1 keeps float32 master
 weights, zero=0 is plain AdamW on the bf16 parameters) at dp = 1, 2, 4 (those
@@ -56,7 +57,7 @@ def parse_args():
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--batch", type=int, default=16, help="global batch (rows of --seq tokens)")
+    p.add_argument("--batch", type=int, default=4, help="global batch (rows of --seq tokens)")
     p.add_argument("--steps", type=int, default=8, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--variants", default=",".join(VARIANTS))
@@ -71,11 +72,15 @@ def parse_args():
     return a
 
 
-def pin_mmap_threshold() -> None:
-    """glibc: allocations >= 64 KiB are mmapped and unmapped on free, so RSS follows live tensors."""
+def mmap_threshold(nbytes: int) -> None:
+    """glibc's M_MMAP_THRESHOLD (and twice it as M_TRIM_THRESHOLD): 64 KiB while memory is
+    measured, so freed tensors leave the RSS; 32 MiB while timing, so that allocations are
+    recycled in the heap instead of each one faulting fresh pages in (what glibc's own
+    dynamic threshold converges to)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD (also turns off its dynamic growth)
+        libc.mallopt(-3, nbytes)     # M_MMAP_THRESHOLD (setting it turns off its dynamic growth)
+        libc.mallopt(-1, 2 * nbytes)  # M_TRIM_THRESHOLD
     except OSError:
         pass
 
@@ -159,6 +164,7 @@ def benchmark(a, group, corpus) -> list[dict]:
     variants = a.variants.split(",")
     batches = [corpus.batch(s, a.batch, a.seq) for s in range(a.warmup + a.steps)]
     peaks = {}
+    mmap_threshold(1 << 16)
     for variant in variants:
         step, cleanup = build(variant, cfg, group)  # a first run pays the one-time allocations
         for x, y in batches[:2]:
@@ -175,6 +181,7 @@ def benchmark(a, group, corpus) -> list[dict]:
         cleanup()
         del step, cleanup
         gc.collect()
+    mmap_threshold(32 << 20)
     built = {v: build(v, cfg, group) for v in variants}
     times = {v: [] for v in variants}
     cpu = {v: [] for v in variants}
@@ -289,7 +296,6 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main() -> None:
     install_abort_on_exception()
-    pin_mmap_threshold()
     a = parse_args()
     world = MPI.COMM_WORLD
     setup_threads(world, a.threads)
