@@ -5,15 +5,18 @@
     mpiexec -n 4 python experiments/zero.py --sweep         # + bytes per parameter at dp = 1, 2, 4
 
 Benchmark: train_gpt.py's GPT on the character corpus (default hidden 384,
-4 layers: 7.2M parameters, big enough that AdamW's step is visible), data
-parallel over 2 ranks, one microbatch per step, float32, AdamW. Variants:
+4 layers: 7.2M parameters) on 4 x 64 tokens per step (--batch: a small batch
+keeps AdamW's step visible beside the forward and backward), data parallel
+over 2 ranks, one microbatch per step, float32, AdamW. Variants:
 mpipar zero 0-3 (models.GPT(cfg, mesh, zero=z) + models.optimizer), torch
 DDP and torch FSDP2 (`fully_shard` per block and at the root, gloo). Per
 variant: median and minimum step time (slowest rank; all variants built, one
-step of each in turn per round) and peak memory per rank: the highest RSS sampled
+step of each in turn per round), the median CPU time of the step (process
+time, slowest rank: the work, whatever else shares the cores; run with
+MPIPAR_POLITE=1 so that mpipar's waits sleep instead of spinning) and peak memory per rank: the highest RSS sampled
 every 0.5 ms during 3 steps of the variant alone minus the RSS before it was
-built (glibc's mmap threshold is pinned at 64 KiB so freed tensors leave the
-RSS). /results/zero_benchmark.
+built (glibc's mmap threshold is pinned at 64 KiB then, so freed tensors
+leave the RSS; at 32 MiB for the timed rounds). /results/zero_benchmark.
 
 --sweep: mixed precision (bf16 parameters; zero >= 1 keeps float32 master
 weights, zero=0 is plain AdamW on the bf16 parameters) at dp = 1, 2, 4 (those
@@ -45,7 +48,7 @@ from mpipar.trace import ActivationMeter, write_table
 from mpipar.trace.memory import rss_bytes
 
 VARIANTS = ["zero0", "zero1", "zero2", "zero3", "torch-ddp", "torch-fsdp2"]
-UNITS = {"step_s": "s", "step_min_s": "s", "peak_bytes": "B", "tokens_per_s": "tokens/s"}
+UNITS = {"step_s": "s", "step_min_s": "s", "cpu_s": "s", "peak_bytes": "B", "tokens_per_s": "tokens/s"}
 
 
 def parse_args():
@@ -54,7 +57,7 @@ def parse_args():
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--batch", type=int, default=16, help="global batch (rows of --seq tokens)")
+    p.add_argument("--batch", type=int, default=4, help="global batch (rows of --seq tokens)")
     p.add_argument("--steps", type=int, default=8, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--variants", default=",".join(VARIANTS))
@@ -69,11 +72,15 @@ def parse_args():
     return a
 
 
-def pin_mmap_threshold() -> None:
-    """glibc: allocations >= 64 KiB are mmapped and unmapped on free, so RSS follows live tensors."""
+def mmap_threshold(nbytes: int) -> None:
+    """glibc's M_MMAP_THRESHOLD (and twice it as M_TRIM_THRESHOLD): 64 KiB while memory is
+    measured, so freed tensors leave the RSS; 32 MiB while timing, so that allocations are
+    recycled in the heap instead of each one faulting fresh pages in (what glibc's own
+    dynamic threshold converges to)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD (also turns off its dynamic growth)
+        libc.mallopt(-3, nbytes)     # M_MMAP_THRESHOLD (setting it turns off its dynamic growth)
+        libc.mallopt(-1, 2 * nbytes)  # M_TRIM_THRESHOLD
     except OSError:
         pass
 
@@ -157,6 +164,7 @@ def benchmark(a, group, corpus) -> list[dict]:
     variants = a.variants.split(",")
     batches = [corpus.batch(s, a.batch, a.seq) for s in range(a.warmup + a.steps)]
     peaks = {}
+    mmap_threshold(1 << 16)
     for variant in variants:
         step, cleanup = build(variant, cfg, group)  # a first run pays the one-time allocations
         for x, y in batches[:2]:
@@ -173,23 +181,27 @@ def benchmark(a, group, corpus) -> list[dict]:
         cleanup()
         del step, cleanup
         gc.collect()
+    mmap_threshold(32 << 20)
     built = {v: build(v, cfg, group) for v in variants}
     times = {v: [] for v in variants}
+    cpu = {v: [] for v in variants}
     for i, (x, y) in enumerate(batches):
         for v in variants:
             group.comm.Barrier()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             built[v][0](x, y)
-            dt = group.comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+            dt, dc = group.comm.allreduce((time.perf_counter() - t0, time.process_time() - c0), op=MPI.MAX)
             if i >= a.warmup:
                 times[v].append(dt)
+                cpu[v].append(dc)
     for _, cleanup in built.values():
         cleanup()
     rows = []
     for v in variants:
         step_s = statistics.median(times[v])
         rows.append({"variant": v, "ranks": group.size, "params": cfg.num_params(), "step_s": step_s,
-                     "step_min_s": min(times[v]), "tokens_per_s": a.batch * a.seq / step_s,
+                     "step_min_s": min(times[v]), "cpu_s": statistics.median(cpu[v]),
+                     "tokens_per_s": a.batch * a.seq / step_s,
                      "peak_bytes": int(peaks[v])})
     return rows
 
@@ -284,7 +296,6 @@ def plot(rows: list[dict], path: str) -> None:
 
 def main() -> None:
     install_abort_on_exception()
-    pin_mmap_threshold()
     a = parse_args()
     world = MPI.COMM_WORLD
     setup_threads(world, a.threads)
@@ -306,15 +317,16 @@ def main() -> None:
     if rows:
         z0 = next((r for r in rows if r["variant"] == "zero0"), None)
         for r in rows:
-            for key, col in (("step_s", "vs_zero0_step"), ("step_min_s", "vs_zero0_min"), ("peak_bytes", "vs_zero0_peak")):
+            for key, col in (("step_s", "vs_zero0_step"), ("step_min_s", "vs_zero0_min"), ("cpu_s", "vs_zero0_cpu"),
+                             ("peak_bytes", "vs_zero0_peak")):
                 r[col] = r[key] / z0[key] if z0 and z0[key] else float("nan")
         write_table(a.out, "zero_benchmark", rows, UNITS, attrs={"experiment": "zero", "config": str(vars(a))})
-        shown = [{**r, "step_ms": r["step_s"] * 1e3, "min_ms": r["step_min_s"] * 1e3, "peak_MiB": r["peak_bytes"] / 2**20}
-                 for r in rows]
+        shown = [{**r, "step_ms": r["step_s"] * 1e3, "min_ms": r["step_min_s"] * 1e3, "cpu_ms": r["cpu_s"] * 1e3,
+                  "peak_MiB": r["peak_bytes"] / 2**20} for r in rows]
         print(f"\n{rows[0]['params'] / 1e6:.2f}M parameters, {a.batch}x{a.seq} tokens per step, 2 ranks "
               f"(step: median and min over {a.steps} rounds)")
-        print_table(shown, ["variant", "step_ms", "min_ms", "peak_MiB", "vs_zero0_step", "vs_zero0_min",
-                            "vs_zero0_peak"])
+        print_table(shown, ["variant", "step_ms", "min_ms", "cpu_ms", "peak_MiB", "vs_zero0_step", "vs_zero0_min",
+                            "vs_zero0_cpu", "vs_zero0_peak"])
     if mem:
         write_table(a.out, "zero_memory", mem, {k: "B" if k.endswith("_bytes") else "B/parameter"
                                                 for k in mem[0] if k.endswith(("_bytes", "_per_param"))})
