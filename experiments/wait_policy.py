@@ -11,9 +11,12 @@ policy the run's ranks use: POLITE when they outnumber cores):
   barrier (the single mode of experiments/collectives.py): mpipar "auto" on a plain tensor
   (non-blocking MPI, polled) and "auto_sym" on a symmetric one (the shared-memory barrier),
   beside raw mpi4py's Allreduce; per rank the median of --calls calls, mean over ranks;
+  and the same calls back to back (5 x --calls, the loop mode): mean per call;
 - compute: rank 0 runs --work 256x256 float32 matmuls (one thread) while the other ranks
   wait for it in that all-reduce; time of the matmuls beside waiters, and alone (the others
-  wait in 5 ms sleeps), and beside raw mpi4py waiters (MPICH's own progress loop).
+  wait in 5 ms sleeps), and beside raw mpi4py waiters (MPICH's own progress loop); and the
+  waiters' CPU share (CPU seconds per second of waiting, mean over them): the politeness
+  itself, which a loaded machine blurs less than the compute time.
 Writes /results/wait_policy (one row per candidate and measure: median over rounds) to
 --out (default results/wait_policy/<UTC stamp>.h5); prints a table on rank 0.
 """
@@ -38,10 +41,12 @@ W = importlib.import_module("mpipar.comm.wait")  # the module (mpipar.comm.wait 
 
 CANDIDATES = {  # name -> Backoff(spin_s, yield_s, first_sleep, max_sleep); only where the policy exists
     "spin30us": (3e-5, 0.0, 1e-6, 2e-4),                # about the MPI-request wait before one policy
-    "yield200us_cap1ms": (2e-5, 2e-4, 1e-5, 1e-3),
-    "yield1ms_cap1ms": (2e-5, 1e-3, 2e-5, 1e-3),
-    "yield3ms_cap2ms": (2e-5, 3e-3, 5e-5, 2e-3),
+    "spin30us_cap100us": (3e-5, 0.0, 1e-6, 1e-4),
+    "yield30us": (1e-5, 4e-5, 1e-6, 2e-4),
+    "spin30us_cap1ms": (3e-5, 0.0, 1e-5, 1e-3),
     "yield_only": (0.0, 1e9, 1e-6, 1e-6),              # MPICH-like: never sleeps
+    "spin30us_yield70us": (3e-5, 7e-5, 1e-6, 2e-4),     # about the shm barrier's wait before, own cores
+    "spin200us_yield1ms": (2e-4, 1e-3, 1e-5, 1e-4),     # busier: for ranks with their own cores
 } if hasattr(W, "Backoff") else {}
 UNITS = {k: "s" for k in ("time_s", "time_min_s", "time_max_s", "spin_s", "yield_s", "first_sleep_s", "max_sleep_s")}
 
@@ -49,16 +54,25 @@ UNITS = {k: "s" for k in ("time_s", "time_min_s", "time_max_s", "spin_s", "yield
 def median_single(run, calls: int, comm) -> float:
     times = []
     for _ in range(calls):
-        comm.Barrier()
+        C.wait_all([comm.Ibarrier()])  # polite where ranks outnumber cores: busy ones get the cores
         t = time.perf_counter()
         run()
         times.append(time.perf_counter() - t)
     return float(np.mean(comm.allgather(float(np.median(times)))))
 
 
-def compute_beside(waiter, comm, work: int, a: torch.Tensor) -> float:
-    """Seconds of rank 0's matmuls while the other ranks run waiter() (which returns once
-    rank 0 joins); every rank then calls waiter() once more on rank 0's side."""
+def mean_loop(run, calls: int, comm) -> float:
+    """Mean seconds per call of `calls` back-to-back calls (the loop mode), mean over ranks."""
+    C.wait_all([comm.Ibarrier()])
+    t = time.perf_counter()
+    for _ in range(calls):
+        run()
+    return float(np.mean(comm.allgather((time.perf_counter() - t) / calls)))
+
+
+def compute_beside(waiter, comm, work: int, a: torch.Tensor) -> tuple[float, float]:
+    """(seconds of rank 0's matmuls while the other ranks run waiter(), which returns once
+    rank 0 joins; the CPU time the waiting ranks used per second of waiting, mean over them)."""
     comm.Barrier()
     t = 0.0
     if comm.rank == 0:
@@ -66,8 +80,11 @@ def compute_beside(waiter, comm, work: int, a: torch.Tensor) -> float:
         for _ in range(work):
             torch.mm(a, a)
         t = time.perf_counter() - start
+    wall, cpu = time.perf_counter(), time.process_time()
     waiter()
-    return comm.bcast(t, root=0)
+    share = (time.process_time() - cpu) / max(time.perf_counter() - wall, 1e-9)
+    shares = comm.allgather(share)[1:]
+    return comm.bcast(t, root=0), float(np.mean(shares)) if shares else 0.0
 
 
 def sleepy_barrier(comm):
@@ -107,9 +124,12 @@ def main(argv=None) -> int:
 
     for k in range(a.rounds):
         add(("-", "latency", "mpi4py"), median_single(lambda: comm.Allreduce(MPI.IN_PLACE, raw), a.calls, comm))
-        add(("-", "compute", "alone"), compute_beside(lambda: sleepy_barrier(comm), comm, a.work, mat))
-        add(("-", "compute", "mpi4py waiters"),
-            compute_beside(lambda: comm.Allreduce(MPI.IN_PLACE, raw), comm, a.work, mat))
+        add(("-", "loop", "mpi4py"), mean_loop(lambda: comm.Allreduce(MPI.IN_PLACE, raw), 5 * a.calls, comm))
+        for what, waiter in (("alone", lambda: sleepy_barrier(comm)),
+                             ("mpi4py waiters", lambda: comm.Allreduce(MPI.IN_PLACE, raw))):
+            t, share = compute_beside(waiter, comm, a.work, mat)
+            add(("-", "compute", what), t)
+            add(("-", "waiter_cpu_share", what), share)
         for j in range(len(names)):
             name = names[(j + k) % len(names)]
             saved = (getattr(W, "POLITE", None), getattr(W, "BUSY", None))
@@ -118,7 +138,10 @@ def main(argv=None) -> int:
             try:
                 for impl, run in runs.items():
                     add((name, "latency", impl), median_single(run, a.calls, comm))
-                    add((name, "compute", impl + " waiters"), compute_beside(run, comm, a.work, mat))
+                    add((name, "loop", impl), mean_loop(run, 5 * a.calls, comm))
+                    t, share = compute_beside(run, comm, a.work, mat)
+                    add((name, "compute", impl + " waiters"), t)
+                    add((name, "waiter_cpu_share", impl + " waiters"), share)
             finally:
                 if name in policies:
                     W.POLITE, W.BUSY = saved
@@ -134,19 +157,26 @@ def main(argv=None) -> int:
                          "time_max_s": float(np.max(v))})
         alone = float(np.median(samples[("-", "compute", "alone")]))
         lat = float(np.median(samples[("-", "latency", "mpi4py")]))
+        loop = float(np.median(samples[("-", "loop", "mpi4py")]))
         print(f"{g.size} ranks, oversubscribed={polite}; rounds={a.rounds}, interleaved; "
               f"compute alone {alone * 1e3:.1f} ms, beside mpi4py waiters "
-              f"{np.median(samples[('-', 'compute', 'mpi4py waiters')]) / alone:.2f}x; "
-              f"mpi4py 4 KiB single call {lat * 1e6:.1f} us")
+              f"{np.median(samples[('-', 'compute', 'mpi4py waiters')]) / alone:.2f}x "
+              f"(waiters' CPU share {np.median(samples[('-', 'waiter_cpu_share', 'mpi4py waiters')]):.2f}); "
+              f"mpi4py 4 KiB single call {lat * 1e6:.1f} us, loop {loop * 1e6:.1f} us per call")
         print(f"{'policy':>18} | {'auto us':>8} {'/mpi4py':>7} | {'sym us':>8} {'/mpi4py':>7} | "
-              f"{'compute/alone: auto':>19} {'sym':>5}")
+              f"{'compute/alone: auto':>19} {'sym':>5} | {'waiter CPU: auto':>16} {'sym':>5} | "
+              f"{'loop/mpi4py: auto':>17} {'sym':>5}")
         for name in names:
             la = np.median(samples[(name, "latency", "auto")])
             ls = np.median(samples[(name, "latency", "auto_sym")])
             ca = np.median(samples[(name, "compute", "auto waiters")]) / alone
             cs = np.median(samples[(name, "compute", "auto_sym waiters")]) / alone
+            wa = np.median(samples[(name, "waiter_cpu_share", "auto waiters")])
+            ws = np.median(samples[(name, "waiter_cpu_share", "auto_sym waiters")])
             print(f"{name:>18} | {la * 1e6:8.1f} {la / lat:7.2f} | {ls * 1e6:8.1f} {ls / lat:7.2f} | "
-                  f"{ca:19.2f} {cs:5.2f}")
+                  f"{ca:19.2f} {cs:5.2f} | {wa:16.3f} {ws:5.3f} | "
+                  f"{np.median(samples[(name, 'loop', 'auto')]) / loop:17.2f} "
+                  f"{np.median(samples[(name, 'loop', 'auto_sym')]) / loop:5.2f}")
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         out = a.out or f"results/wait_policy/{stamp}.h5"
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

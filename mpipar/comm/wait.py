@@ -50,8 +50,8 @@ class Backoff:
                 between()
 
 
-POLITE = Backoff(spin_s=3e-5, yield_s=0.0, first_sleep=1e-6, max_sleep=2e-4)  # ranks outnumber cores
-BUSY = Backoff(spin_s=3e-5, yield_s=4e-5, first_sleep=1e-6, max_sleep=2e-4)   # ranks have their own cores
+POLITE = Backoff(spin_s=3e-5, yield_s=0.0, first_sleep=1e-6, max_sleep=1e-4)  # ranks outnumber cores
+BUSY = Backoff(spin_s=2e-4, yield_s=1e-3, first_sleep=1e-5, max_sleep=1e-4)  # ranks have their own cores
 
 
 def backoff(polite: bool) -> Backoff:
