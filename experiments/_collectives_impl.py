@@ -224,7 +224,9 @@ def time_block(run, iters: int, g) -> np.ndarray:
 
 def time_single(run, calls: int, g) -> np.ndarray:
     """Each rank's median seconds of `calls` single calls, each started together after a
-    barrier (a collective called once, the way training calls it after compute)."""
+    barrier (a collective called once, the way training calls it after compute). The
+    barrier waits politely where ranks outnumber cores (MPI's own Barrier busy-polls, and
+    ranks that fight for the cores leave it staggered by scheduler slices)."""
     times = []
     for _ in range(calls):
         C.wait_all([g.comm.Ibarrier()])  # polite where ranks outnumber cores: busy ones get the cores

@@ -37,8 +37,10 @@ side by side.
 
 --mode: "loop" (the default) times back-to-back calls, as above; "single" times each
 call alone, the way training calls a collective once after compute: every call is
-started together after an MPI barrier, and a round's value per rank is the median of
-its --iters single calls (fewer, down to one, for calls over 100 ms). "loop,single"
+started together after a barrier (MPI's Ibarrier, waited politely where ranks outnumber
+cores: a busy-polling barrier would leave the ranks staggered by scheduler slices), and
+a round's value per rank is the median of its --iters single calls (fewer, down to one,
+so that a round lasts about 100 ms). "loop,single"
 times both in the same rounds (one input per implementation, both modes side by
 side) and prints each mode's table plus their times over raw mpi4py's, side by side.
 The memory passes (memcpy, inplace, inplace_sym) run in loop mode only.
