@@ -87,6 +87,15 @@ def compute_beside(waiter, comm, work: int, a: torch.Tensor) -> tuple[float, flo
     return comm.bcast(t, root=0), float(np.mean(shares)) if shares else 0.0
 
 
+def stats(v, share: bool) -> dict:
+    """Median and extremes over rounds: as times (s), or as the waiters' CPU share."""
+    nan = float("nan")
+    med, lo, hi = float(np.median(v)), float(np.min(v)), float(np.max(v))
+    if share:
+        return {"time_s": nan, "time_min_s": nan, "time_max_s": nan, "cpu_share": med}
+    return {"time_s": med, "time_min_s": lo, "time_max_s": hi, "cpu_share": nan}
+
+
 def sleepy_barrier(comm):
     req = comm.Ibarrier()
     while not req.Test():
@@ -153,8 +162,7 @@ def main(argv=None) -> int:
                          "oversubscribed": bool(polite), "rounds": a.rounds,
                          **{k: (CANDIDATES[name][i] if name in CANDIDATES else float("nan"))
                             for i, k in enumerate(("spin_s", "yield_s", "first_sleep_s", "max_sleep_s"))},
-                         "time_s": float(np.median(v)), "time_min_s": float(np.min(v)),
-                         "time_max_s": float(np.max(v))})
+                         **stats(v, measure == "waiter_cpu_share")})
         alone = float(np.median(samples[("-", "compute", "alone")]))
         lat = float(np.median(samples[("-", "latency", "mpi4py")]))
         loop = float(np.median(samples[("-", "loop", "mpi4py")]))
