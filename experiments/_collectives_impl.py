@@ -9,7 +9,8 @@ in-place all-gather into a symmetric output), raw mpi4py on numpy views
 ("memcpy") and an in-place pass np.add(buf, 0, out=buf) over plain ("inplace") or
 symmetric ("inplace_sym") memory. `measure_size` checks
 each implementation once against the exact expected output, then times them side by side
-in interleaved rounds.
+in interleaved rounds: back-to-back calls ("loop" mode) or single calls, each started
+together after a barrier ("single" mode).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
 IMPLS = ("mpi", "ring", "auto", "shm", "auto_sym", "sym_inplace", "hier", "mpi4py", "mpi4py_inplace", "gloo",
          "memcpy", "inplace", "inplace_sym")
+MODES = ("loop", "single")
 PASSES = ("memcpy", "inplace", "inplace_sym")  # one-rank memory passes (every rank at once): busbw = their rate
 
 
@@ -220,24 +222,54 @@ def time_block(run, iters: int, g) -> np.ndarray:
     return np.array(g.comm.allgather((time.perf_counter() - start) / iters))
 
 
+def time_single(run, calls: int, g) -> np.ndarray:
+    """Each rank's median seconds of `calls` single calls, each started together after a
+    barrier (a collective called once, the way training calls it after compute). The
+    barrier waits politely where ranks outnumber cores (MPI's own Barrier busy-polls, and
+    ranks that fight for the cores leave it staggered by scheduler slices)."""
+    times = []
+    for _ in range(calls):
+        C.wait_all([g.comm.Ibarrier()])  # polite where ranks outnumber cores: busy ones get the cores
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return np.array(g.comm.allgather(float(np.median(times))))
+
+
+def single_calls(point: dict, iters: int) -> int:
+    """Single calls per round: --iters, fewer (down to one) where the loop sizing cut them
+    to keep a block near BLOCK_MAX_SECONDS; a barrier per call, so never more."""
+    return min(point["iters"], iters)
+
+
 def measure_size(points: list[dict], g, rounds: int) -> list[dict]:
     """Time the implementations of one (op, size) side by side: `rounds` rounds, each timing
-    every implementation in turn (round k starting with the k-th, so none always runs in the
-    same position), so a slow phase of the machine hits all of them alike.
+    every point in turn (round k starting with the k-th, so none always runs in the same
+    position), so a slow phase of the machine hits all of them alike. The points of one
+    implementation in both modes share its input and run(): loop mode times a block of
+    back-to-back calls (time_block), single mode single calls after a barrier (time_single).
     time_s is the best round's mean over ranks (time_min_s/time_max_s: that round's ranks),
     time_median_s the median over rounds."""
     plain_for: dict = {}
     cases: dict = {}
-    runs = [prepare(p, g, plain_for, cases) for p in points]
+    prepared: dict = {}
+    for p in points:
+        if p["impl"] not in prepared:
+            prepared[p["impl"]] = prepare(p, g, plain_for, cases)
+    runs = [prepared[p["impl"]] for p in points]
     plain_for.clear()
     cases.clear()
     blocks = [[] for _ in points]
     for k in range(rounds):
-        for j in range(len(runs)):  # round k starts at implementation k: no one always goes first
+        for j in range(len(runs)):  # round k starts at point k: no one always goes first
             i = (j + k) % len(runs)
             run, _, iters = runs[i]
-            blocks[i].append(time_block(run, iters, g))
-    return [metrics(p, g, b, wrong, iters) for p, b, (_, wrong, iters) in zip(points, blocks, runs)]
+            if points[i].get("mode", "loop") == "single":
+                blocks[i].append(time_single(run, single_calls(points[i], iters), g))
+            else:
+                blocks[i].append(time_block(run, iters, g))
+    return [metrics(p, g, b, wrong, single_calls(p, iters) if p.get("mode") == "single" else iters)
+            for p, b, (_, wrong, iters) in zip(points, blocks, runs)]
 
 
 def metrics(point: dict, g, blocks: list, wrong: int, iters: int) -> dict:

@@ -6,7 +6,7 @@ measured side by side (interleaved rounds); the target each issue set is printed
 from __future__ import annotations
 
 from mpipar import comm as C
-from _collectives_impl import ALGO_OPS, IMPLS, OPS, PASSES
+from _collectives_impl import ALGO_OPS, IMPLS, MODES, OPS, PASSES
 
 
 def human(n: int) -> str:
@@ -18,8 +18,23 @@ def human(n: int) -> str:
     return f"{n} B"
 
 
+MPIPAR_IMPLS = ("mpi", "ring", "auto", "shm", "auto_sym", "sym_inplace", "hier")
+
+
+def mode_of(row: dict) -> str:
+    """A row's timing mode: "loop" or "single" (rows written before --mode existed: loop)."""
+    return str(row.get("mode") or "loop")
+
+
+def loop_mode(row: dict) -> bool:
+    return mode_of(row) == "loop"
+
+
 def verdicts(rows: list[dict]) -> list[str]:
-    """The issue's benchmark targets, from this run's points (ratios of times at equal sizes)."""
+    """The issue's benchmark targets, from this run's points (ratios of times at equal sizes):
+    loop-mode points, then the small-call latency of single calls where they were timed."""
+    single = [r for r in rows if mode_of(r) == "single"]
+    rows = [r for r in rows if loop_mode(r)]
     t = {(r["op"], r["impl"], r["nbytes"]): r["time_s"] for r in rows}
     out = []
     for op in ALGO_OPS:
@@ -44,6 +59,23 @@ def verdicts(rows: list[dict]) -> list[str]:
     if small is not None and ("all_reduce", "mpi4py", small) in t:
         ratio = t[("all_reduce", "mpi", small)] / t[("all_reduce", "mpi4py", small)]
         out.append(f"all_reduce {human(small)} latency: mpipar mpi / raw mpi4py {ratio:.2f} (target <= 2)")
+    return out + single_verdicts(single)
+
+
+def single_verdicts(rows: list[dict]) -> list[str]:
+    """Single calls after a barrier: each op's smallest size, every mpipar implementation's
+    time over raw mpi4py's (issue 21: within 2x at 4 KiB, oversubscribed)."""
+    t = {(r["op"], r["impl"], r["nbytes"]): r["time_s"] for r in rows}
+    out = []
+    for op in OPS:
+        sizes = sorted(s for (o, i, s) in t if o == op and i == "mpi4py")
+        if not sizes:
+            continue
+        small = sizes[0]
+        ratios = {i: t[(op, i, small)] / t[(op, "mpi4py", small)] for i in MPIPAR_IMPLS if (op, i, small) in t}
+        if ratios:
+            text = ", ".join(f"{i} {r:.2f}" for i, r in ratios.items())
+            out.append(f"{op} {human(small)} single call: time / raw mpi4py: {text} (target <= 2)")
     return out
 
 
@@ -101,16 +133,55 @@ def limit_column(mine: dict, impl: str, timed_apart: dict) -> dict:
 
 
 def print_report(rows: list[dict], fit_rows: list[dict], n: int, dtype: str) -> None:
+    """Each op's table per mode (loop first), the ratios over mpi4py of both modes side by
+    side when single calls were timed, then the ring fits (loop mode)."""
+    modes = [m for m in MODES if any(mode_of(r) == m for r in rows)]
+    for mode in modes:
+        print_tables(rows, n, dtype, mode)
+    if "single" in modes:
+        print_ratios(rows, n, dtype, modes)
+    for f in fit_rows:
+        cross = "never (at no measured size)" if f["crossover_bytes"] < 0 else f"from {human(f['crossover_bytes'])} up"
+        print(f"{f['op']}: ring fit alpha = {f['alpha_s'] * 1e6:.2f} us, 1/beta = {f['bandwidth_GBps']:.2f} GB/s; "
+              f"crossover: ring beats mpi {cross} (mpipar/comm/tuning.py now: "
+              f"{human(C.tuning.crossover(f['op']))})")
+
+
+def print_ratios(rows: list[dict], n: int, dtype: str, modes: list) -> None:
+    """Per op and size: each mpipar implementation's time / raw mpi4py's, in each mode."""
+    t = {(r["op"], r["impl"], r["nbytes"], mode_of(r)): r["time_s"] for r in rows}
+    for op in [o for o in OPS if any((o, "mpi4py", s, m) in t for (_, _, s, m) in t)]:
+        cols = [i for i in MPIPAR_IMPLS if any(k[0] == op and k[1] == i for k in t)]
+        if not cols:
+            continue
+        print(f"\n{op}  {dtype}  {n} ranks   time / raw mpi4py's time (lower is better), "
+              f"cells: {' | '.join(modes)}")
+        print(f"{'size':>9} |" + "|".join(f"{c:^17}" for c in cols))
+        for size in sorted({k[2] for k in t if k[0] == op}):
+            cells = []
+            for c in cols:
+                vals = [t[(op, c, size, m)] / t[(op, "mpi4py", size, m)] if (op, c, size, m) in t
+                        and (op, "mpi4py", size, m) in t else float("nan") for m in modes]
+                cells.append(" ".join(f"{v:7.2f}" for v in vals))
+            print(f"{human(size):>9} |" + "|".join(f"{c:^17}" for c in cells))
+
+
+def print_tables(rows: list[dict], n: int, dtype: str, mode: str) -> None:
+    """One nccl-tests-style table per op of this mode's points; the memory passes (timed in
+    loop mode only) give the limit columns of every mode."""
+    rows = [r for r in rows if mode_of(r) == mode or r["impl"] in PASSES]
     impls = [i for i in IMPLS if any(r["impl"] == i for r in rows)]
     copy = {r["nbytes"]: r["busbw_GBps"] for r in rows if r["op"] == "memcpy"}
     inplace_all = {r["nbytes"]: r["busbw_GBps"] for r in rows if r["op"] == "inplace"}
     inplace_sym_all = {r["nbytes"]: r["busbw_GBps"] for r in rows if r["op"] == "inplace_sym"}
     for op in [o for o in OPS if any(r["op"] == o for r in rows)]:
         mine = {(r["impl"], r["nbytes"]): r for r in rows if r["op"] == op}
+        if not any(i not in PASSES for i, _ in mine):
+            continue
         inplace = limit_column(mine, "inplace", inplace_all)
         inplace_sym = limit_column(mine, "inplace_sym", inplace_sym_all)
         cols = [i for i in impls if i not in PASSES and any(k[0] == i for k in mine)]
-        print(f"\n{op}  {dtype}  {n} ranks   cells: avg time [us] busbw [GB/s]; memcpy: copy rate, "
+        print(f"\n{op}  {dtype}  {n} ranks   {mode} mode   cells: avg time [us] busbw [GB/s]; memcpy: copy rate, "
               f"inplace(_sym): in-place pass rate on every rank at once, plain (symmetric) memory [GB/s], "
               f"timed side by side where the op ran it")
         print(f"{'size':>9} |" + "|".join(f"{c:^17}" for c in cols) + f"| {'memcpy':>7} | {'inplace':>7} | {'in_sym':>7} | #wrong")
@@ -120,8 +191,3 @@ def print_report(rows: list[dict], fit_rows: list[dict], n: int, dtype: str) -> 
             wrong = sum(r["wrong"] for r in cells if r)
             print(f"{human(size):>9} |" + "|".join(text) + f"| {copy.get(size, float('nan')):7.2f} "
                   f"| {inplace.get(size, float('nan')):7.2f} | {inplace_sym.get(size, float('nan')):7.2f} | {wrong}")
-    for f in fit_rows:
-        cross = "never (at no measured size)" if f["crossover_bytes"] < 0 else f"from {human(f['crossover_bytes'])} up"
-        print(f"{f['op']}: ring fit alpha = {f['alpha_s'] * 1e6:.2f} us, 1/beta = {f['bandwidth_GBps']:.2f} GB/s; "
-              f"crossover: ring beats mpi {cross} (mpipar/comm/tuning.py now: "
-              f"{human(C.tuning.crossover(f['op']))})")

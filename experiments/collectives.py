@@ -4,7 +4,7 @@
     mpiexec -n 2 python experiments/collectives.py [--quick] [--sizes 4K:256M[:factor] | 4K,1M,..]
         [--ops all_reduce,all_gather,reduce_scatter,broadcast,all_to_all] [--dtype float32]
         [--impls mpi,ring,auto,auto_sym,sym_inplace,mpi4py,mpi4py_inplace,gloo,memcpy,...] [--iters 20] [--warmup 5] [--rounds 15]
-        [--out F.h5] [--dry-run]
+        [--mode loop|single|loop,single] [--out F.h5] [--dry-run]
 
 Per op and size, every implementation is timed side by side in --rounds interleaved
 rounds (round k times each implementation in turn for --iters calls, or more, up to
@@ -33,7 +33,19 @@ every rank at once: the in-place memory pass over plain torch memory, which sits
 2 MiB transparent huge pages), "inplace_sym" (the same pass over a symmetric tensor:
 the shared-memory window's own 4 KiB pages, the ceiling of shared-memory all-reduce); both
 passes also run among each all_reduce size's implementations, so its ratios to them are
-side by side. At the end: the measured size from which "ring" beats "mpi" (feeds
+side by side.
+
+--mode: "loop" (the default) times back-to-back calls, as above; "single" times each
+call alone, the way training calls a collective once after compute: every call is
+started together after a barrier (MPI's Ibarrier, waited politely where ranks outnumber
+cores: a busy-polling barrier would leave the ranks staggered by scheduler slices), and
+a round's value per rank is the median of its --iters single calls (fewer, down to one,
+so that a round lasts about 100 ms). "loop,single"
+times both in the same rounds (one input per implementation, both modes side by
+side) and prints each mode's table plus their times over raw mpi4py's, side by side.
+The memory passes (memcpy, inplace, inplace_sym) run in loop mode only.
+
+At the end: the measured size from which "ring" beats "mpi" (feeds
 mpipar/comm/tuning.py) and alpha-beta fits of the ring points (mpipar.comm.fit_alpha_beta).
 
 Writes /results/collectives (one row per point, resumable: rerun with the same
@@ -56,8 +68,8 @@ from mpipar import comm as C
 from mpipar import trace
 from mpipar.errors import MpiparError, require
 from mpipar.flight.abort import install_abort_on_exception
-from _collectives_impl import ALGO_OPS, DTYPES, IMPLS, OPS, PASSES, element_count, measure_size
-from _collectives_report import human, print_report, verdicts
+from _collectives_impl import ALGO_OPS, DTYPES, IMPLS, MODES, OPS, PASSES, element_count, measure_size
+from _collectives_report import human, loop_mode, print_report, verdicts
 from _common import init_gloo
 
 TABLE = "collectives"
@@ -81,6 +93,7 @@ class Config:
     rounds: int = 15
     out: str = ""
     dry_run: bool = False
+    modes: list = dataclasses.field(default_factory=lambda: ["loop"])
 
 
 def parse_size(text: str) -> int:
@@ -117,6 +130,9 @@ def parse_args(argv=None) -> Config:
     p.add_argument("--warmup", type=int, default=None, help="untimed calls first (default 5; quick 1)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 15; quick 2)")
     p.add_argument("--quick", action="store_true", help="4K:1M:4, 5 iters, 1 warmup, 2 rounds (a smoke test)")
+    p.add_argument("--mode", default="loop",
+                   help="loop (back-to-back calls), single (each call alone, started together after a barrier), "
+                        "or loop,single (both, side by side)")
     p.add_argument("--out", default=None, help="HDF5 file (default results/collectives/<UTC stamp>.h5)")
     p.add_argument("--dry-run", action="store_true", help="list the points (done or to do) and exit")
     a = p.parse_args(argv)
@@ -124,9 +140,12 @@ def parse_args(argv=None) -> Config:
                  ops=[o for o in a.ops.split(",") if o], impls=[i for i in a.impls.split(",") if i],
                  dtype=a.dtype, iters=a.iters or (5 if a.quick else 20),
                  warmup=a.warmup if a.warmup is not None else (1 if a.quick else 5),
-                 rounds=a.rounds or (2 if a.quick else 15), out=a.out or "", dry_run=a.dry_run)
+                 rounds=a.rounds or (2 if a.quick else 15), out=a.out or "", dry_run=a.dry_run,
+                 modes=[m for m in a.mode.split(",") if m])
     require(not set(cfg.ops) - set(OPS), f"collectives: unknown ops {sorted(set(cfg.ops) - set(OPS))}")
     require(not set(cfg.impls) - set(IMPLS), f"collectives: unknown impls {sorted(set(cfg.impls) - set(IMPLS))}")
+    require(cfg.modes and not set(cfg.modes) - set(MODES) and len(set(cfg.modes)) == len(cfg.modes),
+            f"collectives: --mode is loop, single or loop,single (got {a.mode!r})")
     require(cfg.sizes and min(cfg.sizes) > 0 and cfg.iters > 0 and cfg.warmup >= 0 and cfg.rounds > 0,
             "collectives: need sizes > 0, iters > 0, warmup >= 0, rounds > 0")
     return cfg
@@ -158,17 +177,18 @@ def plan(cfg: Config, n: int) -> list[dict]:
     """Every point of the sweep, in run order (identical on every rank)."""
     itemsize = DTYPES[cfg.dtype].itemsize
     ops = [*(o for o in PASSES if o in cfg.impls), *cfg.ops]  # memcpy, inplace first: the limits of each row
-    return [{"op": op, "impl": impl, "nbytes": size, "dtype": cfg.dtype, "world_size": n,
+    return [{"op": op, "impl": impl, "nbytes": size, "dtype": cfg.dtype, "world_size": n, "mode": mode,
              "iters": cfg.iters, "warmup": cfg.warmup, "rounds": cfg.rounds}
-            for op in ops for size in cfg.sizes for impl in cfg.impls
-            if applicable(op, impl, cfg.dtype) and element_count(op, size, itemsize, n) > 0]
+            for op in ops for size in cfg.sizes for impl in cfg.impls for mode in cfg.modes
+            if applicable(op, impl, cfg.dtype) and element_count(op, size, itemsize, n) > 0
+            and (mode == "loop" or impl not in PASSES)]
 
 
 # ---- reporting -------------------------------------------------------------------------------
 
 def crossover(rows: list[dict], op: str):
     """Smallest measured size from which "ring" is faster than "mpi" at every larger size (None: never)."""
-    t = {(r["impl"], r["nbytes"]): r["time_s"] for r in rows if r["op"] == op}
+    t = {(r["impl"], r["nbytes"]): r["time_s"] for r in rows if r["op"] == op and loop_mode(r)}
     sizes = sorted(s for (impl, s) in t if impl == "ring" and ("mpi", s) in t)
     best = None
     for s in reversed(sizes):
@@ -181,7 +201,7 @@ def crossover(rows: list[dict], op: str):
 def fits(rows: list[dict], n: int, dtype: str) -> list[dict]:
     out = []
     for op in ALGO_OPS:
-        ring = sorted((r["bytes"], r["time_s"]) for r in rows if r["op"] == op and r["impl"] == "ring")
+        ring = sorted((r["bytes"], r["time_s"]) for r in rows if r["op"] == op and r["impl"] == "ring" and loop_mode(r))
         if n < 2 or len(ring) < 2:
             continue
         alpha, beta = C.fit_alpha_beta(op, [b for b, _ in ring], n, [t for _, t in ring])
@@ -243,10 +263,10 @@ def main(argv=None) -> int:
     for group in by_size(todo):
         op, size = group[0]["op"], group[0]["nbytes"]
         bar.set_postfix_str(f"{op} {human(size)} x{len(group)}", refresh=False)
-        with tracer.span("size", op=op, nbytes=size, impls=",".join(p["impl"] for p in group)):
+        with tracer.span("size", op=op, nbytes=size, impls=",".join(f"{p['impl']}:{p['mode']}" for p in group)):
             measured = measure_size(group, g, cfg.rounds)
         for p, metrics in zip(group, measured):
-            if p["op"] == "memcpy":
+            if p["op"] == "memcpy" and p["mode"] == "loop":
                 limit[p["nbytes"]] = metrics["busbw_GBps"]
             metrics["memcpy_GBps"] = limit.get(p["nbytes"], float("nan"))
             if writer is not None:

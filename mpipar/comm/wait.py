@@ -1,19 +1,63 @@
-"""Polite waiting on MPI requests.
+"""Polite waiting on MPI requests, and the one wait/back-off policy of mpipar.
 
 Oversubscribed (more ranks than cores on the node), a rank blocked in MPI's
 Wait busy-polls and steals the core from the rank that computes. There we
-poll with Test and sleep between polls with a short back-off; otherwise we
-use MPI's own Wait (lowest latency).
+poll with Test under the POLITE back-off; otherwise we use MPI's own Wait
+(lowest latency). Every other polling loop (the shared-memory barrier,
+mpipar.comm.symmetric.barrier) waits with `backoff(polite).wait(...)`, so the
+constants live here only; results/TUNING.md has the measurement behind them.
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 
 from ..device import node_is_oversubscribed
 from ..flight.recorder import UNKNOWN, begin, done
 
-_SPIN_TESTS = 50
-_MAX_SLEEP = 2e-4
+
+@dataclasses.dataclass(frozen=True)
+class Backoff:
+    """Check a condition until it holds: back to back for `spin_s` seconds, then each after a
+    sched_yield (a runnable peer on this core goes first) until `yield_s` seconds have
+    passed, then after sleeps growing from `first_sleep` by x2 up to `max_sleep` (the core is
+    left to others; a wake-up costs up to one sleep of latency). Phases are timed, not
+    counted: a check costs from 50 ns (a flag) to microseconds (MPI's Test)."""
+    spin_s: float
+    yield_s: float
+    first_sleep: float
+    max_sleep: float
+
+    def wait(self, ready, between=None) -> None:
+        """Return once ready() is true; between() (if given) runs after each sleep (a memory
+        fence for flags in shared memory)."""
+        if ready():
+            return
+        start = time.perf_counter()
+        while time.perf_counter() - start < self.spin_s:
+            if ready():
+                return
+        while time.perf_counter() - start < self.yield_s:
+            os.sched_yield()
+            if ready():
+                return
+        sleep = self.first_sleep
+        while not ready():
+            time.sleep(sleep)
+            sleep = min(sleep * 2, self.max_sleep)
+            if between is not None:
+                between()
+
+
+POLITE = Backoff(spin_s=3e-5, yield_s=0.0, first_sleep=1e-6, max_sleep=1e-4)  # ranks outnumber cores
+BUSY = Backoff(spin_s=2e-4, yield_s=1e-3, first_sleep=1e-5, max_sleep=1e-4)  # ranks have their own cores
+
+
+def backoff(polite: bool) -> Backoff:
+    """The policy for a wait: POLITE when ranks outnumber cores, else BUSY (read at each wait,
+    so a measurement can swap the module's values: experiments/wait_policy.py)."""
+    return POLITE if polite else BUSY
 
 
 def wait_all(requests) -> None:
@@ -68,11 +112,6 @@ def wait_status(request, status) -> None:
     _poll(lambda: request.Test(status))
 
 
-def _poll(done) -> None:
-    """Call done() until it is true: spin a little, then sleep with exponential back-off."""
-    spins, sleep = 0, 1e-6
-    while not done():
-        spins += 1
-        if spins > _SPIN_TESTS:
-            time.sleep(sleep)
-            sleep = min(sleep * 2, _MAX_SLEEP)
+def _poll(ready) -> None:
+    """Call ready() until it is true, under the polite back-off (only oversubscribed ranks poll)."""
+    POLITE.wait(ready)

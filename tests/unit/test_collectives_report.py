@@ -76,3 +76,18 @@ def test_auto_verdicts_need_both_algorithms(missing):
     full = verdicts(rows)
     assert "min 1.20 (target >= 0.95)" in line(full, "all_reduce >= 1 MiB: busbw auto / best(mpi, ring)")
     assert not [s for s in verdicts([r for r in rows if r["impl"] != missing]) if "best(mpi, ring)" in s]
+
+
+def test_single_mode_rows_have_their_own_verdict():
+    """Loop verdicts read loop rows only (rows without a mode are loop rows); single calls get
+    their own latency line: each mpipar implementation's time over mpi4py's at the smallest size."""
+    rows = [dict(point("all_reduce", "mpi", 4096, 0.4), mode="loop"), dict(point("all_reduce", "mpi4py", 4096, 0.8)),
+            dict(point("all_reduce", "mpi", 4096, 0.1), mode="single"),
+            dict(point("all_reduce", "auto", 4096, 0.2), mode="single"),
+            dict(point("all_reduce", "mpi4py", 4096, 0.4), mode="single"),
+            dict(point("all_reduce", "mpi4py", 8192, 0.4), mode="single")]
+    out = verdicts(rows)
+    assert "mpi / raw mpi4py 2.00 (target <= 2)" in line(out, "all_reduce 4 KiB latency")
+    single = line(out, "all_reduce 4 KiB single call")
+    assert "mpi 4.00, auto 2.00 (target <= 2)" in single
+    assert not [s for s in out if "8 KiB" in s]

@@ -9,24 +9,19 @@ is >= k, fences, and reads their payloads. A peer cannot reach barrier k+2
 which time it has read everything of barrier k: two payload slots suffice.
 
 Arrival is visible at once (no message progress to poll, unlike an MPI
-barrier), and waiting is polite: a short spin, then `sched_yield`, then sleeps
-of growing length (at once when ranks outnumber cores).
+barrier), and waiting follows mpipar's one back-off policy
+(mpipar.comm.wait.backoff: spin, then `sched_yield`, then sleeps of growing
+length; politer when ranks outnumber cores).
 """
 from __future__ import annotations
-
-import os
-import time
 
 import numpy as np
 
 from ...flight.recorder import Channel, begin, done
-from ..wait import wait_all
+from ..wait import backoff, wait_all
 from .window import Window
 
 SLOT = 256                 # bytes per rank: its own cache lines
-_SPIN = 64                 # checks before yielding (only when cores are not oversubscribed)
-_YIELDS = 16               # sched_yield rounds before sleeping
-_MAX_SLEEP = 2e-4
 
 
 class ShmBarrier:
@@ -64,19 +59,7 @@ class ShmBarrier:
 
     def _wait_for(self, k: int) -> None:
         others = [s for i, s in enumerate(self.slots) if i != self.me]
-        spins, sleep = (0 if not self.polite else _SPIN), 1e-6
-        while True:
-            if all(s[0] >= k for s in others):
-                return
-            spins += 1
-            if spins <= _SPIN:
-                continue
-            if spins <= _SPIN + _YIELDS:
-                os.sched_yield()
-            else:
-                time.sleep(sleep)
-                sleep = min(sleep * 2, _MAX_SLEEP)
-                self.window.sync()
+        backoff(self.polite).wait(lambda: all(s[0] >= k for s in others), between=self.window.sync)
 
     def free(self) -> None:
         """Collective over the node."""
