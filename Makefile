@@ -30,7 +30,7 @@ ifeq ($(MPI),system)
 else
 	$(PIP) install -q mpich mpi4py
 endif
-	$(PIP) install -q $(TORCH_PIN) numpy h5py matplotlib pandas tqdm pytest pytest-mpi pytest-timeout
+	$(PIP) install -q $(TORCH_PIN) numpy h5py matplotlib pandas tqdm pytest pytest-mpi pytest-timeout transformers safetensors
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	@$(PY) -c "import mpi4py.MPI as M, torch, h5py; print('installed:', M.Get_library_version().splitlines()[0], '| torch', torch.__version__)"
 	@touch $(VENV)/.installed

@@ -14,8 +14,16 @@ the summary table is printed (also in summary.csv).
 Resuming: `--resume DIR` reruns every driver of DIR/study.json not marked
 "ok", with the settings recorded there, into the same files; the drivers'
 ResultsWriter skips the points already stored, so none is lost or repeated. A
-driver without resume support has its partial file moved aside first.
-SIGTERM/SIGINT stop the running driver and mark it "interrupted".
+driver without resume support has its partial file moved aside first. A
+results file that no longer opens (a write cut short by a crash of the disk,
+not by a kill: those are atomic) is moved aside as <name>.h5.damaged-<UTC>
+with a warning and its driver runs again; every intact file stays. `--dir DIR`
+resumes DIR if it holds a study.json and starts a new study there otherwise:
+the form a requeued batch job uses (jobs/).
+SIGTERM/SIGINT/SIGUSR1 stop the running driver and mark it "interrupted".
+A driver that checkpoints (its --help lists --save and --resume, like
+train_gpt.py) saves into <folder>/<name>.ckpt/ when stopped and continues from
+there on --resume.
 
 The plan (drivers, their flags, their time limits) is `default_plan()`, or a
 JSON file given with --config: {"study": name, "drivers": [{"name", "script",
@@ -44,7 +52,8 @@ from _study_plan import (Driver, count_points, driver_argv, load_plan, prepare_r
 
 ANALYSIS_RESERVE_S = 30.0  # kept from the budget for the analysis at the end
 MIN_DRIVER_S = 20.0  # do not start a driver with less time than this
-GRACE_S = 10.0  # after SIGTERM, the driver's process group gets SIGKILL this much later
+GRACE_S = 30.0  # after SIGTERM, the driver's process group gets SIGKILL this much later (time to checkpoint)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # SIGUSR1: SLURM's --signal=B:USR1@<s>
 
 
 def new_study_dir(results: Path, study: str) -> Path:
@@ -88,7 +97,7 @@ class Runner:
         return out.stdout if out.returncode == 0 else ""
 
     def on_signal(self, signum, _frame) -> None:
-        """SIGTERM/SIGINT handler: remember it and pass SIGTERM on to the running driver."""
+        """SIGTERM/SIGINT/SIGUSR1 handler: remember it and pass SIGTERM on to the running driver."""
         self.stop_signal = signum
         self.terminate()
 
@@ -140,6 +149,36 @@ class Runner:
         return rc, status
 
 
+def set_aside_if_damaged(out: Path, entry: dict) -> bool:
+    """Move `out` to <name>.damaged-<UTC> (with a warning) if it exists but does not open as HDF5."""
+    if not out.exists():
+        return False
+    try:
+        import h5py
+
+        with h5py.File(out, "r") as f:
+            f.visititems(lambda _name, obj: dict(obj.attrs))  # every header and attribute readable
+        return False
+    except Exception as exc:  # noqa: BLE001 - any failure to read means: not intact
+        aside = out.with_name(f"{out.name}.damaged-{utc_stamp()}")  # not *.h5: the analysis skips it
+        out.rename(aside)
+        entry.setdefault("moved_aside", []).append(aside.name)
+        print(f"study: warning: {out} is damaged ({type(exc).__name__}: {exc}); moved aside to {aside.name}, "
+              "its driver runs again", file=sys.stderr, flush=True)
+        return True
+
+
+def checkpoint_flags(d: Driver, folder: Path, help_text: str) -> dict:
+    """--save <folder>/<name>.ckpt for a driver that checkpoints, and --resume when it holds one."""
+    if "--save" not in help_text or "--resume" not in help_text:
+        return {}
+    ckpt = folder / f"{d.name}.ckpt"
+    flags = {"--save": str(ckpt)}
+    if any(ckpt.glob("step-*/manifest.json")) or any(ckpt.glob("*/step-*/manifest.json")):
+        flags["--resume"] = str(ckpt)
+    return flags
+
+
 def _tee(stream, fh, echo: bool) -> None:
     for raw in iter(stream.readline, b""):
         line = raw.decode("utf-8", "replace")
@@ -154,7 +193,7 @@ def run_study(args, drivers: list[Driver], folder: Path, manifest: dict) -> dict
     """Run every driver not yet "ok" in `manifest`; update and save study.json after each."""
     launcher = shlex.split(manifest["mpiexec"])
     runner = Runner(manifest["np"], launcher, manifest.get("np_flag", "-n"))
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, runner.on_signal)
     entries = manifest["drivers"]
     deadline = time.time() + args.budget_s - ANALYSIS_RESERVE_S if args.budget_s > 0 else float("inf")
@@ -163,6 +202,8 @@ def run_study(args, drivers: list[Driver], folder: Path, manifest: dict) -> dict
             break
         entry = entries.setdefault(d.name, {"status": "pending"})
         out = folder / d.out
+        if args.resume and set_aside_if_damaged(out, entry):
+            entry["status"] = "pending"
         if entry["status"] == "ok":
             print(f"[{i}/{len(drivers)}] {d.name}: done earlier ({entry.get('points')} points), skipped")
             continue
@@ -182,7 +223,7 @@ def run_study(args, drivers: list[Driver], folder: Path, manifest: dict) -> dict
         source = (ROOT / d.script).read_text(errors="replace")
         if args.resume:
             prepare_resume(out, source, entry)
-        argv, dropped = driver_argv(d, manifest["quick"], help_text, out, {})
+        argv, dropped = driver_argv(d, manifest["quick"], help_text, out, checkpoint_flags(d, folder, help_text))
         print(f"[{i}/{len(drivers)}] {d.name}: {shlex.join(argv)} (limit {limit:.0f} s)", flush=True)
         entry.update(status="running", command=shlex.join(argv), dropped_flags=dropped, log=f"{d.name}.log")
         write_json(folder / "study.json", manifest)
@@ -195,8 +236,8 @@ def run_study(args, drivers: list[Driver], folder: Path, manifest: dict) -> dict
               f"{entry['points']} points)", flush=True)
         if runner.stop_signal:
             break
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL if sig == signal.SIGTERM else signal.default_int_handler)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
     if runner.stop_signal:
         manifest["interrupted_by"] = signal.Signals(runner.stop_signal).name
         write_json(folder / "study.json", manifest)
@@ -233,6 +274,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", default=[], help="comma list of experiments to run")
     p.add_argument("--config", help="JSON study plan instead of the default one")
     p.add_argument("--resume", metavar="DIR", help="continue the study in DIR (skips completed points)")
+    p.add_argument("--dir", metavar="DIR", help="resume DIR if it holds a study, else start one there "
+                   "(requeued batch jobs)")
     p.add_argument("--dry-run", action="store_true", help="list the commands and points; run nothing")
     p.add_argument("--budget-s", type=float, default=570.0,
                    help="time budget of the whole study in s (drivers get less when it runs out; 0: none)")
@@ -244,6 +287,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     name, drivers = load_plan(args.config, args.np)
+    if args.dir and (Path(args.dir) / "study.json").exists():
+        args.resume = args.dir
     if args.resume:
         folder = Path(args.resume).resolve()
         manifest = json.loads((folder / "study.json").read_text())
@@ -259,7 +304,10 @@ def main(argv=None) -> int:
     if args.dry_run:
         dry_run(drivers, manifest, folder)
         return 0
-    if folder is None:
+    if folder is None and args.dir:
+        folder = Path(args.dir).resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+    elif folder is None:
         folder = new_study_dir(Path(args.results).resolve(), manifest["study"])
     else:
         manifest.setdefault("resumed_utc", []).append(utc_stamp())

@@ -36,7 +36,7 @@ from mpipar.comm.wait import wait_all
 from mpipar.errors import install_abort_on_exception
 from _common import init_gloo, prefix_groups, print_table, setup_threads
 from mpipar.mesh import Group, as_group
-from mpipar.models.serial import merge_heads, split_heads
+from mpipar.layers.heads import merge_heads, split_heads
 from mpipar.tensor import ParallelMLP, ParallelSelfAttention
 from mpipar.trace import ActivationMeter, ResultsWriter, Tracer, provenance, read_results
 

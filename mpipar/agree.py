@@ -9,11 +9,19 @@ on it.
 from __future__ import annotations
 
 from .errors import MpiparError
+from .flight.recorder import begin, done
 
 
 def agree_call(g, name: str, local_error: str | None, signature: dict) -> None:
     """Collective over g: raise on every rank if any rank failed or signatures differ."""
-    rows = [(local_error, signature)] if g.size == 1 else g.comm.allgather((local_error, signature))
+    if g.size == 1:
+        rows = [(local_error, signature)]
+    else:
+        slot = begin(g, name + " agree")  # for the watchdog (mpipar.flight)
+        try:
+            rows = g.comm.allgather((local_error, signature))
+        finally:
+            done(slot)
     for rank, (err, _) in enumerate(rows):
         if err is not None:
             where = "" if g.size == 1 else f" (reported by rank {rank})"

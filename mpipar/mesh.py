@@ -11,6 +11,8 @@ import torch
 from . import device as _device
 from . import settings as _settings
 from .errors import MpiparError
+from .flight import job as _flight_job
+from .flight.recorder import register, world_ranks
 
 DIMS = ("tp", "sp", "dp", "pp")  # fastest-varying first
 
@@ -29,6 +31,10 @@ class Group:
         self.size = comm.Get_size()
         self._p2p = None
         self._oversubscribed = None
+        self.world_ranks = world_ranks(comm)  # the flight recorder's view (mpipar.flight)
+        self.flight_seq = 0
+        self.flight_p2p = 0
+        register(comm, self)
 
     @property
     def p2p(self):
@@ -107,6 +113,7 @@ class Mesh:
         _device.note_local_size(local_size)
         self.threads = _device.set_threads(local_size)
         self.device: torch.device = _device.pick_device(local_rank)
+        _flight_job.install(self._comm)  # abort on error, watchdog, flight record (once per process)
 
     def _coords_of(self, rank: int) -> dict:
         coords = {}

@@ -28,6 +28,7 @@ import torch
 from .. import comm
 from ..errors import MpiparError, agree, agree_ints, require
 from .gpt import SerialGPT
+from .parallel import ParallelGPT
 from .zero.optimizer import check_optimizer
 
 
@@ -47,8 +48,6 @@ def train_step(model, batch, optimizer, mesh=None, num_microbatches: int = 1, sc
             _check_batch(tokens, targets, model.cfg, num_microbatches, 1)
             loss = _serial_step(model, tokens, targets, num_microbatches, tracer)
         else:
-            from .parallel import ParallelGPT
-
             require(isinstance(model, ParallelGPT), f"train_step: expected a models.GPT, got {type(model).__name__}")
             require(mesh is None or dict(mesh.shape) == dict(model.mesh.shape),
                     f"train_step: mesh {getattr(mesh, 'shape', mesh)} is not the model's mesh {model.mesh.shape}")
@@ -176,6 +175,8 @@ def _replica_sq_sum(model) -> torch.Tensor:
     total = torch.zeros(1, dtype=torch.float64)
     for s in model.specs():
         if s.param.grad is None or not s.primary or (not s.sharded and mesh.tp.rank != 0):
+            continue
+        if s.sharded and mesh.tp.rank % s.replicas:  # a second copy of a grouped K/V part
             continue
         total += s.param.grad.detach().double().pow(2).sum().cpu()
     return total

@@ -44,6 +44,7 @@ DRIVERS = {
     "sequence_parallel": (2, ["--quick"]),
     # --quick's batch 8 needs dp x microbatches to divide it: 2 microbatches at dp 4
     "train_gpt": (4, ["--quick", "--layouts", "all", "--steps", "2", "--microbatches", "2"]),
+    "llama_peer": (2, ["--quick"]),
     "zero": (2, ["--quick", "--sweep", "--steps", "1", "--warmup", "0", "--variants", "zero0,zero3"]),
 }
 TABLES = {  # table -> the driver that writes it
@@ -55,6 +56,7 @@ TABLES = {  # table -> the driver that writes it
     "context_parallel": "sequence_parallel",
     "train_gpt": "train_gpt",
     "train_gpt_layouts": "train_gpt",
+    "llama_peer": "llama_peer",
     "zero_benchmark": "zero",
     "zero_memory": "zero",
 }

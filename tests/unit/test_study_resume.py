@@ -210,3 +210,36 @@ def test_driver_flags_follow_the_drivers_help(tmp_path):
                                       tmp_path / "x.h5", {})
     assert argv == ["experiments/x.py", "--out", str(tmp_path / "x.h5"), "--sizes", "4K,1M", "--quick"]
     assert dropped == ["--nope"]
+
+
+@pytest.mark.timeout(300)
+def test_damaged_results_file_moved_aside_on_resume_and_dir_resumes(tmp_path):
+    folder = tmp_path / "results" / "job-17"
+    res = subprocess.run(_study(tmp_path, "--quick", "--no-analysis", "--dir", str(folder)), capture_output=True,
+                         text=True, timeout=200)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert sorted(_rows(folder / "sweep.h5")) == [0, 1, 2]
+    data = (folder / "sweep.h5").read_bytes()
+    (folder / "sweep.h5").write_bytes(data[: len(data) // 2])  # a file cut short
+    (folder / "notes.h5").write_bytes(b"kept")  # not the study's: never touched
+    res = subprocess.run(_study(tmp_path, "--no-analysis", "--dir", str(folder)), capture_output=True, text=True,
+                         timeout=200)  # --dir of an existing study resumes it (its recorded --quick plan)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "sweep.h5 is damaged" in res.stderr and "moved aside" in res.stderr
+    manifest = json.loads((folder / "study.json").read_text())
+    (aside,) = manifest["drivers"]["sweep"]["moved_aside"]
+    assert (folder / aside).read_bytes() == data[: len(data) // 2]  # the damaged bytes are kept, aside
+    assert sorted(_rows(folder / "sweep.h5")) == [0, 1, 2] and manifest["drivers"]["sweep"]["runs"] == 2
+    assert (folder / "notes.h5").read_bytes() == b"kept" and _study_dirs(tmp_path) == []
+
+
+def test_checkpointing_driver_gets_save_and_resume(tmp_path):
+    study = _import_study()
+    d = study.Driver("gpt", "experiments/train_gpt.py", "train_gpt.h5")
+    helps = "usage: [--out OUT] [--save SAVE] [--resume RESUME]"
+    assert study.checkpoint_flags(d, tmp_path, "usage: [--out OUT]") == {}
+    assert study.checkpoint_flags(d, tmp_path, helps) == {"--save": str(tmp_path / "gpt.ckpt")}
+    (tmp_path / "gpt.ckpt" / "dp1-pp1-sp1-tp4" / "step-000003").mkdir(parents=True)
+    assert "--resume" not in study.checkpoint_flags(d, tmp_path, helps)  # a half save is no checkpoint
+    (tmp_path / "gpt.ckpt" / "dp1-pp1-sp1-tp4" / "step-000003" / "manifest.json").write_text("{}")
+    assert study.checkpoint_flags(d, tmp_path, helps)["--resume"] == str(tmp_path / "gpt.ckpt")

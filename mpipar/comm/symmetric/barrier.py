@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from ...flight.recorder import Channel, begin, done
 from ..wait import wait_all
 from .window import Window
 
@@ -38,6 +39,7 @@ class ShmBarrier:
         self.slots[self.me][:] = 0
         self.epoch = 0
         self.polite = polite
+        self.flight = Channel(node, "node")  # recorded when no outer call is (mpipar.flight)
         self.window.sync()
         wait_all([node.Ibarrier()])  # every slot is zeroed before anyone waits on it
 
@@ -50,7 +52,11 @@ class ShmBarrier:
             mine[base:base + 3] = payload
         self.window.sync()
         mine[0] = k
-        self._wait_for(k)
+        slot = begin(self.flight, "shm barrier")
+        try:
+            self._wait_for(k)
+        finally:
+            done(slot)
         self.window.sync()
         if payload is None:
             return None

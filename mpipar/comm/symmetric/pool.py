@@ -27,6 +27,7 @@ import torch
 from ...errors import MpiparError
 from ...mesh import as_group
 from ..buffers import dtype_code
+from ...flight.recorder import begin, done
 from ..wait import wait_all
 from .barrier import ShmBarrier
 from .window import PAGE, Window, node_comm_of
@@ -201,7 +202,12 @@ def symmetric_empty(shape, dtype: torch.dtype, group) -> torch.Tensor:
     through shared memory when the group is on one node, and hierarchically
     (shared memory inside each node, MPI across nodes) otherwise.
     """
-    return pool_of(group, create=True).empty(shape, dtype)
+    g = as_group(group)
+    slot = begin(g, "symmetric_empty", dtype)  # for the watchdog (mpipar.flight)
+    try:
+        return pool_of(g, create=True).empty(shape, dtype)
+    finally:
+        done(slot)
 
 
 def is_symmetric(t: torch.Tensor, group) -> bool:
@@ -216,5 +222,9 @@ def free_symmetric(group) -> None:
     g = as_group(group)
     pool = getattr(g, _ATTR, None)
     if pool is not None:
-        pool.close()
+        slot = begin(g, "free_symmetric")
+        try:
+            pool.close()
+        finally:
+            done(slot)
         delattr(g, _ATTR)

@@ -196,8 +196,8 @@ def load(model, optimizer, path: str, ctx):
     try:
         with open(os.path.join(path, MANIFEST)) as f:
             manifest = json.load(f)
-        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-            err = f"checkpoint {path}: not an {FORMAT} v{VERSION} manifest"
+        if manifest.get("format") != FORMAT or manifest.get("version") not in (VERSION, 2):
+            err = f"checkpoint {path}: not an {FORMAT} manifest of version 1 or 2"
         else:
             diff = [k for k in ("vocab_size", "seq_len", "hidden", "num_heads", "num_layers", "ffn_hidden", "tied")
                     if manifest["config"].get(k) != model.cfg.to_dict()[k]]
@@ -210,14 +210,19 @@ def load(model, optimizer, path: str, ctx):
     names = sorted({s.name for s in specs})
     missing = [n for n in names if n not in manifest["tensors"]]
     ctx.agree(f"checkpoint {path}: no tensor {missing[0]} in the manifest" if missing else None)
-    needed = {META}
+    meta_file = "meta.json" if manifest["version"] >= 2 else META  # plain checkpoints since version 2
+    needed = {meta_file}
     for n in names:
         e = manifest["tensors"][n]
         needed |= {f for fs in e["holders"].values() for f in fs} if zero else set(e["files"].values())
     ctx.agree(next((e for e in (_verify(path, f, manifest["files"].get(f)) for f in sorted(needed)) if e), None))
     err, values = None, {}
     try:
-        files = {f: torch.load(os.path.join(path, f), map_location="cpu", weights_only=f != META) for f in needed}
+        files = {f: torch.load(os.path.join(path, f), map_location="cpu", weights_only=f != META)
+                 for f in needed if f != "meta.json"}
+        if meta_file == "meta.json":
+            with open(os.path.join(path, meta_file)) as f:
+                files[meta_file] = json.load(f)
         values = {n: _full(n, manifest["tensors"][n], files, zero) for n in names}
     except Exception as exc:  # noqa: BLE001 - reported on every rank
         err = f"checkpoint {path}: cannot load: {type(exc).__name__}: {exc}"
@@ -241,7 +246,7 @@ def load(model, optimizer, path: str, ctx):
                     optimizer.state[s.param] = {k: v.to(s.param.device, s.param.dtype).clone()
                                                 if torch.is_tensor(v) and v.shape == s.param.shape and v.dim()
                                                 else v for k, v in state.items()}
-    meta = files[META]
+    meta = files[meta_file]
     if optimizer is not None:
         for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
             group.update(saved)
