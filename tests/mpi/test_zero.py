@@ -45,11 +45,11 @@ _SERIAL: dict = {}
 
 
 def serial_run(cfg, m, **opts):
-    key = (cfg.tied, m, tuple(sorted(opts.items())))
+    key = (repr(cfg), m, tuple(sorted(opts.items())))
     if key not in _SERIAL:
         model = models.GPT(cfg, dtype=F64, zero=0)
         opt = models.optimizer(model, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
-        losses = [models.train_step(model, b, opt, num_microbatches=m, max_grad_norm=0.5, **opts) for b in batches()]
+        losses = [models.train_step(model, b, opt, num_microbatches=m, max_grad_norm=0.2, **opts) for b in batches()]
         _SERIAL[key] = (losses, model.state_dict())
     return _SERIAL[key]
 
@@ -64,7 +64,7 @@ def parallel(cfg, layout, zero, num_chunks=1, dtype=F64):
 def check_same(cfg, layout, zero, m=2, schedule="1f1b", num_chunks=1, **opts):
     ref_losses, ref_state = serial_run(cfg, m, **opts)
     mesh, model, opt = parallel(cfg, layout, zero, num_chunks)
-    losses = [models.train_step(model, b, opt, mesh, num_microbatches=m, schedule=schedule, max_grad_norm=0.5,
+    losses = [models.train_step(model, b, opt, mesh, num_microbatches=m, schedule=schedule, max_grad_norm=0.2,
                                 **opts) for b in batches()]
     assert all(row == losses for row in WORLD.allgather(losses)), "the loss differs between ranks"
     for step, (a, b) in enumerate(zip(losses, ref_losses)):
@@ -101,6 +101,16 @@ def test_pipeline_schedules(zero, schedule, chunks):
 def test_tied_embeddings(zero):
     layout = (2, 2, 1, 1) if N == 4 else LAYOUTS[0]
     check_same(config(tied=True), layout, zero, m=4 if layout[1] > 1 else 2)
+
+
+@pytest.mark.mpi
+@needs_dp
+@pytest.mark.parametrize("zero", [1, 3])
+def test_llama_with_grouped_kv_heads(zero):
+    """RoPE, SwiGLU, RMSNorm and one K/V head (replicated over tp at 4 ranks: counted once in the norm)."""
+    cfg = models.GPTConfig(vocab_size=32, seq_len=16, hidden=16, num_heads=4, num_layers=4, ffn_hidden=32, seed=3,
+                           arch="llama", num_kv_heads=1)
+    check_same(cfg, (2, 1, 1, 2) if N == 4 else LAYOUTS[0], zero)
 
 
 @pytest.mark.mpi
@@ -152,8 +162,8 @@ def test_bf16_parameters_keep_float32_masters(zero):
     assert all(m.dtype == torch.float32 for m in model.buckets.masters())
     losses, ref = [], []
     for b in batches():
-        losses.append(models.train_step(model, b, opt, mesh, num_microbatches=2, max_grad_norm=0.5))
-        ref.append(models.train_step(ref_model, b, ref_opt, mesh, num_microbatches=2, max_grad_norm=0.5))
+        losses.append(models.train_step(model, b, opt, mesh, num_microbatches=2, max_grad_norm=0.2))
+        ref.append(models.train_step(ref_model, b, ref_opt, mesh, num_microbatches=2, max_grad_norm=0.2))
     assert losses[-1] < losses[0] - 0.1
     assert max(abs(a - b) for a, b in zip(losses, ref)) < 0.05   # bf16 updates lose precision without masters
     for bucket in model.buckets.buckets:
@@ -219,7 +229,7 @@ def _resume_case(path, saved_by, loaded_into):
     ref_losses, ref_state = serial_run(cfg, 2)
     mesh, model, opt = parallel(cfg, *saved_by)
     for b in batches()[:2]:
-        models.train_step(model, b, opt, mesh, num_microbatches=2, max_grad_norm=0.5)
+        models.train_step(model, b, opt, mesh, num_microbatches=2, max_grad_norm=0.2)
     models.save(model, opt, path, extra={"step": 2})
     if loaded_into is None:
         mesh, model = None, models.GPT(cfg, dtype=F64)
@@ -227,7 +237,7 @@ def _resume_case(path, saved_by, loaded_into):
     else:
         mesh, model, opt = parallel(cfg, *loaded_into)
     assert models.load(model, opt, path) == {"step": 2}
-    losses = [models.train_step(model, b, opt, mesh, num_microbatches=2, max_grad_norm=0.5) for b in batches()[2:]]
+    losses = [models.train_step(model, b, opt, mesh, num_microbatches=2, max_grad_norm=0.2) for b in batches()[2:]]
     for a, b in zip(losses, ref_losses[2:]):
         assert abs(a - b) < 1e-9, (losses, ref_losses[2:])
     state = model.full_state_dict()

@@ -87,7 +87,8 @@ class ShardedBuckets:
             nb, tb = [], []
             for f in b.fragments:
                 s = specs[id(b.params[f.index])]
-                if s.primary and (s.sharded or self.tp.rank == 0):
+                counted = s.sharded or self.tp.rank == 0
+                if s.primary and counted and not (s.sharded and self.tp.rank % s.replicas):  # one K/V copy
                     nb.append((f.shard_lo, f.shard_hi))
                 if s.sp_reduce:
                     tb.append((f.shard_lo, f.shard_hi))
