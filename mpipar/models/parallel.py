@@ -19,6 +19,7 @@ except the tied head's copy on the last stage ("tied_head.weight").
 """
 from __future__ import annotations
 
+import contextlib
 import zlib
 
 import torch
@@ -291,10 +292,13 @@ class ParallelGPT(nn.Module):
         except Exception as exc:  # noqa: BLE001  (reported on every rank below)
             err = str(exc)
         agree(self.mesh.world.comm, err)
-        for s in self.specs():
-            full = state[s.name]
-            local = take_shard(full, s.part, s.parts, s.dim if s.sharded else None, s.stride)
-            s.param.copy_(local.to(dtype=s.param.dtype, device=s.param.device))
+        with self.buckets.gathered() if self.zero else contextlib.nullcontext():  # ZeRO-3: materialised
+            for s in self.specs():
+                full = state[s.name]
+                local = take_shard(full, s.part, s.parts, s.dim if s.sharded else None, s.stride)
+                s.param.copy_(local.to(dtype=s.param.dtype, device=s.param.device))
+            if self.zero:
+                self.buckets.params_written()  # the shards and master weights follow
 
 
 def _unflatten_into(flat: torch.Tensor, tensors) -> None:

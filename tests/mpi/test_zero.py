@@ -279,3 +279,20 @@ def test_plain_optimizer_on_a_zero_model_raises_everywhere():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     with pytest.raises(MpiparError, match="models.optimizer"):
         models.train_step(model, batches()[0], opt, mesh, num_microbatches=2)
+
+
+@pytest.mark.mpi
+@needs_dp
+@pytest.mark.parametrize("zero", [1, 3])
+def test_load_full_state_dict_reaches_shards_and_masters(zero):
+    """Weights set from a serial state (e.g. models.from_hf) are what the optimizer steps from."""
+    other = models.GPT(models.GPTConfig(vocab_size=32, seq_len=16, hidden=16, num_heads=4, num_layers=4, seed=9),
+                       dtype=torch.bfloat16).state_dict()
+    mesh, model, opt = parallel(config(), LAYOUTS[0], zero, dtype=torch.bfloat16)
+    model.load_full_state_dict(other)
+    state = model.full_state_dict()
+    assert all(torch.equal(state[k], other[k]) for k in other)
+    for b in model.buckets.buckets:
+        assert torch.equal(b.master.detach().to(torch.bfloat16), b.shard)
+    if zero == 3:
+        assert sum(p.untyped_storage().nbytes() for p in model.parameters()) == 0

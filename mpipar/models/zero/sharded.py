@@ -232,6 +232,16 @@ class ShardedBuckets:
             return
         wait([post(lambda s, o: self.group.comm.Iallgather(s, o), None, b.full) for b in self.buckets])
 
+    @torch.no_grad()
+    def params_written(self) -> None:
+        """The parameters were set from outside (inside `gathered()` for ZeRO-3): refresh this
+        rank's shards and master weights from them."""
+        for b in self.buckets:
+            if self.zero == 3:
+                b.shard.copy_(b.full[b.lo:b.hi])
+            if b.separate_master:
+                b.master.copy_(b.shard)
+
     # ---- gradient norm -----------------------------------------------------------------------
     def grad_sq_sum(self) -> torch.Tensor:
         """This rank's sum of squares of the distinct gradient elements its shards hold (float64)."""
