@@ -296,3 +296,21 @@ def test_load_full_state_dict_reaches_shards_and_masters(zero):
         assert torch.equal(b.master.detach().to(torch.bfloat16), b.shard)
     if zero == 3:
         assert sum(p.untyped_storage().nbytes() for p in model.parameters()) == 0
+
+
+@pytest.mark.mpi
+@needs_dp
+def test_save_step_atomic_with_rank_state(ckpt_dir):
+    """ZeRO checkpoints go through the atomic writer's steps: run folders, keep, latest, rank_state."""
+    from mpipar.models import checkpoint
+
+    mesh, model, opt = parallel(config(), LAYOUTS[0], 2)
+    models.train_step(model, batches()[0], opt, mesh, num_microbatches=2)
+    first = checkpoint.save_step(model, opt, ckpt_dir, 1, keep=1, rank_state={"rank": WORLD.rank})
+    second = checkpoint.save_step(model, opt, ckpt_dir, 2, keep=1, rank_state={"rank": WORLD.rank})
+    WORLD.Barrier()
+    assert second.endswith("step-000002") and checkpoint.latest(ckpt_dir) == second
+    assert sorted(os.listdir(ckpt_dir)) == ["step-000002"] and not os.path.exists(first)
+    assert "meta.json" in os.listdir(second)
+    loaded = checkpoint.load_full(model, opt, ckpt_dir)
+    assert loaded.path == second and loaded.extra == {"step": 2} and loaded.rank_state == {"rank": WORLD.rank}
