@@ -27,8 +27,8 @@ WORLD = MPI.COMM_WORLD
 N = WORLD.Get_size()
 F64 = torch.float64
 STEPS, BATCH = 4, 24
-LAYOUTS = {2: [(2, 1, 1, 1)], 3: [(3, 1, 1, 1)],
-           4: [(4, 1, 1, 1), (2, 2, 1, 1), (2, 1, 2, 1), (2, 1, 1, 2)]}.get(N, [])  # (dp, pp, sp, tp)
+LAYOUTS = {1: [(1, 1, 1, 1)], 2: [(2, 1, 1, 1)], 3: [(3, 1, 1, 1)],   # (dp, pp, sp, tp); 1 rank: shards of 1
+           4: [(4, 1, 1, 1), (2, 2, 1, 1), (2, 1, 2, 1), (2, 1, 1, 2)]}.get(N, [])
 
 
 def config(tied=False):
@@ -76,7 +76,7 @@ def check_same(cfg, layout, zero, m=2, schedule="1f1b", num_chunks=1, **opts):
     assert ref_losses[-1] < ref_losses[0] - 0.05
 
 
-needs_dp = pytest.mark.skipif(not LAYOUTS, reason="needs 2-4 ranks (a layout with dp > 1)")
+needs_dp = pytest.mark.skipif(not LAYOUTS, reason="needs 1-4 ranks")
 
 
 @pytest.mark.mpi
