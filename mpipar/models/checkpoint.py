@@ -114,7 +114,7 @@ def save(model, optimizer, path: str, extra=None, rank_state=None) -> str:
     `path` is replaced. Raises MpiparError on every rank if any rank failed; then `path` is as before.
     """
     if getattr(model, "zero", 0):
-        return zero_checkpoint.save(model, optimizer, path, extra)  # every rank writes its own shards
+        return zero_checkpoint.save(model, optimizer, path, _Ctx(model), extra, rank_state)  # every rank its own shards
     ctx = _Ctx(model)
     path = os.path.abspath(path)
 
@@ -255,7 +255,8 @@ def load_full(model, optimizer, path: str) -> Loaded:
 
 def _load_one(ctx: _Ctx, model, optimizer, path: str) -> Loaded:
     if getattr(model, "zero", 0) or zero_checkpoint.is_zero_checkpoint(path):  # ZeRO: its own shards
-        return Loaded(zero_checkpoint.load(model, optimizer, path, ctx), path)
+        extra, rank_state = zero_checkpoint.load(model, optimizer, path, ctx)
+        return Loaded(extra, path, rank_state)
     manifest, err = read_manifest(path, ctx.cfg)
     ctx.agree(err)
     try:

@@ -21,6 +21,7 @@ except the tied head's copy on the last stage ("tied_head.weight").
 """
 from __future__ import annotations
 
+import contextlib
 import zlib
 
 import torch
@@ -261,11 +262,14 @@ class ParallelGPT(nn.Module):
         except Exception as exc:  # noqa: BLE001  (reported on every rank below)
             err = str(exc)
         agree(self.mesh.world.comm, err)
-        for s in self.specs():
-            dim = s.dim if s.sharded else None
-            local = state.shard(s.name, s.part, s.parts, dim, s.stride) if hasattr(state, "shard") \
-                else take_shard(state[s.name], s.part, s.parts, dim, s.stride)
-            s.param.copy_(local.to(dtype=s.param.dtype, device=s.param.device))
+        with self.buckets.gathered() if self.zero else contextlib.nullcontext():  # ZeRO-3: materialised
+            for s in self.specs():
+                dim = s.dim if s.sharded else None
+                local = state.shard(s.name, s.part, s.parts, dim, s.stride) if hasattr(state, "shard") \
+                    else take_shard(state[s.name], s.part, s.parts, dim, s.stride)
+                s.param.copy_(local.to(dtype=s.param.dtype, device=s.param.device))
+            if self.zero:
+                self.buckets.params_written()  # the shards and master weights follow
 
 
 def _unflatten_into(flat: torch.Tensor, tensors) -> None:

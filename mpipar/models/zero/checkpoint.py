@@ -1,35 +1,38 @@
 """Checkpoints of ZeRO models: every rank writes its own shards, nothing is gathered.
 
 `models.save` / `models.load` come here for a model with zero >= 1 and for a
-checkpoint written by one. A ZeRO checkpoint is a directory:
+checkpoint written by one. Saved atomically as mpipar.models.checkpoint does
+(a temporary folder, renamed into place once the manifest is in); the folder:
   zero-pp{P}-tp{T}-d{R}.pt  one per rank: for every serial tensor whose flat
                             elements this rank's shards hold, [(lo, hi, values)]
                             (offsets into the tp-local tensor, flattened; the
                             float32 master values under bf16) and the same for
                             every optimizer state tensor; other state (step) whole
-  meta.pt                   optimizer param_groups and `extra`
+  rank{R}.pt                optional per-rank state (`rank_state`)
+  meta.json                 optimizer param_groups and `extra`
   manifest.json             written last: config, layout, zero stage, every
                             file's sha256 and size, every serial tensor's full
                             shape and tp split (the serial names)
 Loading (any layout, any zero stage, or a plain checkpoint into a ZeRO model)
 assembles each tensor this rank needs from the fragments / parts that hold it
 and keeps what the new layout puts on this rank. Any missing, truncated or
-corrupt file raises MpiparError on every rank before anything changes.
+corrupt file raises MpiparError on every rank before anything changes; tensor
+files are read with weights_only=True and metadata as JSON (no code runs).
 """
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
+import shutil
 
 import torch
 
 from ...errors import MpiparError
-from ...agree import agree
+from .. import checkpoint_files as cf
 from ..shards import assemble, take_shard
 
-FORMAT, VERSION, MANIFEST, META = "mpipar-gpt-checkpoint", 1, "manifest.json", "meta.pt"
+FORMAT, MANIFEST = "mpipar-gpt-checkpoint", "manifest.json"
+VERSION = 2               # as the plain checkpoints: meta.json (version 1 kept a pickled meta.pt)
 
 
 def is_zero_checkpoint(path: str) -> bool:
@@ -38,19 +41,6 @@ def is_zero_checkpoint(path: str) -> bool:
             return bool(json.load(f).get("zero"))
     except (OSError, ValueError):
         return False
-
-
-def _write(path: str, obj) -> dict:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    data = buf.getvalue()
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 
 
 def _fragments_of(model, optimizer):
@@ -73,59 +63,79 @@ def _fragments_of(model, optimizer):
     return out
 
 
-def save(model, optimizer, path: str, extra=None) -> None:
-    """Collective over the model's mesh: each rank writes its shards; rank 0 the manifest."""
-    mesh, world = model.mesh, model.mesh.world.comm
-    err = None
-    if world.rank == 0:
-        try:
-            os.makedirs(path, exist_ok=True)
-            if os.path.exists(os.path.join(path, MANIFEST)):
-                os.remove(os.path.join(path, MANIFEST))
-        except OSError as exc:
-            err = f"checkpoint.save: cannot prepare {path}: {exc}"
-    agree(world, err)
-    world.Barrier()
+def save(model, optimizer, path: str, ctx, extra=None, rank_state=None) -> str:
+    """Collective over the model's mesh: each rank writes its shards (and `rank_state`) into a
+    temporary folder, rank 0 the meta and the manifest, then renames it to `path`. `ctx` is
+    checkpoint._Ctx's view of this rank, as for `load`."""
+    mesh = model.mesh
+    path = os.path.abspath(path)
+
+    def prepare():
+        meta = cf.meta_json(optimizer, extra)  # refused before anything is written
+        tmp = cf.temp_name(path, "tmp")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.mkdir(tmp)
+        return tmp, meta
+
+    tmp, meta = ctx.on_root(f"checkpoint.save: cannot prepare {path}", prepare)
     c = mesh.coords
     name = f"zero-pp{c['pp']}-tp{c['tp']}-d{model.buckets.group.rank}.pt"
-    tensors = {s.name: {"shape": s.full_shape(), "dtype": str(s.param.dtype).replace("torch.", ""),
-                        "dim": s.dim if s.sharded else None, "stride": s.stride, "parts": s.parts if s.sharded else 1,
-                        "part": s.part if s.sharded else 0, "local_shape": list(s.param.shape)}
-               for s in model.specs() if s.primary}
-    report, err = None, None
+    report = {"file": name, "files": {}, "tensors": {
+        s.name: {"shape": s.full_shape(), "dtype": str(s.param.dtype).replace("torch.", ""),
+                 "dim": s.dim if s.sharded else None, "stride": s.stride, "parts": s.parts if s.sharded else 1,
+                 "part": s.part if s.sharded else 0, "local_shape": list(s.param.shape)}
+        for s in model.specs() if s.primary}}
     try:
-        info = _write(os.path.join(path, name), _fragments_of(model, optimizer))
-        report = {"file": name, "info": info, "tensors": tensors}
-    except Exception as exc:  # noqa: BLE001 - reported on every rank
-        err = f"checkpoint.save: writing {name} failed: {type(exc).__name__}: {exc}"
-    agree(world, err)
-    reports = world.gather(report, root=0)
-    err = None
-    if world.rank == 0:
+        err = None
         try:
-            groups = [] if optimizer is None else [{k: v for k, v in g.items() if k != "params"}
-                                                   for g in optimizer.param_groups]
-            files = {META: _write(os.path.join(path, META), {"param_groups": groups, "extra": extra})}
-            merged: dict = {}
-            for r in reports:
-                files[r["file"]] = r["info"]
-                for n, t in r["tensors"].items():
-                    e = merged.setdefault(n, {k: t[k] for k in ("shape", "dtype", "dim", "stride", "parts")})
-                    e.setdefault("local_shapes", {})[str(t["part"])] = t["local_shape"]
-                    e.setdefault("holders", {}).setdefault(str(t["part"]), []).append(r["file"])
-            for e in merged.values():  # only files that really hold fragments of the tensor are listed
-                e["holders"] = {k: sorted(set(v)) for k, v in e["holders"].items()}
-            manifest = {"format": FORMAT, "version": VERSION, "config": model.cfg.to_dict(),
-                        "layout": dict(mesh.shape), "zero": model.zero, "files": files, "tensors": merged}
-            tmp = os.path.join(path, f".{MANIFEST}.tmp{os.getpid()}")
-            with open(tmp, "w") as f:
-                json.dump(manifest, f, indent=1, sort_keys=True)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(path, MANIFEST))
-        except Exception as exc:  # noqa: BLE001
-            err = f"checkpoint.save: writing the manifest failed: {type(exc).__name__}: {exc}"
-    agree(world, err)
+            report["files"][name] = cf.write_file(os.path.join(tmp, name),
+                                                   cf.serialize(_fragments_of(model, optimizer)))
+            if rank_state is not None:
+                rank_file = f"rank{ctx.rank}.pt"
+                report["files"][rank_file] = cf.write_file(os.path.join(tmp, rank_file), cf.serialize(rank_state))
+                report["rank_file"] = rank_file
+        except Exception as exc:  # noqa: BLE001 - reported on every rank
+            err = f"checkpoint.save: writing {path} failed on this rank: {type(exc).__name__}: {exc}"
+        ctx.agree(err)
+        reports = ctx.gather(report)
+        ctx.on_root(f"checkpoint.save: finishing {path} failed",
+                    lambda: _finish(ctx, model.zero, tmp, path, meta, reports))
+    except MpiparError:
+        if ctx.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _finish(ctx, zero: int, tmp: str, path: str, meta: bytes, reports: list) -> None:
+    """Rank 0: meta, the manifest last, then the folder goes into place (as the plain writer)."""
+    files = {cf.META: cf.write_file(os.path.join(tmp, cf.META), meta)}
+    merged: dict = {}
+    rank_files = {}
+    for rank, r in enumerate(reports):
+        files.update(r["files"])
+        if "rank_file" in r:
+            rank_files[str(rank)] = r["rank_file"]
+        for n, t in r["tensors"].items():
+            e = merged.setdefault(n, {k: t[k] for k in ("shape", "dtype", "dim", "stride", "parts")})
+            e.setdefault("local_shapes", {})[str(t["part"])] = t["local_shape"]
+            e.setdefault("holders", {}).setdefault(str(t["part"]), []).append(r["file"])
+    for e in merged.values():
+        e["holders"] = {k: sorted(set(v)) for k, v in e["holders"].items()}
+    manifest = {"format": FORMAT, "version": VERSION, "config": ctx.cfg.to_dict(), "layout": ctx.layout,
+                "world_size": ctx.size, "zero": zero, "files": files, "tensors": merged, "rank_files": rank_files}
+    cf.write_file(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
+    cf.fsync_dir(tmp)
+    old = None
+    if os.path.lexists(path):
+        old = cf.temp_name(path, "old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+    os.rename(tmp, path)
+    cf.fsync_dir(os.path.dirname(path))
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- loading -----------------------------------------------------------------------------------
@@ -175,56 +185,33 @@ def _full(name: str, entry: dict, files: dict, zero: bool):
     return full, state
 
 
-def _verify(path: str, name: str, info) -> str | None:
-    file = os.path.join(path, name)
-    if info is None:
-        return f"checkpoint {path}: shard {name} is not listed in the manifest"
-    if not os.path.isfile(file):
-        return f"checkpoint {path}: shard {name} is missing"
-    if os.path.getsize(file) != info["bytes"]:
-        return f"checkpoint {path}: shard {name} is truncated or altered"
-    digest = hashlib.sha256()
-    with open(file, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return None if digest.hexdigest() == info["sha256"] else f"checkpoint {path}: shard {name} is corrupt"
-
-
 def load(model, optimizer, path: str, ctx):
     """Load `path` (ZeRO or plain checkpoint) into `model` (ZeRO or not); `ctx` is checkpoint._Ctx's
-    view of this rank (specs, agree). Returns the saved `extra`."""
-    err, manifest = None, None
-    try:
-        with open(os.path.join(path, MANIFEST)) as f:
-            manifest = json.load(f)
-        if manifest.get("format") != FORMAT or manifest.get("version") not in (VERSION, 2):
-            err = f"checkpoint {path}: not an {FORMAT} manifest of version 1 or 2"
-        else:
-            diff = [k for k in ("vocab_size", "seq_len", "hidden", "num_heads", "num_layers", "ffn_hidden", "tied")
-                    if manifest["config"].get(k) != model.cfg.to_dict()[k]]
-            err = f"checkpoint {path}: model shape differs: {diff}" if diff else None
-    except (OSError, ValueError) as exc:
-        err = f"checkpoint {path}: no readable {MANIFEST} (missing directory or an incomplete save): {exc}"
+    view of this rank. Returns (the saved `extra`, this rank's `rank_state` or None: only on the
+    same world size and layout)."""
+
+    manifest, err = cf.read_manifest(path, model.cfg)
     ctx.agree(err)
     zero = bool(manifest.get("zero"))
-    specs = [s for s in ctx.specs]
+    specs = list(ctx.specs)
     names = sorted({s.name for s in specs})
     missing = [n for n in names if n not in manifest["tensors"]]
     ctx.agree(f"checkpoint {path}: no tensor {missing[0]} in the manifest" if missing else None)
-    meta_file = "meta.json" if manifest["version"] >= 2 else META  # plain checkpoints since version 2
-    needed = {meta_file}
+    meta_file = cf.META if manifest["version"] >= 2 else cf.LEGACY_META
+    same_layout = manifest.get("world_size") == ctx.size and manifest.get("layout") == ctx.layout
+    rank_file = manifest.get("rank_files", {}).get(str(ctx.rank)) if same_layout else None
+    needed = {meta_file} | ({rank_file} if rank_file else set())
     for n in names:
         e = manifest["tensors"][n]
         needed |= {f for fs in e["holders"].values() for f in fs} if zero else set(e["files"].values())
-    ctx.agree(next((e for e in (_verify(path, f, manifest["files"].get(f)) for f in sorted(needed)) if e), None))
-    err, values = None, {}
+    ctx.agree(next((e for e in (cf.verify(path, f, manifest["files"].get(f)) for f in sorted(needed)) if e), None))
+    err, values, files = None, {}, {}
     try:
-        files = {f: torch.load(os.path.join(path, f), map_location="cpu", weights_only=f != META)
-                 for f in needed if f != "meta.json"}
-        if meta_file == "meta.json":
-            with open(os.path.join(path, meta_file)) as f:
-                files[meta_file] = json.load(f)
+        for f in sorted(needed):
+            files[f] = cf.read_meta_json(path, f) if f == cf.META else cf.torch_load(path, f)
         values = {n: _full(n, manifest["tensors"][n], files, zero) for n in names}
+    except MpiparError as exc:
+        err = str(exc)
     except Exception as exc:  # noqa: BLE001 - reported on every rank
         err = f"checkpoint {path}: cannot load: {type(exc).__name__}: {exc}"
     ctx.agree(err)
@@ -250,8 +237,9 @@ def load(model, optimizer, path: str, ctx):
     meta = files[meta_file]
     if optimizer is not None:
         for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
-            group.update(saved)
-    return meta["extra"]
+            group.update({k: tuple(v) if isinstance(group.get(k), tuple) and isinstance(v, list) else v
+                          for k, v in saved.items()})
+    return meta["extra"], (files[rank_file] if rank_file else None)
 
 
 def _apply_sharded(model, optimizer, local: dict) -> None:

@@ -87,8 +87,8 @@ class ShardedBuckets:
             nb, tb = [], []
             for f in b.fragments:
                 s = specs[id(b.params[f.index])]
-                replica = s.sharded and self.tp.rank % getattr(s, "replicas", 1)  # a copy of a grouped K/V part
-                if s.primary and (s.sharded or self.tp.rank == 0) and not replica:
+                counted = s.sharded or self.tp.rank == 0
+                if s.primary and counted and not (s.sharded and self.tp.rank % s.replicas):  # one K/V copy
                     nb.append((f.shard_lo, f.shard_hi))
                 if s.sp_reduce:
                     tb.append((f.shard_lo, f.shard_hi))
@@ -231,6 +231,16 @@ class ShardedBuckets:
         if self.zero == 3:
             return
         wait([post(lambda s, o: self.group.comm.Iallgather(s, o), None, b.full) for b in self.buckets])
+
+    @torch.no_grad()
+    def params_written(self) -> None:
+        """The parameters were set from outside (inside `gathered()` for ZeRO-3): refresh this
+        rank's shards and master weights from them."""
+        for b in self.buckets:
+            if self.zero == 3:
+                b.shard.copy_(b.full[b.lo:b.hi])
+            if b.separate_master:
+                b.master.copy_(b.shard)
 
     # ---- gradient norm -----------------------------------------------------------------------
     def grad_sq_sum(self) -> torch.Tensor:
