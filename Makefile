@@ -12,7 +12,7 @@ MPIFLAGS ?=
 PYTEST_MPI := $(PY) -m pytest --with-mpi -q -p no:randomly --timeout=600
 TORCH_PIN := torch==2.13.0
 
-.PHONY: help install test test-unit test-mpi test-jobs run bench lint clean
+.PHONY: help install test test-unit test-mpi test-gpu test-jobs run bench lint clean
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,7 +30,7 @@ ifeq ($(MPI),system)
 else
 	$(PIP) install -q mpich mpi4py
 endif
-	$(PIP) install -q $(TORCH_PIN) numpy h5py matplotlib pandas tqdm pytest pytest-mpi pytest-timeout
+	$(PIP) install -q $(TORCH_PIN) numpy h5py matplotlib pandas tqdm pytest pytest-mpi pytest-timeout transformers safetensors
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	@$(PY) -c "import mpi4py.MPI as M, torch, h5py; print('installed:', M.Get_library_version().splitlines()[0], '| torch', torch.__version__)"
 	@touch $(VENV)/.installed
@@ -47,6 +47,13 @@ test-mpi: $(VENV)/.installed  ## pytest-mpi suite under mpiexec -n 1, 2, 3, 4
 	  echo "== mpiexec -n $$n =="; \
 	  timeout 900 $(MPIEXEC) $(MPIFLAGS) -n $$n $(PYTEST_MPI) tests/mpi; \
 	done
+
+test-gpu: $(VENV)/.installed  ## the CUDA tests (marked cuda) at 1 and 2 ranks; they skip without a GPU
+	@set -e; for n in 1 2; do \
+	  echo "== mpiexec -n $$n (cuda) =="; \
+	  timeout 480 $(MPIEXEC) $(MPIFLAGS) -n $$n $(PYTEST_MPI) -m cuda -rs tests/mpi; \
+	done
+	$(PY) -m pytest -q -m cuda -rs --timeout=300 tests/unit
 
 test-jobs: $(VENV)/.installed  ## submit the SLURM and PBS job scripts to a local SLURM cluster (needs root)
 	$(PY) -m pytest -q -m jobs --timeout=900 tests/jobs

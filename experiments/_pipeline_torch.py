@@ -16,7 +16,7 @@ from torch import nn
 from mpipar.pipeline import partition
 from mpipar.trace import ActivationMeter
 
-from _common import init_gloo  # noqa: E402
+from _common import init_gloo
 
 LOSS = nn.functional.mse_loss
 TORCH = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved-1f1b": "ScheduleInterleaved1F1B",

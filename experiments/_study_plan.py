@@ -53,6 +53,10 @@ def default_plan(np: int = 4) -> list[Driver]:
                {"--quick": True, "--methods": "serial,ring-zigzag,ulysses"}, 100),
         Driver("gpt", "experiments/train_gpt.py", "train_gpt.h5",
                {**gpt_layout, "--steps": 6, "--warmup": 2}, {"--quick": True, "--steps": 3}, 100),
+        # ZeRO memory sweep only (~40 s at NP=4); the step-time benchmark is experiments/zero.py alone
+        Driver("zero", "experiments/zero.py", "zero.h5",
+               {"--sweep-only": True, "--hidden": 128, "--layers": 2, "--batch": 8},
+               {"--sweep-only": True, "--quick": True}, 90),
     ]
 
 

@@ -102,11 +102,11 @@ class Run:
         if self.rows is None:
             return None
         cols = read_results(self.cfg.out, TABLE)
-        mine = sorted((int(s), float(l), float(t), int(r)) for n, s, l, t, r in zip(
-            cols["layout"].astype(str), cols["step"], cols["loss"], cols["step_s"], cols["max_rss_bytes"])
-            if n == self.name)
+        mine = sorted((int(s), float(l), float(t), int(r), int(a)) for n, s, l, t, r, a in zip(
+            cols["layout"].astype(str), cols["step"], cols["loss"], cols["step_s"], cols["max_rss_bytes"],
+            cols["max_activation_peak_bytes"]) if n == self.name)
         if not mine:
             return None
-        timed = [t for _, _, t, _ in mine][warmup:] or [t for _, _, t, _ in mine]
+        timed = [m[2] for m in mine][warmup:] or [m[2] for m in mine]
         return {"first_loss": mine[0][1], "last_loss": mine[-1][1], "step_s": statistics.median(timed),
-                "max_rss_bytes": max(r for *_, r in mine)}
+                "max_rss_bytes": max(m[3] for m in mine), "max_activation_peak_bytes": max(m[4] for m in mine)}

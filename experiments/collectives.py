@@ -47,21 +47,17 @@ import dataclasses
 import datetime
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+from mpi4py import MPI
 
-import numpy as np  # noqa: E402
-from mpi4py import MPI  # noqa: E402
-
-import mpipar  # noqa: E402
-from mpipar import comm as C  # noqa: E402
-from mpipar import trace  # noqa: E402
-from mpipar.errors import MpiparError, install_abort_on_exception, require  # noqa: E402
-from _collectives_impl import ALGO_OPS, DTYPES, IMPLS, OPS, PASSES, element_count, measure_size  # noqa: E402
-from _collectives_report import human, print_report, verdicts  # noqa: E402
-from _common import init_gloo  # noqa: E402
+import mpipar
+from mpipar import comm as C
+from mpipar import trace
+from mpipar.errors import MpiparError, install_abort_on_exception, require
+from _collectives_impl import ALGO_OPS, DTYPES, IMPLS, OPS, PASSES, element_count, measure_size
+from _collectives_report import human, print_report, verdicts
+from _common import init_gloo
 
 TABLE = "collectives"
 DEFAULT_IMPLS = ("mpi", "ring", "auto", "auto_sym", "sym_inplace", "mpi4py", "mpi4py_inplace", "gloo",

@@ -23,27 +23,23 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+import torch
+from mpi4py import MPI
+from torch import nn
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from mpi4py import MPI  # noqa: E402
-from torch import nn  # noqa: E402
+from mpipar import device as mdevice
+from mpipar.comm.wait import wait_all
+from mpipar.errors import MpiparError, install_abort_on_exception
+from mpipar.mesh import Group
+from mpipar.pipeline import PipelineRunner, partition, simulate
+from mpipar.pipeline.schedules import check_args
+from mpipar.trace import ResultsWriter, Tracer, provenance
 
-from mpipar import device as mdevice  # noqa: E402
-from mpipar.comm.wait import wait_all  # noqa: E402
-from mpipar.errors import MpiparError, install_abort_on_exception  # noqa: E402
-from mpipar.mesh import Group  # noqa: E402
-from mpipar.pipeline import PipelineRunner, partition, simulate  # noqa: E402
-from mpipar.pipeline.schedules import check_args  # noqa: E402
-from mpipar.trace import ResultsWriter, Tracer, provenance  # noqa: E402
-
-from _pipeline_torch import TORCH, init_torch, run_torch  # noqa: E402
+from _pipeline_torch import TORCH, init_torch, run_torch
 
 TABLE = "pipeline"
 UNITS = {"time_s": "s", "f_s": "s", "b_s": "s", "w_s": "s", "comm_s": "s", "makespan_s": "s",

@@ -21,25 +21,21 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from mpi4py import MPI  # noqa: E402
-
-from mpipar import device as mdevice  # noqa: E402
-from mpipar.comm.wait import wait_all  # noqa: E402
-from mpipar.errors import install_abort_on_exception  # noqa: E402
-from _common import init_gloo, prefix_groups, print_table, setup_threads  # noqa: E402
-from mpipar.mesh import Group  # noqa: E402
-from mpipar.sequence import ring_attention, ulysses_attention  # noqa: E402
-from mpipar.sequence.layout import num_chunks  # noqa: E402
-from mpipar.trace import (ActivationMeter, ResultsWriter, Tracer, provenance, read_results,  # noqa: E402
+from mpipar import device as mdevice
+from mpipar.comm.wait import wait_all
+from mpipar.errors import install_abort_on_exception
+from _common import init_gloo, prefix_groups, print_table, setup_threads
+from mpipar.mesh import Group
+from mpipar.sequence import ring_attention, ulysses_attention
+from mpipar.sequence.layout import num_chunks
+from mpipar.trace import (ActivationMeter, ResultsWriter, Tracer, provenance, read_results,
                           write_table)
 
 TABLE = "sequence_parallel"

@@ -23,26 +23,22 @@ import contextlib
 import dataclasses
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from mpi4py import MPI
 
-import torch  # noqa: E402
-from mpi4py import MPI  # noqa: E402
-
-import mpipar.comm  # noqa: E402
-import mpipar.comm.autograd as region_ops  # noqa: E402
-from mpipar import models  # noqa: E402
-from mpipar.comm.wait import wait_all  # noqa: E402
-from mpipar.errors import install_abort_on_exception  # noqa: E402
-from _common import init_gloo, prefix_groups, print_table, setup_threads  # noqa: E402
-from mpipar.mesh import Group, as_group  # noqa: E402
-from mpipar.models.serial import merge_heads, split_heads  # noqa: E402
-from mpipar.tensor import ParallelMLP, ParallelSelfAttention  # noqa: E402
-from mpipar.trace import ActivationMeter, ResultsWriter, Tracer, provenance, read_results  # noqa: E402
+import mpipar.comm
+import mpipar.comm.autograd as region_ops
+from mpipar import models
+from mpipar.comm.wait import wait_all
+from mpipar.errors import install_abort_on_exception
+from _common import init_gloo, prefix_groups, print_table, setup_threads
+from mpipar.mesh import Group, as_group
+from mpipar.layers.heads import merge_heads, split_heads
+from mpipar.tensor import ParallelMLP, ParallelSelfAttention
+from mpipar.trace import ActivationMeter, ResultsWriter, Tracer, provenance, read_results
 
 TABLE = "tensor_parallel"
 METHODS = ("serial", "mpipar", "mpipar-sp", "torch")

@@ -5,6 +5,8 @@
     mpiexec -n 4 python experiments/train_gpt.py --layouts all --steps 12   # the 8 layouts of 4 ranks
     mpiexec -n 4 python experiments/train_gpt.py --tp 2 --pp 2 --steps 20 --save ckpt/
     mpiexec -n 4 python experiments/train_gpt.py --tp 1 --pp 4 --steps 40 --resume ckpt/  # any layout
+    mpiexec -n 4 python experiments/train_gpt.py --model llama-tiny --data tokens.bin --tp 2 --sp 2
+    mpiexec -n 4 python experiments/train_gpt.py --init-from hf_folder/ --data tokens.bin --seq 256
 
 Preemptible: SIGTERM or SIGUSR1 finishes the step in hand, saves into --save
 (ckpt/step-NNNNNN/, atomic; --save-every K also every K steps, --keep N newest
@@ -14,7 +16,8 @@ on the same layout every later loss equals the uninterrupted run's. The rows
 of /results/train_gpt are written one per step (a killed run keeps them).
 
 AdamW with gradient clipping by the global norm (--max-grad-norm), optional
-bf16 autocast (--bf16) and activation checkpointing (--checkpointing). The
+bf16 autocast (--bf16), activation checkpointing (--checkpointing) and ZeRO
+sharding over dp (--zero 1|2|3). The
 default model has about 1M parameters (hidden 144, 4 layers, 4 heads, sequence
 64, the corpus' 64-character vocabulary). Per step: loss, step time, tokens/s
 and every rank's memory (RSS, autograd-saved activation bytes, device bytes)
@@ -38,7 +41,9 @@ from mpi4py import MPI  # noqa: E402
 import mpipar  # noqa: E402
 from mpipar import models  # noqa: E402
 from mpipar.errors import install_abort_on_exception, require  # noqa: E402
+from mpipar.plan import runs as plan_runs  # noqa: E402
 from mpipar.trace import Tracer, write_table  # noqa: E402
+from _model_source import Source  # noqa: E402
 from _train_resume import Run  # noqa: E402  (experiments/: checkpoints, signals, rows)
 
 LAYOUTS_4 = [(1, 1, 1, 4), (1, 4, 1, 1), (1, 1, 4, 1), (4, 1, 1, 1),
@@ -70,6 +75,7 @@ class Config:
     max_grad_norm: float | None = 1.0
     bf16: bool = False
     checkpointing: bool = False
+    zero: int = 0
     dtype: str = "float32"
     seed: int = 0
     warmup: int = 2
@@ -79,6 +85,12 @@ class Config:
     save_every: int = 0
     keep: int = 2
     out: str = "results/train_gpt.h5"
+    arch: str = "gpt2"     # gpt2 | llama (with the --hidden/--heads/--layers flags)
+    model: str = ""        # a preset (models.PRESETS: llama-tiny, llama-160m, gpt2-small, ...) or a JSON file
+    data: str = ""         # a token file (experiments/tokenize_text.py); default: the built-in corpus
+    data_dtype: str = "uint16"
+    init_from: str = ""    # a local Hugging Face save_pretrained folder (Llama or GPT-2)
+    plan_system: str = "local-cpu"  # mpipar.plan system file or name for the predicted-vs-measured columns
 
 
 def parse_args() -> Config:
@@ -121,13 +133,13 @@ def run_layout(cfg: Config, layout: tuple, corpus, world) -> dict:
     """Train one layout up to step cfg.steps; returns its summary row (complete on rank 0)."""
     dp, pp, sp, tp = layout
     mesh = mpipar.Mesh(tp=tp, pp=pp, sp=sp, dp=dp)
-    gcfg = models.GPTConfig(corpus.vocab_size, cfg.seq, cfg.hidden, cfg.heads, cfg.layers,
-                            tied=cfg.tied, seed=cfg.seed)
+    gcfg = corpus.config
     schedule = cfg.schedule if pp > 1 else "-"
     chunks = cfg.chunks if pp > 1 else 1
     model = models.GPT(gcfg, mesh, chunks, sp_mode=cfg.sp_mode, dtype=getattr(torch, cfg.dtype),
-                       activation_checkpointing=cfg.checkpointing)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+                       activation_checkpointing=cfg.checkpointing, zero=cfg.zero)
+    corpus.load_into(model)
+    opt = models.optimizer(model, torch.optim.AdamW, lr=cfg.lr, weight_decay=cfg.weight_decay)
     tracer = Tracer(mesh)
     name = f"dp{dp}-pp{pp}-sp{sp}-tp{tp}"
     run = Run(cfg, name, cfg.layouts == "all", mesh.world.comm, UNITS,
@@ -150,7 +162,8 @@ def run_layout(cfg: Config, layout: tuple, corpus, world) -> dict:
         mem = tracer.sample_memory(f"step {step}", step=step, layout=name)
         rss = mesh.world.comm.allreduce(mem["rss_bytes"], op=MPI.MAX)
         act = mesh.world.comm.allreduce(mem["activation_peak_bytes"], op=MPI.MAX)
-        row = {"layout": name, "dp": dp, "pp": pp, "sp": sp, "tp": tp, "schedule": schedule, "step": step,
+        row = {"layout": name, "arch": gcfg.arch, "dp": dp, "pp": pp, "sp": sp, "tp": tp, "schedule": schedule,
+               "step": step,
                "loss": loss, "step_s": dt, "tokens": cfg.batch * cfg.seq, "tokens_per_s": cfg.batch * cfg.seq / dt,
                "max_rss_bytes": rss, "max_activation_peak_bytes": act}
         run.record(row)
@@ -162,9 +175,12 @@ def run_layout(cfg: Config, layout: tuple, corpus, world) -> dict:
             break
     tracer.save(cfg.out, attrs={"experiment": "train_gpt", "config": dataclasses.asdict(cfg)})
     run.stop(signum)
-    stats = run.summary(cfg.warmup) or dict.fromkeys(("first_loss", "last_loss", "step_s", "max_rss_bytes"), 0.0)
-    return {"layout": name, "dp": dp, "pp": pp, "sp": sp, "tp": tp, "schedule": schedule,
-            "params": gcfg.num_params(), **stats, "tokens_per_s": cfg.batch * cfg.seq / (stats["step_s"] or float("inf"))}
+    stats = run.summary(cfg.warmup) or dict.fromkeys(("first_loss", "last_loss", "step_s", "max_rss_bytes",
+                                                      "max_activation_peak_bytes"), 0.0)
+    row = {"layout": name, "arch": gcfg.arch, "dp": dp, "pp": pp, "sp": sp, "tp": tp, "schedule": schedule,
+           "params": gcfg.num_params(), **stats, "tokens_per_s": cfg.batch * cfg.seq / (stats["step_s"] or float("inf"))}
+    row.update(plan_runs.train_gpt_prediction(gcfg, cfg, layout, row, tracer.spans))  # predicted vs measured
+    return row
 
 
 def main() -> None:
@@ -172,18 +188,18 @@ def main() -> None:
     cfg = parse_args()
     world = MPI.COMM_WORLD
     require(cfg.steps >= 1, "--steps must be at least 1")
-    corpus = models.CharCorpus(num_chars=200_000, seed=cfg.seed)
+    corpus = Source(cfg)
     summary = []
     for layout in layouts(cfg, world.Get_size()):
         summary.append(run_layout(cfg, layout, corpus, world))
     if world.rank == 0:
-        if len(summary) > 1:
-            write_table(cfg.out, "train_gpt_layouts", summary, UNITS)
+        write_table(cfg.out, "train_gpt_layouts", summary, {**UNITS, **plan_runs.UNITS})
         print(f"\n{'layout':<20}{'schedule':<18}{'tokens/s':>10}{'step s':>9}{'loss first':>12}"
               f"{'loss last':>11}{'max RSS MiB':>13}")
         for s in summary:
             print(f"{s['layout']:<20}{s['schedule']:<18}{s['tokens_per_s']:>10.0f}{s['step_s']:>9.3f}"
                   f"{s['first_loss']:>12.4f}{s['last_loss']:>11.4f}{s['max_rss_bytes'] / 2**20:>13.0f}")
+        print(plan_runs.format_predicted(summary))
         print(f"results: {cfg.out}")
 
 

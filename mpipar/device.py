@@ -6,7 +6,7 @@ import os
 
 import torch
 
-_thread_policy_set = False
+from .settings import current
 
 
 def node_comm(comm):
@@ -36,8 +36,6 @@ def is_oversubscribed(local_size: int) -> bool:
     return local_size > cores_on_node()
 
 
-_LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE",
-                    "PALS_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
 _noted_local_size: list[int] = []
 
 
@@ -49,11 +47,7 @@ def note_local_size(local_size: int) -> None:
 
 def local_size_from_env() -> int | None:
     """Ranks on this node as the launcher announced it (mpiexec/srun), or None."""
-    for var in _LOCAL_SIZE_VARS:
-        value = os.environ.get(var, "")
-        if value.isdigit():
-            return int(value)
-    return None
+    return current().local_size
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,7 +57,7 @@ def node_is_oversubscribed() -> bool:
     Never communicates (it is asked lazily from inside sub-group waits): the count
     comes from the launcher's environment, or from the last Mesh built.
     """
-    setting = os.environ.get("MPIPAR_POLITE")
+    setting = current().polite
     if setting is not None:
         return setting == "1"
     local = local_size_from_env() or (_noted_local_size[0] if _noted_local_size else 1)
@@ -84,19 +78,18 @@ def set_threads(local_size: int) -> int:
 
     OMP_NUM_THREADS or MPIPAR_THREADS set by the user win.
     """
-    global _thread_policy_set
-    user = os.environ.get("MPIPAR_THREADS") or os.environ.get("OMP_NUM_THREADS")
-    threads = int(user) if user else max(1, cores_on_node() // max(1, local_size))
+    s = current()
+    user = s.threads or s.omp_num_threads
+    threads = user if user else max(1, cores_on_node() // max(1, local_size))
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    _thread_policy_set = True
     return threads
 
 
 @functools.lru_cache(maxsize=None)
 def mpi_is_cuda_aware() -> bool:
     """MPIPAR_CUDA_AWARE=1|0|auto (default auto: ask the MPI library)."""
-    setting = os.environ.get("MPIPAR_CUDA_AWARE", "auto").lower()
+    setting = current().cuda_aware.lower()
     if setting in ("1", "true", "yes"):
         return True
     if setting in ("0", "false", "no"):
@@ -109,4 +102,4 @@ def mpi_is_cuda_aware() -> bool:
             return bool(query())
         except Exception:  # pragma: no cover
             pass
-    return "cuda" in MPI.Get_library_version().lower() and os.environ.get("MPIR_CVAR_ENABLE_GPU", "1") != "0"
+    return "cuda" in MPI.Get_library_version().lower() and current().mpir_enable_gpu != "0"

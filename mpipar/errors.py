@@ -28,7 +28,13 @@ def agree(comm, local_error: str | None) -> None:
     The message of the lowest failing rank is used on all ranks. Costs one
     allgather of small Python objects: use it for set-up checks, not hot paths.
     """
-    errors = comm.allgather(local_error)
+    from .flight.recorder import begin, channel_of, done
+
+    slot = begin(channel_of(comm), "agree")
+    try:
+        errors = comm.allgather(local_error)
+    finally:
+        done(slot)
     for rank, err in enumerate(errors):
         if err is not None:
             raise MpiparError(err if comm.Get_size() == 1 else f"{err} (reported by rank {rank})")
@@ -45,33 +51,101 @@ def agree_ints(comm, values, describe) -> np.ndarray:
 
     v = np.asarray(values, dtype=np.int64)
     both = np.concatenate([v, -v])
-    comm.Allreduce(MPI.IN_PLACE, both, op=MPI.MAX)
+    from .flight.recorder import begin, channel_of, done
+
+    slot = begin(channel_of(comm), "agree")
+    try:
+        comm.Allreduce(MPI.IN_PLACE, both, op=MPI.MAX)
+    finally:
+        done(slot)
     vmax, vmin = both[: len(v)], -both[len(v):]
     if not np.array_equal(vmax, vmin):
         raise MpiparError(describe(vmin, vmax))
     return vmax
 
 
+_HOOK_MARK = "_mpipar_abort_hook"
+
+
 def install_abort_on_exception() -> None:
-    """Make an unhandled exception on any rank abort the whole MPI job (no deadlock).
+    """Make an unhandled exception on any rank, in any thread, abort the whole MPI job.
 
-    Equivalent to running under `python -m mpi4py`. Called by experiment drivers.
+    Sets sys.excepthook and threading.excepthook to hooks that first call the hooks
+    they replace (the traceback is printed as usual), then write the flight record
+    (mpipar.flight) and abort every rank (abort_job). Idempotent: installing twice
+    keeps one hook. Every `Mesh` installs it (MPIPAR_ABORT_ON_ERROR=0 opts out); the
+    experiment drivers also call it directly. A one-rank job is left to exit as usual.
     """
-    previous = sys.excepthook
+    import threading
 
-    def hook(exc_type, exc, tb):
-        previous(exc_type, exc, tb)
-        sys.stderr.flush()
+    if not getattr(sys.excepthook, _HOOK_MARK, False):
+        previous = sys.excepthook
+
+        def hook(exc_type, exc, tb):
+            previous(exc_type, exc, tb)
+            _abort_on(f"unhandled {exc_type.__name__} in the main thread: {exc}")
+
+        setattr(hook, _HOOK_MARK, True)
+        hook.previous = previous
+        sys.excepthook = hook
+    if not getattr(threading.excepthook, _HOOK_MARK, False):
+        previous_thread = threading.excepthook
+
+        def thread_hook(args):
+            previous_thread(args)
+            if args.exc_type is SystemExit:  # a thread's normal way out
+                return
+            name = args.thread.name if args.thread is not None else "?"
+            _abort_on(f"unhandled {args.exc_type.__name__} in thread {name}: {args.exc_value}")
+
+        setattr(thread_hook, _HOOK_MARK, True)
+        thread_hook.previous = previous_thread
+        threading.excepthook = thread_hook
+
+
+def _job_size() -> int:
+    """World size of a running MPI job, 0 when MPI is not running (never initialises MPI)."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    try:
+        if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
+            return 0
+        return mpi.COMM_WORLD.Get_size()
+    except Exception:  # pragma: no cover - best effort
+        return 0
+
+
+def _abort_on(message: str) -> None:
+    sys.stderr.flush()
+    if _job_size() > 1:
         try:
-            from mpi4py import MPI
+            from .flight.job import on_fatal
 
-            if MPI.Is_initialized() and not MPI.Is_finalized() and MPI.COMM_WORLD.Get_size() > 1:
-                unlink_mapped_shm()
-                MPI.COMM_WORLD.Abort(1)
-        except Exception:  # pragma: no cover - best effort
+            on_fatal(message)
+        except Exception:  # pragma: no cover - the abort matters more than the record
             pass
+        abort_job(1)
 
-    sys.excepthook = hook
+
+def abort_job(code: int = 1) -> None:
+    """End every rank of the MPI job now: MPI_Abort (after unlinking the MPI library's shared
+    memory files this process maps). Callable from any thread; if MPI has not ended the
+    process within 10 s, os._exit(code) ends this one (the launcher then ends the rest)."""
+    import threading
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # pragma: no cover
+            pass
+    fallback = threading.Timer(10.0, os._exit, (code,))
+    fallback.daemon = True
+    fallback.start()
+    try:
+        if _job_size() > 1:
+            unlink_mapped_shm()
+            sys.modules["mpi4py.MPI"].COMM_WORLD.Abort(code)
+    finally:
+        os._exit(code)
 
 
 def unlink_mapped_shm(prefix: str = "/dev/shm/mpich_") -> list[str]:

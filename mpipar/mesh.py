@@ -6,12 +6,13 @@ parallel layer is handed the Group it works on.
 """
 from __future__ import annotations
 
-import json
-
 import torch
 
 from . import device as _device
+from . import settings as _settings
 from .errors import MpiparError
+from .flight import job as _flight_job
+from .flight.recorder import register, world_ranks
 
 DIMS = ("tp", "sp", "dp", "pp")  # fastest-varying first
 
@@ -30,6 +31,10 @@ class Group:
         self.size = comm.Get_size()
         self._p2p = None
         self._oversubscribed = None
+        self.world_ranks = world_ranks(comm)  # the flight recorder's view (mpipar.flight)
+        self.flight_seq = 0
+        self.flight_p2p = 0
+        register(comm, self)
 
     @property
     def p2p(self):
@@ -96,6 +101,7 @@ class Mesh:
                 f"Mesh: tp*sp*dp*pp = {tp}*{sp}*{dp}*{pp} = {tp * sp * dp * pp} != world size {world_size}")
         self.shape = {"tp": tp, "sp": sp, "dp": dp, "pp": pp}
         self._comm = base.Dup()
+        self.settings = _settings.agree(self._comm)  # read once per Mesh, equal on every rank
         rank = self._comm.Get_rank()
         self.coords = self._coords_of(rank)
         self.world = Group(self._comm, "world")
@@ -107,6 +113,7 @@ class Mesh:
         _device.note_local_size(local_size)
         self.threads = _device.set_threads(local_size)
         self.device: torch.device = _device.pick_device(local_rank)
+        _flight_job.install(self._comm)  # abort on error, watchdog, flight record (once per process)
 
     def _coords_of(self, rank: int) -> dict:
         coords = {}
@@ -124,9 +131,6 @@ class Mesh:
         c = dict(self.coords)
         c[dim] = 0
         return self.rank_of(**c)
-
-    def to_json(self) -> str:
-        return json.dumps(self.shape)
 
     def __repr__(self) -> str:
         return f"Mesh({self.shape}, coords={self.coords})"

@@ -12,14 +12,39 @@ initialise MPI in the pytest process.
   fail on every rank together. A rank that asserts and leaves a test while the
   others go on into the next collective would hang the job, so MPI tests that
   compare inside loops of collectives record with `checks` and call `checks.finish()`.
-- `requires_cuda`: skipif marker for CUDA-only tests.
+- `requires_cuda`: decorator for CUDA-only tests: marked `cuda`, skipped without a GPU.
+- `_settings_follow_env` (autouse): mpipar reads MPIPAR_* once (mpipar.settings); a test that
+  sets one with `monkeypatch.setenv`/`delenv` gets the settings re-read at once, and again
+  after the environment is restored.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def requires_cuda(test):
+    """Mark a test `cuda` (selected by `make test-gpu`) and skip it without a GPU."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
+
+
+@pytest.fixture(autouse=True)
+def _settings_follow_env(monkeypatch):
+    from mpipar import settings
+
+    setenv, delenv = monkeypatch.setenv, monkeypatch.delenv
+
+    def set_and_reload(*args, **kwargs):
+        setenv(*args, **kwargs)
+        settings.reload()
+
+    def del_and_reload(*args, **kwargs):
+        delenv(*args, **kwargs)
+        settings.reload()
+
+    monkeypatch.setenv, monkeypatch.delenv = set_and_reload, del_and_reload
+    yield
+    monkeypatch.undo()
+    settings.reload()
 
 
 @pytest.fixture

@@ -115,3 +115,25 @@ def bar_plot(df: pd.DataFrame, x: str, y: str, path, title: str = "", ylabel: st
     ax.grid(True, axis="y", alpha=0.3)
     return save_figure(fig, path)
 
+
+
+def predicted_plot(df: pd.DataFrame, measured: str, predicted: str, label: str, path, title: str = "",
+                   unit: str = "s"):
+    """Predicted against measured, one labelled point per row, with the y = x line."""
+    if df is None or df.empty or measured not in df.columns or predicted not in df.columns:
+        return None
+    d = df[[label, measured, predicted]].dropna()
+    if d.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(5.6, 5.0))
+    ax.scatter(d[measured], d[predicted])
+    for _, r in d.iterrows():
+        ax.annotate(str(r[label]), (r[measured], r[predicted]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    lo = min(d[measured].min(), d[predicted].min()) * 0.8
+    hi = max(d[measured].max(), d[predicted].max()) * 1.2
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="predicted = measured")
+    ax.set(xlim=(lo, hi), ylim=(lo, hi), xlabel=f"measured ({unit})", ylabel=f"predicted ({unit})", title=title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)

@@ -254,10 +254,18 @@ def train_gpt(df: pd.DataFrame, out: Path) -> Result:
 
 @recipe("train_gpt_layouts")
 def train_gpt_layouts(df: pd.DataFrame, out: Path) -> Result:
-    """Tokens/s per dp x pp x sp x tp layout; the fastest layout vs pure data parallelism."""
+    """Tokens/s per dp x pp x sp x tp layout; the fastest layout vs pure data parallelism; the
+    planner's predicted step time against the measured one (when the table has it)."""
     res = Result()
     res.figures.append(figures.bar_plot(df, "layout", "tokens_per_s", out / "train_gpt_layouts.png",
                                         title="GPT tokens/s per layout (dp-pp-sp-tp)", ylabel="tokens/s"))
+    if "pred_step_s" in df.columns and df["pred_step_s"].notna().any():
+        res.figures.append(figures.predicted_plot(df, "step_s", "pred_step_s", "layout",
+                                                  out / "train_gpt_predicted.png",
+                                                  title="step time: mpipar.plan vs measured"))
+        err = (df["pred_step_s"] / df["step_s"] - 1).abs().dropna()
+        res.headlines.append(headline("step time prediction, mean |predicted / measured - 1|", err.mean(), "",
+                                      better="lower"))
     best = df.loc[df["tokens_per_s"].idxmax()]
     dp_only = df[(df["pp"] == 1) & (df["sp"] == 1) & (df["tp"] == 1)]
     if len(dp_only):

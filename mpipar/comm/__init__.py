@@ -4,7 +4,7 @@ from .autograd import (copy_to_region, gather_from_region, gather_from_sequence,
 from .collectives import all_gather, all_reduce, all_to_all, broadcast, reduce_scatter
 from .cost import bus_factor, cost, fit_alpha_beta
 from .p2p import Request, irecv, isend, recv, send
-from .symmetric import free_symmetric, is_symmetric, symmetric_empty
+from .symmetric.pool import free_symmetric, is_symmetric, symmetric_empty
 from .wait import wait, wait_all
 
 __all__ = [

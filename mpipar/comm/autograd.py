@@ -11,14 +11,14 @@ Each operator's backward is its adjoint: <op(x), y> == <x, op^T(y)>.
 
 Splits follow torch.tensor_split order (rank r keeps slice r); sizes need not divide.
 The all-reduces of copy_to_region (backward) and reduce_from_region (forward) run on
-a copy that is born in shared memory when that pays (mpipar.comm.activations).
+a copy that is born in shared memory when that pays (mpipar.comm.symmetric.activations).
 """
 from __future__ import annotations
 
 import torch
 
 from ..mesh import as_group
-from .activations import reduction_copy
+from .symmetric.activations import reduction_copy
 from .buffers import flat_chunks
 from .collectives import all_gather, all_reduce, reduce_scatter
 

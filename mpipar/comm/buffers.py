@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import MpiparError
-from .tuning import env
+from ..settings import current
 
 # torch dtype -> (dtype whose numpy view carries the bits, reducible by MPI natively)
 _CARRIER = {
@@ -90,7 +90,7 @@ def address_buffer(t: torch.Tensor):
     """[raw memory, MPI datatype] of a contiguous non-empty CPU tensor, for a plain buffer
     argument (not inside a vector spec): skips the numpy round trip on latency-bound calls.
     Cached by (address, bytes, dtype): a buffer object only names memory (it owns none), so
-    one built for the same address and length is the same argument (2 us -> 0.3 per call)."""
+    one built for the same address and length is the same argument."""
     key = (t.data_ptr(), t.numel() * t.element_size(), t.dtype)
     spec = _ADDRESS.get(key)
     if spec is None:
@@ -107,8 +107,8 @@ _ADDRESS: dict = {}
 
 def blocking_buffer(t: torch.Tensor):
     """mpi_buffer(t) for a collective that completes before its caller returns (blocking, or
-    waited at once) while `t` is alive: a contiguous CPU tensor's memory by address (0.3 us
-    against 2.8 for a numpy view per buffer). Such a buffer does not keep `t` alive, so it
+    waited at once) while `t` is alive: a contiguous CPU tensor's memory by address
+    (cheaper than a numpy view per buffer). Such a buffer does not keep `t` alive, so it
     is never for a request left pending."""
     if t.is_cpu and t.numel() and t.is_contiguous():
         return address_buffer(t)
@@ -136,7 +136,7 @@ STAGING = StagingPool()
 
 def staging_forced() -> bool:
     """MPIPAR_FORCE_STAGING=1 (test-only): every tensor passes through host staging buffers."""
-    return env("MPIPAR_FORCE_STAGING") == "1"
+    return current().force_staging == "1"
 
 
 def needs_staging(t: torch.Tensor) -> bool:

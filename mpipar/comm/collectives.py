@@ -1,15 +1,15 @@
 """Collectives on torch tensors: all_reduce, all_gather, reduce_scatter, broadcast, all_to_all.
 
-algorithm="mpi" uses the MPI library's collective (mpipar.comm.native), "ring"
-the textbook ring on point-to-point (mpipar.comm.ring), "auto" picks by message
+algorithm="mpi" uses the MPI library's collective (mpipar.comm.backends.mpi), "ring"
+the textbook ring on point-to-point (mpipar.comm.backends.ring), "auto" picks by message
 size from the measured crossover (`tuning.choose`). Every call first agrees on
-its arguments across the group (mpipar.comm.validate), so bad input raises
+its arguments across the group (mpipar.comm.agreement.protocol), so bad input raises
 MpiparError on every rank and never hangs. For all_reduce, broadcast,
 reduce_scatter and all_gather that agreement is one fixed-size Allgather that
 also carries tensors of at most 4 KiB, which then finish locally
-(mpipar.comm.inline, inline_ops): one collective per small call. Every
+(mpipar.comm.agreement.inline, inline_ops): one collective per small call. Every
 agreement also carries the shared-memory entry exchange of symmetric tensors
-(mpipar.comm.shm). `validate=False` (all_reduce,
+(mpipar.comm.symmetric.collectives). `validate=False` (all_reduce,
 reduce_scatter) skips that agreement for callers whose arguments are
 consistent by construction, e.g. a backward whose shapes mirror a forward
 that was validated.
@@ -22,11 +22,15 @@ import torch
 
 from ..errors import MpiparError
 from ..mesh import as_group
-from . import inline, inline_ops, into, native, outputs, ring, shm, shm_entry, tuning
+from . import outputs, tuning
+from .agreement import inline, inline_ops, into
+from .backends import mpi as native, ring
+from .symmetric import collectives as shm, entry as shm_entry
 from .buffers import (blocking_buffer, flat_chunks, host_contiguous, needs_staging, offsets, reduce_dtype,
                       staging_forced)
-from .validate import BAD_DIM, agree, norm_dim, signature, validation_enabled
+from .agreement.protocol import BAD_DIM, agree, norm_dim, signature, validation_enabled
 from .wait import complete
+from ..flight.recorder import begin, done
 
 
 _NATIVE = (torch.float32, torch.float64, torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
@@ -58,54 +62,68 @@ def all_reduce(t: torch.Tensor, group, op: str = "sum", algorithm: str = "auto",
                validate: bool = True) -> torch.Tensor:
     """In place: every rank's `t` becomes the elementwise op over the group. Returns `t`."""
     g = as_group(group)
-    entry = None  # the shared-memory entry exchange, when the agreement already made it
-    if validate:
-        if g.size > 1 and validation_enabled():  # one Allgather: agreement, and small data too
-            entry = inline.agree_all_reduce(t, g, op, algorithm)
-            if entry is True:
-                return t
-        else:
-            _agree("all_reduce", g, t, op=op, algorithm=algorithm)
-    op = _bool_op(op, t.dtype)
-    if g.size == 1:
-        return t
-    if shm.all_reduce(t, g, op, algorithm, entry):  # symmetric tensor or algorithm="shm"/"hier"
-        return t
-    if t.is_cpu and t.dtype in _NATIVE and t.is_contiguous() and t.numel() and not staging_forced():
-        # fast path: zero copy, no staging (MPI writes t's memory by address)
-        if tuning.choose("all_reduce", algorithm, t.numel() * t.element_size(), g.size) == "mpi":
-            native.all_reduce_(g, t, op)
+    slot = begin(g, "all_reduce", t.dtype, t.shape, algorithm)
+    try:
+        entry = None  # the shared-memory entry exchange, when the agreement already made it
+        if validate:
+            if g.size > 1 and validation_enabled():  # one Allgather: agreement, and small data too
+                entry = inline.agree_all_reduce(t, g, op, algorithm)
+                if entry is True:
+                    return t
+            else:
+                _agree("all_reduce", g, t, op=op, algorithm=algorithm)
+        op = _bool_op(op, t.dtype)
+        if g.size == 1:
             return t
-    with host_contiguous(t) as h:
-        rd = reduce_dtype(h.dtype)
-        work = h if rd == h.dtype else h.to(rd)
-        flat = work.view(-1)
-        algo = tuning.choose("all_reduce", algorithm, flat.numel() * flat.element_size(), g.size)
-        if algo == "ring":
-            ring.all_reduce_(flat, g, flat_chunks(flat.numel(), g.size), op)
-        else:
-            native.all_reduce_(g, flat, op)
-        if work is not h:
-            h.copy_(work)
-    return t
+        if shm.all_reduce(t, g, op, algorithm, entry):  # symmetric tensor or algorithm="shm"/"hier"
+            return t
+        if t.is_cpu and t.dtype in _NATIVE and t.is_contiguous() and t.numel() and not staging_forced():
+            # fast path: zero copy, no staging (MPI writes t's memory by address)
+            if tuning.choose("all_reduce", algorithm, t.numel() * t.element_size(), g.size) == "mpi":
+                native.all_reduce_(g, t, op)
+                return t
+        with host_contiguous(t) as h:
+            rd = reduce_dtype(h.dtype)
+            work = h if rd == h.dtype else h.to(rd)
+            flat = work.view(-1)
+            algo = tuning.choose("all_reduce", algorithm, flat.numel() * flat.element_size(), g.size)
+            if algo == "ring":
+                ring.all_reduce_(flat, g, flat_chunks(flat.numel(), g.size), op)
+            else:
+                native.all_reduce_(g, flat, op)
+            if work is not h:
+                h.copy_(work)
+        return t
+    finally:
+        done(slot)
 
 
 def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *,
                out: torch.Tensor | None = None) -> torch.Tensor:
+    g = as_group(group)
+    slot = begin(g, "all_gather", t.dtype, t.shape, algorithm)
+    try:
+        return _all_gather(t, g, dim, algorithm, out=out)
+    finally:
+        done(slot)
+
+
+def _all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """Concatenation of every rank's `t` along `dim` (sizes along `dim` may differ per rank).
 
     `out` (keyword, not differentiable): write the result into this contiguous tensor of
     t's dtype and device, shaped like the result, and return it (torch's
     all_gather_into_tensor). When `t` IS this rank's slice of `out` (out.narrow(dim,
     offset of rank r, size of rank r)), the gather is in place: this rank's piece is not
-    copied (MPI_IN_PLACE; in shared memory only the peers' pieces move, see mpipar.comm.shm).
+    copied (MPI_IN_PLACE; in shared memory only the peers' pieces move, see mpipar.comm.symmetric.collectives).
     """
     if t.dim() == 0:  # one scalar per rank gathers to a vector of group size (as torch.distributed)
         return all_gather(t.reshape(1), group, 0, algorithm, out=out)
     g = as_group(group)
     d = norm_dim(dim, t.dim())
     code = into.code(t, out, d)
-    small = table = None  # table: the shared-memory entry exchange (mpipar.comm.shm)
+    small = table = None  # table: the shared-memory entry exchange (mpipar.comm.symmetric.collectives)
     if g.size > 1:  # one Allgather: agreement, sizes, and small pieces too
         small, sizes, table = inline_ops.agree_all_gather(t, g, d, algorithm, code, t if out is None else out)
     else:
@@ -167,6 +185,16 @@ def _all_gather_into(t, g, d: int, sizes: list[int], algorithm: str, out: torch.
 
 def reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algorithm: str = "auto", *,
                    validate: bool = True) -> torch.Tensor:
+    g = as_group(group)
+    slot = begin(g, "reduce_scatter", t.dtype, t.shape, algorithm)
+    try:
+        return _reduce_scatter(t, g, dim, op, algorithm, validate=validate)
+    finally:
+        done(slot)
+
+
+def _reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algorithm: str = "auto", *,
+                     validate: bool = True) -> torch.Tensor:
     """Rank r gets slice r (torch.tensor_split order) along `dim` of the elementwise op over ranks."""
     g = as_group(group)
     d = norm_dim(dim, t.dim())
@@ -204,6 +232,15 @@ def reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algori
 
 
 def broadcast(t: torch.Tensor, group, root: int = 0) -> torch.Tensor:
+    g = as_group(group)
+    slot = begin(g, "broadcast", t.dtype, t.shape)
+    try:
+        return _broadcast(t, g, root)
+    finally:
+        done(slot)
+
+
+def _broadcast(t: torch.Tensor, group, root: int = 0) -> torch.Tensor:
     """In place: every rank's `t` becomes root's `t`. Returns `t`."""
     g = as_group(group)
     r = root if isinstance(root, int) and 0 <= root < g.size else BAD_DIM
@@ -232,6 +269,15 @@ def _bcast(g, buf, root: int) -> None:
 
 
 def all_to_all(t: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
+    g = as_group(group)
+    slot = begin(g, "all_to_all", t.dtype, t.shape)
+    try:
+        return _all_to_all(t, g, scatter_dim, gather_dim)
+    finally:
+        done(slot)
+
+
+def _all_to_all(t: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
     """Split `t` into N chunks along scatter_dim, send chunk j to rank j, concat received along gather_dim."""
     g = as_group(group)
     sd, gd = norm_dim(scatter_dim, t.dim()), norm_dim(gather_dim, t.dim())
@@ -253,3 +299,9 @@ def all_to_all(t: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> tor
     out_shape[sd] //= g.size
     out_shape[gd] *= g.size
     return blocks.movedim(0, gd).reshape(out_shape).to(t.device)  # a view when sd == gd == 0
+
+
+for _public, _private in ((all_gather, _all_gather), (reduce_scatter, _reduce_scatter), (broadcast, _broadcast),
+                          (all_to_all, _all_to_all)):
+    _public.__doc__ = _private.__doc__  # the wrappers record the call (mpipar.flight); the bodies say what it does
+del _public, _private

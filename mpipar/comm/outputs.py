@@ -3,9 +3,8 @@
 torch has no caching allocator for CPU memory: every large `torch.empty` is a
 fresh mmap whose pages fault, and are zeroed by the kernel, on first touch,
 and freeing it hands them back to the OS. A collective that returns a fresh
-output pays that on every call. Measured with 2 ranks here, an MPICH
-all-gather into a fresh 16 MiB output took 4.0 ms; into a reused one it took
-1.6 ms. The difference was 0.9 ms already at 2 MiB.
+output pays that on every call, which at a few MiB costs more than the copy
+itself (results/TUNING.md).
 
 `empty(shape, dtype, device)` hands out a tensor over a pooled buffer. A buffer
 is free again once no tensor uses its memory: the storage's use count is back
@@ -25,7 +24,7 @@ import math
 
 import torch
 
-from .tuning import env
+from ..settings import current
 
 MIN_BYTES = 256 * 1024
 MAX_PER_SIZE = 64
@@ -96,8 +95,8 @@ class OutputPool:
 
 
 def idle_limit() -> int:
-    value = env("MPIPAR_OUTPUT_POOL_BYTES")
-    return int(value) if value else DEFAULT_IDLE_BYTES
+    value = current().output_pool_bytes
+    return DEFAULT_IDLE_BYTES if value is None else value
 
 
 POOL = OutputPool()

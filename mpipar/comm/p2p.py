@@ -12,6 +12,7 @@ import torch
 from ..errors import MpiparError
 from ..mesh import as_group
 from .buffers import mpi_buffer, needs_staging
+from ..flight.recorder import begin_p2p, done
 from .wait import wait_all, wait_status
 
 MAX_USER_TAG = 32767  # the MPI standard guarantees at least this
@@ -30,9 +31,11 @@ def _check_peer(peer: int, g, what: str) -> None:
 class Request:
     """A pending send or receive. `wait()` completes it; an irecv's wait returns the buffer."""
 
-    def __init__(self, mpi_request, tensor, staged=None, status=None, expected_bytes=None):
+    def __init__(self, mpi_request, tensor, staged=None, status=None, expected_bytes=None, group=None, peer=-1,
+                 op="send"):
         self._req, self._tensor, self._staged = mpi_request, tensor, staged
         self._status, self._expected = status, expected_bytes
+        self._group, self._peer, self._op = group, peer, op  # for the flight recorder
         self.done = False
 
     @property
@@ -41,10 +44,19 @@ class Request:
 
     def wait(self):
         if not self.done:
-            wait_all([self._req])
+            slot = self._record()
+            try:
+                wait_all([self._req])
+            finally:
+                done(slot)
             self.done = True
             self._finish()
         return self._tensor
+
+    def _record(self) -> int:
+        if self._group is None:
+            return -1
+        return begin_p2p(self._group, self._op, self._peer, self._tensor.dtype, self._tensor.shape)
 
     def test(self) -> bool:
         if not self.done and self._req.Test(self._status):
@@ -79,7 +91,7 @@ def isend(t: torch.Tensor, dst: int, group, tag: int = 0) -> Request:
     _check_peer(dst, g, "send: destination")
     buf = _send_view(t)
     req = g.comm.Isend(mpi_buffer(buf), dest=dst, tag=tag)
-    return Request(req, buf)
+    return Request(req, buf, group=g, peer=dst)
 
 
 def irecv(buf: torch.Tensor, src: int, group, tag: int = 0) -> Request:
@@ -100,7 +112,7 @@ def irecv(buf: torch.Tensor, src: int, group, tag: int = 0) -> Request:
     # Receive into a buffer one element larger would be needed to detect an over-long
     # message; MPI raises MPI_ERR_TRUNCATE for those, which we translate on wait.
     req = g.comm.Irecv(mpi_buffer(target), source=src, tag=tag)
-    return _RecvRequest(req, buf, staged, status, nbytes)
+    return _RecvRequest(req, buf, staged, status, nbytes, g, src if src >= 0 else -2, "recv")
 
 
 class _RecvRequest(Request):
@@ -108,10 +120,13 @@ class _RecvRequest(Request):
         from mpi4py import MPI
 
         if not self.done:
+            slot = self._record()
             try:
                 wait_status(self._req, self._status)
             except MPI.Exception as exc:
                 raise MpiparError(f"recv failed: {exc.Get_error_string()} (message larger than the buffer?)") from None
+            finally:
+                done(slot)
             self.done = True
             self._finish()
         return self._tensor

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 from ..device import node_is_oversubscribed
+from ..flight.recorder import UNKNOWN, begin, done
 
 _SPIN_TESTS = 50
 _MAX_SLEEP = 2e-4
@@ -28,10 +29,14 @@ def wait_all(requests) -> None:
         return
     if not reqs:
         return
-    if not node_is_oversubscribed():
-        MPI.Request.Waitall(reqs)
-        return
-    _poll(lambda: MPI.Request.Testall(reqs))
+    slot = begin(UNKNOWN, "wait")  # -1 (nothing recorded) inside a recorded call, the usual case
+    try:
+        if not node_is_oversubscribed():
+            MPI.Request.Waitall(reqs)
+            return
+        _poll(lambda: MPI.Request.Testall(reqs))
+    finally:
+        done(slot)
 
 
 def complete(g, name: str, *args, **kwargs) -> None:
@@ -41,10 +46,14 @@ def complete(g, name: str, *args, **kwargs) -> None:
     within 7 us of Allreduce here at 256 KiB-8 MiB, slower at five of six sizes, and within
     the run's noise at 16-64 MiB), else its non-blocking form ("I" + name: "Iallreduce")
     waited politely. Names, not closures: small calls run this on their hot path."""
-    if g.oversubscribed:
-        wait_all([getattr(g.comm, "I" + name[0].lower() + name[1:])(*args, **kwargs)])
-    else:
-        getattr(g.comm, name)(*args, **kwargs)
+    slot = begin(g, name)  # -1 (nothing recorded) inside an mpipar collective, which is recorded
+    try:
+        if g.oversubscribed:
+            wait_all([getattr(g.comm, "I" + name[0].lower() + name[1:])(*args, **kwargs)])
+        else:
+            getattr(g.comm, name)(*args, **kwargs)
+    finally:
+        done(slot)
 
 
 def wait(request) -> None:

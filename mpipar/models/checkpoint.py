@@ -6,10 +6,9 @@
     latest(run_dir)                                       # newest complete step folder, or None
     loaded = load_full(model, optimizer, run_dir)         # .extra, .path, .rank_state
 
-The files of a checkpoint folder are described in checkpoint_files.py. Atomic:
-everything is written into a hidden temporary folder next to the target, each
-file fsynced, the manifest last, the folder fsynced, renamed into place, the
-parent fsynced. A save killed at any moment (or failing on a full disk) leaves
+Files: see checkpoint_files.py. Atomic: written into a hidden temporary folder
+next to the target, each file fsynced, the manifest last, the folder fsynced,
+renamed into place, the parent fsynced. A save killed at any moment (or failing on a full disk) leaves
 the previous checkpoints as they were and no folder that `latest` or `load`
 would pick; the next `save_step` removes the leftovers of dead writers.
 
@@ -40,6 +39,7 @@ from .checkpoint_files import (FORMAT, LEGACY_META, MANIFEST, META, VERSION, cle
                                step_path, steps, temp_name, torch_load, verify, write_file)
 from .gpt import SerialGPT
 from .shards import serial_specs
+from .zero import checkpoint as zero_checkpoint
 
 __all__ = ["save", "load", "load_full", "save_step", "latest", "steps", "step_path", "Loaded"]
 PAUSE_ENV = "MPIPAR_CHECKPOINT_PAUSE_S"  # test hook: rank 0 sleeps this long with the shards written
@@ -111,6 +111,8 @@ def save(model, optimizer, path: str, extra=None, rank_state=None) -> str:
     returned to the same rank by `load_full` on the same world size and layout. An existing
     `path` is replaced. Raises MpiparError on every rank if any rank failed; then `path` is as before.
     """
+    if getattr(model, "zero", 0):
+        return zero_checkpoint.save(model, optimizer, path, extra)  # every rank writes its own shards
     ctx = _Ctx(model)
     path = os.path.abspath(path)
 
@@ -250,6 +252,8 @@ def load_full(model, optimizer, path: str) -> Loaded:
 
 
 def _load_one(ctx: _Ctx, model, optimizer, path: str) -> Loaded:
+    if getattr(model, "zero", 0) or zero_checkpoint.is_zero_checkpoint(path):  # ZeRO: its own shards
+        return Loaded(zero_checkpoint.load(model, optimizer, path, ctx), path)
     manifest, err = read_manifest(path, ctx.cfg)
     ctx.agree(err)
     try:

@@ -45,7 +45,8 @@ VERSIONS = (1, 2)  # version 1 kept its metadata in meta.pt (read here with weig
 MANIFEST = "manifest.json"
 META = "meta.json"
 LEGACY_META = "meta.pt"
-CONFIG_KEYS = ("vocab_size", "seq_len", "hidden", "num_heads", "num_layers", "ffn_hidden", "tied")
+CONFIG_KEYS = ("vocab_size", "seq_len", "hidden", "num_heads", "num_layers", "ffn_hidden", "tied", "arch",
+               "num_kv_heads")
 STEP = re.compile(r"^step-(\d+)$")
 LEFTOVER = re.compile(r"^\.(step-\d+)\.(tmp|old)-(.+)-(\d+)$")
 
@@ -209,6 +210,7 @@ def read_manifest(path: str, cfg):
         return None, f"checkpoint {path}: not an {FORMAT} manifest of version {VERSIONS}"
     saved, mine = manifest.get("config"), cfg.to_dict()
     saved = saved if isinstance(saved, dict) else {}
+    saved = {"arch": "gpt2", "num_kv_heads": saved.get("num_heads"), **saved}  # manifests before arch
     diff = [k for k in CONFIG_KEYS if saved.get(k) != mine[k]]
     if diff:
         return None, (f"checkpoint {path}: model shape differs: " +

@@ -70,3 +70,44 @@ class CharCorpus:
         starts = torch.randint(0, len(self.data) - seq_len - 1, (batch_size,), generator=gen)
         windows = torch.stack([self.data[s:s + seq_len + 1] for s in starts.tolist()])
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+class TokenFile:
+    """A flat binary file of token ids (nanoGPT / Megatron convention), read through a memmap.
+
+        data = TokenFile("train.bin", dtype="uint16")   # or "uint32" (vocabularies over 65536)
+        tokens, targets = data.batch(step, batch_size, seq_len, seed=0)
+
+    A batch is `batch_size` windows of seq_len + 1 consecutive ids at offsets
+    drawn from a generator seeded by (seed, step): the same on every rank, so
+    each rank takes its dp / sp share of the same batch (models.train_step).
+    """
+
+    DTYPES = ("uint16", "uint32")
+
+    def __init__(self, path: str, dtype: str = "uint16"):
+        import numpy as np
+
+        from ..errors import require
+
+        require(dtype in self.DTYPES, f"TokenFile: dtype must be one of {self.DTYPES}, got {dtype!r}")
+        self.path, self.dtype = path, dtype
+        self.data = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def max_id(self) -> int:
+        """Largest id in the file (reads it all)."""
+        return int(self.data.max()) if len(self.data) else -1
+
+    def batch(self, step: int, batch_size: int, seq_len: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, targets) int64 [batch_size, seq_len]: windows of the file and the same shifted by one."""
+        from ..errors import require
+
+        require(seq_len + 1 <= len(self.data),
+                f"TokenFile: seq_len {seq_len} needs at least {seq_len + 1} tokens, {self.path} has {len(self.data)}")
+        gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(step))
+        starts = torch.randint(0, len(self.data) - seq_len, (batch_size,), generator=gen).tolist()
+        windows = torch.stack([torch.from_numpy(self.data[s:s + seq_len + 1].astype("int64")) for s in starts])
+        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()

@@ -36,6 +36,7 @@ import torch
 
 from ..comm.buffers import mpi_buffer, needs_staging, reduce_dtype
 from ..comm.wait import wait_all
+from ..flight.recorder import begin, done
 from ..errors import MpiparError
 from ..mesh import as_group
 from .symmetric_buckets import SymmetricArena, choose
@@ -157,7 +158,11 @@ class GradBuckets:
             self._launch(self.buckets[self._next])
         if self.arena is not None:
             self.arena.reduce()  # collective, same runs in the same order on every rank
-        wait_all([b.request for b in self.buckets if b.request is not None])
+        slot = begin(self.group, "gradient buckets")  # the watchdog's view of this wait (mpipar.flight)
+        try:
+            wait_all([b.request for b in self.buckets if b.request is not None])
+        finally:
+            done(slot)
         scale = 1.0 / self.group.size if self.average else 1.0
         with torch.no_grad():
             for b in self.buckets:

@@ -4,21 +4,22 @@
     model = SerialGPT(cfg)              # what models.GPT(cfg) returns
     logits = model(tokens)              # tokens [B, seq] -> logits [B, seq, vocab]
 
-Architecture (GPT-2 style, no dropout): token + learned position embedding,
-`num_layers` pre-LN blocks ``x + attn(ln1(x))``, ``x + mlp(ln2(x))`` with the
-causal models.SelfAttention and models.MLP, a final LayerNorm and a bias-free
-head (its own weight, or the token embedding's with ``tied=True``).
+Architecture (no dropout): a token embedding, `num_layers` pre-norm blocks
+``x + attn(ln1(x))``, ``x + mlp(ln2(x))``, a final norm and a bias-free head
+(its own weight, or the token embedding's with ``tied=True``).
+arch "gpt2": learned position embedding, LayerNorm, models.SelfAttention and
+models.MLP. arch "llama": models.GQAttention (rotary positions, grouped K/V
+heads), models.SwiGLU and models.RMSNorm, no biases, no position embedding.
 
 Initialisation is deterministic from `cfg.seed` and independent of any layout:
 the embeddings, every block and the head each draw from their own
 torch.Generator seeded by `component_seed(cfg.seed, name)`, so a pipeline stage
 can build only its own layers and still hold exactly the serial numbers.
-GPT-2's scheme: weights N(0, 0.02), residual projections (attn.proj, mlp.fc2)
-N(0, 0.02/sqrt(2*num_layers)), biases 0, LayerNorm 1 and 0.
+GPT-2's scheme for both archs: weights N(0, 0.02), residual projections
+(attn.proj, mlp.fc2 / mlp.down) N(0, 0.02/sqrt(2*num_layers)), biases 0, norms 1 and 0.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import zlib
 
@@ -28,46 +29,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import require
-from .serial import MLP, SelfAttention
+from .config import GPTConfig
+from .serial import MLP, GQAttention, RMSNorm, SelfAttention, SwiGLU
 
 INIT_STD = 0.02
-
-
-@dataclasses.dataclass
-class GPTConfig:
-    """Shape of a GPT. ffn_hidden=None means 4*hidden; tied=True shares the head with tok_emb."""
-
-    vocab_size: int
-    seq_len: int
-    hidden: int
-    num_heads: int
-    num_layers: int
-    ffn_hidden: int | None = None
-    seed: int = 0
-    tied: bool = False
-
-    def __post_init__(self):
-        for name in ("vocab_size", "seq_len", "hidden", "num_heads", "num_layers"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                    f"GPTConfig: {name} must be a positive int, got {value!r}")
-        if self.ffn_hidden is None:
-            self.ffn_hidden = 4 * self.hidden
-        require(isinstance(self.ffn_hidden, int) and self.ffn_hidden > 0,
-                f"GPTConfig: ffn_hidden must be a positive int, got {self.ffn_hidden!r}")
-        require(self.hidden % self.num_heads == 0,
-                f"GPTConfig: hidden {self.hidden} is not divisible by num_heads {self.num_heads}")
-        require(isinstance(self.seed, int), f"GPTConfig: seed must be an int, got {self.seed!r}")
-        require(isinstance(self.tied, bool), f"GPTConfig: tied must be a bool, got {self.tied!r}")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def num_params(self) -> int:
-        """Parameter count of the serial model."""
-        h, f, v, s, n = self.hidden, self.ffn_hidden, self.vocab_size, self.seq_len, self.num_layers
-        block = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h)
-        return v * h + s * h + n * block + 2 * h + (0 if self.tied else v * h)
 
 
 def component_seed(seed: int, name: str) -> int:
@@ -86,20 +51,27 @@ def init_block_(block: "Block", cfg: GPTConfig, index: int) -> "Block":
     """GPT-2 initialisation of block `index` from its own generator."""
     gen = torch.Generator().manual_seed(component_seed(cfg.seed, f"block.{index}"))
     resid_std = INIT_STD / math.sqrt(2 * cfg.num_layers)
-    for lin, std in ((block.attn.qkv, INIT_STD), (block.attn.proj, resid_std),
-                     (block.mlp.fc1, INIT_STD), (block.mlp.fc2, resid_std)):
+    attn, mlp = block.attn, block.mlp
+    if cfg.arch == "llama":
+        linears = ((attn.q, INIT_STD), (attn.k, INIT_STD), (attn.v, INIT_STD), (attn.proj, resid_std),
+                   (mlp.gate, INIT_STD), (mlp.up, INIT_STD), (mlp.down, resid_std))
+    else:
+        linears = ((attn.qkv, INIT_STD), (attn.proj, resid_std), (mlp.fc1, INIT_STD), (mlp.fc2, resid_std))
+    for lin, std in linears:
         _normal_(lin.weight, std, gen)
-        lin.bias.zero_()
+        if lin.bias is not None:
+            lin.bias.zero_()
     for ln in (block.ln1, block.ln2):
-        ln.reset_parameters()
+        ln.reset_parameters() if isinstance(ln, nn.LayerNorm) else ln.weight.fill_(1.0)
     return block
 
 
 @torch.no_grad()
-def init_embeddings_(tok: nn.Embedding, pos: nn.Embedding, cfg: GPTConfig) -> None:
+def init_embeddings_(tok: nn.Embedding, pos: nn.Embedding | None, cfg: GPTConfig) -> None:
     gen = torch.Generator().manual_seed(component_seed(cfg.seed, "embeddings"))
     _normal_(tok.weight, INIT_STD, gen)
-    _normal_(pos.weight, INIT_STD / 2, gen)
+    if pos is not None:
+        _normal_(pos.weight, INIT_STD / 2, gen)
 
 
 @torch.no_grad()
@@ -108,34 +80,19 @@ def init_head_(head: nn.Linear, cfg: GPTConfig) -> None:
     _normal_(head.weight, INIT_STD, gen)
 
 
-class GPT(nn.Module):
-    """`GPT(cfg)`: the serial model (SerialGPT); `GPT(cfg, mesh, num_chunks=1, ...)`: the parallel one.
-
-    Both are instances of GPT. Constructing GPT dispatches on `mesh` in __new__;
-    the chosen class's __init__ then receives the same arguments.
-    """
-
-    def __new__(cls, cfg=None, mesh=None, *args, **kwargs):
-        if cls is GPT:
-            if mesh is None:
-                cls = SerialGPT
-            else:
-                from .parallel import ParallelGPT
-
-                cls = ParallelGPT
-        return super().__new__(cls)
-
-
 class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+    """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
     def __init__(self, cfg: GPTConfig, index: int, dtype=None, device=None):
         super().__init__()
         kw = dict(dtype=dtype, device=device)
-        self.ln1 = nn.LayerNorm(cfg.hidden, **kw)
-        self.attn = SelfAttention(cfg.hidden, cfg.num_heads, causal=True, **kw)
-        self.ln2 = nn.LayerNorm(cfg.hidden, **kw)
-        self.mlp = MLP(cfg.hidden, cfg.ffn_hidden, **kw)
+        self.ln1 = make_norm(cfg, **kw)
+        llama = cfg.arch == "llama"
+        self.attn = GQAttention(cfg.hidden, cfg.num_heads, cfg.num_kv_heads, cfg.rope_theta, **kw) if llama \
+            else SelfAttention(cfg.hidden, cfg.num_heads, causal=True, **kw)
+        self.ln2 = make_norm(cfg, **kw)
+        self.mlp = SwiGLU(cfg.hidden, cfg.ffn_hidden, **kw) if llama \
+            else MLP(cfg.hidden, cfg.ffn_hidden, activation=cfg.activation, **kw)
         init_block_(self, cfg, index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,10 +100,17 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
-def make_embeddings(cfg: GPTConfig, dtype=None, device=None) -> tuple[nn.Embedding, nn.Embedding]:
-    """(token, position) embeddings with their serial initial values."""
+def make_norm(cfg: GPTConfig, dtype=None, device=None) -> nn.Module:
+    """The arch's norm: LayerNorm (gpt2) or RMSNorm (llama), eps cfg.norm_eps, weight 1 (bias 0)."""
+    if cfg.arch == "llama":
+        return RMSNorm(cfg.hidden, cfg.norm_eps, dtype=dtype, device=device)
+    return nn.LayerNorm(cfg.hidden, eps=cfg.norm_eps, dtype=dtype, device=device)
+
+
+def make_embeddings(cfg: GPTConfig, dtype=None, device=None) -> tuple[nn.Embedding, nn.Embedding | None]:
+    """(token, position) embeddings with their serial initial values (position: None for llama)."""
     tok = nn.Embedding(cfg.vocab_size, cfg.hidden, dtype=dtype, device=device)
-    pos = nn.Embedding(cfg.seq_len, cfg.hidden, dtype=dtype, device=device)
+    pos = None if cfg.arch == "llama" else nn.Embedding(cfg.seq_len, cfg.hidden, dtype=dtype, device=device)
     init_embeddings_(tok, pos, cfg)
     return tok, pos
 
@@ -168,33 +132,37 @@ def run_blocks(blocks, x: torch.Tensor, activation_checkpointing: bool) -> torch
     return x
 
 
-class SerialGPT(GPT):
+class SerialGPT(nn.Module):
     """GPT on one process. forward(tokens [B, seq]) -> logits [B, seq, vocab].
 
-    Parameter names (the checkpoint and `full_state_dict` names of every layout):
-    tok_emb.weight, pos_emb.weight, blocks.{i}.{ln1,attn.qkv,attn.proj,ln2,mlp.fc1,mlp.fc2}.*,
-    ln_f.*, head.weight (untied only).
+    Parameter names (the checkpoint and `full_state_dict` names of every layout, `param_names`):
+    gpt2: tok_emb.weight, pos_emb.weight, blocks.{i}.{ln1,attn.qkv,attn.proj,ln2,mlp.fc1,mlp.fc2}.*,
+    ln_f.*, head.weight (untied only); llama: no pos_emb, blocks.{i}.{ln1,attn.{q,k,v,proj},ln2,
+    mlp.{gate,up,down}}.weight, ln_f.weight.
     Options: `autocast_dtype` (e.g. torch.bfloat16) runs the forward under torch.autocast;
     `activation_checkpointing` recomputes each block in the backward.
     """
 
     def __init__(self, cfg: GPTConfig, mesh=None, num_chunks: int = 1, *, dtype=None, device=None,
-                 activation_checkpointing: bool = False, autocast_dtype: torch.dtype | None = None):
+                 activation_checkpointing: bool = False, autocast_dtype: torch.dtype | None = None, zero: int = 0):
         super().__init__()
         require(isinstance(cfg, GPTConfig), f"GPT: expected a GPTConfig, got {type(cfg).__name__}")
         require(mesh is None and num_chunks == 1, "SerialGPT: takes no mesh and one chunk (use models.GPT(cfg, mesh))")
+        require(zero == 0 and not isinstance(zero, bool), f"SerialGPT: zero must be 0 (nothing to shard without a "
+                                                          f"mesh), got {zero!r}")
         self.cfg = cfg
         self.activation_checkpointing, self.autocast_dtype = activation_checkpointing, autocast_dtype
         self.tok_emb, self.pos_emb = make_embeddings(cfg, dtype, device)
         self.blocks = nn.ModuleList(Block(cfg, i, dtype, device) for i in range(cfg.num_layers))
-        self.ln_f = nn.LayerNorm(cfg.hidden, dtype=dtype, device=device)
+        self.ln_f = make_norm(cfg, dtype, device)
         self.head = None if cfg.tied else make_head(cfg, dtype, device)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         check_tokens(tokens, self.cfg)
         with autocast_context(self.autocast_dtype, self.tok_emb.weight.device):
-            positions = torch.arange(tokens.shape[-1], device=tokens.device)
-            x = self.tok_emb(tokens) + self.pos_emb(positions)
+            x = self.tok_emb(tokens)
+            if self.pos_emb is not None:
+                x = x + self.pos_emb(torch.arange(tokens.shape[-1], device=tokens.device))
             x = self.ln_f(run_blocks(self.blocks, x, self.activation_checkpointing))
             weight = self.tok_emb.weight if self.head is None else self.head.weight
             return F.linear(x, weight)
@@ -209,18 +177,54 @@ class SerialGPT(GPT):
         """A detached copy of the state_dict (the same names every parallel layout gathers to)."""
         return {k: v.detach().clone() for k, v in self.state_dict().items()}
 
+    def load_full_state_dict(self, state: dict) -> None:
+        """Copy the serial-named tensors of `state` into the parameters (every name required)."""
+        check_state(state, self.cfg)
+        with torch.no_grad():
+            for k, v in self.state_dict().items():
+                v.copy_(state[k])
+
 
 BLOCK_PARAMS = ("ln1.weight", "ln1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight",
                 "attn.proj.bias", "ln2.weight", "ln2.bias", "mlp.fc1.weight", "mlp.fc1.bias",
                 "mlp.fc2.weight", "mlp.fc2.bias")
 
 
+LLAMA_BLOCK_PARAMS = ("ln1.weight", "attn.q.weight", "attn.k.weight", "attn.v.weight", "attn.proj.weight",
+                      "ln2.weight", "mlp.gate.weight", "mlp.up.weight", "mlp.down.weight")
+
+
 def param_names(cfg: GPTConfig) -> list[str]:
     """The serial model's parameter names, in state_dict order."""
-    names = ["tok_emb.weight", "pos_emb.weight"]
-    names += [f"blocks.{i}.{p}" for i in range(cfg.num_layers) for p in BLOCK_PARAMS]
-    names += ["ln_f.weight", "ln_f.bias"] + ([] if cfg.tied else ["head.weight"])
+    llama = cfg.arch == "llama"
+    names = ["tok_emb.weight"] + ([] if llama else ["pos_emb.weight"])
+    block = LLAMA_BLOCK_PARAMS if llama else BLOCK_PARAMS
+    names += [f"blocks.{i}.{p}" for i in range(cfg.num_layers) for p in block]
+    names += ["ln_f.weight"] + ([] if llama else ["ln_f.bias"]) + ([] if cfg.tied else ["head.weight"])
     return names
+
+
+def param_shapes(cfg: GPTConfig) -> dict:
+    """Full shape of every serial parameter (by name)."""
+    h, f, kv = cfg.hidden, cfg.ffn_hidden, cfg.num_kv_heads * cfg.head_dim
+    leaf = {"ln1.weight": [h], "ln1.bias": [h], "ln2.weight": [h], "ln2.bias": [h],
+            "attn.qkv.weight": [3 * h, h], "attn.qkv.bias": [3 * h], "attn.proj.weight": [h, h],
+            "attn.proj.bias": [h], "mlp.fc1.weight": [f, h], "mlp.fc1.bias": [f], "mlp.fc2.weight": [h, f],
+            "mlp.fc2.bias": [h], "attn.q.weight": [h, h], "attn.k.weight": [kv, h], "attn.v.weight": [kv, h],
+            "mlp.gate.weight": [f, h], "mlp.up.weight": [f, h], "mlp.down.weight": [h, f]}
+    top = {"tok_emb.weight": [cfg.vocab_size, h], "pos_emb.weight": [cfg.seq_len, h], "ln_f.weight": [h],
+           "ln_f.bias": [h], "head.weight": [cfg.vocab_size, h]}
+    return {n: top[n] if n in top else leaf[n.split(".", 2)[2]] for n in param_names(cfg)}
+
+
+def check_state(state: dict, cfg: GPTConfig) -> None:
+    """MpiparError unless `state` holds exactly the serial names of cfg with their full shapes."""
+    shapes = param_shapes(cfg)
+    missing = [n for n in shapes if n not in state]
+    extra = [n for n in state if n not in shapes]
+    require(not missing and not extra, f"load_full_state_dict: missing {missing[:4]}, unexpected {extra[:4]}")
+    bad = [n for n, s in shapes.items() if list(state[n].shape) != s]
+    require(not bad, f"load_full_state_dict: wrong shapes for {[(n, tuple(state[n].shape)) for n in bad[:4]]}")
 
 
 def check_tokens(tokens, cfg: GPTConfig) -> None:

@@ -19,20 +19,26 @@ except the tied head's copy on the last stage ("tied_head.weight").
 """
 from __future__ import annotations
 
+import zlib
+
 import torch
 from torch import nn
 
 from .. import comm
 from ..errors import agree, agree_ints, require
+from ..flight.recorder import recorded
 from ..mesh import Group
 from ..pipeline.partition import balanced_edges
 from ..sequence.layout import local_positions
 from ..tensor import VocabParallelEmbedding, vocab_parallel_cross_entropy
-from .data_parallel import DEFAULT_BUCKET_BYTES, GradBuckets
-from .gpt import GPT, Block, GPTConfig, make_embeddings, make_head, param_names
-from .shards import assemble, parallel_specs
+from ..tensor.gqa import kv_split
+from .data_parallel import DEFAULT_BUCKET_BYTES
+from .config import GPTConfig
+from .gpt import Block, check_state, make_embeddings, make_head, make_norm, param_names
+from .shards import assemble, parallel_specs, take_shard
 from .stages import (Chunk, Embedding, Head, ParallelBlock, Parallelism, Runtime, TiedProjection, _quiet,
                      make_head_projection)
+from .zero.attach import attach as attach_buckets
 
 SP_MODES = ("ring", "ulysses")
 
@@ -50,6 +56,9 @@ def layout_error(cfg: GPTConfig, shape: dict, num_chunks: int, sp_mode: str, sp_
     for what, n in (("num_heads", cfg.num_heads), ("vocab_size", cfg.vocab_size), ("ffn_hidden", cfg.ffn_hidden)):
         if n % tp:
             return f"{what} = {n} is not divisible by tp = {tp}"
+    split = kv_split(cfg.num_kv_heads, tp)
+    if isinstance(split, str):
+        return split
     if cfg.num_layers < pp * num_chunks:
         return (f"num_layers = {cfg.num_layers} cannot fill pp * num_chunks = {pp} * {num_chunks} "
                 f"pipeline stages")
@@ -64,20 +73,22 @@ def layout_error(cfg: GPTConfig, shape: dict, num_chunks: int, sp_mode: str, sp_
     return None
 
 
-class ParallelGPT(GPT):
+class ParallelGPT(nn.Module):
     """The GPT of `cfg` on this rank's share of `mesh` (see the module doc).
 
     Options: sp_mode "ring" | "ulysses"; sp_layout "zigzag" | "contiguous";
     sequence_parallel (Megatron SP, default tp > 1); bucket_bytes (data-parallel
     buckets); activation_checkpointing; autocast_dtype; dtype and device
     (default: mesh.device); boundaries (explicit layer cut points of the
-    pp * num_chunks virtual stages, default: balanced by layer count).
+    pp * num_chunks virtual stages, default: balanced by layer count);
+    zero (0-3: ZeRO stage over the data-parallel group, mpipar.models.zero).
     """
 
     def __init__(self, cfg: GPTConfig, mesh, num_chunks: int = 1, *, sp_mode: str = "ring",
                  sp_layout: str = "zigzag", sequence_parallel: bool | None = None,
                  bucket_bytes: int = DEFAULT_BUCKET_BYTES, activation_checkpointing: bool = False,
-                 autocast_dtype: torch.dtype | None = None, dtype=None, device=None, boundaries=None):
+                 autocast_dtype: torch.dtype | None = None, dtype=None, device=None, boundaries=None,
+                 zero: int = 0):
         super().__init__()
         require(isinstance(cfg, GPTConfig), f"GPT: expected a GPTConfig, got {type(cfg).__name__}")
         shape = dict(mesh.shape)
@@ -104,8 +115,9 @@ class ParallelGPT(GPT):
         self._chunks = self._make_chunks()
         self._specs = None
         self.data_group = _data_group(mesh)
-        self.buckets = GradBuckets(self.parameters(), self.data_group, bucket_bytes)
         self.tied_group = _tied_group(mesh) if cfg.tied and p > 1 else None
+        self.zero = zero
+        self.buckets = attach_buckets(self, zero, bucket_bytes)  # GradBuckets, or ZeRO's sharded ones
         self._runners = {}
 
     # ---- construction ------------------------------------------------------------------------
@@ -119,7 +131,7 @@ class ParallelGPT(GPT):
                                                                      sequence_parallel=par.sequence_parallel))
             self.pos_emb = pos
         if self.last:
-            self.ln_f = nn.LayerNorm(cfg.hidden, dtype=dtype)
+            self.ln_f = make_norm(cfg, dtype)
             if not cfg.tied:
                 self.head = make_head_projection(make_head(cfg, dtype), par)
             elif self.first:
@@ -150,7 +162,7 @@ class ParallelGPT(GPT):
             else torch.arange(self.cfg.seq_len)
         if self.sequence_parallel:
             pos = pos.chunk(tp.size)[tp.rank]
-        return pos.to(self.pos_emb.weight.device)
+        return pos.to(self.tok_emb.weight.device)
 
     # ---- use ---------------------------------------------------------------------------------
     @property
@@ -224,6 +236,8 @@ class ParallelGPT(GPT):
     def finish_grad_sync(self) -> None:
         """Complete every gradient reduction: dp x sp mean, tp sum of SP-replicated, tied sum."""
         self.buckets.finish()
+        if self.zero:
+            return  # ZeRO's buckets did all three on the gradient shards
         reduce = [s.param for s in self.specs() if s.sp_reduce and s.param.grad is not None]
         if reduce:
             flat = torch.cat([p.grad.reshape(-1) for p in reduce])
@@ -240,6 +254,12 @@ class ParallelGPT(GPT):
 
         One all-gather over tp of every shard packed together, one allgather over pp.
         """
+        if self.zero == 3:
+            with self.buckets.gathered():  # ZeRO-3 holds only shards between uses
+                return self._full_state_dict()
+        return self._full_state_dict()
+
+    def _full_state_dict(self) -> dict:
         specs = [s for s in self.specs() if s.primary]
         sharded = [s for s in specs if s.sharded]
         local = {s.name: s.param.detach().cpu().clone() for s in specs if not s.sharded}
@@ -249,14 +269,32 @@ class ParallelGPT(GPT):
             offset = 0
             for s in sharded:
                 n = s.param.numel()
-                pieces = [row[offset:offset + n].view(s.param.shape) for row in rows]
+                pieces = [row[offset:offset + n].view(s.param.shape) for row in rows][::s.replicas]
                 local[s.name] = assemble(pieces, s.dim, s.stride).clone()
                 offset += n
         merged = {}
-        for part in self.mesh.pp.comm.allgather(local):
+        for part in recorded(self.mesh.pp, "full_state_dict", self.mesh.pp.comm.allgather, local):
             merged.update(part)
         device = next(self.parameters()).device
         return {k: merged[k].to(device) for k in param_names(self.cfg)}
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state: dict) -> None:
+        """Set every local parameter from the serial-named full tensors of `state` (e.g. models.from_hf).
+
+        Each rank copies only its shard; nothing is communicated except the
+        agreement that `state` fits the config (MpiparError on every rank if not).
+        """
+        err = None
+        try:
+            check_state(state, self.cfg)
+        except Exception as exc:  # noqa: BLE001  (reported on every rank below)
+            err = str(exc)
+        agree(self.mesh.world.comm, err)
+        for s in self.specs():
+            full = state[s.name]
+            local = take_shard(full, s.part, s.parts, s.dim if s.sharded else None, s.stride)
+            s.param.copy_(local.to(dtype=s.param.dtype, device=s.param.device))
 
 
 def _unflatten_into(flat: torch.Tensor, tensors) -> None:
@@ -275,7 +313,8 @@ def _edges(boundaries, num_layers: int, num_virtual: int) -> list[int]:
 def _agree_config(mesh, cfg: GPTConfig, num_chunks: int, seq_par: bool, sp_mode: str) -> None:
     """Collective: the model arguments must be equal on every rank of the mesh."""
     vals = [cfg.vocab_size, cfg.seq_len, cfg.hidden, cfg.num_heads, cfg.num_layers, cfg.ffn_hidden,
-            cfg.seed, int(cfg.tied), num_chunks, int(seq_par), SP_MODES.index(sp_mode)]
+            cfg.seed, int(cfg.tied), num_chunks, int(seq_par), SP_MODES.index(sp_mode), cfg.num_kv_heads,
+            zlib.crc32(repr((cfg.arch, float(cfg.rope_theta), float(cfg.norm_eps), cfg.activation)).encode())]
     agree_ints(mesh.world.comm, vals, lambda lo, hi: "GPT(cfg, mesh): the config differs across ranks "
                                                      f"(min {lo.tolist()}, max {hi.tolist()})")
 

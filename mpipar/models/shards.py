@@ -10,6 +10,8 @@ never depend on the layout.
 
 `primary=False` marks a second copy of a parameter that lives elsewhere too
 (the tied head's copy of tok_emb.weight on the last pipeline stage).
+`replicas` > 1: that many consecutive tensor-parallel ranks hold the same
+part (K/V heads fewer than the ranks); `part` is then tp_rank // replicas.
 `sp_reduce=True` marks a replicated parameter that only sees this rank's slice
 of the sequence under Megatron sequence parallelism (LayerNorms, the position
 embedding): its gradient must be summed over the tensor-parallel group.
@@ -18,8 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 from torch import nn
+
+from ..tensor.sharding import assemble, take_shard  # noqa: F401  (re-exported: checkpoints use them)
 
 
 @dataclasses.dataclass
@@ -32,6 +35,7 @@ class ParamSpec:
     parts: int = 1            # number of parts (tensor-parallel size)
     primary: bool = True
     sp_reduce: bool = False
+    replicas: int = 1         # consecutive tp ranks holding the same part (grouped K/V heads)
 
     @property
     def sharded(self) -> bool:
@@ -42,22 +46,6 @@ class ParamSpec:
         if self.dim is not None:
             shape[self.dim] *= self.parts
         return shape
-
-
-def take_shard(full: torch.Tensor, part: int, parts: int, dim: int | None, stride: int = 1) -> torch.Tensor:
-    """Part `part` of `parts` of `full` (see module doc); `full` itself when dim is None."""
-    if dim is None or parts == 1:
-        return full
-    blocks = full.chunk(stride, dim=dim) if stride > 1 else (full,)
-    return torch.cat([b.chunk(parts, dim=dim)[part] for b in blocks], dim=dim)
-
-
-def assemble(pieces: list[torch.Tensor], dim: int | None, stride: int = 1) -> torch.Tensor:
-    """The full tensor from all parts (pieces[r] = part r); inverse of `take_shard`."""
-    if dim is None or len(pieces) == 1:
-        return pieces[0]
-    per_part = [p.chunk(stride, dim=dim) for p in pieces]
-    return torch.cat([per_part[r][s] for s in range(stride) for r in range(len(pieces))], dim=dim)
 
 
 def serial_specs(model: nn.Module) -> list[ParamSpec]:
@@ -82,9 +70,9 @@ def parallel_specs(model: nn.Module, tp_rank: int, tp_size: int, sequence_parall
     for name, p in model.named_parameters():
         owner_name, _, leaf = name.rpartition(".")
         owner = model.get_submodule(owner_name) if owner_name else model
-        dim, stride, reduce = None, 1, False
+        dim, stride, reduce, part, parts, replicas = None, 1, False, tp_rank, tp_size, 1
         if isinstance(owner, ColumnParallelLinear):
-            dim, stride = 0, owner.stride
+            dim, stride, part, parts, replicas = 0, owner.stride, owner.part, owner.parts, owner.replicas
         elif isinstance(owner, RowParallelLinear):
             dim = 1 if leaf == "weight" else None
         elif isinstance(owner, VocabParallelEmbedding) or getattr(owner, "vocab_parallel", False):
@@ -92,6 +80,7 @@ def parallel_specs(model: nn.Module, tp_rank: int, tp_size: int, sequence_parall
         else:
             reduce = sequence_parallel and tp_size > 1
         serial_name, primary = aliases.get(name, (name, True))
-        specs.append(ParamSpec(p, serial_name, dim, stride, tp_rank if dim is not None else 0,
-                               tp_size if dim is not None else 1, primary, reduce))
+        if dim is None or parts == 1:
+            part, parts = 0, 1
+        specs.append(ParamSpec(p, serial_name, dim, stride, part, parts, primary, reduce, replicas))
     return specs

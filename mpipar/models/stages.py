@@ -17,6 +17,8 @@ from torch import nn
 
 from .. import comm
 from ..tensor import ColumnParallelLinear, ParallelMLP, ParallelSelfAttention, VocabParallelEmbedding
+from ..tensor.gqa import ParallelGQAttention
+from ..tensor.swiglu import ParallelSwiGLU
 from .gpt import autocast_context, run_blocks
 
 
@@ -48,17 +50,24 @@ def _quiet(module: nn.Module) -> nn.Module:
 
 
 class ParallelBlock(nn.Module):
-    """A serial Block sharded: TP attention (ring/Ulysses over sp) and TP MLP, replicated LayerNorms."""
+    """A serial Block sharded: TP attention (ring/Ulysses over sp) and TP MLP, replicated norms.
+
+    gpt2 blocks become ParallelSelfAttention + ParallelMLP, llama blocks (those
+    with q/k/v and gate/up/down) ParallelGQAttention + ParallelSwiGLU.
+    """
 
     def __init__(self, block: nn.Module, par: Parallelism):
         super().__init__()
         sp = par.sp if par.sp is not None and par.sp.size > 1 else None
+        llama = hasattr(block.attn, "num_kv_heads")
         self.ln1 = copy.deepcopy(block.ln1)
-        self.attn = _quiet(ParallelSelfAttention.from_serial(
+        attn_cls = ParallelGQAttention if llama else ParallelSelfAttention
+        self.attn = _quiet(attn_cls.from_serial(
             block.attn, par.tp, sp_group=sp, sp_mode=par.sp_mode if sp else None,
             sequence_parallel=par.sequence_parallel, sp_layout=par.sp_layout))
         self.ln2 = copy.deepcopy(block.ln2)
-        self.mlp = _quiet(ParallelMLP.from_serial(block.mlp, par.tp, sequence_parallel=par.sequence_parallel))
+        mlp_cls = ParallelSwiGLU if llama else ParallelMLP
+        self.mlp = _quiet(mlp_cls.from_serial(block.mlp, par.tp, sequence_parallel=par.sequence_parallel))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln1(x))
@@ -66,15 +75,17 @@ class ParallelBlock(nn.Module):
 
 
 class Embedding(nn.Module):
-    """Vocab-parallel token embedding plus this rank's rows of the position embedding."""
+    """Vocab-parallel token embedding plus this rank's rows of the position embedding (if any:
+    rotary models have none)."""
 
-    def __init__(self, tok: VocabParallelEmbedding, pos: nn.Embedding, positions: torch.Tensor):
+    def __init__(self, tok: VocabParallelEmbedding, pos: nn.Embedding | None, positions: torch.Tensor):
         super().__init__()
         self.tok, self.pos = tok, pos
         self.register_buffer("positions", positions, persistent=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.tok(ids) + self.pos(self.positions)
+        x = self.tok(ids)
+        return x if self.pos is None else x + self.pos(self.positions)
 
 
 class TiedProjection(nn.Module):
@@ -106,9 +117,9 @@ class TiedProjection(nn.Module):
 
 
 class Head(nn.Module):
-    """Final LayerNorm, then the vocab-parallel projection: logits shard [..., seq_local_sp, V/tp]."""
+    """Final norm, then the vocab-parallel projection: logits shard [..., seq_local_sp, V/tp]."""
 
-    def __init__(self, ln_f: nn.LayerNorm, proj: nn.Module):
+    def __init__(self, ln_f: nn.Module, proj: nn.Module):
         super().__init__()
         self.ln_f, self.proj = ln_f, proj
 

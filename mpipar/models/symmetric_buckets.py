@@ -3,7 +3,7 @@
 `GradBuckets(..., symmetric=...)` keeps the flat buffers of its larger buckets
 in ONE symmetric tensor (`comm.symmetric_empty`, an MPI-3 shared-memory window
 of the node), allocated once at construction and reused every step. Their
-all-reduce then runs zero-copy through shared memory (mpipar.comm.shm: each
+all-reduce then runs zero-copy through shared memory (mpipar.comm.symmetric.collectives: each
 rank reduces its slice of every peer's buffer in place and pushes it back),
 instead of MPICH's Iallreduce, which copies through its own buffers.
 
@@ -20,14 +20,13 @@ nodes (forced only) reduce hierarchically (shared memory inside each node).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..comm import tuning
 from ..comm.collectives import all_reduce
-from ..comm.symmetric import pool_of, symmetric_empty
+from ..comm.symmetric.pool import pool_of, symmetric_empty
 from ..errors import agree_ints, require
+from ..settings import current
 
 ENV = "MPIPAR_SYMMETRIC_BUCKETS"
 ALIGN = 64  # bytes: every run starts on its own cache line
@@ -37,7 +36,7 @@ def resolve(symmetric) -> bool | None:
     """True / False (forced by the argument or by MPIPAR_SYMMETRIC_BUCKETS) or None (auto)."""
     if symmetric is not None:
         return bool(symmetric)
-    env = os.environ.get(ENV, "").strip()
+    env = current().symmetric_buckets or ""
     if not env:
         return None
     require(env in ("0", "1"), f"{ENV} must be 0 or 1, got {env!r}")

@@ -28,6 +28,7 @@ import torch
 from .. import comm
 from ..errors import MpiparError, agree, agree_ints, require
 from .gpt import SerialGPT
+from .parallel import ParallelGPT
 
 
 def train_step(model, batch, optimizer, mesh=None, num_microbatches: int = 1, schedule: str = "1f1b", *,
@@ -45,8 +46,6 @@ def train_step(model, batch, optimizer, mesh=None, num_microbatches: int = 1, sc
             _check_batch(tokens, targets, model.cfg, num_microbatches, 1)
             loss = _serial_step(model, tokens, targets, num_microbatches, tracer)
         else:
-            from .parallel import ParallelGPT
-
             require(isinstance(model, ParallelGPT), f"train_step: expected a models.GPT, got {type(model).__name__}")
             require(mesh is None or dict(mesh.shape) == dict(model.mesh.shape),
                     f"train_step: mesh {getattr(mesh, 'shape', mesh)} is not the model's mesh {model.mesh.shape}")
@@ -159,15 +158,26 @@ def global_grad_norm(model) -> float:
         sq = sum(float(p.grad.detach().double().pow(2).sum()) for p in model.parameters() if p.grad is not None)
         return math.sqrt(sq)
     mesh = model.mesh
-    total = torch.zeros(1, dtype=torch.float64)
-    for s in model.specs():
-        if s.param.grad is None or not s.primary or (not s.sharded and mesh.tp.rank != 0):
-            continue
-        total += s.param.grad.detach().double().pow(2).sum().cpu()
+    if getattr(model, "zero", 0):
+        total = model.buckets.grad_sq_sum()  # ZeRO: the gradients live in shards over the data group
+    else:
+        total = _replica_sq_sum(model)
     comm.all_reduce(total, mesh.tp)
     comm.all_reduce(total, mesh.pp)
     comm.broadcast(total, mesh.world, root=0)
     return math.sqrt(float(total[0]))
+
+
+def _replica_sq_sum(model) -> torch.Tensor:
+    mesh = model.mesh
+    total = torch.zeros(1, dtype=torch.float64)
+    for s in model.specs():
+        if s.param.grad is None or not s.primary or (not s.sharded and mesh.tp.rank != 0):
+            continue
+        if s.sharded and mesh.tp.rank % s.replicas:  # a second copy of a grouped K/V part
+            continue
+        total += s.param.grad.detach().double().pow(2).sum().cpu()
+    return total
 
 
 def clip_grad_norm(model, max_norm: float) -> float:
@@ -176,7 +186,9 @@ def clip_grad_norm(model, max_norm: float) -> float:
         raise MpiparError(f"max_grad_norm must be a positive number, got {max_norm!r}")
     norm = global_grad_norm(model)
     coef = min(1.0, max_norm / (norm + 1e-6))
-    if coef < 1.0:
+    if coef < 1.0 and getattr(model, "zero", 0):
+        model.buckets.scale_grads(coef)
+    elif coef < 1.0:
         with torch.no_grad():
             for p in model.parameters():
                 if p.grad is not None:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..errors import MpiparError, agree, agree_ints
+from ..flight.recorder import begin, done
 from ..mesh import as_group
 from .schedules import SCHEDULES, check_args, schedule as make_schedule, stage_of, virtual_stage
 from .transport import PeerFailed, Transport
@@ -72,7 +73,7 @@ class PipelineRunner:
         """Forward and backward of the whole batch through the pipeline; returns the mean loss."""
         if self._broken is not None:
             raise MpiparError(f"PipelineRunner is unusable after an earlier failure: {self._broken}")
-        _agree_fast(self._comm, self._batch_error(inputs, targets))
+        _agree_fast(self._comm, self._batch_error(inputs, targets), self.transport.flight)
         m = self.num_microbatches
         last = self.num_stages * self.num_chunks - 1
         self._inputs = torch.tensor_split(inputs, m) if self.stage == 0 else None
@@ -218,12 +219,16 @@ class PipelineRunner:
         self._comm = None
 
 
-def _agree_fast(comm, local_error) -> None:
+def _agree_fast(comm, local_error, flight=None) -> None:
     """`agree` with a one-int Allreduce on the good path (it runs every step)."""
     from mpi4py import MPI
 
     flag = np.array([0 if local_error is None else 1], dtype=np.int32)
-    comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MAX)
+    slot = begin(flight, "pipeline agree") if flight is not None else -1
+    try:
+        comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MAX)
+    finally:
+        done(slot)
     if flag[0]:
         agree(comm, local_error)
 

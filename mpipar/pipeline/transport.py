@@ -30,6 +30,7 @@ from mpi4py import MPI
 from ..comm.buffers import DTYPE_CODES, mpi_buffer, needs_staging
 from ..device import node_is_oversubscribed
 from ..errors import MpiparError
+from ..flight.recorder import Channel, begin, begin_p2p, done
 
 MAX_NDIM = 8
 SPIN_S = 2e-4       # busy-poll this long before sleeping (not when oversubscribed)
@@ -58,6 +59,7 @@ class Transport:
         self.polite = node_is_oversubscribed()
         self.tag_ub = comm.Get_attr(MPI.TAG_UB) or 32767
         self._stranded: list = []  # requests a peer's failure left pending, with their buffers
+        self.flight = Channel(comm, "pipeline")  # for the flight recorder (mpipar.flight)
         self._reset()
 
     def _reset(self) -> None:
@@ -105,6 +107,14 @@ class Transport:
         """Wait (politely, watching for failures) for message `key` and return its tensor."""
         if key in self._local:
             return self._local.pop(key)
+        entry = self._headers.get(key) or self._data.get(key)
+        slot = begin_p2p(self.flight, "pipeline recv", entry[-1] if entry else -2, detail=key)
+        try:
+            return self._recv(key)
+        finally:
+            done(slot)
+
+    def _recv(self, key) -> torch.Tensor:
         self._post_arrived()
         if key in self._headers:  # not arrived yet; stays in the table while waited for
             req, values, src = self._headers[key]
@@ -149,7 +159,11 @@ class Transport:
 
     def finish(self) -> None:
         """Wait until every send of this step has completed; drop the failure watch."""
-        self._wait([r for reqs, _ in self._sends for r in reqs])
+        slot = begin_p2p(self.flight, "pipeline sends", -2)
+        try:
+            self._wait([r for reqs, _ in self._sends for r in reqs])
+        finally:
+            done(slot)
         self._sends = []
         self._cancel_receives()
 
@@ -177,11 +191,14 @@ class Transport:
         cancelled) and its `buffers` stay referenced by this transport, so MPI
         never writes into freed memory.
         """
+        slot = begin(self.flight, "pipeline collective")
         try:
             self._wait([request])
         except PeerFailed:
             self._stranded.append((request, buffers))
             raise
+        finally:
+            done(slot)
 
     # ---- failures --------------------------------------------------------------------------
     def fail(self, message: str) -> None:

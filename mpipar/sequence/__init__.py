@@ -8,7 +8,7 @@
 q, k, v, out: [batch, heads, local_seq, head_dim], this rank's part of the
 sequence ("contiguous": block r of N; "zigzag": blocks r and 2N-1-r of 2N).
 """
-from .blocks import attended_pairs
+from .tiles import attended_pairs
 from .layout import LAYOUTS, gather_sequence, local_positions, shard_sequence
 from .ring_attention import ring_attention
 from .ulysses import ulysses_attention

@@ -9,27 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import MpiparError
+from ..agree import agree_call  # noqa: F401  (re-exported: the sequence calls agree through it)
 from .layout import LAYOUTS
 
 
-def agree_call(g, name: str, local_error: str | None, signature: dict) -> None:
-    """Collective over g: raise on every rank if any rank failed or signatures differ."""
-    rows = [(local_error, signature)] if g.size == 1 else g.comm.allgather((local_error, signature))
-    for rank, (err, _) in enumerate(rows):
-        if err is not None:
-            where = "" if g.size == 1 else f" (reported by rank {rank})"
-            raise MpiparError(f"{name}: {err}{where}")
-    first = rows[0][1]
-    for rank, (_, sig) in enumerate(rows):
-        for key in first:
-            if sig.get(key) != first[key]:
-                raise MpiparError(f"{name}: {key} differs across ranks: rank 0 has {first[key]}, "
-                                  f"rank {rank} has {sig.get(key)}")
+def qkv_error(q, k, v, layout: str, grouped: bool = False) -> str | None:
+    """Local check of q, k, v [B, H, local_seq, D]; a message, or None if fine.
 
-
-def qkv_error(q, k, v, layout: str) -> str | None:
-    """Local check of q, k, v [B, H, local_seq, D]; a message, or None if fine."""
+    grouped=True allows fewer K/V heads than query heads (grouped-query attention) if they divide them.
+    """
     for nm, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             return f"{nm} must be a torch.Tensor, got {type(t).__name__}"
@@ -41,7 +29,10 @@ def qkv_error(q, k, v, layout: str) -> str | None:
         return f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}"
     if not (q.device == k.device == v.device):
         return f"q, k, v devices differ: {q.device}, {k.device}, {v.device}"
-    if q.shape != k.shape or k.shape != v.shape:
+    if grouped and k.shape == v.shape and q.shape[:1] + q.shape[2:] == k.shape[:1] + k.shape[2:] \
+            and k.shape[1] and q.shape[1] % k.shape[1] == 0:
+        pass
+    elif q.shape != k.shape or k.shape != v.shape:
         return (f"q, k, v must have equal shapes [batch, heads, local_seq, head_dim], got "
                 f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if layout not in LAYOUTS:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from ..agree import agree_call
 from ..errors import require
 from ..mesh import as_group
 
@@ -113,8 +114,6 @@ def gather_sequence(x: torch.Tensor, group, dim: int = 2, layout: str = "zigzag"
     Collective over `group`; mismatched shapes or dtypes raise MpiparError on
     every rank. The backward keeps this rank's part of the gradient.
     """
-    from .checks import agree_call
-
     g = as_group(group)
     err = None
     if layout not in LAYOUTS:

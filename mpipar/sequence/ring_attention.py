@@ -11,6 +11,10 @@ accumulate as they travel with it and, after N hops, arrive back at their
 owner. Each block's gradients come from the kernel's backward fed with the
 rows' GLOBAL out and log-sum-exp, which makes their sum exact.
 
+Grouped-query attention: K/V blocks travel with their own (fewer) heads and
+are repeated to the query heads only for each block's kernel; their gradients
+are summed back over each group of query heads before they travel.
+
 Traffic uses the group's private duplicate communicator (`Group.p2p`) with
 tags distinct for forward K/V, backward K/V and backward dK/dV.
 """
@@ -21,9 +25,10 @@ import time
 import torch
 
 from ..comm.wait import wait_all
+from ..flight.recorder import begin_p2p, done
 from ..mesh import as_group
 from . import kernels
-from .blocks import step_plan
+from .tiles import step_plan
 from .checks import agree_call, qkv_error, signature
 from .layout import rank_chunks
 
@@ -41,6 +46,7 @@ class _Ring:
 
     def __init__(self, g):
         self.comm = g.p2p if g.size > 1 else None
+        self.group = g
         self.next, self.prev = (g.rank + 1) % g.size, (g.rank - 1) % g.size
 
     @staticmethod
@@ -64,10 +70,14 @@ class _Ring:
         return (self.comm.Irecv(mpi_buffer(buf), source=self.prev, tag=tag), buf, t if buf is not t else None)
 
 
-def finish(handles) -> None:
+def finish(handles, ring=None) -> None:
     """Wait for ring handles (None entries ignored); copy staged receives to their device."""
     handles = [h for h in handles if h is not None]
-    wait_all([h[0] for h in handles])
+    slot = begin_p2p(ring.group, "ring attention", ring.prev) if ring is not None else -1
+    try:
+        wait_all([h[0] for h in handles])
+    finally:
+        done(slot)
     for _, buf, target in handles:
         if target is not None:
             target.copy_(buf)
@@ -117,6 +127,15 @@ def _pass_kv(ring, kv, slots, step: int, tag_k: int, tag_v: int):
     return nxt, reqs
 
 
+def _rep(t: torch.Tensor, groups: int) -> torch.Tensor:
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+
+def _fold_groups(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """Gradient of _rep: sum each K/V head's copies."""
+    return t if groups == 1 else t.unflatten(1, (t.shape[1] // groups, groups)).sum(2)
+
+
 def _ring_forward(q, k, v, g, causal, layout, scale, profile):
     """(out in q.dtype, lse) of this rank's queries against the whole sequence."""
     n, rank, length = g.size, g.rank, q.shape[2]
@@ -125,6 +144,7 @@ def _ring_forward(q, k, v, g, causal, layout, scale, profile):
     kv = (k.contiguous(), v.contiguous())
     slots = [None, None]  # ping-pong receive buffers
     acc = None
+    groups = q.shape[1] // k.shape[1]
     for s in range(n):
         t0 = time.perf_counter()
         reqs, nxt = [], None
@@ -132,11 +152,11 @@ def _ring_forward(q, k, v, g, causal, layout, scale, profile):
             nxt, reqs = _pass_kv(ring, kv, slots, s, TAG_FWD_K, TAG_FWD_V)
         t1 = time.perf_counter()
         for blk in step_plan(rank, s, n, layout, causal):
-            out_b, lse_b = kernels.block_forward(q[:, :, _rows(blk, c)], kv[0][:, :, _cols(blk, c)],
-                                                 kv[1][:, :, _cols(blk, c)], blk.causal, scale)
+            out_b, lse_b = kernels.block_forward(q[:, :, _rows(blk, c)], _rep(kv[0][:, :, _cols(blk, c)], groups),
+                                                 _rep(kv[1][:, :, _cols(blk, c)], groups), blk.causal, scale)
             acc = _fold(acc, out_b, lse_b, blk, c, length)
         t2 = time.perf_counter()
-        finish(reqs)
+        finish(reqs, ring)
         timer.record(s, t2 - t1, (t1 - t0) + (time.perf_counter() - t2))
         kv = nxt
     return acc[0].to(q.dtype), acc[1]
@@ -147,15 +167,16 @@ def _block_grads(dout, q, kv, out, lse, plan, c, scale, dq_acc):
     if not plan:
         return None
     b, h, lk, d = kv[0].shape
+    groups = q.shape[1] // h
     dkv = torch.zeros((2, b, h, lk, d), dtype=dq_acc.dtype, device=dq_acc.device)
     for blk in plan:
         rows, cols = _rows(blk, c), _cols(blk, c)
-        dq_b, dk_b, dv_b = kernels.block_backward(dout[:, :, rows], q[:, :, rows], kv[0][:, :, cols],
-                                                  kv[1][:, :, cols], out[:, :, rows], lse[:, :, rows],
-                                                  blk.causal, scale)
+        dq_b, dk_b, dv_b = kernels.block_backward(dout[:, :, rows], q[:, :, rows], _rep(kv[0][:, :, cols], groups),
+                                                  _rep(kv[1][:, :, cols], groups), out[:, :, rows],
+                                                  lse[:, :, rows], blk.causal, scale)
         dq_acc[:, :, rows] += dq_b
-        dkv[0, :, :, cols] += dk_b
-        dkv[1, :, :, cols] += dv_b
+        dkv[0, :, :, cols] += _fold_groups(dk_b, groups)
+        dkv[1, :, :, cols] += _fold_groups(dv_b, groups)
     return dkv
 
 
@@ -181,19 +202,19 @@ def _ring_backward(dout, q, k, v, out, lse, g, causal, layout, scale, profile):
         t1 = time.perf_counter()
         mine = _block_grads(dout, q, kv, out, lse, step_plan(rank, s, n, layout, causal), c, scale, dq_acc)
         t2 = time.perf_counter()
-        finish([inc_req])
+        finish([inc_req], ring)
         travel = mine if inc is None else (inc if mine is None else inc.add_(mine))
         if travel is None:
             travel = torch.zeros(dkv_shape, dtype=dt, device=q.device)
         if n > 1:
             pending_sends.append(ring.send(travel, TAG_BWD_DKV))  # the handle keeps the buffer alive
-        finish(reqs)
+        finish(reqs, ring)
         timer.record(s, t2 - t1, (t1 - t0) + (time.perf_counter() - t2))
         kv = nxt
     if n > 1:
         t0 = time.perf_counter()
         travel = torch.empty(dkv_shape, dtype=dt, device=q.device)
-        finish([ring.recv(travel, TAG_BWD_DKV)] + pending_sends)
+        finish([ring.recv(travel, TAG_BWD_DKV)] + pending_sends, ring)
         timer.record(n, 0.0, time.perf_counter() - t0)
     return dq_acc.to(q.dtype), travel[0].to(k.dtype), travel[1].to(v.dtype)
 
@@ -218,7 +239,9 @@ def ring_attention(q, k, v, group, causal: bool = True, layout: str = "zigzag", 
     """Exact attention of this rank's queries over the whole sequence, K/V passed in a ring.
 
     q, k, v: [batch, heads, local_seq, head_dim], this rank's part of the
-    sequence in `layout` ("contiguous" or "zigzag", see mpipar.sequence.layout).
+    sequence in `layout` ("contiguous" or "zigzag", see mpipar.sequence.layout);
+    k and v may have fewer heads, dividing q's (grouped-query attention: query
+    head h uses K/V head h // (q_heads / kv_heads)).
     Returns out of the same shape; out and the gradients of q, k, v equal
     SDPA(..., is_causal=causal) on the full sequence, sharded the same way.
     scale: softmax scale (default 1/sqrt(head_dim)). profile: a list that
@@ -226,10 +249,11 @@ def ring_attention(q, k, v, group, causal: bool = True, layout: str = "zigzag", 
     Collective over `group`: bad input raises MpiparError on every rank.
     """
     g = as_group(group)
-    err = qkv_error(q, k, v, layout)
+    err = qkv_error(q, k, v, layout, grouped=True)
     if err is None and scale is not None and not isinstance(scale, (int, float)):
         err = f"scale must be a number, got {type(scale).__name__}"
     agree_call(g, "ring_attention", err, signature(q, causal, layout, scale=scale,
+                                                   kv_heads=getattr(k, "shape", (0, 0))[1],
                                                    device=getattr(getattr(q, "device", None), "type", None)))
     scale = kernels.default_scale(q.shape[-1]) if scale is None else float(scale)
     return _RingAttention.apply(q, k, v, g, bool(causal), layout, scale, profile)

@@ -58,18 +58,27 @@ def ulysses_attention(q, k, v, group, causal: bool = True, layout: str = "zigzag
     """Exact attention over a sequence split across `group`, by all-to-all to a head split.
 
     q, k, v: [batch, heads, local_seq, head_dim], this rank's part of the
-    sequence in `layout`. heads % N != 0 raises MpiparError on every rank.
+    sequence in `layout` (k, v may have fewer heads, dividing q's: grouped-query
+    attention). heads % N != 0 raises MpiparError on every rank.
     Returns out like q; out and gradients equal SDPA on the full sequence.
     profile: a list that receives one dict per all-to-all (pass, op, comm_s).
     """
     g = as_group(group)
-    err = qkv_error(q, k, v, layout)
+    err = qkv_error(q, k, v, layout, grouped=True)
     if err is None and q.shape[1] % g.size:
         err = f"heads {q.shape[1]} are not divisible by the group size {g.size}"
-    agree_call(g, "ulysses_attention", err, signature(q, causal, layout, scale=scale))
+    agree_call(g, "ulysses_attention", err, signature(q, causal, layout, scale=scale,
+                                                      kv_heads=getattr(k, "shape", (0, 0))[1]))
     scale = kernels.default_scale(q.shape[-1]) if scale is None else float(scale)
-    qkv = seq_to_heads(torch.stack([q, k, v]), g, heads_dim=2, seq_dim=3, profile=profile)
-    qkv = natural_from_storage(qkv, g.size, layout, dim=3)
-    out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], is_causal=bool(causal), scale=scale)
+    groups = q.shape[1] // k.shape[1]
+    if groups == 1 or k.shape[1] % g.size:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        qkv = seq_to_heads(torch.stack([q, k, v]), g, heads_dim=2, seq_dim=3, profile=profile)
+        q, k, v = natural_from_storage(qkv, g.size, layout, dim=3).unbind(0)
+    else:
+        q = natural_from_storage(seq_to_heads(q, g, heads_dim=1, seq_dim=2, profile=profile), g.size, layout, dim=2)
+        kv = seq_to_heads(torch.stack([k, v]), g, heads_dim=2, seq_dim=3, profile=profile)
+        k, v = natural_from_storage(kv, g.size, layout, dim=3).repeat_interleave(groups, dim=2).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal), scale=scale)
     out = storage_from_natural(out, g.size, layout, dim=2)
     return heads_to_seq(out, g, heads_dim=1, seq_dim=2, profile=profile)

@@ -12,9 +12,14 @@ from .linear import ColumnParallelLinear, RowParallelLinear
 from .mlp import ParallelMLP
 from .sharding import shard, unshard
 from .vocab import VocabParallelEmbedding, vocab_parallel_cross_entropy
+from .gqa import ParallelGQAttention
+from .swiglu import ParallelSwiGLU
+from .parallelize import parallelize
+from . import plans
 
 __all__ = [
     "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding", "vocab_parallel_cross_entropy",
     "ParallelMLP", "ParallelSelfAttention",
     "seeded_init_", "seeded_linear", "seeded_embedding", "shard", "unshard",
+    "ParallelGQAttention", "ParallelSwiGLU", "parallelize", "plans",
 ]

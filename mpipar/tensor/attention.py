@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import require
-from ..models.serial import merge_heads, split_heads
+from ..layers.heads import merge_heads, split_heads
 from . import checks
 from .init import generator, linear_params
 from .linear import ColumnParallelLinear, RowParallelLinear

@@ -21,10 +21,11 @@ from torch import nn
 
 from .. import comm
 from ..errors import require
+from ..mesh import Group
 from . import checks
 from .gather_linear import gather_linear
 from .init import generator, linear_params
-from .sharding import shard, unshard
+from .sharding import assemble, shard, take_shard, unshard
 
 
 class _ParallelLinear(nn.Module):
@@ -79,27 +80,47 @@ class ColumnParallelLinear(_ParallelLinear):
     (dim -2) and is all-gathered on entry. `stride` shards a fused weight
     blockwise (see mpipar.tensor.sharding). `full_params=(weight, bias)` shards
     the given full parameters instead of drawing them from `seed`.
+
+    `replicas` > 1 (dividing the group size): the output features are cut into
+    size/replicas parts and `replicas` consecutive ranks hold the same part
+    (grouped-query K/V heads fewer than the ranks, Megatron's rule); each
+    copy's weight gradient is summed over its replicas in the backward, so the
+    copies stay equal. `input_in_region=True`: the caller already entered the
+    region (one `copy_to_region` / `gather_from_sequence` shared by several
+    layers, e.g. q, k and v), so this layer multiplies its input as it is.
     """
 
     _what = "ColumnParallelLinear"
 
     def __init__(self, in_features, out_features, group, bias=True, gather_output=False,
-                 sequence_parallel=False, seed=0, *, stride=1, dtype=None, device=None, full_params=None):
+                 sequence_parallel=False, seed=0, *, stride=1, dtype=None, device=None, full_params=None,
+                 replicas=1, input_in_region=False):
         g = checks.group_of(group, self._what)
         checks.agree_config(g, self._what, [in_features, out_features, bias, gather_output,
-                                            sequence_parallel, seed, stride])
+                                            sequence_parallel, seed, stride, replicas, input_in_region])
         require(isinstance(stride, int) and stride >= 1, f"{self._what}: stride must be a positive int")
+        require(isinstance(replicas, int) and replicas >= 1 and g.size % replicas == 0,
+                f"{self._what}: replicas = {replicas!r} must be a positive divisor of the group size {g.size}")
+        parts = g.size // replicas
         checks.positive(in_features, self._what, "in_features")
-        require(isinstance(out_features, int) and out_features > 0 and out_features % (stride * g.size) == 0,
+        require(isinstance(out_features, int) and out_features > 0 and out_features % (stride * parts) == 0,
                 f"{self._what}: out_features = {out_features} is not divisible by "
-                f"{'stride x ' if stride > 1 else ''}the tensor-parallel size {g.size}")
+                f"{'stride x ' if stride > 1 else ''}the tensor-parallel size {parts}")
         require(not (gather_output and sequence_parallel),
                 f"{self._what}: gather_output=True cannot be combined with sequence_parallel=True")
+        require(not (gather_output and replicas > 1), f"{self._what}: gather_output=True needs replicas=1")
+        require(not (input_in_region and sequence_parallel),
+                f"{self._what}: input_in_region=True takes the full sequence (sequence_parallel=False)")
+        self.input_in_region = bool(input_in_region)
         w, b = self._setup(in_features, out_features, group, bias, seed, full_params)
         self.gather_output, self.sequence_parallel, self.stride = gather_output, sequence_parallel, stride
-        self.out_local = out_features // g.size
-        self.weight = self._param(shard(w, g, 0, stride), dtype, device)
-        self.bias = None if b is None else self._param(shard(b, g, 0, stride), dtype, device)
+        self.replicas, self.part, self.parts = replicas, g.rank // replicas, parts
+        self.out_local = out_features // parts
+        self.weight = self._param(take_shard(w, self.part, parts, 0, stride), dtype, device)
+        self.bias = None if b is None else self._param(take_shard(b, self.part, parts, 0, stride), dtype, device)
+        self.replica_group = None
+        if replicas > 1:
+            self.replica_group = Group(g.comm.Split(self.part, key=g.rank), "tp-replicas")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x, self.in_features)
@@ -107,23 +128,36 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def forward_unchecked(self, x: torch.Tensor) -> torch.Tensor:
         """forward without the input check (for blocks that checked their input already)."""
-        if self.sequence_parallel:  # all-gather fused in: keeps only the local shard for backward
-            y = gather_linear(x, self.weight, self.bias, self.group)
+        weight, bias = self.weight, self.bias
+        if self.replica_group is not None:  # identity forward; backward sums the copies' gradients
+            weight = comm.copy_to_region(weight, self.replica_group)
+            bias = None if bias is None else comm.copy_to_region(bias, self.replica_group)
+        if self.input_in_region:
+            y = F.linear(x, weight, bias)
+        elif self.sequence_parallel:  # all-gather fused in: keeps only the local shard for backward
+            y = gather_linear(x, weight, bias, self.group)
         else:
-            y = F.linear(comm.copy_to_region(x, self.group), self.weight, self.bias)
+            y = F.linear(comm.copy_to_region(x, self.group), weight, bias)
         if self.gather_output:
             y = comm.gather_from_region(y, self.group, dim=-1)
         return y
 
     def full_state_dict(self) -> dict:
         """The serial nn.Linear's state_dict, on every rank (collective)."""
-        out = {"weight": unshard(self.weight, self.group, 0, self.stride)}
+        out = {"weight": self._unshard(self.weight)}
         if self.bias is not None:
-            out["bias"] = unshard(self.bias, self.group, 0, self.stride)
+            out["bias"] = self._unshard(self.bias)
         return out
+
+    def _unshard(self, local: torch.Tensor) -> torch.Tensor:
+        if self.replicas == 1:
+            return unshard(local, self.group, 0, self.stride)
+        pieces = comm.all_gather(local.detach().contiguous(), self.group, dim=0).chunk(self.group.size)
+        return assemble(list(pieces[::self.replicas]), 0, self.stride)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features} (local {self.out_local}), "
+                f"replicas={self.replicas}, "
                 f"tp={self.group.size}, bias={self.bias is not None}, gather_output={self.gather_output}, "
                 f"sequence_parallel={self.sequence_parallel}")
 

@@ -21,7 +21,9 @@ from .linear import ColumnParallelLinear, RowParallelLinear
 
 
 class ParallelMLP(nn.Module):
-    """fc1: ColumnParallelLinear(hidden, ffn), exact GELU, fc2: RowParallelLinear(ffn, hidden).
+    """fc1: ColumnParallelLinear(hidden, ffn), GELU, fc2: RowParallelLinear(ffn, hidden).
+
+    GELU is exact, or the tanh approximation with `approximate="tanh"` (GPT-2's).
 
     Input and output: [..., seq, hidden], replicated on the group; with
     sequence_parallel=True, this rank's block of the sequence (dim -2).
@@ -33,10 +35,12 @@ class ParallelMLP(nn.Module):
     check_inputs = True
 
     def __init__(self, hidden, ffn_hidden, group, sequence_parallel=False, seed=0, *,
-                 dtype=None, device=None, full_params=None):
+                 dtype=None, device=None, full_params=None, approximate="none"):
         super().__init__()
         self.group = checks.group_of(group, self._what)
-        checks.agree_config(self.group, self._what, [hidden, ffn_hidden, sequence_parallel, seed])
+        checks.agree_config(self.group, self._what, [hidden, ffn_hidden, sequence_parallel, seed, approximate])
+        require(approximate in ("none", "tanh"), f"{self._what}: approximate must be 'none' or 'tanh'")
+        self.approximate = approximate
         checks.positive(hidden, self._what, "hidden")
         checks.divisible(ffn_hidden, self.group, self._what, "ffn_hidden")
         require(isinstance(sequence_parallel, bool), f"{self._what}: sequence_parallel must be a bool")
@@ -56,6 +60,7 @@ class ParallelMLP(nn.Module):
         kwargs.pop("seed", None)
         kwargs.setdefault("dtype", mlp.fc1.weight.dtype)
         kwargs.setdefault("device", mlp.fc1.weight.device)
+        kwargs.setdefault("approximate", getattr(getattr(mlp, "act", None), "approximate", "none"))
         params = tuple((lin.weight.detach(), lin.bias.detach()) for lin in (mlp.fc1, mlp.fc2))
         return cls(mlp.fc1.in_features, mlp.fc1.out_features, group, full_params=params, **kwargs)
 
@@ -67,7 +72,7 @@ class ParallelMLP(nn.Module):
             require(err is None, err or "")
         # called as modules (not forward_unchecked): their forward hooks fire, which the pipeline's
         # input/weight-gradient split relies on (mpipar.pipeline.weight_grad)
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(F.gelu(self.fc1(x), approximate=self.approximate))
 
     def full_state_dict(self) -> dict:
         """models.MLP's state_dict (fc1.weight, fc1.bias, fc2.weight, fc2.bias) on every rank."""

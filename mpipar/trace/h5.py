@@ -77,12 +77,13 @@ def provenance(mesh_or_group) -> dict:
     command, the world size, the mesh dims as JSON and every rank's hostname
     (a JSON list indexed by rank).
     """
+    from ..flight.recorder import recorded
     from ..mesh import as_group
 
     g = as_group(mesh_or_group)
     info = local_provenance() if g.rank == 0 else None
-    info = g.comm.bcast(info, root=0)
-    hosts = g.comm.allgather(socket.gethostname())
+    info = recorded(g, "provenance", g.comm.bcast, info, root=0)
+    hosts = recorded(g, "provenance", g.comm.allgather, socket.gethostname())
     info.update(world_size=int(g.size), hostnames=json.dumps(hosts),
                 mesh=json.dumps(_mesh_dims(mesh_or_group, g.size)))
     return {k: info[k] for k in (*PROVENANCE_KEYS, "git_dirty", "python_version")}

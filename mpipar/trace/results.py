@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 
-from ..errors import MpiparError, require
+from ..errors import require
 from . import h5
 from .table import append_rows, read_table, write_rows
 
@@ -129,10 +128,3 @@ class ResultsWriter:
     def __repr__(self) -> str:
         return f"ResultsWriter({self.path!r}, {self.name!r}, points={len(self.keys)})"
 
-
-def require_new_points(points: list[dict]) -> None:
-    """Check that a sweep's configs are distinct (two equal configs would collide on resume)."""
-    counts = Counter(point_key(p) for p in points)
-    dup = sorted(k for k, n in counts.items() if n > 1)
-    if dup:
-        raise MpiparError(f"sweep has duplicate points: {dup[:3]}")

@@ -26,6 +26,7 @@ import time
 import uuid
 
 from ..errors import agree
+from ..flight.recorder import recorded
 from ..mesh import Mesh, as_group
 from . import h5
 from .memory import ActivationMeter, device_bytes, rss_bytes
@@ -58,8 +59,8 @@ class Tracer:
         self.memory: list[dict] = []
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         run = f"{stamp}-{os.getpid()}-{uuid.uuid4().hex[:6]}" if self.rank == 0 else None
-        self.run = self.group.comm.bcast(run, root=0)
-        self.group.comm.Barrier()
+        self.run = recorded(self.group, "tracer", self.group.comm.bcast, run, root=0)
+        recorded(self.group, "tracer", self.group.comm.Barrier)
         self.t0 = time.perf_counter()
         self.t0_unix = self.group.comm.bcast(time.time(), root=0)
 
@@ -115,8 +116,8 @@ class Tracer:
         """
         comm = self.group.comm
         prov = h5.provenance(self.source)
-        spans = comm.gather(self.spans, root=0)
-        memory = comm.gather(self.memory, root=0)
+        spans = recorded(self.group, "tracer save", comm.gather, self.spans, root=0)
+        memory = recorded(self.group, "tracer save", comm.gather, self.memory, root=0)
         error = None
         if self.rank == 0:
             try:

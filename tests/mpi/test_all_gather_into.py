@@ -14,8 +14,9 @@ import pytest
 import torch
 from conftest import rank_tensor, requires_cuda
 
-from mpipar import MpiparError, comm
-from mpipar.comm import into, shm_compiled, symmetric
+from mpipar import MpiparError, comm, settings
+from mpipar.comm.agreement import into
+from mpipar.comm.symmetric import compiled as shm_compiled, pool as symmetric
 from mpipar.device import node_is_oversubscribed
 from mpipar.mesh import Group
 
@@ -29,8 +30,7 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.int64, torch.bool]
 def group():
     from mpi4py import MPI
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MPIPAR_FAKE_RANKS_PER_NODE", raising=False)
+    with settings.override(fake_ranks_per_node=None):
         g = Group(MPI.COMM_WORLD.Dup(), "all-gather-into")
         comm.symmetric_empty((1,), torch.float32, g)  # creates the pool now
     yield g

@@ -51,7 +51,7 @@ def np_reduce(tensors, op):
 
 
 # (shape, transpose): 1-d, non-contiguous 2-d, 3-d, empty, 0-d (all small enough to ride along
-# with the agreement message: mpipar.comm.inline), then a non-contiguous one above that size in
+# with the agreement message: mpipar.comm.agreement.inline), then a non-contiguous one above that size in
 # every dtype (5155 elements > INLINE_BYTES), which takes the algorithm's own path
 REDUCE_CASES = [((7,), False), ((3, 5), True), ((2, 3, 4), False), ((0,), False), ((), False),
                 ((1031, 5), True)]
@@ -73,7 +73,7 @@ def test_all_reduce(world, checks, algorithm, op, dtype):
 
 # (shape, dim, transpose): non-divisible sizes, dims other than 0, a non-contiguous input,
 # fewer rows than ranks (some ranks get an empty slice)
-# (the small ones ride along with the agreement message, mpipar.comm.inline; the last is above
+# (the small ones ride along with the agreement message, mpipar.comm.agreement.inline; the last is above
 # INLINE_BYTES in every dtype and takes the algorithm's own path)
 SCATTER_CASES = [((7,), 0, False), ((5, 3), 0, False), ((3, 6), 1, True), ((2, 5, 3), -2, False), ((1, 4), 0, False),
                  ((1031, 5), 0, True)]

@@ -9,7 +9,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from mpipar.comm import symmetric
+from mpipar.comm.symmetric import pool as symmetric
 from mpipar.errors import MpiparError
 from mpipar.mesh import Group
 from mpipar.models.data_parallel import GradBuckets

@@ -20,7 +20,7 @@ def cases(n, r):
     odd = r == n - 1
     return {
         "shape_differs": (2, lambda w: comm.all_reduce(torch.zeros(3 + odd), w)),
-        # one rank small enough to ride along with the agreement (mpipar.comm.inline), one not
+        # one rank small enough to ride along with the agreement (mpipar.comm.agreement.inline), one not
         "shape_differs_small_vs_large": (2, lambda w: comm.all_reduce(torch.zeros(3 + 5000 * odd), w)),
         "shape_differs_large": (2, lambda w: comm.all_reduce(torch.zeros(5000 + odd), w)),
         "dtype_differs_small_bf16": (2, lambda w: comm.all_reduce(

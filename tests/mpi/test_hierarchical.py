@@ -1,4 +1,4 @@
-"""Hierarchical all-reduce (mpipar.comm.hierarchical) on faked node boundaries.
+"""Hierarchical all-reduce (mpipar.comm.symmetric.hierarchical) on faked node boundaries.
 
 MPIPAR_FAKE_RANKS_PER_NODE=k makes groups of k consecutive ranks act as nodes,
 so the inter-node path (shared-memory reduce-scatter inside each "node", MPI
@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import np_reduce, rank_tensor, same_on_all_ranks
 
-from mpipar import MpiparError, comm
-from mpipar.comm import symmetric
+from mpipar import MpiparError, comm, settings
+from mpipar.comm.symmetric import pool as symmetric
 from mpipar.mesh import Group
 
 pytestmark = pytest.mark.mpi
@@ -26,11 +26,7 @@ OPS = ["sum", "max", "min"]
 def _group(ranks_per_node):
     from mpi4py import MPI
 
-    with pytest.MonkeyPatch.context() as mp:
-        if ranks_per_node:
-            mp.setenv("MPIPAR_FAKE_RANKS_PER_NODE", str(ranks_per_node))
-        else:
-            mp.delenv("MPIPAR_FAKE_RANKS_PER_NODE", raising=False)
+    with settings.override(fake_ranks_per_node=ranks_per_node or None):
         g = Group(MPI.COMM_WORLD.Dup(), f"fake{ranks_per_node}")
         comm.symmetric_empty((1,), torch.float32, g)  # the pool reads the setting now
     return g

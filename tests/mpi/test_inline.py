@@ -1,4 +1,4 @@
-"""Small collectives ride along with the argument agreement (mpipar.comm.inline, inline_ops).
+"""Small collectives ride along with the argument agreement (mpipar.comm.agreement.inline, inline_ops).
 
 A validated all_reduce, broadcast, reduce_scatter or all_gather of at most
 INLINE_BYTES (per rank's piece, for all_gather) makes exactly ONE collective (the
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mpipar import comm
-from mpipar.comm.inline import INLINE_BYTES
+from mpipar.comm.agreement.inline import INLINE_BYTES
 from mpipar.mesh import Group
 
 pytestmark = pytest.mark.mpi

@@ -122,3 +122,14 @@ def test_device_and_as_group(world):
     assert as_group(world) is g  # cached: one wrapper (and one private p2p comm) per communicator
     with pytest.raises(MpiparError):
         as_group("tp")
+
+
+@pytest.mark.mpi
+def test_settings_that_differ_across_ranks_raise_on_every_rank(world, monkeypatch):
+    if world.Get_size() == 1:
+        pytest.skip("needs 2 ranks")
+    monkeypatch.setenv("MPIPAR_VALIDATE", "0" if world.Get_rank() == world.Get_size() - 1 else "1")
+    with pytest.raises(MpiparError, match=f"ranks \\[{world.Get_size() - 1}\\]"):
+        mpipar.Mesh()
+    monkeypatch.setenv("MPIPAR_VALIDATE", "1")
+    assert mpipar.Mesh().settings.validate == "1"

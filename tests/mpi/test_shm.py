@@ -1,4 +1,4 @@
-"""Shared-memory collectives on symmetric tensors (mpipar.comm.shm, mpipar.comm.symmetric).
+"""Shared-memory collectives on symmetric tensors (mpipar.comm.symmetric.collectives, mpipar.comm.symmetric.pool).
 
 Every rank rebuilds every other rank's input (`rank_tensor`: multiples of 1/4,
 so float sums are exact) and compares with a numpy reference rounded once to
@@ -14,8 +14,9 @@ import pytest
 import torch
 from conftest import np_reduce, rank_tensor, same_on_all_ranks
 
-from mpipar import MpiparError, comm
-from mpipar.comm import shm_compiled, symmetric, tuning
+from mpipar import MpiparError, comm, settings
+from mpipar.comm import tuning
+from mpipar.comm.symmetric import compiled as shm_compiled, pool as symmetric
 from mpipar.device import node_is_oversubscribed
 from mpipar.mesh import Group
 
@@ -29,8 +30,7 @@ OPS = ["sum", "max", "min"]
 def _new_group(name):
     from mpi4py import MPI
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("MPIPAR_FAKE_RANKS_PER_NODE", raising=False)
+    with settings.override(fake_ranks_per_node=None):
         g = Group(MPI.COMM_WORLD.Dup(), name)
         comm.symmetric_empty((1,), torch.float32, g)  # creates the pool now
     return g
@@ -87,7 +87,7 @@ def sym(g, src: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op", OPS)
 def test_all_reduce(group, checks, op, dtype, kernel, monkeypatch):
-    """Both kernels: the compiled one-pass sum (mpipar.comm.shm_compiled) where it applies, and numpy."""
+    """Both kernels: the compiled one-pass sum (mpipar.comm.symmetric.compiled) where it applies, and numpy."""
     monkeypatch.setenv("MPIPAR_SHM_COMPILED", "1" if kernel == "fused" else "0")
     n = group.size
     fused = kernel == "fused" and n > 1 and shm_compiled.kernel(dtype, op) is not None
@@ -122,7 +122,7 @@ def test_half_precision_rounds_once(group, checks, dtype):
 
 
 def test_owner_slices_cover_and_align():
-    from mpipar.comm.shm_kernels import owner_slices
+    from mpipar.comm.symmetric.kernels import owner_slices
 
     for numel, parts, item in [(0, 3, 4), (1, 4, 2), (1000, 3, 4), (4099, 4, 8), (17, 2, 1)]:
         s = owner_slices(numel, parts, item)
@@ -156,7 +156,7 @@ def test_reduce_scatter(group, checks, output, dim, dtype):
 
 @pytest.fixture(params=["numpy", "streaming"])
 def copies(request, monkeypatch):
-    """Copies of every size stream (non-temporal stores, mpipar.comm.shm_compiled.copy), or none.
+    """Copies of every size stream (non-temporal stores, mpipar.comm.symmetric.compiled.copy), or none.
     Returns a function: how many copies streamed since the fixture was set up."""
     monkeypatch.setenv("MPIPAR_SHM_STREAM_BYTES", "1" if request.param == "streaming" else str(1 << 62))
     start = shm_compiled.STATS["streamed"]
@@ -259,7 +259,7 @@ def test_many_small_calls_race_free_and_no_window_leak(fresh_group, checks, monk
     barrier) would see another iteration's values. MPIPAR_VALIDATE=0 drops the
     argument-agreement collective, which would otherwise act as an extra entry barrier
     and hide a missing one; with it on (a quarter of the calls), all_reduce's entry
-    exchange rides on the agreement Allgather (mpipar.comm.inline), which must then be
+    exchange rides on the agreement Allgather (mpipar.comm.agreement.inline), which must then be
     a sufficient entry barrier. Pool windows are counted: reused, never piling up."""
     monkeypatch.setenv("MPIPAR_VALIDATE", validate)
     monkeypatch.setenv("MPIPAR_SHM_POOLED_OUTPUT_BYTES", "1")

@@ -12,7 +12,7 @@ from conftest import rank_tensor, requires_cuda
 
 from mpipar import comm
 from mpipar.comm import buffers
-from mpipar.comm.inline import INLINE_BYTES
+from mpipar.comm.agreement.inline import INLINE_BYTES
 
 pytestmark = pytest.mark.mpi
 
@@ -37,7 +37,7 @@ def run_all(world, dtype, device="cpu"):
     mk = lambda shape, seed: rank_tensor(shape, dtype, r, seed).to(device)  # noqa: E731
     out = {}
     # (sizes above INLINE_BYTES for every dtype: smaller data rides along with the argument
-    # agreement, mpipar.comm.inline, and never reaches the staging path)
+    # agreement, mpipar.comm.agreement.inline, and never reaches the staging path)
     for algorithm in ("mpi", "ring"):
         x = mk((64, 70), 0).t()  # non-contiguous
         out[f"all_reduce_{algorithm}"] = comm.all_reduce(x, world, algorithm=algorithm)

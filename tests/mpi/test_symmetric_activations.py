@@ -1,12 +1,12 @@
-"""Symmetric activations (mpipar.comm.activations): the copies that tensor-parallel regions
+"""Symmetric activations (mpipar.comm.symmetric.activations): the copies that tensor-parallel regions
 all-reduce are born in shared memory; results must not change, forced on, off or auto."""
 import pytest
 import torch
 from mpi4py import MPI
 
 from mpipar import MpiparError, comm, models
-from mpipar.comm import activations
-from mpipar.comm.symmetric import pool_of
+from mpipar.comm.symmetric import activations
+from mpipar.comm.symmetric.pool import pool_of
 from mpipar.mesh import as_group
 from mpipar.tensor import ParallelMLP, ParallelSelfAttention
 

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from conftest import requires_cuda
 
 from mpipar.comm import outputs
 from mpipar.comm.outputs import MIN_BYTES, OutputPool
@@ -98,8 +99,7 @@ def test_clear_drops_free_buffers_only():
     assert list(pool.buffers) == [N * 4] and held.shape == (N,)
 
 
+@requires_cuda
 def test_cuda_outputs_bypass_the_pool():
-    if not torch.cuda.is_available():
-        pytest.skip("no GPU")
     a = outputs.empty([N], torch.float32, "cuda")
     assert a.is_cuda

@@ -44,6 +44,7 @@ DRIVERS = {
     "sequence_parallel": (2, ["--quick"]),
     # --quick's batch 8 needs dp x microbatches to divide it: 2 microbatches at dp 4
     "train_gpt": (4, ["--quick", "--layouts", "all", "--steps", "2", "--microbatches", "2"]),
+    "llama_peer": (2, ["--quick"]),
 }
 TABLES = {  # table -> the driver that writes it
     "collectives": "collectives",
@@ -54,6 +55,7 @@ TABLES = {  # table -> the driver that writes it
     "context_parallel": "sequence_parallel",
     "train_gpt": "train_gpt",
     "train_gpt_layouts": "train_gpt",
+    "llama_peer": "llama_peer",
 }
 
 pytestmark = pytest.mark.skipif(not README.exists() or not MPIEXEC.exists(),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mpipar.errors import MpiparError
-from mpipar.sequence.blocks import attended_pairs, plan_blocks, step_plan
+from mpipar.sequence.tiles import attended_pairs, plan_tiles, step_plan
 from mpipar.sequence.layout import (local_positions, natural_from_storage, num_chunks, rank_chunks,
                                     shard_sequence, storage_from_natural, storage_order)
 
@@ -90,12 +90,12 @@ def test_ring_plan_covers_the_mask_exactly_once(size, layout, causal):
     assert torch.equal(count, want)
 
 
-def test_plan_blocks_merges_and_skips():
-    assert [tuple(vars(b).values()) for b in plan_blocks([1, 6], [1, 6], True)] == [(0, 2, 0, 2, True)]
-    assert [tuple(vars(b).values()) for b in plan_blocks([2, 5], [0, 7], True)] == [(0, 2, 0, 1, False)]
-    assert [tuple(vars(b).values()) for b in plan_blocks([0, 7], [2, 5], True)] == [(1, 2, 0, 2, False)]
-    assert plan_blocks([0], [3], True) == []
-    assert [tuple(vars(b).values()) for b in plan_blocks([0, 7], [2, 5], False)] == [(0, 2, 0, 2, False)]
+def test_plan_tiles_merges_and_skips():
+    assert [tuple(vars(b).values()) for b in plan_tiles([1, 6], [1, 6], True)] == [(0, 2, 0, 2, True)]
+    assert [tuple(vars(b).values()) for b in plan_tiles([2, 5], [0, 7], True)] == [(0, 2, 0, 1, False)]
+    assert [tuple(vars(b).values()) for b in plan_tiles([0, 7], [2, 5], True)] == [(1, 2, 0, 2, False)]
+    assert plan_tiles([0], [3], True) == []
+    assert [tuple(vars(b).values()) for b in plan_tiles([0, 7], [2, 5], False)] == [(0, 2, 0, 2, False)]
 
 
 @pytest.mark.parametrize("size", [2, 3, 4, 8])

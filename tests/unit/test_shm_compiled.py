@@ -1,4 +1,4 @@
-"""mpipar.comm.shm_compiled: the compiled kernels of the shared-memory collectives.
+"""mpipar.comm.symmetric.compiled: the compiled kernels of the shared-memory collectives.
 
 sum_push (all-reduce) must give numpy's result bit for bit (the sum in numpy's order:
 own + peer 0 + peer 1 ...) in own and in every peer, for every supported dtype, with 1 to
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from mpipar.comm import shm_compiled
+from mpipar.comm.symmetric import compiled as shm_compiled
 
 pytestmark = pytest.mark.skipif(shm_compiled.compiler() is None, reason="no C compiler (cc or $CC)")
 

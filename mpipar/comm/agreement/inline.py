@@ -1,0 +1,231 @@
+"""The argument agreement that carries small tensors along: one collective per small call.
+
+Every validated all_reduce, broadcast, reduce_scatter and all_gather starts with
+ONE fixed-size Allgather: each rank sends [hash of its signature, bad-argument
+flag, its size along the free dim (all_gather), its symmetric descriptor
+(window, offset, nbytes: the shared-memory path's entry exchange, so that needs
+no second one)] and a 4 KiB payload slot.
+The message size never depends on the arguments, so ranks that disagree
+still complete it, see the disagreement and raise the same MpiparError.
+When the (agreed) signature says the tensor is small (at most INLINE_BYTES, a
+dtype the slot carries, algorithm "auto", "mpi" or "ring"), its data rode in
+the payload slot and the call finishes locally (mpipar.comm.agreement.inline_ops):
+all-reduce and reduce-scatter reduce the N rows in rank order (bit-identical
+on every rank), broadcast copies the root's row, all-gather concatenates the
+rows (inline only when EVERY rank's piece fits, which every rank reads from
+the same table). Larger tensors go on to their collective after the agreement.
+
+Why: a separate agreement collective before MPI's own would cost a second round
+trip per call; riding on it makes a small checked call cost about one collective
+(results/TUNING.md).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import numpy as np
+import torch
+
+from ...errors import MpiparError
+from .. import tuning
+from ..symmetric import entry as shm_entry
+from ..buffers import memo
+from ..backends.mpi import in_place
+from .protocol import BAD_DIM, _UNKNOWN, check, exchange, signature
+
+INLINE_BYTES = 4096  # the payload slot; identical on every rank by construction (never from env)
+_HEAD = 6  # int64 words: signature hash, bad flag, free size, symmetric descriptor [window, offset, nbytes]
+_AGREED = 2  # the words every rank must have equal
+_MINE = 3    # the words a call writes into its row's head (hash, bad, free size)
+_SLOT = _HEAD * 8 + INLINE_BYTES
+_INLINE_ALGORITHMS = ("auto", "mpi", "ring")
+CARRIER = {torch.float32: torch.float32, torch.float64: torch.float64, torch.int64: torch.int64,
+           torch.int32: torch.int32, torch.int16: torch.int16, torch.int8: torch.int8,
+           torch.uint8: torch.uint8, torch.bool: torch.uint8}
+_PAIR = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum}
+_INFO: dict = {}  # (name, shape, dtype, op, algorithm, dim, root) -> _Call
+
+
+class _Call:
+    """What a signature implies, computed once per distinct call shape."""
+
+    __slots__ = ("name", "sig", "head", "head_bytes", "bad", "free", "numel", "nbytes", "combine", "fits",
+                 "need_op", "need_algorithm", "root_name")
+
+    def __init__(self, name, t: torch.Tensor, op, algorithm, dim, root, free_dim, root_name):
+        self.name, self.root_name = name, root_name
+        self.need_op, self.need_algorithm = op is not None, algorithm is not None
+        self.sig = signature(t, op, algorithm, dim, root)
+        self.bad = int((self.need_op and self.sig[0] == _UNKNOWN) or (self.need_algorithm and self.sig[1] == _UNKNOWN)
+                       or self.sig[2] == _UNKNOWN or self.sig[4] == BAD_DIM)
+        free = 6 + int(self.sig[4]) if free_dim and not self.bad else None
+        self.free = None if free is None else int(self.sig[free])
+        agreed = self.sig if free is None else self.sig[:free] + (0,) + self.sig[free + 1:]
+        self.head = np.array([hash(agreed), self.bad, self.free or 0], dtype=np.int64)
+        self.head_bytes = self.head[:_AGREED].tobytes()
+        self.numel, self.nbytes = t.numel(), t.numel() * t.element_size()
+        # this rank's data rides along (all_gather: whether it is USED is decided on the table)
+        self.fits = (not self.bad and t.dtype in CARRIER and self.nbytes <= INLINE_BYTES
+                     and (algorithm is None or algorithm in _INLINE_ALGORITHMS))
+        op = "max" if t.dtype is torch.bool and op == "sum" else op
+        self.combine = _PAIR.get(op) if self.fits and op is not None else None
+
+
+def _call(name, t: torch.Tensor, op=None, algorithm=None, dim=0, root=0, free_dim=False, root_name="root") -> _Call:
+    try:
+        key = (name, t.shape, t.dtype, op, algorithm, dim, root)
+        info = _INFO.get(key)
+    except TypeError:  # an unhashable op/algorithm: no cache (and certainly unknown)
+        return _Call(name, t, op, algorithm, dim, root, free_dim, root_name)
+    if info is None:
+        if len(_INFO) > 4096:
+            _INFO.clear()
+        info = _INFO[key] = _Call(name, t, op, algorithm, dim, root, free_dim, root_name)
+    return info
+
+
+class _Buffers:
+    """A group's reused (N, slot) table: row r is rank r's slot (gathered in place)."""
+
+    def __init__(self, size: int, rank: int):
+        self.table = np.zeros((size, _SLOT), dtype=np.uint8)
+        self.heads = self.table[:, : _HEAD * 8].view(np.int64)
+        self.agreed = self.heads[:, :_AGREED]
+        self.descriptors = self.heads[:, _MINE:]
+        self.my_head = self.heads[rank, :_MINE]
+        self.my_descriptor = self.heads[rank, _MINE:]
+        self.my_addr = self.table[rank].ctypes.data + _HEAD * 8
+        self.rank = rank
+        self.rows: dict = {}
+        self.last, self.expect = None, b""  # the _Call whose head is in this rank's row
+        self.gather = None  # the in-place Allgather of `table` (set by buffers())
+
+    def typed_rows(self, dtype: torch.dtype, shape) -> tuple:
+        """The N payloads (row r: rank r's), shaped `shape` and typed `dtype`."""
+        # (dtype, shape) fix the views; the caller's tensor does not
+        return self.cached((dtype, shape), lambda: tuple(self.row(k, dtype, shape) for k in range(len(self.table))))
+
+    def cached(self, key, build):
+        """Views over the table built once per key (the table never moves)."""
+        return memo(self.rows, key, build, 256)
+
+    def row(self, k: int, dtype: torch.dtype, shape) -> torch.Tensor:
+        """Row k's payload as one tensor of `shape` (all_gather: each rank's own shape)."""
+        n = int(np.prod(shape, dtype=np.int64))
+        slot = torch.from_numpy(self.table[k, _HEAD * 8:])
+        return slot.view(CARRIER[dtype])[:n].view(dtype).view(shape)
+
+    def free_sizes(self) -> list[int]:
+        return self.heads[:, 2].tolist()
+
+
+def buffers(g) -> _Buffers:
+    b = getattr(g, "_inline_buffers", None)
+    if b is None:
+        b = g._inline_buffers = _Buffers(g.size, g.rank)
+        b.gather = _allgather_of(g, b.table)
+    return b
+
+
+def exchange_args(g, info: _Call, t: torch.Tensor, payload: bool, shared_of=None) -> tuple:
+    """Collective over g (size > 1): the one Allgather. Sends this rank's head, and either
+    its data (`payload`) or the symmetric descriptor of `shared_of` (when the group has a
+    one-node pool). Raises MpiparError on every rank if the arguments differ or are bad.
+    Returns (the group's buffers, the (N, 3) descriptor table or None)."""
+    buf = buffers(g)
+    _load_head(buf, info, g.size)
+    descriptor = None
+    if shared_of is not None:
+        descriptor = shm_entry.local_descriptor(g, shared_of)
+        buf.my_descriptor[:] = descriptor if descriptor is not None else -1
+    if payload:
+        if t.is_cpu and t.is_contiguous():
+            _MEMMOVE(buf.my_addr, t.data_ptr(), info.nbytes)
+        else:
+            buf.typed_rows(t.dtype, t.shape)[buf.rank].copy_(t.detach())
+    _gather_checked(g, buf, info)
+    return buf, (buf.descriptors.copy() if descriptor is not None else None)
+
+
+def _load_head(buf: _Buffers, info: _Call, size: int) -> None:
+    """This rank's head in its row (the in-place Allgather leaves the row alone, so only
+    when the call shape changed) and the heads every rank must then send."""
+    if buf.last is not info:
+        buf.my_head[:] = info.head
+        buf.last, buf.expect = info, info.head_bytes * size
+
+
+def _gather_checked(g, buf: _Buffers, info: _Call) -> None:
+    """The Allgather of the table; MpiparError on every rank when the heads differ or flag bad
+    arguments."""
+    buf.gather()
+    if info.bad or buf.agreed.tobytes() != buf.expect:
+        _disagreement(g, info)
+
+
+def _disagreement(g, info: _Call):
+    """Collective: after a table whose heads differ or flag bad arguments, exchange the full
+    signatures and raise the MpiparError that says what differs (on every rank)."""
+    check(info.name, exchange(g, np.array(info.sig, dtype=np.int64)), info.need_op, info.need_algorithm,
+          info.free is not None, info.root_name)
+    raise MpiparError(f"{info.name}: arguments differ across ranks")  # pragma: no cover (hash collision)
+
+
+def agree_all_reduce(t: torch.Tensor, g, op, algorithm):
+    """Collective over g (size > 1): agree on the arguments (raise MpiparError on every rank
+    if they differ or are bad). Returns True when `t` was small and is now reduced in place;
+    else the (N, 3) table of every rank's symmetric descriptor [window, offset, nbytes] when
+    the group has a one-node symmetric pool (mpipar.comm.symmetric.collectives then needs no entry exchange:
+    this Allgather was it), else None."""
+    info = _call("all_reduce", t, op, algorithm)
+    combine = info.combine
+    if combine is not None and algorithm == "auto" and tuning.shm_pays("all_reduce", info.nbytes):
+        combine = None  # the crossover lowered below INLINE_BYTES (a setting shared by all ranks)
+    if combine is not None and t.is_cpu and t.is_contiguous():
+        _small_all_reduce(g, info, t)
+        return True
+    buf, entry = exchange_args(g, info, t, combine is not None, t if combine is None else None)
+    if combine is None:
+        return entry
+    (t.detach() if t.requires_grad else t).copy_(reduce_rows(combine, buf.typed_rows(t.dtype, t.shape)))
+    return True
+
+
+def _small_all_reduce(g, info: _Call, t: torch.Tensor) -> None:
+    """exchange_args and the reduction for a contiguous CPU `t` whose data rides in the slot,
+    flattened: the hot path of small all-reduces, where each call layer costs a few percent.
+    The N rows are reduced in rank order, so every rank gets the same bits."""
+    buf = buffers(g)
+    _load_head(buf, info, g.size)
+    if info.nbytes:
+        _MEMMOVE(buf.my_addr, t.data_ptr(), info.nbytes)
+    _gather_checked(g, buf, info)
+    rows = buf.rows.get(info)
+    if rows is None:
+        rows = buf.cached(info, lambda: buf.typed_rows(t.dtype, t.shape))
+    out = t.detach() if t.requires_grad else t
+    info.combine(rows[0], rows[1], out=out)
+    for k in range(2, len(rows)):
+        info.combine(out, rows[k], out=out)
+
+
+def reduce_rows(combine, rows) -> torch.Tensor:
+    """rows[0] op rows[1] op ... in rank order, as a new tensor."""
+    acc = combine(rows[0], rows[1])
+    for k in range(2, len(rows)):
+        combine(acc, rows[k], out=acc)
+    return acc
+
+
+_MEMMOVE = ctypes.memmove
+
+
+def _allgather_of(g, table):
+    """The group's in-place Allgather of its table, as a no-argument call: a polite wait
+    (mpipar.comm.wait) when ranks outnumber cores."""
+    if g.oversubscribed:
+        from ..wait import wait_all
+
+        return lambda: wait_all([g.comm.Iallgather(in_place(), table)])
+    return functools.partial(g.comm.Allgather, in_place(), table)

@@ -1,0 +1,4 @@
+"""mpipar.layers: plain-torch pieces shared by the serial models (mpipar.models) and the parallel
+layers (mpipar.tensor, mpipar.sequence): attention head reshapes (`heads`) and rotary
+positions (`rotary`). No MPI, no imports from the rest of mpipar.
+"""

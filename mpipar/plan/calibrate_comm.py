@@ -1,0 +1,144 @@
+"""Collective and p2p timings through mpipar.comm, run under mpiexec by `calibrate`.
+
+    mpiexec -n N python -m mpipar.plan.calibrate_comm OUT.json [--quick]
+
+Times every call as the library's user sees it (argument agreement, staging,
+Python included), at message sizes from 256 B to 4 MiB, and fits, per op,
+time = a + nbytes * b (rows weighted by 1/time: the noise is relative).
+nbytes is the full tensor: the all-reduce's buffer, the all-gather's output,
+the reduce-scatter's input, the all-to-all's local buffer, the p2p message.
+Rank 0 writes {"collectives": {op: {N: [a, b]}}, "collective_points": the
+measurements, "rss_bytes": the largest rank's resident set after a few steps of a
+tiny model, "probe_s": the mean
+time of a fixed compute probe with all N ranks busy at once} to OUT.json.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+
+
+def _time(fn, comm, reps: int) -> float:
+    fn()
+    comm.Barrier()
+    best = []
+    for _ in range(3):
+        comm.Barrier()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best.append((time.perf_counter() - t0) / reps)
+    return comm.allreduce(float(np.median(best)), op=_max())
+
+
+def _max():
+    from mpi4py import MPI
+    return MPI.MAX
+
+
+def compute_probe(torch) -> float:
+    """Seconds of a fixed mix of eager ops and GEMMs (the median of 5 rounds)."""
+    from mpipar.models.gpt import Block, GPTConfig
+
+    block = Block(GPTConfig(16, 16, 32, 2, 1), 0)
+    x = torch.randn(2, 16, 32, requires_grad=True)
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+
+    def once():
+        for _ in range(10):
+            block(x).sum().backward()
+        for _ in range(10):
+            a @ b
+
+    once()
+    rounds = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        once()
+        rounds.append(time.perf_counter() - t0)
+    return float(np.median(rounds))
+
+
+def _trained_rss(torch, mesh, rss_bytes) -> int:
+    """Resident set after a few steps of a tiny data-parallel GPT: what the framework itself holds
+    (its model states are a few hundred KiB)."""
+    from mpipar import models
+
+    cfg = models.GPTConfig(64, 32, 32, 2, 2)
+    model = models.GPT(cfg, mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        tokens = torch.randint(0, 64, (2 * mesh.dp.size, 32), generator=gen)
+        models.train_step(model, (tokens, tokens), opt, mesh, 2, max_grad_norm=1.0)
+    return rss_bytes()
+
+
+def _fit(sizes, times) -> list[float]:
+    x, t = np.asarray(sizes, float), np.asarray(times, float)
+    A = np.stack([np.ones_like(x), x], axis=1) / t[:, None]
+    (a, b), *_ = np.linalg.lstsq(A, np.ones_like(t), rcond=None)
+    return [max(float(a), 0.0), max(float(b), 0.0)]
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    out, quick = argv[0], "--quick" in argv
+    import torch
+
+    import mpipar
+    from mpipar import comm as C
+    from mpipar.trace.memory import rss_bytes
+
+    from mpi4py import MPI
+    world = MPI.COMM_WORLD
+    n = world.Get_size()
+    mesh = mpipar.Mesh(dp=n)
+    g = mesh.dp
+    rss = world.allreduce(_trained_rss(torch, mesh, rss_bytes), op=MPI.MAX)
+    torch.set_num_threads(1)
+    world.Barrier()
+    probe = world.allreduce(compute_probe(torch), op=MPI.SUM) / n   # every rank busy at once
+    sizes = [256, 4096, 65536, 1 << 20] if quick else [256, 2048, 16384, 131072, 1 << 20, 4 << 20]
+    results: dict = {}
+    points: dict = {}
+    for op in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv"):
+        times = []
+        for nbytes in sizes:
+            numel = max(n, nbytes // 4 // n * n)
+            reps = 20 if nbytes <= 65536 else 5
+            if op == "all_reduce":
+                t = torch.ones(numel)
+                fn = lambda t=t: C.all_reduce(t, g)  # noqa: E731
+            elif op == "all_gather":
+                t = torch.ones(numel // n)
+                fn = lambda t=t: C.all_gather(t, g)  # noqa: E731
+            elif op == "reduce_scatter":
+                t = torch.ones(numel)
+                fn = lambda t=t: C.reduce_scatter(t, g)  # noqa: E731
+            elif op == "all_to_all":
+                t = torch.ones(numel)
+                fn = lambda t=t: C.all_to_all(t, g, 0, 0)  # noqa: E731
+            else:
+                t, buf = torch.ones(numel), torch.empty(numel)
+                right, left = (g.rank + 1) % n, (g.rank - 1) % n
+
+                def fn(t=t, buf=buf, right=right, left=left):
+                    r = C.irecv(buf, left, g)
+                    C.send(t, right, g)
+                    r.wait()
+            times.append(_time(fn, world, reps))
+        results[op] = {str(n): _fit([max(n, s // 4 // n * n) * 4 for s in sizes], times)}
+        points[op] = {str(n): [[s, t] for s, t in zip(sizes, times)]}
+    if world.rank == 0:
+        with open(out, "w") as f:
+            json.dump({"collectives": results, "collective_points": points, "rss_bytes": rss,
+                       "probe_s": probe}, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

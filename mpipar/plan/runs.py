@@ -1,0 +1,111 @@
+"""The prediction next to the measurement, for every run of experiments/train_gpt.py.
+
+    row.update(plan.runs.train_gpt_prediction(gpt_config, cfg, (dp, pp, sp, tp), row, tracer.spans))
+
+adds pred_* columns (step time, each component, memory, activations) and the
+measured counterparts the run has (step time, rank 0's optimizer and
+gradient-sync spans per step, the largest activation peak and RSS), plus the
+relative errors. `format_predicted(rows)` prints them side by side. Nothing
+here raises: a layout the model cannot describe gets NaN and a note.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+
+from ..errors import MpiparError
+from .estimate import COMPONENTS, estimate
+from .spec import Layout, ModelSpec
+from .system import System
+
+DEFAULT_SYSTEM = "local-cpu"
+UNITS = {**{f"pred_{c}_s": "s" for c in COMPONENTS}, "pred_step_s": "s", "pred_memory_bytes": "B",
+         "pred_activation_bytes": "B", "pred_rss_bytes": "B", "measured_optimizer_s": "s",
+         "measured_grad_sync_s": "s"}
+_SYSTEMS: dict = {}
+
+
+def _system(name) -> System:
+    if name not in _SYSTEMS:
+        _SYSTEMS[name] = System.load(name)
+    return _SYSTEMS[name]
+
+
+def layout_of(cfg, layout: tuple) -> Layout:
+    """The plan.Layout of one train_gpt layout (dp, pp, sp, tp) under its Config."""
+    dp, pp, sp, tp = layout
+    m = int(getattr(cfg, "microbatches", 1))
+    batch = int(cfg.batch)
+    if batch % (dp * m):
+        raise MpiparError(f"batch {batch} does not split into dp {dp} x {m} microbatches")
+    dtype = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(str(getattr(cfg, "dtype", "float32")),
+                                                                          "fp32")
+    return Layout(tp=tp, pp=pp, dp=dp, sp=sp, sp_mode=getattr(cfg, "sp_mode", "ring"),
+                  num_chunks=int(getattr(cfg, "chunks", 1)) if pp > 1 else 1,
+                  schedule=cfg.schedule if pp > 1 else "1f1b", micro_batch=batch // (dp * m), global_batch=batch,
+                  sequence_parallel=tp > 1,            # ParallelGPT's default
+                  recompute="full" if getattr(cfg, "checkpointing", False) else "none",
+                  zero=int(getattr(cfg, "zero", 0) or 0), dtype=dtype)
+
+
+def _per_step(spans, name: str, steps: int) -> float:
+    """Rank 0's mean seconds per step in spans called `name` (NaN when none)."""
+    total = sum(s["t_end"] - s["t_start"] for s in spans or () if s.get("name") == name)
+    return total / steps if total and steps else math.nan
+
+
+def train_gpt_prediction(gpt_config, cfg, layout: tuple, measured: dict, spans=None, system=None) -> dict:
+    """pred_* and error columns for one layout's summary row (`measured` has step_s, max_rss_bytes, ...)."""
+    out = {f"pred_{c}_s": math.nan for c in COMPONENTS}
+    out.update(pred_step_s=math.nan, pred_memory_bytes=math.nan, pred_activation_bytes=math.nan,
+               pred_rss_bytes=math.nan, step_error=math.nan, activation_error=math.nan, rss_error=math.nan,
+               pred_note="")
+    steps = int(getattr(cfg, "steps", 0) or 0)
+    out["measured_optimizer_s"] = _per_step(spans, "optimizer", steps)
+    out["measured_grad_sync_s"] = _per_step(spans, "grad_sync", steps)
+    try:
+        system = _system(system or getattr(cfg, "plan_system", None) or DEFAULT_SYSTEM)
+        est = estimate(ModelSpec.from_config(gpt_config), system, layout_of(cfg, layout))
+    except MpiparError as e:
+        out["pred_note"] = str(e)
+        return out
+    out.update({f"pred_{c}_s": v for c, v in est.breakdown.items()})
+    out["pred_step_s"] = est.step_time
+    out["pred_memory_bytes"] = est.memory
+    out["pred_activation_bytes"] = est.memory_breakdown["activations"]
+    out["pred_rss_bytes"] = est.memory + est.runtime_memory
+    out["pred_note"] = system.name
+    for key, pred, meas in (("step_error", est.step_time, measured.get("step_s")),
+                            ("activation_error", out["pred_activation_bytes"],
+                             measured.get("max_activation_peak_bytes")),
+                            ("rss_error", out["pred_rss_bytes"], measured.get("max_rss_bytes"))):
+        if meas:
+            out[key] = pred / meas - 1.0
+    return out
+
+
+def format_predicted(rows: list[dict]) -> str:
+    """Predicted next to measured, one line per layout, and the mean and worst step-time errors."""
+    lines = [f"\n{'layout':<20}{'step s':>9}{'pred s':>9}{'error':>8}   {'act MiB':>8}{'pred':>8}   "
+             f"{'RSS MiB':>8}{'pred':>8}   biggest predicted components"]
+    errs = []
+    for r in rows:
+        if not isinstance(r.get("pred_step_s"), float) or math.isnan(r["pred_step_s"]):
+            lines.append(f"{r['layout']:<20}{r['step_s']:>9.3f}   (no prediction: {r.get('pred_note', '')})")
+            continue
+        errs.append(abs(r["step_error"]))
+        comps = sorted(((r[f"pred_{c}_s"], c) for c in COMPONENTS), reverse=True)[:3]
+        lines.append(f"{r['layout']:<20}{r['step_s']:>9.3f}{r['pred_step_s']:>9.3f}{r['step_error']:>+8.0%}   "
+                     f"{r.get('max_activation_peak_bytes', math.nan) / 2**20:>8.1f}"
+                     f"{r['pred_activation_bytes'] / 2**20:>8.1f}   "
+                     f"{r.get('max_rss_bytes', math.nan) / 2**20:>8.0f}{r['pred_rss_bytes'] / 2**20:>8.0f}   "
+                     + ", ".join(f"{c} {v * 1e3:.1f} ms" for v, c in comps))
+    if errs:
+        lines.append(f"step time: mean |error| {statistics.mean(errs):.0%}, worst {max(errs):.0%} "
+                     f"(system {rows[0].get('pred_note', '')})")
+        best_pred = min((r for r in rows if r.get("step_error") == r.get("step_error")),
+                        key=lambda r: r["pred_step_s"])
+        fastest = min(rows, key=lambda r: r["step_s"])
+        lines.append(f"predicted best {best_pred['layout']} measured {best_pred['step_s']:.3f} s; fastest "
+                     f"{fastest['layout']} {fastest['step_s']:.3f} s ({best_pred['step_s'] / fastest['step_s'] - 1:+.0%})")
+    return "\n".join(lines)

@@ -1,0 +1,181 @@
+"""System: what a machine can do, read from a JSON file (shipped in systems/ or written by calibrate).
+
+Fields (every shipped number carries its source under "sources"):
+  peak_flops{dtype}            dense matmul peak per device, FLOP/s
+  matmul{efficiency, half_dim} achieved fraction of peak for a large GEMM, and the
+                               size at which each of m, n, k halves it: efficiency
+                               * m/(m+d) * n/(n+d) * k/(k+d)
+  attention{efficiency, half_dim}  the same for a fused (flash) attention kernel, over head_dim
+  memory_bandwidth, memory_efficiency, memory_capacity (bytes/s, fraction, bytes)
+  op_overhead, overhead_mode   seconds per kernel launch / eager op; "max" (asynchronous
+                               launches hide behind work) or "add" (the host waits)
+  cores                        host cores shared by the ranks of a node (CPU systems), else null
+  contention{N: factor}        measured compute slowdown with N ranks busy on the host (calibrate);
+                               without it, N / cores beyond the cores
+  ranks_per_node               devices per node
+  links{intra, inter}          alpha (s per ring step), bandwidth (bus bandwidth, B/s), p2p_alpha,
+                               p2p_bandwidth; inter: bandwidth per device (its NIC)
+  collectives{op: {size: [a, b]}}  optional per-call fits (calibrate): time = a + nbytes * b for one
+                               call of `op` on `size` ranks of one node; replace the intra link
+  optimizer{bytes_per_param, per_tensor}  memory traffic of one Adam update, host overhead per tensor
+  runtime_bytes                memory the framework holds before the model (context, allocator)
+  software{attention, dp_overlap, ring_overlap, bucket_bytes, grad_reduce_bytes}
+                               what the training code does: "flash" or "unfused" attention,
+                               fraction of the last backward that hides data-parallel
+                               communication, bucket size, bytes per reduced gradient element,
+                               whether p2p sends 1/tp of an activation (Megatron's scatter-gather),
+                               memory traffic per parameter per microbatch to accumulate gradients
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+from ..errors import MpiparError
+from .alpha_beta import cost as ring_cost
+
+SYSTEMS_DIR = Path(__file__).resolve().parent / "systems"
+REQUIRED = ("name", "peak_flops", "matmul", "attention", "memory_bandwidth", "memory_efficiency",
+            "memory_capacity", "op_overhead", "overhead_mode", "ranks_per_node", "links", "optimizer",
+            "runtime_bytes", "software")
+SOFTWARE_DEFAULTS = {"attention": "flash", "dp_overlap": 1.0, "ring_overlap": 1.0,
+                     "bucket_bytes": 25 * 2**20, "grad_reduce_bytes": 4,
+                     "p2p_scatter_gather": False, "grad_accumulation_bytes": 0.0}
+
+
+class System:
+    """A machine description; attribute access to the JSON fields, plus the cost helpers the model uses."""
+
+    def __init__(self, data: dict, path: str | None = None):
+        missing = [k for k in REQUIRED if k not in data]
+        if missing:
+            raise MpiparError(f"System {data.get('name', path)!r}: missing fields {missing}")
+        if data["overhead_mode"] not in ("max", "add"):
+            raise MpiparError(f"System: overhead_mode must be 'max' or 'add', got {data['overhead_mode']!r}")
+        for level in ("intra", "inter"):
+            if level not in data["links"]:
+                raise MpiparError(f"System {data['name']!r}: links needs {level!r}")
+        self.data = copy.deepcopy(data)
+        self.data["software"] = {**SOFTWARE_DEFAULTS, **data["software"]}
+        self.path = path
+        d = self.data
+        self.name = d["name"]
+        self.peak_flops = {k: float(v) for k, v in d["peak_flops"].items()}
+        self.bandwidth = float(d["memory_bandwidth"]) * float(d["memory_efficiency"])
+        self.capacity = float(d["memory_capacity"])
+        self.op_overhead = float(d["op_overhead"])
+        self.add_overhead = d["overhead_mode"] == "add"
+        self.cores = d.get("cores")
+        self.ranks_per_node = int(d["ranks_per_node"])
+        self.software = d["software"]
+        self._memo: dict = {}
+        self.collectives = {(op, int(n)): (float(ab[0]), float(ab[1]))
+                            for op, fits in d.get("collectives", {}).items() for n, ab in fits.items()}
+
+    # ---- loading -------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, name_or_path) -> "System":
+        """A shipped system by name ("a100-80gb", "h100-80gb", "local-cpu") or a JSON file path."""
+        path = Path(str(name_or_path))
+        if not path.suffix and not path.exists():
+            path = SYSTEMS_DIR / f"{name_or_path}.json"
+        if not path.exists():
+            shipped = sorted(p.stem for p in SYSTEMS_DIR.glob("*.json"))
+            raise MpiparError(f"System.load: no system {name_or_path!r} (shipped: {shipped}, or give a JSON path)")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise MpiparError(f"System.load: cannot read {path}: {e}") from None
+        return cls(data, str(path))
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps(self.data, indent=1) + "\n")
+
+    def with_software(self, **changes) -> "System":
+        """The same hardware running different training code (e.g. unfused attention, no DP overlap)."""
+        data = copy.deepcopy(self.data)
+        data["software"].update(changes)
+        return System(data, self.path)
+
+    def __repr__(self) -> str:
+        return f"System({self.name!r})"
+
+    # ---- compute -----------------------------------------------------------------------------
+    def peak(self, dtype: str) -> float:
+        if dtype not in self.peak_flops:
+            raise MpiparError(f"System {self.name!r} has no peak rate for dtype {dtype!r}")
+        return self.peak_flops[dtype]
+
+    def slowdown(self, busy_ranks: float) -> float:
+        """Compute slowdown when `busy_ranks` ranks compute at once on one host (1 on accelerators)."""
+        if not self.cores:
+            return 1.0
+        table = sorted((int(n), float(f)) for n, f in self.data.get("contention", {}).items())
+        if not table:
+            return max(1.0, busy_ranks / float(self.cores))
+        pts = [(1, 1.0)] + [x for x in table if x[0] > 1]
+        if busy_ranks <= 1:
+            return 1.0
+        for (n0, f0), (n1, f1) in zip(pts, pts[1:]):
+            if busy_ranks <= n1:
+                return max(1.0, f0 + (f1 - f0) * (busy_ranks - n0) / (n1 - n0))
+        n_last, f_last = pts[-1]
+        return max(1.0, f_last * busy_ranks / n_last)
+
+    def op(self, work: float) -> float:
+        """Time of one kernel / eager op doing `work` seconds of device work."""
+        return work + self.op_overhead if self.add_overhead else max(work, self.op_overhead)
+
+    def matmul(self, m: float, n: float, k: float, dtype: str, elem: int) -> float:
+        """Seconds for an (m x k) @ (k x n) product, without launch overhead."""
+        mm = self.data["matmul"]
+        d = float(mm["half_dim"])
+        eff = float(mm["efficiency"]) * (m / (m + d)) * (n / (n + d)) * (k / (k + d))
+        flops = 2.0 * m * n * k
+        return max(flops / (self.peak(dtype) * eff), (m * k + k * n + m * n) * elem / self.bandwidth)
+
+    def attention(self, flops: float, nbytes: float, head_dim: int, dtype: str) -> float:
+        """Seconds of a fused attention kernel doing `flops` and moving `nbytes`."""
+        at = self.data["attention"]
+        d = float(at["half_dim"])
+        eff = float(at["efficiency"]) * head_dim / (head_dim + d)
+        return max(flops / (self.peak(dtype) * eff), nbytes / self.bandwidth)
+
+    def memory_bound(self, nbytes: float) -> float:
+        return nbytes / self.bandwidth
+
+    # ---- communication -------------------------------------------------------------------------
+    def link(self, size: int, stride: int) -> tuple[float, float, float, float]:
+        """(alpha, beta, p2p_alpha, p2p_beta) of a group of `size` ranks `stride` apart (ranks fill nodes in order)."""
+        intra = self.data["links"]["intra"]
+        if size * stride <= self.ranks_per_node:
+            return (float(intra["alpha"]), 1.0 / float(intra["bandwidth"]),
+                    float(intra.get("p2p_alpha", intra["alpha"])),
+                    1.0 / float(intra.get("p2p_bandwidth", intra["bandwidth"])))
+        inter = self.data["links"]["inter"]
+        per_node = max(1, min(size, self.ranks_per_node // stride))  # group members sharing a node's NICs
+        bw = min(float(intra["bandwidth"]), float(inter["bandwidth"]) * per_node)
+        return (float(inter["alpha"]), 1.0 / bw, float(inter.get("p2p_alpha", inter["alpha"])),
+                1.0 / float(inter.get("p2p_bandwidth", inter["bandwidth"])))
+
+    def collective(self, op: str, nbytes: float, size: int, stride: int = 1, calls: int = 1) -> float:
+        """Seconds of `calls` collectives `op` moving `nbytes` in total on a group of `size` ranks."""
+        if size <= 1 or calls <= 0:
+            return 0.0
+        key = (op, nbytes, size, stride, calls)
+        hit = self._memo.get(key)
+        if hit is None:
+            if len(self._memo) > 100_000:
+                self._memo.clear()
+            hit = self._memo[key] = self._collective(op, nbytes, size, stride, calls)
+        return hit
+
+    def _collective(self, op: str, nbytes: float, size: int, stride: int, calls: int) -> float:
+        fit = self.collectives.get((op, size))
+        if fit is not None and size * stride <= self.ranks_per_node:
+            return calls * fit[0] + nbytes * fit[1]
+        alpha, beta, p2p_alpha, p2p_beta = self.link(size, stride)
+        if op == "send_recv":
+            return calls * p2p_alpha + nbytes * p2p_beta
+        return calls * ring_cost(op, 0.0, size, alpha, beta) + ring_cost(op, nbytes, size, 0.0, beta)

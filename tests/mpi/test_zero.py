@@ -1,0 +1,262 @@
+"""ZeRO 1, 2, 3 (GPT(cfg, mesh, zero=z) + models.optimizer) train exactly like the serial GPT.
+
+Every layout of this world size with dp > 1 (float64, AdamW, clipping by the
+global norm): losses to 1e-9 and full_state_dict to 1e-8 of the serial run;
+plus pipeline schedules, tied embeddings, activation checkpointing and bf16
+(parameters and autocast); the optimizer state a rank holds is 1/d of the
+model's (+ padding), ZeRO-3 holds 1/d of the parameters between steps; bad
+stages and non-elementwise optimizers raise MpiparError on every rank;
+checkpoints written shard by shard resume training exactly across zero stages
+(and to the serial model, and from a plain checkpoint) and layouts.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import pytest
+import torch
+from mpi4py import MPI
+
+import mpipar
+from mpipar import models
+from mpipar.errors import MpiparError
+
+WORLD = MPI.COMM_WORLD
+N = WORLD.Get_size()
+F64 = torch.float64
+STEPS, BATCH = 4, 24
+LAYOUTS = {2: [(2, 1, 1, 1)], 3: [(3, 1, 1, 1)],
+           4: [(4, 1, 1, 1), (2, 2, 1, 1), (2, 1, 2, 1), (2, 1, 1, 2)]}.get(N, [])  # (dp, pp, sp, tp)
+
+
+def config(tied=False):
+    return models.GPTConfig(vocab_size=32, seq_len=16, hidden=16, num_heads=4, num_layers=4, tied=tied, seed=3)
+
+
+def batches():
+    """STEPS steps on one batch (the loss falls: a run that does not train fails)."""
+    g = torch.Generator().manual_seed(11)
+    return [(torch.randint(0, 32, (BATCH, 16), generator=g), torch.randint(0, 32, (BATCH, 16), generator=g))] * STEPS
+
+
+_SERIAL: dict = {}
+
+
+def serial_run(cfg, m, **opts):
+    key = (cfg.tied, m, tuple(sorted(opts.items())))
+    if key not in _SERIAL:
+        model = models.GPT(cfg, dtype=F64, zero=0)
+        opt = models.optimizer(model, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+        losses = [models.train_step(model, b, opt, num_microbatches=m, max_grad_norm=0.5, **opts) for b in batches()]
+        _SERIAL[key] = (losses, model.state_dict())
+    return _SERIAL[key]
+
+
+def parallel(cfg, layout, zero, num_chunks=1, dtype=F64):
+    dp, pp, sp, tp = layout
+    mesh = mpipar.Mesh(tp=tp, pp=pp, sp=sp, dp=dp)
+    model = models.GPT(cfg, mesh, num_chunks, dtype=dtype, bucket_bytes=2048, zero=zero)
+    return mesh, model, models.optimizer(model, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+
+
+def check_same(cfg, layout, zero, m=2, schedule="1f1b", num_chunks=1, **opts):
+    ref_losses, ref_state = serial_run(cfg, m, **opts)
+    mesh, model, opt = parallel(cfg, layout, zero, num_chunks)
+    losses = [models.train_step(model, b, opt, mesh, num_microbatches=m, schedule=schedule, max_grad_norm=0.5,
+                                **opts) for b in batches()]
+    assert all(row == losses for row in WORLD.allgather(losses)), "the loss differs between ranks"
+    for step, (a, b) in enumerate(zip(losses, ref_losses)):
+        assert abs(a - b) < 1e-9, f"step {step}: loss {a} != serial {b}"
+    state = model.full_state_dict()
+    assert list(state) == list(ref_state)
+    worst = max(float((state[k] - ref_state[k]).abs().max()) for k in ref_state)
+    assert worst < 1e-8, f"final parameters differ from the serial model's by {worst}"
+    assert ref_losses[-1] < ref_losses[0] - 0.05
+
+
+needs_dp = pytest.mark.skipif(not LAYOUTS, reason="needs 2-4 ranks (a layout with dp > 1)")
+
+
+@pytest.mark.mpi
+@needs_dp
+@pytest.mark.parametrize("zero", [1, 2, 3])
+@pytest.mark.parametrize("layout", LAYOUTS or [None])
+def test_every_layout_matches_serial(layout, zero):
+    check_same(config(), layout, zero, m=4 if layout[1] > 1 else 2)
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(N != 4, reason="pipeline schedules with dp = 2 need 4 ranks")
+@pytest.mark.parametrize("zero,schedule,chunks", [(3, "zb-h1", 1), (3, "interleaved-1f1b", 2), (2, "gpipe", 1),
+                                                  (1, "zb-h1", 1)])
+def test_pipeline_schedules(zero, schedule, chunks):
+    check_same(config(), (2, 2, 1, 1), zero, m=4, schedule=schedule, num_chunks=chunks)
+
+
+@pytest.mark.mpi
+@needs_dp
+@pytest.mark.parametrize("zero", [1, 3])
+def test_tied_embeddings(zero):
+    layout = (2, 2, 1, 1) if N == 4 else LAYOUTS[0]
+    check_same(config(tied=True), layout, zero, m=4 if layout[1] > 1 else 2)
+
+
+@pytest.mark.mpi
+@needs_dp
+def test_activation_checkpointing_zero3():
+    check_same(config(), LAYOUTS[-1], 3, m=2 if LAYOUTS[-1][1] == 1 else 4, activation_checkpointing=True)
+
+
+@pytest.mark.mpi
+@needs_dp
+@pytest.mark.parametrize("zero", [1, 2, 3])
+def test_optimizer_state_is_one_dth(zero):
+    layout = LAYOUTS[0]
+    d = layout[0] * layout[2]
+    mesh, model, opt = parallel(config(), layout, zero)
+    models.train_step(model, batches()[0], opt, mesh, num_microbatches=2)
+    local = sum(p.numel() for p in model.parameters())
+    state = sum(t.numel() for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+    buckets = len(model.buckets.buckets)
+    assert 2 * local / d <= state <= 2 * (local / d + buckets), (state, local, d)
+    plain = models.optimizer(models.GPT(config(), dtype=F64), torch.optim.AdamW)
+    assert isinstance(plain, torch.optim.AdamW) and len(plain.param_groups[0]["params"]) == 4 * 12 + 5
+
+
+@pytest.mark.mpi
+@needs_dp
+def test_zero3_holds_one_dth_of_the_parameters_between_steps():
+    layout = LAYOUTS[0]
+    d = layout[0] * layout[2]
+    mesh, model, opt = parallel(config(), layout, 3)
+    local = sum(p.numel() * p.element_size() for p in model.parameters())
+    for b in batches()[:2]:
+        models.train_step(model, b, opt, mesh, num_microbatches=2)
+        held = model.buckets.held_bytes()
+        materialised = sum(p.untyped_storage().nbytes() for p in model.parameters())
+        assert materialised == 0
+        assert local / d <= held["params"] <= local / d + 8 * len(model.buckets.buckets)
+        assert held["masters"] == 0  # float64 parameters are their own master copies
+
+
+@pytest.mark.mpi
+@needs_dp
+@pytest.mark.parametrize("zero", [1, 3])
+def test_bf16_parameters_keep_float32_masters(zero):
+    cfg = config()
+    mesh, model, opt = parallel(cfg, LAYOUTS[0], zero, dtype=torch.bfloat16)
+    ref_mesh, ref_model, ref_opt = parallel(cfg, LAYOUTS[0], 0, dtype=torch.bfloat16)
+    ref_opt = torch.optim.AdamW(ref_model.parameters(), lr=1e-2, weight_decay=0.1)
+    assert all(m.dtype == torch.float32 for m in model.buckets.masters())
+    losses, ref = [], []
+    for b in batches():
+        losses.append(models.train_step(model, b, opt, mesh, num_microbatches=2, max_grad_norm=0.5))
+        ref.append(models.train_step(ref_model, b, ref_opt, mesh, num_microbatches=2, max_grad_norm=0.5))
+    assert losses[-1] < losses[0] - 0.1
+    assert max(abs(a - b) for a, b in zip(losses, ref)) < 0.05   # bf16 updates lose precision without masters
+    for bucket in model.buckets.buckets:
+        assert torch.equal(bucket.shard, bucket.master.detach().to(torch.bfloat16))
+
+
+@pytest.mark.mpi
+@needs_dp
+def test_bf16_autocast_close_to_replicated():
+    cfg = config()
+    out = []
+    for zero in (0, 3):
+        mesh, model, opt = parallel(cfg, LAYOUTS[0], zero, dtype=torch.float32)
+        if zero == 0:
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        out.append([models.train_step(model, b, opt, mesh, num_microbatches=2, bf16=True) for b in batches()])
+    assert max(abs(a - b) for a, b in zip(*out)) < 1e-4
+
+
+@pytest.mark.mpi
+def test_bad_stage_raises_everywhere():
+    mesh = mpipar.Mesh(dp=N)
+    for bad in (4, -1, True, "1"):
+        with pytest.raises(MpiparError, match="zero must be one of"):
+            models.GPT(config(), mesh, zero=bad)
+    if N > 1:
+        with pytest.raises(MpiparError, match="zero differs across ranks"):
+            models.GPT(config(), mesh, zero=1 if WORLD.rank == 0 else 2)
+    with pytest.raises(MpiparError, match="zero must be 0"):
+        models.GPT(config(), zero=1)
+
+
+@pytest.mark.mpi
+def test_non_elementwise_optimizer_raises_everywhere():
+    mesh = mpipar.Mesh(dp=N)
+    model = models.GPT(config(), mesh, dtype=F64, zero=2)
+    with pytest.raises(MpiparError, match="elementwise optimizer"):
+        models.optimizer(model, torch.optim.LBFGS if WORLD.rank == 0 else torch.optim.AdamW, lr=1e-2)
+    with pytest.raises(MpiparError, match="torch.optim.Optimizer class"):
+        models.optimizer(model, "AdamW")
+
+    class MyElementwise(torch.optim.SGD):
+        elementwise = True
+
+    assert isinstance(models.optimizer(model, MyElementwise, lr=0.1), MyElementwise)
+    replicated = models.GPT(config(), mesh, dtype=F64, zero=0)
+    assert isinstance(models.optimizer(replicated, torch.optim.LBFGS), torch.optim.LBFGS)
+
+
+@pytest.fixture
+def ckpt_dir():
+    path = WORLD.bcast(tempfile.mkdtemp(prefix="mpipar-zero-") if WORLD.rank == 0 else None)
+    yield os.path.join(path, "ckpt")
+    WORLD.Barrier()
+    if WORLD.rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _resume_case(path, saved_by, loaded_into):
+    """Train 2 steps under `saved_by` = (layout, zero), save, load into `loaded_into` (None: serial),
+    train 2 more: the losses continue the uninterrupted serial run's."""
+    cfg = config()
+    ref_losses, ref_state = serial_run(cfg, 2)
+    mesh, model, opt = parallel(cfg, *saved_by)
+    for b in batches()[:2]:
+        models.train_step(model, b, opt, mesh, num_microbatches=2, max_grad_norm=0.5)
+    models.save(model, opt, path, extra={"step": 2})
+    if loaded_into is None:
+        mesh, model = None, models.GPT(cfg, dtype=F64)
+        opt = models.optimizer(model, torch.optim.AdamW, lr=1e-2, weight_decay=0.1)
+    else:
+        mesh, model, opt = parallel(cfg, *loaded_into)
+    assert models.load(model, opt, path) == {"step": 2}
+    losses = [models.train_step(model, b, opt, mesh, num_microbatches=2, max_grad_norm=0.5) for b in batches()[2:]]
+    for a, b in zip(losses, ref_losses[2:]):
+        assert abs(a - b) < 1e-9, (losses, ref_losses[2:])
+    state = model.full_state_dict()
+    assert max(float((state[k] - ref_state[k]).abs().max()) for k in ref_state) < 1e-8
+
+
+@pytest.mark.mpi
+@needs_dp
+@pytest.mark.parametrize("saved_zero,loaded_zero", [(3, 1), (2, None), (0, 2), (1, 0)])
+def test_checkpoint_across_stages(ckpt_dir, saved_zero, loaded_zero):
+    layout = LAYOUTS[0]
+    _resume_case(ckpt_dir, (layout, saved_zero), None if loaded_zero is None else (layout, loaded_zero))
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(N != 4, reason="two layouts of 4 ranks")
+def test_checkpoint_across_layouts(ckpt_dir):
+    _resume_case(ckpt_dir, ((2, 1, 1, 2), 3), ((2, 2, 1, 1), 2))
+
+
+@pytest.mark.mpi
+@needs_dp
+def test_checkpoint_missing_shard_raises_everywhere(ckpt_dir):
+    path = ckpt_dir
+    mesh, model, opt = parallel(config(), LAYOUTS[0], 2)
+    models.save(model, opt, path)
+    WORLD.Barrier()
+    if WORLD.rank == 0:
+        os.remove(os.path.join(path, sorted(f for f in os.listdir(path) if f.startswith("zero-"))[-1]))
+    WORLD.Barrier()
+    with pytest.raises(MpiparError, match="missing"):
+        models.load(model, opt, path)

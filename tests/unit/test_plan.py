@@ -1,0 +1,344 @@
+"""mpipar.plan: closed forms, the simulator, published runs, invalid layouts, search ranking, the run hook."""
+from __future__ import annotations
+
+import math
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mpipar import plan
+from mpipar.errors import MpiparError
+from mpipar.pipeline.simulate import simulate
+from mpipar.plan.check import MEGATRON_2021, format_table, narayanan_flops, narayanan_table
+from mpipar.plan.costs import head_cost, layer_cost
+from mpipar.plan.memory import layer_activation_bytes, state_bytes_per_param
+from mpipar.plan.pipeline import closed_form, makespan, pipeline_time
+from mpipar.plan.runs import format_predicted, layout_of, train_gpt_prediction
+
+ROOT = Path(__file__).resolve().parents[2]
+A100 = plan.System.load("a100-80gb")
+SPEC = plan.ModelSpec(51200, 2048, 4096, 32, 32)
+
+
+# ---- closed forms -----------------------------------------------------------------------------
+
+def test_flops_match_narayanan_formula_with_full_recompute():
+    """Blocks (4 forward passes with recompute) + head (3) = 96 B s l h^2 (1 + s/6h + V/16lh)."""
+    sysm = A100.with_software(attention="unfused")
+    for h, a, l, b in ((2304, 24, 24, 1), (4096, 32, 36, 2)):
+        spec = plan.ModelSpec(51200, 2048, h, a, l)
+        L = plan.Layout(micro_batch=b, global_batch=b, recompute="full", dtype="fp16")
+        total = layer_cost(spec, sysm, L).flops * l + head_cost(spec, sysm, L).flops
+        assert total == pytest.approx(narayanan_flops(b, 2048, l, h, 51200), rel=1e-12)
+
+
+def test_model_flops_per_token_is_6n_plus_attention():
+    spec = plan.ModelSpec(1000, 128, 64, 4, 3, tied=True)
+    matmul = 3 * spec.layer_params() + 1000 * 64
+    assert plan.model_flops_per_token(spec) == pytest.approx(6 * matmul + 12 * 3 * 128 * 64)
+
+
+@pytest.mark.parametrize("d", [1, 2, 4, 8, 64])
+def test_zero_bytes_per_parameter(d):
+    """Rajbhandari et al.: 16, 4 + 12/d, 2 + 14/d, 16/d bytes per parameter (mixed precision, Adam)."""
+    expect = {0: 16, 1: 4 + 12 / d, 2: 2 + 14 / d, 3: 16 / d}
+    for zero, total in expect.items():
+        assert sum(state_bytes_per_param("bf16", zero, d)) == pytest.approx(total)
+    assert sum(state_bytes_per_param("fp32", 0, d)) == 16
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+def test_estimate_memory_states_cover_every_parameter(zero):
+    spec = plan.ModelSpec(1000, 128, 64, 4, 4)
+    L = plan.Layout(dp=4, global_batch=8, zero=zero)
+    est = plan.estimate(spec, A100, L)
+    states = sum(est.memory_breakdown[k] for k in ("params", "grads", "optimizer"))
+    assert states == pytest.approx(spec.num_params() * sum(state_bytes_per_param("bf16", zero, 4)))
+    assert est.memory == pytest.approx(states + est.memory_breakdown["activations"])
+
+
+@pytest.mark.parametrize("t", [1, 2, 4, 8])
+def test_korthikanti_activation_formulas(t):
+    """Korthikanti et al. 2022, Table 2 (16-bit, dropout, unfused attention)."""
+    s, b, h, a = 2048, 2, 4096, 32
+    spec = plan.ModelSpec(51200, s, h, a, 8)
+    sbh = s * b * h
+
+    def act(**kw):
+        layout = plan.Layout(tp=t, micro_batch=b, global_batch=b, dtype="bf16", **kw)
+        return layer_activation_bytes(spec, layout, flash=False)
+
+    assert act() == pytest.approx(sbh * (10 + 24 / t + 5 * a * s / (h * t)))
+    assert act(recompute="full") == pytest.approx(2 * sbh)
+    if t > 1:
+        assert act(sequence_parallel=True) == pytest.approx(sbh / t * (34 + 5 * a * s / h))
+        assert act(sequence_parallel=True, recompute="selective") == pytest.approx(sbh / t * 34)
+        assert act(sequence_parallel=True, recompute="full") == pytest.approx(2 * sbh / t)
+    else:
+        assert act() == pytest.approx(sbh * (34 + 5 * a * s / h))
+    # flash attention keeps no s^2 term, only a log-sum-exp per head and token
+    layout = plan.Layout(tp=t, micro_batch=b, global_batch=b)
+    assert layer_activation_bytes(spec, layout, flash=True) == pytest.approx(sbh * (10 + 24 / t) + 4 * a / t * s * b)
+
+
+def test_activation_bytes_without_dropout_gqa_swiglu():
+    spec = plan.ModelSpec(32000, 1024, 512, 8, 2, ffn_hidden=1536, arch="llama", num_kv_heads=2, dropout=False)
+    layout = plan.Layout(micro_batch=1, global_batch=1, dtype="fp32")
+    h, kv, f, e = 512, 2 * 64, 1536, 4
+    per_token = 4 * h * e + (h + 2 * kv + h + 4 * f) * e + 4 * 8
+    assert layer_activation_bytes(spec, layout, flash=True) == pytest.approx(1024 * per_token)
+
+
+# ---- pipeline ---------------------------------------------------------------------------------
+
+CASES = [(s, v) for s, v in (("naive", 1), ("gpipe", 1), ("gpipe", 2), ("1f1b", 1), ("zb-h1", 1),
+                             ("interleaved-1f1b", 2), ("interleaved-1f1b", 3))]
+
+
+@pytest.mark.parametrize("sched,v", CASES)
+def test_makespan_equals_the_simulator(sched, v):
+    rng = random.Random(hash((sched, v)) % 1000)
+    for p in (1, 2, 3, 4):
+        for m in (1, 2, 4, 5, 8):
+            if sched == "interleaved-1f1b" and m > p and m % p:
+                continue
+            f = [rng.uniform(0.5, 2) for _ in range(p)]
+            b = [rng.uniform(0.5, 3) for _ in range(p)]
+            w = [rng.uniform(0, 1) for _ in range(p)]
+            comm = rng.uniform(0, 0.5)
+            ref = simulate(sched, p, m, v, f=f, b=b, w=w, comm=comm).makespan
+            assert makespan(sched, p, m, v, f, b, w, comm) == pytest.approx(ref, rel=1e-12)
+            if v == 1 and sched in ("naive", "gpipe"):
+                assert closed_form(sched, p, m, f, b, w, comm) == pytest.approx(ref, rel=1e-12)
+
+
+@pytest.mark.parametrize("p,m", [(2, 4), (4, 8), (4, 16), (8, 32)])
+def test_bubble_closed_forms(p, m):
+    """Uniform stages, free p2p: the textbook makespans of every schedule."""
+    one = [1.0] * p
+    two = [2.0] * p
+    zero = [0.0] * p
+    assert makespan("1f1b", p, m, 1, one, two, zero, 0) == pytest.approx((m + p - 1) * 3)
+    assert makespan("gpipe", p, m, 1, one, two, zero, 0) == pytest.approx((m + p - 1) * 3)
+    assert makespan("naive", p, m, 1, one, two, zero, 0) == pytest.approx(m * p * 3)
+    assert makespan("interleaved-1f1b", p, m, 2, one, two, zero, 0) == pytest.approx(m * 3 + (p - 1) * 3 / 2)
+    # zero bubble H1 (Qi et al. 2023): (p - 1)(F + B - W) of bubble
+    assert makespan("zb-h1", p, m, 1, one, one, one, 0) == pytest.approx(3 * m + (p - 1) * 1)
+
+
+def test_long_pipelines_extrapolate_the_steady_state():
+    p, m = 16, 256
+    f, b, w = [1.0] * p, [2.0] * p, [0.0] * p
+    f[-1] = 1.3  # the head's stage is heavier
+    exact = makespan("1f1b", p, m, 1, f, b, w, 0.01)
+    span, span0, peaks = pipeline_time("1f1b", p, m, 1, f, b, w, 0.01)
+    assert span == pytest.approx(exact, rel=2e-3)
+    assert span0 <= span
+    assert peaks[0] == p and peaks[-1] == 1
+
+
+# ---- estimate ---------------------------------------------------------------------------------
+
+LAYOUTS = [
+    plan.Layout(dp=8, global_batch=64),
+    plan.Layout(tp=4, dp=2, global_batch=64, micro_batch=2, sequence_parallel=True, recompute="selective"),
+    plan.Layout(tp=2, pp=4, global_batch=64, schedule="interleaved-1f1b", num_chunks=2, zero=0),
+    plan.Layout(pp=4, dp=2, global_batch=64, schedule="zb-h1", zero=1),
+    plan.Layout(sp=4, dp=2, global_batch=64, sp_mode="ring", zero=3),
+    plan.Layout(sp=2, tp=2, dp=2, global_batch=64, sp_mode="ulysses", zero=2, recompute="full"),
+]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda L: L.name())
+def test_breakdown_sums_to_step_time(layout):
+    est = plan.estimate(SPEC, A100, layout)
+    assert set(est.breakdown) == set(plan.COMPONENTS)
+    assert all(v >= 0 for v in est.breakdown.values())
+    assert sum(est.breakdown.values()) == pytest.approx(est.step_time, rel=1e-12)
+    assert est.tokens_per_s == pytest.approx(layout.global_batch * SPEC.seq_len / est.step_time)
+    assert 0 < est.mfu < 1
+    assert set(est.memory_breakdown) == {"params", "grads", "optimizer", "activations"}
+    assert "step" in est.explain()
+    # only the components a layout has
+    assert (est.breakdown["tp_comm"] > 0) == (layout.tp > 1)
+    assert (est.breakdown["bubble"] > 0) == (layout.pp > 1)
+    assert (est.breakdown["dp_comm"] > 0) == (layout.dp * layout.sp > 1)
+
+
+def test_monotonic_sanity():
+    base = plan.Layout(dp=4, global_batch=64, micro_batch=2)
+    e0 = plan.estimate(SPEC, A100, base)
+    # recompute costs time and saves activations
+    full = plan.estimate(SPEC, A100, base.replace(recompute="full"))
+    assert full.step_time > e0.step_time
+    assert full.memory_breakdown["activations"] < e0.memory_breakdown["activations"]
+    # ZeRO saves memory stage by stage
+    mems = [plan.estimate(SPEC, A100, base.replace(zero=z)).memory for z in range(4)]
+    assert mems == sorted(mems, reverse=True) and mems[3] < mems[0]
+    # more data-parallel ranks for the same batch: less time per step
+    assert plan.estimate(SPEC, A100, base.replace(dp=8)).step_time < e0.step_time
+    # more microbatches shrink the 1F1B bubble's share
+    few = plan.estimate(SPEC, A100, plan.Layout(pp=4, global_batch=8))
+    many = plan.estimate(SPEC, A100, plan.Layout(pp=4, global_batch=64))
+    assert many.breakdown["bubble"] / many.step_time < few.breakdown["bubble"] / few.step_time
+    # a faster machine is faster
+    h100 = plan.System.load("h100-80gb")
+    assert plan.estimate(SPEC, h100, base).step_time < e0.step_time
+    # tensor parallelism divides the block's parameters
+    assert plan.estimate(SPEC, A100, plan.Layout(tp=4, global_batch=64)).memory < \
+        plan.estimate(SPEC, A100, plan.Layout(global_batch=64)).memory
+
+
+@pytest.mark.parametrize("make", [
+    lambda: plan.estimate(SPEC, A100, plan.Layout(tp=3, global_batch=8)),            # heads % tp
+    lambda: plan.estimate(SPEC, A100, plan.Layout(pp=64, global_batch=64)),          # stages > layers
+    lambda: plan.estimate(SPEC, A100, plan.Layout(pp=8, num_chunks=8, schedule="interleaved-1f1b",
+                                                  global_batch=8)),                   # p * v > layers
+    lambda: plan.Layout(dp=3, global_batch=8),                                      # batch % dp
+    lambda: plan.Layout(global_batch=8, micro_batch=3),                             # batch % micro-batch
+    lambda: plan.Layout(schedule="pipedream"),
+    lambda: plan.Layout(num_chunks=2, schedule="1f1b"),
+    lambda: plan.Layout(sequence_parallel=True),                                    # needs tp > 1
+    lambda: plan.Layout(zero=4),
+    lambda: plan.Layout(tp=0),
+    lambda: plan.Layout(recompute="some"),
+    lambda: plan.Layout(dtype="fp8"),
+    lambda: plan.Layout(pp=4, schedule="interleaved-1f1b", num_chunks=2, global_batch=6),  # m > p, m % p
+    lambda: plan.estimate(SPEC, A100, plan.Layout(sp=64, sp_mode="ulysses", global_batch=8)),  # heads % sp
+    lambda: plan.ModelSpec(100, 64, 30, 4, 2),                                       # hidden % heads
+    lambda: plan.ModelSpec(100, 64, 32, 4, 2, num_kv_heads=3),
+    lambda: plan.ModelSpec(100, 64, 32, 4, 2, arch="bert"),
+    lambda: plan.System.load("no-such-system"),
+    lambda: plan.estimate("gpt", A100, plan.Layout()),
+])
+def test_invalid_layouts_raise(make):
+    with pytest.raises(MpiparError):
+        make()
+
+
+def test_from_config_reads_gptconfig():
+    from mpipar.models import GPTConfig
+
+    cfg = GPTConfig(64, 32, 48, 4, 3)
+    spec = plan.ModelSpec.from_config(cfg)
+    assert (spec.vocab_size, spec.seq_len, spec.hidden, spec.num_heads, spec.num_layers) == (64, 32, 48, 4, 3)
+    assert spec.ffn_hidden == cfg.ffn_hidden and not spec.dropout
+    assert spec.num_params() == cfg.num_params()
+
+
+def test_shipped_systems_cite_their_sources():
+    for name in ("a100-80gb", "h100-80gb"):
+        s = plan.System.load(name)
+        sources = " ".join(s.data["sources"])
+        for field in ("peak_flops", "matmul", "attention", "memory_bandwidth", "links", "optimizer"):
+            assert field in sources, (name, field)
+    assert plan.System.load("local-cpu").cores >= 1
+
+
+def test_plan_imports_without_torch_or_mpi():
+    code = "import sys, mpipar.plan; assert 'torch' not in sys.modules and 'mpi4py' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT)})
+
+
+def test_comm_cost_stays_importable():
+    from mpipar.comm.cost import cost
+    from mpipar.plan.alpha_beta import cost as moved
+
+    assert cost is moved
+
+
+# ---- published runs ---------------------------------------------------------------------------
+
+def test_narayanan_2021_table_1():
+    """Achieved teraFLOP/s per GPU of every Table 1 row with the shipped A100 file: mean error <= 10%."""
+    rows = narayanan_table("a100-80gb")
+    assert len(rows) == 10
+    errors = [abs(r["error"]) for r in rows]
+    print("\n" + format_table(rows))
+    assert sum(errors) / len(errors) <= 0.10
+    assert max(errors) <= 0.15
+    assert MEGATRON_2021["attention"] == "unfused"
+
+
+# ---- search -----------------------------------------------------------------------------------
+
+def test_search_ranks_fastest_first_and_respects_memory():
+    spec = plan.ModelSpec(51200, 1024, 2048, 16, 16)
+    stats: dict = {}
+    ranked = plan.search(spec, A100, 16, 64, stats=stats)
+    assert ranked and stats["kept"] == len(ranked) and stats["tried"] >= len(ranked)
+    times = [e.step_time for e in ranked]
+    assert times == sorted(times)
+    assert all(e.fits(A100.capacity) for e in ranked)
+    assert all(e.layout.world_size == 16 and e.layout.global_batch == 64 for e in ranked)
+    # the top entry is what estimate says for its layout, and nothing brute-forced beats it
+    top = ranked[0]
+    assert plan.estimate(spec, A100, top.layout).step_time == pytest.approx(top.step_time)
+    sample = [plan.Layout(dp=16, global_batch=64, micro_batch=4), plan.Layout(tp=4, dp=4, global_batch=64),
+              plan.Layout(pp=4, dp=4, global_batch=64, micro_batch=2)]
+    for L in sample:
+        assert plan.estimate(spec, A100, L).step_time >= top.step_time * (1 - 1e-9)
+    # a tighter memory limit keeps a subset, each within it
+    limit = sorted(e.memory + e.runtime_memory for e in ranked)[len(ranked) // 2]
+    tight = plan.search(spec, A100, 16, 64, memory_limit=limit)
+    assert 0 < len(tight) < len(ranked)
+    assert all(e.memory + e.runtime_memory <= limit for e in tight)
+    assert {e.layout for e in tight} <= {e.layout for e in ranked}
+
+
+def test_search_enumerates_every_dimension():
+    spec = plan.ModelSpec(1024, 256, 256, 8, 8)
+    ranked = plan.search(spec, A100, 8, 32)
+    seen = {(e.layout.schedule, e.layout.sp_mode, e.layout.recompute, e.layout.zero, e.layout.sequence_parallel)
+            for e in ranked}
+    assert {s for s, *_ in seen} >= {"1f1b", "gpipe", "zb-h1", "interleaved-1f1b", "naive"}
+    assert {z for *_, z, _ in seen} == {0, 1, 2, 3}
+    assert {m for _, m, *_ in seen} == {"ring", "ulysses"}
+    assert any(e.layout.num_chunks > 1 for e in ranked)
+
+
+def test_search_rejects_bad_sizes():
+    with pytest.raises(MpiparError):
+        plan.search(SPEC, A100, 0, 8)
+    with pytest.raises(MpiparError):
+        plan.search(SPEC, A100, 8, -1)
+
+
+# ---- the train_gpt hook -----------------------------------------------------------------------
+
+class _Cfg:
+    batch, seq, microbatches, schedule, chunks, sp_mode, steps = 16, 64, 4, "1f1b", 1, "ring", 3
+    checkpointing, dtype, plan_system = False, "float32", "local-cpu"
+
+
+def test_train_gpt_prediction_columns():
+    from mpipar.models import GPTConfig
+
+    gcfg = GPTConfig(64, 64, 144, 4, 4)
+    layout = layout_of(_Cfg, (1, 2, 1, 2))
+    assert (layout.pp, layout.tp, layout.micro_batch, layout.sequence_parallel) == (2, 2, 4, True)
+    spans = [{"name": "optimizer", "t_start": 0.0, "t_end": 0.003}] * 3
+    measured = {"layout": "dp1-pp2-sp1-tp2", "step_s": 0.1, "max_rss_bytes": 4e8, "max_activation_peak_bytes": 2e6}
+    row = {**measured, **train_gpt_prediction(gcfg, _Cfg, (1, 2, 1, 2), measured, spans)}
+    assert row["pred_step_s"] > 0
+    assert row["step_error"] == pytest.approx(row["pred_step_s"] / 0.1 - 1)
+    assert sum(row[f"pred_{c}_s"] for c in plan.COMPONENTS) == pytest.approx(row["pred_step_s"])
+    assert row["measured_optimizer_s"] == pytest.approx(0.003)
+    bad = train_gpt_prediction(gcfg, _Cfg, (3, 1, 1, 1), measured)   # 16 does not split over dp 3 x 4
+    assert math.isnan(bad["pred_step_s"]) and bad["pred_note"]
+    text = format_predicted([row, {**measured, **bad, "layout": "dp3"}])
+    assert "dp1-pp2-sp1-tp2" in text and "no prediction" in text
+
+
+def test_cli_estimate_and_validate():
+    run = lambda *a: subprocess.run([sys.executable, "-m", "mpipar.plan", *a], capture_output=True,  # noqa: E731
+                                    text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT)}, timeout=120)
+    r = run("estimate", "--model", "gpt2-small", "--batch", "64", "--dp", "8", "--explain")
+    assert r.returncode == 0 and "compute" in r.stdout and "layout dp8" in r.stdout, r.stderr
+    r = run("search", "--model", "gpt2-small", "--batch", "32", "--world", "8", "--top", "3")
+    assert r.returncode == 0 and "layouts in" in r.stdout, r.stderr
+    r = run("estimate", "--model", "gpt2-small", "--batch", "64", "--tp", "5")
+    assert r.returncode == 2 and "error" in r.stderr
