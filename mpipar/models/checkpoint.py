@@ -28,21 +28,19 @@ import dataclasses
 import json
 import os
 import shutil
-import time
 import warnings
 
 import torch
 
 from ..errors import MpiparError, agree
-from .checkpoint_files import (FORMAT, LEGACY_META, MANIFEST, META, VERSION, clean_leftovers, fsync_dir, latest,
-                               local_values, meta_json, placed, read_manifest, read_meta_json, serialize, state_of,
+from .checkpoint_files import (FORMAT, LEGACY_META, MANIFEST, META, VERSION, clean_leftovers, latest, local_values,
+                               meta_json, placed, publish, read_manifest, read_meta_json, serialize, state_of,
                                step_path, steps, temp_name, torch_load, verify, write_file)
 from .gpt import SerialGPT
 from .shards import serial_specs
 from .zero import checkpoint as zero_checkpoint
 
 __all__ = ["save", "load", "load_full", "save_step", "latest", "steps", "step_path", "Loaded"]
-PAUSE_ENV = "MPIPAR_CHECKPOINT_PAUSE_S"  # test hook: rank 0 sleeps this long with the shards written
 
 
 class _Ctx:
@@ -95,8 +93,7 @@ class _Ctx:
 
 @dataclasses.dataclass
 class Loaded:
-    """What `load_full` returns: `save`'s extra, the folder it came from, this rank's saved state
-    (None unless the checkpoint was written by the same world size and layout)."""
+    """`load_full`'s answer: extra, folder, this rank's rank_state (None unless same world and layout)."""
 
     extra: object
     path: str
@@ -111,8 +108,6 @@ def save(model, optimizer, path: str, extra=None, rank_state=None) -> str:
     returned to the same rank by `load_full` on the same world size and layout. An existing
     `path` is replaced. Raises MpiparError on every rank if any rank failed; then `path` is as before.
     """
-    if getattr(model, "zero", 0):
-        return zero_checkpoint.save(model, optimizer, path, extra)  # every rank writes its own shards
     ctx = _Ctx(model)
     path = os.path.abspath(path)
 
@@ -126,6 +121,10 @@ def save(model, optimizer, path: str, extra=None, rank_state=None) -> str:
 
     tmp, meta = ctx.on_root(f"checkpoint.save: cannot prepare {path}", prepare)
     try:
+        if getattr(model, "zero", 0):  # ZeRO: every rank writes its fragments (zero/checkpoint.py), atomic here
+            zero_checkpoint.save(model, optimizer, tmp, extra)
+            ctx.on_root(f"checkpoint.save: finishing {path} failed", lambda: publish(tmp, path))
+            return path
         report, err = {"files": {}, "tensors": {}}, None
         try:
             if ctx.writer:
@@ -163,10 +162,7 @@ def _write_shard(ctx: _Ctx, optimizer, folder: str, report: dict) -> None:
 
 
 def _finish(ctx: _Ctx, tmp: str, path: str, meta: bytes, reports: list) -> None:
-    """Rank 0: meta, manifest last, fsync the folder, rename it into place, fsync the parent."""
-    pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
-    if pause > 0:
-        time.sleep(pause)
+    """Rank 0: meta, manifest last, then publish the folder."""
     files = {META: write_file(os.path.join(tmp, META), meta)}
     tensors: dict = {}
     rank_files = {}
@@ -180,21 +176,7 @@ def _finish(ctx: _Ctx, tmp: str, path: str, meta: bytes, reports: list) -> None:
     manifest = {"format": FORMAT, "version": VERSION, "config": ctx.cfg.to_dict(), "layout": ctx.layout,
                 "world_size": ctx.size, "files": files, "tensors": tensors, "rank_files": rank_files}
     write_file(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
-    fsync_dir(tmp)
-    old = None
-    if os.path.lexists(path):
-        old = temp_name(path, "old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except OSError:
-        if old:
-            os.rename(old, path)  # the previous checkpoint goes back where it was
-        raise
-    fsync_dir(os.path.dirname(path))
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    publish(tmp, path)
 
 
 def save_step(model, optimizer, run_dir: str, step: int, extra=None, keep: int = 2, rank_state=None) -> str:

@@ -12,6 +12,7 @@ A checkpoint is a folder:
 
     write_file(path, data)        write + fsync; returns {"sha256", "bytes"} for the manifest
     temp_name(path, "tmp"|"old")  .<name>.<kind>-<host>-<pid> next to `path` (hidden, per writer)
+    publish(tmp, path)            fsync the complete temporary folder, rename it to `path`, fsync the parent
     step_path(run_dir, step)      run_dir/step-NNNNNN
     steps(run_dir), latest(run_dir)   complete step folders (those with a manifest), newest last
     clean_leftovers(run_dir)      remove the temporary folders of killed writers on this host
@@ -33,6 +34,7 @@ import pickle
 import re
 import shutil
 import socket
+import time
 
 import torch
 
@@ -45,6 +47,7 @@ VERSIONS = (1, 2)  # version 1 kept its metadata in meta.pt (read here with weig
 MANIFEST = "manifest.json"
 META = "meta.json"
 LEGACY_META = "meta.pt"
+PAUSE_ENV = "MPIPAR_CHECKPOINT_PAUSE_S"  # test hook: seconds to sleep before publishing a save
 CONFIG_KEYS = ("vocab_size", "seq_len", "hidden", "num_heads", "num_layers", "ffn_hidden", "tied", "arch",
                "num_kv_heads")
 STEP = re.compile(r"^step-(\d+)$")
@@ -71,6 +74,28 @@ def fsync_dir(path: str) -> None:
 def temp_name(path: str, kind: str) -> str:
     parent, name = os.path.split(os.path.abspath(path))
     return os.path.join(parent, f".{name}.{kind}-{socket.gethostname()}-{os.getpid()}")
+
+
+def publish(tmp: str, path: str) -> None:
+    """Rank 0: fsync the complete folder `tmp`, rename it to `path` (replacing one), fsync the parent."""
+    pause = float(os.environ.get(PAUSE_ENV, "0") or 0)
+    if pause > 0:
+        time.sleep(pause)
+    fsync_dir(tmp)
+    old = None
+    if os.path.lexists(path):
+        old = temp_name(path, "old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        if old:
+            os.rename(old, path)  # the previous checkpoint goes back where it was
+        raise
+    fsync_dir(os.path.dirname(path))
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def step_path(run_dir: str, step: int) -> str:

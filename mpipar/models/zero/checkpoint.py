@@ -26,6 +26,7 @@ import os
 import torch
 
 from ...errors import MpiparError, agree
+from ..checkpoint_files import torch_load
 from ..shards import assemble, take_shard
 
 FORMAT, VERSION, MANIFEST, META = "mpipar-gpt-checkpoint", 1, "manifest.json", "meta.pt"
@@ -218,8 +219,7 @@ def load(model, optimizer, path: str, ctx):
     ctx.agree(next((e for e in (_verify(path, f, manifest["files"].get(f)) for f in sorted(needed)) if e), None))
     err, values = None, {}
     try:
-        files = {f: torch.load(os.path.join(path, f), map_location="cpu", weights_only=f != META)
-                 for f in needed if f != "meta.json"}
+        files = {f: torch_load(path, f) for f in needed if f != "meta.json"}  # weights only: no code runs
         if meta_file == "meta.json":
             with open(os.path.join(path, meta_file)) as f:
                 files[meta_file] = json.load(f)
