@@ -23,7 +23,7 @@ the form a requeued batch job uses (jobs/).
 SIGTERM/SIGINT/SIGUSR1 stop the running driver and mark it "interrupted".
 A driver that checkpoints (its --help lists --save and --resume, like
 train_gpt.py) saves into <folder>/<name>.ckpt/ when stopped and continues from
-there on --resume.
+there on --resume; the folder is removed once the driver has finished ("ok").
 
 The plan (drivers, their flags, their time limits) is `default_plan()`, or a
 JSON file given with --config: {"study": name, "drivers": [{"name", "script",
@@ -37,6 +37,7 @@ import dataclasses
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -233,6 +234,8 @@ def run_study(args, drivers: list[Driver], folder: Path, manifest: dict) -> dict
         t0 = time.time()
         rc, status = runner.run(argv, folder / f"{d.name}.log", limit, echo=not args.silent)
         entry.update(status=status, returncode=rc, seconds=round(time.time() - t0, 1), points=count_points(out))
+        if status == "ok" and "--save" in ckpt:  # finished: its checkpoints were only there to resume
+            shutil.rmtree(ckpt["--save"], ignore_errors=True)
         entry["runs"] = entry.get("runs", 0) + 1
         write_json(folder / "study.json", manifest)
         print(f"[{i}/{len(drivers)}] {d.name}: {status} (rc {rc}, {entry['seconds']} s, "

@@ -1,9 +1,9 @@
 """Installing abort-on-error, the watchdog and the SIGUSR2 record for this process (once).
 
-`install(comm)` runs inside the first `Mesh(...)` (collective over the mesh's
+`install(comm)` runs inside every `Mesh(...)` (collective over the mesh's
 communicator: one small allgather of host, pid and process start time, so that
 a rank whose watchdog fires can ask the other ranks on its node for their
-records). It removes this rank's flight record left by an earlier job, so the
+records); the hooks and the watchdog are installed by the first. It removes this rank's flight record left by an earlier job, so the
 files in MPIPAR_FLIGHT_DIR always come from this one.
 """
 from __future__ import annotations
@@ -23,8 +23,15 @@ _watchdog: Watchdog | None = None
 
 
 def install(comm) -> None:
-    """Collective over `comm` the first time (every rank of it builds the Mesh); later a no-op."""
+    """Collective over `comm` (every rank of it builds the Mesh); installs once per process."""
     global _installed, _watchdog
+    # The allgather runs at every Mesh, not only the first: ranks may have built different meshes
+    # before (sub-communicators), and a collective that only some of them call would hang.
+    me = (socket.gethostname(), os.getpid(), peers.start_ticks(os.getpid()))
+    seen = comm.allgather(me)
+    if len(seen) > len(peers.known):  # the widest mesh names the job and the node's peers
+        peers.known[:] = seen
+        identity.job = "%s:%d" % seen[0][:2]  # host and pid of that mesh's first rank
     if _installed:
         return
     from mpi4py import MPI
@@ -32,9 +39,6 @@ def install(comm) -> None:
     s = settings()
     world = MPI.COMM_WORLD
     identity.rank, identity.size = world.Get_rank(), world.Get_size()
-    me = (socket.gethostname(), os.getpid(), peers.start_ticks(os.getpid()))
-    peers.known[:] = comm.allgather(me)
-    identity.job = "%s:%d" % peers.known[0][:2]  # host and pid of the mesh's first rank
     _installed = True
     peers.recording = True
     try:

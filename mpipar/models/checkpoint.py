@@ -6,10 +6,9 @@
     latest(run_dir)                                       # newest complete step folder, or None
     loaded = load_full(model, optimizer, run_dir)         # .extra, .path, .rank_state
 
-The files of a checkpoint folder are described in checkpoint_files.py. Atomic:
-everything is written into a hidden temporary folder next to the target, each
-file fsynced, the manifest last, the folder fsynced, renamed into place, the
-parent fsynced. A save killed at any moment (or failing on a full disk) leaves
+Files: see checkpoint_files.py. Atomic: written into a hidden temporary folder
+next to the target, each file fsynced, the manifest last, the folder fsynced,
+renamed into place, the parent fsynced. A save killed at any moment (or failing on a full disk) leaves
 the previous checkpoints as they were and no folder that `latest` or `load`
 would pick; the next `save_step` removes the leftovers of dead writers.
 
@@ -29,16 +28,14 @@ import dataclasses
 import json
 import os
 import shutil
-import time
 import warnings
 
 import torch
 
 from ..agree import agree
 from ..errors import MpiparError
-from ..settings import current
-from .checkpoint_files import (FORMAT, LEGACY_META, MANIFEST, META, VERSION, clean_leftovers, fsync_dir, latest,
-                               local_values, meta_json, placed, read_manifest, read_meta_json, serialize, state_of,
+from .checkpoint_files import (FORMAT, LEGACY_META, MANIFEST, META, VERSION, clean_leftovers, latest, local_values,
+                               meta_json, placed, publish, read_manifest, read_meta_json, serialize, state_of,
                                step_path, steps, temp_name, torch_load, verify, write_file)
 from .gpt import SerialGPT
 from .shards import serial_specs
@@ -97,8 +94,7 @@ class _Ctx:
 
 @dataclasses.dataclass
 class Loaded:
-    """What `load_full` returns: `save`'s extra, the folder it came from, this rank's saved state
-    (None unless the checkpoint was written by the same world size and layout)."""
+    """`load_full`'s answer: extra, folder, this rank's rank_state (None unless same world and layout)."""
 
     extra: object
     path: str
@@ -128,6 +124,10 @@ def save(model, optimizer, path: str, extra=None, rank_state=None) -> str:
 
     tmp, meta = ctx.on_root(f"checkpoint.save: cannot prepare {path}", prepare)
     try:
+        if getattr(model, "zero", 0):  # ZeRO: every rank writes its fragments (zero/checkpoint.py), atomic here
+            zero_checkpoint.save(model, optimizer, tmp, extra)
+            ctx.on_root(f"checkpoint.save: finishing {path} failed", lambda: publish(tmp, path))
+            return path
         report, err = {"files": {}, "tensors": {}}, None
         try:
             if ctx.writer:
@@ -165,10 +165,7 @@ def _write_shard(ctx: _Ctx, optimizer, folder: str, report: dict) -> None:
 
 
 def _finish(ctx: _Ctx, tmp: str, path: str, meta: bytes, reports: list) -> None:
-    """Rank 0: meta, manifest last, fsync the folder, rename it into place, fsync the parent."""
-    pause = current().checkpoint_pause_s  # test hook (MPIPAR_CHECKPOINT_PAUSE_S)
-    if pause > 0:
-        time.sleep(pause)
+    """Rank 0: meta, manifest last, then publish the folder."""
     files = {META: write_file(os.path.join(tmp, META), meta)}
     tensors: dict = {}
     rank_files = {}
@@ -182,21 +179,7 @@ def _finish(ctx: _Ctx, tmp: str, path: str, meta: bytes, reports: list) -> None:
     manifest = {"format": FORMAT, "version": VERSION, "config": ctx.cfg.to_dict(), "layout": ctx.layout,
                 "world_size": ctx.size, "files": files, "tensors": tensors, "rank_files": rank_files}
     write_file(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
-    fsync_dir(tmp)
-    old = None
-    if os.path.lexists(path):
-        old = temp_name(path, "old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(path, old)
-    try:
-        os.rename(tmp, path)
-    except OSError:
-        if old:
-            os.rename(old, path)  # the previous checkpoint goes back where it was
-        raise
-    fsync_dir(os.path.dirname(path))
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    publish(tmp, path)
 
 
 def save_step(model, optimizer, run_dir: str, step: int, extra=None, keep: int = 2, rank_state=None) -> str:

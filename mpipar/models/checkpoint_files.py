@@ -12,6 +12,7 @@ A checkpoint is a folder:
 
     write_file(path, data)        write + fsync; returns {"sha256", "bytes"} for the manifest
     temp_name(path, "tmp"|"old")  .<name>.<kind>-<host>-<pid> next to `path` (hidden, per writer)
+    publish(tmp, path)            fsync the complete temporary folder, rename it to `path`, fsync the parent
     step_path(run_dir, step)      run_dir/step-NNNNNN
     steps(run_dir), latest(run_dir)   complete step folders (those with a manifest), newest last
     clean_leftovers(run_dir)      remove the temporary folders of killed writers on this host
@@ -33,10 +34,12 @@ import pickle
 import re
 import shutil
 import socket
+import time
 
 import torch
 
 from ..errors import MpiparError
+from ..settings import current
 from .shards import assemble, take_shard
 
 FORMAT = "mpipar-gpt-checkpoint"
@@ -71,6 +74,28 @@ def fsync_dir(path: str) -> None:
 def temp_name(path: str, kind: str) -> str:
     parent, name = os.path.split(os.path.abspath(path))
     return os.path.join(parent, f".{name}.{kind}-{socket.gethostname()}-{os.getpid()}")
+
+
+def publish(tmp: str, path: str) -> None:
+    """Rank 0: fsync the complete folder `tmp`, rename it to `path` (replacing one), fsync the parent."""
+    pause = current().checkpoint_pause_s  # test hook (MPIPAR_CHECKPOINT_PAUSE_S)
+    if pause > 0:
+        time.sleep(pause)
+    fsync_dir(tmp)
+    old = None
+    if os.path.lexists(path):
+        old = temp_name(path, "old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        if old:
+            os.rename(old, path)  # the previous checkpoint goes back where it was
+        raise
+    fsync_dir(os.path.dirname(path))
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def step_path(run_dir: str, step: int) -> str:

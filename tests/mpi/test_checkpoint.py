@@ -256,3 +256,28 @@ def test_extra_must_be_json_and_save_failure_keeps_old(ckpt_dir):
     WORLD.Barrier()
     assert sorted(os.listdir(ckpt_dir)) == ["step-000001"]
     assert models.load(model, opt, ckpt_dir) == {"step": 1}
+
+
+@pytest.mark.mpi
+def test_zero_checkpoint_is_atomic_and_refuses_a_payload(ckpt_dir, tmp_path, monkeypatch):
+    import io
+
+    n = WORLD.Get_size()
+    if n == 1:
+        pytest.skip("ZeRO shards over dp > 1")
+    monkeypatch.chdir(WORLD.bcast(str(tmp_path)))
+    dp = 2 if n == 4 else n  # the batch of 12 splits over dp x 2 microbatches
+    mesh = mpipar.Mesh(tp=n // dp, pp=1, sp=1, dp=dp)
+    model = models.GPT(config(False), mesh, dtype=F64, zero=2)
+    opt = models.optimizer(model, torch.optim.AdamW, lr=1e-2)
+    step(model, mesh, opt, batches()[0])
+    path = models.save_step(model, opt, ckpt_dir, 1)
+    WORLD.Barrier()
+    assert sorted(os.listdir(ckpt_dir)) == ["step-000001"] and models.latest(ckpt_dir) == path  # no leftovers
+    assert models.load(model, opt, ckpt_dir) == {"step": 1}
+    buf = io.BytesIO()
+    torch.save({"param_groups": [], "extra": _Payload()}, buf)
+    _rewrite(path, "meta.pt", buf.getvalue())  # ZeRO keeps its metadata in meta.pt
+    with pytest.raises(MpiparError, match="file meta.pt holds objects other than tensors"):
+        models.load(model, opt, path)
+    assert not os.path.exists("PAYLOAD_RAN")

@@ -165,6 +165,18 @@ time.sleep(1.0)  # the watchdog thread writes the record
 print(f"DONE rank {m.world.rank}", flush=True)
 '''
 
+SUB_MESH_FIRST = HEAD + r'''
+from mpi4py import MPI
+
+w = MPI.COMM_WORLD
+sub = w.Split(0 if w.rank < 2 else MPI.UNDEFINED, w.rank)
+if w.rank < 2:
+    mpipar.Mesh(comm=sub)  # ranks 0-1 build a mesh first; rank 2 none
+m = mpipar.Mesh()  # every rank: the job must go on, whatever each built before
+comm.all_reduce(torch.ones(4), m.world)
+print(f"DONE rank {m.world.rank}", flush=True)
+'''
+
 # name -> (ranks, script, MPIPAR_TIMEOUT[, MPIPAR_ABORT_ON_ERROR])
 JOBS = {
     "raise_main": (2, RAISE_MAIN, "0"),
@@ -178,6 +190,7 @@ JOBS = {
     "hang_ulysses": (2, HANG_ULYSSES, "3"),
     "killed": (3, KILLED, "5"),
     "live_look": (2, LIVE_LOOK, "3"),
+    "sub_mesh_first": (3, SUB_MESH_FIRST, "20"),
 }
 
 
@@ -252,6 +265,13 @@ def test_an_exception_on_one_rank_ends_the_job(jobs, name, where):
 def test_kill_9_of_one_rank_mid_loop_ends_the_job(jobs):
     """The launcher (or, where it does not, the others' watchdogs) ends the job."""
     ended_non_zero(jobs["killed"])
+
+
+def test_meshes_on_sub_communicators_before_the_world_mesh(jobs):
+    """Building a Mesh is collective over its communicator only: ranks that built different
+    meshes before (a sweep over sub-groups) still build the world mesh together."""
+    rc, out, secs = jobs["sub_mesh_first"].result()
+    assert rc == 0 and all(f"DONE rank {r}" in out for r in range(3)), out
 
 
 def test_sigusr2_writes_a_live_record_and_the_job_goes_on(jobs):

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
+from mpipar import settings
 from mpipar.comm.symmetric import compiled as shm_compiled
 
 pytestmark = pytest.mark.skipif(shm_compiled.compiler() is None, reason="no C compiler (cc or $CC)")
@@ -47,7 +49,7 @@ def works(lib):
 def test_planted_library_is_refused_and_never_runs(how, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o700)
-    monkeypatch.setenv("MPIPAR_KERNEL_CACHE", str(cache))
+    monkeypatch.setattr(shm_compiled, "cache_dir", lambda: cache)
     target, marker = plant(cache, tmp_path)
     if how == "folder writable by others":
         cache.chmod(0o777)
@@ -65,12 +67,10 @@ def test_planted_library_is_refused_and_never_runs(how, tmp_path, monkeypatch):
 
 def test_own_private_cache_is_used(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    monkeypatch.setenv("MPIPAR_KERNEL_CACHE", str(cache))
-    import warnings
-
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), settings.override(kernel_cache=str(cache)):  # through the settings
         warnings.simplefilter("error")
         lib = fresh_library(monkeypatch)
-    path = shm_compiled.cache_path(shm_compiled.compiler())
-    assert path.exists() and shm_compiled.untrusted(path) is None and shm_compiled.untrusted(cache) is None
+        path = shm_compiled.cache_path(shm_compiled.compiler())
+    assert path.parent == cache and path.exists()
+    assert shm_compiled.untrusted(path) is None and shm_compiled.untrusted(cache) is None
     assert cache.stat().st_mode & 0o077 == 0 and works(lib)
