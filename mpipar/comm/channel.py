@@ -77,7 +77,6 @@ class Channel:
 
     def __init__(self, comm, flight=None):
         self.comm, self.flight = comm, flight
-        self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self._watch: list = []  # failure notices: Pending per peer, while watching
 
     # ---- posting ---------------------------------------------------------------------------
@@ -156,27 +155,37 @@ class Channel:
                 x.finish()
 
     def _complete(self, items) -> None:
+        if self._watch:
+            self._poll_watching([_request(x) for x in items])
+            return
+        reqs, checked = [], []
+        for x in items:
+            if not isinstance(x, Pending):
+                reqs.append(x)
+            elif x.status is None:
+                reqs.append(x.request)
+            else:
+                checked.append(x)
+        if reqs:
+            _wait.wait_all(reqs)
+        if checked:
+            from mpi4py import MPI
+
+            try:
+                for x in checked:
+                    _wait.wait_status(x.request, x.status)
+            except MPI.Exception as exc:
+                raise MpiparError(f"recv failed: {exc.Get_error_string()} "
+                                  "(message larger than the buffer?)") from None
+
+    def _poll_watching(self, requests) -> None:
         from mpi4py import MPI
 
-        if self._watch:
-            pending = [_request(x) for x in items]
+        def finished() -> bool:
+            self.check_failures()
+            return MPI.Request.Testall(requests)
 
-            def finished() -> bool:
-                self.check_failures()
-                return MPI.Request.Testall(pending)
-
-            _wait._poll(finished)
-            return
-        checked = [x for x in items if isinstance(x, Pending) and x.status is not None]
-        if not checked:
-            _wait.wait_all([_request(x) for x in items])
-            return
-        _wait.wait_all([_request(x) for x in items if not (isinstance(x, Pending) and x.status is not None)])
-        try:
-            for x in checked:
-                _wait.wait_status(x.request, x.status)
-        except MPI.Exception as exc:
-            raise MpiparError(f"recv failed: {exc.Get_error_string()} (message larger than the buffer?)") from None
+        _wait._poll(finished)
 
     # ---- failure notices ---------------------------------------------------------------------
     def watch_failures(self, tag: int) -> None:
@@ -184,8 +193,9 @@ class Channel:
         from mpi4py import MPI
 
         self._watch = []
-        for src in range(self.size):
-            if src != self.rank:
+        me = self.comm.Get_rank()
+        for src in range(self.comm.Get_size()):
+            if src != me:
                 buf = bytearray(NOTICE_BYTES)
                 self._watch.append(Pending(self.comm.Irecv([buf, MPI.BYTE], source=src, tag=tag), buf))
 
@@ -193,9 +203,9 @@ class Channel:
         """Send failure notice `message` to every peer (non-blocking); stop watching."""
         from mpi4py import MPI
 
-        data = message.encode()[:NOTICE_BYTES]
+        data, me = message.encode()[:NOTICE_BYTES], self.comm.Get_rank()
         sent = [Pending(self.comm.Isend([data, MPI.BYTE], dest=dst, tag=tag), data)
-                for dst in range(self.size) if dst != self.rank]
+                for dst in range(self.comm.Get_size()) if dst != me]
         self.stop_watching()
         return sent
 
