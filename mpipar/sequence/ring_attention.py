@@ -15,8 +15,8 @@ Grouped-query attention: K/V blocks travel with their own (fewer) heads and
 are repeated to the query heads only for each block's kernel; their gradients
 are summed back over each group of query heads before they travel.
 
-Traffic uses the group's private duplicate communicator (`Group.p2p`) with
-tags distinct for forward K/V, backward K/V and backward dK/dV.
+Traffic is a `Channel` (mpipar.comm.channel) on the group's private duplicate
+communicator (`Group.p2p`) with tags distinct for forward K/V, backward K/V and backward dK/dV.
 """
 from __future__ import annotations
 
@@ -24,8 +24,7 @@ import time
 
 import torch
 
-from ..comm.wait import wait_all
-from ..flight.recorder import begin_p2p, done
+from ..comm.channel import Channel
 from ..mesh import as_group
 from . import kernels
 from .tiles import step_plan
@@ -37,7 +36,7 @@ TAG_BWD_K, TAG_BWD_V, TAG_BWD_DKV = 7201, 7202, 7203
 
 
 class _Ring:
-    """Non-blocking shifts r -> r+1 on the group's private communicator.
+    """Non-blocking shifts r -> r+1 on a `Channel` over the group's private communicator.
 
     CPU tensors (and CUDA tensors with CUDA-aware MPI) go to MPI in place; other
     CUDA tensors pass through host copies. `send`/`recv` return handles that
@@ -45,42 +44,24 @@ class _Ring:
     """
 
     def __init__(self, g):
-        self.comm = g.p2p if g.size > 1 else None
+        self.channel = Channel(g.p2p, g) if g.size > 1 else None
         self.group = g
         self.next, self.prev = (g.rank + 1) % g.size, (g.rank - 1) % g.size
 
-    @staticmethod
-    def _host(t: torch.Tensor):
-        from ..comm.buffers import needs_staging
-
-        if t.device.type == "cuda":
-            torch.cuda.current_stream(t.device).synchronize()  # t's producer kernels are done
-        return t.cpu() if needs_staging(t) else t
-
     def send(self, t: torch.Tensor, tag: int):
-        from ..comm.buffers import mpi_buffer
-
-        buf = self._host(t)
-        return (self.comm.Isend(mpi_buffer(buf), dest=self.next, tag=tag), buf, None)
+        return self.channel.send(t, self.next, tag)
 
     def recv(self, t: torch.Tensor, tag: int):
-        from ..comm.buffers import mpi_buffer, needs_staging
+        return self.channel.recv(t, self.prev, tag)
 
-        buf = torch.empty(t.shape, dtype=t.dtype) if needs_staging(t) else t
-        return (self.comm.Irecv(mpi_buffer(buf), source=self.prev, tag=tag), buf, t if buf is not t else None)
+    def finish(self, handles) -> None:
+        if self.channel is not None:
+            self.channel.wait(handles, "ring attention", self.prev)
 
 
-def finish(handles, ring=None) -> None:
+def finish(handles, ring) -> None:
     """Wait for ring handles (None entries ignored); copy staged receives to their device."""
-    handles = [h for h in handles if h is not None]
-    slot = begin_p2p(ring.group, "ring attention", ring.prev) if ring is not None else -1
-    try:
-        wait_all([h[0] for h in handles])
-    finally:
-        done(slot)
-    for _, buf, target in handles:
-        if target is not None:
-            target.copy_(buf)
+    ring.finish(handles)
 
 
 class _Timer:

@@ -13,13 +13,11 @@ import zlib
 import numpy as np
 import torch
 
-from ..comm.buffers import DTYPE_CODES
+from ..comm.buffers import DTYPE_CODES, MAX_NDIM
 from ..comm.wait import wait_all
 from ..errors import MpiparError, require
 from ..agree import agree, agree_ints
 from ..mesh import as_group
-
-MAX_NDIM = 8
 
 
 def group_of(group, what: str):

@@ -13,7 +13,8 @@ A reduce step moves its chunk in pieces of MPIPAR_RING_PIECE_BYTES (default
 reused scratch buffers, is combined while it is still in cache. Reused scratch matters:
 a chunk-sized fresh receive buffer's page faults cost more than the ring
 (results/TUNING.md).
-Traffic uses the group's private communicator `group.p2p`, tag RING_TAG.
+Traffic is a `Channel` (mpipar.comm.channel) on the group's private communicator
+`group.p2p`, tag RING_TAG; its waits are not recorded apart (the collective is).
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ import torch
 
 from ...settings import current
 from .. import outputs
-from ..buffers import mpi_buffer, offsets
-from ..wait import wait_all
+from ..buffers import offsets
+from ..channel import Channel
 
 RING_TAG = 1 << 14
 PIECE_BYTES = 1 << 20
@@ -58,7 +59,7 @@ def _reduce_step(g, send: torch.Tensor, base: torch.Tensor, out: torch.Tensor, o
     `out` may alias `send` (the running partial of reduce_scatter_into): piece j
     of `out` is written only after piece j of `send` has left.
     """
-    comm, right, left = g.p2p, (g.rank + 1) % g.size, (g.rank - 1) % g.size
+    ch, right, left = Channel(g.p2p), (g.rank + 1) % g.size, (g.rank - 1) % g.size
     size = piece_elements(base.element_size())
     sp, rp = _pieces(send.numel(), size), _pieces(base.numel(), size)
     bufs = [_scratch(base, min(size, base.numel()), s) for s in (0, 1)]
@@ -66,15 +67,15 @@ def _reduce_step(g, send: torch.Tensor, base: torch.Tensor, out: torch.Tensor, o
     def post(j):
         reqs = []
         if j < len(rp):
-            reqs.append(comm.Irecv(mpi_buffer(bufs[j % 2][: rp[j][1]]), source=left, tag=RING_TAG))
+            reqs.append(ch.post_recv(bufs[j % 2][: rp[j][1]], left, RING_TAG))
         if j < len(sp):
-            reqs.append(comm.Isend(mpi_buffer(send.narrow(0, *sp[j])), dest=right, tag=RING_TAG))
+            reqs.append(ch.post_send(send.narrow(0, *sp[j]), right, RING_TAG))
         return reqs
 
     pending = post(0)
     for j in range(max(len(sp), len(rp))):
         ahead = post(j + 1)
-        wait_all(pending)
+        ch.wait(pending)
         if j < len(rp):
             lo, n = rp[j]
             _COMBINE[op](out.narrow(0, lo, n), base.narrow(0, lo, n), bufs[j % 2][:n])
@@ -115,10 +116,9 @@ def all_gather_(flat: torch.Tensor, g, counts: list[int]) -> torch.Tensor:
     n, r = g.size, g.rank
     offs = offsets(counts)
     chunk = lambda i: flat.narrow(0, offs[i % n], counts[i % n])
-    comm, right, left = g.p2p, (r + 1) % n, (r - 1) % n
+    ch, right, left = Channel(g.p2p), (r + 1) % n, (r - 1) % n
     for k in range(n - 1):
-        wait_all([comm.Irecv(mpi_buffer(chunk(r - k - 1)), source=left, tag=RING_TAG),
-                  comm.Isend(mpi_buffer(chunk(r - k)), dest=right, tag=RING_TAG)])
+        ch.wait([ch.post_recv(chunk(r - k - 1), left, RING_TAG), ch.post_send(chunk(r - k), right, RING_TAG)])
     return flat
 
 

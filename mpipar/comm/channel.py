@@ -1,0 +1,242 @@
+"""One channel for tagged point-to-point: the only place mpipar posts Isend/Irecv.
+
+A `Channel` wraps one communicator (usually a group's private duplicate,
+`Group.p2p`, so mpipar's traffic never matches a user's message) and the
+flight-recorder channel its waits are recorded on. Users: the public
+`mpipar.comm.send/recv` (p2p.py), the ring collectives (backends/ring.py),
+ring attention's K/V ring and the pipeline transport.
+
+- Posting: `post_send`/`post_recv` hand MPI a buffer it can use in place (the
+  ring's hot path: raw requests, no wrapper). `send`/`recv` take any tensor:
+  a CUDA tensor without CUDA-aware MPI, or a non-contiguous receive buffer,
+  goes through a host copy; they return a `Pending` that keeps every buffer
+  MPI may touch alive until it completes, and copies a staged receive back.
+- Headers: `send_described` sends a tensor as a small header (dtype code,
+  ndim, shape) on `tag` and its data on `tag + 1`; `recv_header` and
+  `recv_described` let a receiver that does not know the shape post the data
+  receive once the header has landed.
+- Completion: `wait` goes through mpipar.comm.wait (MPI's Wait, or polite
+  polling when oversubscribed), records the wait in the flight recorder when
+  given a name, then finishes each Pending (size check, copy-back).
+- Failure notices: after `watch_failures(tag)` the channel holds one receive
+  per peer on that tag (never MPI_ANY_SOURCE, see pipeline/transport.py);
+  `wait` then polls and raises `PeerFailed` as soon as a notice lands;
+  `notify_failure` sends one; `cancel` takes back receives still posted.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import MpiparError
+from ..flight.recorder import begin_p2p, done
+from . import wait as _wait
+from .buffers import DTYPE_CODES, MAX_NDIM, mpi_buffer, needs_staging
+
+_DTYPES = {code: dt for dt, code in DTYPE_CODES.items()}
+NOTICE_BYTES = 2048  # longest failure notice carried
+
+
+class PeerFailed(MpiparError):
+    """Another rank of the channel reported a failure; raised on the ranks waiting on it."""
+
+
+class Pending:
+    """A posted send or receive: its MPI request and the buffers MPI may still touch.
+
+    `target`: the tensor a staged receive is copied into on `finish`.
+    `status`, `nbytes`: for a receive whose byte count is checked on `finish`."""
+
+    __slots__ = ("request", "buffer", "target", "status", "nbytes")
+
+    def __init__(self, request, buffer, target=None, status=None, nbytes=None):
+        self.request, self.buffer, self.target = request, buffer, target
+        self.status, self.nbytes = status, nbytes
+
+    def finish(self) -> None:
+        """After completion: check the received size, copy a staged receive back."""
+        if self.status is not None:
+            from mpi4py import MPI
+
+            got = self.status.Get_count(MPI.BYTE)
+            if got != self.nbytes:
+                raise MpiparError(
+                    f"recv: message from rank {self.status.Get_source()} tag {self.status.Get_tag()} "
+                    f"has {got} bytes, the buffer holds {self.nbytes}")
+        if self.target is not None:
+            self.target.copy_(self.buffer.view(self.target.shape))
+
+
+def _request(x):
+    return x.request if isinstance(x, Pending) else x
+
+
+class Channel:
+    """Tagged point-to-point on communicator `comm`; waits recorded on `flight` (a Group or
+    a flight-recorder Channel; None records nothing)."""
+
+    def __init__(self, comm, flight=None):
+        self.comm, self.flight = comm, flight
+        self._watch: list = []  # failure notices: Pending per peer, while watching
+
+    # ---- posting ---------------------------------------------------------------------------
+    def post_send(self, t: torch.Tensor, dst: int, tag: int):
+        """Isend of a tensor MPI can read in place (contiguous, host or CUDA-aware)."""
+        return self.comm.Isend(mpi_buffer(t), dest=dst, tag=tag)
+
+    def post_recv(self, t: torch.Tensor, src: int, tag: int):
+        """Irecv into a tensor MPI can write in place."""
+        return self.comm.Irecv(mpi_buffer(t), source=src, tag=tag)
+
+    def send(self, t: torch.Tensor, dst: int, tag: int) -> Pending:
+        """Send any tensor; a host copy (its own buffer, kept alive) when MPI cannot read it."""
+        if needs_staging(t):
+            buf = torch.empty(t.shape, dtype=t.dtype)
+            buf.copy_(t)
+        else:
+            buf = t.contiguous()
+        return Pending(self.post_send(buf, dst, tag), buf)
+
+    def recv(self, t: torch.Tensor, src: int, tag: int, check_size: bool = False) -> Pending:
+        """Receive into any tensor (through a host buffer when MPI cannot write it in place).
+        check_size: `finish` raises MpiparError if the message is shorter than `t`."""
+        staged = needs_staging(t) or not t.is_contiguous()
+        buf = torch.empty(t.shape, dtype=t.dtype) if staged else t
+        status = nbytes = None
+        if check_size:
+            from mpi4py import MPI
+
+            status, nbytes = MPI.Status(), t.numel() * t.element_size()
+        return Pending(self.post_recv(buf, src, tag), buf, t if staged else None, status, nbytes)
+
+    # ---- self-describing messages ------------------------------------------------------------
+    def send_described(self, t: torch.Tensor, dst: int, tag: int, what: str = "send") -> list[Pending]:
+        """Send `t` as a header (dtype code, ndim, shape) on `tag` and its data on `tag + 1`."""
+        if t.dim() > MAX_NDIM or t.dtype not in DTYPE_CODES:
+            raise MpiparError(f"{what}: cannot send a {t.dim()}-d {t.dtype} tensor "
+                              f"(at most {MAX_NDIM} dims, dtypes {list(DTYPE_CODES)})")
+        header = np.zeros(2 + MAX_NDIM, dtype=np.int64)
+        header[0], header[1] = DTYPE_CODES[t.dtype], t.dim()
+        header[2:2 + t.dim()] = t.shape
+        data = t.to("cpu") if needs_staging(t) else t.contiguous()
+        return [Pending(self.comm.Isend(header, dest=dst, tag=tag), header),
+                Pending(self.post_send(data, dst, tag + 1), data)]
+
+    def recv_header(self, src: int, tag: int) -> Pending:
+        header = np.zeros(2 + MAX_NDIM, dtype=np.int64)
+        return Pending(self.comm.Irecv(header, source=src, tag=tag), header)
+
+    def recv_described(self, header, src: int, tag: int, device, what: str = "recv") -> Pending:
+        """Post the data receive (tag + 1) of a message whose header (an arrived
+        `recv_header` buffer) says its dtype and shape; `finish` leaves the tensor in
+        `.target` (staged) or `.buffer`."""
+        code, ndim = int(header[0]), int(header[1])
+        if code not in _DTYPES or not 0 <= ndim <= MAX_NDIM:
+            raise MpiparError(f"{what}: bad header {header.tolist()} from rank {src}")
+        tensor = torch.empty(tuple(int(n) for n in header[2:2 + ndim]), dtype=_DTYPES[code], device=device)
+        return self.recv(tensor, src, tag + 1)
+
+    # ---- completion --------------------------------------------------------------------------
+    def wait(self, items, name: str | None = None, peer: int = -2, dt=None, sh=None, detail=None) -> None:
+        """Complete `items` (Pendings or mpi4py requests; None ignored) and finish the Pendings.
+
+        name: record the wait in the flight recorder as p2p call `name` with `peer`
+        (-2: several) on this channel's flight channel. While failure notices are
+        watched, polls and raises PeerFailed when one lands (the items stay posted:
+        the caller cancels or keeps them)."""
+        items = [x for x in items if x is not None]
+        slot = begin_p2p(self.flight, name, peer, dt, sh, detail) if name and self.flight is not None else -1
+        try:
+            self._complete(items)
+        finally:
+            done(slot)
+        for x in items:
+            if isinstance(x, Pending):
+                x.finish()
+
+    def _complete(self, items) -> None:
+        if self._watch:
+            self._poll_watching([_request(x) for x in items])
+            return
+        reqs, checked = [], []
+        for x in items:
+            if not isinstance(x, Pending):
+                reqs.append(x)
+            elif x.status is None:
+                reqs.append(x.request)
+            else:
+                checked.append(x)
+        if reqs:
+            _wait.wait_all(reqs)
+        if checked:
+            from mpi4py import MPI
+
+            try:
+                for x in checked:
+                    _wait.wait_status(x.request, x.status)
+            except MPI.Exception as exc:
+                raise MpiparError(f"recv failed: {exc.Get_error_string()} "
+                                  "(message larger than the buffer?)") from None
+
+    def _poll_watching(self, requests) -> None:
+        from mpi4py import MPI
+
+        def finished() -> bool:
+            self.check_failures()
+            return MPI.Request.Testall(requests)
+
+        _wait._poll(finished)
+
+    # ---- failure notices ---------------------------------------------------------------------
+    def watch_failures(self, tag: int) -> None:
+        """Post one failure-notice receive per peer on `tag` (replacing any earlier watch)."""
+        from mpi4py import MPI
+
+        self._watch = []
+        me = self.comm.Get_rank()
+        for src in range(self.comm.Get_size()):
+            if src != me:
+                buf = bytearray(NOTICE_BYTES)
+                self._watch.append(Pending(self.comm.Irecv([buf, MPI.BYTE], source=src, tag=tag), buf))
+
+    def notify_failure(self, message: str, tag: int) -> list[Pending]:
+        """Send failure notice `message` to every peer (non-blocking); stop watching."""
+        from mpi4py import MPI
+
+        data, me = message.encode()[:NOTICE_BYTES], self.comm.Get_rank()
+        sent = [Pending(self.comm.Isend([data, MPI.BYTE], dest=dst, tag=tag), data)
+                for dst in range(self.comm.Get_size()) if dst != me]
+        self.stop_watching()
+        return sent
+
+    def check_failures(self) -> None:
+        """Raise PeerFailed (after cancelling the watch) if a peer's failure notice has arrived."""
+        from mpi4py import MPI
+
+        for p in self._watch:
+            if p.request.Get_status():
+                status = MPI.Status()
+                p.request.Wait(status)
+                text = bytes(p.buffer[:status.Get_count(MPI.BYTE)]).decode(errors="replace")
+                self.stop_watching()
+                raise PeerFailed(text)
+
+    def stop_watching(self) -> None:
+        self.cancel(self._watch)
+        self._watch = []
+
+    @staticmethod
+    def cancel(items) -> None:
+        """Cancel every receive among `items` still posted and complete it, so MPI holds no
+        buffer of ours."""
+        for x in items:
+            req = _request(x)
+            if req:  # not completed yet
+                req.Cancel()
+                req.Wait()
+
+    @staticmethod
+    def test_all(items) -> bool:
+        from mpi4py import MPI
+
+        return MPI.Request.Testall([_request(x) for x in items])
