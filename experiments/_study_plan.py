@@ -19,7 +19,9 @@ from pathlib import Path
 
 OUT_FLAGS = ("--out", "--output", "-o")
 ALIASES = {"tensor_parallel": "tensor", "tp": "tensor", "pipeline_parallel": "pipeline", "pp": "pipeline",
-           "sequence_parallel": "sequence", "sp": "sequence", "train_gpt": "gpt"}
+           "sequence_parallel": "sequence", "sp": "sequence", "train_gpt": "gpt",
+           "train_llama": "llama"}
+LLAMA = {"--arch": "llama", "--model": "llama-tiny"}  # the study's Llama model (mpipar.models.PRESETS)
 
 
 @dataclasses.dataclass
@@ -53,6 +55,9 @@ def default_plan(np: int = 4) -> list[Driver]:
                {"--quick": True, "--methods": "serial,ring-zigzag,ulysses"}, 100),
         Driver("gpt", "experiments/train_gpt.py", "train_gpt.h5",
                {**gpt_layout, "--steps": 6, "--warmup": 2}, {"--quick": True, "--steps": 3}, 100),
+        # the same layouts on the Llama family (RMSNorm, rotary, SwiGLU, GQA): 0.19M parameters, ~20 s at NP=4
+        Driver("llama", "experiments/train_gpt.py", "train_llama.h5",
+               {**gpt_layout, **LLAMA, "--steps": 4, "--warmup": 2}, {"--quick": True, **LLAMA, "--steps": 3}, 80),
         # ZeRO memory sweep only (~40 s at NP=4); the step-time benchmark is experiments/zero.py alone
         Driver("zero", "experiments/zero.py", "zero.h5",
                {"--sweep-only": True, "--hidden": 128, "--layers": 2, "--batch": 8},
