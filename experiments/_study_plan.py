@@ -59,10 +59,10 @@ def default_plan(np: int = 4) -> list[Driver]:
         Driver("zero", "experiments/zero.py", "zero.h5",
                {"--sweep-only": True, "--hidden": 128, "--layers": 2, "--batch": 8},
                {"--sweep-only": True, "--quick": True}, 90),
-        # gpt's layouts on the Llama family (RMSNorm, rotary, SwiGLU, GQA; 0.19M parameters), ~20 s at
-        # NP=4; last, so that a study short of time budget skips it rather than an older driver
+        # gpt's layouts on the Llama family (RMSNorm, rotary, SwiGLU, GQA; 0.19M parameters), 20-60 s
+        # at NP=4; last, so that a study short of time budget skips it rather than an older driver
         Driver("llama", "experiments/train_gpt.py", "train_llama.h5",
-               {**gpt_layout, **LLAMA, "--steps": 4, "--warmup": 2}, {"--quick": True, **LLAMA, "--steps": 3}, 80),
+               {**gpt_layout, **LLAMA, "--steps": 4, "--warmup": 2}, {"--quick": True, **LLAMA, "--steps": 3}, 100),
     ]
 
 

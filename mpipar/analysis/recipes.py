@@ -261,9 +261,9 @@ def driver_matches(driver: str, experiment: str) -> bool:
     return base.startswith(prefix) and qualifier == arch
 
 
-def _suffix(arch: str, archs: int) -> str:
-    """File-name suffix of a per-model figure: none for gpt2 or a table of one model."""
-    return "" if arch == DEFAULT_ARCH or archs == 1 else f"_{arch}"
+def _suffix(arch: str) -> str:
+    """File-name suffix of a per-model figure: none for gpt2 (the names from before `arch`)."""
+    return "" if arch == DEFAULT_ARCH else f"_{arch}"
 
 
 @recipe("train_gpt")
@@ -273,7 +273,7 @@ def train_gpt(df: pd.DataFrame, out: Path) -> Result:
     res = Result()
     parts = by_arch(df)
     for arch, d in parts:
-        res.figures.append(figures.line_plot(d, "step", "loss", out / f"train_gpt_loss{_suffix(arch, len(parts))}.png",
+        res.figures.append(figures.line_plot(d, "step", "loss", out / f"train_gpt_loss{_suffix(arch)}.png",
                                              hue="layout", xlabel="step", ylabel="cross-entropy (nats)",
                                              title=f"{arch} training loss"))
         for layout, g in d.sort_values("step").groupby("layout", sort=True):
@@ -305,7 +305,7 @@ def train_gpt_layouts(df: pd.DataFrame, out: Path) -> Result:
         experiment = experiment_name("train_gpt_layouts", arch)
         if "pred_step_s" in d.columns and d["pred_step_s"].notna().any():
             res.figures.append(figures.predicted_plot(d, "step_s", "pred_step_s", "layout",
-                                                      out / f"train_gpt_predicted{_suffix(arch, len(parts))}.png",
+                                                      out / f"train_gpt_predicted{_suffix(arch)}.png",
                                                       title=f"{arch} step time: mpipar.plan vs measured"))
             err = (d["pred_step_s"] / d["step_s"] - 1).abs().dropna()
             res.headlines.append({**headline(f"{arch} step time prediction, mean |predicted / measured - 1|",
