@@ -297,8 +297,11 @@ def train_gpt_layouts(df: pd.DataFrame, out: Path) -> Result:
     res.derived["by_arch"] = both.pivot_table(index="layout", columns="arch", values="tokens_per_s",
                                               aggfunc="median", sort=False).reset_index()
     res.derived["by_arch"].columns.name = None
+    if "params" in both.columns:  # the legend says how big each model is
+        both["model"] = [f"{a} ({p / 1e6:.2f}M params)" if p == p else a for a, p in zip(both["arch"], both["params"])]
     res.figures.append(figures.bar_plot(both, "layout", "tokens_per_s", out / "train_gpt_layouts.png",
-                                        hue="arch" if len(parts) > 1 else None, ylabel="tokens/s",
+                                        hue=("model" if "model" in both.columns else "arch") if len(parts) > 1
+                                        else None, ylabel="tokens/s",
                                         title="tokens/s per layout (dp-pp-sp-tp)"
                                         + (", per model" if len(parts) > 1 else "")))
     for arch, d in parts:
