@@ -19,7 +19,9 @@ from pathlib import Path
 
 OUT_FLAGS = ("--out", "--output", "-o")
 ALIASES = {"tensor_parallel": "tensor", "tp": "tensor", "pipeline_parallel": "pipeline", "pp": "pipeline",
-           "sequence_parallel": "sequence", "sp": "sequence", "train_gpt": "gpt"}
+           "sequence_parallel": "sequence", "sp": "sequence", "train_gpt": "gpt",
+           "train_llama": "llama"}
+LLAMA = {"--arch": "llama", "--model": "llama-tiny"}  # the study's Llama model (mpipar.models.PRESETS)
 
 
 @dataclasses.dataclass
@@ -35,7 +37,7 @@ class Driver:
 
 
 def default_plan(np: int = 4) -> list[Driver]:
-    """The default study, sized to finish in < 10 minutes on 2 cores at NP=4 (oversubscribed)."""
+    """The default study, sized to finish within its 600 s budget on 2 cores at NP=4 (oversubscribed)."""
     gpt_layout = {"--layouts": "all"} if np == 4 else {"--tp": 2} if np % 2 == 0 else {}
     return [
         Driver("collectives", "experiments/collectives.py", "collectives.h5",
@@ -57,6 +59,10 @@ def default_plan(np: int = 4) -> list[Driver]:
         Driver("zero", "experiments/zero.py", "zero.h5",
                {"--sweep-only": True, "--hidden": 128, "--layers": 2, "--batch": 8},
                {"--sweep-only": True, "--quick": True}, 90),
+        # gpt's layouts on the Llama family (RMSNorm, rotary, SwiGLU, GQA; 0.19M parameters), 20-60 s
+        # at NP=4; last, so that a study short of time budget skips it rather than an older driver
+        Driver("llama", "experiments/train_gpt.py", "train_llama.h5",
+               {**gpt_layout, **LLAMA, "--steps": 4, "--warmup": 2}, {"--quick": True, **LLAMA, "--steps": 3}, 100),
     ]
 
 

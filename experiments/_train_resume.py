@@ -19,7 +19,7 @@ from mpipar.agree import agree
 from mpipar.models import checkpoint, preempt
 from mpipar.trace import ResultsWriter, atomic_h5, read_results
 
-CONFIG_COLUMNS = ("layout", "dp", "pp", "sp", "tp", "schedule", "step", "tokens")
+CONFIG_COLUMNS = ("layout", "arch", "dp", "pp", "sp", "tp", "schedule", "step", "tokens")  # the point_key
 TABLE = "train_gpt"
 
 

@@ -283,7 +283,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", metavar="DIR", help="resume DIR if it holds a study, else start one there "
                    "(requeued batch jobs)")
     p.add_argument("--dry-run", action="store_true", help="list the commands and points; run nothing")
-    p.add_argument("--budget-s", type=float, default=570.0,
+    p.add_argument("--budget-s", type=float, default=600.0,
                    help="time budget of the whole study in s (drivers get less when it runs out; 0: none)")
     p.add_argument("--no-analysis", action="store_true", help="skip the analysis at the end")
     p.add_argument("--silent", action="store_true", help="do not echo the drivers' output")

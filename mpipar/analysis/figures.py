@@ -5,7 +5,8 @@
 - `busbw_plot`: bus bandwidth against message size per implementation, with
   the memcpy bandwidth as the physical limit.
 - `memory_time_plot`: peak memory and step time against sequence length.
-- `bar_plot`: one bar per category (tokens/s per parallel layout).
+- `bar_plot`: one bar per category (tokens/s per parallel layout), optionally one
+  bar per `hue` value side by side (tokens/s per layout of every model).
 Every function returns the path written, or None when there was nothing to plot.
 """
 from __future__ import annotations
@@ -104,17 +105,30 @@ def memory_time_plot(df: pd.DataFrame, path, seq: str = "seq_len", memory: str =
     return save_figure(fig, path)
 
 
-def bar_plot(df: pd.DataFrame, x: str, y: str, path, title: str = "", ylabel: str = ""):
-    """One bar per row: y (e.g. tokens/s) per category x (e.g. a parallel layout)."""
+def bar_plot(df: pd.DataFrame, x: str, y: str, path, title: str = "", ylabel: str = "", hue: str | None = None):
+    """One bar per row: y (e.g. tokens/s) per category x (e.g. a parallel layout); with `hue`
+    (e.g. the model's arch) one bar per hue value side by side within each category (median
+    over repeats; a category a hue value lacks has no bar there)."""
     if df is None or df.empty or x not in df.columns or y not in df.columns:
         return None
-    fig, ax = plt.subplots(figsize=(max(6.4, 0.8 * len(df)), 4.2))
-    ax.bar(df[x].astype(str), df[y])
+    if hue is None or hue not in df.columns:
+        fig, ax = plt.subplots(figsize=(max(6.4, 0.8 * len(df)), 4.2))
+        ax.bar(df[x].astype(str), df[y])
+    else:
+        cats = list(dict.fromkeys(df[x].astype(str)))  # first-seen order, as the single-series plot
+        groups = list(dict.fromkeys(df[hue].astype(str)))
+        table = df.assign(_x=df[x].astype(str), _h=df[hue].astype(str)).groupby(["_x", "_h"])[y].median()
+        fig, ax = plt.subplots(figsize=(max(6.4, 0.5 * len(cats) * len(groups) + 1.5), 4.2))
+        width, pos = 0.8 / len(groups), np.arange(len(cats))
+        for i, g in enumerate(groups):
+            vals = [table.get((c, g), np.nan) for c in cats]
+            ax.bar(pos + (i - (len(groups) - 1) / 2) * width, vals, width, label=g)
+        ax.set_xticks(pos, cats)
+        ax.legend(fontsize=8)
     ax.set(title=title, ylabel=ylabel or y)
     ax.tick_params(axis="x", labelrotation=30)
     ax.grid(True, axis="y", alpha=0.3)
     return save_figure(fig, path)
-
 
 
 def predicted_plot(df: pd.DataFrame, measured: str, predicted: str, label: str, path, title: str = "",

@@ -10,7 +10,10 @@ table's own columns (a point's config keys are columns already; the `config`
 column keeps the JSON), then every root attribute of the file (provenance:
 `world_size`, `mpi_library`, `git_commit`, ...; named `attr_<key>` when the
 table has a column of that name), then `file`. `load_spans` and `load_memory`
-read the `/spans` and `/memory` tables the same way. The schema is documented
+read the `/spans` and `/memory` tables the same way. Tables of the same name
+from runs of different models (train_gpt's `arch` column: gpt2, llama) are
+concatenated too; `by_arch` splits them again, and the recipes analyse each
+model on its own. The schema is documented
 in results/README.md.
 """
 from __future__ import annotations
@@ -116,6 +119,22 @@ def load(paths) -> dict[str, pd.DataFrame]:
         for name, df in load_file(path).items():
             by_name.setdefault(name, []).append(df)
     return {name: _concat(frames) for name, frames in sorted(by_name.items())}
+
+
+DEFAULT_ARCH = "gpt2"  # rows of files written before the `arch` column existed
+
+
+def by_arch(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """[(arch, rows of that model)] of a table, gpt2 first then by name; a table without an
+    `arch` column (or rows with none) counts as gpt2. Each part keeps the table's units."""
+    arch = df["arch"].fillna(DEFAULT_ARCH).astype(str) if "arch" in df.columns else pd.Series(
+        DEFAULT_ARCH, index=df.index)
+    parts = []
+    for name in sorted(arch.unique(), key=lambda a: (a != DEFAULT_ARCH, a)):
+        part = df[(arch == name).to_numpy()].copy()
+        part.attrs["units"] = dict(df.attrs.get("units", {}))
+        parts.append((name, part))
+    return parts
 
 
 def _load_top(paths, table: str) -> pd.DataFrame:

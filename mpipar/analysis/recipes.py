@@ -5,7 +5,9 @@ folder and returns a `Result`: derived tables (written as <name>_<key>.csv),
 figure paths, and headline rows {headline, value, unit, baseline,
 baseline_value, ratio, better} comparing mpipar with the baseline measured in
 the same run (ratio = value / baseline_value). Recipes are registered by
-table name; the columns they read are those the drivers write (results/README.md).
+table name; a table that holds several models (train_gpt's `arch`) is analysed
+per model, its headlines under the experiment `<table>[<arch>]` (plain
+`<table>` for gpt2); the columns they read are those the drivers write (results/README.md).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from . import figures, metrics
+from .load import DEFAULT_ARCH, by_arch
 
 
 @dataclasses.dataclass
@@ -27,9 +30,10 @@ class Result:
 
 RECIPES: dict = {}
 COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
-# study driver name -> the table its recipe reads (for the summary's status column)
+# study driver name -> the table its recipe reads (for the summary's status column); [arch]: the
+# rows of that model only (train_gpt.py --arch llama writes the same tables as the gpt2 run)
 DRIVER_TABLES = {"collectives": "collectives", "tensor": "tensor_parallel", "pipeline": "pipeline",
-                 "sequence": "sequence_parallel", "gpt": "train_gpt"}
+                 "sequence": "sequence_parallel", "gpt": "train_gpt", "llama": "train_gpt[llama]"}
 
 
 def recipe(table: str):
@@ -237,39 +241,83 @@ def pipeline(df: pd.DataFrame, out: Path) -> Result:
     return res
 
 
+def _qualified(experiment: str) -> tuple[str, str]:
+    """'train_gpt_layouts[llama]' -> ('train_gpt_layouts', 'llama'); no brackets -> (name, '')."""
+    base, _, rest = experiment.partition("[")
+    return base, rest.rstrip("]")
+
+
+def experiment_name(table: str, arch: str) -> str:
+    """The summary's experiment of a table's rows of one model: the table name for gpt2 (as before
+    the `arch` column), `<table>[<arch>]` for any other model."""
+    return table if arch == DEFAULT_ARCH else f"{table}[{arch}]"
+
+
+def driver_matches(driver: str, experiment: str) -> bool:
+    """Are the summary rows of `experiment` the results of the study driver `driver`? The table
+    name starts with the driver's table and the model qualifier ([llama]) is the same."""
+    prefix, arch = _qualified(table_prefix(driver))
+    base, qualifier = _qualified(experiment)
+    return base.startswith(prefix) and qualifier == arch
+
+
+def _suffix(arch: str) -> str:
+    """File-name suffix of a per-model figure: none for gpt2 (the names from before `arch`)."""
+    return "" if arch == DEFAULT_ARCH else f"_{arch}"
+
+
 @recipe("train_gpt")
 def train_gpt(df: pd.DataFrame, out: Path) -> Result:
-    """Loss curves per layout; the loss after the last step vs the first, per layout."""
+    """Loss curves per layout and the loss after the last step vs the first, for each model (`arch`)
+    on its own: train_gpt_loss.png for gpt2, train_gpt_loss_<arch>.png for the others."""
     res = Result()
-    res.figures.append(figures.line_plot(df, "step", "loss", out / "train_gpt_loss.png", hue="layout",
-                                         xlabel="step", ylabel="cross-entropy (nats)", title="GPT training loss"))
-    for layout, g in df.sort_values("step").groupby("layout", sort=True):
-        first, last = g.iloc[0], g.iloc[-1]
-        res.headlines.append(headline(f"loss after step {int(last['step'])}, {layout}", last["loss"], "nats",
-                                      f"loss at step {int(first['step'])}", first["loss"], better="lower"))
-        if df["layout"].nunique() > 2:
-            break  # the per-layout table gives the rest
+    parts = by_arch(df)
+    for arch, d in parts:
+        res.figures.append(figures.line_plot(d, "step", "loss", out / f"train_gpt_loss{_suffix(arch)}.png",
+                                             hue="layout", xlabel="step", ylabel="cross-entropy (nats)",
+                                             title=f"{arch} training loss"))
+        for layout, g in d.sort_values("step").groupby("layout", sort=True):
+            first, last = g.iloc[0], g.iloc[-1]
+            res.headlines.append({**headline(f"{arch} loss after step {int(last['step'])}, {layout}", last["loss"],
+                                             "nats", f"loss at step {int(first['step'])}", first["loss"],
+                                             better="lower"), "experiment": experiment_name("train_gpt", arch)})
+            if d["layout"].nunique() > 2:
+                break  # the per-layout table gives the rest
     return res
 
 
 @recipe("train_gpt_layouts")
 def train_gpt_layouts(df: pd.DataFrame, out: Path) -> Result:
-    """Tokens/s per dp x pp x sp x tp layout; the fastest layout vs pure data parallelism; the
-    planner's predicted step time against the measured one (when the table has it)."""
+    """Tokens/s per dp x pp x sp x tp layout, the models (`arch`) side by side; per model the
+    fastest layout vs pure data parallelism and the planner's predicted step time against the
+    measured one (when the table has it). Derived: `by_arch`, tokens/s with one column per model."""
     res = Result()
-    res.figures.append(figures.bar_plot(df, "layout", "tokens_per_s", out / "train_gpt_layouts.png",
-                                        title="GPT tokens/s per layout (dp-pp-sp-tp)", ylabel="tokens/s"))
-    if "pred_step_s" in df.columns and df["pred_step_s"].notna().any():
-        res.figures.append(figures.predicted_plot(df, "step_s", "pred_step_s", "layout",
-                                                  out / "train_gpt_predicted.png",
-                                                  title="step time: mpipar.plan vs measured"))
-        err = (df["pred_step_s"] / df["step_s"] - 1).abs().dropna()
-        res.headlines.append(headline("step time prediction, mean |predicted / measured - 1|", err.mean(), "",
-                                      better="lower"))
-    best = df.loc[df["tokens_per_s"].idxmax()]
-    dp_only = df[(df["pp"] == 1) & (df["sp"] == 1) & (df["tp"] == 1)]
-    if len(dp_only):
-        base = dp_only.iloc[0]
-        res.headlines.append(headline(f"tokens/s, fastest layout {best['layout']}", best["tokens_per_s"],
-                                      "tokens/s", f"data parallel {base['layout']}", base["tokens_per_s"]))
+    parts = by_arch(df)
+    both = pd.concat([d.assign(arch=arch) for arch, d in parts], ignore_index=True)
+    res.derived["by_arch"] = both.pivot_table(index="layout", columns="arch", values="tokens_per_s",
+                                              aggfunc="median", sort=False).reset_index()
+    res.derived["by_arch"].columns.name = None
+    if "params" in both.columns:  # the legend says how big each model is
+        both["model"] = [f"{a} ({p / 1e6:.2f}M params)" if p == p else a for a, p in zip(both["arch"], both["params"])]
+    res.figures.append(figures.bar_plot(both, "layout", "tokens_per_s", out / "train_gpt_layouts.png",
+                                        hue=("model" if "model" in both.columns else "arch") if len(parts) > 1
+                                        else None, ylabel="tokens/s",
+                                        title="tokens/s per layout (dp-pp-sp-tp)"
+                                        + (", per model" if len(parts) > 1 else "")))
+    for arch, d in parts:
+        experiment = experiment_name("train_gpt_layouts", arch)
+        if "pred_step_s" in d.columns and d["pred_step_s"].notna().any():
+            res.figures.append(figures.predicted_plot(d, "step_s", "pred_step_s", "layout",
+                                                      out / f"train_gpt_predicted{_suffix(arch)}.png",
+                                                      title=f"{arch} step time: mpipar.plan vs measured"))
+            err = (d["pred_step_s"] / d["step_s"] - 1).abs().dropna()
+            res.headlines.append({**headline(f"{arch} step time prediction, mean |predicted / measured - 1|",
+                                             err.mean(), "", better="lower"), "experiment": experiment})
+        best = d.loc[d["tokens_per_s"].idxmax()]
+        dp_only = d[(d["pp"] == 1) & (d["sp"] == 1) & (d["tp"] == 1)]
+        if len(dp_only):
+            base = dp_only.iloc[0]
+            res.headlines.append({**headline(f"{arch} tokens/s, fastest layout {best['layout']}",
+                                             best["tokens_per_s"], "tokens/s", f"data parallel {base['layout']}",
+                                             base["tokens_per_s"]), "experiment": experiment})
     return res

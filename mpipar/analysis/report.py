@@ -8,7 +8,9 @@ Every `/results/<name>` table is written as <name>.csv. Tables with a recipe
 (`recipes.RECIPES`, matched by name) also get derived tables (<name>_<what>.csv:
 scaling efficiency, alpha-beta fits, bubble errors, ...), figures, and headline
 rows for the summary: the experiment's headline figure and its ratio to the
-baseline measured in the same run. The summary is written as summary.csv.
+baseline measured in the same run. A table holding several models (the `arch`
+column of train_gpt's tables) is analysed per model: its headlines are under
+`<table>[<arch>]` (plain `<table>` for gpt2), never mixed. The summary is written as summary.csv.
 """
 from __future__ import annotations
 
@@ -95,7 +97,7 @@ def format_summary(summary: pd.DataFrame, manifest: dict | None = None) -> str:
                       _fmt(r["value"]) + unit, base, ratio])
     shown = {ln[0] for ln in lines}
     for name, st in status.items():
-        if not any(s.startswith(recipes.table_prefix(name)) for s in shown):
+        if not any(recipes.driver_matches(name, s) for s in shown):
             lines.append([name, st, "(no results)", "-", "-", "-"])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths))  # noqa: E731
@@ -106,6 +108,6 @@ def format_summary(summary: pd.DataFrame, manifest: dict | None = None) -> str:
 
 def _status_of(table: str, status: dict) -> str:
     for name, st in status.items():
-        if table.startswith(recipes.table_prefix(name)):
+        if recipes.driver_matches(name, table):
             return st
     return "ok" if not status else "-"

@@ -148,6 +148,78 @@ def test_sequence_weak_scaling_per_unit_of_work_is_one_for_perfect_scaling():
     assert weak.loc[weak["sp"] == 4, "efficiency"].tolist() == pytest.approx([0.25, 0.25])
 
 
+LAYOUTS = ["dp1-pp1-sp1-tp4", "dp1-pp4-sp1-tp1", "dp4-pp1-sp1-tp1", "dp2-pp1-sp1-tp2"]
+
+
+def _train_file(path: Path, arch: str | None, speed: float, loss0: float) -> None:
+    """A train_gpt.py-shaped file of one model: /results/train_gpt (3 steps per layout) and
+    /results/train_gpt_layouts; tokens/s of layout i is speed * (i + 1), loss falls from loss0.
+    arch None: a file from before the `arch` column."""
+    from mpipar.trace import write_table
+
+    steps, layouts = [], []
+    for i, name in enumerate(LAYOUTS):
+        dp, pp, sp, tp = (int(x[2:]) for x in name.split("-"))
+        mesh = {"layout": name, **({"arch": arch} if arch else {}), "dp": dp, "pp": pp, "sp": sp, "tp": tp}
+        steps += [{**mesh, "step": k, "loss": loss0 - 0.25 * k, "tokens_per_s": speed * (i + 1)} for k in range(3)]
+        layouts.append({**mesh, "tokens_per_s": speed * (i + 1), "step_s": 1.0 / (speed * (i + 1)),
+                        "pred_step_s": 1.5 / (speed * (i + 1))})
+    write_table(path, "train_gpt", steps, {"tokens_per_s": "tokens/s"}, root_attrs=_attrs(4))
+    write_table(path, "train_gpt_layouts", layouts, {"tokens_per_s": "tokens/s"})
+
+
+@pytest.fixture
+def two_models(tmp_path):
+    """The files of the study's gpt and llama drivers: one table name, two models."""
+    folder = tmp_path / "study"
+    folder.mkdir()
+    _train_file(folder / "train_gpt.h5", "gpt2", speed=100.0, loss0=4.0)
+    _train_file(folder / "train_llama.h5", "llama", speed=1000.0, loss0=5.0)  # every figure 10x / other
+    return folder
+
+
+def test_train_gpt_tables_are_analysed_per_model_never_mixed(two_models, tmp_path):
+    out = tmp_path / "out"
+    report = analysis.analyze([two_models], out)
+    assert not report["errors"], report["errors"]
+    assert [a for a, _ in analysis.by_arch(report["tables"]["train_gpt_layouts"])] == ["gpt2", "llama"]
+    s = report["summary"].set_index("headline")
+    # each model's fastest layout against its own data-parallel layout: llama's 10x rows never leak into gpt2's
+    gpt = s.loc["gpt2 tokens/s, fastest layout dp2-pp1-sp1-tp2"]
+    assert gpt["experiment"] == "train_gpt_layouts" and gpt["value"] == 400.0 and gpt["baseline_value"] == 300.0
+    llama = s.loc["llama tokens/s, fastest layout dp2-pp1-sp1-tp2"]
+    assert llama["experiment"] == "train_gpt_layouts[llama]" and llama["value"] == 4000.0
+    assert llama["baseline_value"] == 3000.0
+    assert s.loc["gpt2 step time prediction, mean |predicted / measured - 1|", "value"] == pytest.approx(0.5)
+    loss = s.loc["gpt2 loss after step 2, dp1-pp1-sp1-tp4"]
+    assert (loss["value"], loss["baseline_value"]) == (3.5, 4.0)
+    loss = s.loc["llama loss after step 2, dp1-pp1-sp1-tp4"]
+    assert (loss["value"], loss["baseline_value"], loss["experiment"]) == (4.5, 5.0, "train_gpt[llama]")
+    side = pd.read_csv(out / "train_gpt_layouts_by_arch.csv").set_index("layout")  # side by side
+    assert side.loc[LAYOUTS, "gpt2"].tolist() == [100.0, 200.0, 300.0, 400.0]
+    assert side.loc[LAYOUTS, "llama"].tolist() == [1000.0, 2000.0, 3000.0, 4000.0]
+    for name in ("train_gpt_layouts", "train_gpt_loss", "train_gpt_loss_llama", "train_gpt_predicted_llama"):
+        assert (out / f"{name}.png").stat().st_size > 1000, name
+
+
+def test_summary_status_of_each_model_is_its_own_driver(two_models, tmp_path):
+    summary = analysis.analyze([two_models], tmp_path / "out")["summary"]
+    manifest = {"drivers": {"gpt": {"status": "ok"}, "llama": {"status": "timeout"}}}
+    lines = analysis.format_summary(summary, manifest).splitlines()
+    assert all(" timeout " in ln for ln in lines if ln.startswith("train_gpt_layouts[llama]"))
+    assert all(" ok " in ln for ln in lines if ln.startswith("train_gpt_layouts "))
+    gpt_only = summary[~summary["experiment"].str.contains("llama")]
+    text = analysis.format_summary(gpt_only, {"drivers": {"gpt": {"status": "ok"}, "llama": {"status": "failed"}}})
+    assert re.search(r"^llama +failed +\(no results\)", text, re.M), text
+
+
+def test_tables_without_an_arch_column_are_gpt2(tmp_path):
+    _train_file(tmp_path / "old.h5", None, speed=100.0, loss0=4.0)
+    summary = analysis.analyze([tmp_path / "old.h5"], tmp_path / "out")["summary"]
+    assert set(summary["experiment"]) == {"train_gpt", "train_gpt_layouts"}
+    assert "gpt2 tokens/s, fastest layout dp2-pp1-sp1-tp2" in summary["headline"].tolist()
+
+
 def test_module_entry_point(study, tmp_path):
     res = subprocess.run([sys.executable, "-m", "mpipar.analysis", str(study), "--out", str(tmp_path / "cli")],
                          capture_output=True, text=True, timeout=120)

@@ -6,7 +6,8 @@ SIGTERM either the study itself or its mpiexec once a few points are stored,
 then `--resume` the same folder and check every point is stored exactly once
 with the right value. Also: a new run makes a new folder, `--dry-run` lists
 points and runs nothing, a driver that cannot resume has its partial file
-moved aside, and the flags given to a driver follow its --help.
+moved aside, the flags given to a driver follow its --help, and the default
+plan trains the Llama model beside GPT-2 (its own driver and file).
 """
 from __future__ import annotations
 
@@ -243,3 +244,21 @@ def test_checkpointing_driver_gets_save_and_resume(tmp_path):
     assert "--resume" not in study.checkpoint_flags(d, tmp_path, helps)  # a half save is no checkpoint
     (tmp_path / "gpt.ckpt" / "dp1-pp1-sp1-tp4" / "step-000003" / "manifest.json").write_text("{}")
     assert study.checkpoint_flags(d, tmp_path, helps)["--resume"] == str(tmp_path / "gpt.ckpt")
+
+
+def test_default_plan_trains_llama_beside_gpt2_into_its_own_file(tmp_path):
+    study = _import_study()
+    from _study_plan import default_plan  # importable once study is (experiments/ on sys.path)
+
+    plan = {d.name: d for d in default_plan(4)}
+    gpt, llama = plan["gpt"], plan["llama"]
+    assert llama.script == gpt.script == "experiments/train_gpt.py" and llama.out != gpt.out
+    assert llama.args["--layouts"] == gpt.args["--layouts"] == "all"  # the same 8 layouts, side by side
+    for flags in (llama.args, llama.quick_args):
+        assert (flags["--arch"], flags["--model"]) == ("llama", "llama-tiny")
+    assert "--arch" not in gpt.args and "--model" not in gpt.args  # gpt stays the default GPT-2 model
+    assert [d.name for d in study.select(list(plan.values()), ["train_llama"])] == ["llama"]
+    help_text = study.Runner(4, [str(MPIEXEC)]).help_text(llama.script)
+    for quick in (False, True):
+        argv, dropped = study.driver_argv(llama, quick, help_text, tmp_path / llama.out, {})
+        assert dropped == [] and argv[argv.index("--arch") + 1] == "llama", argv
