@@ -21,7 +21,7 @@ help:  ## list targets
 $(VENV)/.installed: pyproject.toml
 	$(MAKE) install
 
-install:  ## create .venv with mpi4py, MPI (mpich wheel, or MPI=system), torch 2.13.0, numpy, h5py, pytest-mpi; mpipar editable
+install:  ## create .venv with mpi4py, MPI (mpich wheel, or MPI=system), torch 2.13.0, numpy, h5py, transformers, pytest-mpi; mpipar editable
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 ifeq ($(MPI),system)

@@ -21,7 +21,8 @@ class Source:
             self.data = models.CharCorpus(num_chars=200_000, seed=cfg.seed)
             vocab = self.data.vocab_size
         if cfg.init_from:
-            self.config, self.state = models.load_pretrained(cfg.init_from, seq_len=cfg.seq, seed=cfg.seed)
+            self.config, self.state = models.load_pretrained(cfg.init_from, seq_len=cfg.seq, seed=cfg.seed,
+                                                                 lazy=True)
             require(self.config.seq_len == cfg.seq, f"--seq {cfg.seq} != the model's {self.config.seq_len}")
             require(vocab <= self.config.vocab_size or not cfg.data,
                     f"{cfg.data} has ids up to {vocab - 1}, the model's vocabulary is {self.config.vocab_size}")

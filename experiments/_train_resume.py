@@ -5,7 +5,9 @@ layouts one subfolder per layout), where to resume from (`--resume`), the
 signal trap (`mpipar.models.preempt`) and rank 0's durable per-step table
 /results/train_gpt (a `ResultsWriter`: each row is on disk when the step
 ends, so a killed run keeps its rows; a resumed run skips the steps already
-stored). A fresh run (no --resume) replaces an old /results/train_gpt.
+stored). A fresh run (no --resume) replaces an old /results/train_gpt, and
+refuses a --save folder that holds another run's checkpoints (keep-N would
+delete the new ones, and --resume would pick the old).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import os
 import statistics
 import sys
 
-from mpipar.errors import agree
+from mpipar.agree import agree
 from mpipar.models import checkpoint, preempt
 from mpipar.trace import ResultsWriter, atomic_h5, read_results
 
@@ -21,17 +23,24 @@ CONFIG_COLUMNS = ("layout", "dp", "pp", "sp", "tp", "schedule", "step", "tokens"
 TABLE = "train_gpt"
 
 
-def reset_table(out: str, comm) -> None:
-    """Collective: rank 0 drops /results/train_gpt of an existing `out` (a fresh run starts a new table)."""
-    err = None
-    if comm.rank == 0 and os.path.exists(out):
-        try:
-            with atomic_h5(out) as f:
-                if f"results/{TABLE}" in f:
-                    del f[f"results/{TABLE}"]
-        except Exception as exc:  # noqa: BLE001 - reported on every rank
-            err = f"train_gpt: cannot reset /results/{TABLE} of {out}: {type(exc).__name__}: {exc}"
-    agree(comm, err)
+def _drop_table(out: str) -> None:
+    """Rank 0: remove /results/train_gpt from an existing `out`."""
+    if os.path.exists(out):
+        with atomic_h5(out) as f:
+            if f"results/{TABLE}" in f:
+                del f[f"results/{TABLE}"]
+
+
+_TRAP: list = []
+
+
+def _trap(comm) -> preempt.Preemption:
+    """One trap for the whole process, installed with the first layout and kept between layouts
+    (a signal that lands between two layouts stops the next one after its first step)."""
+    if not _TRAP:
+        _TRAP.append(preempt.Preemption(comm).__enter__())
+    _TRAP[0].comm = comm
+    return _TRAP[0]
 
 
 class Run:
@@ -45,17 +54,22 @@ class Run:
             has = comm.bcast(checkpoint.latest(self.resume_dir) is not None if comm.rank == 0 else None)
             self.resume_dir = self.resume_dir if has else ""
         err, self.rows = None, None
-        if comm.rank == 0:
+        if comm.rank == 0 and self.save_dir and checkpoint.latest(self.save_dir) and (
+                not self.resume_dir or os.path.realpath(self.resume_dir) != os.path.realpath(self.save_dir)):
+            err = (f"train_gpt: --save {self.save_dir} already holds checkpoints of another run (newest "
+                   f"{checkpoint.latest(self.save_dir)}); continue it with --resume {cfg.save} or save elsewhere")
+        if comm.rank == 0 and err is None:
             try:
+                if not cfg.resume and not _TRAP:  # a fresh run, first layout: a new table
+                    _drop_table(cfg.out)
                 self.rows = ResultsWriter(cfg.out, TABLE, units, attrs=attrs)
             except Exception as exc:  # noqa: BLE001 - reported on every rank
                 err = f"train_gpt: cannot open {cfg.out}: {type(exc).__name__}: {exc}"
         agree(comm, err)
-        self.trap = preempt.Preemption(comm)
+        self.trap = _trap(comm)
 
     def start(self, model, optimizer) -> int:
         """The first step: 0, or the step of the newest complete checkpoint of --resume (restored)."""
-        self.trap.__enter__()
         return preempt.resume(model, optimizer, self.resume_dir) if self.resume_dir else 0
 
     def record(self, row: dict) -> None:
@@ -79,7 +93,6 @@ class Run:
         return signum
 
     def stop(self, signum: int) -> None:
-        self.trap.__exit__()
         if signum:
             sys.stdout.flush()
             raise SystemExit(preempt.exit_code(signum))

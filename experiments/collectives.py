@@ -54,7 +54,8 @@ from mpi4py import MPI
 import mpipar
 from mpipar import comm as C
 from mpipar import trace
-from mpipar.errors import MpiparError, install_abort_on_exception, require
+from mpipar.errors import MpiparError, require
+from mpipar.flight.abort import install_abort_on_exception
 from _collectives_impl import ALGO_OPS, DTYPES, IMPLS, OPS, PASSES, element_count, measure_size
 from _collectives_report import human, print_report, verdicts
 from _common import init_gloo

@@ -23,7 +23,7 @@ from mpi4py import MPI
 
 from _common import init_gloo
 from mpipar import models
-from mpipar.errors import install_abort_on_exception
+from mpipar.flight.abort import install_abort_on_exception
 from mpipar.trace import write_table
 
 

@@ -33,7 +33,8 @@ from torch import nn
 
 from mpipar import device as mdevice
 from mpipar.comm.wait import wait_all
-from mpipar.errors import MpiparError, install_abort_on_exception
+from mpipar.errors import MpiparError
+from mpipar.flight.abort import install_abort_on_exception
 from mpipar.mesh import Group
 from mpipar.pipeline import PipelineRunner, partition, simulate
 from mpipar.pipeline.schedules import check_args

@@ -30,7 +30,7 @@ from mpi4py import MPI
 
 from mpipar import device as mdevice
 from mpipar.comm.wait import wait_all
-from mpipar.errors import install_abort_on_exception
+from mpipar.flight.abort import install_abort_on_exception
 from _common import init_gloo, prefix_groups, print_table, setup_threads
 from mpipar.mesh import Group
 from mpipar.sequence import ring_attention, ulysses_attention

@@ -45,9 +45,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _study_plan import (Driver, count_points, driver_argv, load_plan, prepare_resume,  # noqa: E402
+from _study_plan import (Driver, count_points, driver_argv, load_plan, prepare_resume,
                          select, utc_stamp)
 
 ANALYSIS_RESERVE_S = 30.0  # kept from the budget for the analysis at the end
@@ -86,6 +85,7 @@ class Runner:
     child: subprocess.Popen | None = None
     stop_signal: int | None = None
     term_sent: float | None = None
+    forward: int = signal.SIGTERM
 
     def help_text(self, script: str) -> str:
         """The driver's --help (run without mpiexec); '' if it cannot tell."""
@@ -97,16 +97,18 @@ class Runner:
         return out.stdout if out.returncode == 0 else ""
 
     def on_signal(self, signum, _frame) -> None:
-        """SIGTERM/SIGINT/SIGUSR1 handler: remember it and pass SIGTERM on to the running driver."""
+        """SIGTERM/SIGINT/SIGUSR1 handler: remember it and pass it on to the running driver
+        (SIGUSR1 as itself: srun forwards it without its SIGKILL a few seconds after SIGTERM)."""
         self.stop_signal = signum
+        self.forward = signal.SIGUSR1 if signum == signal.SIGUSR1 else signal.SIGTERM
         self.terminate()
 
     def terminate(self) -> None:
-        """SIGTERM the launcher once (mpiexec and srun forward it to the ranks); never blocks."""
+        """Signal the launcher once (mpiexec and srun forward it to the ranks); never blocks."""
         if self.child is not None and self.child.poll() is None and self.term_sent is None:
             self.term_sent = time.time()
             try:
-                self.child.send_signal(signal.SIGTERM)
+                self.child.send_signal(self.forward)
             except ProcessLookupError:
                 pass
 
@@ -221,9 +223,10 @@ def run_study(args, drivers: list[Driver], folder: Path, manifest: dict) -> dict
             continue
         help_text = runner.help_text(d.script)
         source = (ROOT / d.script).read_text(errors="replace")
-        if args.resume:
+        ckpt = checkpoint_flags(d, folder, help_text)
+        if args.resume and "--resume" not in ckpt:  # a driver resuming from its checkpoint keeps its rows
             prepare_resume(out, source, entry)
-        argv, dropped = driver_argv(d, manifest["quick"], help_text, out, checkpoint_flags(d, folder, help_text))
+        argv, dropped = driver_argv(d, manifest["quick"], help_text, out, ckpt)
         print(f"[{i}/{len(drivers)}] {d.name}: {shlex.join(argv)} (limit {limit:.0f} s)", flush=True)
         entry.update(status="running", command=shlex.join(argv), dropped_flags=dropped, log=f"{d.name}.log")
         write_json(folder / "study.json", manifest)

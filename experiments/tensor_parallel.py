@@ -33,7 +33,7 @@ import mpipar.comm
 import mpipar.comm.autograd as region_ops
 from mpipar import models
 from mpipar.comm.wait import wait_all
-from mpipar.errors import install_abort_on_exception
+from mpipar.flight.abort import install_abort_on_exception
 from _common import init_gloo, prefix_groups, print_table, setup_threads
 from mpipar.mesh import Group, as_group
 from mpipar.layers.heads import merge_heads, split_heads

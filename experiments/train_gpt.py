@@ -29,23 +29,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from mpi4py import MPI
 
-import torch  # noqa: E402
-from mpi4py import MPI  # noqa: E402
-
-from _train_resume import Run, reset_table  # noqa: E402
-
-import mpipar  # noqa: E402
-from mpipar import models  # noqa: E402
-from mpipar.errors import install_abort_on_exception, require  # noqa: E402
-from mpipar.plan import runs as plan_runs  # noqa: E402
-from mpipar.trace import Tracer, write_table  # noqa: E402
-from _model_source import Source  # noqa: E402
+import mpipar
+from mpipar import models
+from mpipar.errors import require
+from mpipar.flight.abort import install_abort_on_exception
+from mpipar.plan import runs as plan_runs
+from mpipar.trace import Tracer, write_table
+from _model_source import Source
+from _train_resume import Run  # (experiments/: checkpoints, signals, rows)
 
 LAYOUTS_4 = [(1, 1, 1, 4), (1, 4, 1, 1), (1, 1, 4, 1), (4, 1, 1, 1),
              (1, 2, 1, 2), (2, 1, 1, 2), (1, 2, 2, 1), (2, 2, 1, 1)]  # (dp, pp, sp, tp)
@@ -131,7 +127,7 @@ def layouts(cfg: Config, world: int) -> list[tuple]:
 
 
 def run_layout(cfg: Config, layout: tuple, corpus, world) -> dict:
-    """Train one layout for cfg.steps steps; returns its summary row (same on every rank)."""
+    """Train one layout up to step cfg.steps; returns its summary row (complete on rank 0)."""
     dp, pp, sp, tp = layout
     mesh = mpipar.Mesh(tp=tp, pp=pp, sp=sp, dp=dp)
     gcfg = corpus.config
@@ -191,8 +187,6 @@ def main() -> None:
     require(cfg.steps >= 1, "--steps must be at least 1")
     corpus = Source(cfg)
     summary = []
-    if not cfg.resume:
-        reset_table(cfg.out, world)
     for layout in layouts(cfg, world.Get_size()):
         summary.append(run_layout(cfg, layout, corpus, world))
     if world.rank == 0:

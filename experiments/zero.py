@@ -43,7 +43,7 @@ from mpi4py import MPI
 import mpipar
 from _common import init_gloo, prefix_groups, print_table, setup_threads
 from mpipar import models
-from mpipar.errors import install_abort_on_exception
+from mpipar.flight.abort import install_abort_on_exception
 from mpipar.trace import ActivationMeter, write_table
 from mpipar.trace.memory import rss_bytes
 

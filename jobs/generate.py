@@ -10,6 +10,13 @@ MPI), and runs `experiments/study.py`, which launches each experiment driver
 with the scheduler's launcher and writes HDF5 under results/<study>/<UTC time>/.
 One rank per GPU: ask for as many ranks per node as GPUs; mpipar.Mesh picks
 each rank's GPU from its node-local rank. Needs only the standard library.
+
+Preemption (SLURM and PBS scripts): the scheduler's warning signal (SLURM
+`--signal=B:USR1@<signal_s>`) and SIGTERM are trapped by the script and passed
+to the study, whose drivers checkpoint and stop; after SIGUSR1 the script
+requeues the job (`scontrol requeue`, PBS `qrerun`). The study folder is
+results/<study>/job-<job id>/ (`study.py --dir`), the same after a requeue, so
+the requeued job resumes it: train_gpt continues from its checkpoint.
 """
 from __future__ import annotations
 
@@ -49,6 +56,7 @@ class JobConfig:
     study_args: str = ""
     venv: str = ".venv"
     modules: str = ""
+    signal_s: int = 120  # SLURM sends SIGUSR1 this many seconds before the time limit (0: none)
 
     def check(self) -> None:
         """Raise ValueError on an inconsistent request."""
@@ -68,7 +76,9 @@ def _slurm_header(c: JobConfig) -> list[str]:
              f"#SBATCH --ntasks-per-node={c.ranks_per_node}", f"#SBATCH --cpus-per-task={c.cpus_per_rank}"]
     if c.gpus_per_node:
         lines.append(f"#SBATCH --gpus-per-node={c.gpus_per_node}")
-    lines += [f"#SBATCH --time={c.time}", f"#SBATCH --output={c.job_name}-%j.out"]
+    lines += [f"#SBATCH --time={c.time}", f"#SBATCH --output={c.job_name}-%j.out", "#SBATCH --open-mode=append",
+              "#SBATCH --requeue"]
+    lines += [f"#SBATCH --signal=B:USR1@{c.signal_s}"] if c.signal_s else []
     lines += [f"#SBATCH --partition={c.partition}"] if c.partition else []
     lines += [f"#SBATCH --account={c.account}"] if c.account else []
     return lines
@@ -77,7 +87,8 @@ def _slurm_header(c: JobConfig) -> list[str]:
 def _pbs_header(c: JobConfig) -> list[str]:
     select = f"select={c.nodes}:ncpus={c.ranks_per_node * c.cpus_per_rank}:mpiprocs={c.ranks_per_node}"
     select += f":ngpus={c.gpus_per_node}" if c.gpus_per_node else ""
-    lines = [f"#PBS -N {c.job_name}", f"#PBS -l {select}", f"#PBS -l walltime={c.time}", "#PBS -j oe"]
+    lines = [f"#PBS -N {c.job_name}", f"#PBS -l {select}", f"#PBS -l walltime={c.time}", "#PBS -j oe",
+             "#PBS -r y"]
     lines += [f"#PBS -q {c.partition}"] if c.partition else []
     lines += [f"#PBS -A {c.account}"] if c.account else []
     return lines
@@ -113,6 +124,40 @@ def _np_lines(c: JobConfig) -> list[str]:
     return ['NP=${NP:-${SLURM_NTASKS:?not inside a SLURM job}}']
 
 
+# the job id that survives a requeue, and how the script requeues itself
+_REQUEUE = {"slurm": ("${SLURM_JOB_ID:?not inside a SLURM job}", 'scontrol requeue "$SLURM_JOB_ID"'),
+            "pbs": ("${PBS_JOBID:-${SLURM_JOB_ID:?not inside a PBS job}}",
+                    'if [ -n "${SLURM_JOB_ID:-}" ]; then scontrol requeue "$SLURM_JOB_ID"; else qrerun "$PBS_JOBID"; fi')}
+
+
+def _study_lines(c: JobConfig, launcher: str, extra: str) -> list[str]:
+    """Run the study; under a scheduler in the background, with the preemption traps and the requeue."""
+    run = [f'python experiments/study.py --study "${{MPIPAR_STUDY:-{c.study}}}" '
+           f'--results "${{MPIPAR_RESULTS:-results}}" \\',
+           f'  --np "$NP" --mpiexec "{launcher}"{extra} ${{MPIPAR_STUDY_ARGS:-}} "$@"']
+    kind = {"slurm": "slurm", "slurm-mpiexec": "slurm", "pbs": "pbs"}.get(c.scheduler)
+    if kind is None:
+        return ["set -x", *run]
+    job_id, requeue = _REQUEUE[kind]
+    run[0] = run[0].replace(" \\", ' --dir "$STUDY_DIR" \\')
+    return [f"JOB_ID={job_id}",
+            "# Same folder after a requeue (same job id): the requeued job resumes the study there.",
+            'STUDY_DIR=${MPIPAR_STUDY_DIR:-${MPIPAR_RESULTS:-results}/${MPIPAR_STUDY:-' + c.study + '}/job-${JOB_ID}}',
+            "set -x", *[ln + (" &" if i == len(run) - 1 else "") for i, ln in enumerate(run)],
+            "{ set +x; } 2>/dev/null",
+            "STUDY_PID=$! SIGNALLED=",
+            "# SIGUSR1 (the time limit is near) and SIGTERM: the study's drivers checkpoint and stop.",
+            "trap 'SIGNALLED=USR1; kill -USR1 $STUDY_PID 2>/dev/null' USR1",
+            "trap 'SIGNALLED=TERM; kill -TERM $STUDY_PID 2>/dev/null' TERM",
+            "set +e",
+            'while :; do wait "$STUDY_PID"; RC=$?; kill -0 "$STUDY_PID" 2>/dev/null || break; done',
+            'if [ "$SIGNALLED" = USR1 ] && [ "$RC" -ne 0 ]; then',
+            '  echo "mpipar job: stopped by SIGUSR1, checkpointed in $STUDY_DIR; requeueing job $JOB_ID" >&2',
+            f"  {requeue}",
+            "fi",
+            'exit "$RC"']
+
+
 def render(c: JobConfig) -> str:
     """The text of the job script for config `c`."""
     c.check()
@@ -139,10 +184,7 @@ def render(c: JobConfig) -> str:
              f'MPIPAR_MODULES=${{MPIPAR_MODULES:-{c.modules}}}',
              ". jobs/env.sh",
              *_np_lines(c),
-             "set -x",
-             f'python experiments/study.py --study "${{MPIPAR_STUDY:-{c.study}}}" '
-             f'--results "${{MPIPAR_RESULTS:-results}}" \\',
-             f'  --np "$NP" --mpiexec "{launcher}"{extra} ${{MPIPAR_STUDY_ARGS:-}} "$@"', ""]
+             *_study_lines(c, launcher, extra), ""]
     return "\n".join(lines)
 
 

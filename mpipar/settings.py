@@ -106,6 +106,22 @@ class Settings:
         "MPIPAR_FAKE_RANKS_PER_NODE",
         "k (test-only): groups split into fake nodes of k consecutive ranks, so the inter-node "
         "(hierarchical) path runs on one machine", "int")
+    # -- jobs that never hang (mpipar.flight) ------------------------------------------------------
+    timeout: float = _opt(
+        "MPIPAR_TIMEOUT",
+        "seconds a rank may wait inside one mpipar communication call before the watchdog writes its "
+        "flight record and aborts the job (default 600; `0`: no watchdog)", "seconds", default=600.0)
+    abort_on_error: str = _opt(
+        "MPIPAR_ABORT_ON_ERROR",
+        "`0`: building a Mesh leaves `sys.excepthook` and `threading.excepthook` alone (default: an "
+        "unhandled exception on any rank, in any thread, aborts the whole job)", default="1")
+    flight_dir: str = _opt(
+        "MPIPAR_FLIGHT_DIR", "where flight records go, as `rank<R>.json` (default `mpipar-flight`)",
+        default="mpipar-flight", agreed=False)
+    checkpoint_pause_s: float = _opt(
+        "MPIPAR_CHECKPOINT_PAUSE_S",
+        "seconds (test-only): rank 0 sleeps this long in each checkpoint save with the shards written and "
+        "no manifest yet, so a test can kill a job mid-save", "seconds", default=0.0, agreed=False)
     # -- process: may differ per node, so not agreed ----------------------------------------------
     polite: str | None = _opt(
         "MPIPAR_POLITE",
@@ -141,9 +157,10 @@ class Settings:
                                        if environ.get(v, "").isdigit()), None)
             else:
                 raw = environ.get(env)
-                if raw is None or (kind == "int" and not raw.strip()):
+                if raw is None or (kind in ("int", "seconds") and not raw.strip()):
                     continue
-                values[f.name] = _int(env, raw) if kind == "int" else raw.strip()
+                values[f.name] = _int(env, raw) if kind == "int" else _seconds(env, raw) if kind == "seconds" \
+                    else raw.strip()
         return cls(**values)
 
     def agreed_digest(self) -> bytes:
@@ -158,6 +175,16 @@ def _int(name: str, raw: str) -> int:
         return int(raw.strip())
     except ValueError:
         raise MpiparError(f"{name} must be an integer, got {raw!r}") from None
+
+
+def _seconds(name: str, raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        value = float("nan")
+    if not value >= 0:  # also nan
+        raise MpiparError(f"{name} must be a number of seconds >= 0, got {raw!r}")
+    return value
 
 
 _current: list[Settings] = []

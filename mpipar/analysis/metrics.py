@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..comm.cost import cost as _model_cost
-from ..comm.cost import fit_alpha_beta as _fit
+from ..plan.alpha_beta import cost as _model_cost
+from ..plan.alpha_beta import fit_alpha_beta as _fit
 from ..errors import MpiparError
 
 

@@ -30,7 +30,7 @@ from .buffers import (blocking_buffer, flat_chunks, host_contiguous, needs_stagi
                       staging_forced)
 from .agreement.protocol import BAD_DIM, agree, norm_dim, signature, validation_enabled
 from .wait import complete
-from ..flight.recorder import begin, done
+from ..flight.recorder import begin, done, note
 
 
 _NATIVE = (torch.float32, torch.float64, torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
@@ -62,7 +62,10 @@ def all_reduce(t: torch.Tensor, group, op: str = "sum", algorithm: str = "auto",
                validate: bool = True) -> torch.Tensor:
     """In place: every rank's `t` becomes the elementwise op over the group. Returns `t`."""
     g = as_group(group)
-    slot = begin(g, "all_reduce", t.dtype, t.shape, algorithm)
+    if validate and g.size > 1:  # the agreement notes dtype and shape (it has them cached)
+        slot = begin(g, "all_reduce", None, None, algorithm)
+    else:
+        slot = begin(g, "all_reduce", t.dtype, t.shape, algorithm)
     try:
         entry = None  # the shared-memory entry exchange, when the agreement already made it
         if validate:
@@ -71,6 +74,7 @@ def all_reduce(t: torch.Tensor, group, op: str = "sum", algorithm: str = "auto",
                 if entry is True:
                     return t
             else:
+                note(t.dtype, t.shape)
                 _agree("all_reduce", g, t, op=op, algorithm=algorithm)
         op = _bool_op(op, t.dtype)
         if g.size == 1:

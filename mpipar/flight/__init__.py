@@ -6,11 +6,10 @@
   exception, SIGUSR2).
 - job: what `Mesh()` installs once per process (hooks, watchdog, SIGUSR2).
 - verdict: lines the ranks' records up (`python -m mpipar.flight DIR`).
-- settings: the environment, read once.
+Settings (MPIPAR_TIMEOUT, MPIPAR_FLIGHT_DIR, MPIPAR_ABORT_ON_ERROR): mpipar.settings.
 """
 from __future__ import annotations
 
 from .dump import dump
-from .settings import settings
 
-__all__ = ["dump", "settings"]
+__all__ = ["dump"]

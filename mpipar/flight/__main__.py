@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .settings import settings
+from ..settings import current as settings
 from .verdict import analyse, load
 
 

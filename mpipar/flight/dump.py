@@ -15,7 +15,7 @@ import threading
 import time
 
 from . import recorder
-from .settings import settings
+from ..settings import current as settings
 
 FORMAT = 1
 

@@ -1,9 +1,9 @@
 """The flight recorder: the last CAPACITY communication calls of this process, in a ring.
 
-Each slot is a position in preallocated per-field lists (op, channel, sequence
-number, dtype, shape, algorithm, peer, start, end), so recording a call stores
-a few references and reads the clock once at the start and once at the end;
-the memory never grows. A channel is what the calls go over: an mpipar Group
+Each slot holds one call: a tuple (op, channel, sequence number, dtype, shape,
+algorithm, peer, start) and its end time in a preallocated list, so recording
+a call builds one small tuple and reads the clock at its start and its end; the
+memory stays that of CAPACITY slots. A channel is what the calls go over: an mpipar Group
 or a `Channel` made for a private communicator; it carries the world ranks of
 its members and its own sequence counters, so the ranks' records of one group
 line up by sequence number (mpipar.flight.verdict).
@@ -27,15 +27,16 @@ _MASK = CAPACITY - 1
 
 _clock = time.perf_counter
 
-op = [None] * CAPACITY        # the call's name ("all_reduce", "recv", "pipeline recv", ...)
-channel = [None] * CAPACITY   # the Group or Channel it went over (None: unknown)
-seq = [0] * CAPACITY          # per-channel sequence number (collectives and p2p counted apart)
-dtype = [None] * CAPACITY     # torch dtype or None
-shape = [None] * CAPACITY     # torch.Size / tuple or None
-algorithm = [None] * CAPACITY  # the algorithm asked for ("auto", "ring", ...) or a detail
-peer = [-1] * CAPACITY        # p2p: the peer's rank in the channel (-2: several); -1: a collective
-start = [0.0] * CAPACITY      # perf_counter at the start
+# One tuple per call (CPython takes tuples of this size from its free list: the memory
+# stays that of CAPACITY slots): (op, channel, seq, dtype, shape, algorithm, peer, start)
+#   op: the call's name ("all_reduce", "recv", "pipeline recv", ...); channel: the Group
+#   or Channel it went over; seq: per-channel sequence number (collectives and p2p counted
+#   apart); dtype, shape: of its tensor, or None (then maybe in `noted`); algorithm: asked
+#   for ("auto", "ring", ...) or a detail; peer: p2p peer's rank in the channel (-2:
+#   several), -1 for a collective; start: perf_counter at the start.
+slots = [None] * CAPACITY
 end = [0.0] * CAPACITY        # perf_counter at the end (stale while the slot's call is in flight)
+noted = [None] * CAPACITY     # (dtype, shape, call number + 1) given by `note` during the call
 
 _count = 0      # calls recorded so far (slot of call k: k & _MASK)
 _current = -1   # slot of the call in flight, -1 when none
@@ -101,15 +102,8 @@ def begin(ch, name, dt=None, sh=None, algo=None) -> int:
         return -1
     i = _count & _MASK
     _count += 1
-    ch.flight_seq += 1
-    seq[i] = ch.flight_seq
-    op[i] = name
-    channel[i] = ch
-    dtype[i] = dt
-    shape[i] = sh
-    algorithm[i] = algo
-    peer[i] = -1
-    start[i] = _clock()
+    s = ch.flight_seq = ch.flight_seq + 1
+    slots[i] = (name, ch, s, dt, sh, algo, -1, _clock())
     _current = i
     return i
 
@@ -122,17 +116,18 @@ def begin_p2p(ch, name, to, dt=None, sh=None, detail=None) -> int:
         return -1
     i = _count & _MASK
     _count += 1
-    ch.flight_p2p += 1
-    seq[i] = ch.flight_p2p
-    op[i] = name
-    channel[i] = ch
-    dtype[i] = dt
-    shape[i] = sh
-    algorithm[i] = detail
-    peer[i] = to
-    start[i] = _clock()
+    s = ch.flight_p2p = ch.flight_p2p + 1
+    slots[i] = (name, ch, s, dt, sh, detail, to, _clock())
     _current = i
     return i
+
+
+def note(dt, sh) -> None:
+    """Give the call in flight its dtype and shape, when its caller began it without them
+    (mpipar.comm.all_reduce leaves them to its argument agreement, which has them cached)."""
+    i = _current
+    if i >= 0:
+        noted[i] = (dt, sh, _count)
 
 
 def done(i: int) -> None:
@@ -160,7 +155,7 @@ def in_flight():
     i, n = _current, _count
     if i < 0:
         return None
-    return i, n, start[i]
+    return i, n, slots[i][7]
 
 
 def still(i: int, n: int) -> bool:
@@ -175,9 +170,18 @@ def reset() -> None:
     """Forget every call (tests)."""
     global _count, _current
     _count, _current = 0, -1
-    for arr, value in ((op, None), (channel, None), (seq, 0), (dtype, None), (shape, None),
-                       (algorithm, None), (peer, -1), (start, 0.0), (end, 0.0)):
-        arr[:] = [value] * CAPACITY
+    slots[:] = [None] * CAPACITY
+    end[:] = [0.0] * CAPACITY
+    noted[:] = [None] * CAPACITY
+
+
+def field(i: int, k: int):
+    """Field k of slot i's call (OP, CHANNEL, SEQ, ..., START), None for an empty slot."""
+    entry = slots[i]
+    return None if entry is None else entry[k]
+
+
+OP, CHANNEL, SEQ, DTYPE, SHAPE, ALGORITHM, PEER, START = range(8)
 
 
 def calls() -> list[dict]:
@@ -186,9 +190,13 @@ def calls() -> list[dict]:
     out = []
     for k in range(max(0, n - CAPACITY), n):
         i = k & _MASK
-        ch = channel[i]
-        sh = shape[i]
-        dt = dtype[i]
+        entry = slots[i]
+        if entry is None:
+            continue
+        name, ch, s, dt, sh, algo, p, t0 = entry
+        extra = noted[i]
+        if dt is None and sh is None and extra is not None and extra[2] == k + 1:
+            dt, sh = extra[0], extra[1]
         item = getattr(dt, "itemsize", None)
         dims = [int(d) for d in sh] if sh is not None else None
         numel = 1
@@ -196,22 +204,20 @@ def calls() -> list[dict]:
             numel *= d
         out.append({
             "index": k,
-            "seq": seq[i],
-            "op": op[i],
-            "kind": "collective" if peer[i] == -1 else "p2p",
+            "seq": s,
+            "op": name,
+            "kind": "collective" if p == -1 else "p2p",
             "group": getattr(ch, "name", None),
             "ranks": list(getattr(ch, "world_ranks", ()) or ()),
-            "peer": _world_peer(ch, peer[i]),
+            "peer": _world_peer(ch, p),
             "dtype": str(dt).replace("torch.", "") if dt is not None else None,
             "shape": dims,
             "bytes": numel * item if (item is not None and dims is not None) else None,
-            "algorithm": algorithm[i] if algorithm[i] is None or isinstance(algorithm[i], (str, int))
-            else str(algorithm[i]),
-            "start": start[i],
+            "algorithm": algo if algo is None or isinstance(algo, (str, int)) else str(algo),
+            "start": t0,
             "end": None if i == cur else end[i],
         })
     return out
-
 
 
 def _world_peer(ch, p: int):

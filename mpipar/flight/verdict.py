@@ -9,6 +9,7 @@ members line up by sequence number (mpipar.flight.recorder). The verdict names
   (its latest recorded call, finished or itself waiting elsewhere); a member
   without a record file is named as such;
 - a point-to-point wait: who waits for which peer, and what that peer did last;
+- a rank whose record says an unhandled exception ended it (first, when there is one);
 - else that the records agree.
 Findings are ordered by when the wait began, so the first is the first divergence.
 """
@@ -40,10 +41,11 @@ class Verdict:
     lines: list
     ranks: list                # world ranks with a record
     absent: list               # world ranks without one
+    failed: list = dataclasses.field(default_factory=list)  # ranks whose record says an exception ended them
 
     @property
     def agree(self) -> bool:
-        return not self.findings
+        return not self.findings and not self.failed
 
     def __str__(self) -> str:
         return "\n".join(self.lines)
@@ -132,18 +134,25 @@ def analyse(records: dict) -> Verdict:
     findings += _unknown_group(records)
     findings.sort(key=lambda f: (f.since, f.group))
 
-    if not findings:
+    failed = [k for k in sorted(records) if records[k].get("reason") == "exception"]
+    if not findings and failed:
+        lines.append(f"verdict: rank {failed[0]} failed ({records[failed[0]].get('message')})")
+    elif not findings:
         lines.append("verdict: the ranks agree (no call where a group's ranks diverge, nobody waiting)")
         for (name, members), by_rank in sorted(groups.items(), key=lambda kv: str(kv[0])):
             last = {k: max(v) for k, v in by_rank.items()}
             lines.append(f"  group {name} {list(members)}: last call #{max(last.values())}")
     else:
         first = findings[0]
-        lines.append(f"verdict: {first.lines[0]}")
+        if failed:  # an exception ended the job: the waits are its consequence
+            lines.append(f"verdict: rank {failed[0]} failed ({records[failed[0]].get('message')}); "
+                         f"then {first.lines[0]}")
+        else:
+            lines.append(f"verdict: {first.lines[0]}")
         for f in findings:
             lines.append("")
             lines.extend(f.lines)
-    return Verdict(findings, lines, sorted(records), absent)
+    return Verdict(findings, lines, sorted(records), absent, failed)
 
 
 def _mismatch(label, by_rank):

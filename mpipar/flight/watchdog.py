@@ -8,7 +8,7 @@ waited longer than MPIPAR_TIMEOUT seconds is a hang. Then it prints
 
 writes this rank's flight record, asks the other ranks on this node to write
 theirs (SIGUSR2, mpipar.flight.job), gives them a moment, and aborts the job
-(mpipar.errors.abort_job: MPI_Abort from this thread, which also ends a main
+(mpipar.flight.abort.abort_job: MPI_Abort from this thread, which also ends a main
 thread blocked inside an MPI call; os._exit if MPI does not end the process).
 
 The main thread never does anything for the watchdog besides recording its
@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 
-from . import recorder
+from . import peers, recorder
 from .dump import dump, identity
 
 GRACE_S = 1.5  # after asking the node's other ranks for their records, before aborting
@@ -37,16 +37,14 @@ GRACE_S = 1.5  # after asking the node's other ranks for their records, before a
 
 def describe(i: int, waited: float) -> str:
     """The watchdog's line for the call in slot i."""
-    ch = recorder.channel[i]
+    name, ch, seq, _, _, _, p, _ = recorder.slots[i]
     ranks = list(getattr(ch, "world_ranks", ()) or ())
-    name = getattr(ch, "name", None)
-    text = (f"mpipar watchdog: rank {identity.rank} waited {waited:.1f} s in {recorder.op[i]} "
-            f"#{recorder.seq[i]} on group {ranks}")
-    p = recorder.peer[i]
-    if p >= 0 and p < len(ranks):
-        text += f" ({name}, peer rank {ranks[p]})"
-    elif name:
-        text += f" ({name})"
+    group = getattr(ch, "name", None)
+    text = f"mpipar watchdog: rank {identity.rank} waited {waited:.1f} s in {name} #{seq} on group {ranks}"
+    if 0 <= p < len(ranks):
+        text += f" ({group}, peer rank {ranks[p]})"
+    elif group:
+        text += f" ({group})"
     return text
 
 
@@ -99,8 +97,7 @@ class Watchdog(threading.Thread):
 
 def expire(i: int, waited: float) -> None:
     """The watchdog's verdict for this rank: say it, record it, have the node's ranks record, abort."""
-    from ..errors import abort_job
-    from .job import signal_peers
+    from .abort import abort_job
 
     message = describe(i, waited)
     print(message, file=sys.stderr, flush=True)
@@ -108,6 +105,6 @@ def expire(i: int, waited: float) -> None:
     if path:
         print(f"mpipar watchdog: rank {identity.rank} flight record: {path} "
               f"(verdict: python -m mpipar.flight {os.path.dirname(path) or '.'})", file=sys.stderr, flush=True)
-    if signal_peers():
+    if peers.signal_peers():
         time.sleep(GRACE_S)
     abort_job(1)

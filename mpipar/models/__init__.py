@@ -16,12 +16,12 @@ from .checkpoint import load, save
 from .checkpoint import latest, load_full, save_step
 from .data import CharCorpus
 from .data import TokenFile
-from .hf import from_hf, load_pretrained, to_hf, to_hf_config
+from .hf import LazyState, from_hf, load_pretrained, to_hf, to_hf_config
 from .zero import optimizer
 
 __all__ = ["MLP", "SelfAttention", "GPT", "GPTConfig", "SerialGPT", "train_step", "clip_grad_norm",
            "global_grad_norm", "save", "load", "CharCorpus",
            "save_step", "latest", "load_full"]
 __all__ += ["ParallelGPT", "GQAttention", "RMSNorm", "SwiGLU", "PRESETS", "preset", "TokenFile",
-            "from_hf", "to_hf", "to_hf_config", "load_pretrained"]
+            "from_hf", "to_hf", "to_hf_config", "load_pretrained", "LazyState"]
 __all__ += ["optimizer"]

@@ -217,14 +217,16 @@ def param_shapes(cfg: GPTConfig) -> dict:
     return {n: top[n] if n in top else leaf[n.split(".", 2)[2]] for n in param_names(cfg)}
 
 
-def check_state(state: dict, cfg: GPTConfig) -> None:
-    """MpiparError unless `state` holds exactly the serial names of cfg with their full shapes."""
+def check_state(state, cfg: GPTConfig) -> None:
+    """MpiparError unless `state` (a dict, or a mapping with `shape_of(name)`) holds exactly the serial
+    names of cfg with their full shapes."""
     shapes = param_shapes(cfg)
     missing = [n for n in shapes if n not in state]
     extra = [n for n in state if n not in shapes]
     require(not missing and not extra, f"load_full_state_dict: missing {missing[:4]}, unexpected {extra[:4]}")
-    bad = [n for n, s in shapes.items() if list(state[n].shape) != s]
-    require(not bad, f"load_full_state_dict: wrong shapes for {[(n, tuple(state[n].shape)) for n in bad[:4]]}")
+    shape = state.shape_of if hasattr(state, "shape_of") else (lambda n: list(state[n].shape))
+    bad = [n for n, s in shapes.items() if list(shape(n)) != s]
+    require(not bad, f"load_full_state_dict: wrong shapes for {[(n, tuple(shape(n))) for n in bad[:4]]}")
 
 
 def check_tokens(tokens, cfg: GPTConfig) -> None:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 
 import torch
 
 from ..errors import MpiparError, require
 from .config import GPTConfig
+from ..tensor.sharding import take_shard
 from .gpt import check_state, param_names
 
 GELU = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
@@ -80,21 +82,85 @@ def _prefixes(cfg: GPTConfig):
                                           "transformer.ln_f.bias": "ln_f.bias", "lm_head.weight": "head.weight"}
 
 
+def serial_name(cfg: GPTConfig, hf_name: str) -> tuple[str, bool] | None:
+    """(mpipar's serial name, whether to transpose) of a transformers tensor name, or None (not a weight
+    mpipar holds: buffers, a tied lm_head)."""
+    layers, per_layer, top = _prefixes(cfg)
+    if hf_name in top:
+        return None if cfg.tied and top[hf_name] == "head.weight" else (top[hf_name], False)
+    if hf_name.startswith(layers):
+        index, _, leaf = hf_name[len(layers):].partition(".")
+        if leaf in per_layer:
+            key = per_layer[leaf]
+            return f"blocks.{index}.{key}", cfg.arch == "gpt2" and key in CONV1D
+    return None
+
+
 def state_from_hf(cfg: GPTConfig, hf_state: dict) -> dict:
     """mpipar's serial state of transformers' state_dict (extra buffers and a tied lm_head ignored)."""
-    layers, per_layer, top = _prefixes(cfg)
     out = {}
     for name, t in hf_state.items():
-        if name in top:
-            if not (cfg.tied and top[name] == "head.weight"):
-                out[top[name]] = t
-        elif name.startswith(layers):
-            index, _, leaf = name[len(layers):].partition(".")
-            if leaf in per_layer:
-                key = per_layer[leaf]
-                out[f"blocks.{index}.{key}"] = t.t() if cfg.arch == "gpt2" and key in CONV1D else t
+        target = serial_name(cfg, name)
+        if target is not None:
+            out[target[0]] = t.t() if target[1] else t
     check_state(out, cfg)
     return {k: out[k].detach().clone().contiguous() for k in param_names(cfg)}
+
+
+class LazyState(Mapping):
+    """A serial state read from safetensors files one tensor at a time, when indexed.
+
+    A parallel model's `load_full_state_dict` reads only its shard of each
+    tensor (`shard`: row or column slices straight from the file where the
+    split is contiguous there), so no rank holds the whole model.
+    `shape_of(name)` reads only the file's header.
+    """
+
+    def __init__(self, cfg: GPTConfig, files: list[str], dtype=None):
+        from safetensors import safe_open
+
+        self.dtype, self._where = dtype, {}
+        for file in files:
+            with safe_open(file, framework="pt") as f:
+                for hf_name in f.keys():
+                    target = serial_name(cfg, hf_name)
+                    if target is not None:
+                        shape = f.get_slice(hf_name).get_shape()
+                        self._where[target[0]] = (file, hf_name, target[1], shape[::-1] if target[1] else shape)
+        check_state(self, cfg)
+        self._where = {k: self._where[k] for k in param_names(cfg)}
+
+    def shape_of(self, name: str) -> list[int]:
+        return list(self._where[name][3])
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file, hf_name, transpose, _ = self._where[name]
+        with safe_open(file, framework="pt") as f:
+            t = f.get_tensor(hf_name)
+        t = t.t().contiguous() if transpose else t
+        return t if self.dtype is None else t.to(self.dtype)
+
+    def shard(self, name: str, part: int, parts: int, dim: int | None, stride: int = 1) -> torch.Tensor:
+        """take_shard(self[name], ...) reading only that slice from the file where it is contiguous
+        in the file's layout (not transposed, stride 1); the whole tensor otherwise."""
+        from safetensors import safe_open
+
+        file, hf_name, transpose, shape = self._where[name]
+        if dim is None or parts == 1 or transpose or stride != 1:
+            return take_shard(self[name], part, parts, dim, stride)
+        size = shape[dim] // parts
+        index = tuple(slice(part * size, (part + 1) * size) if d == dim else slice(None) for d in range(len(shape)))
+        with safe_open(file, framework="pt") as f:
+            t = f.get_slice(hf_name)[index]
+        return t if self.dtype is None else t.to(self.dtype)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
 
 
 def from_hf(hf_model, seq_len: int | None = None, seed: int = 0) -> tuple[GPTConfig, dict]:
@@ -140,9 +206,13 @@ def to_hf_config(cfg: GPTConfig):
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 
 
-def load_pretrained(path: str, seq_len: int | None = None, seed: int = 0, dtype=None) -> tuple[GPTConfig, dict]:
+def load_pretrained(path: str, seq_len: int | None = None, seed: int = 0, dtype=None,
+                    lazy: bool = False) -> tuple[GPTConfig, dict]:
     """(GPTConfig, serial state) from a local `save_pretrained` folder: config.json and model.safetensors
-    (or the shards of model.safetensors.index.json). No network, no transformers."""
+    (or the shards of model.safetensors.index.json). No network, no transformers.
+
+    lazy=True returns a LazyState (tensors read when indexed) for `load_full_state_dict` on big models.
+    """
     from safetensors.torch import load_file
 
     require(os.path.isfile(os.path.join(path, "config.json")), f"load_pretrained: no config.json in {path!r}")
@@ -154,10 +224,13 @@ def load_pretrained(path: str, seq_len: int | None = None, seed: int = 0, dtype=
             files = sorted(set(json.load(f)["weight_map"].values()))
     else:
         files = ["model.safetensors"]
-    hf_state = {}
-    for name in files:
-        file = os.path.join(path, name)
+    files = [os.path.join(path, name) for name in files]
+    for file in files:
         require(os.path.isfile(file), f"load_pretrained: {file!r} is missing (only safetensors are read)")
+    if lazy:
+        return cfg, LazyState(cfg, files, dtype)
+    hf_state = {}
+    for file in files:
         hf_state.update(load_file(file))
     state = state_from_hf(cfg, hf_state)
     if dtype is not None:

@@ -1,7 +1,9 @@
 """GPT(cfg, mesh): the serial GPT laid out over a tp x sp x dp x pp mesh, with the same numbers.
 
 - tensor parallelism (mesh.tp): vocab-parallel embedding, head and loss;
-  attention split by heads, MLP column/row parallel (Megatron); Megatron
+  attention split by heads, MLP column/row parallel (Megatron; for llama
+  SwiGLU's gate and up column-, down row-parallel, and grouped K/V heads
+  sharded or replicated: mpipar.tensor.gqa); Megatron
   sequence parallelism (`sequence_parallel`, default on when tp > 1): between
   the TP regions each tp rank holds a block of the sequence.
 - sequence parallelism (mesh.sp): each sp rank holds its part of the sequence
@@ -26,53 +28,21 @@ import torch
 from torch import nn
 
 from .. import comm
-from ..errors import agree, agree_ints, require
+from ..errors import require
+from ..agree import agree, agree_ints
 from ..flight.recorder import recorded
 from ..mesh import Group
 from ..pipeline.partition import balanced_edges
 from ..sequence.layout import local_positions
 from ..tensor import VocabParallelEmbedding, vocab_parallel_cross_entropy
-from ..tensor.gqa import kv_split
 from .data_parallel import DEFAULT_BUCKET_BYTES
 from .config import GPTConfig
+from .layout_check import SP_MODES, layout_error
 from .gpt import Block, check_state, make_embeddings, make_head, make_norm, param_names
 from .shards import assemble, parallel_specs, take_shard
 from .stages import (Chunk, Embedding, Head, ParallelBlock, Parallelism, Runtime, TiedProjection, _quiet,
                      make_head_projection)
 from .zero.attach import attach as attach_buckets
-
-SP_MODES = ("ring", "ulysses")
-
-
-def layout_error(cfg: GPTConfig, shape: dict, num_chunks: int, sp_mode: str, sp_layout: str,
-                 sequence_parallel: bool) -> str | None:
-    """Why cfg cannot run on a mesh of `shape` (dims tp, sp, dp, pp), or None. Pure."""
-    tp, sp, pp = shape["tp"], shape["sp"], shape["pp"]
-    if not isinstance(num_chunks, int) or num_chunks < 1:
-        return f"num_chunks must be a positive int, got {num_chunks!r}"
-    if sp_mode not in SP_MODES:
-        return f"sp_mode must be one of {SP_MODES}, got {sp_mode!r}"
-    if sp_layout not in ("zigzag", "contiguous"):
-        return f"sp_layout must be 'zigzag' or 'contiguous', got {sp_layout!r}"
-    for what, n in (("num_heads", cfg.num_heads), ("vocab_size", cfg.vocab_size), ("ffn_hidden", cfg.ffn_hidden)):
-        if n % tp:
-            return f"{what} = {n} is not divisible by tp = {tp}"
-    split = kv_split(cfg.num_kv_heads, tp)
-    if isinstance(split, str):
-        return split
-    if cfg.num_layers < pp * num_chunks:
-        return (f"num_layers = {cfg.num_layers} cannot fill pp * num_chunks = {pp} * {num_chunks} "
-                f"pipeline stages")
-    parts = 2 * sp if sp_layout == "zigzag" else sp
-    if sp > 1 and cfg.seq_len % parts:
-        return f"seq_len = {cfg.seq_len} is not divisible by {parts} ({sp_layout} layout over sp = {sp})"
-    if sequence_parallel and (cfg.seq_len // sp) % tp:
-        return (f"the local sequence {cfg.seq_len // sp} is not divisible by tp = {tp} "
-                f"(Megatron sequence parallelism; pass sequence_parallel=False)")
-    if sp > 1 and sp_mode == "ulysses" and (cfg.num_heads // tp) % sp:
-        return f"ulysses needs the heads per tp rank ({cfg.num_heads // tp}) divisible by sp = {sp}"
-    return None
-
 
 class ParallelGPT(nn.Module):
     """The GPT of `cfg` on this rank's share of `mesh` (see the module doc).
@@ -292,6 +262,7 @@ class ParallelGPT(nn.Module):
         except Exception as exc:  # noqa: BLE001  (reported on every rank below)
             err = str(exc)
         agree(self.mesh.world.comm, err)
+<<<<<<< HEAD
         with self.buckets.gathered() if self.zero else contextlib.nullcontext():  # ZeRO-3: materialised
             for s in self.specs():
                 full = state[s.name]
@@ -299,6 +270,13 @@ class ParallelGPT(nn.Module):
                 s.param.copy_(local.to(dtype=s.param.dtype, device=s.param.device))
             if self.zero:
                 self.buckets.params_written()  # the shards and master weights follow
+=======
+        for s in self.specs():
+            dim = s.dim if s.sharded else None
+            local = state.shard(s.name, s.part, s.parts, dim, s.stride) if hasattr(state, "shard") \
+                else take_shard(state[s.name], s.part, s.parts, dim, s.stride)
+            s.param.copy_(local.to(dtype=s.param.dtype, device=s.param.device))
+>>>>>>> main
 
 
 def _unflatten_into(flat: torch.Tensor, tensors) -> None:

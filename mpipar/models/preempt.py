@@ -64,8 +64,10 @@ class Preemption:
             return self.signum
         from mpi4py import MPI
 
+        from ..flight.recorder import channel_of, recorded
+
         flag = np.array([self.signum], dtype=np.int64)
-        self.comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MAX)
+        recorded(channel_of(self.comm), "preemption agree", self.comm.Allreduce, MPI.IN_PLACE, flag, op=MPI.MAX)
         return int(flag[0])
 
 

@@ -2,7 +2,7 @@
 
 These are the modules the tensor-parallel layers shard (`from_serial`) and
 reproduce (`full_state_dict`). `seed=s` initialises them exactly like the
-parallel layer built with `seed=s` (mpipar.tensor.init.seeded_init_);
+parallel layer built with `seed=s` (mpipar.layers.init.seeded_init_);
 `seed=None` keeps torch's default (global-RNG) initialisation.
 """
 from __future__ import annotations
@@ -11,14 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers.init import seeded_init_
 from ..layers.heads import merge_heads, repeat_kv, split_heads  # noqa: F401  (re-exported)
 from ..layers.rotary import RotaryCache, apply_rotary
 
 
 def _seeded(module: nn.Module, seed: int | None) -> None:
     if seed is not None:
-        from ..tensor.init import seeded_init_  # pure torch; imported lazily
-
         seeded_init_(module, seed)
 
 

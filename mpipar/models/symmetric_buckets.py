@@ -25,7 +25,8 @@ import torch
 from ..comm import tuning
 from ..comm.collectives import all_reduce
 from ..comm.symmetric.pool import pool_of, symmetric_empty
-from ..errors import agree_ints, require
+from ..errors import require
+from ..agree import agree_ints
 from ..settings import current
 
 ENV = "MPIPAR_SYMMETRIC_BUCKETS"

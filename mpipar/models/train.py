@@ -26,7 +26,8 @@ import math
 import torch
 
 from .. import comm
-from ..errors import MpiparError, agree, agree_ints, require
+from ..errors import MpiparError, require
+from ..agree import agree, agree_ints
 from .gpt import SerialGPT
 from .parallel import ParallelGPT
 from .zero.optimizer import check_optimizer

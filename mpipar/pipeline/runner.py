@@ -21,7 +21,8 @@ import contextlib
 import numpy as np
 import torch
 
-from ..errors import MpiparError, agree, agree_ints
+from ..errors import MpiparError
+from ..agree import agree, agree_ints
 from ..flight.recorder import begin, done
 from ..mesh import as_group
 from .schedules import SCHEDULES, check_args, schedule as make_schedule, stage_of, virtual_stage

@@ -2,21 +2,26 @@
 
 Measured, with one torch thread per rank (what mpipar gives each rank when
 ranks fill the cores):
-  op_overhead      eager PyTorch's cost per op: a tiny GPT block's forward and
-                   backward divided by the ops the model counts for it
+  op_overhead      eager PyTorch's cost per op: a tiny GPT block's forward (and,
+                   for backward ops, its backward) divided by the ops the model counts
   matmul           fp32 GEMMs over square and transformer shapes: the peak and the
                    half-size of the efficiency curve (least squares on log time);
                    bf16 / fp16 as their measured ratio to fp32 at one size
   attention        the fused CPU attention kernel (forward + backward) as a
                    fraction of the matmul peak
-  memory           a large copy's bandwidth; Adam's traffic per parameter and its
-                   host cost per tensor (with the gradient-norm pass of clipping)
+  memory           the copy bandwidth of 4 MiB tensors; Adam's traffic per parameter
+                   (1M parameters in 256 KiB tensors) and its host cost per tensor
+                   (with the gradient-norm pass of clipping)
   contention       a fixed compute probe with 2 and 4 ranks busy at once, against
                    one: how much slower each rank computes when they share the host
   collectives      mpipar.comm's all-reduce, all-gather, reduce-scatter, all-to-all
                    and p2p at 2 and 4 ranks under mpiexec (calibrate_comm.py), fitted
                    per call as a + nbytes * b; the resident set of a bare rank
-Everything runs in a few minutes; --quick in about one.
+A shared host's speed drifts while this runs: every single-rank measurement
+is bracketed by a fixed compute probe and scaled to the probes' median, and
+the probe times are stored (measurements.probe_s) so that a run can measure
+the host again and scale the prediction (runs.host_load).
+Everything runs in a minute or two; --quick in less.
 """
 from __future__ import annotations
 
@@ -78,9 +83,10 @@ def measure_overhead(torch) -> tuple[float, dict]:
     del y
     ops = layer_cost(ModelSpec(16, 4, 8, 2, 1), _counting_system(), Layout(dtype="fp32"))
     n_f, n_b = ops.f, ops.b + ops.w
-    per_op = t_fb / (n_f + n_b)
-    return per_op, {"block_forward_s": t_f, "block_forward_backward_s": t_fb, "ops_forward": n_f,
-                    "ops_backward": n_b}
+    per_op_f = t_f / n_f                              # Python modules and the dispatcher
+    per_op_b = max(t_fb - t_f, 0.0) / n_b             # the C++ autograd engine: cheaper per node
+    return per_op_f, per_op_b, {"block_forward_s": t_f, "block_forward_backward_s": t_fb, "ops_forward": n_f,
+                                "ops_backward": n_b}
 
 
 def measure_matmul(torch, overhead: float, quick: bool) -> tuple[float, float, dict]:
@@ -130,9 +136,11 @@ def measure_attention(torch, peak: float, overhead: float, half: float) -> tuple
 
 
 def measure_memory(torch) -> float:
-    a = torch.ones(1 << 24)
+    """Copy bandwidth of 4 MiB tensors: the size of a small model's activations (cache-resident
+    tensors copy faster than DRAM-sized ones; CPU systems are calibrated for what mpipar runs here)."""
+    a = torch.ones(1 << 20)
     b = torch.empty_like(a)
-    t = _bench(lambda: b.copy_(a), 3, 3)
+    t = _bench(lambda: b.copy_(a), 20, 5)
     return 2 * a.numel() * 4 / t
 
 
@@ -152,9 +160,9 @@ def measure_optimizer(torch, bandwidth: float) -> tuple[float, float]:
 
     many = [torch.nn.Parameter(torch.zeros(16)) for _ in range(64)]
     per_tensor = run(many) / len(many)
-    big = [torch.nn.Parameter(torch.zeros(1 << 22))]
-    t = max(run(big) - per_tensor, 1e-9)
-    return per_tensor, t * bandwidth / big[0].numel()
+    mid = [torch.nn.Parameter(torch.zeros(1 << 16)) for _ in range(16)]   # 1M parameters in 256 KiB tensors
+    t = max(run(mid) - per_tensor * len(mid), 1e-9)
+    return per_tensor, t * bandwidth / sum(p.numel() for p in mid)
 
 
 def measure_comm(ranks, quick: bool) -> dict:
@@ -162,15 +170,14 @@ def measure_comm(ranks, quick: bool) -> dict:
     if mpiexec is None:
         raise MpiparError("calibrate: no mpiexec found next to the Python executable or on PATH")
     out: dict = {"collectives": {}, "collective_points": {}, "rss_bytes": 0, "probe_s": {}}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
-                                                       os.environ.get("PYTHONPATH", "")])}
+    root = str(Path(__file__).resolve().parents[2])   # `-m` from here imports this checkout's mpipar
     for n in ranks:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "comm.json"
             cmd = [mpiexec, "-n", str(n), sys.executable, "-m", "mpipar.plan.calibrate_comm", str(path)]
             if quick:
                 cmd.append("--quick")
-            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+            r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
             if r.returncode != 0 or not path.exists():
                 raise MpiparError(f"calibrate: {' '.join(cmd)} failed ({r.returncode}): {r.stderr[-2000:]}")
             got = json.loads(path.read_text())
@@ -189,29 +196,48 @@ def calibrate(out=None, ranks=(2, 4), quick: bool = False, threads: int = 1, log
     t_start = time.perf_counter()
     torch.set_num_threads(threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    overhead, o_pts = measure_overhead(torch)
-    log(f"op overhead {overhead * 1e6:.1f} us ({o_pts['ops_forward']:.0f} + {o_pts['ops_backward']:.0f} ops "
-        f"per block, forward+backward {o_pts['block_forward_backward_s'] * 1e6:.0f} us)")
-    peak, half, m_pts = measure_matmul(torch, overhead, quick)
-    log(f"matmul fp32 peak {peak / 1e9:.1f} GFLOP/s, half-size {half}")
-    ratios = {dt: measure_dtype_ratio(torch, getattr(torch, name)) for dt, name in (("bf16", "bfloat16"),
-                                                                                  ("fp16", "float16"))}
-    log("bf16 / fp16 rate vs fp32: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
-    att_half = 16
-    att_eff, a_pts = measure_attention(torch, peak, overhead, att_half)
-    log(f"attention efficiency {att_eff:.2f} of the matmul peak")
-    bw = measure_memory(torch)
-    log(f"memory bandwidth {bw / 1e9:.1f} GB/s")
-    per_tensor, bytes_per_param = measure_optimizer(torch, bw)
-    log(f"optimizer {per_tensor * 1e6:.1f} us per tensor, {bytes_per_param:.0f} bytes per parameter")
     from .calibrate_comm import compute_probe
 
-    probe1 = compute_probe(torch)
+    # A shared host's speed drifts: each measurement is bracketed by the compute probe and
+    # scaled to the median probe, so the file describes one consistent host speed.
+    probes = []
+
+    def steady(fn):
+        p0 = compute_probe(torch)
+        out = fn()
+        p1 = compute_probe(torch)
+        probes.extend([p0, p1])
+        return out, (p0 + p1) / 2
+
+    (overhead, overhead_b, o_pts), p_o = steady(lambda: measure_overhead(torch))
+    (peak, half, m_pts), p_m = steady(lambda: measure_matmul(torch, overhead, quick))
+    ratios = {dt: measure_dtype_ratio(torch, getattr(torch, name)) for dt, name in (("bf16", "bfloat16"),
+                                                                                  ("fp16", "float16"))}
+    att_half = 16
+    (att_eff, a_pts), p_a = steady(lambda: measure_attention(torch, peak, overhead, att_half))
+    bw, p_bw = steady(lambda: measure_memory(torch))
+    (per_tensor, bytes_per_param), p_opt = steady(lambda: measure_optimizer(torch, bw))
+    probe1 = float(np.median(probes))
+    overhead, overhead_b = overhead * probe1 / p_o, overhead_b * probe1 / p_o
+    peak *= p_m / probe1
+    att_eff *= p_a / p_m            # its time scaled to probe1, against the scaled peak
+    bw *= p_bw / probe1
+    per_tensor *= probe1 / p_opt
+    bytes_per_param *= (probe1 / p_opt) * (p_bw / probe1)
+    log(f"op overhead {overhead * 1e6:.1f} us forward, {overhead_b * 1e6:.1f} us backward "
+        f"({o_pts['ops_forward']:.0f} + {o_pts['ops_backward']:.0f} ops per block)")
+    log(f"matmul fp32 peak {peak / 1e9:.1f} GFLOP/s, half-size {half}")
+    log("bf16 / fp16 rate vs fp32: " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))
+    log(f"attention efficiency {att_eff:.2f} of the matmul peak")
+    log(f"memory bandwidth {bw / 1e9:.1f} GB/s")
+    log(f"optimizer {per_tensor * 1e6:.1f} us per tensor, {bytes_per_param:.0f} bytes per parameter")
+    log(f"compute probe {probe1 * 1e3:.1f} ms (spread {min(probes) * 1e3:.1f}-{max(probes) * 1e3:.1f} ms)")
     comm = measure_comm(ranks, quick) if ranks else {"collectives": {}, "collective_points": {}, "rss_bytes": 0,
                                                       "probe_s": {}}
     contention = {n: t / probe1 for n, t in comm["probe_s"].items()}
+    o_pts["probe_s"] = {"1": probe1, **comm["probe_s"]}
     log("compute slowdown with N ranks busy: " + ", ".join(f"{n}: {c:.2f}x" for n, c in contention.items()))
-    ar = comm["collectives"].get("all_reduce", {})
+    ar = {k: v for k, v in comm["collectives"].get("all_reduce", {}).items() if "@" not in k}
     n_big = max((int(n) for n in ar), default=2)
     a, b = ar.get(str(n_big), [20e-6, 1e-9])
     alpha = a / (2 * (n_big - 1))
@@ -229,7 +255,7 @@ def calibrate(out=None, ranks=(2, 4), quick: bool = False, threads: int = 1, log
         "attention": {"efficiency": att_eff, "half_dim": att_half},
         "memory_bandwidth": bw, "memory_efficiency": 1.0,
         "memory_capacity": float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")),
-        "op_overhead": overhead, "overhead_mode": "add",
+        "op_overhead": overhead, "op_overhead_backward": overhead_b, "overhead_mode": "add",
         "cores": cores, "ranks_per_node": 1 << 20, "contention": contention,
         "links": {"intra": {"alpha": alpha, "bandwidth": busbw, "p2p_alpha": pa, "p2p_bandwidth": 1 / max(pb, 1e-15)},
                   "inter": {"alpha": alpha, "bandwidth": busbw, "p2p_alpha": pa, "p2p_bandwidth": 1 / max(pb, 1e-15)}},

@@ -97,7 +97,6 @@ def main(argv=None) -> int:
     world = MPI.COMM_WORLD
     n = world.Get_size()
     mesh = mpipar.Mesh(dp=n)
-    g = mesh.dp
     rss = world.allreduce(_trained_rss(torch, mesh, rss_bytes), op=MPI.MAX)
     torch.set_num_threads(1)
     world.Barrier()
@@ -105,39 +104,49 @@ def main(argv=None) -> int:
     sizes = [256, 4096, 65536, 1 << 20] if quick else [256, 2048, 16384, 131072, 1 << 20, 4 << 20]
     results: dict = {}
     points: dict = {}
-    for op in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv"):
-        times = []
-        for nbytes in sizes:
-            numel = max(n, nbytes // 4 // n * n)
-            reps = 20 if nbytes <= 65536 else 5
-            if op == "all_reduce":
-                t = torch.ones(numel)
-                fn = lambda t=t: C.all_reduce(t, g)  # noqa: E731
-            elif op == "all_gather":
-                t = torch.ones(numel // n)
-                fn = lambda t=t: C.all_gather(t, g)  # noqa: E731
-            elif op == "reduce_scatter":
-                t = torch.ones(numel)
-                fn = lambda t=t: C.reduce_scatter(t, g)  # noqa: E731
-            elif op == "all_to_all":
-                t = torch.ones(numel)
-                fn = lambda t=t: C.all_to_all(t, g, 0, 0)  # noqa: E731
-            else:
-                t, buf = torch.ones(numel), torch.empty(numel)
-                right, left = (g.rank + 1) % n, (g.rank - 1) % n
-
-                def fn(t=t, buf=buf, right=right, left=left):
-                    r = C.irecv(buf, left, g)
-                    C.send(t, right, g)
-                    r.wait()
-            times.append(_time(fn, world, reps))
-        results[op] = {str(n): _fit([max(n, s // 4 // n * n) * 4 for s in sizes], times)}
-        points[op] = {str(n): [[s, t] for s, t in zip(sizes, times)]}
+    groups = [(mesh.dp, str(n))]
+    if n >= 4 and n % 2 == 0:
+        groups.append((mpipar.Mesh(tp=2, dp=n // 2).tp, f"2@{n}"))   # pairs, every rank busy
+    for (g, key), op in ((gk, op) for gk in groups
+                         for op in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")):
+        _measure(C, torch, g, key, op, sizes, world, results, points)
     if world.rank == 0:
         with open(out, "w") as f:
             json.dump({"collectives": results, "collective_points": points, "rss_bytes": rss,
                        "probe_s": probe}, f)
     return 0
+
+
+def _measure(C, torch, g, key, op, sizes, world, results, points) -> None:
+    """Time `op` on group g (every rank of the world runs its own group at once) and fit it under `key`."""
+    n = g.size
+    times = []
+    for nbytes in sizes:
+        numel = max(n, nbytes // 4 // n * n)
+        reps = 20 if nbytes <= 65536 else 5
+        if op == "all_reduce":
+            t = torch.ones(numel)
+            fn = lambda t=t: C.all_reduce(t, g)  # noqa: E731
+        elif op == "all_gather":
+            t = torch.ones(numel // n)
+            fn = lambda t=t: C.all_gather(t, g)  # noqa: E731
+        elif op == "reduce_scatter":
+            t = torch.ones(numel)
+            fn = lambda t=t: C.reduce_scatter(t, g)  # noqa: E731
+        elif op == "all_to_all":
+            t = torch.ones(numel)
+            fn = lambda t=t: C.all_to_all(t, g, 0, 0)  # noqa: E731
+        else:
+            t, buf = torch.ones(numel), torch.empty(numel)
+            right, left = (g.rank + 1) % n, (g.rank - 1) % n
+
+            def fn(t=t, buf=buf, right=right, left=left):
+                r = C.irecv(buf, left, g)
+                C.send(t, right, g)
+                r.wait()
+        times.append(_time(fn, world, reps))
+    results.setdefault(op, {})[key] = _fit([max(n, s // 4 // n * n) * 4 for s in sizes], times)
+    points.setdefault(op, {})[key] = [[s, t] for s, t in zip(sizes, times)]
 
 
 if __name__ == "__main__":

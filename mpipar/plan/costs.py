@@ -70,7 +70,7 @@ class _Ops:
 
     def add(self, phase: str, work: float, count: int = 1, flops: float = 0.0) -> None:
         if count:
-            self.t[phase] += count * self.sys.op(work / count)
+            self.t[phase] += count * self.sys.op(work / count, phase != "F")
         self.fl[phase] += flops
 
     def gemm(self, m, n, k, dtype, e, split_w: bool = True, batch: int = 1) -> None:
@@ -90,11 +90,16 @@ def _heads(spec: ModelSpec, tp: int) -> tuple[float, float]:
 def layer_cost(spec: ModelSpec, system, layout: Layout) -> PhaseCost:
     """One block, one microbatch, one rank. Cached on the system per shape-relevant layout fields."""
     key = ("layer", spec, layout.tp, layout.sp, layout.sp_mode, layout.sequence_parallel, layout.micro_batch,
-           layout.recompute, layout.dtype)
+           layout.recompute, layout.dtype, host_ranks(system, layout))
     cache = _cache(system)
     if key not in cache:
         cache[key] = _layer_cost(spec, system, layout)
     return cache[key]
+
+
+def host_ranks(system, L: Layout):
+    """Ranks sharing the host when the system's collective fits depend on it (calibrated CPU hosts)."""
+    return L.world_size if system.cores else None
 
 
 def _cache(system) -> dict:
@@ -104,6 +109,7 @@ def _cache(system) -> dict:
 
 
 def _layer_cost(spec: ModelSpec, system, L: Layout) -> PhaseCost:
+    H = host_ranks(system, L)
     e, dt = DTYPE_BYTES[L.dtype], L.dtype
     t, c = L.tp, L.sp
     h, hd, f = spec.hidden, spec.head_dim, spec.ffn_hidden
@@ -168,9 +174,9 @@ def _layer_cost(spec: ModelSpec, system, L: Layout) -> PhaseCost:
     act = T * h * e
     if t > 1:
         if L.sequence_parallel:
-            tp_f = system.collective("all_gather", act, t, 1, 2) + system.collective("reduce_scatter", act, t, 1, 2)
+            tp_f = system.collective("all_gather", act, t, 1, 2, host=H) + system.collective("reduce_scatter", act, t, 1, 2, host=H)
         else:
-            tp_f = system.collective("all_reduce", act, t, 1, 2)
+            tp_f = system.collective("all_reduce", act, t, 1, 2, host=H)
         tp_b = tp_f
     else:
         tp_f = tp_b = 0.0
@@ -181,8 +187,8 @@ def _layer_cost(spec: ModelSpec, system, L: Layout) -> PhaseCost:
         if L.sp_mode == "ring":
             kv = L.micro_batch * s_q * 2 * g * hd * e
             ov = float(system.software["ring_overlap"])
-            step_f = system.collective("send_recv", kv, c, t)
-            step_b = system.collective("send_recv", 2 * kv, c, t)
+            step_f = system.collective("send_recv", kv, c, t, host=H)
+            step_b = system.collective("send_recv", 2 * kv, c, t, host=H)
             sp_f = (c - 1) * max(0.0, step_f - ov * attn_f / c)
             sp_b = (c - 1) * max(0.0, step_b - ov * attn_b / c)
             ops.add("F", 0.0, count=6 * (c - 1))   # per ring step: block attention, merge, posts
@@ -190,7 +196,7 @@ def _layer_cost(spec: ModelSpec, system, L: Layout) -> PhaseCost:
         else:
             q = T * a * hd * e
             kvb = T * g * hd * e
-            sp_f = system.collective("all_to_all", 2 * q + 2 * kvb, c, t, 4)
+            sp_f = system.collective("all_to_all", 2 * q + 2 * kvb, c, t, 4, host=H)
             sp_b = sp_f
 
     F, B, W = ops.t["F"], ops.t["B"], ops.t["W"]
@@ -201,7 +207,7 @@ def _layer_cost(spec: ModelSpec, system, L: Layout) -> PhaseCost:
         sp_b += sp_f
         flops += ops.fl["F"]
     elif L.recompute == "selective":
-        B += system.op(attn_f)
+        B += system.op(attn_f, True)
         flops += core_flops
         if L.sp_mode == "ring":
             sp_b += sp_f
@@ -210,10 +216,11 @@ def _layer_cost(spec: ModelSpec, system, L: Layout) -> PhaseCost:
 
 def embedding_cost(spec: ModelSpec, system, L: Layout) -> PhaseCost:
     """Token (and GPT-2 position) embedding on the first stage, vocab-parallel over tp."""
-    key = ("emb", spec, L.tp, L.sp, L.sequence_parallel, L.micro_batch, L.dtype)
+    key = ("emb", spec, L.tp, L.sp, L.sequence_parallel, L.micro_batch, L.dtype, host_ranks(system, L))
     cache = _cache(system)
     if key in cache:
         return cache[key]
+    H = host_ranks(system, L)
     e, t = DTYPE_BYTES[L.dtype], L.tp
     T = L.micro_batch * spec.seq_len / L.sp
     h = spec.hidden
@@ -224,17 +231,18 @@ def embedding_cost(spec: ModelSpec, system, L: Layout) -> PhaseCost:
     act = T * h * e
     tp_f = 0.0
     if t > 1:
-        tp_f = system.collective("reduce_scatter" if L.sequence_parallel else "all_reduce", act, t, 1, 1)
+        tp_f = system.collective("reduce_scatter" if L.sequence_parallel else "all_reduce", act, t, 1, 1, host=H)
     cache[key] = PhaseCost(ops.t["F"], tp_f, 0.0, ops.t["B"], 0.0, 0.0, 0.0, 0.0)
     return cache[key]
 
 
 def head_cost(spec: ModelSpec, system, L: Layout) -> PhaseCost:
     """Final norm, vocab-parallel output projection and cross-entropy on the last stage."""
-    key = ("head", spec, L.tp, L.sp, L.sequence_parallel, L.micro_batch, L.dtype, L.recompute)
+    key = ("head", spec, L.tp, L.sp, L.sequence_parallel, L.micro_batch, L.dtype, L.recompute, host_ranks(system, L))
     cache = _cache(system)
     if key in cache:
         return cache[key]
+    H = host_ranks(system, L)
     e, t, dt = DTYPE_BYTES[L.dtype], L.tp, L.dtype
     T = L.micro_batch * spec.seq_len / L.sp
     h, V = spec.hidden, spec.vocab_size
@@ -250,12 +258,12 @@ def head_cost(spec: ModelSpec, system, L: Layout) -> PhaseCost:
     act = T * h * e
     tp_f = tp_b = 0.0
     if t > 1:
-        small = system.collective("all_reduce", T * 4, t, 1, 3)
+        small = system.collective("all_reduce", T * 4, t, 1, 3, host=H)
         if L.sequence_parallel:
-            tp_f = system.collective("all_gather", act, t, 1, 1) + small
-            tp_b = system.collective("reduce_scatter", act, t, 1, 1)
+            tp_f = system.collective("all_gather", act, t, 1, 1, host=H) + small
+            tp_b = system.collective("reduce_scatter", act, t, 1, 1, host=H)
         else:
             tp_f = small
-            tp_b = system.collective("all_reduce", act, t, 1, 1)
+            tp_b = system.collective("all_reduce", act, t, 1, 1, host=H)
     cache[key] = PhaseCost(ops.t["F"], tp_f, 0.0, ops.t["B"], tp_b, 0.0, ops.t["W"], ops.flops)
     return cache[key]

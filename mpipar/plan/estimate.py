@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from ..errors import MpiparError
 from ..pipeline.partition import balanced_edges
 from ..pipeline.schedules import check_args
-from .costs import PhaseCost, embedding_cost, head_cost, layer_cost
+from .costs import PhaseCost, embedding_cost, head_cost, host_ranks, layer_cost
 from .memory import (end_activation_bytes, end_params_per_rank, layer_activation_bytes, layer_params_per_rank,
                      state_bytes_per_param)
 from .pipeline import pipeline_time
@@ -117,7 +117,7 @@ class _Stages:
 def _stages(spec: ModelSpec, system, L: Layout) -> _Stages:
     cache = system.__dict__.setdefault("_plan_cache", {})
     key = ("stage-model", spec, L.tp, L.sp, L.sp_mode, L.sequence_parallel, L.micro_batch, L.recompute, L.dtype,
-           L.pp, L.num_chunks)
+           L.pp, L.num_chunks, host_ranks(system, L))
     hit = cache.get(key)
     if hit is not None:
         return hit
@@ -169,13 +169,14 @@ def estimate(spec: ModelSpec, system, layout: Layout) -> Estimate:
         check_args(L.schedule, p, m, v)
     S = _stages(spec, system, L)
     layers, stages, params = S.layers, S.costs, S.params
-    comm = system.collective("send_recv", S.p2p_bytes, 2, t * L.sp * L.dp) if p > 1 else 0.0
+    comm = system.collective("send_recv", S.p2p_bytes, 2, t * L.sp * L.dp, host=host_ranks(system, L)) \
+        if p > 1 else 0.0
 
     # CPU hosts: busy ranks beyond the cores slow compute
     slow = 1.0
     world = L.world_size
     span, span0, peaks = _pipeline(system, S, L, comm, 1.0)
-    if system.cores and world > 1:
+    if system.cores:
         busy = sum(m * (c.total_f + c.total_b + c.w) for c in stages) / max(p * span0, 1e-30)
         slow = system.slowdown(world * min(1.0, busy))
         if slow > 1.0:
@@ -261,26 +262,27 @@ def _dp_comm(system, L: Layout, psi: float, d: int, stage: PhaseCost, slow: floa
     if d <= 1:
         return 0.0, "no data parallelism"
     sw = system.software
+    H = host_ranks(system, L)
     grad_bytes = psi * float(sw["grad_reduce_bytes"])
     param_bytes = psi * DTYPE_BYTES[L.dtype]
     stride = L.tp
     buckets = max(1, math.ceil(grad_bytes / float(sw["bucket_bytes"])))
     window = float(sw["dp_overlap"]) * (stage.b * slow + stage.w * slow + stage.b_tp + stage.b_sp)
     if L.zero <= 1:
-        reduce = system.collective("all_reduce", grad_bytes, d, stride, buckets)
+        reduce = system.collective("all_reduce", grad_bytes, d, stride, buckets, host=H)
         what = f"all-reduce {grad_bytes / 2**20:.1f} MiB in {buckets} buckets"
     else:
-        reduce = system.collective("reduce_scatter", grad_bytes, d, stride, buckets)
+        reduce = system.collective("reduce_scatter", grad_bytes, d, stride, buckets, host=H)
         what = f"reduce-scatter {grad_bytes / 2**20:.1f} MiB in {buckets} buckets"
     exposed = max(0.0, reduce - window)
     extra = 0.0
     if L.zero in (1, 2):
-        extra = system.collective("all_gather", param_bytes, d, stride, buckets)
+        extra = system.collective("all_gather", param_bytes, d, stride, buckets, host=H)
         what += f" + all-gather of the updated {param_bytes / 2**20:.1f} MiB"
     elif L.zero == 3:
-        gather = system.collective("all_gather", param_bytes, d, stride, buckets)
+        gather = system.collective("all_gather", param_bytes, d, stride, buckets, host=H)
         hide_f = float(sw["dp_overlap"]) * (stage.f * slow + stage.f_tp)
         extra = m * (max(0.0, gather - hide_f) + max(0.0, gather - window))
         what += f" + {2 * m} parameter all-gathers of {param_bytes / 2**20:.1f} MiB (forward and backward)"
-    small = system.collective("all_reduce", 8, d, stride, 1)   # the loss mean
+    small = system.collective("all_reduce", 8, d, stride, 1, host=H)   # the loss mean
     return exposed + extra + small, f"{what}; {min(reduce, window) * 1e3:.3f} ms hidden by the last backward"

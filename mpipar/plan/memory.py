@@ -38,7 +38,7 @@ def layer_activation_bytes(spec: ModelSpec, layout: Layout, flash: bool, elem: i
     t, c = layout.tp, layout.sp
     h, hd, f = spec.hidden, spec.head_dim, spec.ffn_hidden
     a = spec.num_heads
-    g = spec.num_kv_heads
+    g = max(spec.num_kv_heads, t)          # kv heads are replicated when tp exceeds them
     tokens = layout.micro_batch * spec.seq_len / c
     rep_t = t if layout.sequence_parallel else 1
     if layout.recompute == "full":
@@ -72,10 +72,13 @@ def end_activation_bytes(spec: ModelSpec, layout: Layout, first: bool, last: boo
 
 
 def layer_params_per_rank(spec: ModelSpec, tp: int) -> float:
-    """One block's parameters on one tp rank: matrices and column-parallel biases split, the rest replicated."""
-    h = spec.hidden
-    replicated = 6 * h if spec.arch == "gpt2" else 2 * h   # norms, row-parallel biases
-    return (spec.layer_params() - replicated) / tp + replicated
+    """One block's parameters on one tp rank: matrices and column-parallel biases split, norms and
+    row-parallel biases replicated, kv heads replicated when tp exceeds them."""
+    h, f = spec.hidden, spec.ffn_hidden
+    q, kv = h / tp, max(spec.num_kv_heads / tp, 1.0) * spec.head_dim
+    if spec.arch == "gpt2":
+        return 4 * h + (h + 1) * (q + 2 * kv) + (q * h + h) + (h * f / tp + f / tp) + (f / tp * h + h)
+    return 2 * h + h * (q + 2 * kv) + q * h + 3 * h * f / tp
 
 
 def end_params_per_rank(spec: ModelSpec, tp: int, first: bool, last: bool, pp: int) -> float:

@@ -7,6 +7,14 @@ measured counterparts the run has (step time, rank 0's optimizer and
 gradient-sync spans per step, the largest activation peak and RSS), plus the
 relative errors. `format_predicted(rows)` prints them side by side. Nothing
 here raises: a layout the model cannot describe gets NaN and a note.
+
+A shared CPU host runs at the speed the other processes leave it, which can
+change several-fold within minutes. So on calibrated CPU systems every rank
+runs calibrate's compute probe (a fraction of a second) when the hook is called,
+all at once: `host_load` is how much slower the host is then than at
+calibration (1 = as calibrated) and `pred_step_at_load_s` the prediction at
+that speed. It is a diagnostic: the probe sees the host after the steps, not
+during them, so `pred_step_s` and the errors stay at the calibrated speed.
 """
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ from .system import System
 DEFAULT_SYSTEM = "local-cpu"
 UNITS = {**{f"pred_{c}_s": "s" for c in COMPONENTS}, "pred_step_s": "s", "pred_memory_bytes": "B",
          "pred_activation_bytes": "B", "pred_rss_bytes": "B", "measured_optimizer_s": "s",
-         "measured_grad_sync_s": "s"}
+         "measured_grad_sync_s": "s", "pred_step_at_load_s": "s"}
 _SYSTEMS: dict = {}
 
 
@@ -48,6 +56,27 @@ def layout_of(cfg, layout: tuple) -> Layout:
                   zero=int(getattr(cfg, "zero", 0) or 0), dtype=dtype)
 
 
+def host_load(system: System, world: int) -> float | None:
+    """How much slower this host computes now than at calibration, with `world` ranks busy.
+
+    Every rank of the job must call it at the same moment (all run the probe at once);
+    None on systems without a calibrated probe (accelerators)."""
+    probes = system.data.get("measurements", {}).get("probe_s", {})
+    if not system.cores or "1" not in probes:
+        return None
+    from .calibrate_comm import compute_probe
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # as calibrated
+    try:
+        now = compute_probe(torch)
+    finally:
+        torch.set_num_threads(threads)
+    expected = float(probes["1"]) * system._slowdown(world)
+    return now / expected
+
+
 def _per_step(spans, name: str, steps: int) -> float:
     """Rank 0's mean seconds per step in spans called `name` (NaN when none)."""
     total = sum(s["t_end"] - s["t_start"] for s in spans or () if s.get("name") == name)
@@ -63,9 +92,15 @@ def train_gpt_prediction(gpt_config, cfg, layout: tuple, measured: dict, spans=N
     steps = int(getattr(cfg, "steps", 0) or 0)
     out["measured_optimizer_s"] = _per_step(spans, "optimizer", steps)
     out["measured_grad_sync_s"] = _per_step(spans, "grad_sync", steps)
+    out["host_load"] = out["pred_step_at_load_s"] = math.nan
     try:
         system = _system(system or getattr(cfg, "plan_system", None) or DEFAULT_SYSTEM)
-        est = estimate(ModelSpec.from_config(gpt_config), system, layout_of(cfg, layout))
+        spec, plan_layout = ModelSpec.from_config(gpt_config), layout_of(cfg, layout)
+        load = host_load(system, plan_layout.world_size)
+        est = estimate(spec, system, plan_layout)
+        if load is not None:
+            out["host_load"] = load
+            out["pred_step_at_load_s"] = estimate(spec, system.with_load(load), plan_layout).step_time
     except MpiparError as e:
         out["pred_note"] = str(e)
         return out
@@ -87,7 +122,7 @@ def train_gpt_prediction(gpt_config, cfg, layout: tuple, measured: dict, spans=N
 def format_predicted(rows: list[dict]) -> str:
     """Predicted next to measured, one line per layout, and the mean and worst step-time errors."""
     lines = [f"\n{'layout':<20}{'step s':>9}{'pred s':>9}{'error':>8}   {'act MiB':>8}{'pred':>8}   "
-             f"{'RSS MiB':>8}{'pred':>8}   biggest predicted components"]
+             f"{'RSS MiB':>8}{'pred':>8}   {'load':>5}  biggest predicted components"]
     errs = []
     for r in rows:
         if not isinstance(r.get("pred_step_s"), float) or math.isnan(r["pred_step_s"]):
@@ -99,6 +134,7 @@ def format_predicted(rows: list[dict]) -> str:
                      f"{r.get('max_activation_peak_bytes', math.nan) / 2**20:>8.1f}"
                      f"{r['pred_activation_bytes'] / 2**20:>8.1f}   "
                      f"{r.get('max_rss_bytes', math.nan) / 2**20:>8.0f}{r['pred_rss_bytes'] / 2**20:>8.0f}   "
+                     f"{r.get('host_load', math.nan):>5.2f}  "
                      + ", ".join(f"{c} {v * 1e3:.1f} ms" for v, c in comps))
     if errs:
         lines.append(f"step time: mean |error| {statistics.mean(errs):.0%}, worst {max(errs):.0%} "

@@ -7,16 +7,20 @@ Fields (every shipped number carries its source under "sources"):
                                * m/(m+d) * n/(n+d) * k/(k+d)
   attention{efficiency, half_dim}  the same for a fused (flash) attention kernel, over head_dim
   memory_bandwidth, memory_efficiency, memory_capacity (bytes/s, fraction, bytes)
-  op_overhead, overhead_mode   seconds per kernel launch / eager op; "max" (asynchronous
+  op_overhead, overhead_mode   seconds per kernel launch / eager op (op_overhead_backward, if
+                               given, for backward ops); "max" (asynchronous
                                launches hide behind work) or "add" (the host waits)
   cores                        host cores shared by the ranks of a node (CPU systems), else null
   contention{N: factor}        measured compute slowdown with N ranks busy on the host (calibrate);
                                without it, N / cores beyond the cores
+  load                         optional: how much slower the host runs now than when calibrated
+                               (compute and collectives; see with_load)
   ranks_per_node               devices per node
   links{intra, inter}          alpha (s per ring step), bandwidth (bus bandwidth, B/s), p2p_alpha,
                                p2p_bandwidth; inter: bandwidth per device (its NIC)
-  collectives{op: {size: [a, b]}}  optional per-call fits (calibrate): time = a + nbytes * b for one
-                               call of `op` on `size` ranks of one node; replace the intra link
+  collectives{op: {key: [a, b]}}  optional per-call fits (calibrate): time = a + nbytes * b for one
+                               call of `op` on a group of N ranks of one node, key "N", or "N@H"
+                               when H ranks were busy on the node; replace the intra link
   optimizer{bytes_per_param, per_tensor}  memory traffic of one Adam update, host overhead per tensor
   runtime_bytes                memory the framework holds before the model (context, allocator)
   software{attention, dp_overlap, ring_overlap, bucket_bytes, grad_reduce_bytes}
@@ -65,13 +69,17 @@ class System:
         self.bandwidth = float(d["memory_bandwidth"]) * float(d["memory_efficiency"])
         self.capacity = float(d["memory_capacity"])
         self.op_overhead = float(d["op_overhead"])
+        self.op_overhead_b = float(d.get("op_overhead_backward", d["op_overhead"]))
         self.add_overhead = d["overhead_mode"] == "add"
         self.cores = d.get("cores")
         self.ranks_per_node = int(d["ranks_per_node"])
         self.software = d["software"]
         self._memo: dict = {}
-        self.collectives = {(op, int(n)): (float(ab[0]), float(ab[1]))
-                            for op, fits in d.get("collectives", {}).items() for n, ab in fits.items()}
+        self.collectives = {}
+        for op, fits in d.get("collectives", {}).items():
+            for key, ab in fits.items():
+                size, _, host = str(key).partition("@")
+                self.collectives[(op, int(size), int(host or size))] = (float(ab[0]), float(ab[1]))
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
@@ -107,8 +115,22 @@ class System:
             raise MpiparError(f"System {self.name!r} has no peak rate for dtype {dtype!r}")
         return self.peak_flops[dtype]
 
+    def with_load(self, load: float) -> "System":
+        """The same host running `load` times slower than when it was calibrated (compute and
+        collectives alike): a shared host measured again at run time (see runs.host_load)."""
+        data = copy.deepcopy(self.data)
+        data["load"] = float(load)
+        return System(data, self.path)
+
+    @property
+    def load_factor(self) -> float:
+        return float(self.data.get("load", 1.0))
+
     def slowdown(self, busy_ranks: float) -> float:
         """Compute slowdown when `busy_ranks` ranks compute at once on one host (1 on accelerators)."""
+        return self._slowdown(busy_ranks) * self.load_factor
+
+    def _slowdown(self, busy_ranks: float) -> float:
         if not self.cores:
             return 1.0
         table = sorted((int(n), float(f)) for n, f in self.data.get("contention", {}).items())
@@ -123,9 +145,10 @@ class System:
         n_last, f_last = pts[-1]
         return max(1.0, f_last * busy_ranks / n_last)
 
-    def op(self, work: float) -> float:
+    def op(self, work: float, backward: bool = False) -> float:
         """Time of one kernel / eager op doing `work` seconds of device work."""
-        return work + self.op_overhead if self.add_overhead else max(work, self.op_overhead)
+        ovh = self.op_overhead_b if backward else self.op_overhead
+        return work + ovh if self.add_overhead else max(work, ovh)
 
     def matmul(self, m: float, n: float, k: float, dtype: str, elem: int) -> float:
         """Seconds for an (m x k) @ (k x n) product, without launch overhead."""
@@ -159,20 +182,31 @@ class System:
         return (float(inter["alpha"]), 1.0 / bw, float(inter.get("p2p_alpha", inter["alpha"])),
                 1.0 / float(inter.get("p2p_bandwidth", inter["bandwidth"])))
 
-    def collective(self, op: str, nbytes: float, size: int, stride: int = 1, calls: int = 1) -> float:
-        """Seconds of `calls` collectives `op` moving `nbytes` in total on a group of `size` ranks."""
+    def collective(self, op: str, nbytes: float, size: int, stride: int = 1, calls: int = 1,
+                   host: int | None = None) -> float:
+        """Seconds of `calls` collectives `op` moving `nbytes` in total on a group of `size` ranks.
+
+        host: ranks busy on the node (calibrated CPU hosts measure groups of 2 while 4 ranks run)."""
         if size <= 1 or calls <= 0:
             return 0.0
-        key = (op, nbytes, size, stride, calls)
+        key = (op, nbytes, size, stride, calls, host)
         hit = self._memo.get(key)
         if hit is None:
             if len(self._memo) > 100_000:
                 self._memo.clear()
-            hit = self._memo[key] = self._collective(op, nbytes, size, stride, calls)
+            hit = self._memo[key] = self._collective(op, nbytes, size, stride, calls, host or size) * self.load_factor
         return hit
 
-    def _collective(self, op: str, nbytes: float, size: int, stride: int, calls: int) -> float:
-        fit = self.collectives.get((op, size))
+    def _fit(self, op: str, size: int, host: int):
+        """The calibrated fit for `op` on `size` ranks with the most host ranks measured up to `host`."""
+        best = None
+        for (o, n, h), ab in self.collectives.items():
+            if o == op and n == size and h <= max(host, size) and (best is None or h > best[0]):
+                best = (h, ab)
+        return None if best is None else best[1]
+
+    def _collective(self, op: str, nbytes: float, size: int, stride: int, calls: int, host: int) -> float:
+        fit = self._fit(op, size, host) if self.collectives else None
         if fit is not None and size * stride <= self.ranks_per_node:
             return calls * fit[0] + nbytes * fit[1]
         alpha, beta, p2p_alpha, p2p_beta = self.link(size, stride)

@@ -4,10 +4,11 @@ Every layer takes the tensor-parallel Group it works on (e.g. `mesh.tp`), draws
 its FULL parameters from `seed` and keeps this rank's shard (the numbers never
 depend on the layout), and offers `from_serial(module, group, ...)` and
 `full_state_dict()`. Constructors are collective over the group (they check
-that every rank passed the same arguments).
+that every rank passed the same arguments). `parallelize(module, group, plan)`
+applies them to a model mpipar did not write (`plans.llama` for transformers' Llama).
 """
 from .attention import ParallelSelfAttention
-from .init import seeded_embedding, seeded_init_, seeded_linear
+from ..layers.init import seeded_embedding, seeded_init_, seeded_linear
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .mlp import ParallelMLP
 from .sharding import shard, unshard

@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import require
 from ..layers.heads import merge_heads, split_heads
 from . import checks
-from .init import generator, linear_params
+from ..layers.init import generator, linear_params
 from .linear import ColumnParallelLinear, RowParallelLinear
 
 SP_MODES = (None, "ring", "ulysses")

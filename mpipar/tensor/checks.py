@@ -15,7 +15,8 @@ import torch
 
 from ..comm.buffers import DTYPE_CODES
 from ..comm.wait import wait_all
-from ..errors import MpiparError, agree, agree_ints, require
+from ..errors import MpiparError, require
+from ..agree import agree, agree_ints
 from ..mesh import as_group
 
 MAX_NDIM = 8

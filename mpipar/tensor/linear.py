@@ -24,7 +24,7 @@ from ..errors import require
 from ..mesh import Group
 from . import checks
 from .gather_linear import gather_linear
-from .init import generator, linear_params
+from ..layers.init import generator, linear_params
 from .sharding import assemble, shard, take_shard, unshard
 
 

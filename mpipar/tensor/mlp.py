@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import require
 from . import checks
-from .init import generator, linear_params
+from ..layers.init import generator, linear_params
 from .linear import ColumnParallelLinear, RowParallelLinear
 
 

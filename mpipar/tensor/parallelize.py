@@ -25,7 +25,7 @@ import zlib
 
 from torch import nn
 
-from ..errors import agree, agree_ints
+from ..agree import agree, agree_ints
 from ..mesh import as_group
 from .linear import ColumnParallelLinear, RowParallelLinear
 from .vocab import VocabParallelEmbedding

@@ -22,7 +22,7 @@ from .. import comm
 from ..errors import require
 from ..mesh import as_group
 from . import checks
-from .init import embedding_params, generator
+from ..layers.init import embedding_params, generator
 from .sharding import shard, unshard
 
 

@@ -25,7 +25,7 @@ import os
 import time
 import uuid
 
-from ..errors import agree
+from ..agree import agree
 from ..flight.recorder import recorded
 from ..mesh import Mesh, as_group
 from . import h5

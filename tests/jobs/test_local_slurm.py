@@ -103,3 +103,64 @@ def test_sbatch_and_qsub_jobs_complete_and_write_hdf5(cluster, tmp_path):
         output = log.read_text() if log.exists() else "(no job output)"
         assert res.returncode == 0, f"{kind} job {job}: {res.stdout}{res.stderr}\n{output[-4000:]}"
         _check_results(results)
+
+
+GPT_STEPS = 40
+GPT_PLAN = {"study": "jobs-gpt", "drivers": [
+    {"name": "gpt", "script": "experiments/train_gpt.py", "out": "train_gpt.h5", "timeout_s": 400,
+     "args": {"--quick": True, "--tp": 2, "--microbatches": 2, "--steps": GPT_STEPS, "--log-every": 1}}]}
+
+
+def _gpt_job(results: Path, log: Path, plan: Path) -> str:
+    env = {**os.environ, "MPIPAR_RESULTS": str(results), "MPIPAR_STUDY": "jobs-gpt",
+           "MPIPAR_STUDY_ARGS": f"--config {plan} --no-analysis --silent"}
+    cmd = ["sbatch", "--parsable", "--nodes=1", f"--ntasks-per-node={RANKS}", "--gpus-per-node=0",
+           "--cpus-per-task=1", "-o", str(log), "--export=ALL", "jobs/slurm/study_mpiexec.sbatch"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60, env=env)
+    assert res.returncode == 0, f"{cmd} failed:\n{res.stdout}\n{res.stderr}"
+    return res.stdout.strip().split(";")[0]
+
+
+def _gpt_losses(path: Path) -> dict[int, float]:
+    try:
+        with h5py.File(path, "r") as f:
+            g = f["results/train_gpt"]
+            steps, losses = g["step"][()].tolist(), g["loss"][()].tolist()
+    except (OSError, KeyError):
+        return {}
+    assert len(steps) == len(set(steps)), f"a step stored twice: {steps}"
+    return dict(zip(steps, losses))
+
+
+@pytest.mark.timeout(1500)
+def test_signalled_job_requeues_resumes_and_matches_uninterrupted(cluster, tmp_path):
+    """SIGUSR1 to the batch shell (what --signal=B:USR1@120 sends) mid-training: the job checkpoints,
+    requeues itself, resumes from the checkpoint and ends with the losses of an uninterrupted job."""
+    import time
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(GPT_PLAN))
+    ref_job = _gpt_job(tmp_path / "ref", tmp_path / "ref.out", plan)
+    res = _slurm("wait", ref_job, "600", timeout=700)
+    assert res.returncode == 0, f"{res.stdout}{res.stderr}\n{(tmp_path / 'ref.out').read_text()[-4000:]}"
+    reference = _gpt_losses(tmp_path / "ref" / "jobs-gpt" / f"job-{ref_job}" / "train_gpt.h5")
+    assert sorted(reference) == list(range(GPT_STEPS))
+
+    job = _gpt_job(tmp_path / "pre", tmp_path / "pre.out", plan)
+    folder = tmp_path / "pre" / "jobs-gpt" / f"job-{job}"
+    deadline = time.time() + 300
+    while len(_gpt_losses(folder / "train_gpt.h5")) < 5:
+        assert time.time() < deadline, (tmp_path / "pre.out").read_text()[-4000:]
+        time.sleep(0.2)
+    sig = subprocess.run(["scancel", "--signal=USR1", "--batch", job], capture_output=True, text=True, timeout=60)
+    assert sig.returncode == 0, sig.stderr
+    res = _slurm("wait", job, "900", timeout=1000)
+    log = (tmp_path / "pre.out").read_text()
+    assert res.returncode == 0, f"{res.stdout}{res.stderr}\n{log[-4000:]}"
+    assert "requeueing job" in log, log[-4000:]
+    assert "signal 10: saved" in (folder / "gpt.log").read_text()  # train_gpt checkpointed on the signal
+    info = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True).stdout
+    assert "Restarts=1" in info, info
+    manifest = json.loads((folder / "study.json").read_text())
+    assert manifest["drivers"]["gpt"]["status"] == "ok" and manifest["drivers"]["gpt"]["runs"] == 2, manifest
+    assert _gpt_losses(folder / "train_gpt.h5") == reference  # every step once, bit for bit

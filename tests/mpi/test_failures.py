@@ -87,8 +87,9 @@ def test_mpipar_error_is_a_value_error():
 
 
 def test_agree_helpers(world):
-    """mpipar.errors.agree / agree_ints / require: one rank's problem becomes every rank's error."""
-    from mpipar.errors import agree, agree_ints, require
+    """mpipar.agree.agree / agree_ints / require: one rank's problem becomes every rank's error."""
+    from mpipar.errors import require
+    from mpipar.agree import agree, agree_ints
 
     n, last = world.size, world.rank == world.size - 1
     agree(world, None)  # nobody failed: no error

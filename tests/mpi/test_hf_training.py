@@ -61,18 +61,26 @@ def train_hf(hf):
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("make,layouts", [(hf_llama, LAYOUTS), (hf_gpt2, GPT2_LAYOUTS)], ids=["llama", "gpt2"])
-def test_trained_on_a_layout_equals_transformers_trained(monkeypatch, make, layouts):
+def test_trained_on_a_layout_equals_transformers_trained(monkeypatch, tmp_path_factory, make, layouts):
+    """The Llama model reaches the layout through a save_pretrained folder read lazily (tensor by tensor)."""
     from transformers.models.llama import modeling_llama
 
     monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", _rmsnorm_forward)
     hf = make()
     cfg, state = models.from_hf(hf)
+    if make is hf_llama:
+        path = str(tmp_path_factory.mktemp("hf")) if WORLD.Get_rank() == 0 else None
+        if path:
+            hf.save_pretrained(path)
+        path = WORLD.bcast(path)
+        loaded_cfg, state = models.load_pretrained(path, lazy=True)
+        assert loaded_cfg == cfg
     mesh = mpipar.Mesh(**layouts[WORLD.Get_size()])
     model = models.GPT(cfg, mesh, dtype=F64)
     model.load_full_state_dict(state)

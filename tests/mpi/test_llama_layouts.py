@@ -19,6 +19,7 @@ from mpi4py import MPI
 import mpipar
 from mpipar import models
 from mpipar.errors import MpiparError
+from conftest import requires_cuda
 
 WORLD = MPI.COMM_WORLD
 F64 = torch.float64
@@ -167,3 +168,22 @@ def test_bf16_autocast_close_to_serial():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     losses = [models.train_step(model, b, opt, mesh, num_microbatches=2, bf16=True) for b in batches(cfg)]
     assert all(abs(a - b) < 3e-2 for a, b in zip(losses, ref)), (losses, ref)
+
+
+@requires_cuda
+@pytest.mark.mpi
+@pytest.mark.parametrize("dims,opts", [({"tp": 0}, {}), ({"sp": 0}, {}), ({"sp": 0}, {"sp_mode": "ulysses"})],
+                         ids=["tp", "sp-ring", "sp-ulysses"])
+def test_llama_on_cuda_close_to_serial_cpu(dims, opts):
+    """float32 on the GPU (mesh.device) against the float64 serial model on the CPU."""
+    n = WORLD.Get_size()
+    if 4 % n:
+        pytest.skip("4 heads over the ranks")
+    cfg = config()
+    ref, _ = serial_run(cfg, 2)
+    mesh = mpipar.Mesh(**{k: n for k in dims})
+    model = models.GPT(cfg, mesh, dtype=torch.float32, **opts)
+    assert next(model.parameters()).device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    losses = [models.train_step(model, b, opt, mesh, num_microbatches=2) for b in batches(cfg)]
+    assert all(abs(a - b) < 1e-4 for a, b in zip(losses, ref)), (losses, ref)

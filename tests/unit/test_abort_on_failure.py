@@ -6,7 +6,7 @@
   (non-zero) instead of hanging.
 - An unhandled exception on one rank while the others wait in a collective
   aborts the whole job with a non-zero exit, under `python -m mpi4py` and with
-  mpipar.errors.install_abort_on_exception().
+  mpipar.flight.abort.install_abort_on_exception().
 All jobs start together (module fixture) to keep the wall time down; mpiexec is
 the one next to sys.executable (the venv's).
 """
@@ -69,7 +69,8 @@ import mpipar
 from mpipar import comm
 
 if "--hook" in sys.argv:
-    mpipar.errors.install_abort_on_exception()
+    from mpipar.flight.abort import install_abort_on_exception
+    install_abort_on_exception()
 w = MPI.COMM_WORLD
 comm.all_reduce(torch.ones(4), w)  # everybody is up
 if w.rank == 1:
@@ -170,10 +171,10 @@ def test_unhandled_exception_on_one_rank_aborts_the_job(jobs, name):
 
 def test_abort_hook_unlinks_only_the_shared_memory_files_this_process_maps(tmp_path):
     """MPICH leaves its /dev/shm files behind after MPI_Abort; the hook unlinks the ones this
-    process maps (mpipar.errors.unlink_mapped_shm) before aborting, and no others."""
+    process maps (mpipar.flight.abort.unlink_mapped_shm) before aborting, and no others."""
     import mmap
 
-    from mpipar.errors import unlink_mapped_shm
+    from mpipar.flight.abort import unlink_mapped_shm
 
     base = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path
     prefix = str(base / f"mpipar_test_{os.getpid()}_")

@@ -15,10 +15,12 @@ import time
 import pytest
 import torch
 
-from mpipar.errors import MpiparError, install_abort_on_exception
+from mpipar.errors import MpiparError
+from mpipar.flight.abort import install_abort_on_exception
 from mpipar.flight import __main__ as flight_main
 from mpipar.flight.dump import dump as flight_dump
-from mpipar.flight import recorder, settings as flight_settings
+from mpipar import settings
+from mpipar.flight import recorder
 from mpipar.flight.verdict import analyse, load
 from mpipar.flight.watchdog import Watchdog, describe
 
@@ -72,6 +74,17 @@ def test_verdict_names_the_rank_that_never_arrived_and_its_last_call():
     assert "verdict: all_reduce #3 on group world [0, 1, 2]: ranks [0, 2] waited" in text
     assert "rank 1 never arrived (its last call on this group: #2); its last call: broadcast #1 on group tp [1, 2]" \
         in text
+
+
+def test_verdict_names_the_rank_that_failed():
+    records = {r: rec(r, [call(1), call(2, waiting=r != 1)]) for r in range(3)}
+    records[1].update(reason="exception", message="unhandled ValueError in the main thread: x")
+    records[1]["calls"].pop()
+    v = analyse(records)
+    assert v.failed == [1] and not v.agree and v.findings[0].missing == [1]
+    assert "verdict: rank 1 failed (unhandled ValueError in the main thread: x); then all_reduce #2" in str(v)
+    records = {1: records[1]}
+    assert "verdict: rank 1 failed" in str(analyse(records))
 
 
 def test_verdict_names_a_rank_without_a_record():
@@ -190,23 +203,16 @@ def test_dump_and_the_command_line(tmp_path, capsys):
     assert flight_main.main([str(tmp_path / "none")]) == 2
 
 
-def test_settings_read_once_and_checked(monkeypatch):
-    monkeypatch.setenv("MPIPAR_TIMEOUT", "0")
-    monkeypatch.setenv("MPIPAR_FLIGHT_DIR", "/tmp/x")
-    monkeypatch.setenv("MPIPAR_ABORT_ON_ERROR", "0")
-    flight_settings.cache_clear()
-    try:
-        s = flight_settings()
-        assert (s.timeout, s.flight_dir, s.abort_on_error) == (0.0, "/tmp/x", False)
-        monkeypatch.setenv("MPIPAR_TIMEOUT", "soon")
-        assert flight_settings().timeout == 0.0  # read once
-        flight_settings.cache_clear()
+def test_settings_parsed_and_checked():
+    s = settings.Settings.from_environ({"MPIPAR_TIMEOUT": "2.5", "MPIPAR_FLIGHT_DIR": "/tmp/x",
+                                        "MPIPAR_ABORT_ON_ERROR": "0"})
+    assert (s.timeout, s.flight_dir, s.abort_on_error) == (2.5, "/tmp/x", "0")
+    d = settings.Settings.from_environ({})
+    assert (d.timeout, d.flight_dir, d.abort_on_error) == (600.0, "mpipar-flight", "1")
+    assert settings.Settings.from_environ({"MPIPAR_TIMEOUT": "0"}).timeout == 0.0
+    for bad in ("soon", "-1", "nan"):
         with pytest.raises(MpiparError, match="MPIPAR_TIMEOUT"):
-            flight_settings()
-    finally:
-        monkeypatch.undo()
-        flight_settings.cache_clear()
-    assert flight_settings().timeout == 600.0
+            settings.Settings.from_environ({"MPIPAR_TIMEOUT": bad})
 
 
 # -- the hooks -------------------------------------------------------------------------------

@@ -4,11 +4,12 @@
   script that only builds a Mesh ends the whole job non-zero (MPIPAR_TIMEOUT=0:
   the hooks alone, no watchdog).
 - A rank asleep while the others wait (MPIPAR_TIMEOUT=3) in an all-reduce, a
-  recv, a shared-memory all-reduce, a pipeline step and ring attention's
-  backward: the watchdog names the rank and the call, every rank writes its
+  recv, a shared-memory all-reduce, a pipeline step, ring attention's and
+  Ulysses' backward: the watchdog names the rank and the call, every rank writes its
   flight record, and the verdict (`python -m mpipar.flight DIR`) names the
   sleeping rank and what it did last.
 - kill -9 of one rank mid-loop ends the job.
+- SIGUSR2 writes a live record and the job goes on.
 All jobs start together (module fixture) to keep the wall time down.
 """
 from __future__ import annotations
@@ -128,6 +129,19 @@ out.sum().backward()
 print(f"UNREACHABLE rank {m.world.rank}", flush=True)
 '''
 
+HANG_ULYSSES = HEAD + r'''
+from mpipar.sequence import ulysses_attention
+
+m = mpipar.Mesh(sp=2)
+torch.manual_seed(m.sp.rank)
+q, k, v = (torch.randn(1, 2, 8, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+out = ulysses_attention(q, k, v, m.sp)
+if m.sp.rank == 1:
+    time.sleep(120)
+out.sum().backward()
+print(f"UNREACHABLE rank {m.world.rank}", flush=True)
+'''
+
 KILLED = HEAD + r'''
 import os, signal
 
@@ -137,6 +151,18 @@ for i in range(1000000):
     if i == 100 and m.world.rank == 1:
         os.kill(os.getpid(), signal.SIGKILL)  # kill -9 mid-loop: no hook, no record
 print(f"UNREACHABLE rank {m.world.rank}", flush=True)
+'''
+
+LIVE_LOOK = HEAD + r'''
+import os, signal
+
+m = mpipar.Mesh()
+for i in range(200):
+    comm.all_reduce(torch.ones(16), m.world)
+    if i == 100 and m.world.rank == 0:
+        os.kill(os.getpid(), signal.SIGUSR2)  # what `kill -USR2 <pid>` does from outside
+time.sleep(1.0)  # the watchdog thread writes the record
+print(f"DONE rank {m.world.rank}", flush=True)
 '''
 
 # name -> (ranks, script, MPIPAR_TIMEOUT[, MPIPAR_ABORT_ON_ERROR])
@@ -149,7 +175,9 @@ JOBS = {
     "hang_shm": (2, HANG_SHM, "3"),
     "hang_pipeline": (2, HANG_PIPELINE, "3"),
     "hang_ring": (2, HANG_RING, "3"),
+    "hang_ulysses": (2, HANG_ULYSSES, "3"),
     "killed": (3, KILLED, "5"),
+    "live_look": (2, LIVE_LOOK, "3"),
 }
 
 
@@ -217,11 +245,22 @@ def test_an_exception_on_one_rank_ends_the_job(jobs, name, where):
     assert "mpipar watchdog" not in out, out  # the hook ended it (MPIPAR_TIMEOUT=0)
     records = load(str(jobs[name].flight))
     assert records[1]["reason"] == "exception" and "RuntimeError" in records[1]["message"], records.get(1)
+    verdict = analyse(records)
+    assert verdict.failed == [1] and "verdict: rank 1 failed (unhandled RuntimeError in" in str(verdict), str(verdict)
 
 
 def test_kill_9_of_one_rank_mid_loop_ends_the_job(jobs):
     """The launcher (or, where it does not, the others' watchdogs) ends the job."""
     ended_non_zero(jobs["killed"])
+
+
+def test_sigusr2_writes_a_live_record_and_the_job_goes_on(jobs):
+    rc, out, secs = jobs["live_look"].result()
+    assert rc == 0 and "DONE rank 0" in out and "DONE rank 1" in out, out
+    records = load(str(jobs["live_look"].flight))
+    assert list(records) == [0] and records[0]["reason"] == "signal", records
+    calls = records[0]["calls"]
+    assert calls[-1]["op"] == "all_reduce" and 101 <= calls[-1]["seq"] <= 200 and calls[-1]["shape"] == [16], calls[-1]
 
 
 def test_abort_on_error_opt_out_leaves_the_hang_to_the_watchdog(jobs):
@@ -239,6 +278,7 @@ HANGS = {
     "hang_shm": ("all_reduce", 1, "hang"),
     "hang_pipeline": ("pipeline recv", 1, "p2p"),
     "hang_ring": ("ring attention", 1, "p2p"),
+    "hang_ulysses": ("all_to_all", 1, "hang"),
 }
 
 

@@ -112,6 +112,18 @@ def test_load_pretrained_from_a_local_folder(tmp_path, make):
     ref_cfg, ref_state = models.from_hf(hf)
     assert cfg == ref_cfg and list(state) == list(ref_state)
     assert all(torch.equal(state[k], ref_state[k]) for k in ref_state)
+    lazy_cfg, lazy = models.load_pretrained(str(tmp_path), lazy=True)
+    assert isinstance(lazy, models.LazyState) and lazy_cfg == cfg and list(lazy) == list(ref_state)
+    assert all(lazy.shape_of(k) == list(v.shape) and torch.equal(lazy[k], v) for k, v in ref_state.items())
+    from mpipar.tensor.sharding import take_shard
+
+    for k, v in ref_state.items():  # slices read from the file equal slices of the tensor
+        for dim in range(v.dim()):
+            for stride in (1, 3) if k.endswith("qkv.weight") else (1,):
+                assert torch.equal(lazy.shard(k, 1, 2, dim, stride), take_shard(v, 1, 2, dim, stride)), (k, dim)
+    model = models.GPT(cfg, dtype=F64)
+    model.load_full_state_dict(lazy)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ref_state.items())
     with pytest.raises(MpiparError, match="no config.json"):
         models.load_pretrained(str(tmp_path / "nothing"))
 

@@ -342,3 +342,19 @@ def test_cli_estimate_and_validate():
     assert r.returncode == 0 and "layouts in" in r.stdout, r.stderr
     r = run("estimate", "--model", "gpt2-small", "--batch", "64", "--tp", "5")
     assert r.returncode == 2 and "error" in r.stderr
+
+
+@pytest.mark.parametrize("arch,kv", [("gpt2", None), ("llama", 8), ("llama", 2)])
+def test_params_per_rank_sum_to_the_model(arch, kv):
+    from mpipar.plan.memory import layer_params_per_rank
+
+    spec = plan.ModelSpec(1024, 256, 512, 8, 2, arch=arch, num_kv_heads=kv)
+    assert layer_params_per_rank(spec, 1) == spec.layer_params()
+    for t in (2, 4, 8):
+        per_rank = layer_params_per_rank(spec, t)
+        assert per_rank * t >= spec.layer_params()        # replicated parts counted on every rank
+        assert per_rank < spec.layer_params()
+    if kv == 2:   # 8 tp ranks, 2 kv heads: each rank keeps one whole kv head (k and v), 1/8 of the rest
+        h, hd, f = 512, 64, spec.ffn_hidden
+        assert layer_params_per_rank(spec, 8) == pytest.approx(2 * h + h * (h / 8 + 2 * hd) + h / 8 * h
+                                                               + 3 * h * f / 8)

@@ -9,6 +9,7 @@
 - a changed byte in a shard: `--resume` of that step folder is refused naming the shard; of the
   run folder it falls back to the older step with a warning naming it.
 - a pickle payload planted in a shard (manifest consistent) is refused naming the file; it never runs.
+- a fresh run (no --resume) refuses a --save folder holding another run's checkpoints, losing nothing.
 """
 from __future__ import annotations
 
@@ -140,6 +141,10 @@ def test_damaged_or_poisoned_checkpoint_is_refused_naming_the_file(tmp_path):
     out, ckpt = tmp_path / "run.h5", tmp_path / "ckpt"
     res = run("--out", str(out), "--save", str(ckpt), "--save-every", "4", "--steps", "8")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    rows = losses(out)
+    res = run("--out", str(out), "--save", str(ckpt), "--steps", "8")  # a fresh run onto another run's folder
+    assert res.returncode != 0 and "already holds checkpoints of another run" in res.stdout + res.stderr
+    assert losses(out) == rows and sorted(os.listdir(ckpt)) == ["step-000004", "step-000008"]  # nothing lost
     shard = ckpt / "step-000008" / "shard-pp0-tp1.pt"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0x01

@@ -33,7 +33,7 @@ DRIVER = textwrap.dedent('''
     """Tiny sweep for the study tests. Resumes: completed points are skipped."""
     import argparse, time
     from mpi4py import MPI
-    from mpipar.errors import install_abort_on_exception
+    from mpipar.flight.abort import install_abort_on_exception
     from mpipar.trace import ResultsWriter, completed_points, point_key
     install_abort_on_exception()
     p = argparse.ArgumentParser()

@@ -30,6 +30,7 @@ import torch
 from ...errors import MpiparError
 from .. import tuning
 from ..symmetric import entry as shm_entry
+from ...flight.recorder import note
 from ..buffers import memo
 from ..backends.mpi import in_place
 from .protocol import BAD_DIM, _UNKNOWN, check, exchange, signature
@@ -51,7 +52,7 @@ class _Call:
     """What a signature implies, computed once per distinct call shape."""
 
     __slots__ = ("name", "sig", "head", "head_bytes", "bad", "free", "numel", "nbytes", "combine", "fits",
-                 "need_op", "need_algorithm", "root_name")
+                 "need_op", "need_algorithm", "root_name", "dtype", "shape")
 
     def __init__(self, name, t: torch.Tensor, op, algorithm, dim, root, free_dim, root_name):
         self.name, self.root_name = name, root_name
@@ -65,6 +66,7 @@ class _Call:
         self.head = np.array([hash(agreed), self.bad, self.free or 0], dtype=np.int64)
         self.head_bytes = self.head[:_AGREED].tobytes()
         self.numel, self.nbytes = t.numel(), t.numel() * t.element_size()
+        self.dtype, self.shape = t.dtype, t.shape  # for the flight recorder (mpipar.flight)
         # this rank's data rides along (all_gather: whether it is USED is decided on the table)
         self.fits = (not self.bad and t.dtype in CARRIER and self.nbytes <= INLINE_BYTES
                      and (algorithm is None or algorithm in _INLINE_ALGORITHMS))
@@ -179,6 +181,7 @@ def agree_all_reduce(t: torch.Tensor, g, op, algorithm):
     the group has a one-node symmetric pool (mpipar.comm.symmetric.collectives then needs no entry exchange:
     this Allgather was it), else None."""
     info = _call("all_reduce", t, op, algorithm)
+    note(info.dtype, info.shape)  # all_reduce's flight record leaves them to this cached description
     combine = info.combine
     if combine is not None and algorithm == "auto" and tuning.shm_pays("all_reduce", info.nbytes):
         combine = None  # the crossover lowered below INLINE_BYTES (a setting shared by all ranks)

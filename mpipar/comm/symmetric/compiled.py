@@ -17,7 +17,10 @@
 Built with the C compiler ($CC, else `cc`; -O3 -march=native, so the file name hashes
 this CPU's feature flags with the source and the flags) into $MPIPAR_KERNEL_CACHE, else
 $XDG_CACHE_HOME/mpipar, else ~/.cache/mpipar. Each process compiles to a temporary name
-and renames it into place, so ranks that race all load a complete file. Without a
+and renames it into place, so ranks that race all load a complete file. A library is
+loaded from the cache only if this user owns it and its folder and nobody else can
+write either (a library planted there would run its code at load time); otherwise it
+is rebuilt in a private temporary folder (one warning naming the refused path). Without a
 compiler, or when the build fails, numpy does the work (one warning): the same results,
 bit for bit. MPIPAR_SHM_COMPILED=0 turns both kernels off.
 """
@@ -28,6 +31,7 @@ import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -68,11 +72,40 @@ def cache_dir() -> Path:
     return Path(base) / "mpipar"
 
 
-def _build(cc: str) -> ctypes.CDLL:
+def cache_path(cc: str) -> Path:
+    """Where the library built by `cc` for this source, these flags and this CPU is cached."""
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join((cc, *FLAGS, _cpu_features())).encode()).hexdigest()[:16]
-    path = cache_dir() / f"shm_compiled-{key}.so"
+    return cache_dir() / f"shm_compiled-{key}.so"
+
+
+def untrusted(path: Path) -> str | None:
+    """Why `path` (a folder or file of the cache) must not be loaded from, or None if only this user
+    owns and can write it. A missing path is fine (it will be created by this user)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symbolic link"
+    if st.st_uid != os.getuid():
+        return f"{path} is owned by uid {st.st_uid}, not this user ({os.getuid()})"
+    if st.st_mode & 0o022:
+        return f"{path} can be written by others (mode {st.st_mode & 0o777:o})"
+    return None
+
+
+def _build(cc: str) -> ctypes.CDLL:
+    path = cache_path(cc)
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        why = untrusted(path.parent) or untrusted(path)
+    except OSError as e:
+        why = f"cannot create {path.parent}: {e}"
+    if why:
+        private = Path(tempfile.mkdtemp(prefix="mpipar-kernels-"))  # 0700, this user's
+        warnings.warn(f"mpipar: kernel cache refused: {why}; building in {private}", RuntimeWarning, stacklevel=3)
+        path = private / path.name
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".shm_compiled-", suffix=".so", dir=path.parent)
         os.close(fd)
         try:
@@ -82,6 +115,8 @@ def _build(cc: str) -> ctypes.CDLL:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     lib = ctypes.CDLL(str(path))
+    if why:
+        shutil.rmtree(path.parent, ignore_errors=True)  # loaded: the mapping outlives the file
     for name in TYPES.values():
         fn = getattr(lib, f"sum_push_{name}")
         fn.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_size_t]

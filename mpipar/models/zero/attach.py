@@ -1,7 +1,7 @@
 """attach(model, zero, bucket_bytes): the gradient reduction object of a ParallelGPT for a ZeRO stage."""
 from __future__ import annotations
 
-from ...errors import agree, agree_ints
+from ...agree import agree, agree_ints
 from ..data_parallel import GradBuckets
 
 STAGES = (0, 1, 2, 3)

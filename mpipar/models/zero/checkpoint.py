@@ -28,6 +28,10 @@ import shutil
 import torch
 
 from ...errors import MpiparError
+<<<<<<< HEAD
+=======
+from ...agree import agree
+>>>>>>> main
 from ..shards import assemble, take_shard
 
 FORMAT, MANIFEST = "mpipar-gpt-checkpoint", "manifest.json"

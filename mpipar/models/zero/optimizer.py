@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ...errors import MpiparError, agree
+from ...errors import MpiparError
+from ...agree import agree
 
 ELEMENTWISE = tuple(getattr(torch.optim, n) for n in
                     ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSprop", "Rprop", "Adagrad", "ASGD")

@@ -1,0 +1,76 @@
+"""The compiled-kernel cache loads only a library this user owns in a folder only this user can write.
+
+A library planted in the cache under the expected name (one whose constructor would create a
+marker file when loaded) is refused with a warning naming the path when the folder is writable by
+others or the file belongs to another user; the kernels are rebuilt privately and still work, and
+the planted code never runs.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from mpipar.comm.symmetric import compiled as shm_compiled
+
+pytestmark = pytest.mark.skipif(shm_compiled.compiler() is None, reason="no C compiler (cc or $CC)")
+
+PLANT = '#include <stdio.h>\n__attribute__((constructor)) static void run(void) {{ fopen("{marker}", "w"); }}\n'
+
+
+def plant(cache, tmp_path):
+    marker = tmp_path / "PLANTED_CODE_RAN"
+    src = tmp_path / "plant.c"
+    src.write_text(PLANT.format(marker=marker))
+    target = shm_compiled.cache_path(shm_compiled.compiler())
+    assert target.parent == cache
+    subprocess.run([shm_compiled.compiler(), "-shared", "-fPIC", "-o", str(target), str(src)], check=True)
+    return target, marker
+
+
+def fresh_library(monkeypatch):
+    monkeypatch.setattr(shm_compiled, "_loaded", {})
+    return shm_compiled.library()
+
+
+def works(lib):
+    own, peer = np.arange(5, dtype=np.float32), np.ones(5, dtype=np.float32)
+    fn = shm_compiled.bind(shm_compiled.kernel(torch.float32, "sum"), own, [peer])
+    fn()
+    return np.array_equal(own, np.arange(5, dtype=np.float32) + 1) and lib is not None
+
+
+@pytest.mark.parametrize("how", ["folder writable by others", "file of another user"])
+def test_planted_library_is_refused_and_never_runs(how, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    monkeypatch.setenv("MPIPAR_KERNEL_CACHE", str(cache))
+    target, marker = plant(cache, tmp_path)
+    if how == "folder writable by others":
+        cache.chmod(0o777)
+        expected = "can be written by others"
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("chown to another user needs root")
+        os.chown(target, 65534, 65534)
+        expected = "owned by uid 65534"
+    with pytest.warns(RuntimeWarning, match=f"kernel cache refused: .*{expected}"):
+        lib = fresh_library(monkeypatch)
+    assert not marker.exists(), "the planted library was loaded"
+    assert works(lib)
+
+
+def test_own_private_cache_is_used(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MPIPAR_KERNEL_CACHE", str(cache))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lib = fresh_library(monkeypatch)
+    path = shm_compiled.cache_path(shm_compiled.compiler())
+    assert path.exists() and shm_compiled.untrusted(path) is None and shm_compiled.untrusted(cache) is None
+    assert cache.stat().st_mode & 0o077 == 0 and works(lib)
