@@ -255,14 +255,9 @@ def load_full(model, optimizer, path: str) -> Loaded:
 
 def _load_one(ctx: _Ctx, model, optimizer, path: str) -> Loaded:
     if getattr(model, "zero", 0) or zero_checkpoint.is_zero_checkpoint(path):  # ZeRO: its own shards
-<<<<<<< HEAD
         extra, rank_state = zero_checkpoint.load(model, optimizer, path, ctx)
         return Loaded(extra, path, rank_state)
-    manifest, err = _read_manifest(path, ctx.cfg)
-=======
-        return Loaded(zero_checkpoint.load(model, optimizer, path, ctx), path)
     manifest, err = read_manifest(path, ctx.cfg)
->>>>>>> main
     ctx.agree(err)
     try:
         names = {s.name for s in ctx.specs}

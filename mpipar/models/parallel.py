@@ -262,21 +262,14 @@ class ParallelGPT(nn.Module):
         except Exception as exc:  # noqa: BLE001  (reported on every rank below)
             err = str(exc)
         agree(self.mesh.world.comm, err)
-<<<<<<< HEAD
         with self.buckets.gathered() if self.zero else contextlib.nullcontext():  # ZeRO-3: materialised
             for s in self.specs():
-                full = state[s.name]
-                local = take_shard(full, s.part, s.parts, s.dim if s.sharded else None, s.stride)
+                dim = s.dim if s.sharded else None
+                local = state.shard(s.name, s.part, s.parts, dim, s.stride) if hasattr(state, "shard") \
+                    else take_shard(state[s.name], s.part, s.parts, dim, s.stride)
                 s.param.copy_(local.to(dtype=s.param.dtype, device=s.param.device))
             if self.zero:
                 self.buckets.params_written()  # the shards and master weights follow
-=======
-        for s in self.specs():
-            dim = s.dim if s.sharded else None
-            local = state.shard(s.name, s.part, s.parts, dim, s.stride) if hasattr(state, "shard") \
-                else take_shard(state[s.name], s.part, s.parts, dim, s.stride)
-            s.param.copy_(local.to(dtype=s.param.dtype, device=s.param.device))
->>>>>>> main
 
 
 def _unflatten_into(flat: torch.Tensor, tensors) -> None:

@@ -28,14 +28,10 @@ import shutil
 import torch
 
 from ...errors import MpiparError
-<<<<<<< HEAD
-=======
-from ...agree import agree
->>>>>>> main
+from .. import checkpoint_files as ck
 from ..shards import assemble, take_shard
 
-FORMAT, MANIFEST = "mpipar-gpt-checkpoint", "manifest.json"
-VERSION = 2               # as the plain checkpoints: meta.json (version 1 kept a pickled meta.pt)
+MANIFEST = ck.MANIFEST
 
 
 def is_zero_checkpoint(path: str) -> bool:
@@ -69,14 +65,14 @@ def _fragments_of(model, optimizer):
 def save(model, optimizer, path: str, extra=None, rank_state=None) -> str:
     """Collective over the model's mesh: each rank writes its shards (and `rank_state`) into a
     temporary folder, rank 0 the meta and the manifest, then renames it to `path`."""
-    from .. import checkpoint as ck  # the atomic writer's pieces (it imports this module)
+    from ..checkpoint import _Ctx  # the plain writer's view of this rank (it imports this module)
 
-    ctx, mesh = ck._Ctx(model), model.mesh
+    ctx, mesh = _Ctx(model), model.mesh
     path = os.path.abspath(path)
 
     def prepare():
-        meta = ck._meta_json(optimizer, extra)  # refused before anything is written
-        tmp = ck._temp_name(path, "tmp")
+        meta = ck.meta_json(optimizer, extra)  # refused before anything is written
+        tmp = ck.temp_name(path, "tmp")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         os.mkdir(tmp)
@@ -93,18 +89,18 @@ def save(model, optimizer, path: str, extra=None, rank_state=None) -> str:
     try:
         err = None
         try:
-            report["files"][name] = ck._write_file(os.path.join(tmp, name),
-                                                   ck._serialize(_fragments_of(model, optimizer)))
+            report["files"][name] = ck.write_file(os.path.join(tmp, name),
+                                                   ck.serialize(_fragments_of(model, optimizer)))
             if rank_state is not None:
                 rank_file = f"rank{ctx.rank}.pt"
-                report["files"][rank_file] = ck._write_file(os.path.join(tmp, rank_file), ck._serialize(rank_state))
+                report["files"][rank_file] = ck.write_file(os.path.join(tmp, rank_file), ck.serialize(rank_state))
                 report["rank_file"] = rank_file
         except Exception as exc:  # noqa: BLE001 - reported on every rank
             err = f"checkpoint.save: writing {path} failed on this rank: {type(exc).__name__}: {exc}"
         ctx.agree(err)
         reports = ctx.gather(report)
         ctx.on_root(f"checkpoint.save: finishing {path} failed",
-                    lambda: _finish(ck, ctx, model.zero, tmp, path, meta, reports))
+                    lambda: _finish(ctx, model.zero, tmp, path, meta, reports))
     except MpiparError:
         if ctx.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -112,9 +108,9 @@ def save(model, optimizer, path: str, extra=None, rank_state=None) -> str:
     return path
 
 
-def _finish(ck, ctx, zero: int, tmp: str, path: str, meta: bytes, reports: list) -> None:
+def _finish(ctx, zero: int, tmp: str, path: str, meta: bytes, reports: list) -> None:
     """Rank 0: meta, the manifest last, then the folder goes into place (as the plain writer)."""
-    files = {ck.META: ck._write_file(os.path.join(tmp, ck.META), meta)}
+    files = {ck.META: ck.write_file(os.path.join(tmp, ck.META), meta)}
     merged: dict = {}
     rank_files = {}
     for rank, r in enumerate(reports):
@@ -127,17 +123,17 @@ def _finish(ck, ctx, zero: int, tmp: str, path: str, meta: bytes, reports: list)
             e.setdefault("holders", {}).setdefault(str(t["part"]), []).append(r["file"])
     for e in merged.values():
         e["holders"] = {k: sorted(set(v)) for k, v in e["holders"].items()}
-    manifest = {"format": FORMAT, "version": VERSION, "config": ctx.cfg.to_dict(), "layout": ctx.layout,
+    manifest = {"format": ck.FORMAT, "version": ck.VERSION, "config": ctx.cfg.to_dict(), "layout": ctx.layout,
                 "world_size": ctx.size, "zero": zero, "files": files, "tensors": merged, "rank_files": rank_files}
-    ck._write_file(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
-    ck._fsync_dir(tmp)
+    ck.write_file(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
+    ck.fsync_dir(tmp)
     old = None
     if os.path.lexists(path):
-        old = ck._temp_name(path, "old")
+        old = ck.temp_name(path, "old")
         shutil.rmtree(old, ignore_errors=True)
         os.rename(path, old)
     os.rename(tmp, path)
-    ck._fsync_dir(os.path.dirname(path))
+    ck.fsync_dir(os.path.dirname(path))
     if old:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -193,9 +189,7 @@ def load(model, optimizer, path: str, ctx):
     """Load `path` (ZeRO or plain checkpoint) into `model` (ZeRO or not); `ctx` is checkpoint._Ctx's
     view of this rank. Returns (the saved `extra`, this rank's `rank_state` or None: only on the
     same world size and layout)."""
-    from .. import checkpoint as ck
-
-    manifest, err = ck._read_manifest(path, model.cfg)
+    manifest, err = ck.read_manifest(path, model.cfg)
     ctx.agree(err)
     zero = bool(manifest.get("zero"))
     specs = list(ctx.specs)
@@ -209,11 +203,11 @@ def load(model, optimizer, path: str, ctx):
     for n in names:
         e = manifest["tensors"][n]
         needed |= {f for fs in e["holders"].values() for f in fs} if zero else set(e["files"].values())
-    ctx.agree(next((e for e in (ck._verify(path, f, manifest["files"].get(f)) for f in sorted(needed)) if e), None))
+    ctx.agree(next((e for e in (ck.verify(path, f, manifest["files"].get(f)) for f in sorted(needed)) if e), None))
     err, values, files = None, {}, {}
     try:
         for f in sorted(needed):
-            files[f] = ck._read_meta_json(path, f) if f == ck.META else ck._torch_load(path, f)
+            files[f] = ck.read_meta_json(path, f) if f == ck.META else ck.torch_load(path, f)
         values = {n: _full(n, manifest["tensors"][n], files, zero) for n in names}
     except MpiparError as exc:
         err = str(exc)

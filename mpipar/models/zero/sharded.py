@@ -87,13 +87,8 @@ class ShardedBuckets:
             nb, tb = [], []
             for f in b.fragments:
                 s = specs[id(b.params[f.index])]
-<<<<<<< HEAD
-                counted = s.sharded or self.tp.rank == 0
-                if s.primary and counted and not (s.sharded and self.tp.rank % s.replicas):  # one K/V copy
-=======
                 replica = s.sharded and self.tp.rank % getattr(s, "replicas", 1)  # a copy of a grouped K/V part
                 if s.primary and (s.sharded or self.tp.rank == 0) and not replica:
->>>>>>> main
                     nb.append((f.shard_lo, f.shard_hi))
                 if s.sp_reduce:
                     tb.append((f.shard_lo, f.shard_hi))
