@@ -298,6 +298,7 @@ def main() -> None:
     install_abort_on_exception()
     a = parse_args()
     world = MPI.COMM_WORLD
+    mpipar.Mesh(dp=world.size)  # the first Mesh installs the job's hooks, collectively: on the world
     setup_threads(world, a.threads)
     corpus = models.CharCorpus(num_chars=200_000, seed=0)
     if world.size < 2 and not a.sweep_only:

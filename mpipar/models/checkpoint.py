@@ -124,10 +124,6 @@ def save(model, optimizer, path: str, extra=None, rank_state=None) -> str:
 
     tmp, meta = ctx.on_root(f"checkpoint.save: cannot prepare {path}", prepare)
     try:
-        if getattr(model, "zero", 0):  # ZeRO: every rank writes its fragments (zero/checkpoint.py), atomic here
-            zero_checkpoint.save(model, optimizer, tmp, extra)
-            ctx.on_root(f"checkpoint.save: finishing {path} failed", lambda: publish(tmp, path))
-            return path
         report, err = {"files": {}, "tensors": {}}, None
         try:
             if ctx.writer:

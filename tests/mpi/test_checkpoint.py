@@ -275,9 +275,11 @@ def test_zero_checkpoint_is_atomic_and_refuses_a_payload(ckpt_dir, tmp_path, mon
     WORLD.Barrier()
     assert sorted(os.listdir(ckpt_dir)) == ["step-000001"] and models.latest(ckpt_dir) == path  # no leftovers
     assert models.load(model, opt, ckpt_dir) == {"step": 1}
+    assert os.path.isfile(os.path.join(path, "meta.json"))  # metadata is JSON, as for plain checkpoints
     buf = io.BytesIO()
-    torch.save({"param_groups": [], "extra": _Payload()}, buf)
-    _rewrite(path, "meta.pt", buf.getvalue())  # ZeRO keeps its metadata in meta.pt
-    with pytest.raises(MpiparError, match="file meta.pt holds objects other than tensors"):
+    torch.save({"fragments": _Payload()}, buf)
+    shard = "zero-pp0-tp0-d0.pt"  # a shard file: read with weights_only=True
+    _rewrite(path, shard, buf.getvalue())
+    with pytest.raises(MpiparError, match=f"file {shard} holds objects other than tensors"):
         models.load(model, opt, path)
     assert not os.path.exists("PAYLOAD_RAN")

@@ -31,8 +31,7 @@ from ...errors import MpiparError
 from .. import checkpoint_files as cf
 from ..shards import assemble, take_shard
 
-FORMAT, MANIFEST = "mpipar-gpt-checkpoint", "manifest.json"
-VERSION = 2               # as the plain checkpoints: meta.json (version 1 kept a pickled meta.pt)
+MANIFEST = cf.MANIFEST
 
 
 def is_zero_checkpoint(path: str) -> bool:
@@ -123,7 +122,7 @@ def _finish(ctx, zero: int, tmp: str, path: str, meta: bytes, reports: list) -> 
             e.setdefault("holders", {}).setdefault(str(t["part"]), []).append(r["file"])
     for e in merged.values():
         e["holders"] = {k: sorted(set(v)) for k, v in e["holders"].items()}
-    manifest = {"format": FORMAT, "version": VERSION, "config": ctx.cfg.to_dict(), "layout": ctx.layout,
+    manifest = {"format": cf.FORMAT, "version": cf.VERSION, "config": ctx.cfg.to_dict(), "layout": ctx.layout,
                 "world_size": ctx.size, "zero": zero, "files": files, "tensors": merged, "rank_files": rank_files}
     cf.write_file(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
     cf.fsync_dir(tmp)
