@@ -20,7 +20,8 @@ ring attention's K/V ring and the pipeline transport.
   given a name, then finishes each Pending (size check, copy-back).
 - Failure notices: after `watch_failures(tag)` the channel holds one receive
   per peer on that tag (never MPI_ANY_SOURCE, see pipeline/transport.py);
-  `wait` then polls and raises `PeerFailed` as soon as a notice lands;
+  `wait` then polls (as does a `polite` channel always) and raises
+  `PeerFailed` as soon as a notice lands;
   `notify_failure` sends one; `cancel` takes back receives still posted.
 """
 from __future__ import annotations
@@ -73,10 +74,13 @@ def _request(x):
 
 class Channel:
     """Tagged point-to-point on communicator `comm`; waits recorded on `flight` (a Group or
-    a flight-recorder Channel; None records nothing)."""
+    a flight-recorder Channel; None records nothing). polite: always wait by polling with
+    back-off (mpipar.comm.wait's), never in MPI's busy Wait, so a waiting rank leaves the
+    CPU to computing ones (the pipeline's stages); otherwise only while failure notices
+    are watched or the node is oversubscribed."""
 
-    def __init__(self, comm, flight=None):
-        self.comm, self.flight = comm, flight
+    def __init__(self, comm, flight=None, polite: bool = False):
+        self.comm, self.flight, self.polite = comm, flight, polite
         self._watch: list = []  # failure notices: Pending per peer, while watching
 
     # ---- posting ---------------------------------------------------------------------------
@@ -155,7 +159,7 @@ class Channel:
                 x.finish()
 
     def _complete(self, items) -> None:
-        if self._watch:
+        if self._watch or self.polite:
             self._poll_watching([_request(x) for x in items])
             return
         reqs, checked = [], []

@@ -47,7 +47,7 @@ class Transport:
         self.tag_ub = comm.Get_attr(MPI.TAG_UB) or 32767
         self._stranded: list = []  # requests a peer's failure left pending, with their buffers
         self.flight = FlightChannel(comm, "pipeline")  # for the flight recorder (mpipar.flight)
-        self.channel = Channel(comm, self.flight)
+        self.channel = Channel(comm, self.flight, polite=True)
         self._reset()
 
     def _reset(self) -> None:
@@ -133,8 +133,9 @@ class Transport:
     def _wait(self, items) -> None:
         """Complete every item, raising PeerFailed as soon as another stage reports a failure.
 
-        The channel polls (mpipar.comm.wait's back-off) while it watches for failure
-        notices, so a waiting stage leaves the CPU to computing ones."""
+        The channel polls with a back-off (mpipar.comm.wait's), so a waiting stage leaves
+        the CPU to computing ones (MPI's Wait would busy-poll; torch's gloo sleeps in the
+        kernel)."""
         try:
             self.channel.wait(items)
         except PeerFailed:

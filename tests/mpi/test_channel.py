@@ -120,3 +120,21 @@ def test_a_failure_notice_ends_every_watching_wait(dup):
         assert not ch._watch and recv.request  # still posted: the caller decides
         Channel.cancel([recv])
         assert not recv.request
+
+
+def test_a_polite_channel_never_waits_in_mpi_wait(dup, monkeypatch):
+    """The pipeline's channel polls with back-off even with no failure watch (MPI's Wait
+    would busy-poll the core a computing stage needs)."""
+    import importlib
+
+    wait = importlib.import_module("mpipar.comm.wait")  # the module (mpipar.comm.wait is also a function)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a polite channel called MPI's Wait")
+
+    monkeypatch.setattr(wait, "wait_all", refuse)
+    monkeypatch.setattr(wait, "wait_status", refuse)
+    ch, (right, left) = Channel(dup, polite=True), peers(dup)
+    out = torch.zeros(3)
+    ch.wait([ch.recv(out, left, 6), ch.send(torch.full((3,), float(dup.Get_rank())), right, 6)])
+    assert torch.equal(out, torch.full((3,), float(left)))
