@@ -189,7 +189,7 @@ class Channel:
             self.check_failures()
             return MPI.Request.Testall(requests)
 
-        _wait._poll(finished)
+        _wait.poll(finished)
 
     # ---- failure notices ---------------------------------------------------------------------
     def watch_failures(self, tag: int) -> None:

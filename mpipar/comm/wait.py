@@ -78,7 +78,7 @@ def wait_all(requests) -> None:
         if not node_is_oversubscribed():
             MPI.Request.Waitall(reqs)
             return
-        _poll(lambda: MPI.Request.Testall(reqs))
+        poll(lambda: MPI.Request.Testall(reqs))
     finally:
         done(slot)
 
@@ -109,9 +109,9 @@ def wait_status(request, status) -> None:
     if not node_is_oversubscribed():
         request.Wait(status)
         return
-    _poll(lambda: request.Test(status))
+    poll(lambda: request.Test(status))
 
 
-def _poll(ready) -> None:
+def poll(ready) -> None:
     """Call ready() until it is true, under the polite back-off (only oversubscribed ranks poll)."""
     POLITE.wait(ready)

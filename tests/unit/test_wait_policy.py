@@ -67,7 +67,7 @@ def test_policy_by_oversubscription():
 
 
 def test_request_polling_uses_the_policy(recorded, monkeypatch):
-    """wait._poll (MPI requests, oversubscribed) runs POLITE: swapping it changes the waits."""
+    """wait.poll (MPI requests, oversubscribed) runs POLITE: swapping it changes the waits."""
     monkeypatch.setattr(W, "POLITE", W.Backoff(0.0, 0.0, 3e-6, 3e-6))
-    W._poll(Ready(4))
+    W.poll(Ready(4))
     assert recorded["sleep"] == [3e-6, 3e-6]
