@@ -33,7 +33,8 @@ COLLECTIVES = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_t
 # study driver name -> the table its recipe reads (for the summary's status column); [arch]: the
 # rows of that model only (train_gpt.py --arch llama writes the same tables as the gpt2 run)
 DRIVER_TABLES = {"collectives": "collectives", "tensor": "tensor_parallel", "pipeline": "pipeline",
-                 "sequence": "sequence_parallel", "gpt": "train_gpt", "llama": "train_gpt[llama]"}
+                 "sequence": "sequence_parallel", "gpt": "train_gpt", "llama": "train_gpt[llama]",
+                 "zero": "zero_memory"}
 
 
 def recipe(table: str):
@@ -321,3 +322,18 @@ def train_gpt_layouts(df: pd.DataFrame, out: Path) -> Result:
                                              best["tokens_per_s"], "tokens/s", f"data parallel {base['layout']}",
                                              base["tokens_per_s"]), "experiment": experiment})
     return res
+
+
+@recipe("zero_memory")
+def zero_memory(df: pd.DataFrame, out: Path) -> Result:
+    """Bytes of model state per parameter held by a rank, per ZeRO stage at the widest dp of the sweep,
+    beside the closed form (zero_memory.png is drawn by experiments/zero.py itself)."""
+    res = Result()
+    dp = int(df["dp"].max())
+    d = df[df["dp"] == dp]
+    for z in sorted(int(z) for z in d["zero"].unique()):
+        res.headlines.append(headline(f"zero={z} model state per parameter, dp={dp}",
+                                      _one(d, "model_state_per_param", zero=z), "B/param", "closed form",
+                                      _one(d, "closed_form_per_param", zero=z), better="lower"))
+    return res
+
