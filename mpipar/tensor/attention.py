@@ -97,15 +97,7 @@ class ParallelSelfAttention(nn.Module):
         return cls(attn.qkv.in_features, attn.num_heads, group, full_params=params, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        err = checks.last_dim_error(x, self.hidden, self._what)
-        if err is None and self.sp_mode is not None and x.dim() != 3:
-            err = f"{self._what}: sp_mode={self.sp_mode!r} needs a [batch, seq, hidden] input, got {tuple(x.shape)}"
-        if self.check_inputs:
-            checks.agree_input(self.group, self._what, err, [x])
-            if self.sp_group is not None:
-                checks.agree_input(self.sp_group, self._what, err, [x])
-        else:
-            require(err is None, err or "")
+        checks.attention_input(self, x)
         qkv = self.qkv(x)  # as modules: their forward hooks fire (mpipar.pipeline.weight_grad)
         q, k, v = (split_heads(t, self.local_heads) for t in qkv.chunk(3, dim=-1))
         return self.proj(merge_heads(self._attend(q, k, v)))

@@ -113,3 +113,18 @@ def seq_error(x: torch.Tensor, g, what: str) -> str | None:
         return (f"{what}: sequence length {x.shape[-2]} (dim -2) is not divisible by the "
                 f"tensor-parallel size {g.size} (sequence_parallel=True)")
     return None
+
+
+def attention_input(layer, x: torch.Tensor) -> None:
+    """The input checks of a tensor-parallel attention layer (hidden size; a [batch, seq, hidden]
+    input under sequence parallelism), agreed over its tp group and, if any, its sp group."""
+    err = last_dim_error(x, layer.hidden, layer._what)
+    if err is None and layer.sp_mode is not None and x.dim() != 3:
+        err = f"{layer._what}: sp_mode={layer.sp_mode!r} needs a [batch, seq, hidden] input, got {tuple(x.shape)}"
+    if layer.check_inputs:
+        agree_input(layer.group, layer._what, err, [x])
+        if layer.sp_group is not None:
+            agree_input(layer.sp_group, layer._what, err, [x])
+    else:
+        require(err is None, err or "")
+

@@ -103,15 +103,7 @@ class ParallelGQAttention(nn.Module):
         return local_positions(n * sg.size, sg.rank, sg.size, self.sp_layout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        err = checks.last_dim_error(x, self.hidden, self._what)
-        if err is None and self.sp_mode is not None and x.dim() != 3:
-            err = f"{self._what}: sp_mode={self.sp_mode!r} needs a [batch, seq, hidden] input, got {tuple(x.shape)}"
-        if self.check_inputs:
-            checks.agree_input(self.group, self._what, err, [x])
-            if self.sp_group is not None:
-                checks.agree_input(self.sp_group, self._what, err, [x])
-        else:
-            require(err is None, err or "")
+        checks.attention_input(self, x)
         x = comm.gather_from_sequence(x, self.group, dim=-2) if self.sequence_parallel \
             else comm.copy_to_region(x, self.group)
         q = split_heads(self.q(x), self.local_heads)
