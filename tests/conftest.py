@@ -27,6 +27,32 @@ def requires_cuda(test):
     return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 
+def launcher_free_env() -> dict:
+    """The caller's environment without MPI launcher variables (a test may run under mpiexec),
+    for an mpiexec job that a unit test starts itself."""
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "MPIR_", "OMPI_"))}
+
+
+def finish_job(proc, start: float, limit: float):
+    """(returncode, output, seconds) of a job started with start_new_session=True; returncode None
+    if it ran past `limit` seconds from `start` (then its whole process group is killed)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    try:
+        out, _ = proc.communicate(timeout=max(1.0, limit - (time.monotonic() - start)))
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the job we started, with its ranks
+        out, _ = proc.communicate()
+        rc = None
+    return rc, out, time.monotonic() - start
+
+
 @pytest.fixture(autouse=True)
 def _settings_follow_env(monkeypatch):
     from mpipar import settings

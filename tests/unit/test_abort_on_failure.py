@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import finish_job, launcher_free_env
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
 REPO = Path(__file__).resolve().parents[2]
@@ -88,12 +88,6 @@ JOBS = {
 }
 
 
-def clean_env():
-    """The caller's environment without any MPI launcher variables (we may run under one)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "MPIR_", "OMPI_"))}
-    return env
-
-
 class Job:
     def __init__(self, name, tmp: Path):
         n, script, pre, post = JOBS[name]
@@ -103,7 +97,7 @@ class Job:
         post = [a.format(log=self.log) for a in post]
         cmd = [str(MPIEXEC), "-n", str(n), sys.executable, *pre, str(path), *post]
         self.n, self.start = n, time.monotonic()
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=launcher_free_env(), stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, start_new_session=True)
         self._result = None
 
@@ -114,15 +108,7 @@ class Job:
     def result(self):
         """(returncode, output, seconds); returncode None if it ran past TIMEOUT (then killed)."""
         if self._result is None:
-            left = max(1.0, TIMEOUT - (time.monotonic() - self.start))
-            try:
-                out, _ = self.proc.communicate(timeout=left)
-                rc = self.proc.returncode
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # the job we started, with its ranks
-                out, _ = self.proc.communicate()
-                rc = None
-            self._result = (rc, out, time.monotonic() - self.start)
+            self._result = finish_job(self.proc, self.start, TIMEOUT)
         return self._result
 
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import finish_job, launcher_free_env
 
 from mpipar.flight.verdict import analyse, load
 
@@ -197,7 +197,7 @@ JOBS = {
 def job_env(flight_dir: Path, timeout: str, abort_on_error: str = "1") -> dict:
     """The caller's environment without MPI launcher variables (we may run under one), with
     this checkout first on the path."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "HYDRA_", "MPIR_", "OMPI_"))}
+    env = launcher_free_env()
     env.update(MPIPAR_TIMEOUT=timeout, MPIPAR_FLIGHT_DIR=str(flight_dir), MPIPAR_THREADS="1",
                MPIPAR_ABORT_ON_ERROR=abort_on_error,
                PYTHONPATH=os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p]))
@@ -219,15 +219,7 @@ class Job:
     def result(self):
         """(returncode, output, seconds); returncode None if it ran past LIMIT (then killed)."""
         if self._result is None:
-            left = max(1.0, LIMIT - (time.monotonic() - self.start))
-            try:
-                out, _ = self.proc.communicate(timeout=left)
-                rc = self.proc.returncode
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # the job we started, with its ranks
-                out, _ = self.proc.communicate()
-                rc = None
-            self._result = (rc, out, time.monotonic() - self.start)
+            self._result = finish_job(self.proc, self.start, LIMIT)
         return self._result
 
 
