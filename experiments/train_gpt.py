@@ -43,8 +43,9 @@ from mpipar.trace import Tracer, write_table
 from _model_source import Source
 from _train_resume import Run  # (experiments/: checkpoints, signals, rows)
 
-LAYOUTS_4 = [(1, 1, 1, 4), (1, 4, 1, 1), (1, 1, 4, 1), (4, 1, 1, 1),
-             (1, 2, 1, 2), (2, 1, 1, 2), (1, 2, 2, 1), (2, 2, 1, 1)]  # (dp, pp, sp, tp)
+LAYOUTS_ALL = [(1, 1, 1, 4), (1, 4, 1, 1), (1, 1, 4, 1), (4, 1, 1, 1),
+               (1, 2, 1, 2), (2, 1, 1, 2), (1, 2, 2, 1), (2, 2, 1, 1),
+               (2, 1, 1, 1), (1, 1, 1, 2), (1, 2, 1, 1), (1, 1, 2, 1)]  # (dp, pp, sp, tp): 8 of 4 ranks, 4 of 2
 UNITS = {"step_s": "s", "tokens_per_s": "tokens/s", "loss": "nats", "max_rss_bytes": "B",
          "max_activation_peak_bytes": "B", "tokens": "tokens"}
 
@@ -117,8 +118,8 @@ def parse_args() -> Config:
 def layouts(cfg: Config, world: int) -> list[tuple]:
     """The (dp, pp, sp, tp) layouts to run: --layouts all, or the one given by --tp/--pp/--sp/--dp."""
     if cfg.layouts == "all":
-        chosen = [L for L in LAYOUTS_4 if L[0] * L[1] * L[2] * L[3] == world]
-        require(chosen, f"--layouts all runs the 8 layouts of 4 ranks; this job has {world}")
+        chosen = [L for L in LAYOUTS_ALL if L[0] * L[1] * L[2] * L[3] == world]
+        require(chosen, f"--layouts all runs the layouts of 2 or 4 ranks; this job has {world}")
         return chosen
     require(cfg.layouts == "", f"--layouts must be 'all' or empty, got {cfg.layouts!r}")
     model_ranks = cfg.tp * cfg.pp * cfg.sp
