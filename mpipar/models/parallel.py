@@ -40,8 +40,10 @@ from .config import GPTConfig
 from .layout_check import SP_MODES, layout_error
 from .gpt import Block, check_state, make_embeddings, make_head, make_norm, param_names
 from .shards import assemble, parallel_specs, take_shard
-from .stages import (Chunk, Embedding, Head, ParallelBlock, Parallelism, Runtime, TiedProjection, _quiet,
-                     make_head_projection)
+from .chunk import Chunk, Runtime
+from .parallel_block import ParallelBlock, Parallelism, quiet
+from .parallel_embedding import Embedding
+from .parallel_head import Head, TiedProjection, make_head_projection
 from .zero.attach import attach as attach_buckets
 
 class ParallelGPT(nn.Module):
@@ -98,7 +100,7 @@ class ParallelGPT(nn.Module):
         if self.first or (self.last and cfg.tied):
             tok, pos = make_embeddings(cfg, dtype)
         if self.first:
-            self.tok_emb = _quiet(VocabParallelEmbedding.from_serial(tok, par.tp,
+            self.tok_emb = quiet(VocabParallelEmbedding.from_serial(tok, par.tp,
                                                                      sequence_parallel=par.sequence_parallel))
             self.pos_emb = pos
         if self.last:

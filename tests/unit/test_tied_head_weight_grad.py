@@ -1,6 +1,6 @@
 """A tied head on the embedding's stage keeps its share of the embedding's gradient under zb-h1.
 
-The head reads the token embedding's weight (mpipar.models.stages.TiedProjection with a
+The head reads the token embedding's weight (mpipar.models.parallel_head.TiedProjection with a
 source), which the input/weight-gradient split cannot attribute to an owner; the chunk
 says so (`uses_foreign_parameters`) and runs full backwards. Without that, zb-h1's
 gradients of tok_emb.weight differ from 1f1b's (by 0.097 here, checked by mutation).
