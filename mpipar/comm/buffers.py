@@ -33,7 +33,7 @@ _CARRIER = {
     torch.complex128: (torch.complex128, False),
 }
 DTYPE_CODES = {dt: i for i, dt in enumerate(_CARRIER)}
-MAX_NDIM = 8  # most dims a tensor header (p2p channel, tensor-parallel checks) describes
+MAX_NDIM = 8  # most dims a shape header carries (channel, argument agreement, TP checks, symmetric_empty)
 
 
 def dtype_code(dtype: torch.dtype) -> int:

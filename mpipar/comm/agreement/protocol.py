@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import MpiparError
-from ..buffers import DTYPE_CODES
+from ..buffers import DTYPE_CODES, MAX_NDIM
 from .into import BAD_OUT, NO_OUT
 from ..backends.mpi import in_place, mpi_op
 from ...settings import current
@@ -19,7 +19,6 @@ from ..wait import complete
 OPS = ("sum", "max", "min")
 ALGORITHMS = ("auto", "mpi", "ring", "shm", "hier")
 _DTYPES = {code: str(dt) for dt, code in DTYPE_CODES.items()}
-MAX_NDIM = 8
 _UNKNOWN = -1
 
 

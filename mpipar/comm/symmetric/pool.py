@@ -26,7 +26,7 @@ import torch
 
 from ...errors import MpiparError
 from ...mesh import as_group
-from ..buffers import dtype_code
+from ..buffers import MAX_NDIM, dtype_code
 from ...flight.recorder import begin, done
 from ..wait import wait_all
 from .barrier import ShmBarrier
@@ -76,11 +76,11 @@ class SymmetricPool:
         """One Allreduce: same shape and dtype everywhere, and which windows are busy on any rank."""
         from mpi4py import MPI
 
-        if len(shape) > 8:
-            raise MpiparError("symmetric_empty: tensors of more than 8 dims are not supported")
+        if len(shape) > MAX_NDIM:
+            raise MpiparError(f"symmetric_empty: tensors of more than {MAX_NDIM} dims are not supported")
         if any(s < 0 for s in shape):
             raise MpiparError(f"symmetric_empty: negative size in shape {shape}")
-        v = np.array([len(shape), dtype_code(dtype)] + list(shape) + [0] * (8 - len(shape)), dtype=np.int64)
+        v = np.array([len(shape), dtype_code(dtype)] + list(shape) + [0] * (MAX_NDIM - len(shape)), dtype=np.int64)
         busy = np.array([int(w.live > 0) for w in self.windows], dtype=np.int64)
         both = np.concatenate([v, -v, busy])
         wait_all([self.group.comm.Iallreduce(MPI.IN_PLACE, both, op=MPI.MAX)])
