@@ -12,6 +12,8 @@ initialise MPI in the pytest process.
   fail on every rank together. A rank that asserts and leaves a test while the
   others go on into the next collective would hang the job, so MPI tests that
   compare inside loops of collectives record with `checks` and call `checks.finish()`.
+- `shm_counts` fixture (`ShmCounts`): how many collectives ran in shared memory and how many
+  copies streamed, counted by wrapping the library's functions for the test.
 - `requires_cuda`: decorator for CUDA-only tests: marked `cuda`, skipped without a GPU.
 - `_settings_follow_env` (autouse): mpipar reads MPIPAR_* once (mpipar.settings); a test that
   sets one with `monkeypatch.setenv`/`delenv` gets the settings re-read at once, and again
@@ -71,6 +73,89 @@ def _settings_follow_env(monkeypatch):
     yield
     monkeypatch.undo()
     settings.reload()
+
+
+class ShmCounts:
+    """What shared memory did in this process, counted from outside the library (it keeps no
+    counters): `calls(g, op, how)` is how many `op` calls of group g ran as `how` ("shm",
+    "hier", or "fused": the compiled all-reduce kernel ran), `streamed` how many copies
+    streamed (non-temporal stores). Counted only while the `shm_counts` fixture is active."""
+
+    def __init__(self):
+        self.active = False
+        self.reset()
+
+    def reset(self) -> None:
+        import weakref
+
+        self.by_pool, self.streamed = weakref.WeakKeyDictionary(), 0  # pool -> {(op, how): calls}
+
+    def add(self, pool, op: str, how: str) -> None:
+        mine = self.by_pool.setdefault(pool, {})
+        mine[(op, how)] = mine.get((op, how), 0) + 1
+
+    def calls(self, g, op: str, how: str = "shm") -> int:
+        from mpipar.comm import symmetric
+
+        assert self.active, "count shared-memory calls under the shm_counts fixture"
+        pool = symmetric.pool_of(g)
+        return 0 if pool is None else self.by_pool.get(pool, {}).get((op, how), 0)
+
+
+SHM_COUNTS = ShmCounts()
+
+
+class _CountingLibrary:
+    """The compiled kernel library, counting its streaming copies into a ShmCounts."""
+
+    def __init__(self, lib, counts: ShmCounts):
+        self._lib, self._counts = lib, counts
+
+    def stream_copy(self, *args):
+        self._counts.streamed += 1
+        return self._lib.stream_copy(*args)
+
+    def stream_fanout(self, ptrs, n, *args):
+        self._counts.streamed += n
+        return self._lib.stream_fanout(ptrs, n, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._lib, name)
+
+
+@pytest.fixture
+def shm_counts(monkeypatch):
+    """SHM_COUNTS, reset, counting for the test: wraps the function that decides whether a
+    collective runs in shared memory (symmetric.collectives.enter), the compiled all-reduce
+    plan (symmetric.compiled.sum_push_plan) and the kernel library's streaming copies."""
+    from mpipar.comm.symmetric import collectives, compiled
+
+    counts = SHM_COUNTS
+    enter, plan, library = collectives.enter, compiled.sum_push_plan, compiled.library
+
+    def counted_enter(g, t, algorithm, op_name, *rest):
+        taken = enter(g, t, algorithm, op_name, *rest)  # (pool, window, offset, how) or None
+        if taken is not None:
+            counts.add(taken[0], op_name, taken[3])
+        return taken
+
+    def counted_plan(pool, *args):
+        fused = plan(pool, *args)  # the caller runs it at once
+        if fused is not None:
+            counts.add(pool, "all_reduce", "fused")
+        return fused
+
+    def counted_library():
+        lib = library()
+        return None if lib is None else _CountingLibrary(lib, counts)
+
+    monkeypatch.setattr(collectives, "enter", counted_enter)
+    monkeypatch.setattr(compiled, "sum_push_plan", counted_plan)
+    monkeypatch.setattr(compiled, "library", counted_library)
+    counts.reset()
+    counts.active = True
+    yield counts
+    counts.active = False
 
 
 @pytest.fixture

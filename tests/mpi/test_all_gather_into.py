@@ -4,7 +4,7 @@ Every rank rebuilds every rank's piece (`rank_tensor`), sizes along `dim` differ
 per rank (rank r has r + 2 rows), and the result must equal torch.cat of the pieces
 bit for bit, be `out` itself, and (in place) leave the rank's own slice as it was.
 Outputs are plain tensors or symmetric ones (mpipar.comm.symmetric_empty); the
-shared-memory path must really run for symmetric outputs (the pool's call counter).
+shared-memory path must really run for symmetric outputs (counted by the shm_counts fixture).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from conftest import rank_tensor, requires_cuda
+from conftest import SHM_COUNTS, rank_tensor, requires_cuda
 
 from mpipar import MpiparError, comm, settings
 from mpipar.comm.agreement import into
@@ -52,7 +52,8 @@ def pieces(n, dim, dtype, seed=0):
 
 
 def shm_calls(g) -> int:
-    return symmetric.pool_of(g).calls[("all_gather", "shm")]
+    """All-gathers of g in shared memory (a test that asks takes the shm_counts fixture)."""
+    return SHM_COUNTS.calls(g, "all_gather")
 
 
 def make_out(g, like: torch.Tensor, kind: str) -> torch.Tensor:
@@ -64,7 +65,7 @@ def make_out(g, like: torch.Tensor, kind: str) -> torch.Tensor:
 @pytest.mark.parametrize("dim", [0, 1, -1])
 @pytest.mark.parametrize("kind", ["plain", "symmetric"])
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
-def test_into_out_and_in_place(group, checks, algorithm, kind, dim, dtype):
+def test_into_out_and_in_place(group, checks, algorithm, kind, dim, dtype, shm_counts):
     n, r = group.size, group.rank
     ins = pieces(n, dim, dtype)
     want = torch.cat(ins, dim=dim)
@@ -152,7 +153,7 @@ def test_bad_out_raises_on_every_rank(group, case):
 
 
 @pytest.mark.parametrize("copy", ["numpy", "streaming"])
-def test_many_in_place_calls_race_free(group, checks, monkeypatch, copy):
+def test_many_in_place_calls_race_free(group, checks, monkeypatch, copy, shm_counts):
     """Back-to-back in-place gathers into one symmetric output (every rank pushes its piece
     into its peers' outputs): each call writes new values; a rank that returned before every
     peer had pushed (no exit barrier) would read the previous call's values; a rank that
@@ -160,7 +161,7 @@ def test_many_in_place_calls_race_free(group, checks, monkeypatch, copy):
     "streaming": every push uses non-temporal stores (weakly ordered: fenced before the barrier)."""
     monkeypatch.setenv("MPIPAR_VALIDATE", "0")
     monkeypatch.setenv("MPIPAR_SHM_STREAM_BYTES", "1" if copy == "streaming" else str(1 << 62))
-    streamed = shm_compiled.STATS["streamed"]
+    streamed = shm_counts.streamed
     n, r = group.size, group.rank
     rows = 2 * n + 1
     total = int(os.environ.get("MPIPAR_TEST_SHM_CALLS", 1_000 if node_is_oversubscribed() else 4_000))
@@ -174,5 +175,5 @@ def test_many_in_place_calls_race_free(group, checks, monkeypatch, copy):
         bad += not torch.equal(out, i * n + owner)
     checks.true(bad == 0, f"{bad} of {total} calls saw wrong values")
     streams = copy == "streaming" and n > 1 and shm_compiled.streaming()
-    checks.true((shm_compiled.STATS["streamed"] - streamed == total * (n - 1)) if streams
-                else shm_compiled.STATS["streamed"] == streamed, "streaming copies: wrong count")
+    checks.true((shm_counts.streamed - streamed == total * (n - 1)) if streams
+                else shm_counts.streamed == streamed, "streaming copies: wrong count")

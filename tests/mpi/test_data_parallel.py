@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import SHM_COUNTS
 from mpi4py import MPI
 from torch import nn
 
@@ -106,8 +107,8 @@ def dp_group():
 
 
 def shm_calls(g, how="shm") -> int:
-    pool = symmetric.pool_of(g)
-    return 0 if pool is None else pool.calls[("all_reduce", how)]
+    """All-reduces of g in shared memory (a test that asks takes the shm_counts fixture)."""
+    return SHM_COUNTS.calls(g, "all_reduce", how)
 
 
 def run_step(model, group, passes, symmetric_flag, data, bucket_bytes=8 * 8 * 8):
@@ -128,7 +129,7 @@ def model_loss(model, s):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("passes", [1, 3])
-def test_symmetric_buckets_match_plain(dp_group, passes):
+def test_symmetric_buckets_match_plain(dp_group, passes, shm_counts):
     model = make_model()
     ref = reference_grads(model, passes)
     plain, plain_flags = run_step(copy.deepcopy(model), dp_group, passes, False, model_loss)
@@ -160,7 +161,7 @@ def dyadic_loss(model, s):
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("passes", [1, 2])
-def test_symmetric_bit_identical_to_plain_exact_data(dp_group, passes):
+def test_symmetric_bit_identical_to_plain_exact_data(dp_group, passes, shm_counts):
     model = make_model()
     plain, _ = run_step(copy.deepcopy(model), dp_group, passes, False, dyadic_loss)
     sym, _ = run_step(copy.deepcopy(model), dp_group, passes, True, dyadic_loss)
@@ -190,7 +191,7 @@ def test_symmetric_buckets_ready_in_different_orders(dp_group):
 
 
 @pytest.mark.mpi
-def test_symmetric_mixed_dtypes_unused_and_bf16(dp_group):
+def test_symmetric_mixed_dtypes_unused_and_bf16(dp_group, shm_counts):
     """float32, float64 and bf16 buckets (bf16 reduced in float32), an unused parameter."""
     torch.manual_seed(1)
     layers = [nn.Linear(8, 8, dtype=dt) for dt in (torch.float32, torch.float64, torch.bfloat16, torch.float64)]
@@ -247,7 +248,7 @@ def test_symmetric_auto_and_env(dp_group, monkeypatch):
 
 
 @pytest.mark.mpi
-def test_symmetric_buckets_across_fake_nodes(monkeypatch):
+def test_symmetric_buckets_across_fake_nodes(monkeypatch, shm_counts):
     """A group spanning (fake) nodes: auto stays plain; forced reduces hierarchically, same numbers."""
     monkeypatch.setenv("MPIPAR_FAKE_RANKS_PER_NODE", "2")
     monkeypatch.setenv("MPIPAR_SHM_CROSSOVER_ALL_REDUCE", "0")

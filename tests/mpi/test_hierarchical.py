@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import np_reduce, rank_tensor, same_on_all_ranks
+from conftest import SHM_COUNTS, np_reduce, rank_tensor, same_on_all_ranks
 
 from mpipar import MpiparError, comm, settings
 from mpipar.comm.symmetric import pool as symmetric
@@ -43,17 +43,16 @@ def module_groups(request):
 
 
 @pytest.fixture
-def groups(module_groups, monkeypatch):
-    """The module's groups with call counters reset, 1 KiB shm chunks, shm at every size."""
+def groups(module_groups, monkeypatch, shm_counts):
+    """The module's groups, their shared-memory calls counted from zero, 1 KiB shm chunks, shm at
+    every size."""
     monkeypatch.setenv("MPIPAR_SHM_CHUNK_BYTES", "1024")
     monkeypatch.setenv("MPIPAR_SHM_CROSSOVER_ALL_REDUCE", "0")
-    for g in module_groups:
-        symmetric.pool_of(g).calls.clear()
     return module_groups
 
 
 def hier_calls(g) -> int:
-    return symmetric.pool_of(g).calls[("all_reduce", "hier")]
+    return SHM_COUNTS.calls(g, "all_reduce", "hier")
 
 
 def spans_nodes(g) -> bool:

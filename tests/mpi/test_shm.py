@@ -12,7 +12,7 @@ import os
 
 import pytest
 import torch
-from conftest import np_reduce, rank_tensor, same_on_all_ranks
+from conftest import SHM_COUNTS, np_reduce, rank_tensor, same_on_all_ranks
 
 from mpipar import MpiparError, comm, settings
 from mpipar.comm import tuning
@@ -58,9 +58,8 @@ def shared_group():
 
 
 @pytest.fixture
-def group(shared_group):
-    """The module's Group with its shm call counter reset."""
-    symmetric.pool_of(shared_group).calls.clear()
+def group(shared_group, shm_counts):
+    """The module's Group, its shared-memory calls counted from zero (`calls`)."""
     return shared_group
 
 
@@ -73,8 +72,7 @@ def fresh_group():
 
 
 def calls(g, op, how="shm") -> int:
-    pool = symmetric.pool_of(g)
-    return 0 if pool is None else pool.calls[(op, how)]
+    return SHM_COUNTS.calls(g, op, how)
 
 
 def sym(g, src: torch.Tensor) -> torch.Tensor:
@@ -155,12 +153,12 @@ def test_reduce_scatter(group, checks, output, dim, dtype):
 
 
 @pytest.fixture(params=["numpy", "streaming"])
-def copies(request, monkeypatch):
+def copies(request, monkeypatch, shm_counts):
     """Copies of every size stream (non-temporal stores, mpipar.comm.symmetric.compiled.copy), or none.
     Returns a function: how many copies streamed since the fixture was set up."""
     monkeypatch.setenv("MPIPAR_SHM_STREAM_BYTES", "1" if request.param == "streaming" else str(1 << 62))
-    start = shm_compiled.STATS["streamed"]
-    return lambda: shm_compiled.STATS["streamed"] - start
+    start = shm_counts.streamed
+    return lambda: shm_counts.streamed - start
 
 
 def streams(group) -> bool:
@@ -250,7 +248,7 @@ def test_fused_and_numpy_kernels_agree_bit_for_bit(group, checks, monkeypatch, d
 
 
 @pytest.mark.parametrize("validate", ["0", "1"])
-def test_many_small_calls_race_free_and_no_window_leak(fresh_group, checks, monkeypatch, validate):
+def test_many_small_calls_race_free_and_no_window_leak(fresh_group, checks, monkeypatch, validate, shm_counts):
     """10,000 back-to-back calls (2,500 when ranks outnumber cores; MPIPAR_TEST_SHM_CALLS
     overrides) on 2 reused buffers: all-reduce, broadcast, reduce-scatter and all-gather
     in turn, the last two with pooled outputs (pushed into by peers). Writers and

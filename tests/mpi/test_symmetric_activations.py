@@ -62,7 +62,7 @@ def test_bad_setting_raises(monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["mlp", "attention"])
-def test_layers_match_serial_with_symmetric_activations(monkeypatch, kind):
+def test_layers_match_serial_with_symmetric_activations(monkeypatch, kind, shm_counts):
     monkeypatch.setenv(activations.ENV, "1")
     if kind == "mlp":
         ser = models.MLP(H, FFN, seed=5, dtype=torch.float64)
@@ -78,4 +78,4 @@ def test_layers_match_serial_with_symmetric_activations(monkeypatch, kind):
         torch.testing.assert_close(dx, dx_ref, rtol=1e-10, atol=1e-10)
     pool = pool_of(as_group(W))
     if N > 1:
-        assert pool is not None and pool.calls[("all_reduce", "shm")] > 0
+        assert pool is not None and shm_counts.calls(as_group(W), "all_reduce") > 0

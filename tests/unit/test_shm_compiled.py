@@ -91,22 +91,22 @@ def test_stream_copy_copies_every_byte_at_any_alignment(n, dst_off, src_off):
     assert not dst[:dst_off].any() and not dst[dst_off + n:].any()  # nothing outside
 
 
-def test_copy_streams_from_the_threshold_only(monkeypatch):
+def test_copy_streams_from_the_threshold_only(monkeypatch, shm_counts):
     monkeypatch.setenv("MPIPAR_SHM_STREAM_BYTES", "4096")
     src = np.arange(2048, dtype=np.float32)
     for n, streams in ((1023, False), (1024, True)):
         dst = np.zeros(n, np.float32)
-        before = shm_compiled.STATS["streamed"]
+        before = shm_counts.streamed
         shm_compiled.copy(dst, src[:n])
         assert np.array_equal(dst, src[:n])
-        assert shm_compiled.STATS["streamed"] - before == (streams and shm_compiled.streaming())
-    before = shm_compiled.STATS["streamed"]
+        assert shm_counts.streamed - before == (streams and shm_compiled.streaming())
+    before = shm_counts.streamed
     dst = np.zeros((2, 1024), np.float32)
     shm_compiled.copy(dst[:, ::2], np.ones((2, 512), np.float32))  # strided: numpy's copy
     assert (dst[:, ::2] == 1).all() and not dst[:, 1::2].any()
     monkeypatch.setenv("MPIPAR_SHM_COMPILED", "0")
     shm_compiled.copy(np.zeros(2048, np.float32), src)
-    assert shm_compiled.STATS["streamed"] == before
+    assert shm_counts.streamed == before
 
 
 def test_this_x86_build_streams():
@@ -132,15 +132,15 @@ def test_stream_fanout_copies_every_byte_into_every_destination(n, offs):
         assert not d[:o].any() and not d[o + n:].any()
 
 
-def test_fanout_streams_from_the_threshold_only(monkeypatch):
+def test_fanout_streams_from_the_threshold_only(monkeypatch, shm_counts):
     monkeypatch.setenv("MPIPAR_SHM_STREAM_BYTES", "4096")
     src = np.arange(2048, dtype=np.float32)
     for n, streams in ((1023, False), (1024, True)):
         dsts = [np.zeros(n, np.float32) for _ in range(3)]
-        before = shm_compiled.STATS["streamed"]
+        before = shm_counts.streamed
         shm_compiled.fanout(dsts, src[:n])
         assert all(np.array_equal(d, src[:n]) for d in dsts)
-        assert shm_compiled.STATS["streamed"] - before == (3 if streams and shm_compiled.streaming() else 0)
+        assert shm_counts.streamed - before == (3 if streams and shm_compiled.streaming() else 0)
     dsts = [np.zeros(1024, np.float32), np.zeros(2048, np.float32)[::2]]  # one strided: copy each
     shm_compiled.fanout(dsts, src[:1024])
     assert all(np.array_equal(d, src[:1024]) for d in dsts)

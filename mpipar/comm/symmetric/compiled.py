@@ -184,7 +184,6 @@ def sum_push_plan(pool, window, offset: int, numel: int, dtype, op: str):
 
 
 STREAM_BYTES = 8 << 20  # copies from this size stream (MPIPAR_SHM_STREAM_BYTES); see the module docstring
-STATS = {"streamed": 0}  # copies this process streamed (a count for tests and benchmarks, not comm state)
 
 
 def stream_bytes() -> int:
@@ -204,7 +203,6 @@ def fanout(dsts: list[np.ndarray], src: np.ndarray) -> None:
     if dsts and all(_streams(d, src) for d in dsts):
         ptrs = (ctypes.c_void_p * len(dsts))(*[d.ctypes.data for d in dsts])
         library().stream_fanout(ptrs, len(dsts), src.ctypes.data, src.nbytes)
-        STATS["streamed"] += len(dsts)
         return
     for d in dsts:
         copy(d, src)
@@ -215,7 +213,6 @@ def copy(dst: np.ndarray, src: np.ndarray) -> None:
     contiguous and at least stream_bytes() long and this machine's build has streaming stores."""
     if _streams(dst, src):
         library().stream_copy(dst.ctypes.data, src.ctypes.data, src.nbytes)
-        STATS["streamed"] += 1
         return
     np.copyto(dst, src)
 

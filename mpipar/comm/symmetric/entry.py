@@ -74,7 +74,6 @@ def enter(g, t, algorithm, op_name, nbytes, entry=None):
             raise MpiparError(f"{op_name}: algorithm={algorithm!r} needs a group on one node "
                               f"(this group spans nodes); use 'auto', 'mpi' or 'ring'")
         return None
-    pool.calls[(op_name, choice)] += 1
     if not symmetric:
         return pool, None, 0, choice
     window = pool.window(int(table[0, 0]))

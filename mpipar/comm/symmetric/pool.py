@@ -18,7 +18,6 @@ that checks the shape, so ranks never diverge. Every window is opened with a
 """
 from __future__ import annotations
 
-import collections
 import weakref
 
 import numpy as np
@@ -56,7 +55,6 @@ class SymmetricPool:
         self.scratch_window: Window | None = None
         self.slice_comms = None   # hierarchical: per-slice communicators, built on first use
         self._next_ident = 0
-        self.calls = collections.Counter()   # (op, 'shm'|'hier') -> calls taken in shared memory
 
     # -- allocation --------------------------------------------------------------------------
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
