@@ -55,15 +55,15 @@ def reduce_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def np_view(t: torch.Tensor) -> np.ndarray:
     """Zero-copy numpy view of a contiguous CPU tensor, carried by an MPI-known dtype."""
-    carrier, _ = _CARRIER[t.dtype]
-    v = t.view(carrier) if carrier != t.dtype else t
-    return v.detach().numpy()
+    carrier = _CARRIER[t.dtype][0]
+    v = t if carrier is t.dtype else t.view(carrier)
+    return (v.detach() if v.requires_grad else v).numpy()  # each torch call costs: p2p's hot path
 
 
 def mpi_buffer(t: torch.Tensor):
     """Something mpi4py accepts as a buffer for a contiguous tensor (CPU or CUDA-aware)."""
-    if t.device.type == "cpu":
-        return np_view(t.reshape(-1))
+    if t.is_cpu:
+        return np_view(t if t.dim() == 1 else t.reshape(-1))
     if t.device.type == "cuda":  # MPI reads/writes device memory outside torch's stream order
         torch.cuda.current_stream(t.device).synchronize()
     carrier, _ = _CARRIER[t.dtype]
@@ -142,9 +142,9 @@ def staging_forced() -> bool:
 
 def needs_staging(t: torch.Tensor) -> bool:
     """True when `t` must pass through host memory (forced by MPIPAR_FORCE_STAGING=1)."""
-    if staging_forced():
+    if current().force_staging == "1":  # staging_forced(), inlined: every p2p call asks
         return True
-    if t.device.type == "cpu":
+    if t.is_cpu:
         return False
     from ..device import mpi_is_cuda_aware
 

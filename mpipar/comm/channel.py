@@ -26,6 +26,7 @@ ring attention's K/V ring and the pipeline transport.
 """
 from __future__ import annotations
 
+import mpi4py  # not mpi4py.MPI (that initialises MPI): a Channel's comm means MPI is loaded
 import numpy as np
 import torch
 
@@ -57,9 +58,7 @@ class Pending:
     def finish(self) -> None:
         """After completion: check the received size, copy a staged receive back."""
         if self.status is not None:
-            from mpi4py import MPI
-
-            got = self.status.Get_count(MPI.BYTE)
+            got = self.status.Get_count(mpi4py.MPI.BYTE)
             if got != self.nbytes:
                 raise MpiparError(
                     f"recv: message from rank {self.status.Get_source()} tag {self.status.Get_tag()} "
@@ -108,9 +107,7 @@ class Channel:
         buf = torch.empty(t.shape, dtype=t.dtype) if staged else t
         status = nbytes = None
         if check_size:
-            from mpi4py import MPI
-
-            status, nbytes = MPI.Status(), t.numel() * t.element_size()
+            status, nbytes = mpi4py.MPI.Status(), t.numel() * t.element_size()
         return Pending(self.post_recv(buf, src, tag), buf, t if staged else None, status, nbytes)
 
     # ---- self-describing messages ------------------------------------------------------------
@@ -148,54 +145,54 @@ class Channel:
         (-2: several) on this channel's flight channel. While failure notices are
         watched, polls and raises PeerFailed when one lands (the items stay posted:
         the caller cancels or keeps them)."""
-        items = [x for x in items if x is not None]
         slot = begin_p2p(self.flight, name, peer, dt, sh, detail) if name and self.flight is not None else -1
         try:
-            self._complete(items)
+            if self._watch or self.polite:
+                self._poll_watching([_request(x) for x in items if x is not None])
+            else:
+                self._complete(items)
         finally:
             done(slot)
         for x in items:
             if isinstance(x, Pending):
                 x.finish()
 
-    def _complete(self, items) -> None:
-        if self._watch or self.polite:
-            self._poll_watching([_request(x) for x in items])
-            return
+    @staticmethod
+    def _complete(items) -> None:
+        """MPI's wait (or polite polling where ranks outnumber cores); a size-checked receive
+        is waited with its status. One pass over `items`: this is every p2p call's path."""
         reqs, checked = [], []
         for x in items:
-            if not isinstance(x, Pending):
+            if isinstance(x, Pending):
+                if x.status is not None:
+                    checked.append(x)
+                    continue
+                x = x.request
+            if x is not None:
                 reqs.append(x)
-            elif x.status is None:
-                reqs.append(x.request)
-            else:
-                checked.append(x)
         if reqs:
-            _wait.wait_all(reqs)
+            _wait.wait_requests(reqs)
         if checked:
-            from mpi4py import MPI
-
             try:
                 for x in checked:
                     _wait.wait_status(x.request, x.status)
-            except MPI.Exception as exc:
+            except mpi4py.MPI.Exception as exc:
                 raise MpiparError(f"recv failed: {exc.Get_error_string()} "
                                   "(message larger than the buffer?)") from None
 
     def _poll_watching(self, requests) -> None:
-        from mpi4py import MPI
+        testall = mpi4py.MPI.Request.Testall
 
         def finished() -> bool:
             self.check_failures()
-            return MPI.Request.Testall(requests)
+            return testall(requests)
 
         _wait.poll(finished)
 
     # ---- failure notices ---------------------------------------------------------------------
     def watch_failures(self, tag: int) -> None:
         """Post one failure-notice receive per peer on `tag` (replacing any earlier watch)."""
-        from mpi4py import MPI
-
+        MPI = mpi4py.MPI
         self._watch = []
         me = self.comm.Get_rank()
         for src in range(self.comm.Get_size()):
@@ -205,8 +202,7 @@ class Channel:
 
     def notify_failure(self, message: str, tag: int) -> list[Pending]:
         """Send failure notice `message` to every peer (non-blocking); stop watching."""
-        from mpi4py import MPI
-
+        MPI = mpi4py.MPI
         data, me = message.encode()[:NOTICE_BYTES], self.comm.Get_rank()
         sent = [Pending(self.comm.Isend([data, MPI.BYTE], dest=dst, tag=tag), data)
                 for dst in range(self.comm.Get_size()) if dst != me]
@@ -215,13 +211,11 @@ class Channel:
 
     def check_failures(self) -> None:
         """Raise PeerFailed (after cancelling the watch) if a peer's failure notice has arrived."""
-        from mpi4py import MPI
-
         for p in self._watch:
             if p.request.Get_status():
-                status = MPI.Status()
+                status = mpi4py.MPI.Status()
                 p.request.Wait(status)
-                text = bytes(p.buffer[:status.Get_count(MPI.BYTE)]).decode(errors="replace")
+                text = bytes(p.buffer[:status.Get_count(mpi4py.MPI.BYTE)]).decode(errors="replace")
                 self.stop_watching()
                 raise PeerFailed(text)
 
@@ -241,6 +235,4 @@ class Channel:
 
     @staticmethod
     def test_all(items) -> bool:
-        from mpi4py import MPI
-
-        return MPI.Request.Testall([_request(x) for x in items])
+        return mpi4py.MPI.Request.Testall([_request(x) for x in items])

@@ -8,6 +8,7 @@ The bytes move through `mpipar.comm.channel.Channel` on the group's communicator
 """
 from __future__ import annotations
 
+import mpi4py  # not mpi4py.MPI (that initialises MPI)
 import torch
 
 from ..errors import MpiparError
@@ -64,11 +65,9 @@ def isend(t: torch.Tensor, dst: int, group, tag: int = 0) -> Request:
 
 
 def irecv(buf: torch.Tensor, src: int, group, tag: int = 0) -> Request:
-    from mpi4py import MPI
-
     g = as_group(group)
     _check_tag(tag)
-    if src != MPI.ANY_SOURCE:
+    if src != mpi4py.MPI.ANY_SOURCE:  # loaded: g has a communicator
         _check_peer(src, g, "recv: source")
     ch = Channel(g.comm, g)
     # A message longer than the buffer: MPI raises MPI_ERR_TRUNCATE, translated on wait.

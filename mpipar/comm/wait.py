@@ -13,6 +13,8 @@ import dataclasses
 import os
 import time
 
+import mpi4py  # not mpi4py.MPI (that initialises MPI): functions given requests use mpi4py.MPI
+
 from ..device import node_is_oversubscribed
 from ..flight.recorder import UNKNOWN, begin, done
 
@@ -62,8 +64,6 @@ def backoff(polite: bool) -> Backoff:
 
 def wait_all(requests) -> None:
     """Complete every request in `requests` (mpi4py Requests or mpipar.comm.Request objects)."""
-    from mpi4py import MPI
-
     reqs = [r for r in requests if r is not None]
     ours = [r for r in reqs if hasattr(r, "mpi_request")]  # mpipar Requests: finish via .wait()
     if ours:
@@ -71,8 +71,14 @@ def wait_all(requests) -> None:
         for r in ours:  # all are posted already, so waiting one by one cannot deadlock
             r.wait()
         return
-    if not reqs:
-        return
+    if reqs:
+        wait_requests(reqs)
+
+
+def wait_requests(reqs: list) -> None:
+    """Complete a non-empty list of mpi4py requests: MPI's Waitall, or polite polling where
+    ranks outnumber cores (the channel's path: no filtering of None or mpipar Requests)."""
+    MPI = mpi4py.MPI
     slot = begin(UNKNOWN, "wait")  # -1 (nothing recorded) inside a recorded call, the usual case
     try:
         if not node_is_oversubscribed():
