@@ -14,6 +14,8 @@ initialise MPI in the pytest process.
   compare inside loops of collectives record with `checks` and call `checks.finish()`.
 - `shm_counts` fixture (`ShmCounts`): how many collectives ran in shared memory and how many
   copies streamed, counted by wrapping the library's functions for the test.
+- `serial_run`, `assert_matches_serial`: the serial reference of the layout tests and the
+  comparison of a layout's losses and parameters with it.
 - `requires_cuda`: decorator for CUDA-only tests: marked `cuda`, skipped without a GPU.
 - `_settings_follow_env` (autouse): mpipar reads MPIPAR_* once (mpipar.settings); a test that
   sets one with `monkeypatch.setenv`/`delenv` gets the settings re-read at once, and again
@@ -239,6 +241,40 @@ def checks(world):
     yield c
     if not c.finished:
         c.finish()
+
+
+_SERIAL_RUNS: dict = {}
+
+
+def serial_run(cfg, batches, m: int, **opts):
+    """(losses, final state_dict) of the serial GPT of `cfg` (float64) trained on `batches` with
+    AdamW (lr 1e-2, weight decay 0.1) and m microbatches per step: the reference of the
+    layout tests (tests/mpi/test_gpt_layouts.py, test_llama_layouts.py); cached per config,
+    data and options."""
+    from mpipar import models
+
+    data = tuple(hash(t.numpy().tobytes()) for b in batches for t in b)
+    key = (tuple(sorted(cfg.to_dict().items())), data, m, tuple(sorted(opts.items())))
+    if key not in _SERIAL_RUNS:
+        model = models.GPT(cfg, dtype=torch.float64)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        losses = [models.train_step(model, b, opt, num_microbatches=m, **opts) for b in batches]
+        _SERIAL_RUNS[key] = (losses, model.state_dict())
+    return _SERIAL_RUNS[key]
+
+
+def assert_matches_serial(comm, losses, state, reference, loss_tol=1e-9, param_tol=1e-8) -> None:
+    """A layout's run (this rank's losses, full state_dict) against serial_run's: the same losses
+    on every rank of `comm`, each within loss_tol of the serial one, the same parameter names,
+    every parameter within param_tol; and the reference trained (its loss moved)."""
+    ref_losses, ref_state = reference
+    assert all(row == losses for row in comm.allgather(losses)), "the loss differs between ranks"
+    for step, (a, b) in enumerate(zip(losses, ref_losses)):
+        assert abs(a - b) < loss_tol, f"step {step}: loss {a} != serial {b}"
+    assert list(state) == list(ref_state)
+    worst = max(float((state[k] - ref_state[k]).abs().max()) for k in ref_state)
+    assert worst < param_tol, f"final parameters differ from the serial model's by {worst}"
+    assert ref_losses[-1] != ref_losses[0]
 
 
 def full_attention_inputs(batch, heads, seq, dim, dtype, seed=0):

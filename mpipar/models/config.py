@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import require
+from ..model_shape import check_heads, check_sizes
 
-ARCHS = ("gpt2", "llama")
 ACTIVATIONS = ("gelu", "gelu_tanh")
 
 
@@ -40,17 +40,11 @@ class GPTConfig:
     activation: str = "gelu"
 
     def __post_init__(self):
-        for name in ("vocab_size", "seq_len", "hidden", "num_heads", "num_layers"):
-            value = getattr(self, name)
-            require(_is_int(value) and value > 0, f"GPTConfig: {name} must be a positive int, got {value!r}")
-        require(self.arch in ARCHS, f"GPTConfig: arch must be one of {ARCHS}, got {self.arch!r}")
+        check_sizes("GPTConfig", self)
         if self.ffn_hidden is None:
             require(self.arch == "gpt2", "GPTConfig: arch='llama' needs ffn_hidden (SwiGLU's width)")
             self.ffn_hidden = 4 * self.hidden
-        require(_is_int(self.ffn_hidden) and self.ffn_hidden > 0,
-                f"GPTConfig: ffn_hidden must be a positive int, got {self.ffn_hidden!r}")
-        require(self.hidden % self.num_heads == 0,
-                f"GPTConfig: hidden {self.hidden} is not divisible by num_heads {self.num_heads}")
+        check_heads("GPTConfig", self)
         require(_is_int(self.seed), f"GPTConfig: seed must be an int, got {self.seed!r}")
         require(isinstance(self.tied, bool), f"GPTConfig: tied must be a bool, got {self.tied!r}")
         if self.num_kv_heads is None:

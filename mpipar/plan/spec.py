@@ -9,17 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 from ..errors import MpiparError
+from ..model_shape import check_heads, check_sizes, positive_int as _positive_int
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-ARCHS = ("gpt2", "llama")
 RECOMPUTE = ("none", "selective", "full")
 SP_MODES = ("ring", "ulysses")
 SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
-
-
-def _positive_int(owner: str, name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise MpiparError(f"{owner}: {name} must be a positive int, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -42,19 +37,14 @@ class ModelSpec:
     dropout: bool = True
 
     def __post_init__(self):
-        for name in ("vocab_size", "seq_len", "hidden", "num_heads", "num_layers"):
-            _positive_int("ModelSpec", name, getattr(self, name))
-        if self.arch not in ARCHS:
-            raise MpiparError(f"ModelSpec: arch must be one of {ARCHS}, got {self.arch!r}")
+        check_sizes("ModelSpec", self)
         if self.ffn_hidden is None:
             ffn = 4 * self.hidden if self.arch == "gpt2" else 256 * -(-(8 * self.hidden // 3) // 256)
             object.__setattr__(self, "ffn_hidden", ffn)
         if self.num_kv_heads is None:
             object.__setattr__(self, "num_kv_heads", self.num_heads)
-        _positive_int("ModelSpec", "ffn_hidden", self.ffn_hidden)
+        check_heads("ModelSpec", self)
         _positive_int("ModelSpec", "num_kv_heads", self.num_kv_heads)
-        if self.hidden % self.num_heads:
-            raise MpiparError(f"ModelSpec: hidden {self.hidden} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise MpiparError(f"ModelSpec: num_heads {self.num_heads} is not divisible by "
                               f"num_kv_heads {self.num_kv_heads}")

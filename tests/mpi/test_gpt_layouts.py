@@ -15,6 +15,7 @@ from mpi4py import MPI
 import mpipar
 from mpipar import models
 from mpipar.errors import MpiparError
+from conftest import assert_matches_serial, serial_run as serial_reference
 
 WORLD = MPI.COMM_WORLD
 F64 = torch.float64
@@ -35,18 +36,9 @@ def batches(vocab=32, seq=16):
             for _ in range(STEPS)]
 
 
-_SERIAL: dict = {}
-
-
 def serial_run(cfg, m, **opts):
-    """Losses and final state_dict of the serial model (cached per config and options)."""
-    key = (tuple(sorted(cfg.to_dict().items())), m, tuple(sorted(opts.items())))
-    if key not in _SERIAL:
-        model = models.GPT(cfg, dtype=F64)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-        losses = [models.train_step(model, b, opt, num_microbatches=m, **opts) for b in batches()]
-        _SERIAL[key] = (losses, model.state_dict())
-    return _SERIAL[key]
+    """Losses and final state_dict of the serial model on this file's batches (cached)."""
+    return serial_reference(cfg, batches(), m, **opts)
 
 
 def parallel_run(cfg, layout, m, schedule="1f1b", num_chunks=1, model_opts=None, **opts):
@@ -61,16 +53,9 @@ def parallel_run(cfg, layout, m, schedule="1f1b", num_chunks=1, model_opts=None,
 
 def check_same(cfg, layout, m, schedule="1f1b", num_chunks=1, model_opts=None, loss_tol=1e-9,
                param_tol=1e-8, **opts):
-    ref_losses, ref_state = serial_run(cfg, m, **opts)
+    reference = serial_run(cfg, m, **opts)
     losses, state = parallel_run(cfg, layout, m, schedule, num_chunks, model_opts, **opts)
-    everywhere = WORLD.allgather(losses)
-    assert all(row == losses for row in everywhere), "the loss differs between ranks"
-    for step, (a, b) in enumerate(zip(losses, ref_losses)):
-        assert abs(a - b) < loss_tol, f"step {step}: loss {a} != serial {b}"
-    assert list(state) == list(ref_state)
-    worst = max(float((state[k] - ref_state[k]).abs().max()) for k in ref_state)
-    assert worst < param_tol, f"final parameters differ from the serial model's by {worst}"
-    assert ref_losses[-1] != ref_losses[0]
+    assert_matches_serial(WORLD, losses, state, reference, loss_tol, param_tol)
 
 
 def cases():

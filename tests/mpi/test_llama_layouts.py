@@ -19,7 +19,7 @@ from mpi4py import MPI
 import mpipar
 from mpipar import models
 from mpipar.errors import MpiparError
-from conftest import requires_cuda
+from conftest import assert_matches_serial, requires_cuda, serial_run as serial_reference
 
 WORLD = MPI.COMM_WORLD
 F64 = torch.float64
@@ -37,17 +37,9 @@ def batches(cfg):
             for _ in range(STEPS)]
 
 
-_SERIAL: dict = {}
-
-
 def serial_run(cfg, m, **opts):
-    key = (tuple(sorted(cfg.to_dict().items())), m, tuple(sorted(opts.items())))
-    if key not in _SERIAL:
-        model = models.GPT(cfg, dtype=F64)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-        losses = [models.train_step(model, b, opt, num_microbatches=m, **opts) for b in batches(cfg)]
-        _SERIAL[key] = (losses, model.state_dict())
-    return _SERIAL[key]
+    """Losses and final state_dict of the serial model on this file's batches (cached)."""
+    return serial_reference(cfg, batches(cfg), m, **opts)
 
 
 # (id, mesh dims, config kwargs, model options, train options)
@@ -91,20 +83,13 @@ def test_llama_layout_matches_serial(case):
     chunks = model_opts.pop("num_chunks", 1)
     schedule = train_opts.pop("schedule", "1f1b")
     m = 2
-    ref_losses, ref_state = serial_run(cfg, m, **train_opts)
+    reference = serial_run(cfg, m, **train_opts)
     mesh = mpipar.Mesh(**dims) if dims else mpipar.Mesh(dp=1)
     model = models.GPT(cfg, mesh, chunks, dtype=F64, bucket_bytes=4096, **model_opts)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     losses = [models.train_step(model, b, opt, mesh, num_microbatches=m, schedule=schedule, **train_opts)
               for b in batches(cfg)]
-    state = model.full_state_dict()
-    assert all(row == losses for row in WORLD.allgather(losses)), "the loss differs between ranks"
-    for step, (a, b) in enumerate(zip(losses, ref_losses)):
-        assert abs(a - b) < 1e-9, f"step {step}: loss {a} != serial {b}"
-    assert list(state) == list(ref_state)
-    worst = max(float((state[k] - ref_state[k]).abs().max()) for k in ref_state)
-    assert worst < 1e-8, f"final parameters differ from the serial model's by {worst}"
-    assert ref_losses[-1] != ref_losses[0]
+    assert_matches_serial(WORLD, losses, model.full_state_dict(), reference, loss_tol=1e-9, param_tol=1e-8)
 
 
 @pytest.mark.mpi
