@@ -61,3 +61,16 @@ def print_table(rows: list[dict], cols: list[str], width: int = 14) -> None:
     for r in rows:
         vals = [r.get(c, float("nan")) for c in cols]
         print(" ".join(f"{v:>{width}.4g}" if isinstance(v, float) else f"{str(v):>{width}}" for v in vals))
+
+
+def write_results(out: str | None, name: str, rows: list[dict], units: dict, prov: dict) -> str:
+    """Write /results/<name> (rows, units, provenance as root attributes) to `out`, by default
+    results/<name>/<UTC stamp>.h5; print and return the path (rank 0's job)."""
+    from mpipar import trace
+
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = out or f"results/{name}/{stamp}.h5"
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    trace.write_table(out, name, rows, units, root_attrs=prov)
+    print(f"wrote {out}")
+    return out

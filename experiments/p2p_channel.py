@@ -25,8 +25,6 @@ to results/p2p_channel/<UTC stamp>.h5 (or --out); prints a table on rank 0.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import sys
 import time
 
@@ -38,6 +36,8 @@ import mpipar
 from mpipar import comm, trace
 from mpipar.comm.channel import Channel
 from mpipar.mesh import Group
+
+from _common import write_results
 
 UNITS = {k: "s" for k in ("wall_s", "cpu_s", "wall_over_mpi4py_s", "cpu_over_mpi4py_s")} | {"bytes": "B"}
 
@@ -120,11 +120,7 @@ def main(argv=None) -> int:
         for r in rows:
             print(f"{r['way']:>18} | {r['wall_s'] * 1e6:8.2f} {r['wall_over_mpi4py_s'] * 1e6:+6.2f} | "
                   f"{r['cpu_s'] * 1e6:8.2f} {r['cpu_over_mpi4py_s'] * 1e6:+6.2f}")
-        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        out = a.out or f"results/p2p_channel/{stamp}.h5"
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        trace.write_table(out, "p2p_channel", rows, UNITS, root_attrs=prov)
-        print(f"wrote {out}")
+        write_results(a.out, "p2p_channel", rows, UNITS, prov)
     return 0
 
 
