@@ -29,6 +29,8 @@ agreement beyond that: the callers' segments are the same on every rank by const
 """
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import torch
 
@@ -36,7 +38,7 @@ from ...errors import MpiparError
 from ...mesh import as_group
 from . import compiled as shm_compiled
 from .entry import barrier
-from .kernels import accumulate_f32, chunk_elements, is_half, np_of, typed
+from .kernels import accumulate_f32, chunk_elements, is_half, typed
 from .pool import pool_of
 
 
@@ -62,6 +64,14 @@ def _enter(g, t: torch.Tensor, op: str, why: str | None):
     return pool, window, int(table[0, 1])
 
 
+def _by_address(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of contiguous CPU tensor `t` made from its address: `t.numpy()` would make the
+    storage unresizable (ZeRO-3 frees and re-allocates its full parameter storage)."""
+    nbytes = t.numel() * t.element_size()
+    raw = np.ctypeslib.as_array((ctypes.c_uint8 * max(1, nbytes)).from_address(t.data_ptr()))[:nbytes]
+    return typed(raw, t.dtype)
+
+
 def _piece(window, peer: int, offset: int, start: int, count: int, dtype) -> np.ndarray:
     item = dtype.itemsize
     return typed(window.view(peer, offset + start * item, count * item), dtype)
@@ -85,7 +95,7 @@ def reduce_scatter_blocks(src: torch.Tensor, g, segments, accumulate: bool = Fal
         for start, out in segments:
             s = out.numel()
             views = [_piece(window, p, offset, start + me * s, s, dtype) for p in range(n)]
-            dst = np_of(out)
+            dst = _by_address(out)
             for c0 in range(0, s, step):
                 c1 = min(c0 + step, s)
                 parts = [v[c0:c1] for v in views]
@@ -139,7 +149,7 @@ def gather_pieces(src: torch.Tensor, g, segments) -> None:
     pool, window, offset = _enter(g, src, "gather_pieces", why)
     for start, out in segments:
         s = out.numel() // n
-        dst = np_of(out.view(-1))
+        dst = _by_address(out)
         for p in range(n):
             shm_compiled.copy(dst[p * s:(p + 1) * s], _piece(window, p, offset, start, s, dtype))
     barrier(pool, window)
