@@ -354,3 +354,39 @@ def test_shared_memory_path_equals_mpi(zero, dtype, monkeypatch):
             assert torch.allclose(got, want, rtol=1e-12, atol=1e-14), k
     if d <= 2:
         assert runs["1"][2] == runs["0"][2]
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(N < 2, reason="a wait needs a peer")
+@pytest.mark.parametrize("zero", [1, 3])
+@pytest.mark.parametrize("shm", ["0", "1"])
+def test_flight_verdict_names_the_zero_group_of_a_wait(zero, shm, monkeypatch):
+    """Rank 1 stalls inside its forward; the others end up waiting in one of ZeRO's reduce-scatters
+    or all-gathers. Every rank's flight record, taken mid-wait, gives a verdict that names the
+    operation and ZeRO's group (not 'group not known')."""
+    import threading
+    import time
+
+    from mpipar.flight.dump import record
+    from mpipar.flight.verdict import analyse
+
+    monkeypatch.setenv("MPIPAR_SYMMETRIC_BUCKETS", shm)
+    monkeypatch.delenv("MPIPAR_FAKE_RANKS_PER_NODE", raising=False)
+    mesh, model, opt = parallel(config(), (N, 1, 1, 1), zero)
+    models.train_step(model, batches()[0], opt, mesh, num_microbatches=1)  # a step that completes
+    if WORLD.rank == 1:
+        model.blocks[list(model.blocks)[-1]].register_forward_hook(lambda *_: time.sleep(2.0))
+    taken = {}
+    timer = threading.Timer(1.0, lambda: taken.update(record=record("watchdog")))
+    WORLD.Barrier()
+    timer.start()
+    models.train_step(model, batches()[1], opt, mesh, num_microbatches=1)
+    timer.join()
+    model.buckets.close()
+    records = dict(enumerate(WORLD.allgather(taken["record"])))
+    verdict = analyse(records)
+    first = verdict.findings[0] if verdict.findings else None
+    assert first is not None and first.kind == "hang", str(verdict)
+    assert first.op in ("reduce_scatter", "all_gather") and "zero" in first.group, str(verdict)
+    assert 1 in first.missing and 0 in first.waiting, str(verdict)
+    assert "group not known" not in str(verdict)

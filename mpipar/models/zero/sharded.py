@@ -40,7 +40,10 @@ from .flat import FlatBucket
 from .gathering import BlockGathering
 from .nonblocking import post, wait
 from .shared import SharedBuffers, use_shared
-from ...flight.recorder import Channel, begin, done
+from ...flight.recorder import Channel, begin, done, recorded
+
+
+_instances = [0]  # the number of the last ShardedBuckets this process built (agreed over its group)
 
 
 class ShardedBuckets:
@@ -50,9 +53,14 @@ class ShardedBuckets:
     def __init__(self, model, zero: int, bucket_bytes: int):
         self.zero, self.model = zero, model
         self.group = Group(model.data_group.comm.Dup(), "zero")
-        # the flight recorder's names of ZeRO's reduce-scatters and all-gathers (see nonblocking.py)
-        self.flight_rs = Channel(self.group.comm, f"{model.data_group.name} zero reduce_scatter")
-        self.flight_ag = Channel(self.group.comm, f"{model.data_group.name} zero all_gather")
+        # the flight recorder's names of ZeRO's reduce-scatters and all-gathers (see nonblocking.py);
+        # the verdict lines calls up by group name: one name per instance, agreed over the group
+        from mpi4py import MPI
+
+        _instances[0] = recorded(self.group, "zero agree", self.group.comm.allreduce, _instances[0] + 1, op=MPI.MAX)
+        name = f"{model.data_group.name} zero#{_instances[0]}"
+        self.flight_rs = Channel(self.group.comm, f"{name} reduce_scatter")
+        self.flight_ag = Channel(self.group.comm, f"{name} all_gather")
         d, r = self.group.size, self.group.rank
         self.tp = model.mesh.tp
         self.tied_group = model.tied_group
