@@ -17,6 +17,10 @@ writes the new values back into the parameters.
   gathering.py); the ends (embeddings, final LayerNorm, head) are one bucket
   gathered for the whole step.
 
+On one node the flat buffers live in shared memory and these collectives run
+there instead of on MPI (mpipar.models.zero.shared: zero=1 reduces every
+bucket in `finish`, zero 2/3 each bucket at once in the hook).
+
 Buckets and collectives are launched in one fixed order (bucket index, then
 microbatch round) on every rank, as in GradBuckets; every collective is
 non-blocking on a private duplicate of the data group. Gradients are averaged
