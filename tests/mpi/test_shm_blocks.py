@@ -14,7 +14,7 @@ import torch
 from mpi4py import MPI
 
 from mpipar import MpiparError, comm, settings
-from mpipar.comm.symmetric import blocks, pool as symmetric
+from mpipar.comm.symmetric import blocks, compiled as shm_compiled, pool as symmetric
 from mpipar.mesh import Group
 
 pytestmark = pytest.mark.mpi
@@ -97,8 +97,16 @@ def test_reduce_scatter_blocks_equals_mpi_float64(group):
         assert torch.equal(mine, ref)
 
 
+@pytest.fixture(params=["plain", "streamed"])
+def copies(request, monkeypatch):
+    """The gathers' copies as numpy's, or as the compiled streaming copy (from 64 bytes on)."""
+    if request.param == "streamed":
+        monkeypatch.setenv("MPIPAR_SHM_STREAM_BYTES", "64")
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)
-def test_all_gather_blocks_in_place(group, dtype):
+def test_all_gather_blocks_in_place(group, dtype, copies):
     n, r = group.size, group.rank
     segs, numel = layout(n)
     buf = comm.symmetric_empty((numel,), dtype, group)
@@ -113,12 +121,15 @@ def test_all_gather_blocks_in_place(group, dtype):
     assert torch.equal(buf, expect)  # the gaps between segments untouched
 
 
-def test_gather_pieces(group):
+def test_gather_pieces(group, copies):
     n, r = group.size, group.rank
     src = comm.symmetric_empty((400,), torch.float64, group)
     src.copy_(data(r, 400, torch.float64, False))
     outs = [torch.empty(n * 37, dtype=torch.float64), torch.empty(n * 300, dtype=torch.float64)]
+    streamed = shm_compiled.STATS["streamed"]
     blocks.gather_pieces(src, group, [(10, outs[0]), (50, outs[1])])
+    if copies == "streamed" and shm_compiled.streaming():
+        assert shm_compiled.STATS["streamed"] == streamed + 2 * n
     for start, out in ((10, outs[0]), (50, outs[1])):
         s = out.numel() // n
         assert torch.equal(out, torch.cat([data(p, 400, torch.float64, False)[start:start + s] for p in range(n)]))
