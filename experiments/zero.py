@@ -9,7 +9,9 @@ Benchmark: train_gpt.py's GPT on the character corpus (default hidden 384,
 keeps AdamW's step visible beside the forward and backward), data parallel
 over 2 ranks, one microbatch per step, float32, AdamW. Variants:
 mpipar zero 0-3 (models.GPT(cfg, mesh, zero=z) + models.optimizer), torch
-DDP and torch FSDP2 (`fully_shard` per block and at the root, gloo). Per
+DDP and torch FSDP2 (`fully_shard` per block and at the root, gloo); zero 1-3
+move their flat buffers through node shared memory, "zeroN-mpi" through MPI
+(MPIPAR_SYMMETRIC_BUCKETS=0 for that model: mpipar.models.zero.shared). Per
 variant: median and minimum step time (slowest rank; all variants built, one
 step of each in turn per round), the median CPU time of the step (process
 time, slowest rank: the work, whatever else shares the cores; run with
@@ -29,6 +31,7 @@ gradient shards are float32: + 4/d). /results/zero_memory and a PNG.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import statistics
@@ -41,13 +44,14 @@ import torch
 from mpi4py import MPI
 
 import mpipar
+from mpipar import settings
 from _common import init_gloo, prefix_groups, print_table, setup_threads
 from mpipar import models
 from mpipar.flight.abort import install_abort_on_exception
 from mpipar.trace import ActivationMeter, write_table
 from mpipar.trace.memory import rss_bytes
 
-VARIANTS = ["zero0", "zero1", "zero2", "zero3", "torch-ddp", "torch-fsdp2"]
+VARIANTS = ["zero0", "zero1", "zero2", "zero3", "zero1-mpi", "zero2-mpi", "zero3-mpi", "torch-ddp", "torch-fsdp2"]
 UNITS = {"step_s": "s", "step_min_s": "s", "cpu_s": "s", "peak_bytes": "B", "tokens_per_s": "tokens/s"}
 
 
@@ -119,7 +123,9 @@ def build(variant: str, cfg, group):
     lr, wd = 3e-3, 0.1
     if variant.startswith("zero"):
         mesh = mpipar.Mesh(dp=group.size, comm=group.comm)
-        model = models.GPT(cfg, mesh, zero=int(variant[4:]))
+        # "-mpi": ZeRO's collectives on MPI, not in node shared memory (mpipar.models.zero.shared)
+        with settings.override(symmetric_buckets="0") if variant.endswith("-mpi") else contextlib.nullcontext():
+            model = models.GPT(cfg, mesh, zero=int(variant[4]))
         opt = models.optimizer(model, torch.optim.AdamW, lr=lr, weight_decay=wd)
 
         def step(x, y):

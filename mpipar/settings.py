@@ -98,7 +98,8 @@ class Settings:
     symmetric_buckets: str | None = _opt(
         "MPIPAR_SYMMETRIC_BUCKETS",
         "`0`/`1`: data-parallel gradient buckets in symmetric shared memory (default: on when the dp group "
-        "is on one node and buckets pass the shm crossover)")
+        "is on one node and buckets pass the shm crossover); also ZeRO's flat buffers (default: on when the "
+        "dp group is on one node; `1` where it applies: mpipar.models.zero.shared)")
     kernel_cache: str | None = _opt(
         "MPIPAR_KERNEL_CACHE",
         "where the kernels are built (default `$XDG_CACHE_HOME/mpipar`, else `~/.cache/mpipar`)")

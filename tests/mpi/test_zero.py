@@ -21,6 +21,7 @@ from mpi4py import MPI
 
 import mpipar
 from mpipar import models
+from mpipar.comm.symmetric.pool import pool_of
 from mpipar.errors import MpiparError
 
 WORLD = MPI.COMM_WORLD
@@ -314,3 +315,78 @@ def test_save_step_atomic_with_rank_state(ckpt_dir):
     assert "meta.json" in os.listdir(second)
     loaded = checkpoint.load_full(model, opt, ckpt_dir)
     assert loaded.path == second and loaded.extra == {"step": 2} and loaded.rank_state == {"rank": WORLD.rank}
+
+
+@pytest.mark.mpi
+@needs_dp
+@pytest.mark.parametrize("zero,dtype", [(1, F64), (2, F64), (3, F64), (1, torch.bfloat16), (3, torch.bfloat16)])
+def test_shared_memory_path_equals_mpi(zero, dtype, monkeypatch):
+    """ZeRO's buffers in node shared memory (mpipar.models.zero.shared; MPIPAR_SYMMETRIC_BUCKETS=1)
+    give the numbers of the MPI path (=0): bit for bit at dp <= 2, to the last bits beyond
+    (MPI's order of summation may differ). The model stays usable after close()."""
+    layout = LAYOUTS[0]
+    d = layout[0] * layout[2]
+    runs = {}
+    for mode in ("0", "1"):
+        with monkeypatch.context() as env:  # (Mesh() reads the environment)
+            env.setenv("MPIPAR_SYMMETRIC_BUCKETS", mode)
+            env.delenv("MPIPAR_FAKE_RANKS_PER_NODE", raising=False)
+            mesh, model, opt = parallel(config(), layout, zero, dtype=dtype)
+            shared = model.buckets.shared
+            losses = [models.train_step(model, b, opt, mesh, num_microbatches=2, max_grad_norm=0.2)
+                      for b in batches()]
+            calls = dict(pool_of(model.buckets.group).calls) if shared is not None else {}
+            state = model.full_state_dict()
+            model.buckets.close()
+            after = model.full_state_dict() if zero < 3 else state
+            runs[mode] = (shared is not None, calls, losses, state)
+        assert all(torch.equal(after[k], state[k]) for k in state)
+    assert runs["0"][0] is False and runs["1"][0] is (d > 1)
+    if d > 1:
+        assert runs["1"][1].get(("reduce_scatter_blocks", "shm"), 0) >= STEPS
+        gather = "gather_pieces" if zero == 3 else "all_gather_blocks"
+        assert runs["1"][1].get((gather, "shm"), 0) >= STEPS
+    for k, want in runs["0"][3].items():
+        got = runs["1"][3][k]
+        if d <= 2:
+            assert torch.equal(got, want), k
+        else:
+            assert torch.allclose(got, want, rtol=1e-12, atol=1e-14), k
+    if d <= 2:
+        assert runs["1"][2] == runs["0"][2]
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(N < 2, reason="a wait needs a peer")
+@pytest.mark.parametrize("zero", [1, 3])
+@pytest.mark.parametrize("shm", ["0", "1"])
+def test_flight_verdict_names_the_zero_group_of_a_wait(zero, shm, monkeypatch):
+    """Rank 1 stalls inside its forward; the others end up waiting in one of ZeRO's reduce-scatters
+    or all-gathers. Every rank's flight record, taken mid-wait, gives a verdict that names the
+    operation and ZeRO's group (not 'group not known')."""
+    import threading
+    import time
+
+    from mpipar.flight.dump import record
+    from mpipar.flight.verdict import analyse
+
+    monkeypatch.setenv("MPIPAR_SYMMETRIC_BUCKETS", shm)
+    monkeypatch.delenv("MPIPAR_FAKE_RANKS_PER_NODE", raising=False)
+    mesh, model, opt = parallel(config(), (N, 1, 1, 1), zero)
+    models.train_step(model, batches()[0], opt, mesh, num_microbatches=1)  # a step that completes
+    if WORLD.rank == 1:
+        model.blocks[list(model.blocks)[-1]].register_forward_hook(lambda *_: time.sleep(2.0))
+    taken = {}
+    timer = threading.Timer(1.0, lambda: taken.update(record=record("watchdog")))
+    WORLD.Barrier()
+    timer.start()
+    models.train_step(model, batches()[1], opt, mesh, num_microbatches=1)
+    timer.join()
+    model.buckets.close()
+    records = dict(enumerate(WORLD.allgather(taken["record"])))
+    verdict = analyse(records)
+    first = verdict.findings[0] if verdict.findings else None
+    assert first is not None and first.kind == "hang", str(verdict)
+    assert first.op in ("reduce_scatter", "all_gather") and "zero" in first.group, str(verdict)
+    assert 1 in first.missing and 0 in first.waiting, str(verdict)
+    assert "group not known" not in str(verdict)

@@ -39,7 +39,10 @@ class Fragment:
 
 
 class FlatBucket:
-    def __init__(self, params: list, index: int, size: int, rank: int, keep_full: bool = True):
+    def __init__(self, params: list, index: int, size: int, rank: int, keep_full: bool = True,
+                 full=None, shard=None):
+        """full / shard: where `full` (padded elements) / the shard of keep_full=False live
+        (views into ZeRO's shared-memory buffers, mpipar.models.zero.shared); new tensors when None."""
         require(len({p.dtype for p in params}) == 1 and len({p.device for p in params}) == 1,
                 "ZeRO: the parameters of one bucket must share a dtype and device")
         self.params, self.index = params, index
@@ -57,12 +60,15 @@ class FlatBucket:
             lo, hi = max(off, self.lo), min(off + p.numel(), self.hi)
             if lo < hi:
                 self.fragments.append(Fragment(i, lo - off, hi - off, lo - self.lo))
-        self.full = torch.zeros(self.padded, dtype=self.dtype, device=self.device)
+        self.full = torch.zeros(self.padded, dtype=self.dtype, device=self.device) if full is None else full.zero_()
         with torch.no_grad():
             for p, off in zip(params, self.offsets):
                 self.full[off:off + p.numel()].copy_(p.detach().reshape(-1))
                 p.data = self.full[off:off + p.numel()].view(p.shape)
-        self.shard = self.full[self.lo:self.hi] if keep_full else self.full[self.lo:self.hi].clone()
+        if keep_full:
+            self.shard = self.full[self.lo:self.hi]
+        else:
+            self.shard = self.full[self.lo:self.hi].clone() if shard is None else shard.copy_(self.full[self.lo:self.hi])
         self.reduce_dtype = reduce_dtype(self.dtype)
         if self.reduce_dtype == self.dtype:
             self.master = nn.Parameter(self.shard, requires_grad=True)   # shares the shard's storage

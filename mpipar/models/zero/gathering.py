@@ -17,6 +17,8 @@ the hooks neither free nor prefetch. The ends (embeddings, final LayerNorm,
 head: the "root" buckets) are gathered for the whole step, and by any chunk's
 forward outside a step. Every collective is posted in program order, which
 is the same on every rank of the data group (same schedule, same model).
+With ZeRO's buffers in shared memory (mpipar.models.zero.shared) a gather runs
+at once when the block is needed, and a prefetch does nothing.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import contextlib
 
 import torch
 
+from ...flight.recorder import begin, done
 from .nonblocking import post, wait
 
 
@@ -41,9 +44,10 @@ def _adjacent(model, a, b) -> bool:
 
 
 class BlockGathering:
-    def __init__(self, model, buckets: list, units: list, comm):
-        """units: (block module, its bucket) in forward order; the other buckets are roots."""
-        self.buckets, self.comm = buckets, comm
+    def __init__(self, model, buckets: list, units: list, comm, shared=None, flight=None):
+        """units: (block module, its bucket) in forward order; the other buckets are roots.
+        shared: ZeRO's SharedBuffers, or None (MPI); flight: the recorder's channel of the gathers."""
+        self.buckets, self.comm, self.shared, self.flight = buckets, comm, shared, flight
         unit_ids = {id(b) for _, b in units}
         self.roots = [b for b in buckets if id(b) not in unit_ids]
         self.hooks = []
@@ -62,18 +66,44 @@ class BlockGathering:
             b.release_full()
 
     def gather(self, b, wait_: bool = True) -> None:
+        if self.shared is not None:
+            if wait_:
+                self.gather_now([b])
+            return
         if not b.gathered and b.gather_op is None:
             b.allocate_full()
-            b.gather_op = post(lambda s, o: self.comm.Iallgather(s, o), b.shard, b.full)
+            b.gather_op = post(lambda s, o: self.comm.Iallgather(s, o), b.shard, b.full, (self.flight, "all_gather"))
         if wait_ and b.gather_op is not None:
             wait([b.gather_op])
             b.gather_op, b.gathered = None, True
 
-    def gather_roots(self) -> None:
-        for b in self.roots:
+    def gather_now(self, buckets) -> None:
+        """Shared memory: materialise those of `buckets` not held, in one call."""
+        todo = [b for b in buckets if not b.gathered]
+        if not todo:
+            return
+        for b in todo:
+            b.allocate_full()
+        slot = begin(self.flight, "all_gather", None, None, "shm")
+        try:
+            self.shared.gather(todo, lambda b: b.index)
+        finally:
+            done(slot)
+        for b in todo:
+            b.gathered = True
+
+    def gather_all(self, buckets) -> None:
+        """Materialise every bucket of `buckets` (all posted before any is waited for)."""
+        if self.shared is not None:
+            self.gather_now(buckets)
+            return
+        for b in buckets:
             self.gather(b, wait_=False)
-        for b in self.roots:
+        for b in buckets:
             self.gather(b)
+
+    def gather_roots(self) -> None:
+        self.gather_all(self.roots)
 
     def start_step(self) -> None:
         for b in self.buckets:
@@ -135,10 +165,7 @@ class BlockGathering:
     def gathered(self):
         """Every parameter materialised inside the block. Collective over the data group."""
         held = [b for b in self.buckets if b.gathered or b.gather_op is not None]
-        for b in self.buckets:
-            self.gather(b, wait_=False)
-        for b in self.buckets:
-            self.gather(b)
+        self.gather_all(self.buckets)
         try:
             yield
         finally:

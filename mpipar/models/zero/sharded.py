@@ -17,6 +17,10 @@ writes the new values back into the parameters.
   gathering.py); the ends (embeddings, final LayerNorm, head) are one bucket
   gathered for the whole step.
 
+On one node the flat buffers live in shared memory and these collectives run
+there instead of on MPI (mpipar.models.zero.shared: zero=1 reduces every
+bucket in `finish`, zero 2/3 each bucket at once in the hook).
+
 Buckets and collectives are launched in one fixed order (bucket index, then
 microbatch round) on every rank, as in GradBuckets; every collective is
 non-blocking on a private duplicate of the data group. Gradients are averaged
@@ -39,6 +43,11 @@ from ..data_parallel import _pack
 from .flat import FlatBucket
 from .gathering import BlockGathering
 from .nonblocking import post, wait
+from .shared import SharedBuffers, use_shared
+from ...flight.recorder import Channel, begin, done, recorded
+
+
+_instances = [0]  # the number of the last ShardedBuckets this process built (agreed over its group)
 
 
 class ShardedBuckets:
@@ -48,6 +57,14 @@ class ShardedBuckets:
     def __init__(self, model, zero: int, bucket_bytes: int):
         self.zero, self.model = zero, model
         self.group = Group(model.data_group.comm.Dup(), "zero")
+        # the flight recorder's names of ZeRO's reduce-scatters and all-gathers (see nonblocking.py);
+        # the verdict lines calls up by group name: one name per instance, agreed over the group
+        from mpi4py import MPI
+
+        _instances[0] = recorded(self.group, "zero agree", self.group.comm.allreduce, _instances[0] + 1, op=MPI.MAX)
+        name = f"{model.data_group.name} zero#{_instances[0]}"
+        self.flight_rs = Channel(self.group.comm, f"{name} reduce_scatter")
+        self.flight_ag = Channel(self.group.comm, f"{name} all_gather")
         d, r = self.group.size, self.group.rank
         self.tp = model.mesh.tp
         self.tied_group = model.tied_group
@@ -63,17 +80,22 @@ class ShardedBuckets:
         else:
             untied = [p for p in params if all(p is not t for t in tied)]
             groups = [b.params for b in _pack(list(reversed(untied)), bucket_bytes)] + ([tied] if tied else [])
-        self.buckets = [FlatBucket(g, i, d, r, keep_full=zero < 3) for i, g in enumerate(groups)]
+        device = params[0].device if params else torch.device("cpu")
+        self.shared = SharedBuffers(self.group, zero, groups, device) \
+            if use_shared(self.group, zero, model.mesh.pp.size, device) else None
+        self.buckets = [FlatBucket(g, i, d, r, keep_full=zero < 3, full=self.shared and self.shared.full(i),
+                                   shard=self.shared and self.shared.shard(i)) for i, g in enumerate(groups)]
         self._bucket_of = {id(p): b for b in self.buckets for p in b.params}
         self._tied_bucket = self._bucket_of[id(tied[0])] if tied else None
         self._hooks, self.gathering = [], None
         if zero == 3:
             units = [(m, self._bucket_of[id(ps[0])]) for m, ps in zip(blocks, block_params) if ps]
-            self.gathering = BlockGathering(model, self.buckets, units, self.group.comm)
+            self.gathering = BlockGathering(model, self.buckets, units, self.group.comm, self.shared, self.flight_ag)
         self._norm_spans, self._tp_spans = self._spans(specs)
         if zero == 1:
             for b in self.buckets:
-                b.grad_full = torch.zeros(b.padded, dtype=b.dtype, device=b.device)
+                b.grad_full = torch.zeros(b.padded, dtype=b.dtype, device=b.device) if self.shared is None \
+                    else self.shared.grad_full(b.index)
         self._hooks += [p.register_post_accumulate_grad_hook(self._on_grad) for b in self.buckets for p in b.params]
         self._armed, self._overrun = False, None
         self._pending: list = []   # (Pending, bucket, recv) in launch order
@@ -154,6 +176,14 @@ class ShardedBuckets:
     def _reduce_scatter(self, b) -> None:
         from mpi4py import MPI
 
+        if self.shared is not None:
+            if self.zero > 1:  # at once, in shared memory (zero=1: every bucket in `finish`)
+                slot = begin(self.flight_rs, "reduce_scatter", b.dtype, (b.padded,), "shm")
+                try:
+                    self.shared.reduce_scatter_packed(b)
+                finally:
+                    done(slot)
+            return
         if self.zero == 1:
             send = b.grad_full if b.grad_full.dtype == b.reduce_dtype else b.grad_full.to(b.reduce_dtype)
         else:
@@ -166,7 +196,8 @@ class ShardedBuckets:
                     part.copy_(p.grad.reshape(-1))
                     p.grad = None
         recv = torch.empty(b.shard_numel, dtype=b.reduce_dtype, device=b.device)
-        op = post(lambda s, o: self.group.comm.Ireduce_scatter_block(s, o, op=MPI.SUM), send, recv)
+        op = post(lambda s, o: self.group.comm.Ireduce_scatter_block(s, o, op=MPI.SUM), send, recv,
+                  (self.flight_rs, "reduce_scatter"))
         self._pending.append((op, b, recv))
 
     def _reap(self, block: bool = False) -> None:
@@ -195,6 +226,12 @@ class ShardedBuckets:
         self._armed = False
         self._launch_ready(force=True)
         self._reap(block=True)
+        if self.shared is not None and self.zero == 1:
+            slot = begin(self.flight_rs, "reduce_scatter", None, None, "shm")
+            try:
+                self.shared.reduce_scatter_all(self.buckets)
+            finally:
+                done(slot)
         scale = 1.0 / self.group.size
         with torch.no_grad():
             for b in self.buckets:
@@ -230,7 +267,15 @@ class ShardedBuckets:
                     b.shard.copy_(b.master)
         if self.zero == 3:
             return
-        wait([post(lambda s, o: self.group.comm.Iallgather(s, o), None, b.full) for b in self.buckets])
+        if self.shared is not None:
+            slot = begin(self.flight_ag, "all_gather", None, None, "shm")
+            try:
+                self.shared.all_gather_all(self.buckets)
+            finally:
+                done(slot)
+            return
+        wait([post(lambda s, o: self.group.comm.Iallgather(s, o), None, b.full, (self.flight_ag, "all_gather"))
+              for b in self.buckets])
 
     @torch.no_grad()
     def params_written(self) -> None:
@@ -273,7 +318,10 @@ class ShardedBuckets:
     # ---- accounting --------------------------------------------------------------------------
     def held_bytes(self) -> dict:
         """Bytes this rank holds now: parameters, gradients, optimizer master copies."""
-        params = sum(b.full.untyped_storage().nbytes() for b in self.buckets)
+        if self.zero < 3:  # (a view into shared memory when self.shared: count the view)
+            params = sum(b.full.numel() * b.full.element_size() for b in self.buckets)
+        else:
+            params = sum(b.full.untyped_storage().nbytes() for b in self.buckets)
         if self.zero == 3:
             params += sum(b.shard.numel() * b.shard.element_size() for b in self.buckets)
         grads = sum(b.grad_full.numel() * b.grad_full.element_size() for b in self.buckets) if self.zero == 1 else 0
@@ -290,5 +338,8 @@ class ShardedBuckets:
         if self.gathering is not None:
             self.gathering.close()
         if not self.closed:
+            if self.shared is not None:
+                self.shared.close(self.buckets)
+                self.shared = None
             self.group.comm.Free()
             self.closed = True
