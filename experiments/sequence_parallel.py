@@ -6,10 +6,14 @@
 
 For every sequence length and every sequence-parallel size N (a sub-group of
 the first N ranks; the others wait politely), causal fwd+bwd of one attention
-layer is timed. Per point: time (max over ranks, median over iterations),
-per-rank compute time per ring step (load balance), exposed communication
-(step time minus compute), peak activation bytes per rank (tensors autograd
-saves for backward), and whether it fits the per-rank budget. Serial SDPA
+layer is timed. The points of one length run in turns, one iteration each, so
+they are measured side by side. Per point: wall and CPU time (each rank's
+median over iterations, then the max over ranks; CPU time, which a busy
+neighbour on a shared machine barely moves, beside the wall time), per rank
+the exposed communication (step time minus the block computations) and the
+compute imbalance (compute / mean over ranks), the compute time per ring step,
+peak activation bytes per rank (tensors autograd saves for backward), and
+whether it fits the per-rank budget. Serial SDPA
 (N=1, same threads per rank) is the baseline; torch's context_parallel is
 tried and the reason it does not run on CPU is recorded. HDF5 tables
 /results/sequence_parallel, /results/sequence_parallel_budget,
@@ -40,7 +44,7 @@ from mpipar.trace import (ActivationMeter, ResultsWriter, Tracer, provenance, re
 
 TABLE = "sequence_parallel"
 METHODS = ("serial", "ring-zigzag", "ring-contiguous", "ulysses")
-UNITS = {"time_s": "s", "fwd_s": "s", "bwd_s": "s", "compute_s": "s", "exposed_comm_s": "s",
+UNITS = {"time_s": "s", "fwd_s": "s", "bwd_s": "s", "cpu_s": "s", "compute_s": "s", "exposed_comm_s": "s",
          "peak_act_bytes": "B", "serial_peak_act_bytes": "B", "budget_bytes": "B", "seq": "tokens"}
 
 
@@ -125,39 +129,55 @@ def attention_fn(method: str, g: Group | None, causal: bool):
     return lambda q, k, v, prof: ring_attention(q, k, v, g, causal, layout, profile=prof)
 
 
-def measure(cfg: Config, method: str, g: Group, seq: int, tracer: Tracer) -> dict:
-    """Time fwd+bwd on this rank; returns this rank's numbers."""
-    dt = getattr(torch, cfg.dtype)
-    shape = (cfg.batch, cfg.heads, seq // g.size, cfg.head_dim)
-    gen = torch.Generator().manual_seed(1 + g.rank)
-    q, k, v = (torch.randn(shape, generator=gen).to(dt).requires_grad_() for _ in range(3))
-    dout = torch.randn(shape, generator=gen).to(dt)
-    fn = attention_fn(method, g, cfg.causal)
-    fwd, bwd, prof, meter = [], [], [], ActivationMeter()
-    for it in range(cfg.warmup + cfg.iters):
-        prof.clear()
-        meter.reset_peak()
+class Point:
+    """One (method, N, seq) on this rank: one timed fwd+bwd per `run`, so the points of a
+    sequence length can be run in turns (side by side: a slow spell of a shared machine
+    hits each of them, not one). Inputs are made afresh for every iteration (untimed)."""
+
+    def __init__(self, cfg: Config, method: str, g: Group, seq: int, tracer: Tracer):
+        self.cfg, self.method, self.g, self.seq, self.tracer = cfg, method, g, seq, tracer
+        self.fn = attention_fn(method, g, cfg.causal)
+        self.samples: list[dict] = []
+        self.peak, self.steps = 0, []
+
+    def run(self, it: int) -> None:
+        cfg, g = self.cfg, self.g
+        dt = getattr(torch, cfg.dtype)
+        shape = (cfg.batch, cfg.heads, self.seq // g.size, cfg.head_dim)
+        gen = torch.Generator().manual_seed(1 + g.rank)
+        q, k, v = (torch.randn(shape, generator=gen).to(dt).requires_grad_() for _ in range(3))
+        dout = torch.randn(shape, generator=gen).to(dt)
+        prof, meter = [], ActivationMeter()
+        tags = {"microbatch": it, "method": self.method, "seq": self.seq, "sp": g.size}
         polite_barrier(g.comm)
-        t0 = time.perf_counter()
-        with tracer.span("forward", microbatch=it, method=method, seq=seq, sp=g.size), meter:
-            out = fn(q, k, v, prof)
+        c0, t0 = time.process_time(), time.perf_counter()
+        with self.tracer.span("forward", **tags), meter:
+            out = self.fn(q, k, v, prof)
         t1 = time.perf_counter()
-        with tracer.span("backward", microbatch=it, method=method, seq=seq, sp=g.size):
+        with self.tracer.span("backward", **tags):
             out.backward(dout)
-        t2 = time.perf_counter()
-        q.grad = k.grad = v.grad = None
-        del out
-        if it >= cfg.warmup:
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
-    step = statistics.median(f + b for f, b in zip(fwd, bwd))
-    compute = sum(p.get("compute_s", 0.0) for p in prof)
-    comm = sum(p.get("comm_s", 0.0) for p in prof)
-    exposed = comm if method == "ulysses" else (step - compute if prof else 0.0)
-    steps = [[p["pass"][0], p["step"], round(p["compute_s"], 6)] for p in prof if "step" in p]
-    return {"step": step, "fwd": statistics.median(fwd), "bwd": statistics.median(bwd),
-            "compute": compute if prof and method != "ulysses" else step - exposed, "exposed": exposed,
-            "peak": meter.peak, "steps": steps}
+        t2, c2 = time.perf_counter(), time.process_time()
+        if it < cfg.warmup:
+            return
+        step = t2 - t0
+        if self.method == "ulysses":  # its profile times the all-to-alls
+            exposed = sum(p.get("comm_s", 0.0) for p in prof)
+            wait = exposed
+        elif prof:  # ring: everything but the block computations (waits, posting, the final copies)
+            exposed = step - sum(p["compute_s"] for p in prof)
+            wait = sum(p["wait_s"] for p in prof)
+        else:
+            exposed = wait = 0.0
+        self.samples.append({"step": step, "fwd": t1 - t0, "bwd": t2 - t1, "cpu": c2 - c0,
+                             "exposed": exposed, "wait": wait})
+        self.peak = meter.peak
+        self.steps = [[p["pass"][0], p["step"], round(p["compute_s"], 6)] for p in prof if "step" in p]
+
+    def result(self) -> dict:
+        """This rank's medians over the timed iterations (compute = step - exposed, per iteration)."""
+        med = {k: statistics.median(s[k] for s in self.samples) for k in self.samples[0]}
+        med["compute"] = statistics.median(s["step"] - s["exposed"] for s in self.samples)
+        return {**med, "peak": self.peak, "steps": self.steps}
 
 
 def summarize(rows: list[dict], cfg: Config, serial: dict | None) -> dict:
@@ -166,16 +186,30 @@ def summarize(rows: list[dict], cfg: Config, serial: dict | None) -> dict:
     step = max(r["step"] for r in rows)
     peak = max(r["peak"] for r in rows)
     m = {"time_s": step, "fwd_s": max(r["fwd"] for r in rows), "bwd_s": max(r["bwd"] for r in rows),
+         "cpu_s": max(r["cpu"] for r in rows),
          "compute_s": max(comp), "exposed_comm_s": max(r["exposed"] for r in rows),
          "imbalance": max(comp) / max(statistics.mean(comp), 1e-12), "peak_act_bytes": peak,
+         "compute_s_per_rank": json.dumps([round(c, 6) for c in comp]),
+         "exposed_comm_s_per_rank": json.dumps([round(r["exposed"], 6) for r in rows]),
+         "wait_s_per_rank": json.dumps([round(r["wait"], 6) for r in rows]),
+         "imbalance_per_rank": json.dumps([round(c / max(statistics.mean(comp), 1e-12), 4) for c in comp]),
          "peak_act_bytes_per_rank": json.dumps([r["peak"] for r in rows]),
          "step_compute_s": json.dumps([r["steps"] for r in rows]),
          "budget_bytes": int(cfg.budget_mb * 2**20), "fits_budget": peak <= cfg.budget_mb * 2**20}
     m["exposed_frac"] = m["exposed_comm_s"] / step
     if serial is not None:
         m["time_vs_serial"] = step / serial["time_s"]
+        m["cpu_vs_serial"] = m["cpu_s"] / serial["cpu_s"] if serial.get("cpu_s") else float("nan")
         m["mem_vs_serial"] = peak / max(serial["peak_act_bytes"], 1)
     return m
+
+
+def per_rank_line(m: dict) -> str:
+    """Exposed communication (share of the step) and compute imbalance, rank by rank."""
+    exposed, comp = json.loads(m["exposed_comm_s_per_rank"]), json.loads(m["compute_s_per_rank"])
+    parts = [f"r{i}: exposed {e * 1e3:.1f} ms ({e / m['time_s']:.1%}), compute {c * 1e3:.1f} ms "
+             f"(x{c / statistics.mean(comp):.3f} of mean)" for i, (e, c) in enumerate(zip(exposed, comp))]
+    return "    " + "; ".join(parts)
 
 
 def points(cfg: Config):
@@ -260,7 +294,7 @@ def figure(done: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-TABLE_COLUMNS = ["method", "sp", "seq", "time_s", "time_vs_serial", "exposed_frac", "imbalance",
+TABLE_COLUMNS = ["method", "sp", "seq", "time_s", "time_vs_serial", "cpu_vs_serial", "exposed_frac", "imbalance",
                  "peak_act_bytes", "mem_vs_serial", "fits_budget"]
 
 
@@ -280,30 +314,45 @@ def main() -> None:
         last[(r["method"], r["sp"])] = (r["seq"], r["time_s"])
         if r["method"] == "serial":
             serial[r["seq"]] = r
-    for i, (seq, n, method) in enumerate(plan):
-        conf = {"method": method, "sp": n, "seq": seq, "batch": cfg.batch, "heads": cfg.heads,
-                "head_dim": cfg.head_dim, "dtype": cfg.dtype, "causal": cfg.causal, "threads": threads}
-        skip = None
-        if world.rank == 0:
-            prev = last.get((method, n))
-            predicted = prev[1] * (seq / prev[0]) ** 2 if prev else 0.0
-            skip = (writer.done(conf) or predicted > cfg.max_point_s * (cfg.warmup + cfg.iters)
-                    or not fits_in_ram(cfg, seq, n, local_size))
-        if world.bcast(skip):
-            continue
+    for seq in cfg.seqs:  # the points of one length run in turns, one iteration each
+        todo = []
+        for seq_, n, method in plan:
+            if seq_ != seq:
+                continue
+            conf = {"method": method, "sp": n, "seq": seq, "batch": cfg.batch, "heads": cfg.heads,
+                    "head_dim": cfg.head_dim, "dtype": cfg.dtype, "causal": cfg.causal, "threads": threads}
+            skip = None
+            if world.rank == 0:
+                prev = last.get((method, n))
+                predicted = prev[1] * (seq / prev[0]) ** 2 if prev else 0.0
+                skip = (writer.done(conf) or predicted > cfg.max_point_s * (cfg.warmup + cfg.iters)
+                        or not fits_in_ram(cfg, seq, n, local_size))
+            if not world.bcast(skip):
+                g = groups[n]
+                todo.append((conf, Point(cfg, method, g, seq, tracer) if g is not None else None))
+        for it in range(cfg.warmup + cfg.iters):
+            for conf, point in todo:
+                polite_barrier(world)
+                if point is not None:
+                    point.run(it)
         polite_barrier(world)
-        g = groups[n]
-        if g is not None:
-            mine = measure(cfg, method, g, seq, tracer)
-            rows = g.comm.gather(mine, root=0)
-            if g.rank == 0:
+        for conf, point in sorted(todo, key=lambda cp: cp[0]["method"] != "serial"):  # the baseline first
+            if point is None:
+                continue
+            rows = point.g.comm.gather(point.result(), root=0)
+            if point.g.rank == 0:
+                method, n = conf["method"], conf["sp"]
                 m = summarize(rows, cfg, serial.get(seq))
                 writer.append(conf, m, UNITS)
                 last[(method, n)] = (seq, m["time_s"])
                 if method == "serial":
                     serial[seq] = m
-                print(f"[{i + 1}/{len(plan)}] {method:16s} N={n} seq={seq:6d}  {m['time_s']:.4f} s  "
-                      f"peak {m['peak_act_bytes'] / 2**20:.1f} MiB", flush=True)
+                vs = f"  x{m['time_vs_serial']:.3f} serial (cpu x{m['cpu_vs_serial']:.3f})" if "time_vs_serial" in m else ""
+                print(f"[{plan.index((seq, n, method)) + 1}/{len(plan)}] {method:16s} N={n} seq={seq:6d}  "
+                      f"{m['time_s']:.4f} s  cpu {m['cpu_s']:.4f} s{vs}  peak {m['peak_act_bytes'] / 2**20:.1f} MiB",
+                      flush=True)
+                if n > 1:
+                    print(per_rank_line(m), flush=True)
         polite_barrier(world)
     cp = try_context_parallel(world) if cfg.context_parallel else {
         "torch_version": torch.__version__, "status": "not tried", "reason": "--quick or --no-context-parallel"}

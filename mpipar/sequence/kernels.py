@@ -115,5 +115,5 @@ def merge_(acc_out, acc_lse, out, lse) -> None:
     """
     new = torch.logaddexp(acc_lse, lse)
     acc_out.mul_(torch.exp(acc_lse - new).unsqueeze(-1))
-    acc_out.add_(out * torch.exp(lse - new).unsqueeze(-1).to(acc_out.dtype))
+    acc_out.addcmul_(out, torch.exp(lse - new).unsqueeze(-1).to(acc_out.dtype))
     acc_lse.copy_(new)

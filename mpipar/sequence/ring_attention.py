@@ -7,8 +7,8 @@ transfer hides behind the compute. Block results are merged with the
 online-softmax (log-sum-exp) rule in float32 (float64 for float64 inputs).
 
 Backward: a second ring pass. K/V travel again; the dK/dV of each block
-accumulate as they travel with it and, after N hops, arrive back at their
-owner. Each block's gradients come from the kernel's backward fed with the
+accumulate as they travel behind it and, after N-1 hops, arrive back at their
+owner, who kept its own part at home. Each block's gradients come from the kernel's backward fed with the
 rows' GLOBAL out and log-sum-exp, which makes their sum exact.
 
 Grouped-query attention: K/V blocks travel with their own (fewer) heads and
@@ -16,7 +16,7 @@ are repeated to the query heads only for each block's kernel; their gradients
 are summed back over each group of query heads before they travel.
 
 Traffic is a `Channel` (mpipar.comm.channel) on the group's private duplicate
-communicator (`Group.p2p`) with tags distinct for forward K/V, backward K/V and backward dK/dV.
+communicator (`Group.p2p`) with tags distinct for forward K/V, backward K/V and backward dK, dV.
 """
 from __future__ import annotations
 
@@ -27,12 +27,12 @@ import torch
 from ..comm.channel import Channel
 from ..mesh import as_group
 from . import kernels
-from .tiles import step_plan
+from .tiles import col_span, hull, step_plan, travel_span
 from .checks import agree_call, qkv_error, signature
 from .layout import rank_chunks
 
 TAG_FWD_K, TAG_FWD_V = 7101, 7102
-TAG_BWD_K, TAG_BWD_V, TAG_BWD_DKV = 7201, 7202, 7203
+TAG_BWD_K, TAG_BWD_V, TAG_BWD_DK, TAG_BWD_DV = 7201, 7202, 7203, 7204
 
 
 class _Ring:
@@ -143,61 +143,141 @@ def _ring_forward(q, k, v, g, causal, layout, scale, profile):
     return acc[0].to(q.dtype), acc[1]
 
 
-def _block_grads(dout, q, kv, out, lse, plan, c, scale, dq_acc):
-    """Add the plan's dq into dq_acc; return this step's (dk, dv) stacked, or None if no work."""
-    if not plan:
+def _tokens_major(t: torch.Tensor) -> torch.Tensor:
+    """[B, H, L, D] as a contiguous [B, L, H, D] tensor: no copy when its memory already is
+    (the CPU flash kernel's gradients are), so a gradient goes to MPI as the kernel wrote it."""
+    x = t.transpose(1, 2)
+    return x if x.is_contiguous() else x.contiguous()
+
+
+class _RowSum:
+    """dq: the sum of row slices of a [B, H, L, D] tensor in the accumulation dtype. The first
+    piece that covers every row is adopted as is (no zero-fill, no add)."""
+
+    def __init__(self, like: torch.Tensor, dtype: torch.dtype):
+        self.like, self.dtype, self.total = like, dtype, None
+
+    def add(self, rows: slice, x: torch.Tensor) -> None:
+        if self.total is None and rows == slice(0, self.like.shape[2]) and x.dtype == self.dtype:
+            self.total = x
+            return
+        if self.total is None:
+            b, h, length, d = self.like.shape
+            self.total = torch.zeros((b, length, h, d), dtype=self.dtype, device=self.like.device).transpose(1, 2)
+        self.total[:, :, rows] += x
+
+    def result(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.total is None:
+            return torch.zeros(self.like.shape, dtype=dtype, device=self.like.device)
+        return self.total.to(dtype)
+
+
+def _add_at(dst, src, c: int) -> None:
+    """dst += src for travelling gradients (span, dk, dv) with src's span inside dst's."""
+    at = slice((src[0][0] - dst[0][0]) * c, (src[0][1] - dst[0][0]) * c)
+    dst[1][:, at] += src[1]
+    dst[2][:, at] += src[2]
+
+
+def _zeros_span(span, like: torch.Tensor, dtype, c: int, fill=torch.zeros):
+    """(span, dk, dv) of zeros (or `fill`), [B, keys of span, H, D] like the K/V block `like` [B, H, L, D]."""
+    b, h, _, d = like.shape
+    shape = (b, (span[1] - span[0]) * c, h, d)
+    return span, fill(shape, dtype=dtype, device=like.device), fill(shape, dtype=dtype, device=like.device)
+
+
+def _combine(a, b, like, c: int):
+    """Sum of two travelling gradients (span, dk, dv) (either may be None), adding into one of
+    them when its span holds the other's."""
+    if a is None or b is None:
+        return a if b is None else b
+    span = hull(a[0], b[0])
+    if span == b[0]:
+        a, b = b, a
+    if span != a[0]:
+        a, b = _zeros_span(span, like, a[1].dtype, c), (a, b)
+        for piece in b:
+            _add_at(a, piece, c)
+        return a
+    _add_at(a, b, c)
+    return a
+
+
+def _block_grads(dout, q, kv, out, lse, plan, c, scale, dq: _RowSum):
+    """Add the plan's dq into dq; return this step's dK/dV as (span of local key chunks, dk, dv)
+    with dk, dv [B, keys of span, H, D] in dq's dtype, or None if the plan is empty."""
+    span = col_span(plan)
+    if span is None:
         return None
-    b, h, lk, d = kv[0].shape
-    groups = q.shape[1] // h
-    dkv = torch.zeros((2, b, h, lk, d), dtype=dq_acc.dtype, device=dq_acc.device)
+    groups = q.shape[1] // kv[0].shape[1]
+    acc = None
     for blk in plan:
         rows, cols = _rows(blk, c), _cols(blk, c)
         dq_b, dk_b, dv_b = kernels.block_backward(dout[:, :, rows], q[:, :, rows], _rep(kv[0][:, :, cols], groups),
                                                   _rep(kv[1][:, :, cols], groups), out[:, :, rows],
                                                   lse[:, :, rows], blk.causal, scale)
-        dq_acc[:, :, rows] += dq_b
-        dkv[0, :, :, cols] += _fold_groups(dk_b, groups)
-        dkv[1, :, :, cols] += _fold_groups(dv_b, groups)
-    return dkv
+        dq.add(rows, dq_b)
+        piece = ((blk.k0, blk.k1),) + tuple(_tokens_major(_fold_groups(x, groups)).to(dq.dtype) for x in (dk_b, dv_b))
+        acc = _combine(acc, piece, kv[0], c)
+    return acc
+
+
+def _post_travel(ring, span, like, dtype, c: int):
+    """Receive a travelling dK/dV of `span` from the previous rank: ((span, dk, dv), requests)."""
+    if span is None:
+        return None, []
+    buf = _zeros_span(span, like, dtype, c, fill=torch.empty)
+    return buf, [ring.recv(buf[1], TAG_BWD_DK), ring.recv(buf[2], TAG_BWD_DV)]
 
 
 def _ring_backward(dout, q, k, v, out, lse, g, causal, layout, scale, profile):
-    """(dq, dk, dv) for this rank's q, k, v: second ring pass, dK/dV travel home."""
+    """(dq, dk, dv) for this rank's q, k, v: a second ring pass, K/V travel again.
+
+    The gradient of a block is summed along its way round the ring: its owner keeps the part
+    of step 0 at home, ranks owner+1 .. owner+N-1 each add theirs to what arrives from the
+    previous one and send it on, the last straight home (N-1 hops). Only the key chunks that
+    some rank on the way has touched travel (`travel_span`): at N=2 zigzag half of one of
+    the two blocks' gradient is zero and is not sent."""
     n, rank = g.size, g.rank
     c = q.shape[2] // len(rank_chunks(rank, n, layout))
     ring, timer = _Ring(g), _Timer(profile, "backward")
     dt = kernels.acc_dtype(q.dtype)
-    dq_acc = torch.zeros(q.shape, dtype=dt, device=q.device)
+    dq = _RowSum(q, dt)
     kv = (k.contiguous(), v.contiguous())
     slots = [None, None]
-    dkv_shape = (2,) + tuple(k.shape)
-    pending_sends = []
+    home, pending_sends = None, []
     for s in range(n):
         t0 = time.perf_counter()
-        reqs, nxt, inc, inc_req = [], None, None, None
+        reqs, nxt = [], None
         if s < n - 1:
             nxt, reqs = _pass_kv(ring, kv, slots, s, TAG_BWD_K, TAG_BWD_V)
-        if s > 0:  # the dK/dV accumulated so far for the block in hand
-            inc = torch.empty(dkv_shape, dtype=dt, device=q.device)
-            inc_req = ring.recv(inc, TAG_BWD_DKV)
+        inc, inc_reqs = (None, [])
+        if s >= 2:  # what ranks owner+1 .. owner+s-1 summed for the block in hand
+            inc, inc_reqs = _post_travel(ring, travel_span((rank - s) % n, s - 1, n, layout, causal), kv[0], dt, c)
+        if s == n - 1 and n > 1:  # this rank's own block, coming home after N-1 hops
+            back, back_reqs = _post_travel(ring, travel_span(rank, n - 1, n, layout, causal), k, dt, c)
         t1 = time.perf_counter()
-        mine = _block_grads(dout, q, kv, out, lse, step_plan(rank, s, n, layout, causal), c, scale, dq_acc)
+        mine = _block_grads(dout, q, kv, out, lse, step_plan(rank, s, n, layout, causal), c, scale, dq)
         t2 = time.perf_counter()
-        finish([inc_req], ring)
-        travel = mine if inc is None else (inc if mine is None else inc.add_(mine))
-        if travel is None:
-            travel = torch.zeros(dkv_shape, dtype=dt, device=q.device)
-        if n > 1:
-            pending_sends.append(ring.send(travel, TAG_BWD_DKV))  # the handle keeps the buffer alive
+        if s == 0:
+            home = mine
+        else:
+            finish(inc_reqs, ring)
+            travel = _combine(inc, mine, kv[0], c)
+            if travel is not None:  # the handles keep the buffers alive
+                pending_sends += [ring.send(travel[1], TAG_BWD_DK), ring.send(travel[2], TAG_BWD_DV)]
         finish(reqs, ring)
         timer.record(s, t2 - t1, (t1 - t0) + (time.perf_counter() - t2))
         kv = nxt
     if n > 1:
         t0 = time.perf_counter()
-        travel = torch.empty(dkv_shape, dtype=dt, device=q.device)
-        finish([ring.recv(travel, TAG_BWD_DKV)] + pending_sends, ring)
+        finish(back_reqs + pending_sends, ring)
+        home = _combine(home, back, k, c)
         timer.record(n, 0.0, time.perf_counter() - t0)
-    return dq_acc.to(q.dtype), travel[0].to(k.dtype), travel[1].to(v.dtype)
+    whole = (0, len(rank_chunks(rank, n, layout)))
+    if home is None or home[0] != whole:
+        home = _combine(_zeros_span(whole, k, dt, c), home, k, c)
+    return dq.result(q.dtype), home[1].transpose(1, 2).to(k.dtype), home[2].transpose(1, 2).to(v.dtype)
 
 
 class _RingAttention(torch.autograd.Function):

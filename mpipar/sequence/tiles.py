@@ -87,6 +87,30 @@ def step_plan(rank: int, step: int, size: int, layout: str, causal: bool) -> lis
     return plan_tiles(rank_chunks(rank, size, layout), rank_chunks(src, size, layout), causal)
 
 
+def col_span(tiles: list[Tile]) -> tuple[int, int] | None:
+    """Hull [k0, k1) of the local key chunks `tiles` touch, or None for no tiles."""
+    if not tiles:
+        return None
+    return min(t.k0 for t in tiles), max(t.k1 for t in tiles)
+
+
+def hull(a: tuple[int, int] | None, b: tuple[int, int] | None) -> tuple[int, int] | None:
+    """Smallest span holding spans a and b (None: empty)."""
+    if a is None or b is None:
+        return a if b is None else b
+    return min(a[0], b[0]), max(a[1], b[1])
+
+
+def travel_span(owner: int, hops: int, size: int, layout: str, causal: bool) -> tuple[int, int] | None:
+    """Key chunks of `owner`'s block whose gradient the ranks owner+1 .. owner+hops have touched
+    (rank owner+j holds that block at ring step j): the part of the travelling dK/dV that is
+    not zero after `hops` hops, None while it is all zero."""
+    span = None
+    for j in range(1, hops + 1):
+        span = hull(span, col_span(step_plan((owner + j) % size, j, size, layout, causal)))
+    return span
+
+
 def block_pairs(block: Tile, chunk: int) -> int:
     """Number of (query, key) token pairs one kernel call attends (chunk = tokens per chunk)."""
     nq, nk = (block.q1 - block.q0) * chunk, (block.k1 - block.k0) * chunk

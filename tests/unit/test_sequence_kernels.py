@@ -71,3 +71,25 @@ def test_math_backward_matches_fused_backward(causal):
     plain = kernels.math_backward(dout, q, k, v, out, lse, causal, s)
     for a, b in zip(fused, plain):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("spans", [((0, 1), (2, 3)), ((0, 2), (1, 2)), ((1, 2), (0, 3)), ((1, 3), (0, 2))])
+def test_travelling_gradients_add_by_key_chunk(spans):
+    """ring attention's dK/dV pieces (span of key chunks, dk, dv) add into their hull, rest zero."""
+    import importlib
+
+    ra = importlib.import_module("mpipar.sequence.ring_attention")
+    c, like = 2, torch.zeros(1, 3, 8, 4, dtype=torch.float64)  # a block of 4 chunks of 2 keys
+    g = torch.Generator().manual_seed(1)
+    pieces, dense = [], torch.zeros(2, 1, 8, 3, 4, dtype=torch.float64)
+    for a, b in spans:
+        dk, dv = (torch.randn(1, (b - a) * c, 3, 4, generator=g, dtype=torch.float64) for _ in range(2))
+        pieces.append(((a, b), dk.clone(), dv.clone()))
+        dense[0, :, a * c:b * c] += dk
+        dense[1, :, a * c:b * c] += dv
+    span, dk, dv = ra._combine(pieces[0], pieces[1], like, c)
+    lo, hi = min(s[0] for s in spans), max(s[1] for s in spans)
+    assert span == (lo, hi)
+    torch.testing.assert_close(dk, dense[0, :, lo * c:hi * c], rtol=0, atol=0)
+    torch.testing.assert_close(dv, dense[1, :, lo * c:hi * c], rtol=0, atol=0)
+    assert ra._combine(None, pieces[1], like, c) is pieces[1] and ra._combine(pieces[0], None, like, c) is pieces[0]

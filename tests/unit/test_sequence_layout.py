@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mpipar.errors import MpiparError
-from mpipar.sequence.tiles import attended_pairs, plan_tiles, step_plan
+from mpipar.sequence.tiles import attended_pairs, col_span, hull, plan_tiles, step_plan, travel_span
 from mpipar.sequence.layout import (local_positions, natural_from_storage, num_chunks, rank_chunks,
                                     shard_sequence, storage_from_natural, storage_order)
 
@@ -112,3 +112,22 @@ def test_zigzag_balances_causal_work_and_contiguous_does_not(size):
 def test_attended_pairs_single_rank():
     assert attended_pairs(10, 1, "contiguous", True) == [55]
     assert attended_pairs(10, 1, "zigzag", False) == [100]
+
+
+@pytest.mark.parametrize("size,layout,causal",
+                         list(itertools.product([1, 2, 3, 4, 5], ["contiguous", "zigzag"], [True, False])))
+def test_travel_span_is_the_hull_of_the_key_chunks_touched_on_the_way(size, layout, causal):
+    """The backward sends only the key chunks of a block that ranks owner+1 .. owner+hops touched."""
+    for owner, hops in itertools.product(range(size), range(size)):
+        cols = [k for j in range(1, hops + 1) for t in step_plan((owner + j) % size, j, size, layout, causal)
+                for k in range(t.k0, t.k1)]
+        want = (min(cols), max(cols) + 1) if cols else None
+        assert travel_span(owner, hops, size, layout, causal) == want
+
+
+def test_travel_span_halves_one_gradient_at_two_zigzag_ranks():
+    # rank 1's queries (chunks 1, 2) see only chunk 0 of rank 0's block (chunks 0, 3)
+    assert travel_span(0, 1, 2, "zigzag", True) == (0, 1)
+    # rank 0's chunk 3 sees all of rank 1's block
+    assert travel_span(1, 1, 2, "zigzag", True) == (0, 2)
+    assert col_span([]) is None and hull(None, (1, 2)) == (1, 2) and hull((0, 1), (2, 3)) == (0, 3)
