@@ -128,12 +128,19 @@ class _CountingLibrary:
 @pytest.fixture
 def shm_counts(monkeypatch):
     """SHM_COUNTS, reset, counting for the test: wraps the function that decides whether a
-    collective runs in shared memory (symmetric.collectives.enter), the compiled all-reduce
-    plan (symmetric.compiled.sum_push_plan) and the kernel library's streaming copies."""
-    from mpipar.comm.symmetric import collectives, compiled
+    collective runs in shared memory (symmetric.collectives.enter), the entry of the flat
+    block collectives (symmetric.blocks._enter), the compiled all-reduce plan
+    (symmetric.compiled.sum_push_plan) and the kernel library's streaming copies."""
+    from mpipar.comm.symmetric import blocks, collectives, compiled
 
     counts = SHM_COUNTS
     enter, plan, library = collectives.enter, compiled.sum_push_plan, compiled.library
+    block_enter = blocks._enter
+
+    def counted_block_enter(g, t, op, *rest):
+        taken = block_enter(g, t, op, *rest)  # (pool, window, offset); raises otherwise
+        counts.add(taken[0], op, "shm")
+        return taken
 
     def counted_enter(g, t, algorithm, op_name, *rest):
         taken = enter(g, t, algorithm, op_name, *rest)  # (pool, window, offset, how) or None
@@ -152,6 +159,7 @@ def shm_counts(monkeypatch):
         return None if lib is None else _CountingLibrary(lib, counts)
 
     monkeypatch.setattr(collectives, "enter", counted_enter)
+    monkeypatch.setattr(blocks, "_enter", counted_block_enter)
     monkeypatch.setattr(compiled, "sum_push_plan", counted_plan)
     monkeypatch.setattr(compiled, "library", counted_library)
     counts.reset()

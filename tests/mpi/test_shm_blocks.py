@@ -63,7 +63,7 @@ def rank_order_sum(n: int, numel: int, dtype, quarters: bool) -> torch.Tensor:
 
 @pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-def test_reduce_scatter_blocks_sums_in_rank_order(group, dtype, accumulate):
+def test_reduce_scatter_blocks_sums_in_rank_order(group, dtype, accumulate, shm_counts):
     n, r = group.size, group.rank
     segs, numel = layout(n)
     src = comm.symmetric_empty((numel,), dtype, group)
@@ -78,7 +78,7 @@ def test_reduce_scatter_blocks_sums_in_rank_order(group, dtype, accumulate):
             expect = torch.full((s,), 0.5, dtype=wide) + expect
         assert torch.equal(out, expect)
     assert torch.equal(src, data(r, numel, dtype, False))  # the source is left alone
-    assert symmetric.pool_of(group).calls[("reduce_scatter_blocks", "shm")] >= 1
+    assert shm_counts.calls(group, "reduce_scatter_blocks") >= 1
 
 
 def test_reduce_scatter_blocks_equals_mpi_float64(group):
@@ -121,15 +121,15 @@ def test_all_gather_blocks_in_place(group, dtype, copies):
     assert torch.equal(buf, expect)  # the gaps between segments untouched
 
 
-def test_gather_pieces(group, copies):
+def test_gather_pieces(group, copies, shm_counts):
     n, r = group.size, group.rank
     src = comm.symmetric_empty((400,), torch.float64, group)
     src.copy_(data(r, 400, torch.float64, False))
     outs = [torch.empty(n * 37, dtype=torch.float64), torch.empty(n * 300, dtype=torch.float64)]
-    streamed = shm_compiled.STATS["streamed"]
+    streamed = shm_counts.streamed
     blocks.gather_pieces(src, group, [(10, outs[0]), (50, outs[1])])
     if copies == "streamed" and shm_compiled.streaming():
-        assert shm_compiled.STATS["streamed"] == streamed + 2 * n
+        assert shm_counts.streamed == streamed + 2 * n
     for start, out in ((10, outs[0]), (50, outs[1])):
         s = out.numel() // n
         assert torch.equal(out, torch.cat([data(p, 400, torch.float64, False)[start:start + s] for p in range(n)]))

@@ -21,7 +21,6 @@ from mpi4py import MPI
 
 import mpipar
 from mpipar import models
-from mpipar.comm.symmetric.pool import pool_of
 from mpipar.errors import MpiparError
 
 WORLD = MPI.COMM_WORLD
@@ -320,7 +319,7 @@ def test_save_step_atomic_with_rank_state(ckpt_dir):
 @pytest.mark.mpi
 @needs_dp
 @pytest.mark.parametrize("zero,dtype", [(1, F64), (2, F64), (3, F64), (1, torch.bfloat16), (3, torch.bfloat16)])
-def test_shared_memory_path_equals_mpi(zero, dtype, monkeypatch):
+def test_shared_memory_path_equals_mpi(zero, dtype, monkeypatch, shm_counts):
     """ZeRO's buffers in node shared memory (mpipar.models.zero.shared; MPIPAR_SYMMETRIC_BUCKETS=1)
     give the numbers of the MPI path (=0): bit for bit at dp <= 2, to the last bits beyond
     (MPI's order of summation may differ). The model stays usable after close()."""
@@ -335,7 +334,9 @@ def test_shared_memory_path_equals_mpi(zero, dtype, monkeypatch):
             shared = model.buckets.shared
             losses = [models.train_step(model, b, opt, mesh, num_microbatches=2, max_grad_norm=0.2)
                       for b in batches()]
-            calls = dict(pool_of(model.buckets.group).calls) if shared is not None else {}
+            calls = {op: shm_counts.calls(model.buckets.group, op) if shared is not None else 0
+                     for op in ("reduce_scatter_blocks", "all_gather_blocks", "gather_pieces")}
+            shm_counts.reset()
             state = model.full_state_dict()
             model.buckets.close()
             after = model.full_state_dict() if zero < 3 else state
@@ -343,9 +344,9 @@ def test_shared_memory_path_equals_mpi(zero, dtype, monkeypatch):
         assert all(torch.equal(after[k], state[k]) for k in state)
     assert runs["0"][0] is False and runs["1"][0] is (d > 1)
     if d > 1:
-        assert runs["1"][1].get(("reduce_scatter_blocks", "shm"), 0) >= STEPS
+        assert runs["1"][1]["reduce_scatter_blocks"] >= STEPS
         gather = "gather_pieces" if zero == 3 else "all_gather_blocks"
-        assert runs["1"][1].get((gather, "shm"), 0) >= STEPS
+        assert runs["1"][1][gather] >= STEPS
     for k, want in runs["0"][3].items():
         got = runs["1"][3][k]
         if d <= 2:

@@ -60,7 +60,6 @@ def _enter(g, t: torch.Tensor, op: str, why: str | None):
                           f"the same symmetric tensor (comm.symmetric_empty) on every rank of the group")
     window = pool.window(int(table[0, 0]))
     window.sync()
-    pool.calls[(op, "shm")] += 1
     return pool, window, int(table[0, 1])
 
 
