@@ -285,10 +285,16 @@ def _all_to_all(t: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> to
     """Split `t` into N chunks along scatter_dim, send chunk j to rank j, concat received along gather_dim."""
     g = as_group(group)
     sd, gd = norm_dim(scatter_dim, t.dim()), norm_dim(gather_dim, t.dim())
-    _agree("all_to_all", g, t, dim=sd if gd != BAD_DIM else BAD_DIM, root=gd)
+    small = None
+    if g.size > 1 and validation_enabled():  # one Allgather: agreement, and small data too
+        small = inline_ops.agree_all_to_all(t, g, sd, gd)
+    else:
+        _agree("all_to_all", g, t, dim=sd if gd != BAD_DIM else BAD_DIM, root=gd)
     if t.shape[sd] % g.size:
         raise MpiparError(f"all_to_all: size {t.shape[sd]} of scatter_dim {scatter_dim} "
                           f"is not divisible by the group size {g.size}")
+    if small is not None:
+        return small
     if g.size == 1:
         return t.clone()
     x = t.detach()

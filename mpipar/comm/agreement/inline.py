@@ -33,6 +33,7 @@ from ..symmetric import entry as shm_entry
 from ...flight.recorder import note
 from ..buffers import memo
 from ..backends.mpi import in_place
+from . import shm_table
 from .protocol import BAD_DIM, _UNKNOWN, check, exchange, signature
 
 INLINE_BYTES = 4096  # the payload slot; identical on every rank by construction (never from env)
@@ -225,8 +226,13 @@ _MEMMOVE = ctypes.memmove
 
 
 def _allgather_of(g, table):
-    """The group's in-place Allgather of its table, as a no-argument call: a polite wait
-    (mpipar.comm.wait) when ranks outnumber cores."""
+    """The group's in-place Allgather of its table, as a no-argument call (collective the
+    first time: it decides how). Ranks outnumbering cores on one node gather through shared
+    memory (mpipar.comm.agreement.shm_table: one round); on several nodes, a polite wait
+    (mpipar.comm.wait) on MPI's; ranks with their own cores, MPI's blocking Allgather."""
+    shared = shm_table.for_group(g, table.shape[1])
+    if shared is not None:
+        return functools.partial(shared.gather, table)
     if g.oversubscribed:
         from ..wait import wait_all
 
