@@ -16,6 +16,7 @@ that was validated.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -29,11 +30,17 @@ from .symmetric import collectives as shm, entry as shm_entry
 from .buffers import (blocking_buffer, flat_chunks, host_contiguous, needs_staging, offsets, reduce_dtype,
                       staging_forced)
 from .agreement.protocol import BAD_DIM, agree, norm_dim, signature, validation_enabled
-from .wait import complete
+from .wait import all_present, complete
 from ..flight.recorder import begin, done, note
 
 
 _NATIVE = (torch.float32, torch.float64, torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
+
+
+def _present(g, agreed: bool):
+    """all_present(g) once a validated call's agreement (a barrier) has run: MPI's blocking
+    collectives then serve ranks that outnumber cores too (mpipar.comm.wait.all_present)."""
+    return all_present(g) if agreed and g.oversubscribed and validation_enabled() else contextlib.nullcontext()
 
 
 def _bool_op(op: str, dtype: torch.dtype) -> str:
@@ -76,30 +83,35 @@ def all_reduce(t: torch.Tensor, group, op: str = "sum", algorithm: str = "auto",
             else:
                 note(t.dtype, t.shape)
                 _agree("all_reduce", g, t, op=op, algorithm=algorithm)
-        op = _bool_op(op, t.dtype)
         if g.size == 1:
             return t
-        if shm.all_reduce(t, g, op, algorithm, entry):  # symmetric tensor or algorithm="shm"/"hier"
-            return t
-        if t.is_cpu and t.dtype in _NATIVE and t.is_contiguous() and t.numel() and not staging_forced():
-            # fast path: zero copy, no staging (MPI writes t's memory by address)
-            if tuning.choose("all_reduce", algorithm, t.numel() * t.element_size(), g.size) == "mpi":
-                native.all_reduce_(g, t, op)
-                return t
-        with host_contiguous(t) as h:
-            rd = reduce_dtype(h.dtype)
-            work = h if rd == h.dtype else h.to(rd)
-            flat = work.view(-1)
-            algo = tuning.choose("all_reduce", algorithm, flat.numel() * flat.element_size(), g.size)
-            if algo == "ring":
-                ring.all_reduce_(flat, g, flat_chunks(flat.numel(), g.size), op)
-            else:
-                native.all_reduce_(g, flat, op)
-            if work is not h:
-                h.copy_(work)
-        return t
+        with _present(g, validate):
+            return _all_reduce(t, g, _bool_op(op, t.dtype), algorithm, entry)
     finally:
         done(slot)
+
+
+def _all_reduce(t: torch.Tensor, g, op: str, algorithm: str, entry) -> torch.Tensor:
+    """all_reduce's data movement once the arguments are agreed (g.size > 1)."""
+    if shm.all_reduce(t, g, op, algorithm, entry):  # symmetric tensor or algorithm="shm"/"hier"
+        return t
+    if t.is_cpu and t.dtype in _NATIVE and t.is_contiguous() and t.numel() and not staging_forced():
+        # fast path: zero copy, no staging (MPI writes t's memory by address)
+        if tuning.choose("all_reduce", algorithm, t.numel() * t.element_size(), g.size) == "mpi":
+            native.all_reduce_(g, t, op)
+            return t
+    with host_contiguous(t) as h:
+        rd = reduce_dtype(h.dtype)
+        work = h if rd == h.dtype else h.to(rd)
+        flat = work.view(-1)
+        algo = tuning.choose("all_reduce", algorithm, flat.numel() * flat.element_size(), g.size)
+        if algo == "ring":
+            ring.all_reduce_(flat, g, flat_chunks(flat.numel(), g.size), op)
+        else:
+            native.all_reduce_(g, flat, op)
+        if work is not h:
+            h.copy_(work)
+    return t
 
 
 def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *,
@@ -154,7 +166,8 @@ def _all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *
         flat.narrow(0, offsets(counts)[g.rank], counts[g.rank]).copy_(x.reshape(-1))
         ring.all_gather_(flat, g, counts)
     else:
-        native.all_gather(g, blocking_buffer(x), blocking_buffer(out), counts)
+        with _present(g, True):  # the agreement (a barrier) ran: g.size > 1 here
+            native.all_gather(g, blocking_buffer(x), blocking_buffer(out), counts)
     if d:
         out = out.movedim(0, d).contiguous()
     return out if out.device == t.device else out.to(t.device)
@@ -183,7 +196,8 @@ def _all_gather_into(t, g, d: int, sizes: list[int], algorithm: str, out: torch.
         ring.all_gather_(flat, g, counts)
     else:
         send = native.in_place() if direct else blocking_buffer(t.detach().to(host.device).contiguous())
-        native.all_gather(g, send, blocking_buffer(flat), counts)
+        with _present(g, True):
+            native.all_gather(g, send, blocking_buffer(flat), counts)
     return out if host is out else out.copy_(host)
 
 
@@ -226,7 +240,8 @@ def _reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algor
         mine = ring.reduce_scatter_into(x.reshape(-1), g, counts, op)
     else:
         mine = outputs.empty([counts[g.rank]], x.dtype, None if x.is_cpu else x.device)
-        native.reduce_scatter(g, blocking_buffer(x), blocking_buffer(mine), counts, op)
+        with _present(g, validate):
+            native.reduce_scatter(g, blocking_buffer(x), blocking_buffer(mine), counts, op)
     out = mine.view([sizes[g.rank]] + list(x.shape[1:]))
     if d:
         out = out.movedim(0, d).contiguous()
@@ -269,7 +284,8 @@ def _broadcast(t: torch.Tensor, group, root: int = 0) -> torch.Tensor:
 
 
 def _bcast(g, buf, root: int) -> None:
-    complete(g, "Bcast", buf, root=root)
+    with _present(g, True):  # after the agreement
+        complete(g, "Bcast", buf, root=root)
 
 
 def all_to_all(t: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
@@ -302,7 +318,8 @@ def _all_to_all(t: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> to
     send = x.movedim(sd, 0).contiguous()  # block j (rows j*S/N ..) goes to rank j; no copy when sd == 0
     recv = outputs.empty(send.shape, send.dtype, send.device)
     bufs = blocking_buffer(send), blocking_buffer(recv)
-    complete(g, "Alltoall", *bufs)
+    with _present(g, True):  # after the agreement
+        complete(g, "Alltoall", *bufs)
     # block i came from rank i: (N, S/N, rest) back in t's dim order, then concatenated along gd
     blocks = recv.view(g.size, send.shape[0] // g.size, *send.shape[1:]).movedim(1, sd + 1)
     out_shape = list(t.shape)

@@ -9,6 +9,7 @@ constants live here only; results/TUNING.md has the measurement behind them.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import threading
@@ -116,16 +117,32 @@ def wait_all(requests) -> None:
         done(slot)
 
 
+@contextlib.contextmanager
+def all_present(g):
+    """Inside: every rank of `g` has entered the current collective (its argument agreement,
+    which waits for all of them, just ended), so `complete` may use MPI's blocking form even
+    where ranks outnumber cores: nobody it could wait for is still computing, and MPICH's own
+    progress loop (spinning with yields) moves a large message among present ranks faster
+    than polls between sleeps (results/TUNING.md)."""
+    before = g.__dict__.get("_all_present", False)
+    g._all_present = True
+    try:
+        yield
+    finally:
+        g._all_present = before
+
+
 def complete(g, name: str, *args, **kwargs) -> None:
     """Run the collective `name` of group `g`'s communicator (mpi4py's name: "Allreduce",
     "Bcast", ...) on these arguments: blocking when ranks have their own cores (MPI's own
     wait, no Python between the start and the end; MPICH's Iallreduce + Waitall measured
     within 7 us of Allreduce here at 256 KiB-8 MiB, slower at five of six sizes, and within
-    the run's noise at 16-64 MiB), else its non-blocking form ("I" + name: "Iallreduce")
-    waited politely. Names, not closures: small calls run this on their hot path."""
+    the run's noise at 16-64 MiB) or when all of them are known to be in this call
+    (`all_present`), else its non-blocking form ("I" + name: "Iallreduce") waited
+    politely. Names, not closures: small calls run this on their hot path."""
     slot = begin(g, name)  # -1 (nothing recorded) inside an mpipar collective, which is recorded
     try:
-        if g.oversubscribed:
+        if g.oversubscribed and not g.__dict__.get("_all_present", False):
             wait_all([getattr(g.comm, "I" + name[0].lower() + name[1:])(*args, **kwargs)])
         else:
             getattr(g.comm, name)(*args, **kwargs)
