@@ -43,6 +43,19 @@ def _present(g, agreed: bool):
     return all_present(g) if agreed and g.oversubscribed and validation_enabled() else contextlib.nullcontext()
 
 
+_STAGED = (torch.float32, torch.float64, torch.int32, torch.int64, torch.bfloat16, torch.float16)
+
+
+def _staged(g, t: torch.Tensor, algorithm: str, name: str, nbytes: int) -> str:
+    """"shm" where "auto" stages a tensor of `nbytes` through shared memory (ranks that
+    outnumber cores on one node: tuning.stages_in_shm), else `algorithm`. Reads only agreed
+    facts (size, dtype, algorithm, how the group gathers its agreement): same on every rank."""
+    if (algorithm == "auto" and t.dtype in _STAGED and tuning.stages_in_shm(name, nbytes)
+            and inline.gathers_in_shared_memory(g)):
+        return "shm"
+    return algorithm
+
+
 def _bool_op(op: str, dtype: torch.dtype) -> str:
     """bool sum = logical or (= max of 0/1); other dtypes keep their op."""
     return "max" if dtype is torch.bool and op == "sum" else op
@@ -93,7 +106,8 @@ def all_reduce(t: torch.Tensor, group, op: str = "sum", algorithm: str = "auto",
 
 def _all_reduce(t: torch.Tensor, g, op: str, algorithm: str, entry) -> torch.Tensor:
     """all_reduce's data movement once the arguments are agreed (g.size > 1)."""
-    if shm.all_reduce(t, g, op, algorithm, entry):  # symmetric tensor or algorithm="shm"/"hier"
+    staged = _staged(g, t, algorithm, "all_reduce", t.numel() * t.element_size())
+    if shm.all_reduce(t, g, op, staged, entry):  # symmetric tensor, algorithm="shm"/"hier", or staged
         return t
     if t.is_cpu and t.dtype in _NATIVE and t.is_contiguous() and t.numel() and not staging_forced():
         # fast path: zero copy, no staging (MPI writes t's memory by address)
@@ -151,7 +165,9 @@ def _all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *
         return small
     if g.size == 1:
         return t.clone()
-    shared = shm.all_gather(t, g, d, sizes, algorithm, table) if shm_entry.may_apply(g, algorithm) else None
+    inner = math.prod(s for k, s in enumerate(t.shape) if k != d)  # agreed (only dim d may differ)
+    staged = _staged(g, t, algorithm, "all_gather", sum(sizes) * inner * t.element_size())
+    shared = shm.all_gather(t, g, d, sizes, staged, table) if shm_entry.may_apply(g, staged) else None
     if shared is not None:
         return shared
     x = t.detach() if d == 0 else t.detach().movedim(d, 0)
@@ -180,7 +196,8 @@ def _all_gather_into(t, g, d: int, sizes: list[int], algorithm: str, out: torch.
     in_place = into.is_own_slice(t, out, d, sizes, g.rank)
     if g.size == 1:
         return out if in_place else out.copy_(t)
-    if shm.all_gather(t, g, d, sizes, algorithm, entry, out=out, in_place=in_place) is not None:
+    staged = _staged(g, t, algorithm, "all_gather", out.numel() * out.element_size())
+    if shm.all_gather(t, g, d, sizes, staged, entry, out=out, in_place=in_place) is not None:
         return out
     if d:  # pieces are strided in `out` (d is agreed: every rank takes this branch): gather, then copy
         return out.copy_(all_gather(t, g, d, algorithm))
@@ -228,7 +245,8 @@ def _reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algor
     op = _bool_op(op, t.dtype)
     if g.size == 1:
         return t.clone()
-    shared = shm.reduce_scatter(t, g, d, op, algorithm, table) if shm_entry.may_apply(g, algorithm) else None
+    staged = _staged(g, t, algorithm, "reduce_scatter", t.numel() * t.element_size())
+    shared = shm.reduce_scatter(t, g, d, op, staged, table) if shm_entry.may_apply(g, staged) else None
     if shared is not None:
         return shared
     x = _working(t.movedim(d, 0) if d else t)

@@ -103,6 +103,7 @@ class _Buffers:
         self.rows: dict = {}
         self.last, self.expect = None, b""  # the _Call whose head is in this rank's row
         self.gather = None  # the in-place Allgather of `table` (set by buffers())
+        self.shared = False  # ... made through shared memory (mpipar.comm.agreement.shm_table)
 
     def typed_rows(self, dtype: torch.dtype, shape) -> tuple:
         """The N payloads (row r: rank r's), shaped `shape` and typed `dtype`."""
@@ -127,8 +128,15 @@ def buffers(g) -> _Buffers:
     b = getattr(g, "_inline_buffers", None)
     if b is None:
         b = g._inline_buffers = _Buffers(g.size, g.rank)
-        b.gather = _allgather_of(g, b.table)
+        b.gather, b.shared = _allgather_of(g, b.table)
     return b
+
+
+def gathers_in_shared_memory(g) -> bool:
+    """Local, the same on every rank: has g's agreement been gathering through shared memory
+    (all ranks oversubscribed on one node; decided collectively at its first agreement)?"""
+    b = getattr(g, "_inline_buffers", None)
+    return b is not None and b.shared
 
 
 def exchange_args(g, info: _Call, t: torch.Tensor, payload: bool, shared_of=None) -> tuple:
@@ -226,15 +234,16 @@ _MEMMOVE = ctypes.memmove
 
 
 def _allgather_of(g, table):
-    """The group's in-place Allgather of its table, as a no-argument call (collective the
-    first time: it decides how). Ranks outnumbering cores on one node gather through shared
-    memory (mpipar.comm.agreement.shm_table: one round); on several nodes, a polite wait
-    (mpipar.comm.wait) on MPI's; ranks with their own cores, MPI's blocking Allgather."""
+    """(the group's in-place Allgather of its table as a no-argument call, whether it goes
+    through shared memory); collective (it decides how). Ranks outnumbering cores on one
+    node gather through shared memory (mpipar.comm.agreement.shm_table: one round); on
+    several nodes, a polite wait (mpipar.comm.wait) on MPI's; ranks with their own cores,
+    MPI's blocking Allgather."""
     shared = shm_table.for_group(g, table.shape[1])
     if shared is not None:
-        return functools.partial(shared.gather, table)
+        return functools.partial(shared.gather, table), True
     if g.oversubscribed:
         from ..wait import wait_all
 
-        return lambda: wait_all([g.comm.Iallgather(in_place(), table)])
-    return functools.partial(g.comm.Allgather, in_place(), table)
+        return (lambda: wait_all([g.comm.Iallgather(in_place(), table)])), False
+    return functools.partial(g.comm.Allgather, in_place(), table), False
