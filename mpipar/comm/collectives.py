@@ -87,10 +87,12 @@ def all_reduce(t: torch.Tensor, group, op: str = "sum", algorithm: str = "auto",
     else:
         slot = begin(g, "all_reduce", t.dtype, t.shape, algorithm)
     try:
-        entry = None  # the shared-memory entry exchange, when the agreement already made it
+        entry = prestaged = None  # the shared-memory entry exchange, when the agreement already made it
         if validate:
             if g.size > 1 and validation_enabled():  # one Allgather: agreement, and small data too
-                entry = inline.agree_all_reduce(t, g, op, algorithm)
+                if _staged(g, t, algorithm, "all_reduce", t.numel() * t.element_size()) == "shm":
+                    prestaged = shm.prestage(g, t)  # the agreement is then the staging barrier too
+                entry = inline.agree_all_reduce(t, g, op, algorithm, prestaged is not None)
                 if entry is True:
                     return t
             else:
@@ -99,15 +101,16 @@ def all_reduce(t: torch.Tensor, group, op: str = "sum", algorithm: str = "auto",
         if g.size == 1:
             return t
         with _present(g, validate):
-            return _all_reduce(t, g, _bool_op(op, t.dtype), algorithm, entry)
+            return _all_reduce(t, g, _bool_op(op, t.dtype), algorithm, entry, prestaged)
     finally:
         done(slot)
 
 
-def _all_reduce(t: torch.Tensor, g, op: str, algorithm: str, entry) -> torch.Tensor:
-    """all_reduce's data movement once the arguments are agreed (g.size > 1)."""
+def _all_reduce(t: torch.Tensor, g, op: str, algorithm: str, entry, prestaged=None) -> torch.Tensor:
+    """all_reduce's data movement once the arguments are agreed (g.size > 1); `prestaged`: the
+    scratch window holding `t` (shm.prestage), when it was copied before the agreement."""
     staged = _staged(g, t, algorithm, "all_reduce", t.numel() * t.element_size())
-    if shm.all_reduce(t, g, op, staged, entry):  # symmetric tensor, algorithm="shm"/"hier", or staged
+    if shm.all_reduce(t, g, op, staged, entry, prestaged if staged == "shm" else None):
         return t
     if t.is_cpu and t.dtype in _NATIVE and t.is_contiguous() and t.numel() and not staging_forced():
         # fast path: zero copy, no staging (MPI writes t's memory by address)

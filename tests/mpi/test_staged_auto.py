@@ -59,4 +59,35 @@ def test_auto_stages_large_plain_tensors_when_ranks_outnumber_cores(fresh, check
     staged = 0 if pool is None else sum(v for (op, how), v in pool.calls.items() if how == "shm")
     checks.true(shared == g.oversubscribed, "the agreement gathers through shared memory iff ranks outnumber cores")
     checks.true(staged == (5 if shared else 0), f"staged calls {staged}, shared agreement {shared}")
+    # the bf16 call found the scratch window large enough: copied before its agreement
+    prestaged = 0 if pool is None else pool.calls[("all_reduce", "prestaged")]
+    checks.true(prestaged == (1 if shared else 0), f"prestaged calls {prestaged}")
+    checks.finish()
+
+
+def test_prestaging_is_used_only_when_every_rank_prestaged(fresh, checks):
+    """Rank 0 passes a symmetric tensor (it does not prestage), the others plain ones (they
+    do): the agreement tells every rank, and all stage after it instead (no hang, exact)."""
+    g = fresh
+    n, r = g.size, g.rank
+    if n == 1:
+        pytest.skip("a single rank communicates nothing")
+    rows = ROWS - ROWS % n
+    xs = [rank_tensor((rows, 16), torch.float64, i, 5) for i in range(n)]
+    total = torch.stack(xs).sum(0)
+    y = xs[r].clone()
+    comm.all_reduce(y, g)  # makes the pool's scratch (when staging applies)
+    checks.equal(y, total, "first")
+    sym = comm.symmetric_empty((rows, 16), torch.float64, g)  # collective; only rank 0 uses it
+    for seed in range(2):
+        z = sym if r == 0 else torch.empty(rows, 16, dtype=torch.float64)
+        z.copy_(xs[r] * (seed + 1))
+        comm.all_reduce(z, g)
+        checks.equal(z, total * (seed + 1), f"mixed, call {seed}")
+    y = xs[r].clone()
+    comm.all_reduce(y, g)  # all plain again: prestaged where staging applies
+    checks.equal(y, total, "plain again")
+    pool = pool_of(g)
+    prestaged = 0 if pool is None else pool.calls[("all_reduce", "prestaged")]
+    checks.true(prestaged == (1 if gathers_in_shared_memory(g) else 0), f"prestaged calls {prestaged}")
     checks.finish()
