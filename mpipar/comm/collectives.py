@@ -37,6 +37,13 @@ from ..flight.recorder import begin, done, note
 _NATIVE = (torch.float32, torch.float64, torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
 
 
+# Broadcast and all-to-all from this size keep the polite wait after the agreement too: with
+# ranks outnumbering cores, MPICH's pipelined large Bcast/Alltoall ran slower busy-polling than
+# polled between sleeps (4 MiB at 4 ranks on 2 cores, results/TUNING.md); the reductions and
+# all-gather gained at every measured size (from 2 MiB "auto" stages them in shared memory).
+_POLITE_FROM = 2 << 20
+
+
 def _present(g, agreed: bool):
     """all_present(g) once a validated call's agreement (a barrier) has run: MPI's blocking
     collectives then serve ranks that outnumber cores too (mpipar.comm.wait.all_present)."""
@@ -297,15 +304,16 @@ def _broadcast(t: torch.Tensor, group, root: int = 0) -> torch.Tensor:
     if shm.broadcast(t, g, root, table):  # symmetric tensor on one node: zero copy
         return t
     if t.is_cpu and t.is_contiguous() and not staging_forced():
-        _bcast(g, blocking_buffer(t), root)  # zero copy, without host_contiguous (3 us of a 16 KiB call)
+        # zero copy, without host_contiguous (3 us of a 16 KiB call)
+        _bcast(g, blocking_buffer(t), root, t.numel() * t.element_size())
         return t
     with host_contiguous(t, write_back=g.rank != root) as h:
-        _bcast(g, blocking_buffer(h), root)
+        _bcast(g, blocking_buffer(h), root, h.numel() * h.element_size())
     return t
 
 
-def _bcast(g, buf, root: int) -> None:
-    with _present(g, True):  # after the agreement
+def _bcast(g, buf, root: int, nbytes: int) -> None:
+    with _present(g, nbytes < _POLITE_FROM):  # after the agreement
         complete(g, "Bcast", buf, root=root)
 
 
@@ -339,7 +347,7 @@ def _all_to_all(t: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> to
     send = x.movedim(sd, 0).contiguous()  # block j (rows j*S/N ..) goes to rank j; no copy when sd == 0
     recv = outputs.empty(send.shape, send.dtype, send.device)
     bufs = blocking_buffer(send), blocking_buffer(recv)
-    with _present(g, True):  # after the agreement
+    with _present(g, send.numel() * send.element_size() < _POLITE_FROM):  # after the agreement
         complete(g, "Alltoall", *bufs)
     # block i came from rank i: (N, S/N, rest) back in t's dim order, then concatenated along gd
     blocks = recv.view(g.size, send.shape[0] // g.size, *send.shape[1:]).movedim(1, sd + 1)
