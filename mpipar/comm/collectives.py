@@ -12,11 +12,11 @@ agreement also carries the shared-memory entry exchange of symmetric tensors
 (mpipar.comm.symmetric.collectives). `validate=False` (all_reduce,
 reduce_scatter) skips that agreement for callers whose arguments are
 consistent by construction, e.g. a backward whose shapes mirror a forward
-that was validated.
+that was validated. Where ranks outnumber cores, mpipar.comm.backends.crowded
+picks how the data moves after the agreement.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -25,42 +25,16 @@ from ..errors import MpiparError
 from ..mesh import as_group
 from . import outputs, tuning
 from .agreement import inline, inline_ops, into
-from .backends import mpi as native, ring
+from .backends import crowded, mpi as native, ring
 from .symmetric import collectives as shm, entry as shm_entry
 from .buffers import (blocking_buffer, flat_chunks, host_contiguous, needs_staging, offsets, reduce_dtype,
                       staging_forced)
 from .agreement.protocol import BAD_DIM, agree, norm_dim, signature, validation_enabled
-from .wait import all_present, complete
+from .wait import complete
 from ..flight.recorder import begin, done, note
 
 
 _NATIVE = (torch.float32, torch.float64, torch.int32, torch.int64, torch.int16, torch.int8, torch.uint8)
-
-
-# Broadcast and all-to-all from this size keep the polite wait after the agreement too: with
-# ranks outnumbering cores, MPICH's pipelined large Bcast/Alltoall ran slower busy-polling than
-# polled between sleeps (4 MiB at 4 ranks on 2 cores, results/TUNING.md); the reductions and
-# all-gather gained at every measured size (from 2 MiB "auto" stages them in shared memory).
-_POLITE_FROM = 2 << 20
-
-
-def _present(g, agreed: bool):
-    """all_present(g) once a validated call's agreement (a barrier) has run: MPI's blocking
-    collectives then serve ranks that outnumber cores too (mpipar.comm.wait.all_present)."""
-    return all_present(g) if agreed and g.oversubscribed and validation_enabled() else contextlib.nullcontext()
-
-
-_STAGED = (torch.float32, torch.float64, torch.int32, torch.int64, torch.bfloat16, torch.float16)
-
-
-def _staged(g, t: torch.Tensor, algorithm: str, name: str, nbytes: int) -> str:
-    """"shm" where "auto" stages a tensor of `nbytes` through shared memory (ranks that
-    outnumber cores on one node: tuning.stages_in_shm), else `algorithm`. Reads only agreed
-    facts (size, dtype, algorithm, how the group gathers its agreement): same on every rank."""
-    if (algorithm == "auto" and t.dtype in _STAGED and tuning.stages_in_shm(name, nbytes)
-            and inline.gathers_in_shared_memory(g)):
-        return "shm"
-    return algorithm
 
 
 def _bool_op(op: str, dtype: torch.dtype) -> str:
@@ -97,7 +71,7 @@ def all_reduce(t: torch.Tensor, group, op: str = "sum", algorithm: str = "auto",
         entry = prestaged = None  # the shared-memory entry exchange, when the agreement already made it
         if validate:
             if g.size > 1 and validation_enabled():  # one Allgather: agreement, and small data too
-                if _staged(g, t, algorithm, "all_reduce", t.numel() * t.element_size()) == "shm":
+                if crowded.staged(g, t, algorithm, "all_reduce", t.numel() * t.element_size()) == "shm":
                     prestaged = shm.prestage(g, t)  # the agreement is then the staging barrier too
                 entry = inline.agree_all_reduce(t, g, op, algorithm, prestaged is not None)
                 if entry is True:
@@ -107,7 +81,7 @@ def all_reduce(t: torch.Tensor, group, op: str = "sum", algorithm: str = "auto",
                 _agree("all_reduce", g, t, op=op, algorithm=algorithm)
         if g.size == 1:
             return t
-        with _present(g, validate):
+        with crowded.present(g, validate):
             return _all_reduce(t, g, _bool_op(op, t.dtype), algorithm, entry, prestaged)
     finally:
         done(slot)
@@ -116,7 +90,7 @@ def all_reduce(t: torch.Tensor, group, op: str = "sum", algorithm: str = "auto",
 def _all_reduce(t: torch.Tensor, g, op: str, algorithm: str, entry, prestaged=None) -> torch.Tensor:
     """all_reduce's data movement once the arguments are agreed (g.size > 1); `prestaged`: the
     scratch window holding `t` (shm.prestage), when it was copied before the agreement."""
-    staged = _staged(g, t, algorithm, "all_reduce", t.numel() * t.element_size())
+    staged = crowded.staged(g, t, algorithm, "all_reduce", t.numel() * t.element_size())
     if shm.all_reduce(t, g, op, staged, entry, prestaged if staged == "shm" else None):
         return t
     if t.is_cpu and t.dtype in _NATIVE and t.is_contiguous() and t.numel() and not staging_forced():
@@ -176,7 +150,7 @@ def _all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *
     if g.size == 1:
         return t.clone()
     inner = math.prod(s for k, s in enumerate(t.shape) if k != d)  # agreed (only dim d may differ)
-    staged = _staged(g, t, algorithm, "all_gather", sum(sizes) * inner * t.element_size())
+    staged = crowded.staged(g, t, algorithm, "all_gather", sum(sizes) * inner * t.element_size())
     shared = shm.all_gather(t, g, d, sizes, staged, table) if shm_entry.may_apply(g, staged) else None
     if shared is not None:
         return shared
@@ -192,7 +166,7 @@ def _all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *
         flat.narrow(0, offsets(counts)[g.rank], counts[g.rank]).copy_(x.reshape(-1))
         ring.all_gather_(flat, g, counts)
     else:
-        with _present(g, True):  # the agreement (a barrier) ran: g.size > 1 here
+        with crowded.present(g, True):  # the agreement (a barrier) ran: g.size > 1 here
             native.all_gather(g, blocking_buffer(x), blocking_buffer(out), counts)
     if d:
         out = out.movedim(0, d).contiguous()
@@ -206,7 +180,7 @@ def _all_gather_into(t, g, d: int, sizes: list[int], algorithm: str, out: torch.
     in_place = into.is_own_slice(t, out, d, sizes, g.rank)
     if g.size == 1:
         return out if in_place else out.copy_(t)
-    staged = _staged(g, t, algorithm, "all_gather", out.numel() * out.element_size())
+    staged = crowded.staged(g, t, algorithm, "all_gather", out.numel() * out.element_size())
     if shm.all_gather(t, g, d, sizes, staged, entry, out=out, in_place=in_place) is not None:
         return out
     if d:  # pieces are strided in `out` (d is agreed: every rank takes this branch): gather, then copy
@@ -223,7 +197,7 @@ def _all_gather_into(t, g, d: int, sizes: list[int], algorithm: str, out: torch.
         ring.all_gather_(flat, g, counts)
     else:
         send = native.in_place() if direct else blocking_buffer(t.detach().to(host.device).contiguous())
-        with _present(g, True):
+        with crowded.present(g, True):
             native.all_gather(g, send, blocking_buffer(flat), counts)
     return out if host is out else out.copy_(host)
 
@@ -255,7 +229,7 @@ def _reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algor
     op = _bool_op(op, t.dtype)
     if g.size == 1:
         return t.clone()
-    staged = _staged(g, t, algorithm, "reduce_scatter", t.numel() * t.element_size())
+    staged = crowded.staged(g, t, algorithm, "reduce_scatter", t.numel() * t.element_size())
     shared = shm.reduce_scatter(t, g, d, op, staged, table) if shm_entry.may_apply(g, staged) else None
     if shared is not None:
         return shared
@@ -268,7 +242,7 @@ def _reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algor
         mine = ring.reduce_scatter_into(x.reshape(-1), g, counts, op)
     else:
         mine = outputs.empty([counts[g.rank]], x.dtype, None if x.is_cpu else x.device)
-        with _present(g, validate):
+        with crowded.present(g, validate):
             native.reduce_scatter(g, blocking_buffer(x), blocking_buffer(mine), counts, op)
     out = mine.view([sizes[g.rank]] + list(x.shape[1:]))
     if d:
@@ -313,7 +287,7 @@ def _broadcast(t: torch.Tensor, group, root: int = 0) -> torch.Tensor:
 
 
 def _bcast(g, buf, root: int, nbytes: int) -> None:
-    with _present(g, nbytes < _POLITE_FROM):  # after the agreement
+    with crowded.present(g, nbytes < crowded.POLITE_FROM):  # after the agreement
         complete(g, "Bcast", buf, root=root)
 
 
@@ -347,7 +321,7 @@ def _all_to_all(t: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> to
     send = x.movedim(sd, 0).contiguous()  # block j (rows j*S/N ..) goes to rank j; no copy when sd == 0
     recv = outputs.empty(send.shape, send.dtype, send.device)
     bufs = blocking_buffer(send), blocking_buffer(recv)
-    with _present(g, send.numel() * send.element_size() < _POLITE_FROM):  # after the agreement
+    with crowded.present(g, send.numel() * send.element_size() < crowded.POLITE_FROM):  # after the agreement
         complete(g, "Alltoall", *bufs)
     # block i came from rank i: (N, S/N, rest) back in t's dim order, then concatenated along gd
     blocks = recv.view(g.size, send.shape[0] // g.size, *send.shape[1:]).movedim(1, sd + 1)
