@@ -12,7 +12,7 @@ from ..settings import current
 
 NEVER = 1 << 62
 CROSSOVER_BYTES = {
-    "all_reduce": 8 << 20,
+    "all_reduce": 32 << 20,  # was 8 MiB until 2026-12-06 (results/TUNING.md)
     "all_gather": 16 << 20,
     "reduce_scatter": 2 << 20,
 }
