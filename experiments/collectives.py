@@ -4,7 +4,7 @@
     mpiexec -n 2 python experiments/collectives.py [--quick] [--sizes 4K:256M[:factor] | 4K,1M,..]
         [--ops all_reduce,all_gather,reduce_scatter,broadcast,all_to_all] [--dtype float32]
         [--impls mpi,ring,auto,auto_sym,sym_inplace,mpi4py,mpi4py_inplace,gloo,memcpy,...] [--iters 20] [--warmup 5] [--rounds 15]
-        [--mode loop|single|loop,single] [--out F.h5] [--dry-run]
+        [--mode loop|single|loop,single] [--out F.h5] [--dry-run] [--phases]
 
 Per op and size, every implementation is timed side by side in --rounds interleaved
 rounds (round k times each implementation in turn for --iters calls, or more, up to
@@ -44,6 +44,10 @@ so that a round lasts about 100 ms). "loop,single"
 times both in the same rounds (one input per implementation, both modes side by
 side) and prints each mode's table plus their times over raw mpi4py's, side by side.
 The memory passes (memcpy, inplace, inplace_sym) run in loop mode only.
+
+--phases: instead of the sweep, where single calls of "auto" spend their time (argument
+agreement, staging, shared-memory kernel and barrier, MPI's collective, output), per op
+and size, printed (experiments/_collectives_phases.py); nothing is written.
 
 At the end: the measured size from which "ring" beats "mpi" (feeds
 mpipar/comm/tuning.py) and alpha-beta fits of the ring points (mpipar.comm.fit_alpha_beta).
@@ -93,6 +97,7 @@ class Config:
     rounds: int = 15
     out: str = ""
     dry_run: bool = False
+    phases: bool = False
     modes: list = dataclasses.field(default_factory=lambda: ["loop"])
 
 
@@ -135,12 +140,14 @@ def parse_args(argv=None) -> Config:
                         "or loop,single (both, side by side)")
     p.add_argument("--out", default=None, help="HDF5 file (default results/collectives/<UTC stamp>.h5)")
     p.add_argument("--dry-run", action="store_true", help="list the points (done or to do) and exit")
+    p.add_argument("--phases", action="store_true",
+                   help="time the phases of single auto calls per op and size instead of the sweep (printed only)")
     a = p.parse_args(argv)
     cfg = Config(sizes=parse_sizes(a.sizes or ("4K:1M:4" if a.quick else "4K:256M")),
                  ops=[o for o in a.ops.split(",") if o], impls=[i for i in a.impls.split(",") if i],
                  dtype=a.dtype, iters=a.iters or (5 if a.quick else 20),
                  warmup=a.warmup if a.warmup is not None else (1 if a.quick else 5),
-                 rounds=a.rounds or (2 if a.quick else 15), out=a.out or "", dry_run=a.dry_run,
+                 rounds=a.rounds or (2 if a.quick else 15), out=a.out or "", dry_run=a.dry_run, phases=a.phases,
                  modes=[m for m in a.mode.split(",") if m])
     require(not set(cfg.ops) - set(OPS), f"collectives: unknown ops {sorted(set(cfg.ops) - set(OPS))}")
     require(not set(cfg.impls) - set(IMPLS), f"collectives: unknown impls {sorted(set(cfg.impls) - set(IMPLS))}")
@@ -240,6 +247,11 @@ def main(argv=None) -> int:
     cfg = parse_args(argv)
     mesh = mpipar.Mesh(comm=MPI.COMM_WORLD)
     g = mesh.world
+    if cfg.phases:
+        from _collectives_phases import phase_report
+
+        phase_report(cfg.ops, cfg.sizes, g, cfg.iters)
+        return 0
     cfg.out = cfg.out or default_out(g.comm)
     points = plan(cfg, g.size)
     done, limit = g.comm.bcast(stored(cfg.out) if g.rank == 0 else None, root=0)

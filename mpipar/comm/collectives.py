@@ -12,7 +12,8 @@ agreement also carries the shared-memory entry exchange of symmetric tensors
 (mpipar.comm.symmetric.collectives). `validate=False` (all_reduce,
 reduce_scatter) skips that agreement for callers whose arguments are
 consistent by construction, e.g. a backward whose shapes mirror a forward
-that was validated.
+that was validated. Where ranks outnumber cores, mpipar.comm.backends.crowded
+picks how the data moves after the agreement.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from ..errors import MpiparError
 from ..mesh import as_group
 from . import outputs, tuning
 from .agreement import inline, inline_ops, into
-from .backends import mpi as native, ring
+from .backends import crowded, mpi as native, ring
 from .symmetric import collectives as shm, entry as shm_entry
 from .buffers import (blocking_buffer, flat_chunks, host_contiguous, needs_staging, offsets, reduce_dtype,
                       staging_forced)
@@ -67,39 +68,48 @@ def all_reduce(t: torch.Tensor, group, op: str = "sum", algorithm: str = "auto",
     else:
         slot = begin(g, "all_reduce", t.dtype, t.shape, algorithm)
     try:
-        entry = None  # the shared-memory entry exchange, when the agreement already made it
+        entry = prestaged = None  # the shared-memory entry exchange, when the agreement already made it
         if validate:
             if g.size > 1 and validation_enabled():  # one Allgather: agreement, and small data too
-                entry = inline.agree_all_reduce(t, g, op, algorithm)
+                if crowded.staged(g, t, algorithm, "all_reduce", t.numel() * t.element_size()) == "shm":
+                    prestaged = shm.prestage(g, t)  # the agreement is then the staging barrier too
+                entry = inline.agree_all_reduce(t, g, op, algorithm, prestaged is not None)
                 if entry is True:
                     return t
             else:
                 note(t.dtype, t.shape)
                 _agree("all_reduce", g, t, op=op, algorithm=algorithm)
-        op = _bool_op(op, t.dtype)
         if g.size == 1:
             return t
-        if shm.all_reduce(t, g, op, algorithm, entry):  # symmetric tensor or algorithm="shm"/"hier"
-            return t
-        if t.is_cpu and t.dtype in _NATIVE and t.is_contiguous() and t.numel() and not staging_forced():
-            # fast path: zero copy, no staging (MPI writes t's memory by address)
-            if tuning.choose("all_reduce", algorithm, t.numel() * t.element_size(), g.size) == "mpi":
-                native.all_reduce_(g, t, op)
-                return t
-        with host_contiguous(t) as h:
-            rd = reduce_dtype(h.dtype)
-            work = h if rd == h.dtype else h.to(rd)
-            flat = work.view(-1)
-            algo = tuning.choose("all_reduce", algorithm, flat.numel() * flat.element_size(), g.size)
-            if algo == "ring":
-                ring.all_reduce_(flat, g, flat_chunks(flat.numel(), g.size), op)
-            else:
-                native.all_reduce_(g, flat, op)
-            if work is not h:
-                h.copy_(work)
-        return t
+        with crowded.present(g, validate):
+            return _all_reduce(t, g, _bool_op(op, t.dtype), algorithm, entry, prestaged)
     finally:
         done(slot)
+
+
+def _all_reduce(t: torch.Tensor, g, op: str, algorithm: str, entry, prestaged=None) -> torch.Tensor:
+    """all_reduce's data movement once the arguments are agreed (g.size > 1); `prestaged`: the
+    scratch window holding `t` (shm.prestage), when it was copied before the agreement."""
+    staged = crowded.staged(g, t, algorithm, "all_reduce", t.numel() * t.element_size())
+    if shm.all_reduce(t, g, op, staged, entry, prestaged if staged == "shm" else None):
+        return t
+    if t.is_cpu and t.dtype in _NATIVE and t.is_contiguous() and t.numel() and not staging_forced():
+        # fast path: zero copy, no staging (MPI writes t's memory by address)
+        if tuning.choose("all_reduce", algorithm, t.numel() * t.element_size(), g.size) == "mpi":
+            native.all_reduce_(g, t, op)
+            return t
+    with host_contiguous(t) as h:
+        rd = reduce_dtype(h.dtype)
+        work = h if rd == h.dtype else h.to(rd)
+        flat = work.view(-1)
+        algo = tuning.choose("all_reduce", algorithm, flat.numel() * flat.element_size(), g.size)
+        if algo == "ring":
+            ring.all_reduce_(flat, g, flat_chunks(flat.numel(), g.size), op)
+        else:
+            native.all_reduce_(g, flat, op)
+        if work is not h:
+            h.copy_(work)
+    return t
 
 
 def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *,
@@ -139,7 +149,9 @@ def _all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *
         return small
     if g.size == 1:
         return t.clone()
-    shared = shm.all_gather(t, g, d, sizes, algorithm, table) if shm_entry.may_apply(g, algorithm) else None
+    inner = math.prod(s for k, s in enumerate(t.shape) if k != d)  # agreed (only dim d may differ)
+    staged = crowded.staged(g, t, algorithm, "all_gather", sum(sizes) * inner * t.element_size())
+    shared = shm.all_gather(t, g, d, sizes, staged, table) if shm_entry.may_apply(g, staged) else None
     if shared is not None:
         return shared
     x = t.detach() if d == 0 else t.detach().movedim(d, 0)
@@ -154,7 +166,8 @@ def _all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *
         flat.narrow(0, offsets(counts)[g.rank], counts[g.rank]).copy_(x.reshape(-1))
         ring.all_gather_(flat, g, counts)
     else:
-        native.all_gather(g, blocking_buffer(x), blocking_buffer(out), counts)
+        with crowded.present(g, True):  # the agreement (a barrier) ran: g.size > 1 here
+            native.all_gather(g, blocking_buffer(x), blocking_buffer(out), counts)
     if d:
         out = out.movedim(0, d).contiguous()
     return out if out.device == t.device else out.to(t.device)
@@ -167,7 +180,8 @@ def _all_gather_into(t, g, d: int, sizes: list[int], algorithm: str, out: torch.
     in_place = into.is_own_slice(t, out, d, sizes, g.rank)
     if g.size == 1:
         return out if in_place else out.copy_(t)
-    if shm.all_gather(t, g, d, sizes, algorithm, entry, out=out, in_place=in_place) is not None:
+    staged = crowded.staged(g, t, algorithm, "all_gather", out.numel() * out.element_size())
+    if shm.all_gather(t, g, d, sizes, staged, entry, out=out, in_place=in_place) is not None:
         return out
     if d:  # pieces are strided in `out` (d is agreed: every rank takes this branch): gather, then copy
         return out.copy_(all_gather(t, g, d, algorithm))
@@ -183,7 +197,8 @@ def _all_gather_into(t, g, d: int, sizes: list[int], algorithm: str, out: torch.
         ring.all_gather_(flat, g, counts)
     else:
         send = native.in_place() if direct else blocking_buffer(t.detach().to(host.device).contiguous())
-        native.all_gather(g, send, blocking_buffer(flat), counts)
+        with crowded.present(g, True):
+            native.all_gather(g, send, blocking_buffer(flat), counts)
     return out if host is out else out.copy_(host)
 
 
@@ -214,7 +229,8 @@ def _reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algor
     op = _bool_op(op, t.dtype)
     if g.size == 1:
         return t.clone()
-    shared = shm.reduce_scatter(t, g, d, op, algorithm, table) if shm_entry.may_apply(g, algorithm) else None
+    staged = crowded.staged(g, t, algorithm, "reduce_scatter", t.numel() * t.element_size())
+    shared = shm.reduce_scatter(t, g, d, op, staged, table) if shm_entry.may_apply(g, staged) else None
     if shared is not None:
         return shared
     x = _working(t.movedim(d, 0) if d else t)
@@ -226,7 +242,8 @@ def _reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algor
         mine = ring.reduce_scatter_into(x.reshape(-1), g, counts, op)
     else:
         mine = outputs.empty([counts[g.rank]], x.dtype, None if x.is_cpu else x.device)
-        native.reduce_scatter(g, blocking_buffer(x), blocking_buffer(mine), counts, op)
+        with crowded.present(g, validate):
+            native.reduce_scatter(g, blocking_buffer(x), blocking_buffer(mine), counts, op)
     out = mine.view([sizes[g.rank]] + list(x.shape[1:]))
     if d:
         out = out.movedim(0, d).contiguous()
@@ -261,15 +278,17 @@ def _broadcast(t: torch.Tensor, group, root: int = 0) -> torch.Tensor:
     if shm.broadcast(t, g, root, table):  # symmetric tensor on one node: zero copy
         return t
     if t.is_cpu and t.is_contiguous() and not staging_forced():
-        _bcast(g, blocking_buffer(t), root)  # zero copy, without host_contiguous (3 us of a 16 KiB call)
+        # zero copy, without host_contiguous (3 us of a 16 KiB call)
+        _bcast(g, blocking_buffer(t), root, t.numel() * t.element_size())
         return t
     with host_contiguous(t, write_back=g.rank != root) as h:
-        _bcast(g, blocking_buffer(h), root)
+        _bcast(g, blocking_buffer(h), root, h.numel() * h.element_size())
     return t
 
 
-def _bcast(g, buf, root: int) -> None:
-    complete(g, "Bcast", buf, root=root)
+def _bcast(g, buf, root: int, nbytes: int) -> None:
+    with crowded.present(g, nbytes < crowded.POLITE_FROM):  # after the agreement
+        complete(g, "Bcast", buf, root=root)
 
 
 def all_to_all(t: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
@@ -285,10 +304,16 @@ def _all_to_all(t: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> to
     """Split `t` into N chunks along scatter_dim, send chunk j to rank j, concat received along gather_dim."""
     g = as_group(group)
     sd, gd = norm_dim(scatter_dim, t.dim()), norm_dim(gather_dim, t.dim())
-    _agree("all_to_all", g, t, dim=sd if gd != BAD_DIM else BAD_DIM, root=gd)
+    small = None
+    if g.size > 1 and validation_enabled():  # one Allgather: agreement, and small data too
+        small = inline_ops.agree_all_to_all(t, g, sd, gd)
+    else:
+        _agree("all_to_all", g, t, dim=sd if gd != BAD_DIM else BAD_DIM, root=gd)
     if t.shape[sd] % g.size:
         raise MpiparError(f"all_to_all: size {t.shape[sd]} of scatter_dim {scatter_dim} "
                           f"is not divisible by the group size {g.size}")
+    if small is not None:
+        return small
     if g.size == 1:
         return t.clone()
     x = t.detach()
@@ -296,7 +321,8 @@ def _all_to_all(t: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> to
     send = x.movedim(sd, 0).contiguous()  # block j (rows j*S/N ..) goes to rank j; no copy when sd == 0
     recv = outputs.empty(send.shape, send.dtype, send.device)
     bufs = blocking_buffer(send), blocking_buffer(recv)
-    complete(g, "Alltoall", *bufs)
+    with crowded.present(g, send.numel() * send.element_size() < crowded.POLITE_FROM):  # after the agreement
+        complete(g, "Alltoall", *bufs)
     # block i came from rank i: (N, S/N, rest) back in t's dim order, then concatenated along gd
     blocks = recv.view(g.size, send.shape[0] // g.size, *send.shape[1:]).movedim(1, sd + 1)
     out_shape = list(t.shape)

@@ -12,7 +12,7 @@ from ..settings import current
 
 NEVER = 1 << 62
 CROSSOVER_BYTES = {
-    "all_reduce": 8 << 20,
+    "all_reduce": 32 << 20,  # was 8 MiB until 2026-12-06 (results/TUNING.md)
     "all_gather": 16 << 20,
     "reduce_scatter": 2 << 20,
 }
@@ -49,6 +49,23 @@ SHM_CROSSOVER_BYTES = {
     "reduce_scatter": 64 * 1024,
     "broadcast": 4096 + 1,
 }
+
+
+# Ranks that outnumber cores on one node (agreed: the group gathers its argument agreement
+# through shared memory, mpipar.comm.agreement.shm_table) stage plain tensors of this window
+# [from, up to) through the pool's scratch window ("shm" on a copy) under "auto": its waits
+# are flag polls between sleeps, where MPI's collectives and the ring need every rank to
+# poll each step. Below, the copies in and out cost more than they save; above, the
+# scratch window (as large as the tensor, per rank, kept) would cost too much memory.
+STAGED_SHM_BYTES = {"all_reduce": (2 << 20, 64 << 20), "reduce_scatter": (2 << 20, 64 << 20),
+                    "all_gather": (2 << 20, 64 << 20)}
+
+
+def stages_in_shm(op: str, nbytes: int) -> bool:
+    """Should "auto" stage a plain tensor of `nbytes` through shared memory (oversubscribed
+    one-node groups only; the caller checks that)?"""
+    lo, hi = STAGED_SHM_BYTES.get(op, (NEVER, NEVER))
+    return lo <= nbytes < hi
 
 
 # Outputs of shared-memory all-gathers at least this large come from the symmetric pool, and

@@ -9,8 +9,10 @@ constants live here only; results/TUNING.md has the measurement behind them.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import threading
 import time
 
 import mpi4py  # not mpi4py.MPI (that initialises MPI): functions given requests use mpi4py.MPI
@@ -24,12 +26,20 @@ class Backoff:
     """Check a condition until it holds: back to back for `spin_s` seconds, then each after a
     sched_yield (a runnable peer on this core goes first) until `yield_s` seconds have
     passed, then after sleeps growing from `first_sleep` by x2 up to `max_sleep` (the core is
-    left to others; a wake-up costs up to one sleep of latency). Phases are timed, not
-    counted: a check costs from 50 ns (a flag) to microseconds (MPI's Test)."""
+    left to others; a wake-up costs up to one sleep of latency). With `share` > 0 the cap
+    grows past `max_sleep` with the time waited, to `share` x that time, at most
+    `longest_sleep`: a short wait wakes often (latency), a long one rarely (its added
+    latency stays a fixed share of it, and the waiter's CPU use falls). Phases are timed,
+    not counted: a check costs from 50 ns (a flag) to microseconds (MPI's Test).
+    `timer_slack_ns` > 0 sets the sleeping thread's timer slack (Linux prctl; default
+    50 us, which would stretch every short sleep to ~55 us)."""
     spin_s: float
     yield_s: float
     first_sleep: float
     max_sleep: float
+    share: float = 0.0
+    longest_sleep: float = 0.0
+    timer_slack_ns: int = 0
 
     def wait(self, ready, between=None) -> None:
         """Return once ready() is true; between() (if given) runs after each sleep (a memory
@@ -44,15 +54,39 @@ class Backoff:
             os.sched_yield()
             if ready():
                 return
-        sleep = self.first_sleep
+        if self.timer_slack_ns:
+            _timer_slack(self.timer_slack_ns)
+        sleep, cap = self.first_sleep, self.max_sleep
         while not ready():
             time.sleep(sleep)
-            sleep = min(sleep * 2, self.max_sleep)
+            if self.share:
+                cap = max(self.max_sleep, min(self.share * (time.perf_counter() - start), self.longest_sleep))
+            sleep = min(sleep * 2, cap)
             if between is not None:
                 between()
 
 
-POLITE = Backoff(spin_s=3e-5, yield_s=0.0, first_sleep=1e-6, max_sleep=1e-4)  # ranks outnumber cores
+_SLACK = threading.local()
+
+
+def _timer_slack(ns: int) -> None:
+    """This thread's timer slack, set once (a syscall): short sleeps then last what they ask."""
+    if getattr(_SLACK, "ns", None) == ns:
+        return
+    _SLACK.ns = ns
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(29, ns, 0, 0, 0)  # PR_SET_TIMERSLACK
+    except (OSError, AttributeError):  # not Linux: sleeps keep the system's slack
+        pass
+
+
+# ranks outnumber cores: no spinning (a spinning waiter holds a core a peer needs to reach
+# the collective), sleeps of at most 20 us while the wait is young, growing to 1/16 of the
+# time waited (at most 1 ms) in long ones; results/TUNING.md has the measurement
+POLITE = Backoff(spin_s=0.0, yield_s=0.0, first_sleep=1e-6, max_sleep=2e-5, share=1 / 16, longest_sleep=1e-3,
+                 timer_slack_ns=1000)
 BUSY = Backoff(spin_s=2e-4, yield_s=1e-3, first_sleep=1e-5, max_sleep=1e-4)  # ranks have their own cores
 
 
@@ -89,16 +123,32 @@ def wait_requests(reqs: list) -> None:
         done(slot)
 
 
+@contextlib.contextmanager
+def all_present(g):
+    """Inside: every rank of `g` has entered the current collective (its argument agreement,
+    which waits for all of them, just ended), so `complete` may use MPI's blocking form even
+    where ranks outnumber cores: nobody it could wait for is still computing, and MPICH's own
+    progress loop (spinning with yields) moves a large message among present ranks faster
+    than polls between sleeps (results/TUNING.md)."""
+    before = g.__dict__.get("_all_present", False)
+    g._all_present = True
+    try:
+        yield
+    finally:
+        g._all_present = before
+
+
 def complete(g, name: str, *args, **kwargs) -> None:
     """Run the collective `name` of group `g`'s communicator (mpi4py's name: "Allreduce",
     "Bcast", ...) on these arguments: blocking when ranks have their own cores (MPI's own
     wait, no Python between the start and the end; MPICH's Iallreduce + Waitall measured
     within 7 us of Allreduce here at 256 KiB-8 MiB, slower at five of six sizes, and within
-    the run's noise at 16-64 MiB), else its non-blocking form ("I" + name: "Iallreduce")
-    waited politely. Names, not closures: small calls run this on their hot path."""
+    the run's noise at 16-64 MiB) or when all of them are known to be in this call
+    (`all_present`), else its non-blocking form ("I" + name: "Iallreduce") waited
+    politely. Names, not closures: small calls run this on their hot path."""
     slot = begin(g, name)  # -1 (nothing recorded) inside an mpipar collective, which is recorded
     try:
-        if g.oversubscribed:
+        if g.oversubscribed and not g.__dict__.get("_all_present", False):
             wait_all([getattr(g.comm, "I" + name[0].lower() + name[1:])(*args, **kwargs)])
         else:
             getattr(g.comm, name)(*args, **kwargs)

@@ -1,10 +1,11 @@
 """Small collectives ride along with the argument agreement (mpipar.comm.agreement.inline, inline_ops).
 
-A validated all_reduce, broadcast, reduce_scatter or all_gather of at most
+A validated all_reduce, broadcast, reduce_scatter, all_gather or all_to_all of at most
 INLINE_BYTES (per rank's piece, for all_gather) makes exactly ONE collective (the
-fixed-size Allgather that also agrees on the arguments); larger ones make the
-agreement plus their own collective. Inline reductions are in rank order,
-bit-identical on every rank.
+fixed-size Allgather that also agrees on the arguments: MPI's, or, for ranks that
+outnumber cores on one node, one exchange through shared memory, counted here as
+"ShmTable"); larger ones make the agreement plus their own collective. Inline
+reductions are in rank order, bit-identical on every rank.
 """
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ import pytest
 import torch
 
 from mpipar import comm
+from mpipar.comm.agreement import shm_table
 from mpipar.comm.agreement.inline import INLINE_BYTES
 from mpipar.mesh import Group
 
 pytestmark = pytest.mark.mpi
 
 COLLECTIVES = ("Allgather", "Iallgather", "Allreduce", "Iallreduce", "Reduce_scatter", "Ireduce_scatter",
-               "Reduce_scatter_block", "Ireduce_scatter_block", "Allgatherv", "Iallgatherv", "Bcast", "Ibcast")
+               "Reduce_scatter_block", "Ireduce_scatter_block", "Allgatherv", "Iallgatherv", "Bcast", "Ibcast",
+               "Alltoall", "Ialltoall")
 
 
 class CountingComm:
@@ -41,10 +44,25 @@ class CountingComm:
 
 
 @pytest.fixture
-def counted(world):
+def counted(world, monkeypatch):
     c = CountingComm(world.Dup())
-    yield Group(c, "counted"), c.calls
+    gather = shm_table.ShmTable.gather
+
+    def counted_gather(self, table):
+        c.calls["ShmTable"] += 1
+        return gather(self, table)
+
+    monkeypatch.setattr(shm_table.ShmTable, "gather", counted_gather)
+    g = Group(c, "counted")
+    comm.all_reduce(torch.ones(1), g)  # the first agreement decides how the group gathers (collective)
+    c.calls.clear()
+    yield g, c.calls
     c._comm.Free()
+
+
+def gathers(calls) -> int:
+    """Agreement exchanges among the counted calls."""
+    return calls["Allgather"] + calls["Iallgather"] + calls["ShmTable"]
 
 
 def test_small_all_reduce_is_one_collective(counted, world):
@@ -62,7 +80,7 @@ def test_small_all_reduce_is_one_collective(counted, world):
         comm.all_reduce(y, g, algorithm=algorithm)
         assert torch.equal(y, torch.full_like(y, float(g.size)))
         data = sum(calls.values()) - 1  # the ring moves its data point-to-point
-        assert calls["Allgather"] + calls["Iallgather"] >= 1 and data == (0 if algorithm == "ring" else 1), \
+        assert gathers(calls) >= 1 and data == (0 if algorithm == "ring" else 1), \
             (algorithm, dict(calls))
 
 
@@ -129,11 +147,11 @@ def test_small_broadcast_reduce_scatter_all_gather_are_one_collective(counted, c
         pytest.skip("a single rank communicates nothing")
     calls.clear()
     for name in _other_ops(g, INLINE_BYTES // 4, checks):
-        one = dict(calls) in ({"Allgather": 1}, {"Iallgather": 1})
+        one = dict(calls) in ({"Allgather": 1}, {"Iallgather": 1}, {"ShmTable": 1})
         checks.true(one, f"{name}: {dict(calls)}")
         calls.clear()
     for name in _other_ops(g, INLINE_BYTES // 4 + 1, checks):  # one element more: agreement + its collective
-        checks.true(sum(calls.values()) == 2 and calls["Allgather"] + calls["Iallgather"] >= 1, f"{name}: {dict(calls)}")
+        checks.true(sum(calls.values()) == 2 and gathers(calls) >= 1, f"{name}: {dict(calls)}")
         calls.clear()
     checks.finish()
 
@@ -162,8 +180,26 @@ def test_unvalidated_small_all_reduce_uses_the_library(counted, monkeypatch):
     x = torch.ones(4)
     comm.all_reduce(x, g, validate=False)
     assert torch.equal(x, torch.full((4,), float(g.size)))
-    assert calls["Allreduce"] + calls["Iallreduce"] == 1 and calls["Allgather"] + calls["Iallgather"] == 0, calls
+    assert calls["Allreduce"] + calls["Iallreduce"] == 1 and gathers(calls) == 0, calls
     monkeypatch.setenv("MPIPAR_VALIDATE", "0")
     calls.clear()
     comm.all_reduce(x, g)
-    assert calls["Allgather"] + calls["Iallgather"] == 0, calls
+    assert gathers(calls) == 0, calls
+
+
+def test_all_to_all_small_is_one_collective_and_large_matches(counted, checks):
+    """A small all_to_all finishes from the agreement's table; one just above the slot takes
+    MPI's Alltoall after the agreement; both equal the reference."""
+    g, calls = counted
+    if g.size == 1:
+        pytest.skip("a single rank communicates nothing")
+    n, r = g.size, g.rank
+    for rows, collectives in ((INLINE_BYTES // 4 // 3 // n * n, 1), (INLINE_BYTES // 4 // 3 // n * n + n, 2)):
+        xs = [torch.arange(rows * 3, dtype=torch.float32).reshape(rows, 3) * (i + 1) for i in range(n)]
+        for sd, gd in ((0, 0), (0, 1)):
+            calls.clear()
+            out = comm.all_to_all(xs[r], g, scatter_dim=sd, gather_dim=gd)
+            want = torch.cat([x.chunk(n, dim=sd)[r] for x in xs], dim=gd)
+            checks.equal(out, want, f"{rows} rows, {sd}->{gd}")
+            checks.true(sum(calls.values()) == collectives and gathers(calls) == 1, f"{rows} rows: {dict(calls)}")
+    checks.finish()

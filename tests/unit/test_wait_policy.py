@@ -71,3 +71,42 @@ def test_request_polling_uses_the_policy(recorded, monkeypatch):
     monkeypatch.setattr(W, "POLITE", W.Backoff(0.0, 0.0, 3e-6, 3e-6))
     W.poll(Ready(4))
     assert recorded["sleep"] == [3e-6, 3e-6]
+
+
+def test_share_lets_the_cap_grow_with_the_time_waited(recorded, monkeypatch):
+    """With share > 0 the cap grows past max_sleep to share x the time waited (at most
+    longest_sleep): a fake clock advances 1 ms per check."""
+    clock = [0.0]
+
+    def now():
+        clock[0] += 1e-3
+        return clock[0]
+
+    monkeypatch.setattr(W.time, "perf_counter", now)
+    W.Backoff(0.0, 0.0, 1e-6, 4e-6, share=0.5, longest_sleep=3e-3).wait(Ready(20))
+    sleeps = recorded["sleep"]
+    assert sleeps[:3] == [1e-6, 2e-6, 4e-6]  # doubling from first_sleep ...
+    assert max(sleeps) == 3e-3 and sleeps[-1] == 3e-3  # ... then past max_sleep, up to longest_sleep
+    assert all(b >= a for a, b in zip(sleeps, sleeps[1:]))
+    recorded["sleep"].clear()
+    W.Backoff(0.0, 0.0, 1e-6, 4e-6).wait(Ready(12))  # share 0: capped at max_sleep
+    assert max(recorded["sleep"]) == 4e-6
+
+
+def test_timer_slack_is_set_once_per_thread_before_sleeping(recorded, monkeypatch):
+    calls = []
+    monkeypatch.setattr(W, "_SLACK", W.threading.local())
+
+    class Libc:
+        def prctl(self, *args):
+            calls.append(args)
+
+    import ctypes
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: Libc())
+    policy = W.Backoff(0.0, 0.0, 1e-6, 1e-6, timer_slack_ns=1000)
+    policy.wait(Ready(1))  # ready at once: never sleeps, slack untouched
+    assert calls == []
+    policy.wait(Ready(3))
+    policy.wait(Ready(3))
+    assert calls == [(29, 1000, 0, 0, 0)]  # PR_SET_TIMERSLACK, once

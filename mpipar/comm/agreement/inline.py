@@ -30,9 +30,11 @@ import torch
 from ...errors import MpiparError
 from .. import tuning
 from ..symmetric import entry as shm_entry
+from ..symmetric.collectives import PRESTAGED
 from ...flight.recorder import note
 from ..buffers import memo
 from ..backends.mpi import in_place
+from . import shm_table
 from .protocol import BAD_DIM, _UNKNOWN, check, exchange, signature
 
 INLINE_BYTES = 4096  # the payload slot; identical on every rank by construction (never from env)
@@ -102,6 +104,7 @@ class _Buffers:
         self.rows: dict = {}
         self.last, self.expect = None, b""  # the _Call whose head is in this rank's row
         self.gather = None  # the in-place Allgather of `table` (set by buffers())
+        self.shared = False  # ... made through shared memory (mpipar.comm.agreement.shm_table)
 
     def typed_rows(self, dtype: torch.dtype, shape) -> tuple:
         """The N payloads (row r: rank r's), shaped `shape` and typed `dtype`."""
@@ -126,11 +129,18 @@ def buffers(g) -> _Buffers:
     b = getattr(g, "_inline_buffers", None)
     if b is None:
         b = g._inline_buffers = _Buffers(g.size, g.rank)
-        b.gather = _allgather_of(g, b.table)
+        b.gather, b.shared = _allgather_of(g, b.table)
     return b
 
 
-def exchange_args(g, info: _Call, t: torch.Tensor, payload: bool, shared_of=None) -> tuple:
+def gathers_in_shared_memory(g) -> bool:
+    """Local, the same on every rank: has g's agreement been gathering through shared memory
+    (all ranks oversubscribed on one node; decided collectively at its first agreement)?"""
+    b = getattr(g, "_inline_buffers", None)
+    return b is not None and b.shared
+
+
+def exchange_args(g, info: _Call, t: torch.Tensor, payload: bool, shared_of=None, prestaged=False) -> tuple:
     """Collective over g (size > 1): the one Allgather. Sends this rank's head, and either
     its data (`payload`) or the symmetric descriptor of `shared_of` (when the group has a
     one-node pool). Raises MpiparError on every rank if the arguments differ or are bad.
@@ -140,6 +150,8 @@ def exchange_args(g, info: _Call, t: torch.Tensor, payload: bool, shared_of=None
     descriptor = None
     if shared_of is not None:
         descriptor = shm_entry.local_descriptor(g, shared_of)
+        if prestaged and descriptor is not None:  # `t` sits in the scratch window (symmetric.collectives.prestage)
+            descriptor = [PRESTAGED, 0, info.nbytes]
         buf.my_descriptor[:] = descriptor if descriptor is not None else -1
     if payload:
         if t.is_cpu and t.is_contiguous():
@@ -174,12 +186,13 @@ def _disagreement(g, info: _Call):
     raise MpiparError(f"{info.name}: arguments differ across ranks")  # pragma: no cover (hash collision)
 
 
-def agree_all_reduce(t: torch.Tensor, g, op, algorithm):
+def agree_all_reduce(t: torch.Tensor, g, op, algorithm, prestaged=False):
     """Collective over g (size > 1): agree on the arguments (raise MpiparError on every rank
     if they differ or are bad). Returns True when `t` was small and is now reduced in place;
     else the (N, 3) table of every rank's symmetric descriptor [window, offset, nbytes] when
     the group has a one-node symmetric pool (mpipar.comm.symmetric.collectives then needs no entry exchange:
-    this Allgather was it), else None."""
+    this Allgather was it), else None. `prestaged`: this rank copied `t` into the pool's scratch
+    window before the call (its descriptor then says so: symmetric.collectives.prestage)."""
     info = _call("all_reduce", t, op, algorithm)
     note(info.dtype, info.shape)  # all_reduce's flight record leaves them to this cached description
     combine = info.combine
@@ -188,7 +201,7 @@ def agree_all_reduce(t: torch.Tensor, g, op, algorithm):
     if combine is not None and t.is_cpu and t.is_contiguous():
         _small_all_reduce(g, info, t)
         return True
-    buf, entry = exchange_args(g, info, t, combine is not None, t if combine is None else None)
+    buf, entry = exchange_args(g, info, t, combine is not None, t if combine is None else None, prestaged)
     if combine is None:
         return entry
     (t.detach() if t.requires_grad else t).copy_(reduce_rows(combine, buf.typed_rows(t.dtype, t.shape)))
@@ -225,10 +238,16 @@ _MEMMOVE = ctypes.memmove
 
 
 def _allgather_of(g, table):
-    """The group's in-place Allgather of its table, as a no-argument call: a polite wait
-    (mpipar.comm.wait) when ranks outnumber cores."""
+    """(the group's in-place Allgather of its table as a no-argument call, whether it goes
+    through shared memory); collective (it decides how). Ranks outnumbering cores on one
+    node gather through shared memory (mpipar.comm.agreement.shm_table: one round); on
+    several nodes, a polite wait (mpipar.comm.wait) on MPI's; ranks with their own cores,
+    MPI's blocking Allgather."""
+    shared = shm_table.for_group(g, table.shape[1])
+    if shared is not None:
+        return functools.partial(shared.gather, table), True
     if g.oversubscribed:
         from ..wait import wait_all
 
-        return lambda: wait_all([g.comm.Iallgather(in_place(), table)])
-    return functools.partial(g.comm.Allgather, in_place(), table)
+        return (lambda: wait_all([g.comm.Iallgather(in_place(), table)])), False
+    return functools.partial(g.comm.Allgather, in_place(), table), False

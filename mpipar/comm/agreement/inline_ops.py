@@ -17,6 +17,7 @@ import torch
 from .. import tuning
 from ..buffers import flat_chunks, offsets
 from .inline import INLINE_BYTES, _call, exchange_args, reduce_rows
+from .protocol import BAD_DIM
 
 
 def agree_broadcast(t: torch.Tensor, g, root: int, dim_slot: int):
@@ -72,3 +73,22 @@ def _pieces(buf, t: torch.Tensor, d: int, sizes: list[int]) -> list:
     """Row k's payload shaped as rank k's piece (t's shape with sizes[k] along d)."""
     shapes = [t.shape[:d] + (s,) + t.shape[d + 1:] for s in sizes]
     return [buf.row(k, t.dtype, shape) for k, shape in enumerate(shapes)]
+
+
+def agree_all_to_all(t: torch.Tensor, g, sd: int, gd: int):
+    """The all-to-all of `t` when it was small (every rank's whole tensor rode in the table:
+    block g.rank of each row, in rank order along `gd`), else None. `sd`, `gd`: normalised
+    dims (BAD_DIM when out of range: every rank then raises). The caller checks divisibility
+    after this (the shapes are agreed by then)."""
+    info = _call("all_to_all", t, dim=sd if gd != BAD_DIM else BAD_DIM, root=gd)
+    buf, _ = exchange_args(g, info, t, info.fits, None)
+    if not info.fits or t.dim() == 0 or t.shape[sd] % g.size:
+        return None
+    rows = buf.cached(("all_to_all", t.dtype, t.shape, sd, gd), lambda: _blocks(buf, t, sd, g))
+    return torch.cat(rows, dim=gd).to(t.device)
+
+
+def _blocks(buf, t: torch.Tensor, sd: int, g) -> list:
+    """Block g.rank (along sd) of every row: what rank k sent to this rank."""
+    c = t.shape[sd] // g.size
+    return [r.narrow(sd, g.rank * c, c) for r in buf.typed_rows(t.dtype, t.shape)]

@@ -40,6 +40,7 @@ from . import compiled as shm_compiled, hierarchical
 from ..buffers import flat_chunks, offsets, reduce_dtype
 from .kernels import blocks, cached_plan, chunk_elements, np_of, owned, reduce_into, typed
 from .entry import SHM_ALGORITHMS, barrier, enter, stage_in
+from .pool import pool_of
 
 def _local_tensor(window, offset: int, t: torch.Tensor) -> torch.Tensor:
     nbytes = t.numel() * t.element_size()
@@ -47,9 +48,11 @@ def _local_tensor(window, offset: int, t: torch.Tensor) -> torch.Tensor:
 
 
 # -- collectives ---------------------------------------------------------------------------------
-def all_reduce(t: torch.Tensor, g, op: str, algorithm: str, entry=None) -> bool:
+def all_reduce(t: torch.Tensor, g, op: str, algorithm: str, entry=None, prestaged=None) -> bool:
     """In place on `t` through shared memory; False (nothing done) when this call does not apply.
-    `entry`: the descriptor table of the agreement that already synchronised the ranks."""
+    `entry`: the descriptor table of the agreement that already synchronised the ranks.
+    `prestaged`: the scratch window that already holds `t` (copied before that agreement,
+    which was then also the staging barrier: see prestage)."""
     if algorithm in SHM_ALGORITHMS:
         reduce_dtype(t.dtype)  # raises the same error on every rank for unsupported dtypes
     nbytes = t.numel() * t.element_size()
@@ -58,7 +61,11 @@ def all_reduce(t: torch.Tensor, g, op: str, algorithm: str, entry=None) -> bool:
         return False
     pool, window, offset, choice = plan
     staged = window is None
-    if staged:
+    if staged and prestaged is not None and entry is not None and bool((entry[:, 0] == PRESTAGED).all()):
+        window, offset = prestaged, 0  # every rank copied before the agreement (same verdict on all)
+        window.sync()
+        pool.calls[("all_reduce", "prestaged")] += 1
+    elif staged:
         window, offset = stage_in(pool, t, nbytes), 0
     if choice == "hier":
         with np.errstate(all="ignore"):  # inf/nan arithmetic is the user's business, as in torch
@@ -69,6 +76,27 @@ def all_reduce(t: torch.Tensor, g, op: str, algorithm: str, entry=None) -> bool:
     if staged:
         t.copy_(_local_tensor(window, offset, t))
     return True
+
+
+PRESTAGED = -2  # the window slot of a rank's agreement descriptor when it prestaged (never a window id)
+
+
+def prestage(g, t: torch.Tensor):
+    """Copy `t` into this rank's segment of g's scratch window before the call's argument
+    agreement, when the window exists and is large enough (local facts that are equal on every
+    rank: the pool and its scratch are made collectively with agreed sizes), so that the
+    agreement's exchange is also the staging barrier and the copy overlaps the wait for late
+    peers. Harmless if the agreement then fails: the scratch is nobody's until the next call.
+    Returns the window, or None. The agreement carries whether each rank did (PRESTAGED in
+    its descriptor); only when all did is the copy used, else every rank stages after it."""
+    pool = pool_of(g)
+    w = None if pool is None else pool.scratch_window
+    nbytes = t.numel() * t.element_size()
+    if w is None or w.capacity < nbytes or not pool.one_node or nbytes == 0 or pool.locate(t) is not None:
+        return None
+    torch.from_numpy(w.local[:nbytes]).view(t.dtype).view(t.shape).copy_(t)
+    w.sync()
+    return w
 
 
 def _all_reduce(pool, window, offset: int, numel: int, dtype, op: str) -> None:

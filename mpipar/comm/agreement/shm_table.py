@@ -1,0 +1,77 @@
+"""The agreement's table gathered through shared memory: one round instead of MPI's log(N).
+
+When a group's ranks outnumber the node's cores, every step of MPI's non-blocking
+Allgather needs each partner to poll again (a sleeping rank makes no progress), so
+the agreement table (mpipar.comm.agreement.inline) costs several sleep-and-wake
+rounds. On a group that lives on one node, each rank instead owns two slots of a
+small shared window: at its k-th exchange it copies its row into slot k % 2,
+publishes epoch k, waits (mpipar.comm.wait's policy) until every peer's epoch is
+>= k, and copies the peers' rows out of their slot k % 2. A peer cannot start
+exchange k + 2 (and overwrite slot k % 2) before this rank has reached k + 1, by
+which time it has copied everything of exchange k: two slots suffice (the same
+argument as mpipar.comm.symmetric.barrier). Each exchange is also a barrier, as the
+Allgather it replaces was (the shared-memory collectives rely on that).
+
+Whether a group gets one is decided collectively at its first agreement, the same
+on every rank: one Allreduce, then (only when every rank is oversubscribed) the
+node split; the window lives as long as the process (a group has no close).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..wait import backoff, wait_all
+from ..symmetric.window import Window, node_comm_of
+
+_EPOCH = 64  # bytes: the epoch word on its own cache line, then the two slots
+
+
+class ShmTable:
+    """Two slots of `row_bytes` per rank in a shared window of the group's node."""
+
+    def __init__(self, node, row_bytes: int, polite: bool):
+        self.node = node
+        self.n, self.me = node.Get_size(), node.Get_rank()
+        self.row = row_bytes
+        self.window = Window(node, _EPOCH + 2 * row_bytes, -3)
+        segs = self.window.segments
+        self.epochs = [s[:8].view(np.int64) for s in segs]
+        self.slots = [[s[_EPOCH + p * row_bytes:_EPOCH + (p + 1) * row_bytes] for p in (0, 1)] for s in segs]
+        self.epochs[self.me][0] = 0
+        self.k = 0
+        self.others = [self.epochs[r] for r in range(self.n) if r != self.me]
+        self.peers = [r for r in range(self.n) if r != self.me]
+        self.policy = backoff(polite)
+        self.window.sync()
+        wait_all([node.Ibarrier()])  # every epoch is zeroed before anyone waits on it
+
+    def gather(self, table: np.ndarray) -> None:
+        """In place, like MPI_Allgather(IN_PLACE, table): row r of every rank's `table`
+        becomes rank r's row."""
+        k = self.k = self.k + 1
+        par = k & 1
+        self.slots[self.me][par][:] = table[self.me]
+        self.window.sync()
+        self.epochs[self.me][0] = k
+        others = self.others
+        if not all(e[0] >= k for e in others):
+            self.policy.wait(lambda: all(e[0] >= k for e in others), between=self.window.sync)
+        self.window.sync()
+        for r in self.peers:
+            table[r] = self.slots[r][par]
+
+
+def for_group(g, row_bytes: int) -> ShmTable | None:
+    """Collective over g (size > 1): a ShmTable when every rank of g is oversubscribed and
+    all of g is on one node, else None (then the agreement gathers with MPI)."""
+    from mpi4py import MPI
+
+    flags = np.array([int(g.oversubscribed), -int(g.oversubscribed)], dtype=np.int64)
+    wait_all([g.comm.Iallreduce(MPI.IN_PLACE, flags, op=MPI.MAX)])
+    if not (flags[0] == 1 and flags[1] == -1):  # some rank has its own core: MPI's Allgather
+        return None
+    node = node_comm_of(g.comm)
+    if node.Get_size() != g.size:  # the same verdict on every rank: all on this node, or not
+        node.Free()
+        return None
+    return ShmTable(node, row_bytes, polite=True)

@@ -1,0 +1,45 @@
+"""How a collective runs where ranks outnumber cores (the choices collectives.py makes there).
+
+Each reads only facts every rank shares (agreed sizes, dtype and algorithm, how the group
+gathers its argument agreement), so all ranks choose alike:
+- `present`: after a validated call's agreement (a barrier: every rank is in the call),
+  MPI's blocking collective (mpipar.comm.wait.all_present), except broadcast and
+  all-to-all from POLITE_FROM bytes, which measured faster polled between sleeps;
+- `staged`: "shm" where "auto" stages a tensor through shared memory
+  (tuning.stages_in_shm; only groups whose agreement goes through shared memory).
+The figures behind both are in results/TUNING.md.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .. import tuning
+from ..agreement import inline
+from ..agreement.protocol import validation_enabled
+from ..wait import all_present
+
+# Broadcast and all-to-all from this size keep the polite wait after the agreement too: with
+# ranks outnumbering cores, MPICH's pipelined large Bcast/Alltoall ran slower busy-polling than
+# polled between sleeps (4 MiB at 4 ranks on 2 cores); the reductions and all-gather gained at
+# every measured size (from 2 MiB "auto" stages them in shared memory).
+POLITE_FROM = 2 << 20
+
+STAGED_DTYPES = (torch.float32, torch.float64, torch.int32, torch.int64, torch.bfloat16, torch.float16)
+
+
+def present(g, agreed: bool):
+    """all_present(g) once a validated call's agreement (a barrier) has run: MPI's blocking
+    collectives then serve ranks that outnumber cores too (mpipar.comm.wait.all_present)."""
+    return all_present(g) if agreed and g.oversubscribed and validation_enabled() else contextlib.nullcontext()
+
+
+def staged(g, t: torch.Tensor, algorithm: str, name: str, nbytes: int) -> str:
+    """"shm" where "auto" stages a tensor of `nbytes` through shared memory (ranks that
+    outnumber cores on one node: tuning.stages_in_shm), else `algorithm`. Reads only agreed
+    facts (size, dtype, algorithm, how the group gathers its agreement): same on every rank."""
+    if (algorithm == "auto" and t.dtype in STAGED_DTYPES and tuning.stages_in_shm(name, nbytes)
+            and inline.gathers_in_shared_memory(g)):
+        return "shm"
+    return algorithm
