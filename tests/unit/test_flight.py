@@ -44,14 +44,14 @@ def call(seq, op="all_reduce", ranks=(0, 1, 2), group="world", shape=(1024,), dt
          start=100.0, kind="collective", peer=None):
     c = {"seq": seq, "op": op, "kind": kind, "group": group, "ranks": list(ranks), "peer": peer, "dtype": dtype,
          "shape": list(shape), "bytes": 4 * int(torch.tensor(shape).prod()), "algorithm": "auto",
-         "start": start + seq, "end": None if waiting else start + seq + 0.001}
+         "start": start + seq, "done": not waiting}
     if waiting:
         c["waited"] = 5.2
     return c
 
 
 def rec(rank, calls, size=3):
-    return {"format": 1, "rank": rank, "world_size": size, "job": "host:1", "reason": "watchdog", "message": None,
+    return {"format": 2, "rank": rank, "world_size": size, "job": "host:1", "reason": "watchdog", "message": None,
             "time": 200.0, "recorded": len(calls), "capacity": 256, "calls": calls}
 
 
@@ -154,7 +154,8 @@ def test_recorder_ring_wraps_and_keeps_the_last_calls():
     last = calls[-1]
     assert (last["op"], last["dtype"], last["shape"], last["bytes"], last["ranks"]) == \
         ("all_reduce", "float64", [3, 5], 120, [0, 1])
-    assert all(c["end"] is not None and c["end"] >= c["start"] for c in calls)
+    assert all(c["done"] for c in calls) and [c["index"] for c in calls] == list(range(44, recorder.CAPACITY + 44))
+    assert recorder.count() == recorder.CAPACITY + 44
 
 
 def test_recorder_nested_calls_record_the_outermost_and_p2p_counts_apart():
@@ -196,7 +197,7 @@ def test_dump_and_the_command_line(tmp_path, capsys):
     recorder.done(slot)
     data = json.loads(open(path).read())
     assert path.endswith("rank0.json") and data["reason"] == "signal"
-    assert [c["end"] is None for c in data["calls"]] == [False, True] and data["calls"][1]["waited"] >= 0
+    assert [c["done"] for c in data["calls"]] == [True, False] and data["calls"][1]["waited"] >= 0
     assert load(str(tmp_path))[0]["calls"][0]["op"] == "all_reduce"
     assert flight_main.main([str(tmp_path)]) == 1  # rank 0 waits in broadcast #2
     assert "broadcast #2 on group world [0]" in capsys.readouterr().out
