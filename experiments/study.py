@@ -20,7 +20,9 @@ not by a kill: those are atomic) is moved aside as <name>.h5.damaged-<UTC>
 with a warning and its driver runs again; every intact file stays. `--dir DIR`
 resumes DIR if it holds a study.json and starts a new study there otherwise:
 the form a requeued batch job uses (jobs/).
-SIGTERM/SIGINT/SIGUSR1 stop the running driver and mark it "interrupted".
+SIGTERM/SIGINT/SIGUSR1 stop the running driver (it finishes the point in hand and
+exits 128 + signal: mpipar.models.preempt) and mark it "interrupted"; the study
+then exits 128 + signal.
 A driver that checkpoints (its --help lists --save and --resume, like
 train_gpt.py) saves into <folder>/<name>.ckpt/ when stopped and continues from
 there on --resume; the folder is removed once the driver has finished ("ok").
@@ -333,7 +335,9 @@ def main(argv=None) -> int:
             print(f"  figure: {path}")
     print(f"study folder: {folder} ({time.time() - t0:.0f} s)")
     bad = [n for n, e in manifest["drivers"].items() if e["status"] in ("failed", "timeout", "skipped")]
-    return 143 if interrupted else (1 if bad else 0)
+    if interrupted:  # 128 + the signal, as the drivers (mpipar.models.preempt.exit_code): a scheduler requeues
+        return 128 + signal.Signals[manifest.get("interrupted_by", "SIGTERM")]
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
