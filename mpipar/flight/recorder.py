@@ -39,9 +39,10 @@ _clock = time.perf_counter
 slots = [None] * CAPACITY
 noted = [None] * CAPACITY
 
-# The one word of state: the slot of the call in flight (>= 0), or, between calls,
-# -1 - the slot of the last call (so the next call takes slot (-_current) & _MASK).
-_current = -CAPACITY
+# The one word of state: the slot of the call in flight (>= 0), or, between calls, ~slot
+# of the next call (< 0). `done` takes the next state from _IDLE (no arithmetic per call).
+_current = ~0
+_IDLE = [~((i + 1) & _MASK) for i in range(CAPACITY)]
 _laps = 0  # times the ring wrapped (for the count of calls recorded)
 
 
@@ -103,7 +104,7 @@ def begin(ch, name, dt=None, sh=None, algo=None, peer=-1) -> int:
     c = _current
     if c >= 0:
         return -1
-    i = -c & _MASK
+    i = ~c
     if not i:
         _laps += 1
     if peer == -1:
@@ -132,7 +133,7 @@ def done(i: int) -> None:
     """Record the end of the call in slot `i` (no-op for -1: a nested call)."""
     global _current
     if i >= 0:
-        _current = -1 - i
+        _current = _IDLE[i]
 
 
 def recorded(ch, name, fn, *args, **kwargs):
@@ -162,17 +163,22 @@ def still(i: int, entry) -> bool:
     return _current == i and slots[i] is entry
 
 
+def _last() -> int:
+    """The slot of the call in flight, else of the last call."""
+    c = _current
+    return c if c >= 0 else (~c - 1) & _MASK
+
+
 def count() -> int:
     """Calls recorded so far."""
-    c = _current
-    last = c if c >= 0 else -1 - c
+    last = _last()
     return 0 if slots[last] is None else (_laps - 1) * CAPACITY + last + 1
 
 
 def reset() -> None:
     """Forget every call (tests)."""
     global _current, _laps
-    _current, _laps = -CAPACITY, 0
+    _current, _laps = ~0, 0
     slots[:] = [None] * CAPACITY
     noted[:] = [None] * CAPACITY
 
@@ -180,9 +186,7 @@ def reset() -> None:
 def calls() -> list[dict]:
     """The recorded calls, oldest first, as plain dicts (start still a perf_counter value;
     done: False for the call in flight)."""
-    c = _current
-    cur = c if c >= 0 else -1
-    last = c if c >= 0 else -1 - c
+    cur, last = _current, _last()
     first = max(0, count() - CAPACITY)  # call number of the oldest slot
     out = []
     for k in range(last + 1, last + 1 + CAPACITY):
