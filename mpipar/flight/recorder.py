@@ -17,7 +17,11 @@ Slot i holds (op, channel, seq, dtype, shape, algorithm, peer, start):
   (then maybe in `noted`); algorithm: asked for ("auto", "ring", ...) or a detail;
   peer: the p2p peer's rank in the channel (-2: several), -1 for a collective;
   start: perf_counter at the start.
-`noted[i]` is the (slot tuple, dtype, shape) that `note` gave a call begun without them.
+A call begun without dtype and shape gets them from a description (anything with
+`.dtype` and `.shape`) left in `described.info` while it is in flight: the argument
+agreement of mpipar.comm.all_reduce leaves its cached one there with one attribute
+store (a function call cost more than the rest of the record); `done` files it as
+`noted[i]`.
 
 Calls nest (an all_reduce waits in an Allgather, then in a shared-memory barrier):
 only the outermost is recorded, so every rank numbers the same calls. `begin`
@@ -44,6 +48,23 @@ noted = [None] * CAPACITY
 _current = ~0
 _IDLE = [~((i + 1) & _MASK) for i in range(CAPACITY)]
 _laps = 0  # times the ring wrapped (for the count of calls recorded)
+
+
+class _Described:
+    __slots__ = ("info",)
+
+    def __init__(self):
+        self.info = None  # the description of the call in flight (dtype, shape), or None
+
+
+described = _Described()
+
+
+class Description:
+    __slots__ = ("dtype", "shape")
+
+    def __init__(self, dtype, shape):
+        self.dtype, self.shape = dtype, shape
 
 
 class Channel:
@@ -123,16 +144,18 @@ def begin_p2p(ch, name, to, dt=None, sh=None, detail=None) -> int:
 
 def note(dt, sh) -> None:
     """Give the call in flight its dtype and shape, when its caller began it without them
-    (mpipar.comm.all_reduce leaves them to its argument agreement, which has them cached)."""
-    i = _current
-    if i >= 0:
-        noted[i] = (slots[i], dt, sh)
+    (the hot path sets `described.info` to a description it has at hand instead, only ever
+    while its call is in flight). No call in flight: nothing to describe."""
+    if _current >= 0:
+        described.info = Description(dt, sh)
 
 
 def done(i: int) -> None:
     """Record the end of the call in slot `i` (no-op for -1: a nested call)."""
     global _current
     if i >= 0:
+        noted[i] = described.info
+        described.info = None
         _current = _IDLE[i]
 
 
@@ -179,6 +202,7 @@ def reset() -> None:
     """Forget every call (tests)."""
     global _current, _laps
     _current, _laps = ~0, 0
+    described.info = None
     slots[:] = [None] * CAPACITY
     noted[:] = [None] * CAPACITY
 
@@ -195,9 +219,9 @@ def calls() -> list[dict]:
         if entry is None:
             continue
         name, ch, s, dt, sh, algo, p, t0 = entry
-        extra = noted[i]
-        if dt is None and sh is None and extra is not None and extra[0] is entry:
-            dt, sh = extra[1], extra[2]
+        extra = described.info if i == cur else noted[i]
+        if dt is None and sh is None and extra is not None:
+            dt, sh = extra.dtype, extra.shape
         item = getattr(dt, "itemsize", None)
         dims = [int(d) for d in sh] if sh is not None else None
         numel = 1

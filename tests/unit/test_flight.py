@@ -173,6 +173,27 @@ def test_recorder_nested_calls_record_the_outermost_and_p2p_counts_apart():
         [("all_reduce", 1, "collective", None), ("recv", 1, "p2p", 1)]
 
 
+def test_a_call_begun_without_dtype_takes_its_description_and_only_its_own():
+    """all_reduce leaves dtype and shape to its agreement (recorder.described); the record has
+    them while the call waits and after it ends, and a later call in the same slot without one
+    shows none (no stale description)."""
+    ch = Chan()
+    slot = recorder.begin(ch, "all_reduce")
+    recorder.described.info = recorder.Description(torch.float64, torch.Size([2, 3]))
+    assert recorder.calls()[-1]["shape"] == [2, 3] and not recorder.calls()[-1]["done"]
+    recorder.done(slot)
+    recorder.done(recorder.begin(ch, "broadcast"))
+    recorder.note(torch.int32, (5,))  # no call in flight: ignored
+    first = recorder.calls()
+    assert [(c["op"], c["dtype"], c["shape"], c["bytes"]) for c in first] == \
+        [("all_reduce", "float64", [2, 3], 48), ("broadcast", None, None, None)]
+    for _ in range(recorder.CAPACITY - 1):
+        recorder.done(recorder.begin(ch, "wait"))
+    calls = recorder.calls()
+    assert calls[-1]["index"] == recorder.CAPACITY and calls[-1]["op"] == "wait"  # slot 0 again
+    assert all(c["dtype"] is None and c["shape"] is None for c in calls), [c for c in calls if c["dtype"]]
+
+
 def test_watchdog_fires_on_a_call_waiting_past_the_timeout():
     ch = Chan(ranks=(0, 3))
     fired = []

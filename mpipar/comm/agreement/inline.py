@@ -30,7 +30,7 @@ import torch
 from ...errors import MpiparError
 from .. import tuning
 from ..symmetric import entry as shm_entry
-from ...flight.recorder import note
+from ...flight.recorder import described
 from ..buffers import memo
 from ..backends.mpi import in_place
 from .protocol import BAD_DIM, _UNKNOWN, check, exchange, signature
@@ -181,7 +181,7 @@ def agree_all_reduce(t: torch.Tensor, g, op, algorithm):
     the group has a one-node symmetric pool (mpipar.comm.symmetric.collectives then needs no entry exchange:
     this Allgather was it), else None."""
     info = _call("all_reduce", t, op, algorithm)
-    note(info.dtype, info.shape)  # all_reduce's flight record leaves them to this cached description
+    described.info = info  # all_reduce's flight record takes dtype and shape from this cached description
     combine = info.combine
     if combine is not None and algorithm == "auto" and tuning.shm_pays("all_reduce", info.nbytes):
         combine = None  # the crossover lowered below INLINE_BYTES (a setting shared by all ranks)
