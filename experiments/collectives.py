@@ -267,6 +267,7 @@ def main(argv=None) -> int:
         bar.set_postfix_str(f"{op} {human(size)} x{len(group)}", refresh=False)
         with tracer.span("size", op=op, nbytes=size, impls=",".join(f"{p['impl']}:{p['mode']}" for p in group)):
             measured = measure_size(group, g, cfg.rounds)
+        tracer.sample_memory(f"{op} {size}")   # /memory: the rank's resident set along the sweep
         for p, metrics in zip(group, measured):
             if p["op"] == "memcpy" and p["mode"] == "loop":
                 limit[p["nbytes"]] = metrics["busbw_GBps"]

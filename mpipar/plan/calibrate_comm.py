@@ -10,7 +10,14 @@ the reduce-scatter's input, the all-to-all's local buffer, the p2p message.
 Rank 0 writes {"collectives": {op: {N: [a, b]}}, "collective_points": the
 measurements, "rss_bytes": the largest rank's resident set after a few steps of a
 tiny model, "probe_s": the mean
-time of a fixed compute probe with all N ranks busy at once} to OUT.json.
+time of a fixed compute probe with all N ranks busy at once, "train_s": the median
+step of a small GPT (PROBE_MODEL) on the layouts of probe_layouts(N)} to OUT.json.
+
+Why the training probe: the loop fits above time collectives back to back, with
+every rank already waiting, and the compute probe runs alone in cache. In
+training each collective follows compute, and on a host with more ranks than
+cores a rank arriving first waits until its peers are scheduled again; ranks
+also share caches and memory. calibrate fits those two effects to real steps.
 """
 from __future__ import annotations
 
@@ -62,6 +69,43 @@ def compute_probe(torch) -> float:
     return float(np.median(rounds))
 
 
+# The training probe: a small GPT whose steps calibrate fits the host's effective contention and
+# per-call synchronisation cost to (calibrate.fit_training). The waits it fits scale with the
+# compute between collectives, so its blocks are of the size studied here (a step of tens of
+# ms); shapes run each layout of 2 and 4 ranks (pp 4 needs 4 layers; zigzag sp 4, seq % 8).
+PROBE_MODEL = dict(vocab_size=64, seq_len=64, hidden=128, num_heads=4, num_layers=4)
+PROBE_MICROBATCHES, PROBE_MICRO_BATCH = 4, 2
+
+
+def probe_layouts(n: int) -> dict:
+    """name -> Mesh sizes of the training probes run on n ranks."""
+    out = {"dp": dict(dp=n), "tp": dict(tp=n), "pp": dict(pp=n), "sp": dict(sp=n)}
+    if n == 4:
+        out["tp2dp2"] = dict(tp=2, dp=2)
+    return out
+
+
+def _train_probe(torch, mpipar, world, sizes: dict, steps: int) -> float:
+    """Median seconds (slowest rank) of one train_step of the probe model on the layout `sizes`."""
+    from mpipar import models
+
+    mesh = mpipar.Mesh(**sizes)
+    torch.manual_seed(0)
+    model = models.GPT(models.GPTConfig(**PROBE_MODEL), mesh)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    m = PROBE_MICROBATCHES
+    tokens = torch.randint(0, PROBE_MODEL["vocab_size"], (m * PROBE_MICRO_BATCH * mesh.dp.size, PROBE_MODEL["seq_len"]),
+                           generator=torch.Generator().manual_seed(0))
+    times = []
+    for i in range(2 + steps):
+        world.Barrier()
+        t0 = time.perf_counter()
+        models.train_step(model, (tokens, tokens), opt, mesh, m, max_grad_norm=1.0)
+        if i >= 2:
+            times.append(world.allreduce(time.perf_counter() - t0, op=_max()))
+    return float(np.median(times))
+
+
 def _trained_rss(torch, mesh, rss_bytes) -> int:
     """Resident set after a few steps of a tiny data-parallel GPT: what the framework itself holds
     (its model states are a few hundred KiB)."""
@@ -110,10 +154,12 @@ def main(argv=None) -> int:
     for (g, key), op in ((gk, op) for gk in groups
                          for op in ("all_reduce", "all_gather", "reduce_scatter", "all_to_all", "send_recv")):
         _measure(C, torch, g, key, op, sizes, world, results, points)
+    train_s = {f"{name}@{n}": _train_probe(torch, mpipar, world, sizes, 3 if quick else 6)
+               for name, sizes in probe_layouts(n).items()}
     if world.rank == 0:
         with open(out, "w") as f:
             json.dump({"collectives": results, "collective_points": points, "rss_bytes": rss,
-                       "probe_s": probe}, f)
+                       "probe_s": probe, "train_s": train_s}, f)
     return 0
 
 

@@ -201,6 +201,14 @@ def _layer_cost(spec: ModelSpec, system, L: Layout) -> PhaseCost:
 
     F, B, W = ops.t["F"], ops.t["B"], ops.t["W"]
     flops = ops.flops
+    # A tp or sp group smaller than the host's busy ranks meets its peers while other groups
+    # hold the cores: its ranks lose a share of the compute between collectives waiting.
+    if t > 1:
+        share = system.sync_share(t, H)
+        tp_f, tp_b = tp_f + share * F, tp_b + share * (B + W)
+    if c > 1:
+        share = system.sync_share(c * t, H) if t > 1 else system.sync_share(c, H)
+        sp_f, sp_b = sp_f + share * F, sp_b + share * (B + W)
     if L.recompute == "full":
         B += F
         tp_b += tp_f

@@ -73,7 +73,7 @@ def host_load(system: System, world: int) -> float | None:
         now = compute_probe(torch)
     finally:
         torch.set_num_threads(threads)
-    expected = float(probes["1"]) * system._slowdown(world)
+    expected = float(probes[str(world)]) if str(world) in probes else float(probes["1"]) * system._slowdown(world)
     return now / expected
 
 

@@ -21,6 +21,12 @@ Fields (every shipped number carries its source under "sources"):
   collectives{op: {key: [a, b]}}  optional per-call fits (calibrate): time = a + nbytes * b for one
                                call of `op` on a group of N ranks of one node, key "N", or "N@H"
                                when H ranks were busy on the node; replace the intra link
+  sync_after_compute{key: s}   optional (calibrate): seconds a collective of a group spanning the
+                               busy ranks of the host costs at least when called right after
+                               compute (key "N"); the per-call floor of a fitted collective's a
+  sync_share{key: f}           optional (calibrate): for a group smaller than the busy ranks of
+                               the host (key "N@H"), the fraction of its compute between
+                               collectives its ranks lose waiting for a peer to be scheduled
   optimizer{bytes_per_param, per_tensor}  memory traffic of one Adam update, host overhead per tensor
   runtime_bytes                memory the framework holds before the model (context, allocator)
   software{attention, dp_overlap, ring_overlap, bucket_bytes, grad_reduce_bytes}
@@ -80,6 +86,14 @@ class System:
             for key, ab in fits.items():
                 size, _, host = str(key).partition("@")
                 self.collectives[(op, int(size), int(host or size))] = (float(ab[0]), float(ab[1]))
+        self.sync = {}
+        for key, sec in d.get("sync_after_compute", {}).items():
+            size, _, host = str(key).partition("@")
+            self.sync[(int(size), int(host or size))] = float(sec)
+        self.shares = {}
+        for key, frac in d.get("sync_share", {}).items():
+            size, _, host = str(key).partition("@")
+            self.shares[(int(size), int(host or size))] = float(frac)
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
@@ -205,10 +219,21 @@ class System:
                 best = (h, ab)
         return None if best is None else best[1]
 
+    def sync_share(self, size: int, host: int) -> float:
+        """sync_share of a group of `size` ranks while `host` ranks are busy (0 when not smaller)."""
+        if not self.shares or host is None or size >= host:
+            return 0.0
+        best = max(((h, f) for (n, h), f in self.shares.items() if n == size and h <= host), default=(0, 0.0))
+        return best[1]
+
+    def _sync(self, size: int, host: int) -> float:
+        """sync_after_compute of a group spanning the host's busy ranks (0 otherwise, or if not measured)."""
+        return self.sync.get((size, size), 0.0) if host <= size else 0.0
+
     def _collective(self, op: str, nbytes: float, size: int, stride: int, calls: int, host: int) -> float:
         fit = self._fit(op, size, host) if self.collectives else None
         if fit is not None and size * stride <= self.ranks_per_node:
-            return calls * fit[0] + nbytes * fit[1]
+            return calls * max(fit[0], self._sync(size, host)) + nbytes * fit[1]
         alpha, beta, p2p_alpha, p2p_beta = self.link(size, stride)
         if op == "send_recv":
             return calls * p2p_alpha + nbytes * p2p_beta

@@ -116,6 +116,8 @@ class Tracer:
         """
         comm = self.group.comm
         prov = h5.provenance(self.source)
+        if not self.memory:   # every file carries /memory: at least the rank's state when it was saved
+            self.sample_memory("at save")
         spans = recorded(self.group, "tracer save", comm.gather, self.spans, root=0)
         memory = recorded(self.group, "tracer save", comm.gather, self.memory, root=0)
         error = None

@@ -83,6 +83,17 @@ def test_runs_saved_into_one_file_keep_each_others_rows(shared_dir):
     assert sorted(json.loads(attrs["runs"])) == sorted(runs)
 
 
+def test_a_file_without_samples_still_has_memory_rows(shared_dir):
+    path = os.path.join(shared_dir, "nomem.h5")
+    tracer = trace.Tracer(COMM)
+    with tracer.span("a"):
+        pass
+    tracer.save(path)
+    memory, _ = _read(path, "memory")
+    assert sorted(memory["rank"].tolist()) == list(range(COMM.size))
+    assert (memory["rss_bytes"] > 0).all()
+
+
 def test_provenance_attributes(shared_dir):
     mesh = mpipar.Mesh(comm=COMM)
     path = os.path.join(shared_dir, "prov.h5")

@@ -358,3 +358,49 @@ def test_params_per_rank_sum_to_the_model(arch, kv):
         h, hd, f = 512, 64, spec.ffn_hidden
         assert layer_params_per_rank(spec, 8) == pytest.approx(2 * h + h * (h / 8 + 2 * hd) + h / 8 * h
                                                                + 3 * h * f / 8)
+
+
+def _host_system(**extra) -> plan.System:
+    """local-cpu with the training-fit fields replaced by `extra`."""
+    data = plan.System.load("local-cpu").data
+    for k in ("sync_after_compute", "sync_share"):
+        data.pop(k, None)
+    data["contention"] = {"2": 1.2, "4": 2.5}
+    data.update(extra)
+    return plan.System(data)
+
+
+def test_sync_share_charges_a_pair_on_a_busier_host_its_compute():
+    spec = plan.ModelSpec(64, 64, 128, 4, 4)
+    L = plan.Layout(tp=2, dp=2, micro_batch=2, global_batch=16, dtype="fp32")
+    base = layer_cost(spec, _host_system(), L)
+    shared = layer_cost(spec, _host_system(sync_share={"2@4": 0.5}), L)
+    assert shared.f_tp == pytest.approx(base.f_tp + 0.5 * base.f)
+    assert shared.b_tp == pytest.approx(base.b_tp + 0.5 * (base.b + base.w))
+    alone = plan.Layout(tp=2, micro_batch=2, global_batch=8, dtype="fp32")   # the pair is the host
+    assert layer_cost(spec, _host_system(sync_share={"2@4": 0.5}), alone).f_tp == \
+        pytest.approx(layer_cost(spec, _host_system(), alone).f_tp)
+
+
+def test_sync_after_compute_is_a_floor_per_call():
+    s = _host_system(sync_after_compute={"4": 1e-3})
+    fit = s._fit("all_reduce", 4, 4)
+    assert s.collective("all_reduce", 1024, 4, calls=3) == pytest.approx(3 * max(fit[0], 1e-3) + 1024 * fit[1])
+    assert _host_system().collective("all_reduce", 1024, 4, calls=3) == pytest.approx(3 * fit[0] + 1024 * fit[1])
+
+
+def test_fit_training_recovers_the_host_it_was_generated_from():
+    from mpipar.plan.calibrate import _probe_step, fit_training
+
+    truth = _host_system(contention={"2": 1.4, "4": 3.0}, sync_after_compute={"2": 1e-4, "4": 2e-3},
+                         sync_share={"2@4": 0.8}).data
+    train_s = {f"{name}@{n}": _probe_step(truth, name, n) for n in (2, 4)
+               for name in ("dp", "tp", "pp", "sp") + (("tp2dp2",) if n == 4 else ())}
+    got = fit_training(_host_system().data, train_s, log=lambda *_: None)
+    assert got["contention"]["4"] == pytest.approx(3.0, rel=1e-3)
+    assert got["contention"]["2"] == pytest.approx(1.4, rel=1e-3)
+    assert got["sync_after_compute"]["4"] == pytest.approx(2e-3, rel=1e-3)
+    assert got["sync_share"]["2@4"] == pytest.approx(0.8, rel=1e-3)
+    for k, t in train_s.items():
+        name, _, n = k.rpartition("@")
+        assert _probe_step(got, name, int(n)) == pytest.approx(t, rel=1e-3)
