@@ -2,11 +2,11 @@
 
 Recording is on the hot path of every call (a 4 KiB all-reduce takes a few us),
 so a call costs one tuple in a preallocated list, one clock read (its start), the
-channel's sequence number and a few stores, nothing else: no dict, no string, no
-allocation besides the tuple. Names, ranks, dtypes and byte counts are
-worked out only when the record is read (`calls`, at dump time). A finished
-call has no end time (a second clock read was a fifth of the recorder's cost):
-the verdict needs only whether a call finished, and when each began.
+channel's sequence number and a few stores, nothing else: no dict, no string.
+Names, ranks, dtypes and byte counts are worked out only when the record is
+read (`calls`, at dump time). A finished call has no end time (a second clock
+read was a fifth of the recorder's cost): the verdict needs only whether a call
+finished, and when each began.
 
 Slot i holds (op, channel, seq, dtype, shape, algorithm, peer, start):
   op: the call's name ("all_reduce", "recv", "pipeline recv", ...); channel: the Group
