@@ -72,6 +72,7 @@ from mpipar import comm as C
 from mpipar import trace
 from mpipar.errors import MpiparError, require
 from mpipar.flight.abort import install_abort_on_exception
+from mpipar.models import preempt
 from _collectives_impl import ALGO_OPS, DTYPES, IMPLS, MODES, OPS, PASSES, element_count, measure_size
 from _collectives_report import human, loop_mode, print_report, verdicts
 from _common import init_gloo
@@ -245,6 +246,7 @@ def default_out(comm) -> str:
 def main(argv=None) -> int:
     install_abort_on_exception()
     cfg = parse_args(argv)
+    stop = preempt.trap(MPI.COMM_WORLD)  # SIGTERM/SIGUSR1: stop after the size in hand (its rows are stored)
     mesh = mpipar.Mesh(comm=MPI.COMM_WORLD)
     g = mesh.world
     if cfg.phases:
@@ -285,6 +287,7 @@ def main(argv=None) -> int:
             if writer is not None:
                 writer.append(p, metrics)  # flushed per size: a killed sweep keeps what finished
         bar.update(len(group))
+        stop.check("collectives")
     bar.close()
     tracer.save(cfg.out, attrs={"driver": "experiments/collectives.py"})
     if g.rank == 0:

@@ -15,8 +15,8 @@ lines that record (bare_all_reduce), and the nested waits' begin/done (which ret
 once inside a recorded call) replaced by functions that do nothing: the code without
 the recorder. The watchdog thread runs in both (it wakes once a second).
 Also the recorder alone (one process, no MPI, so robust on a busy machine): what a
-validated all_reduce adds (begin, the agreement's note of dtype and shape, done)
-against a function that does nothing.
+validated all_reduce adds (begin, the agreement's description of dtype and shape,
+done) against a function that does nothing.
 Each call is timed alone; per case and mode the table gives the 10th percentile and
 the median over all calls (the slowest rank's): on a shared machine the low
 percentile is the call's cost without the calls that a lost core slowed down.
@@ -72,7 +72,8 @@ def _compiled(func, lines):
 def bare_all_reduce():
     """(mpipar.comm.all_reduce, the agreement's agree_all_reduce) without the record: their
     source minus the lines that record (all_reduce's `begin` choice, `try:`, `finally:`,
-    `done(slot)`, the try body dedented; the `note(...)` lines), compiled in their modules."""
+    `done(slot)`, the try body dedented; the `note(...)` and `described.info = ...` lines),
+    compiled in their modules."""
     import inspect
 
     from mpipar.comm import collectives
@@ -87,8 +88,10 @@ def bare_all_reduce():
     body = [ln[4:] if ln.startswith("        ") else ln for ln in lines[i + 5:-2]
             if not ln.strip().startswith("note(")]
     bare = _compiled(collectives.all_reduce, lines[:i] + body)
-    agree_lines = [ln for ln in inspect.getsource(inline.agree_all_reduce).splitlines()
-                   if not ln.strip().startswith("note(")]
+    source = inspect.getsource(inline.agree_all_reduce).splitlines()
+    agree_lines = [ln for ln in source if not ln.strip().startswith(("note(", "described.info"))]
+    if len(agree_lines) == len(source):
+        raise RuntimeError("agree_all_reduce's record is not where this benchmark expects it; update bare_all_reduce")
     return bare, _compiled(inline.agree_all_reduce, agree_lines)
 
 
@@ -122,19 +125,19 @@ def percentiles(times: list, g) -> tuple:
 
 
 def pair_alone(rounds: int) -> dict:
-    """The recorder alone, as a validated all_reduce records: begin, the agreement's note of
-    dtype and shape, done (try/finally around), against a function that does nothing.
+    """The recorder alone, as a validated all_reduce records: begin, the agreement's description
+    of dtype and shape, done (try/finally around), against a function that does nothing.
     Seconds per call, one entry per block of 2000; on and off blocks alternate."""
     import types
 
     ch = recorder.Channel(None, "bench")
     info = types.SimpleNamespace(dtype=torch.float32, shape=torch.Size([1024]))  # the cached description
-    begin, note, done = recorder.begin, recorder.note, recorder.done
+    begin, described, done = recorder.begin, recorder.described, recorder.done
 
     def on():
         slot = begin(ch, "all_reduce", None, None, "auto")
         try:
-            note(info.dtype, info.shape)
+            described.info = info
         finally:
             done(slot)
 
@@ -198,7 +201,7 @@ def main(argv=None) -> int:
     alone = pair_alone(cfg.rounds)
     for mode in ("on", "off"):
         per = np.array(alone[mode]) * 1e6
-        rows.append({"case": "recorder alone: begin, note, done", "mode": mode, "ranks": 1,
+        rows.append({"case": "recorder alone: begin, describe, done", "mode": mode, "ranks": 1,
                      "p10_us": float(np.percentile(per, 10)), "median_us": float(np.median(per))})
     if g.rank == 0:
         out = cfg.out or os.path.join("results", TABLE, f"{trace.h5.utc_now().replace(':', '')}.h5")
@@ -209,7 +212,7 @@ def main(argv=None) -> int:
             print(f"{r['case']:36s} {r['mode']:4s} {r['p10_us']:9.3f} {r['median_us']:10.3f}")
             writer.append({"case": r["case"], "mode": r["mode"], "ranks": r["ranks"]},
                           {"p10_us": r["p10_us"], "median_us": r["median_us"]})
-        for case in list(cases) + ["recorder alone: begin, note, done"]:
+        for case in list(cases) + ["recorder alone: begin, describe, done"]:
             on = {r["mode"]: r for r in rows if r["case"] == case}
             d10 = on["on"]["p10_us"] - on["off"]["p10_us"]
             d50 = on["on"]["median_us"] - on["off"]["median_us"]

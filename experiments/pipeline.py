@@ -35,6 +35,7 @@ from mpipar import device as mdevice
 from mpipar.comm.wait import wait_all
 from mpipar.errors import MpiparError
 from mpipar.flight.abort import install_abort_on_exception
+from mpipar.models import preempt
 from mpipar.mesh import Group
 from mpipar.pipeline import PipelineRunner, partition, simulate
 from mpipar.pipeline.schedules import check_args
@@ -242,6 +243,7 @@ def main() -> None:
     install_abort_on_exception()
     world = MPI.COMM_WORLD
     cfg = parse_args(world.size)
+    stop = preempt.trap(world)  # SIGTERM/SIGUSR1: stop after the point in hand (its row is stored)
     threads = mdevice.set_threads(mdevice.ranks_on_node(world)[1])
     split = {p: world.Split(0 if world.rank < p else MPI.UNDEFINED, world.rank) for p in cfg.stages}
     groups = {p: Group(c, f"pp{p}") if c != MPI.COMM_NULL else None for p, c in split.items()}
@@ -271,6 +273,7 @@ def main() -> None:
                     done.append({**conf, **row})
                     report(i, len(plan), conf, row)
             polite_barrier(world)
+            stop.check("pipeline")
     tracer.save(cfg.out, attrs={"config": json.dumps(dataclasses.asdict(cfg))})
     if world.rank == 0:
         print_table(done)

@@ -35,6 +35,7 @@ from mpi4py import MPI
 from mpipar import device as mdevice
 from mpipar.comm.wait import wait_all
 from mpipar.flight.abort import install_abort_on_exception
+from mpipar.models import preempt
 from _common import init_gloo, prefix_groups, print_table, setup_threads
 from mpipar.mesh import Group
 from mpipar.sequence import ring_attention, ulysses_attention
@@ -302,6 +303,7 @@ def main() -> None:
     install_abort_on_exception()
     world = MPI.COMM_WORLD
     cfg = parse_args(world.size)
+    stop = preempt.trap(world)  # SIGTERM/SIGUSR1: stop after the point in hand (its row is stored)
     threads = setup_threads(world, cfg.threads)
     local_size = mdevice.ranks_on_node(world)[1]
     groups = prefix_groups(world, cfg.sp, "sp")
@@ -354,6 +356,7 @@ def main() -> None:
                 if n > 1:
                     print(per_rank_line(m), flush=True)
         polite_barrier(world)
+        stop.check("sequence_parallel")
     cp = try_context_parallel(world) if cfg.context_parallel else {
         "torch_version": torch.__version__, "status": "not tried", "reason": "--quick or --no-context-parallel"}
     tracer.save(cfg.out, attrs={"config": json.dumps(dataclasses.asdict(cfg))})

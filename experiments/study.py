@@ -12,15 +12,19 @@ recorded as such in study.json and the study goes on. At the end the analysis
 the summary table is printed (also in summary.csv).
 
 Resuming: `--resume DIR` reruns every driver of DIR/study.json not marked
-"ok", with the settings recorded there, into the same files; the drivers'
-ResultsWriter skips the points already stored, so none is lost or repeated. A
+"ok", with the settings recorded there (the launcher too, unless --mpiexec
+gives the current allocation's: a requeued PBS job has a new hostfile), into
+the same files; the drivers' ResultsWriter skips the points already stored, so
+none is lost or repeated. A
 driver without resume support has its partial file moved aside first. A
 results file that no longer opens (a write cut short by a crash of the disk,
 not by a kill: those are atomic) is moved aside as <name>.h5.damaged-<UTC>
 with a warning and its driver runs again; every intact file stays. `--dir DIR`
 resumes DIR if it holds a study.json and starts a new study there otherwise:
 the form a requeued batch job uses (jobs/).
-SIGTERM/SIGINT/SIGUSR1 stop the running driver and mark it "interrupted".
+SIGTERM/SIGINT/SIGUSR1 stop the running driver (it finishes the point in hand and
+exits 128 + signal: mpipar.models.preempt) and mark it "interrupted"; the study
+then exits 128 + signal.
 A driver that checkpoints (its --help lists --save and --resume, like
 train_gpt.py) saves into <folder>/<name>.ckpt/ when stopped and continues from
 there on --resume; the folder is removed once the driver has finished ("ok").
@@ -271,8 +275,9 @@ def dry_run(drivers: list[Driver], manifest: dict, folder: Path | None) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--np", type=int, default=4, help="MPI ranks per driver (default 4)")
-    p.add_argument("--mpiexec", default=str(ROOT / ".venv/bin/mpiexec"),
-                   help='launcher command, e.g. "mpiexec", "srun --mpi=pmi2" (gets -n NP)')
+    p.add_argument("--mpiexec", default=None,
+                   help='launcher command, e.g. "mpiexec", "srun --mpi=pmi2" (gets -n NP; default the venv\'s '
+                   'mpiexec; given with --resume/--dir it replaces the recorded one: a requeued job\'s hostfile)')
     p.add_argument("--np-flag", default="-n", help="the launcher's rank-count flag (default -n)")
     p.add_argument("--study", default=None, help="study name: results/<study>/... (default scaling)")
     p.add_argument("--results", default=str(ROOT / "results"), help="results root folder")
@@ -299,10 +304,14 @@ def main(argv=None) -> int:
         folder = Path(args.resume).resolve()
         manifest = json.loads((folder / "study.json").read_text())
         drivers = [Driver(**d) for d in manifest["plan"]]
+        if args.mpiexec and args.mpiexec != manifest["mpiexec"]:  # the launcher is the allocation's, not the study's
+            print(f"study: launcher {args.mpiexec!r} (recorded: {manifest['mpiexec']!r})", flush=True)
+            manifest["mpiexec"] = args.mpiexec
     else:
         drivers = select(drivers, args.only)
         manifest = {"study": args.study or name or "scaling", "created_utc": utc_stamp(), "np": args.np,
-                    "mpiexec": args.mpiexec, "np_flag": args.np_flag, "quick": args.quick,
+                    "mpiexec": args.mpiexec or str(ROOT / ".venv/bin/mpiexec"), "np_flag": args.np_flag,
+                    "quick": args.quick,
                     "command": shlex.join([sys.executable, *sys.argv]),
                     "plan": [dataclasses.asdict(d) for d in drivers],
                     "drivers": {d.name: {"status": "pending", "out": d.out} for d in drivers}}
@@ -333,7 +342,9 @@ def main(argv=None) -> int:
             print(f"  figure: {path}")
     print(f"study folder: {folder} ({time.time() - t0:.0f} s)")
     bad = [n for n, e in manifest["drivers"].items() if e["status"] in ("failed", "timeout", "skipped")]
-    return 143 if interrupted else (1 if bad else 0)
+    if interrupted:  # 128 + the signal, as the drivers (mpipar.models.preempt.exit_code): a scheduler requeues
+        return 128 + signal.Signals[manifest.get("interrupted_by", "SIGTERM")]
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import mpipar.comm.autograd as region_ops
 from mpipar import models
 from mpipar.comm.wait import wait_all
 from mpipar.flight.abort import install_abort_on_exception
+from mpipar.models import preempt
 from _common import init_gloo, prefix_groups, print_table, setup_threads
 from mpipar.mesh import Group, as_group
 from mpipar.layers.heads import merge_heads, split_heads
@@ -277,6 +278,7 @@ def main() -> None:
     install_abort_on_exception()
     world = MPI.COMM_WORLD
     cfg = parse_args(world.size)
+    stop = preempt.trap(world)  # SIGTERM/SIGUSR1: stop after the point in hand (its row is stored)
     threads = setup_threads(world, cfg.threads)
     groups = prefix_groups(world, cfg.tp, "tp")
     meshes = init_torch_distributed(world, cfg.tp) if "torch" in cfg.methods else {}
@@ -308,6 +310,7 @@ def main() -> None:
                 print(f"[{i + 1}/{len(plan)}] {block:9s} h={hidden:5d} tp={n} {method:9s} "
                       f"{m['time_s']:.4f} s  act {m['act_bytes'] / 2**20:.1f} MiB", flush=True)
         polite_barrier(world)
+        stop.check("tensor_parallel")
     tracer.save(cfg.out, attrs={"config": json.dumps(dataclasses.asdict(cfg))})
     if world.rank == 0:
         print_table(done, TABLE_COLUMNS)

@@ -48,6 +48,7 @@ from mpipar import settings
 from _common import init_gloo, prefix_groups, print_table, setup_threads
 from mpipar import models
 from mpipar.flight.abort import install_abort_on_exception
+from mpipar.models import preempt
 from mpipar.trace import ActivationMeter, write_table
 from mpipar.trace.memory import rss_bytes
 
@@ -251,7 +252,7 @@ def measure(zero: int, group, cfg, corpus, batch: int) -> dict:
     return {"params": params, "grads": seen["grads"], "optimizer": state + masters, "activations": meter.peak}
 
 
-def sweep(a, world, corpus) -> list[dict]:
+def sweep(a, world, corpus, stop) -> list[dict]:
     cfg = models.GPTConfig(corpus.vocab_size, a.seq, a.hidden, a.heads, a.layers, seed=0)
     n = cfg.num_params()
     sizes = [d for d in (1, 2, 4) if d <= world.size]
@@ -259,8 +260,11 @@ def sweep(a, world, corpus) -> list[dict]:
     rows = []
     for d in sizes:
         for zero in range(4):
+            if stop.stopped:  # signalled: the rows that finished are kept
+                break
             m = measure(zero, groups[d], cfg, corpus, a.batch) if groups[d] is not None else None
             world.Barrier()
+            stop.agreed()
             if world.rank != 0:
                 continue
             per = {k: v / n for k, v in m.items()}
@@ -309,6 +313,7 @@ def main() -> None:
     corpus = models.CharCorpus(num_chars=200_000, seed=0)
     if world.size < 2 and not a.sweep_only:
         sys.exit("zero.py: the benchmark needs 2 ranks (or --sweep-only)")
+    stop = preempt.trap(world)  # SIGTERM/SIGUSR1: finish the measurement in hand, write what finished, exit
     rows = []
     if not a.sweep_only:
         pair = prefix_groups(world, [2], "pair")[2]
@@ -317,8 +322,10 @@ def main() -> None:
                 init_gloo(pair)
             rows = benchmark(a, pair, corpus)
         world.Barrier()
-    mem = sweep(a, world, corpus) if (a.sweep or a.sweep_only) else []
+        stop.agreed()
+    mem = sweep(a, world, corpus, stop) if (a.sweep or a.sweep_only) and not stop.stopped else []
     if world.rank != 0:
+        stop.finish("zero")
         return
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     if rows:
@@ -345,6 +352,7 @@ def main() -> None:
                           "activations_bytes"], width=12)
         print(f"plot: {png}")
     print(f"results: {a.out}")
+    stop.finish("zero")
 
 
 if __name__ == "__main__":

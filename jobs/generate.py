@@ -127,7 +127,9 @@ def _np_lines(c: JobConfig) -> list[str]:
 # the job id that survives a requeue, and how the script requeues itself
 _REQUEUE = {"slurm": ("${SLURM_JOB_ID:?not inside a SLURM job}", 'scontrol requeue "$SLURM_JOB_ID"'),
             "pbs": ("${PBS_JOBID:-${SLURM_JOB_ID:?not inside a PBS job}}",
-                    'if [ -n "${SLURM_JOB_ID:-}" ]; then scontrol requeue "$SLURM_JOB_ID"; else qrerun "$PBS_JOBID"; fi')}
+                    'if [ -n "${SLURM_JOB_ID:-}" ]; then scontrol requeue "$SLURM_JOB_ID"; '
+                    'else qrerun "$PBS_JOBID" || echo "mpipar job: qrerun refused (some sites allow it only to '
+                    'operators); resume with: MPIPAR_STUDY_DIR=$STUDY_DIR qsub -V <this script>" >&2; fi')}
 
 
 def _study_lines(c: JobConfig, launcher: str, extra: str) -> list[str]:

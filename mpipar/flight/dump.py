@@ -17,7 +17,7 @@ import time
 from . import recorder
 from ..settings import current as settings
 
-FORMAT = 1
+FORMAT = 2  # 2: a call has `done` (no end time)
 
 
 class _Identity:
@@ -34,17 +34,15 @@ identity = _Identity()
 def record(reason: str, message: str | None = None) -> dict:
     """This rank's record as a JSON-able dict: who, why, and the calls (oldest first).
 
-    Times are wall-clock seconds (time.time()); a call still in flight has end None and
+    Times are wall-clock seconds (time.time()); a call still in flight has done False and
     `waited` the seconds it has waited so far."""
     now_clock, now_wall = time.perf_counter(), time.time()
     shift = now_wall - now_clock
     calls = recorder.calls()
     for c in calls:
+        if not c["done"]:
+            c["waited"] = round(now_clock - c["start"], 3)
         c["start"] = round(c["start"] + shift, 6)
-        if c["end"] is None:
-            c["waited"] = round(now_clock - (c["start"] - shift), 3)
-        else:
-            c["end"] = round(c["end"] + shift, 6)
     return {"format": FORMAT, "rank": identity.rank, "world_size": identity.size, "job": identity.job,
             "host": socket.gethostname(), "pid": os.getpid(), "reason": reason, "message": message,
             "time": now_wall, "recorded": recorder.count(), "capacity": recorder.CAPACITY, "calls": calls}

@@ -1,19 +1,32 @@
 """The flight recorder: the last CAPACITY communication calls of this process, in a ring.
 
-Each slot holds one call: a tuple (op, channel, sequence number, dtype, shape,
-algorithm, peer, start) and its end time in a preallocated list, so recording
-a call builds one small tuple and reads the clock at its start and its end; the
-memory stays that of CAPACITY slots. A channel is what the calls go over: an mpipar Group
-or a `Channel` made for a private communicator; it carries the world ranks of
-its members and its own sequence counters, so the ranks' records of one group
-line up by sequence number (mpipar.flight.verdict).
+Recording is on the hot path of every call (a 4 KiB all-reduce takes a few us),
+so a call costs one tuple in a preallocated list, one clock read (its start), the
+channel's sequence number and a few stores, nothing else: no dict, no string.
+Names, ranks, dtypes and byte counts are worked out only when the record is
+read (`calls`, at dump time). A finished call has no end time (a second clock
+read was a fifth of the recorder's cost): the verdict needs only whether a call
+finished, and when each began.
 
-Calls nest (an all_reduce waits in an Allgather, then in a shared-memory
-barrier): only the outermost is recorded, so every rank numbers the same calls.
-`begin` returns the slot, or -1 when a call is already in flight; `done` takes it
-back. Callers use try/finally, so a call that raises is closed too.
-Point-to-point calls (`begin_p2p`) are numbered apart from the collectives of
-their channel: two peers make different numbers of them.
+Slot i holds (op, channel, seq, dtype, shape, algorithm, peer, start):
+  op: the call's name ("all_reduce", "recv", "pipeline recv", ...); channel: the Group
+  or Channel it went over (a reference: its name and world ranks are read at dump time);
+  seq: per-channel sequence number, collectives and point-to-point counted apart (two
+  peers make different numbers of p2p calls), so the ranks' records of one group line
+  up by sequence number (mpipar.flight.verdict); dtype, shape: of its tensor, or None
+  (then maybe in `noted`); algorithm: asked for ("auto", "ring", ...) or a detail;
+  peer: the p2p peer's rank in the channel (-2: several), -1 for a collective;
+  start: perf_counter at the start.
+A call begun without dtype and shape gets them from a description (anything with
+`.dtype` and `.shape`) left in `described.info` while it is in flight: the argument
+agreement of mpipar.comm.all_reduce leaves its cached one there with one attribute
+store (a function call cost more than the rest of the record); `done` files it as
+`noted[i]`.
+
+Calls nest (an all_reduce waits in an Allgather, then in a shared-memory barrier):
+only the outermost is recorded, so every rank numbers the same calls. `begin`
+returns the slot, or -1 when a call is already in flight; `done` takes it back.
+Callers use try/finally, so a call that raises is closed too.
 
 The watchdog (mpipar.flight.watchdog) reads `in_flight()` from its own thread.
 """
@@ -27,19 +40,31 @@ _MASK = CAPACITY - 1
 
 _clock = time.perf_counter
 
-# One tuple per call (CPython takes tuples of this size from its free list: the memory
-# stays that of CAPACITY slots): (op, channel, seq, dtype, shape, algorithm, peer, start)
-#   op: the call's name ("all_reduce", "recv", "pipeline recv", ...); channel: the Group
-#   or Channel it went over; seq: per-channel sequence number (collectives and p2p counted
-#   apart); dtype, shape: of its tensor, or None (then maybe in `noted`); algorithm: asked
-#   for ("auto", "ring", ...) or a detail; peer: p2p peer's rank in the channel (-2:
-#   several), -1 for a collective; start: perf_counter at the start.
 slots = [None] * CAPACITY
-end = [0.0] * CAPACITY        # perf_counter at the end (stale while the slot's call is in flight)
-noted = [None] * CAPACITY     # (dtype, shape, call number + 1) given by `note` during the call
+noted = [None] * CAPACITY
 
-_count = 0      # calls recorded so far (slot of call k: k & _MASK)
-_current = -1   # slot of the call in flight, -1 when none
+# The one word of state: the slot of the call in flight (>= 0), or, between calls, ~slot
+# of the next call (< 0). `done` takes the next state from _IDLE (no arithmetic per call).
+_current = ~0
+_IDLE = [~((i + 1) & _MASK) for i in range(CAPACITY)]
+_laps = 0  # times the ring wrapped (for the count of calls recorded)
+
+
+class _Described:
+    __slots__ = ("info",)
+
+    def __init__(self):
+        self.info = None  # the description of the call in flight (dtype, shape), or None
+
+
+described = _Described()
+
+
+class Description:
+    __slots__ = ("dtype", "shape")
+
+    def __init__(self, dtype, shape):
+        self.dtype, self.shape = dtype, shape
 
 
 class Channel:
@@ -57,6 +82,7 @@ class Channel:
 
 UNKNOWN = Channel(None, "unknown")  # waits on requests whose communicator the waiter does not know
 _channels = weakref.WeakValueDictionary()  # id(comm) -> its Group or Channel (checked with `is`)
+_made: dict = {}  # the Channels channel_of made: kept, their sequence numbers must go on
 
 
 def register(comm, ch) -> None:
@@ -72,11 +98,8 @@ def channel_of(comm, name: str = "comm"):
         register(comm, ch)
         if len(_made) > 1024:
             _made.clear()
-        _made[id(comm)] = ch  # kept: its sequence numbers must go on
+        _made[id(comm)] = ch
     return ch
-
-
-_made: dict = {}
 
 
 def world_ranks(comm) -> tuple:
@@ -95,47 +118,45 @@ def world_ranks(comm) -> tuple:
         return tuple(range(n))
 
 
-def begin(ch, name, dt=None, sh=None, algo=None) -> int:
-    """Record the start of collective `name` on channel `ch`. Returns its slot (-1: nested)."""
-    global _count, _current
-    if _current >= 0:
+def begin(ch, name, dt=None, sh=None, algo=None, peer=-1) -> int:
+    """Record the start of call `name` on channel `ch`: a collective, or with `peer` (a rank
+    of `ch`; -2: several peers) a point-to-point wait. Returns its slot (-1: nested)."""
+    global _current, _laps
+    c = _current
+    if c >= 0:
         return -1
-    i = _count & _MASK
-    _count += 1
-    s = ch.flight_seq = ch.flight_seq + 1
-    slots[i] = (name, ch, s, dt, sh, algo, -1, _clock())
-    _current = i
+    i = ~c
+    if not i:
+        _laps += 1
+    if peer == -1:
+        s = ch.flight_seq = ch.flight_seq + 1
+    else:
+        s = ch.flight_p2p = ch.flight_p2p + 1
+    slots[i] = (name, ch, s, dt, sh, algo, peer, _clock())
+    _current = i  # last: the watchdog reads the slot it names
     return i
 
 
 def begin_p2p(ch, name, to, dt=None, sh=None, detail=None) -> int:
-    """Record the start of a point-to-point wait with peer `to` (a rank of `ch`; -2: several
-    peers). Returns its slot, or -1 when nested."""
-    global _count, _current
-    if _current >= 0:
-        return -1
-    i = _count & _MASK
-    _count += 1
-    s = ch.flight_p2p = ch.flight_p2p + 1
-    slots[i] = (name, ch, s, dt, sh, detail, to, _clock())
-    _current = i
-    return i
+    """`begin` of a point-to-point wait with peer `to` (a rank of `ch`; -2: several peers)."""
+    return begin(ch, name, dt, sh, detail, to)
 
 
 def note(dt, sh) -> None:
     """Give the call in flight its dtype and shape, when its caller began it without them
-    (mpipar.comm.all_reduce leaves them to its argument agreement, which has them cached)."""
-    i = _current
-    if i >= 0:
-        noted[i] = (dt, sh, _count)
+    (the hot path sets `described.info` to a description it has at hand instead, only ever
+    while its call is in flight). No call in flight: nothing to describe."""
+    if _current >= 0:
+        described.info = Description(dt, sh)
 
 
 def done(i: int) -> None:
     """Record the end of the call in slot `i` (no-op for -1: a nested call)."""
     global _current
     if i >= 0:
-        end[i] = _clock()
-        _current = -1
+        noted[i] = described.info
+        described.info = None
+        _current = _IDLE[i]
 
 
 def recorded(ch, name, fn, *args, **kwargs):
@@ -150,60 +171,64 @@ def recorded(ch, name, fn, *args, **kwargs):
 
 
 def in_flight():
-    """(slot, calls recorded, start) of the call in flight, or None. Safe from another thread:
-    the caller re-checks `still(slot, count)` after using the values."""
-    i, n = _current, _count
+    """(slot, its entry, start) of the call in flight, or None. Safe from another thread:
+    the caller re-checks `still(slot, entry)` after using the values."""
+    i = _current
     if i < 0:
         return None
-    return i, n, slots[i][7]
+    entry = slots[i]
+    return i, entry, entry[7]
 
 
-def still(i: int, n: int) -> bool:
-    return _current == i and _count == n
+def still(i: int, entry) -> bool:
+    """Whether the call `in_flight` returned is still in flight (a later call in the same
+    slot has another entry)."""
+    return _current == i and slots[i] is entry
+
+
+def _last() -> int:
+    """The slot of the call in flight, else of the last call."""
+    c = _current
+    return c if c >= 0 else (~c - 1) & _MASK
 
 
 def count() -> int:
-    return _count
+    """Calls recorded so far."""
+    last = _last()
+    return 0 if slots[last] is None else (_laps - 1) * CAPACITY + last + 1
 
 
 def reset() -> None:
     """Forget every call (tests)."""
-    global _count, _current
-    _count, _current = 0, -1
+    global _current, _laps
+    _current, _laps = ~0, 0
+    described.info = None
     slots[:] = [None] * CAPACITY
-    end[:] = [0.0] * CAPACITY
     noted[:] = [None] * CAPACITY
 
 
-def field(i: int, k: int):
-    """Field k of slot i's call (OP, CHANNEL, SEQ, ..., START), None for an empty slot."""
-    entry = slots[i]
-    return None if entry is None else entry[k]
-
-
-OP, CHANNEL, SEQ, DTYPE, SHAPE, ALGORITHM, PEER, START = range(8)
-
-
 def calls() -> list[dict]:
-    """The recorded calls, oldest first, as plain dicts (times still perf_counter values)."""
-    n, cur = _count, _current
+    """The recorded calls, oldest first, as plain dicts (start still a perf_counter value;
+    done: False for the call in flight)."""
+    cur, last = _current, _last()
+    first = max(0, count() - CAPACITY)  # call number of the oldest slot
     out = []
-    for k in range(max(0, n - CAPACITY), n):
+    for k in range(last + 1, last + 1 + CAPACITY):
         i = k & _MASK
         entry = slots[i]
         if entry is None:
             continue
         name, ch, s, dt, sh, algo, p, t0 = entry
-        extra = noted[i]
-        if dt is None and sh is None and extra is not None and extra[2] == k + 1:
-            dt, sh = extra[0], extra[1]
+        extra = described.info if i == cur else noted[i]
+        if dt is None and sh is None and extra is not None:
+            dt, sh = extra.dtype, extra.shape
         item = getattr(dt, "itemsize", None)
         dims = [int(d) for d in sh] if sh is not None else None
         numel = 1
         for d in dims or ():
             numel *= d
         out.append({
-            "index": k,
+            "index": first + len(out),
             "seq": s,
             "op": name,
             "kind": "collective" if p == -1 else "p2p",
@@ -215,7 +240,7 @@ def calls() -> list[dict]:
             "bytes": numel * item if (item is not None and dims is not None) else None,
             "algorithm": algo if algo is None or isinstance(algo, (str, int)) else str(algo),
             "start": t0,
-            "end": None if i == cur else end[i],
+            "done": i != cur,
         })
     return out
 

@@ -68,7 +68,7 @@ def _group_label(call) -> str:
 
 
 def _describe(call, rec=None) -> str:
-    """'all_reduce #4 on group world [0, 1] (float32 [1024], 4096 B), done' and the like."""
+    """'all_reduce #4 on group world [0, 1] (float32 [1024], 4096 B), finished (...)' and the like."""
     where = f"{call['op']} #{call['seq']} on group {_group_label(call)}"
     if call.get("peer") is not None:
         where += f" with rank {call['peer']}"
@@ -79,10 +79,10 @@ def _describe(call, rec=None) -> str:
         what.append(f"{call['bytes']} B")
     if what:
         where += f" ({', '.join(what)})"
-    if call.get("end") is None:
+    if not call.get("done"):
         return where + f", still waiting ({call.get('waited', 0):.1f} s)"
-    if rec is not None and rec.get("time"):
-        return where + f", finished {rec['time'] - call['end']:.1f} s before its record was written"
+    if rec is not None and rec.get("time") and call.get("start") is not None:
+        return where + f", finished (began {rec['time'] - call['start']:.1f} s before its record was written)"
     return where + ", finished"
 
 
@@ -177,7 +177,7 @@ def _mismatch(label, by_rank):
 
 
 def _hang(label, members, by_rank, records):
-    waiting = {k: c for k, v in by_rank.items() for c in v.values() if c.get("end") is None}
+    waiting = {k: c for k, v in by_rank.items() for c in v.values() if not c.get("done")}
     if not waiting:
         return None
     s = min(c["seq"] for c in waiting.values())
@@ -222,7 +222,7 @@ def _others(k, records, peers=None):
             lines.append(f"  rank {p} left no record")
             continue
         last = _last_call(records[p])
-        if last is not None and last.get("end") is None:
+        if last is not None and not last.get("done"):
             lines.append(f"  rank {p} itself waits: {_describe(last, records[p])}")
         else:
             idle.append(p)
@@ -236,7 +236,7 @@ def _unknown_group(records):
     out = []
     for k, rec in sorted(records.items()):
         for call in rec.get("calls") or []:
-            if call.get("kind") != "collective" or call.get("ranks") or call.get("end") is not None:
+            if call.get("kind") != "collective" or call.get("ranks") or call.get("done"):
                 continue
             lines, idle = _others(k, records, list(range(rec.get("world_size", 0))))
             head = f"rank {k} waited {call.get('waited', 0.0):.1f} s in {call['op']} #{call['seq']} (group not known)"
@@ -248,7 +248,7 @@ def _p2p(records):
     out = []
     for k, rec in sorted(records.items()):
         for call in rec.get("calls") or []:
-            if call.get("kind") != "p2p" or call.get("end") is not None:
+            if call.get("kind") != "p2p" or call.get("done"):
                 continue
             peer = call.get("peer")
             label = _group_label(call)

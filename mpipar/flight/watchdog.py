@@ -86,9 +86,9 @@ class Watchdog(threading.Thread):
         found = recorder.in_flight()
         if found is None:
             return False
-        i, n, start = found
+        i, entry, start = found
         waited = time.perf_counter() - start
-        if waited < self.timeout or not recorder.still(i, n):
+        if waited < self.timeout or not recorder.still(i, entry):
             return False
         self.fired = True
         self.on_expiry(i, waited)

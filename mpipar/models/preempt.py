@@ -16,6 +16,14 @@ a flag in the handler: the step in hand finishes. `agreed()` all-reduces the
 flag (one 8-byte MAX) after each step, so a signal seen by any rank stops every
 rank after the same step, and nobody waits in a collective the others skipped.
 
+A sweep driver (experiments/collectives.py and the like), whose rows are stored
+one by one, stops between points the same way:
+
+    stop = preempt.trap(comm)               # for the rest of the process
+    for point in points:
+        measure the point, store its row
+        stop.check("collectives")           # collective: every rank exits 128 + signal here
+
 `save`/`resume` wrap `checkpoint.save_step`/`load_full` with each rank's RNG
 state (`rng_state`), and the step: the data position of a corpus indexed by
 step. On the same layout the resumed run repeats the uninterrupted one exactly.
@@ -23,6 +31,7 @@ step. On the same layout the resumed run repeats the uninterrupted one exactly.
 from __future__ import annotations
 
 import signal
+import sys
 
 import numpy as np
 
@@ -42,6 +51,7 @@ class Preemption:
     def __init__(self, comm=None, signals=SIGNALS):
         self.comm, self.signals = comm, tuple(signals)
         self.signum = 0
+        self.stopped = 0  # the signal `agreed` last returned
         self._previous: dict = {}
 
     def _handler(self, signum, _frame) -> None:
@@ -61,14 +71,38 @@ class Preemption:
     def agreed(self) -> int:
         """Collective over `comm`: the highest signal number any rank has received, 0 if none."""
         if self.comm is None:
-            return self.signum
+            self.stopped = self.signum
+            return self.stopped
         from mpi4py import MPI
 
         from ..flight.recorder import channel_of, recorded
 
         flag = np.array([self.signum], dtype=np.int64)
         recorded(channel_of(self.comm), "preemption agree", self.comm.Allreduce, MPI.IN_PLACE, flag, op=MPI.MAX)
-        return int(flag[0])
+        self.stopped = int(flag[0])
+        return self.stopped
+
+    def finish(self, who: str) -> None:
+        """When `agreed` returned a signal: say so (rank 0) and exit 128 + signal. Call it once
+        what finished is stored."""
+        if not self.stopped:
+            return
+        if self.comm is None or self.comm.Get_rank() == 0:
+            print(f"{who}: signal {self.stopped}: stopped after the point in hand; what finished is stored",
+                  file=sys.stderr, flush=True)
+        raise SystemExit(exit_code(self.stopped))
+
+    def check(self, who: str) -> None:
+        """Collective over `comm` between two points of a sweep: `agreed`, then `finish`, so every
+        rank ends at this same point once any rank has been signalled."""
+        self.agreed()
+        self.finish(who)
+
+
+def trap(comm) -> Preemption:
+    """A Preemption over `comm` for the rest of this process (a sweep driver: SIGTERM and SIGUSR1
+    stop it after the point in hand)."""
+    return Preemption(comm).__enter__()
 
 
 def save(model, optimizer, run_dir: str, step: int, keep: int = 2, extra: dict | None = None) -> str:

@@ -5,7 +5,9 @@ submits jobs/slurm/study_srun.sbatch and jobs/slurm/study_mpiexec.sbatch with
 `sbatch` and jobs/pbs/study.pbs with `qsub` (SLURM's Torque wrappers), each a
 tiny study (the collectives driver, --quick, 2 ranks), waits for them, checks
 the HDF5 they wrote (provenance attributes, a results table of 2 ranks, read
-by h5py, pandas and `h5dump -H`) and stops the cluster. Run by `make test-jobs`.
+by h5py, pandas and `h5dump -H`) and stops the cluster. Preemption: a train_gpt job
+(sbatch) and a collectives sweep (qsub, the PBS script) signalled with SIGUSR1 mid-run
+requeue themselves and resume. Run by `make test-jobs`.
 """
 from __future__ import annotations
 
@@ -164,3 +166,60 @@ def test_signalled_job_requeues_resumes_and_matches_uninterrupted(cluster, tmp_p
     manifest = json.loads((folder / "study.json").read_text())
     assert manifest["drivers"]["gpt"]["status"] == "ok" and manifest["drivers"]["gpt"]["runs"] == 2, manifest
     assert _gpt_losses(folder / "train_gpt.h5") == reference  # every step once, bit for bit
+
+
+PBS_SIZES = ["4K", "8K", "16K", "32K", "64K", "128K"]
+PBS_PLAN = {"study": "jobs-pbs", "drivers": [
+    {"name": "collectives", "script": "experiments/collectives.py", "out": "collectives.h5", "timeout_s": 400,
+     "args": {"--quick": True, "--ops": "all_reduce", "--impls": "mpi,ring", "--sizes": ",".join(PBS_SIZES),
+              "--rounds": 40}}]}
+
+
+def _sweep_rows(path: Path) -> list[tuple[int, str]]:
+    try:
+        with h5py.File(path, "r") as f:
+            g = f["results/collectives"]
+            return list(zip(g["nbytes"][()].tolist(), g["impl"].asstr()[()].tolist()))
+    except (OSError, KeyError):
+        return []
+
+
+@pytest.mark.timeout(900)
+def test_signalled_pbs_job_requeues_and_resumes_the_sweep(cluster, tmp_path):
+    """jobs/pbs/study.pbs through SLURM's qsub: SIGUSR1 to the batch shell mid-sweep, the collectives
+    driver stores the size in hand and stops, the script requeues the job, and the requeued job
+    resumes the same study folder: every point stored exactly once, the first run's rows kept."""
+    import time
+
+    plan, results, log = tmp_path / "plan.json", tmp_path / "pbs", tmp_path / "pbs.out"
+    plan.write_text(json.dumps(PBS_PLAN))
+    env = {**os.environ, "MPIPAR_RESULTS": str(results), "MPIPAR_STUDY": "jobs-pbs",
+           "MPIPAR_STUDY_ARGS": f"--config {plan} --no-analysis --silent"}
+    cmd = ["qsub", "-V", "-r", "y", "-l", f"select=1:ncpus={RANKS}:mpiprocs={RANKS}", "-o", str(log), "-j", "oe",
+           "jobs/pbs/study.pbs"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=60, env=env)
+    assert res.returncode == 0, f"{cmd} failed:\n{res.stdout}\n{res.stderr}"
+    job = res.stdout.strip().split(".")[0]
+    deadline, rows = time.time() + 300, []
+    while len(rows) < 2:
+        assert time.time() < deadline, log.read_text()[-4000:] if log.exists() else "(no job output)"
+        folders = list((results / "jobs-pbs").glob("job-*")) if (results / "jobs-pbs").exists() else []
+        rows = _sweep_rows(folders[0] / "collectives.h5") if folders else []
+        time.sleep(0.2)
+    (folder,) = folders
+    sig = subprocess.run(["scancel", "--signal=USR1", "--batch", job], capture_output=True, text=True, timeout=60)
+    assert sig.returncode == 0, sig.stderr
+    res = _slurm("wait", job, "600", timeout=700)
+    output = log.read_text() if log.exists() else "(no job output)"
+    assert res.returncode == 0, f"{res.stdout}{res.stderr}\n{output[-4000:]}"
+    # (qsub's output file starts again at the requeue: the study's own log and manifest keep both runs)
+    assert "collectives: signal 10: stopped" in (folder / "collectives.log").read_text()
+    info = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True).stdout
+    assert "Restarts=1" in info, info
+    manifest = json.loads((folder / "study.json").read_text())
+    entry = manifest["drivers"]["collectives"]
+    assert entry["status"] == "ok" and entry["runs"] == 2 and len(manifest["resumed_utc"]) == 1, manifest
+    final = _sweep_rows(folder / "collectives.h5")
+    assert final[:len(rows)] == rows, "the requeued job rewrote stored points"
+    sizes = [int(s[:-1]) * 1024 for s in PBS_SIZES]
+    assert sorted(final) == sorted((n, impl) for n in sizes for impl in ("mpi", "ring")), final

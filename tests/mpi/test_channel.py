@@ -96,8 +96,9 @@ def test_a_named_wait_is_a_p2p_record_of_the_flight_channel(dup):
     recv = ch.recv(torch.empty(2), left, 5)
     ch.wait([recv, ch.send(torch.ones(2), right, 5)], "test wait", left)
     assert flight.flight_p2p == before + 1
-    last = recorder.slots[(recorder._count - 1) & recorder._MASK]
-    assert last[:3] == ("test wait", flight, before + 1) and last[6] == left
+    last = recorder.calls()[-1]
+    assert (last["op"], last["group"], last["seq"], last["kind"]) == ("test wait", "test", before + 1, "p2p")
+    assert last["peer"] == flight.world_ranks[left]
     ch.wait([])  # unnamed: not recorded
     assert flight.flight_p2p == before + 1
 

@@ -44,14 +44,14 @@ def call(seq, op="all_reduce", ranks=(0, 1, 2), group="world", shape=(1024,), dt
          start=100.0, kind="collective", peer=None):
     c = {"seq": seq, "op": op, "kind": kind, "group": group, "ranks": list(ranks), "peer": peer, "dtype": dtype,
          "shape": list(shape), "bytes": 4 * int(torch.tensor(shape).prod()), "algorithm": "auto",
-         "start": start + seq, "end": None if waiting else start + seq + 0.001}
+         "start": start + seq, "done": not waiting}
     if waiting:
         c["waited"] = 5.2
     return c
 
 
 def rec(rank, calls, size=3):
-    return {"format": 1, "rank": rank, "world_size": size, "job": "host:1", "reason": "watchdog", "message": None,
+    return {"format": 2, "rank": rank, "world_size": size, "job": "host:1", "reason": "watchdog", "message": None,
             "time": 200.0, "recorded": len(calls), "capacity": 256, "calls": calls}
 
 
@@ -154,7 +154,8 @@ def test_recorder_ring_wraps_and_keeps_the_last_calls():
     last = calls[-1]
     assert (last["op"], last["dtype"], last["shape"], last["bytes"], last["ranks"]) == \
         ("all_reduce", "float64", [3, 5], 120, [0, 1])
-    assert all(c["end"] is not None and c["end"] >= c["start"] for c in calls)
+    assert all(c["done"] for c in calls) and [c["index"] for c in calls] == list(range(44, recorder.CAPACITY + 44))
+    assert recorder.count() == recorder.CAPACITY + 44
 
 
 def test_recorder_nested_calls_record_the_outermost_and_p2p_counts_apart():
@@ -170,6 +171,27 @@ def test_recorder_nested_calls_record_the_outermost_and_p2p_counts_apart():
     calls = recorder.calls()
     assert [(c["op"], c["seq"], c["kind"], c["peer"]) for c in calls] == \
         [("all_reduce", 1, "collective", None), ("recv", 1, "p2p", 1)]
+
+
+def test_a_call_begun_without_dtype_takes_its_description_and_only_its_own():
+    """all_reduce leaves dtype and shape to its agreement (recorder.described); the record has
+    them while the call waits and after it ends, and a later call in the same slot without one
+    shows none (no stale description)."""
+    ch = Chan()
+    slot = recorder.begin(ch, "all_reduce")
+    recorder.described.info = recorder.Description(torch.float64, torch.Size([2, 3]))
+    assert recorder.calls()[-1]["shape"] == [2, 3] and not recorder.calls()[-1]["done"]
+    recorder.done(slot)
+    recorder.done(recorder.begin(ch, "broadcast"))
+    recorder.note(torch.int32, (5,))  # no call in flight: ignored
+    first = recorder.calls()
+    assert [(c["op"], c["dtype"], c["shape"], c["bytes"]) for c in first] == \
+        [("all_reduce", "float64", [2, 3], 48), ("broadcast", None, None, None)]
+    for _ in range(recorder.CAPACITY - 1):
+        recorder.done(recorder.begin(ch, "wait"))
+    calls = recorder.calls()
+    assert calls[-1]["index"] == recorder.CAPACITY and calls[-1]["op"] == "wait"  # slot 0 again
+    assert all(c["dtype"] is None and c["shape"] is None for c in calls), [c for c in calls if c["dtype"]]
 
 
 def test_watchdog_fires_on_a_call_waiting_past_the_timeout():
@@ -196,7 +218,7 @@ def test_dump_and_the_command_line(tmp_path, capsys):
     recorder.done(slot)
     data = json.loads(open(path).read())
     assert path.endswith("rank0.json") and data["reason"] == "signal"
-    assert [c["end"] is None for c in data["calls"]] == [False, True] and data["calls"][1]["waited"] >= 0
+    assert [c["done"] for c in data["calls"]] == [True, False] and data["calls"][1]["waited"] >= 0
     assert load(str(tmp_path))[0]["calls"][0]["op"] == "all_reduce"
     assert flight_main.main([str(tmp_path)]) == 1  # rank 0 waits in broadcast #2
     assert "broadcast #2 on group world [0]" in capsys.readouterr().out

@@ -262,3 +262,20 @@ def test_default_plan_trains_llama_beside_gpt2_into_its_own_file(tmp_path):
     for quick in (False, True):
         argv, dropped = study.driver_argv(llama, quick, help_text, tmp_path / llama.out, {})
         assert dropped == [] and argv[argv.index("--arch") + 1] == "llama", argv
+
+
+def test_resume_takes_the_launcher_given_now(tmp_path):
+    """A requeued batch job resumes its study with this allocation's launcher (a PBS job's
+    hostfile is a new file after the requeue): --mpiexec given with --resume replaces the
+    recorded one; without it the recorded one stays."""
+    folder = tmp_path / "results" / "resume-test" / "20261206T000000Z"
+    folder.mkdir(parents=True)
+    plan = json.loads(_plan(tmp_path).read_text())
+    manifest = {"study": "resume-test", "np": 2, "mpiexec": "false -hostfile /gone/nodefile", "np_flag": "-n",
+                "quick": False, "plan": plan["drivers"], "drivers": {"sweep": {"status": "pending", "out": "sweep.h5"}}}
+    (folder / "study.json").write_text(json.dumps(manifest))
+    base = [sys.executable, str(STUDY), "--dry-run", "--resume", str(folder)]
+    res = subprocess.run([*base, "--mpiexec", "true"], capture_output=True, text=True, timeout=200)
+    assert res.returncode == 0 and "== sweep: true -n 2 python" in res.stdout, res.stdout + res.stderr
+    res = subprocess.run(base, capture_output=True, text=True, timeout=200)
+    assert "== sweep: false -hostfile /gone/nodefile -n 2 python" in res.stdout, res.stdout + res.stderr

@@ -31,7 +31,7 @@ from ...errors import MpiparError
 from .. import tuning
 from ..symmetric import entry as shm_entry
 from ..symmetric.collectives import PRESTAGED
-from ...flight.recorder import note
+from ...flight.recorder import described
 from ..buffers import memo
 from ..backends.mpi import in_place
 from . import shm_table
@@ -194,7 +194,7 @@ def agree_all_reduce(t: torch.Tensor, g, op, algorithm, prestaged=False):
     this Allgather was it), else None. `prestaged`: this rank copied `t` into the pool's scratch
     window before the call (its descriptor then says so: symmetric.collectives.prestage)."""
     info = _call("all_reduce", t, op, algorithm)
-    note(info.dtype, info.shape)  # all_reduce's flight record leaves them to this cached description
+    described.info = info  # all_reduce's flight record takes dtype and shape from this cached description
     combine = info.combine
     if combine is not None and algorithm == "auto" and tuning.shm_pays("all_reduce", info.nbytes):
         combine = None  # the crossover lowered below INLINE_BYTES (a setting shared by all ranks)
