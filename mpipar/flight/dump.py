@@ -17,7 +17,7 @@ import time
 from . import recorder
 from ..settings import current as settings
 
-FORMAT = 2  # 2: a call has `done` (no end time)
+FORMAT = 3  # 3: a call has `done` and `end` (None while in flight)
 
 
 class _Identity:
@@ -34,8 +34,8 @@ identity = _Identity()
 def record(reason: str, message: str | None = None) -> dict:
     """This rank's record as a JSON-able dict: who, why, and the calls (oldest first).
 
-    Times are wall-clock seconds (time.time()); a call still in flight has done False and
-    `waited` the seconds it has waited so far."""
+    Times are wall-clock seconds (time.time()); a call still in flight has done False, end
+    None and `waited` the seconds it has waited so far."""
     now_clock, now_wall = time.perf_counter(), time.time()
     shift = now_wall - now_clock
     calls = recorder.calls()
@@ -43,6 +43,8 @@ def record(reason: str, message: str | None = None) -> dict:
         if not c["done"]:
             c["waited"] = round(now_clock - c["start"], 3)
         c["start"] = round(c["start"] + shift, 6)
+        if c["end"] is not None:
+            c["end"] = round(c["end"] + shift, 6)
     return {"format": FORMAT, "rank": identity.rank, "world_size": identity.size, "job": identity.job,
             "host": socket.gethostname(), "pid": os.getpid(), "reason": reason, "message": message,
             "time": now_wall, "recorded": recorder.count(), "capacity": recorder.CAPACITY, "calls": calls}

@@ -1,12 +1,10 @@
 """The flight recorder: the last CAPACITY communication calls of this process, in a ring.
 
 Recording is on the hot path of every call (a 4 KiB all-reduce takes a few us),
-so a call costs one tuple in a preallocated list, one clock read (its start), the
-channel's sequence number and a few stores, nothing else: no dict, no string.
-Names, ranks, dtypes and byte counts are worked out only when the record is
-read (`calls`, at dump time). A finished call has no end time (a second clock
-read was a fifth of the recorder's cost): the verdict needs only whether a call
-finished, and when each began.
+so a call costs one tuple in a preallocated list, two clock reads (start and
+end), the channel's sequence number and a few stores, nothing else: no dict,
+no string. Names, ranks, dtypes and byte counts are worked out only when the
+record is read (`calls`, at dump time).
 
 Slot i holds (op, channel, seq, dtype, shape, algorithm, peer, start):
   op: the call's name ("all_reduce", "recv", "pipeline recv", ...); channel: the Group
@@ -42,6 +40,7 @@ _clock = time.perf_counter
 
 slots = [None] * CAPACITY
 noted = [None] * CAPACITY
+ends = [0.0] * CAPACITY    # perf_counter at the end of the call in each slot
 
 # The one word of state: the slot of the call in flight (>= 0), or, between calls, ~slot
 # of the next call (< 0). `done` takes the next state from _IDLE (no arithmetic per call).
@@ -154,6 +153,7 @@ def done(i: int) -> None:
     """Record the end of the call in slot `i` (no-op for -1: a nested call)."""
     global _current
     if i >= 0:
+        ends[i] = _clock()
         noted[i] = described.info
         described.info = None
         _current = _IDLE[i]
@@ -205,11 +205,12 @@ def reset() -> None:
     described.info = None
     slots[:] = [None] * CAPACITY
     noted[:] = [None] * CAPACITY
+    ends[:] = [0.0] * CAPACITY
 
 
 def calls() -> list[dict]:
-    """The recorded calls, oldest first, as plain dicts (start still a perf_counter value;
-    done: False for the call in flight)."""
+    """The recorded calls, oldest first, as plain dicts (start and end still perf_counter
+    values; done: False and end None for the call in flight)."""
     cur, last = _current, _last()
     first = max(0, count() - CAPACITY)  # call number of the oldest slot
     out = []
@@ -240,6 +241,7 @@ def calls() -> list[dict]:
             "bytes": numel * item if (item is not None and dims is not None) else None,
             "algorithm": algo if algo is None or isinstance(algo, (str, int)) else str(algo),
             "start": t0,
+            "end": ends[i] if i != cur else None,
             "done": i != cur,
         })
     return out

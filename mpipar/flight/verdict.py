@@ -81,6 +81,9 @@ def _describe(call, rec=None) -> str:
         where += f" ({', '.join(what)})"
     if not call.get("done"):
         return where + f", still waiting ({call.get('waited', 0):.1f} s)"
+    if call.get("end") is not None and call.get("start") is not None:
+        ago = f", {rec['time'] - call['end']:.1f} s before its record was written" if rec and rec.get("time") else ""
+        return where + f", finished (took {(call['end'] - call['start']) * 1e3:.3f} ms{ago})"
     if rec is not None and rec.get("time") and call.get("start") is not None:
         return where + f", finished (began {rec['time'] - call['start']:.1f} s before its record was written)"
     return where + ", finished"

@@ -51,7 +51,7 @@ def call(seq, op="all_reduce", ranks=(0, 1, 2), group="world", shape=(1024,), dt
 
 
 def rec(rank, calls, size=3):
-    return {"format": 2, "rank": rank, "world_size": size, "job": "host:1", "reason": "watchdog", "message": None,
+    return {"format": 3, "rank": rank, "world_size": size, "job": "host:1", "reason": "watchdog", "message": None,
             "time": 200.0, "recorded": len(calls), "capacity": 256, "calls": calls}
 
 
@@ -171,6 +171,16 @@ def test_recorder_nested_calls_record_the_outermost_and_p2p_counts_apart():
     calls = recorder.calls()
     assert [(c["op"], c["seq"], c["kind"], c["peer"]) for c in calls] == \
         [("all_reduce", 1, "collective", None), ("recv", 1, "p2p", 1)]
+
+
+def test_a_finished_call_has_its_end_time_and_one_in_flight_none():
+    ch = Chan()
+    slot = recorder.begin(ch, "all_reduce")
+    assert recorder.calls()[-1]["end"] is None
+    time.sleep(0.01)
+    recorder.done(slot)
+    call = recorder.calls()[-1]
+    assert call["done"] and call["end"] - call["start"] >= 0.009
 
 
 def test_a_call_begun_without_dtype_takes_its_description_and_only_its_own():
