@@ -96,6 +96,14 @@ class ShmCounts:
         mine = self.by_pool.setdefault(pool, {})
         mine[(op, how)] = mine.get((op, how), 0) + 1
 
+    def total(self, g, how: str = "shm") -> int:
+        """Calls of every op of group g that ran as `how`."""
+        from mpipar.comm import symmetric
+
+        assert self.active, "count shared-memory calls under the shm_counts fixture"
+        pool = symmetric.pool_of(g)
+        return 0 if pool is None else sum(v for (_, h), v in self.by_pool.get(pool, {}).items() if h == how)
+
     def calls(self, g, op: str, how: str = "shm") -> int:
         from mpipar.comm import symmetric
 
@@ -135,7 +143,7 @@ def shm_counts(monkeypatch):
 
     counts = SHM_COUNTS
     enter, plan, library = collectives.enter, compiled.sum_push_plan, compiled.library
-    block_enter = blocks._enter
+    block_enter, take_prestaged = blocks._enter, collectives.take_prestaged
 
     def counted_block_enter(g, t, op, *rest):
         taken = block_enter(g, t, op, *rest)  # (pool, window, offset); raises otherwise
@@ -160,10 +168,15 @@ def shm_counts(monkeypatch):
 
     monkeypatch.setattr(collectives, "enter", counted_enter)
     monkeypatch.setattr(blocks, "_enter", counted_block_enter)
+
+    def counted_prestaged(pool, window):
+        counts.add(pool, "all_reduce", "prestaged")
+        return take_prestaged(pool, window)
+    monkeypatch.setattr(collectives, "take_prestaged", counted_prestaged)
     monkeypatch.setattr(compiled, "sum_push_plan", counted_plan)
     monkeypatch.setattr(compiled, "library", counted_library)
     counts.reset()
-    counts.active = True
+    counts.active = True  # (also "prestaged": an all_reduce took the input copied before its agreement)
     yield counts
     counts.active = False
 

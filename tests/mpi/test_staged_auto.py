@@ -15,7 +15,6 @@ from conftest import rank_tensor
 from mpipar import comm
 from mpipar.comm import tuning
 from mpipar.comm.agreement.inline import gathers_in_shared_memory
-from mpipar.comm.symmetric.pool import pool_of
 from mpipar.mesh import Group
 
 pytestmark = pytest.mark.mpi
@@ -30,7 +29,7 @@ def fresh(world):
     c.Free()
 
 
-def test_auto_stages_large_plain_tensors_when_ranks_outnumber_cores(fresh, checks):
+def test_auto_stages_large_plain_tensors_when_ranks_outnumber_cores(fresh, checks, shm_counts):
     g = fresh
     n, r = g.size, g.rank
     if n == 1:
@@ -55,17 +54,16 @@ def test_auto_stages_large_plain_tensors_when_ranks_outnumber_cores(fresh, check
     checks.equal(out, torch.cat([x[: rows // n] for x in xs]), "all_gather out=")
 
     shared = gathers_in_shared_memory(g)
-    pool = pool_of(g)
-    staged = 0 if pool is None else sum(v for (op, how), v in pool.calls.items() if how == "shm")
+    staged = shm_counts.total(g, "shm")
     checks.true(shared == g.oversubscribed, "the agreement gathers through shared memory iff ranks outnumber cores")
     checks.true(staged == (5 if shared else 0), f"staged calls {staged}, shared agreement {shared}")
     # the bf16 call found the scratch window large enough: copied before its agreement
-    prestaged = 0 if pool is None else pool.calls[("all_reduce", "prestaged")]
+    prestaged = shm_counts.calls(g, "all_reduce", "prestaged")
     checks.true(prestaged == (1 if shared else 0), f"prestaged calls {prestaged}")
     checks.finish()
 
 
-def test_prestaging_is_used_only_when_every_rank_prestaged(fresh, checks):
+def test_prestaging_is_used_only_when_every_rank_prestaged(fresh, checks, shm_counts):
     """Rank 0 passes a symmetric tensor (it does not prestage), the others plain ones (they
     do): the agreement tells every rank, and all stage after it instead (no hang, exact)."""
     g = fresh
@@ -87,7 +85,6 @@ def test_prestaging_is_used_only_when_every_rank_prestaged(fresh, checks):
     y = xs[r].clone()
     comm.all_reduce(y, g)  # all plain again: prestaged where staging applies
     checks.equal(y, total, "plain again")
-    pool = pool_of(g)
-    prestaged = 0 if pool is None else pool.calls[("all_reduce", "prestaged")]
+    prestaged = shm_counts.calls(g, "all_reduce", "prestaged")
     checks.true(prestaged == (1 if gathers_in_shared_memory(g) else 0), f"prestaged calls {prestaged}")
     checks.finish()

@@ -48,6 +48,13 @@ def _local_tensor(window, offset: int, t: torch.Tensor) -> torch.Tensor:
 
 
 # -- collectives ---------------------------------------------------------------------------------
+def take_prestaged(pool, window):
+    """(window, offset) of an input every rank copied into `window` before the agreement
+    (the agreement's table said so on every rank, so all take this branch)."""
+    window.sync()
+    return window, 0
+
+
 def all_reduce(t: torch.Tensor, g, op: str, algorithm: str, entry=None, prestaged=None) -> bool:
     """In place on `t` through shared memory; False (nothing done) when this call does not apply.
     `entry`: the descriptor table of the agreement that already synchronised the ranks.
@@ -62,9 +69,7 @@ def all_reduce(t: torch.Tensor, g, op: str, algorithm: str, entry=None, prestage
     pool, window, offset, choice = plan
     staged = window is None
     if staged and prestaged is not None and entry is not None and bool((entry[:, 0] == PRESTAGED).all()):
-        window, offset = prestaged, 0  # every rank copied before the agreement (same verdict on all)
-        window.sync()
-        pool.calls[("all_reduce", "prestaged")] += 1
+        window, offset = take_prestaged(pool, prestaged)  # every rank copied before the agreement
     elif staged:
         window, offset = stage_in(pool, t, nbytes), 0
     if choice == "hier":
