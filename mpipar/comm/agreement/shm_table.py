@@ -14,7 +14,12 @@ Allgather it replaces was (the shared-memory collectives rely on that).
 
 Whether a group gets one is decided collectively at its first agreement, the same
 on every rank: one Allreduce, then (only when every rank is oversubscribed) the
-node split; the window lives as long as the process (a group has no close).
+node split. A group has no close, so a table lives as long as the process, and one
+table serves every group of the same world ranks in the same order: a test suite or
+a sweep builds thousands of groups, and a communicator and a window each would use
+up MPI's context ids. Sharing is safe because an exchange is blocking and every
+rank makes the calls of groups with the same members in the same order (as MPI
+itself requires of synchronising collectives).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from ..wait import backoff, wait_all
 from ..symmetric.window import Window, node_comm_of
 
 _EPOCH = 64  # bytes: the epoch word on its own cache line, then the two slots
+_TABLES: dict = {}  # (world ranks in group order, row bytes) -> ShmTable
 
 
 class ShmTable:
@@ -70,8 +76,12 @@ def for_group(g, row_bytes: int) -> ShmTable | None:
     wait_all([g.comm.Iallreduce(MPI.IN_PLACE, flags, op=MPI.MAX)])
     if not (flags[0] == 1 and flags[1] == -1):  # some rank has its own core: MPI's Allgather
         return None
+    key = (tuple(g.world_ranks), row_bytes)   # every member made (or never made) this table
+    if key in _TABLES:
+        return _TABLES[key]
     node = node_comm_of(g.comm)
     if node.Get_size() != g.size:  # the same verdict on every rank: all on this node, or not
         node.Free()
         return None
-    return ShmTable(node, row_bytes, polite=True)
+    table = _TABLES[key] = ShmTable(node, row_bytes, polite=True)
+    return table
