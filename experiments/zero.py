@@ -49,7 +49,7 @@ from _common import init_gloo, prefix_groups, print_table, setup_threads
 from mpipar import models
 from mpipar.flight.abort import install_abort_on_exception
 from mpipar.models import preempt
-from mpipar.trace import ActivationMeter, write_table
+from mpipar.trace import ActivationMeter, Tracer, write_table
 from mpipar.trace.memory import rss_bytes
 
 VARIANTS = ["zero0", "zero1", "zero2", "zero3", "zero1-mpi", "zero2-mpi", "zero3-mpi", "torch-ddp", "torch-fsdp2"]
@@ -308,7 +308,7 @@ def main() -> None:
     install_abort_on_exception()
     a = parse_args()
     world = MPI.COMM_WORLD
-    mpipar.Mesh(dp=world.size)  # the first Mesh installs the job's hooks, collectively: on the world
+    tracer = Tracer(mpipar.Mesh(dp=world.size))  # the first Mesh installs the job's hooks: on the world
     setup_threads(world, a.threads)
     corpus = models.CharCorpus(num_chars=200_000, seed=0)
     if world.size < 2 and not a.sweep_only:
@@ -320,10 +320,16 @@ def main() -> None:
         if pair is not None:
             if any(v.startswith("torch") for v in a.variants.split(",")):
                 init_gloo(pair)
-            rows = benchmark(a, pair, corpus)
+            with tracer.span("benchmark"):
+                rows = benchmark(a, pair, corpus)
+            tracer.sample_memory("after the benchmark")
         world.Barrier()
         stop.agreed()
-    mem = sweep(a, world, corpus, stop) if (a.sweep or a.sweep_only) and not stop.stopped else []
+    with tracer.span("sweep"):
+        mem = sweep(a, world, corpus, stop) if (a.sweep or a.sweep_only) and not stop.stopped else []
+    tracer.sample_memory("after the sweep")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    tracer.save(a.out, attrs={"experiment": "zero"})   # /spans and /memory, collectively
     if world.rank != 0:
         stop.finish("zero")
         return
