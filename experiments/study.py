@@ -29,6 +29,11 @@ A driver that checkpoints (its --help lists --save and --resume, like
 train_gpt.py) saves into <folder>/<name>.ckpt/ when stopped and continues from
 there on --resume; the folder is removed once the driver has finished ("ok").
 
+Before the drivers, a study that trains (train_gpt.py puts mpipar.plan's
+prediction next to each layout's measurement) calibrates this host once, about
+a minute, if this kind of host has no calibration yet (mpipar.plan.host;
+--no-calibrate skips it, and the predictions then use the shipped local-cpu).
+
 The plan (drivers, their flags, their time limits) is `default_plan()`, or a
 JSON file given with --config: {"study": name, "drivers": [{"name", "script",
 "out", "args": {flag: value|true}, "quick_args": {...}, "timeout_s"}, ...]}.
@@ -56,6 +61,7 @@ from _study_plan import (Driver, count_points, driver_argv, load_plan, prepare_r
 
 ANALYSIS_RESERVE_S = 30.0  # kept from the budget for the analysis at the end
 MIN_DRIVER_S = 20.0  # do not start a driver with less time than this
+CALIBRATE_LIMIT_S = 300.0  # mpipar.plan calibrate, once per kind of host (about 1 min on 2 cores)
 GRACE_S = 30.0  # after SIGTERM, the driver's process group gets SIGKILL this much later (time to checkpoint)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # SIGUSR1: SLURM's --signal=B:USR1@<s>
 
@@ -203,6 +209,8 @@ def run_study(args, drivers: list[Driver], folder: Path, manifest: dict) -> dict
     for sig in STOP_SIGNALS:
         signal.signal(sig, runner.on_signal)
     entries = manifest["drivers"]
+    if not args.no_calibrate:   # once per kind of host, outside the budget
+        calibrate_host(drivers, folder, manifest, CALIBRATE_LIMIT_S)
     deadline = time.time() + args.budget_s - ANALYSIS_RESERVE_S if args.budget_s > 0 else float("inf")
     for i, d in enumerate(drivers, 1):
         if runner.stop_signal:
@@ -254,6 +262,40 @@ def run_study(args, drivers: list[Driver], folder: Path, manifest: dict) -> dict
     return manifest
 
 
+def calibrate_host(drivers: list[Driver], folder: Path, manifest: dict, timeout: float) -> None:
+    """Measure this host for mpipar.plan (about a minute) when a driver checks predictions
+    against its runs (train_gpt.py) and this kind of host has no calibration yet: the shipped
+    local-cpu describes another host. Local launches only (the calibration starts its own
+    mpiexec); a failure is a warning, the study goes on with local-cpu."""
+    if manifest["quick"] or not any(d.script.endswith("train_gpt.py") for d in drivers):
+        return
+    from mpipar.plan import host
+
+    if host.cache_path().exists():
+        manifest["calibration"] = {"status": "kept earlier", "path": str(host.cache_path())}
+        return
+    if manifest["mpiexec"] != str(ROOT / ".venv/bin/mpiexec"):
+        print("study: no calibration of this host for mpipar.plan; predictions use local-cpu (another host). "
+              "`python -m mpipar.plan calibrate` on a node measures it", flush=True)
+        return
+    ranks = ",".join(str(n) for n in (2, 4) if n <= manifest["np"])
+    cmd = [sys.executable, "-m", "mpipar.plan", "calibrate", "--ranks", ranks]
+    print(f"study: this host has no calibration for mpipar.plan yet: {shlex.join(cmd[1:])} "
+          f"(limit {timeout:.0f} s; kept in {host.cache_path()})", flush=True)
+    t0 = time.time()
+    with open(folder / "calibrate.log", "w") as fh:
+        try:
+            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = None
+    status = "ok" if rc == 0 else "timeout" if rc is None else "failed"
+    manifest["calibration"] = {"status": status, "seconds": round(time.time() - t0, 1), "log": "calibrate.log",
+                               "path": str(host.cache_path())}
+    write_json(folder / "study.json", manifest)
+    print(f"study: calibration {status} ({manifest['calibration']['seconds']} s)"
+          + ("" if status == "ok" else ": predictions use local-cpu; see calibrate.log"), flush=True)
+
+
 def dry_run(drivers: list[Driver], manifest: dict, folder: Path | None) -> None:
     """Print each driver's command and, where it supports --dry-run, the points it would run."""
     runner = Runner(manifest["np"], shlex.split(manifest["mpiexec"]), manifest.get("np_flag", "-n"))
@@ -291,6 +333,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-s", type=float, default=600.0,
                    help="time budget of the whole study in s (drivers get less when it runs out; 0: none)")
     p.add_argument("--no-analysis", action="store_true", help="skip the analysis at the end")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="do not measure this host for mpipar.plan when it has no calibration yet (about 1 min, "
+                   "once per kind of host; the predictions then use the shipped local-cpu)")
     p.add_argument("--silent", action="store_true", help="do not echo the drivers' output")
     return p
 

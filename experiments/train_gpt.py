@@ -88,7 +88,8 @@ class Config:
     data: str = ""         # a token file (experiments/tokenize_text.py); default: the built-in corpus
     data_dtype: str = "uint16"
     init_from: str = ""    # a local Hugging Face save_pretrained folder (Llama or GPT-2)
-    plan_system: str = "local-cpu"  # mpipar.plan system file or name for the predicted-vs-measured columns
+    plan_system: str = "local"  # mpipar.plan system for the predicted-vs-measured columns ("local": this
+    # host's calibration, else the shipped local-cpu)
 
 
 def parse_args() -> Config:

@@ -2,7 +2,7 @@
 
     python -m mpipar.plan estimate --model gpt2-xl --system a100-80gb --tp 2 --pp 2 --dp 16 --batch 512 --explain
     python -m mpipar.plan search --model llama3-8b --system h100-80gb --world 64 --batch 512 --top 10
-    python -m mpipar.plan calibrate -o results/local-cpu.json [--quick]
+    python -m mpipar.plan calibrate [-o my-machine.json] [--quick]   # kept as this host's system "local"
     python -m mpipar.plan validate          # Narayanan et al. 2021 Table 1, predicted next to published
 
 --model takes a preset (see --help) or explicit --vocab --seq --hidden --heads --layers [--ffn --arch --kv-heads].
@@ -84,7 +84,9 @@ def main(argv=None) -> int:
     s.add_argument("--memory-limit", type=float, help="GiB per rank (default: the system's)")
     s.add_argument("--top", type=int, default=15)
     c = sub.add_parser("calibrate")
-    c.add_argument("-o", "--out", required=True)
+    c.add_argument("-o", "--out", help="also write the system to this JSON file")
+    c.add_argument("--no-keep", action="store_true",
+                   help="do not keep it as this host's calibration (the system \"local\")")
     c.add_argument("--ranks", default="2,4", help="comma-separated MPI group sizes to measure ('' for none)")
     c.add_argument("--quick", action="store_true")
     c.add_argument("--threads", type=int, default=1)
@@ -108,7 +110,9 @@ def _run(args) -> int:
         from .calibrate import calibrate
 
         ranks = tuple(int(x) for x in args.ranks.split(",") if x)
-        calibrate(args.out, ranks=ranks, quick=args.quick, threads=args.threads)
+        if args.no_keep and not args.out:
+            raise MpiparError("calibrate: --no-keep without -o would throw the measurement away")
+        calibrate(args.out, ranks=ranks, quick=args.quick, threads=args.threads, keep=not args.no_keep)
         return 0
     if args.cmd == "validate":
         from .check import format_table, narayanan_table

@@ -263,8 +263,10 @@ def fit_training(data: dict, train_s: dict, log=print) -> dict:
     return data
 
 
-def calibrate(out=None, ranks=(2, 4), quick: bool = False, threads: int = 1, log=print) -> System:
-    """Measure this machine; returns the System (and writes it to `out` when given)."""
+def calibrate(out=None, ranks=(2, 4), quick: bool = False, threads: int = 1, log=print,
+              keep: bool = False) -> System:
+    """Measure this machine; returns the System (and writes it to `out` when given; `keep`: also
+    as this host's calibration, the system "local" of mpipar.plan.host)."""
     import torch
 
     t_start = time.perf_counter()
@@ -350,8 +352,18 @@ def calibrate(out=None, ranks=(2, 4), quick: bool = False, threads: int = 1, log
     }
     if comm["train_s"]:
         data = fit_training(data, comm["train_s"], log)
+    from . import host
+
+    data["host"] = host.fingerprint()
     system = System(data)
     if out:
         system.save(out)
         log(f"wrote {out} in {time.perf_counter() - t_start:.0f} s")
+    if keep:
+        mine = host.cache_path(data["host"])
+        mine.parent.mkdir(parents=True, exist_ok=True)
+        tmp = mine.with_name(f".{mine.name}.{os.getpid()}")
+        system.save(tmp)
+        os.replace(tmp, mine)   # a calibration cut short leaves the previous one
+        log(f"kept as this host's calibration (system \"local\"): {mine}")
     return system

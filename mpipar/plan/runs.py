@@ -26,16 +26,27 @@ from .estimate import COMPONENTS, estimate
 from .spec import Layout, ModelSpec
 from .system import System
 
-DEFAULT_SYSTEM = "local-cpu"
+DEFAULT_SYSTEM = "local"  # this host's calibration, else the shipped local-cpu (with a warning note)
+FALLBACK_NOTE = ("local-cpu, calibrated on another host: predictions may be off several-fold; "
+                 "`python -m mpipar.plan calibrate` measures this one in about a minute")
 UNITS = {**{f"pred_{c}_s": "s" for c in COMPONENTS}, "pred_step_s": "s", "pred_memory_bytes": "B",
          "pred_activation_bytes": "B", "pred_rss_bytes": "B", "measured_optimizer_s": "s",
          "measured_grad_sync_s": "s", "pred_step_at_load_s": "s"}
 _SYSTEMS: dict = {}
 
 
-def _system(name) -> System:
+def _system(name) -> tuple[System, str]:
+    """(the System, how to name it in the results)."""
     if name not in _SYSTEMS:
-        _SYSTEMS[name] = System.load(name)
+        if name == "local":
+            try:
+                system = System.load("local")
+                _SYSTEMS[name] = system, f"local (this host's calibration, {system.path})"
+            except MpiparError:
+                _SYSTEMS[name] = System.load("local-cpu"), FALLBACK_NOTE
+        else:
+            system = System.load(name)
+            _SYSTEMS[name] = system, system.name
     return _SYSTEMS[name]
 
 
@@ -94,7 +105,7 @@ def train_gpt_prediction(gpt_config, cfg, layout: tuple, measured: dict, spans=N
     out["measured_grad_sync_s"] = _per_step(spans, "grad_sync", steps)
     out["host_load"] = out["pred_step_at_load_s"] = math.nan
     try:
-        system = _system(system or getattr(cfg, "plan_system", None) or DEFAULT_SYSTEM)
+        system, label = _system(system or getattr(cfg, "plan_system", None) or DEFAULT_SYSTEM)
         spec, plan_layout = ModelSpec.from_config(gpt_config), layout_of(cfg, layout)
         load = host_load(system, plan_layout.world_size)
         est = estimate(spec, system, plan_layout)
@@ -109,7 +120,7 @@ def train_gpt_prediction(gpt_config, cfg, layout: tuple, measured: dict, spans=N
     out["pred_memory_bytes"] = est.memory
     out["pred_activation_bytes"] = est.memory_breakdown["activations"]
     out["pred_rss_bytes"] = est.memory + est.runtime_memory
-    out["pred_note"] = system.name
+    out["pred_note"] = label
     for key, pred, meas in (("step_error", est.step_time, measured.get("step_s")),
                             ("activation_error", out["pred_activation_bytes"],
                              measured.get("max_activation_peak_bytes")),

@@ -98,9 +98,17 @@ class System:
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
     def load(cls, name_or_path) -> "System":
-        """A shipped system by name ("a100-80gb", "h100-80gb", "local-cpu") or a JSON file path."""
+        """A shipped system by name ("a100-80gb", "h100-80gb", "local-cpu"), "local" (this host's
+        own calibration: mpipar.plan.host), or a JSON file path."""
         path = Path(str(name_or_path))
-        if not path.suffix and not path.exists():
+        if str(name_or_path) == "local":
+            from . import host
+
+            path = host.cache_path()
+            if not path.exists():
+                raise MpiparError("System.load: this host has no calibration yet (run `python -m mpipar.plan "
+                                  f"calibrate`; it is kept in {path})")
+        elif not path.suffix and not path.exists():
             path = SYSTEMS_DIR / f"{name_or_path}.json"
         if not path.exists():
             shipped = sorted(p.stem for p in SYSTEMS_DIR.glob("*.json"))

@@ -360,6 +360,37 @@ def test_params_per_rank_sum_to_the_model(arch, kv):
                                                                + 3 * h * f / 8)
 
 
+def test_local_system_is_this_hosts_calibration(tmp_path, monkeypatch):
+    """"local" is the calibration kept for this kind of host; without one the train_gpt hook
+    falls back to the shipped local-cpu and says so in its note."""
+    from mpipar.plan import host, runs
+
+    monkeypatch.setattr(host, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(runs, "_SYSTEMS", {})
+    with pytest.raises(MpiparError, match="no calibration"):
+        plan.System.load("local")
+    system, label = runs._system("local")
+    assert system.name == "local-cpu" and label == runs.FALLBACK_NOTE
+    fp = host.fingerprint()
+    assert fp["cores"] >= 1 and fp["cpu"]
+    assert host.key(fp) == host.key() and host.key({**fp, "vector": "other"}) != host.key(fp)
+    mine = plan.System.load("local-cpu").data
+    mine = {**mine, "host": fp, "peak_flops": {k: v / 2 for k, v in mine["peak_flops"].items()}}
+    host.cache_path().write_text(__import__("json").dumps(mine))
+    assert host.matches(mine) and not host.matches(plan.System.load("local-cpu").data)
+    monkeypatch.setattr(runs, "_SYSTEMS", {})
+    system, label = runs._system("local")
+    assert system.peak("fp32") == mine["peak_flops"]["fp32"] and label.startswith("local (this host")
+    gcfg = __import__("mpipar.models", fromlist=["GPTConfig"]).GPTConfig(64, 64, 144, 4, 4)
+
+    class Cfg(_Cfg):
+        plan_system = "local"
+
+    measured = {"layout": "dp2", "step_s": 0.1}
+    row = train_gpt_prediction(gcfg, Cfg, (2, 1, 1, 1), measured)
+    assert row["pred_note"] == label and row["pred_step_s"] > 0
+
+
 def _host_system(**extra) -> plan.System:
     """local-cpu with the training-fit fields replaced by `extra`."""
     data = plan.System.load("local-cpu").data

@@ -279,3 +279,36 @@ def test_resume_takes_the_launcher_given_now(tmp_path):
     assert res.returncode == 0 and "== sweep: true -n 2 python" in res.stdout, res.stdout + res.stderr
     res = subprocess.run(base, capture_output=True, text=True, timeout=200)
     assert "== sweep: false -hostfile /gone/nodefile -n 2 python" in res.stdout, res.stdout + res.stderr
+
+
+def test_study_calibrates_this_host_once(tmp_path, monkeypatch):
+    """A study that trains measures this host for mpipar.plan when it has no calibration (its
+    predictions would use another host's), not when one is kept, not for --quick, and not with
+    another launcher (the calibration starts the venv's mpiexec)."""
+    study = _import_study()
+    from mpipar.plan import host
+
+    monkeypatch.setattr(host, "CACHE_DIR", tmp_path / "cache")
+    ran = []
+    monkeypatch.setattr(study.subprocess, "run", lambda cmd, **kw: ran.append(cmd) or
+                        type("R", (), {"returncode": 0})())
+    gpt = study.Driver("gpt", "experiments/train_gpt.py", "train_gpt.h5")
+    other = study.Driver("x", "experiments/collectives.py", "x.h5")
+    local = str(study.ROOT / ".venv/bin/mpiexec")
+
+    def manifest(**kw):
+        return {"np": 4, "quick": False, "mpiexec": local, **kw}
+
+    study.calibrate_host([other], tmp_path, manifest(), 10)
+    study.calibrate_host([gpt], tmp_path, manifest(quick=True), 10)
+    study.calibrate_host([gpt], tmp_path, manifest(mpiexec="srun --mpi=pmi2"), 10)
+    assert ran == []
+    m = manifest()
+    study.calibrate_host([gpt], tmp_path, m, 10)
+    assert len(ran) == 1 and ran[0][2:5] == ["mpipar.plan", "calibrate", "--ranks"] and ran[0][5] == "2,4"
+    assert m["calibration"]["status"] == "ok"
+    host.cache_path().parent.mkdir(parents=True)
+    host.cache_path().write_text("{}")
+    m = manifest()
+    study.calibrate_host([gpt], tmp_path, m, 10)
+    assert len(ran) == 1 and m["calibration"]["status"] == "kept earlier"
