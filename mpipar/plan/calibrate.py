@@ -225,8 +225,10 @@ def fit_training(data: dict, train_s: dict, log=print) -> dict:
     """Fit the host's effective contention (from the dp probes), the per-call cost of a
     collective called right after compute (`sync_after_compute`, from the tp probes) and the
     share of compute a pair loses waiting while other pairs hold the cores (`sync_share`,
-    from tp2 x dp2 at 4 ranks) so the model reproduces those training probes' steps; the
-    pp and sp probes are left as a check.
+    from tp2 x dp2 at 4 ranks) and what a waiting rank costs the computing ones (`idle_share`,
+    from the pipeline of the most ranks, when they outnumber the cores) so the model
+    reproduces those training probes' steps; the other pp and the sp probes are left as a
+    check.
 
     Why: on a host with more ranks than cores, a rank arriving first at a collective waits
     until its peers are scheduled again, and ranks share caches; neither the collective loops
@@ -250,6 +252,12 @@ def fit_training(data: dict, train_s: dict, log=print) -> dict:
                     data[field][key] = x
                     return _probe_step(data, name, n)
                 _solve(with_sync, train_s[f"{name}@{n}"], 0.0, hi)
+    n = max(sizes)
+    if f"pp@{n}" in train_s and n > (data.get("cores") or n):
+        def with_idle(x, n=n):
+            data["idle_share"] = x
+            return _probe_step(data, "pp", n)
+        _solve(with_idle, train_s[f"pp@{n}"], 0.0, 2.0)
     for k, measured in sorted(train_s.items()):
         name, _, n = k.rpartition("@")
         pred = _probe_step(data, name, int(n))
@@ -259,7 +267,9 @@ def fit_training(data: dict, train_s: dict, log=print) -> dict:
         + "; a collective after compute costs at least "
         + ", ".join(f"{k}: {s * 1e6:.0f} us" for k, s in data["sync_after_compute"].items())
         + "; a smaller group waits " + ", ".join(f"{k}: {f:.2f}" for k, f in data["sync_share"].items())
-        + " of its compute")
+        + " of its compute"
+        + (f"; a waiting rank costs the host {data['idle_share']:.2f} of a computing one"
+           if "idle_share" in data else ""))
     return data
 
 

@@ -34,6 +34,8 @@ class PhaseCost:
     b_sp: float = 0.0
     w: float = 0.0
     flops: float = 0.0      # hardware FLOPs of F + B + W (recompute included)
+    share_f: float = 0.0    # the part of f_tp + f_sp (b_tp + b_sp) that is the host's sync_share:
+    share_b: float = 0.0    # waiting for peers while other ranks hold the cores
 
     def __add__(self, o: "PhaseCost") -> "PhaseCost":
         return PhaseCost(*(a + b for a, b in zip(self.astuple(), o.astuple())))
@@ -42,10 +44,11 @@ class PhaseCost:
         """Every time times k; compute times (f, b, w) also times compute_only."""
         c = k * compute_only
         return PhaseCost(self.f * c, self.f_tp * k, self.f_sp * k, self.b * c, self.b_tp * k, self.b_sp * k,
-                         self.w * c, self.flops * k)
+                         self.w * c, self.flops * k, self.share_f * k, self.share_b * k)
 
     def astuple(self) -> tuple:
-        return (self.f, self.f_tp, self.f_sp, self.b, self.b_tp, self.b_sp, self.w, self.flops)
+        return (self.f, self.f_tp, self.f_sp, self.b, self.b_tp, self.b_sp, self.w, self.flops, self.share_f,
+                self.share_b)
 
     @property
     def total_f(self) -> float:
@@ -205,23 +208,27 @@ def _layer_cost(spec: ModelSpec, system, L: Layout) -> PhaseCost:
     # hold the cores: its ranks lose a share of the compute between collectives waiting.
     # Not the ring: its messages are posted ahead of the block computation they cross, so
     # no rank stops to meet its peer (with the share, pp2 x sp2 came out 75% too slow).
+    share_f = share_b = 0.0
     if t > 1:
         share = system.sync_share(t, H)
         tp_f, tp_b = tp_f + share * F, tp_b + share * (B + W)
+        share_f, share_b = share * F, share * (B + W)
     if c > 1 and L.sp_mode != "ring":
         share = system.sync_share(c * t, H) if t > 1 else system.sync_share(c, H)
         sp_f, sp_b = sp_f + share * F, sp_b + share * (B + W)
+        share_f, share_b = share_f + share * F, share_b + share * (B + W)
     if L.recompute == "full":
         B += F
         tp_b += tp_f
         sp_b += sp_f
+        share_b += share_f
         flops += ops.fl["F"]
     elif L.recompute == "selective":
         B += system.op(attn_f, True)
         flops += core_flops
         if L.sp_mode == "ring":
             sp_b += sp_f
-    return PhaseCost(F, tp_f, sp_f, B, tp_b, sp_b, W, flops)
+    return PhaseCost(F, tp_f, sp_f, B, tp_b, sp_b, W, flops, share_f, share_b)
 
 
 def embedding_cost(spec: ModelSpec, system, L: Layout) -> PhaseCost:

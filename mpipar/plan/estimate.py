@@ -29,6 +29,7 @@ from .costs import PhaseCost, embedding_cost, head_cost, host_ranks, layer_cost
 from .memory import (end_activation_bytes, end_params_per_rank, layer_activation_bytes, layer_params_per_rank,
                      state_bytes_per_param)
 from .pipeline import pipeline_time
+from .shared_host import LIMIT as SHARED_LIMIT, makespan_shared
 from .spec import DTYPE_BYTES, Layout, ModelSpec, check_fit
 
 COMPONENTS = ("compute", "tp_comm", "sp_comm", "pp_comm", "dp_comm", "bubble", "optimizer")
@@ -174,19 +175,29 @@ def estimate(spec: ModelSpec, system, layout: Layout) -> Estimate:
 
     # CPU hosts: busy ranks beyond the cores slow compute
     slow = 1.0
+    shared = None
     world = L.world_size
     span, span0, peaks = _pipeline(system, S, L, comm, 1.0)
     if system.cores:
         busy = sum(m * (c.total_f + c.total_b + c.w) for c in stages) / max(p * span0, 1e-30)
         slow = system.slowdown(world * min(1.0, busy))
         if slow > 1.0:
-            span, span0, peaks = _pipeline(system, S, L, comm, slow)
+            shared = _pipeline_shared(system, S, L, comm) if p > 1 else None
+            if shared is None:
+                span, span0, peaks = _pipeline(system, S, L, comm, slow)
+            else:
+                span, span0, elapsed, waited = shared
 
     crit = S.crit
     cs = stages[crit]
     compute = m * (cs.f + cs.b + cs.w) * slow
     tp_comm = m * (cs.f_tp + cs.b_tp)
     sp_comm = m * (cs.f_sp + cs.b_sp)
+    if shared:   # what the stage computed and waited as the events ran
+        slow = max(1.0, elapsed[crit] / max(m * (cs.f + cs.b + cs.w), 1e-30))
+        compute = elapsed[crit]
+        k = waited[crit] / max(tp_comm + sp_comm, 1e-30)
+        tp_comm, sp_comm = tp_comm * k, sp_comm * k
     bubble = max(0.0, span0 - compute - tp_comm - sp_comm) if p > 1 else 0.0
     pp_comm = max(0.0, span - span0)
 
@@ -237,6 +248,29 @@ def _pipeline(system, S: _Stages, L: Layout, comm: float, slow: float):
     hit = cache.get(key)
     if hit is None:
         hit = cache[key] = _pipeline_uncached(L, S.costs, comm, slow)
+    return hit
+
+
+def _pipeline_shared(system, S: _Stages, L: Layout, comm: float):
+    """(makespan, makespan with free p2p, compute and communication seconds per stage) with the host's slowdown
+    following the stages computing at each moment; None for pipelines too long to run as events."""
+    p, m, v = L.pp, L.num_microbatches, L.num_chunks
+    if p * m * v * 3 > SHARED_LIMIT:
+        return None
+    cache = system.__dict__.setdefault("_plan_cache", {})
+    key = ("pipeline_shared", id(S), L.schedule, m, comm)
+    hit = cache.get(key)
+    if hit is None:
+        work = [(c.f, c.b, c.b + c.w, c.w) for c in S.costs]
+        wait = [(c.f_tp + c.f_sp - c.share_f, c.b_tp + c.b_sp - c.share_b, c.b_tp + c.b_sp - c.share_b, 0.0)
+                for c in S.costs]
+        share = [(c.share_f, c.share_b, c.share_b, 0.0) for c in S.costs]
+        per_stage = L.world_size // p
+        idle = float(system.data.get("idle_share", 0.0))
+        span, elapsed, waited = makespan_shared(L.schedule, p, m, v, work, wait, share, comm, system.slowdown,
+                                        per_stage, idle)
+        span0, _, _ = makespan_shared(L.schedule, p, m, v, work, wait, share, 0.0, system.slowdown, per_stage, idle)
+        hit = cache[key] = (span, span0, elapsed, waited)
     return hit
 
 

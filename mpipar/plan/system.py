@@ -27,6 +27,9 @@ Fields (every shipped number carries its source under "sources"):
   sync_share{key: f}           optional (calibrate): for a group smaller than the busy ranks of
                                the host (key "N@H"), the fraction of its compute between
                                collectives its ranks lose waiting for a peer to be scheduled
+  idle_share                   optional (calibrate): what a rank waiting in a pipeline costs the
+                               host's computing ranks, as a fraction of one computing rank
+                               (mpipar.plan.shared_host)
   optimizer{bytes_per_param, per_tensor}  memory traffic of one Adam update, host overhead per tensor
   runtime_bytes                memory the framework holds before the model (context, allocator)
   software{attention, dp_overlap, ring_overlap, bucket_bytes, grad_reduce_bytes}

@@ -115,6 +115,49 @@ def test_makespan_equals_the_simulator(sched, v):
                 assert closed_form(sched, p, m, f, b, w, comm) == pytest.approx(ref, rel=1e-12)
 
 
+@pytest.mark.parametrize("sched,v", CASES)
+def test_shared_host_pipeline(sched, v):
+    """On a shared host the events reproduce the simulator when nothing slows (compute and
+    tp/sp communication split as f = work + wait); a host that computes k times slower with
+    every stage busy makes a naive pipeline's step exactly k times its compute plus waits
+    (one stage computes at a time: no slowdown), and a stage's computing is never faster than
+    its work; waiting ranks that cost the host slow it further."""
+    from mpipar.plan.shared_host import makespan_shared
+
+    rng = random.Random(hash((sched, v, "shared")) % 1000)
+    for p in (1, 2, 3, 4):
+        for m in (1, 2, 4, 8):
+            if sched == "interleaved-1f1b" and m > p and m % p:
+                continue
+            fw = [rng.uniform(0.5, 2) for _ in range(p)]
+            fx = [rng.uniform(0, 0.5) for _ in range(p)]
+            b = [rng.uniform(0.5, 3) for _ in range(p)]
+            w = [rng.uniform(0, 1) for _ in range(p)]
+            comm = rng.uniform(0, 0.5)
+            work = [(fw[s], b[s], b[s] + w[s], w[s]) for s in range(p)]
+            wait = [(fx[s], 0.0, 0.0, 0.0) for s in range(p)]
+            zero = [(0.0,) * 4] * p
+            ref = makespan(sched, p, m, v, [x + y for x, y in zip(fw, fx)], b, w, comm)
+            span, elapsed, waited = makespan_shared(sched, p, m, v, work, wait, zero, comm, lambda n: 1.0, 1)
+            assert span == pytest.approx(ref, rel=1e-9)
+            assert waited == pytest.approx([m * x for x in fx])
+            slow, _, _ = makespan_shared(sched, p, m, v, work, wait, zero, comm, lambda n: max(1.0, n / 1.5), 1)
+            assert slow >= span - 1e-12
+            assert all(e >= m * (x + y + z) - 1e-9 for e, x, y, z in zip(elapsed, fw, b, w))
+            idle, _, _ = makespan_shared(sched, p, m, v, work, wait, zero, comm, lambda n: max(1.0, n / 1.5), 1, 0.5)
+            assert idle >= slow - 1e-12
+    k = 3.0
+    work = [(1.0, 2.0, 2.0, 0.0)] * 4
+    span, elapsed, _ = makespan_shared("naive", 4, 4, 1, work, [(0.0,) * 4] * 4, [(0.0,) * 4] * 4, 0.0,
+                                       lambda n: k if n > 1 else 1.0, 1)
+    assert span == pytest.approx(4 * 4 * 3.0) and elapsed == pytest.approx([12.0] * 4)
+    # a tp share is charged for the fraction of other stages computing when an action starts
+    share = [(1.0, 0.0, 0.0, 0.0)] * 2
+    span, _, waited = makespan_shared("naive", 2, 1, 1, [(1.0, 1.0, 1.0, 0.0)] * 2, [(0.0,) * 4] * 2, share, 0.0,
+                                      lambda n: 1.0, 1)
+    assert waited == [0.0, 0.0] and span == pytest.approx(4.0)
+
+
 @pytest.mark.parametrize("p,m", [(2, 4), (4, 8), (4, 16), (8, 32)])
 def test_bubble_closed_forms(p, m):
     """Uniform stages, free p2p: the textbook makespans of every schedule."""
