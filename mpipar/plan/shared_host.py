@@ -4,8 +4,8 @@ On accelerators every stage computes at its own speed; on a CPU host with
 fewer cores than ranks a stage's compute runs slower the more stages compute
 at the same moment, and how many do changes through a pipeline step (one
 stage at the start and end, all of them in the steady state). The host's
-slowdown is convex in the busy ranks (calibrated: 2 ranks 1.4x, 4 ranks 2.9x
-on 2 cores), so charging the slowdown of the mean busy count under-predicts
+slowdown is convex in the busy ranks (calibrate's `contention`; docs/plan.md
+has this host's figures), so charging the slowdown of the mean busy count under-predicts
 a pipeline. Here the action lists run as events: each stage's action first
 computes (its work advancing at 1 / slowdown(ranks computing now)), then
 waits its tensor- and sequence-parallel communication (not computing); an
