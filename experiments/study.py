@@ -55,6 +55,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MPIEXEC = str(ROOT / ".venv/bin/mpiexec")  # make install's launcher (the wheel's MPICH)
 
 from _study_plan import (Driver, count_points, driver_argv, load_plan, prepare_resume,
                          select, utc_stamp)
@@ -274,7 +275,7 @@ def calibrate_host(drivers: list[Driver], folder: Path, manifest: dict, timeout:
     if host.cache_path().exists():
         manifest["calibration"] = {"status": "kept earlier", "path": str(host.cache_path())}
         return
-    if manifest["mpiexec"] != str(ROOT / ".venv/bin/mpiexec"):
+    if manifest["mpiexec"] != DEFAULT_MPIEXEC:
         print("study: no calibration of this host for mpipar.plan; predictions use local-cpu (another host). "
               "`python -m mpipar.plan calibrate` on a node measures it", flush=True)
         return
@@ -355,7 +356,7 @@ def main(argv=None) -> int:
     else:
         drivers = select(drivers, args.only)
         manifest = {"study": args.study or name or "scaling", "created_utc": utc_stamp(), "np": args.np,
-                    "mpiexec": args.mpiexec or str(ROOT / ".venv/bin/mpiexec"), "np_flag": args.np_flag,
+                    "mpiexec": args.mpiexec or DEFAULT_MPIEXEC, "np_flag": args.np_flag,
                     "quick": args.quick,
                     "command": shlex.join([sys.executable, *sys.argv]),
                     "plan": [dataclasses.asdict(d) for d in drivers],

@@ -22,6 +22,7 @@ import math
 import statistics
 
 from ..errors import MpiparError
+from . import host
 from .estimate import COMPONENTS, estimate
 from .spec import Layout, ModelSpec
 from .system import System
@@ -43,7 +44,9 @@ def _system(name) -> tuple[System, str]:
                 system = System.load("local")
                 _SYSTEMS[name] = system, f"local (this host's calibration, {system.path})"
             except MpiparError:
-                _SYSTEMS[name] = System.load("local-cpu"), FALLBACK_NOTE
+                shipped = System.load("local-cpu")
+                same = host.matches(shipped.data)  # shipped from a host like this one: no warning
+                _SYSTEMS[name] = shipped, "local-cpu (calibrated on a host like this one)" if same else FALLBACK_NOTE
         else:
             system = System.load(name)
             _SYSTEMS[name] = system, system.name

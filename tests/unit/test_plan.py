@@ -415,6 +415,14 @@ def test_local_system_is_this_hosts_calibration(tmp_path, monkeypatch):
     system, label = runs._system("local")
     assert system.name == "local-cpu" and label == runs.FALLBACK_NOTE
     fp = host.fingerprint()
+    shipped = plan.System.load("local-cpu")
+    monkeypatch.setattr(plan.System, "load", classmethod(lambda cls, name, _s=shipped: (
+        _s if name == "local-cpu" else (_ for _ in ()).throw(MpiparError("no calibration")))))
+    shipped.data["host"] = fp  # shipped from a host like this one: no warning
+    monkeypatch.setattr(runs, "_SYSTEMS", {})
+    assert runs._system("local")[1].startswith("local-cpu (calibrated on a host like this one)")
+    monkeypatch.undo()
+    monkeypatch.setattr(host, "CACHE_DIR", tmp_path)
     assert fp["cores"] >= 1 and fp["cpu"]
     assert host.key(fp) == host.key() and host.key({**fp, "vector": "other"}) != host.key(fp)
     mine = plan.System.load("local-cpu").data
