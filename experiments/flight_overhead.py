@@ -16,7 +16,8 @@ once inside a recorded call) replaced by functions that do nothing: the code wit
 the recorder. The watchdog thread runs in both (it wakes once a second).
 Also the recorder alone (one process, no MPI, so robust on a busy machine): what a
 validated all_reduce adds (begin, the agreement's description of dtype and shape,
-done) against a function that does nothing.
+done) against a function that does nothing, for the recorder in use (C where
+mpipar.flight.ring builds) and for the pure-Python one.
 Each call is timed alone; per case and mode the table gives the 10th percentile and
 the median over all calls (the slowest rank's): on a shared machine the low
 percentile is the call's cost without the calls that a lost core slowed down.
@@ -124,7 +125,7 @@ def percentiles(times: list, g) -> tuple:
     return float(mine[0]), float(mine[1])
 
 
-def pair_alone(rounds: int) -> dict:
+def pair_alone(rounds: int, begin, done) -> dict:
     """The recorder alone, as a validated all_reduce records: begin, the agreement's description
     of dtype and shape, done (try/finally around), against a function that does nothing.
     Seconds per call, one entry per block of 2000; on and off blocks alternate."""
@@ -132,7 +133,7 @@ def pair_alone(rounds: int) -> dict:
 
     ch = recorder.Channel(None, "bench")
     info = types.SimpleNamespace(dtype=torch.float32, shape=torch.Size([1024]))  # the cached description
-    begin, described, done = recorder.begin, recorder.described, recorder.done
+    described = recorder.described
 
     def on():
         slot = begin(ch, "all_reduce", None, None, "auto")
@@ -198,21 +199,31 @@ def main(argv=None) -> int:
     for (case, mode), times in results.items():
         p10, p50 = percentiles(times, g)
         rows.append({"case": case, "mode": mode, "ranks": g.size, "p10_us": p10, "median_us": p50})
-    alone = pair_alone(cfg.rounds)
-    for mode in ("on", "off"):
-        per = np.array(alone[mode]) * 1e6
-        rows.append({"case": "recorder alone: begin, describe, done", "mode": mode, "ranks": 1,
-                     "p10_us": float(np.percentile(per, 10)), "median_us": float(np.median(per))})
+    alone_cases = []
+    impls = {recorder.IMPLEMENTATION: (recorder.begin, recorder.done)}
+    impls.setdefault("Python", (recorder.PYTHON["begin"], recorder.PYTHON["done"]))
+    for impl, (begin, done) in impls.items():
+        if impl == "Python" and recorder.IMPLEMENTATION == "C":
+            recorder.reset()  # the Python functions keep their own state word
+        alone = pair_alone(cfg.rounds, begin, done)
+        recorder.reset()
+        case = f"recorder alone ({impl}): begin, describe, done"
+        alone_cases.append(case)
+        for mode in ("on", "off"):
+            per = np.array(alone[mode]) * 1e6
+            rows.append({"case": case, "mode": mode, "ranks": 1,
+                         "p10_us": float(np.percentile(per, 10)), "median_us": float(np.median(per))})
     if g.rank == 0:
         out = cfg.out or os.path.join("results", TABLE, f"{trace.h5.utc_now().replace(':', '')}.h5")
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         writer = trace.ResultsWriter(out, TABLE, UNITS, prov, {"description": "flight recorder + watchdog on vs off"})
-        print(f"{'case':36s} {'mode':4s} {'p10 us':>9s} {'median us':>10s}")
+        print(f"{'case':46s} {'mode':4s} {'p10 us':>9s} {'median us':>10s}")
         for r in rows:
-            print(f"{r['case']:36s} {r['mode']:4s} {r['p10_us']:9.3f} {r['median_us']:10.3f}")
+            print(f"{r['case']:46s} {r['mode']:4s} {r['p10_us']:9.3f} {r['median_us']:10.3f}")
             writer.append({"case": r["case"], "mode": r["mode"], "ranks": r["ranks"]},
                           {"p10_us": r["p10_us"], "median_us": r["median_us"]})
-        for case in list(cases) + ["recorder alone: begin, describe, done"]:
+        print(f"the recorder in use: {recorder.IMPLEMENTATION} (mpipar.flight.ring)")
+        for case in list(cases) + alone_cases:
             on = {r["mode"]: r for r in rows if r["case"] == case}
             d10 = on["on"]["p10_us"] - on["off"]["p10_us"]
             d50 = on["on"]["median_us"] - on["off"]["median_us"]

@@ -12,7 +12,7 @@ from . import device as _device
 from . import settings as _settings
 from .errors import MpiparError
 from .flight import job as _flight_job
-from .flight.recorder import register, world_ranks
+from .flight.recorder import counts, register, world_ranks
 
 DIMS = ("tp", "sp", "dp", "pp")  # fastest-varying first
 
@@ -32,8 +32,7 @@ class Group:
         self._p2p = None
         self._oversubscribed = None
         self.world_ranks = world_ranks(comm)  # the flight recorder's view (mpipar.flight)
-        self.flight_seq = 0
-        self.flight_p2p = 0
+        self.flight_counts = counts()  # its calls' sequence numbers: collectives, p2p
         register(comm, self)
 
     @property

@@ -119,6 +119,11 @@ class Settings:
     flight_dir: str = _opt(
         "MPIPAR_FLIGHT_DIR", "where flight records go, as `rank<R>.json` (default `mpipar-flight`)",
         default="mpipar-flight", agreed=False)
+    flight_c: str = _opt(
+        "MPIPAR_FLIGHT_C",
+        "`0`: the flight recorder's per-call record stays pure Python (default: its C version, "
+        "`mpipar/flight/ring.c`, built with `cc` or `$CC` on first import; Python where it cannot be built)",
+        default="1", agreed=False)
     checkpoint_pause_s: float = _opt(
         "MPIPAR_CHECKPOINT_PAUSE_S",
         "seconds (test-only): rank 0 sleeps this long in each checkpoint save with the shards written and "

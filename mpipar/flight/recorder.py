@@ -1,18 +1,20 @@
 """The flight recorder: the last CAPACITY communication calls of this process, in a ring.
 
 Recording is on the hot path of every call (a 4 KiB all-reduce takes a few us),
-so a call costs one tuple in a preallocated list, two clock reads (start and
-end), the channel's sequence number and a few stores, nothing else: no dict,
-no string. Names, ranks, dtypes and byte counts are worked out only when the
-record is read (`calls`, at dump time).
+so a call costs two clock reads (start and end), the channel's sequence number
+and a few stores into a fixed ring, nothing else: no dict, no string. Names,
+ranks, dtypes and byte counts are worked out only when the record is read
+(`calls`, at dump time). The ring is C where mpipar.flight.ring builds (a fixed
+array of slots: no allocation per call); the Python below is the specification
+and the fallback (a tuple per call in a preallocated list).
 
 Slot i holds (op, channel, seq, dtype, shape, algorithm, peer, start):
   op: the call's name ("all_reduce", "recv", "pipeline recv", ...); channel: the Group
   or Channel it went over (a reference: its name and world ranks are read at dump time);
   seq: per-channel sequence number, collectives and point-to-point counted apart (two
-  peers make different numbers of p2p calls), so the ranks' records of one group line
-  up by sequence number (mpipar.flight.verdict); dtype, shape: of its tensor, or None
-  (then maybe in `noted`); algorithm: asked for ("auto", "ring", ...) or a detail;
+  peers make different numbers of p2p calls) in the channel's `flight_counts`, so the
+  ranks' records of one group line up by sequence number (mpipar.flight.verdict);
+  dtype, shape: of its tensor, or None (then maybe in `noted`); algorithm: asked for ("auto", "ring", ...) or a detail;
   peer: the p2p peer's rank in the channel (-2: several), -1 for a collective;
   start: perf_counter at the start.
 A call begun without dtype and shape gets them from a description (anything with
@@ -27,11 +29,14 @@ returns the slot, or -1 when a call is already in flight; `done` takes it back.
 Callers use try/finally, so a call that raises is closed too.
 
 The watchdog (mpipar.flight.watchdog) reads `in_flight()` from its own thread.
+Callers pass begin's arguments positionally (the C version takes no keywords).
 """
 from __future__ import annotations
 
 import time
 import weakref
+
+from . import ring
 
 CAPACITY = 256
 _MASK = CAPACITY - 1
@@ -66,17 +71,22 @@ class Description:
         self.dtype, self.shape = dtype, shape
 
 
+def counts():
+    """A channel's sequence counters (its `flight_counts`): [collectives, point-to-point], two
+    int64 that the C ring increments in place."""
+    return memoryview(bytearray(16)).cast("q")
+
+
 class Channel:
     """A communicator's identity in the record: a name, its members' world ranks, counters."""
 
-    __slots__ = ("comm", "name", "world_ranks", "flight_seq", "flight_p2p", "__weakref__")
+    __slots__ = ("comm", "name", "world_ranks", "flight_counts", "__weakref__")
 
     def __init__(self, comm, name: str):
         self.comm = comm
         self.name = name
         self.world_ranks = world_ranks(comm) if comm is not None else ()
-        self.flight_seq = 0
-        self.flight_p2p = 0
+        self.flight_counts = counts()
 
 
 UNKNOWN = Channel(None, "unknown")  # waits on requests whose communicator the waiter does not know
@@ -127,10 +137,8 @@ def begin(ch, name, dt=None, sh=None, algo=None, peer=-1) -> int:
     i = ~c
     if not i:
         _laps += 1
-    if peer == -1:
-        s = ch.flight_seq = ch.flight_seq + 1
-    else:
-        s = ch.flight_p2p = ch.flight_p2p + 1
+    counter, k = ch.flight_counts, 0 if peer == -1 else 1
+    s = counter[k] = counter[k] + 1
     slots[i] = (name, ch, s, dt, sh, algo, peer, _clock())
     _current = i  # last: the watchdog reads the slot it names
     return i
@@ -145,7 +153,7 @@ def note(dt, sh) -> None:
     """Give the call in flight its dtype and shape, when its caller began it without them
     (the hot path sets `described.info` to a description it has at hand instead, only ever
     while its call is in flight). No call in flight: nothing to describe."""
-    if _current >= 0:
+    if state()[0] >= 0:
         described.info = Description(dt, sh)
 
 
@@ -170,57 +178,79 @@ def recorded(ch, name, fn, *args, **kwargs):
         done(slot)
 
 
+def _py_state() -> tuple:
+    return _current, _laps
+
+
+def _py_reset() -> None:
+    global _current, _laps
+    _current, _laps = ~0, 0
+    slots[:] = [None] * CAPACITY
+    noted[:] = [None] * CAPACITY
+    ends[:] = [0.0] * CAPACITY
+
+
+# The per-call functions and the readers of the ring: the C ring when it builds
+# (mpipar.flight.ring), else the Python above. Only this block knows which.
+PYTHON = {"begin": begin, "begin_p2p": begin_p2p, "done": done, "state": _py_state, "reset_ring": _py_reset,
+          "entry": slots.__getitem__, "end": ends.__getitem__, "noted_of": noted.__getitem__}
+_ring = ring.load()
+if _ring is None:
+    state, reset_ring, entry, end, noted_of = (PYTHON[k] for k in ("state", "reset_ring", "entry", "end", "noted_of"))
+else:
+    _ring.init(CAPACITY, described)
+    begin, begin_p2p, done, state, reset_ring = _ring.begin, _ring.begin_p2p, _ring.done, _ring.state, _ring.reset
+    entry, end, noted_of = _ring.entry, _ring.end, _ring.noted
+IMPLEMENTATION = "C" if _ring is not None else "Python"
+
+
 def in_flight():
     """(slot, its entry, start) of the call in flight, or None. Safe from another thread:
     the caller re-checks `still(slot, entry)` after using the values."""
-    i = _current
+    i = state()[0]
     if i < 0:
         return None
-    entry = slots[i]
-    return i, entry, entry[7]
+    e = entry(i)
+    return i, e, e[7]
 
 
-def still(i: int, entry) -> bool:
+def still(i: int, e) -> bool:
     """Whether the call `in_flight` returned is still in flight (a later call in the same
-    slot has another entry)."""
-    return _current == i and slots[i] is entry
+    slot has another entry: its sequence number or start differs)."""
+    return state()[0] == i and entry(i) == e
 
 
 def _last() -> int:
     """The slot of the call in flight, else of the last call."""
-    c = _current
+    c = state()[0]
     return c if c >= 0 else (~c - 1) & _MASK
 
 
 def count() -> int:
     """Calls recorded so far."""
     last = _last()
-    return 0 if slots[last] is None else (_laps - 1) * CAPACITY + last + 1
+    return 0 if entry(last) is None else (state()[1] - 1) * CAPACITY + last + 1
 
 
 def reset() -> None:
     """Forget every call (tests)."""
-    global _current, _laps
-    _current, _laps = ~0, 0
+    reset_ring()
     described.info = None
-    slots[:] = [None] * CAPACITY
-    noted[:] = [None] * CAPACITY
-    ends[:] = [0.0] * CAPACITY
 
 
 def calls() -> list[dict]:
     """The recorded calls, oldest first, as plain dicts (start and end still perf_counter
     values; done: False and end None for the call in flight)."""
-    cur, last = _current, _last()
+    cur, last = state()[0], _last()
     first = max(0, count() - CAPACITY)  # call number of the oldest slot
     out = []
     for k in range(last + 1, last + 1 + CAPACITY):
         i = k & _MASK
-        entry = slots[i]
-        if entry is None:
+        e = entry(i)
+        if e is None:
             continue
-        name, ch, s, dt, sh, algo, p, t0 = entry
-        extra = described.info if i == cur else noted[i]
+        name, ch, s, dt, sh, algo, p, t0 = e
+        extra = described.info if i == cur else noted_of(i)
         if dt is None and sh is None and extra is not None:
             dt, sh = extra.dtype, extra.shape
         item = getattr(dt, "itemsize", None)
@@ -241,7 +271,7 @@ def calls() -> list[dict]:
             "bytes": numel * item if (item is not None and dims is not None) else None,
             "algorithm": algo if algo is None or isinstance(algo, (str, int)) else str(algo),
             "start": t0,
-            "end": ends[i] if i != cur else None,
+            "end": end(i) if i != cur else None,
             "done": i != cur,
         })
     return out

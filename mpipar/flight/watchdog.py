@@ -37,7 +37,7 @@ GRACE_S = 1.5  # after asking the node's other ranks for their records, before a
 
 def describe(i: int, waited: float) -> str:
     """The watchdog's line for the call in slot i."""
-    name, ch, seq, _, _, _, p, _ = recorder.slots[i]
+    name, ch, seq, _, _, _, p, _ = recorder.entry(i)
     ranks = list(getattr(ch, "world_ranks", ()) or ())
     group = getattr(ch, "name", None)
     text = f"mpipar watchdog: rank {identity.rank} waited {waited:.1f} s in {name} #{seq} on group {ranks}"

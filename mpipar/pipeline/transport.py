@@ -80,7 +80,7 @@ class Transport:
         if key in self._local:
             return self._local.pop(key)
         entry = self._headers.get(key) or self._data.get(key)
-        slot = begin_p2p(self.flight, "pipeline recv", entry[-1] if entry else -2, detail=key)
+        slot = begin_p2p(self.flight, "pipeline recv", entry[-1] if entry else -2, None, None, key)
         try:
             return self._recv(key)
         finally:

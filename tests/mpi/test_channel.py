@@ -92,15 +92,15 @@ def test_too_many_dims_or_an_unknown_dtype_raise_before_any_message(dup):
 def test_a_named_wait_is_a_p2p_record_of_the_flight_channel(dup):
     flight = recorder.Channel(dup, "test")
     ch, (right, left) = Channel(dup, flight), peers(dup)
-    before = flight.flight_p2p
+    before = flight.flight_counts[1]
     recv = ch.recv(torch.empty(2), left, 5)
     ch.wait([recv, ch.send(torch.ones(2), right, 5)], "test wait", left)
-    assert flight.flight_p2p == before + 1
+    assert flight.flight_counts[1] == before + 1
     last = recorder.calls()[-1]
     assert (last["op"], last["group"], last["seq"], last["kind"]) == ("test wait", "test", before + 1, "p2p")
     assert last["peer"] == flight.world_ranks[left]
     ch.wait([])  # unnamed: not recorded
-    assert flight.flight_p2p == before + 1
+    assert flight.flight_counts[1] == before + 1
 
 
 @pytest.mark.mpi(min_size=2)

@@ -29,14 +29,40 @@ class Chan:
     """A channel as the recorder sees one (an mpipar Group has the same attributes)."""
 
     def __init__(self, name="world", ranks=(0, 1)):
-        self.name, self.world_ranks, self.flight_seq, self.flight_p2p = name, tuple(ranks), 0, 0
+        self.name, self.world_ranks, self.flight_counts = name, tuple(ranks), recorder.counts()
 
 
-@pytest.fixture(autouse=True)
-def clean_recorder():
+IMPLEMENTATIONS = ["Python"] + (["C"] if recorder.IMPLEMENTATION == "C" else [])
+_C = {name: getattr(recorder, name) for name in recorder.PYTHON}  # what the module runs (C where it built)
+
+
+@pytest.fixture(autouse=True, params=IMPLEMENTATIONS)
+def clean_recorder(request, monkeypatch):
+    """Every test here runs on the pure-Python recorder and on the C one (mpipar.flight.ring),
+    where it built: the C one must keep the same records."""
     recorder.reset()
-    yield
+    if request.param == "Python":
+        for name, fn in recorder.PYTHON.items():
+            monkeypatch.setattr(recorder, name, fn)
     recorder.reset()
+    yield request.param
+    recorder.reset()
+    monkeypatch.undo()
+    recorder.reset()
+
+
+def test_the_c_recorder_builds_where_a_compiler_and_headers_are():
+    """Without this, the C tests would silently not run: a machine with cc and Python.h builds it."""
+    import os
+    import sysconfig
+
+    from mpipar.native import compiler
+
+    if compiler() is None or not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
+        pytest.skip("no C compiler or no Python.h")
+    if settings.current().flight_c == "0":
+        pytest.skip("MPIPAR_FLIGHT_C=0")
+    assert recorder.IMPLEMENTATION == "C" and _C["begin"] is not recorder.PYTHON["begin"]
 
 
 # -- synthetic records -----------------------------------------------------------------------

@@ -27,13 +27,7 @@ bit for bit. MPIPAR_SHM_COMPILED=0 turns both kernels off.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import stat
 import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -41,6 +35,7 @@ import numpy as np
 import torch
 
 from .kernels import cached_plan, owned
+from ...native import build_and_load, cache_dir, cache_name, compiler, cpu_features, untrusted  # noqa: F401
 from ...settings import current
 
 SOURCE = Path(__file__).with_name("compiled.c")
@@ -49,74 +44,13 @@ TYPES = {torch.float32: "float32", torch.float64: "float64", torch.int32: "int32
 _loaded: dict = {}  # this process's build: {"lib": CDLL or None} once tried (a compiled file, not comm state)
 
 
-def compiler() -> str | None:
-    return shutil.which(current().cc or "cc")
-
-
-def _cpu_features() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    return platform.machine() + platform.processor()
-
-
-def cache_dir() -> Path:
-    s = current()
-    if s.kernel_cache:
-        return Path(s.kernel_cache)
-    base = s.xdg_cache_home or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mpipar"
-
-
 def cache_path(cc: str) -> Path:
     """Where the library built by `cc` for this source, these flags and this CPU is cached."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((cc, *FLAGS, _cpu_features())).encode()).hexdigest()[:16]
-    return cache_dir() / f"shm_compiled-{key}.so"
-
-
-def untrusted(path: Path) -> str | None:
-    """Why `path` (a folder or file of the cache) must not be loaded from, or None if only this user
-    owns and can write it. A missing path is fine (it will be created by this user)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    if stat.S_ISLNK(st.st_mode):
-        return f"{path} is a symbolic link"
-    if st.st_uid != os.getuid():
-        return f"{path} is owned by uid {st.st_uid}, not this user ({os.getuid()})"
-    if st.st_mode & 0o022:
-        return f"{path} can be written by others (mode {st.st_mode & 0o777:o})"
-    return None
+    return cache_dir() / cache_name(SOURCE, "shm_compiled", ".so", cc, *FLAGS, cpu_features())
 
 
 def _build(cc: str) -> ctypes.CDLL:
-    path = cache_path(cc)
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        why = untrusted(path.parent) or untrusted(path)
-    except OSError as e:
-        why = f"cannot create {path.parent}: {e}"
-    if why:
-        private = Path(tempfile.mkdtemp(prefix="mpipar-kernels-"))  # 0700, this user's
-        warnings.warn(f"mpipar: kernel cache refused: {why}; building in {private}", RuntimeWarning, stacklevel=3)
-        path = private / path.name
-    if not path.exists():
-        fd, tmp = tempfile.mkstemp(prefix=".shm_compiled-", suffix=".so", dir=path.parent)
-        os.close(fd)
-        try:
-            subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE)], check=True, capture_output=True, timeout=300)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(path))
-    if why:
-        shutil.rmtree(path.parent, ignore_errors=True)  # loaded: the mapping outlives the file
+    lib = build_and_load(SOURCE, [cc, *FLAGS], cache_path(cc), lambda path: ctypes.CDLL(str(path)))
     for name in TYPES.values():
         fn = getattr(lib, f"sum_push_{name}")
         fn.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_size_t]

@@ -1,0 +1,53 @@
+"""The flight recorder's hot path in C (ring.c), built on first import, or None.
+
+recorder.begin / begin_p2p / done run on every communication call. In Python
+the pair is two frames, two perf_counter calls, a tuple and a few global stores;
+the C extension keeps the ring as a fixed array and allocates nothing per call,
+at about a quarter of the cost (figures: results/TUNING.md). It is built
+like the shared-memory kernels (mpipar.native: this user's private cache,
+refused if anyone else can write it), for this Python's ABI. Without a
+compiler or Python's headers, or when the build fails, the recorder stays
+pure Python: the same records, a little slower. MPIPAR_FLIGHT_C=0 keeps it
+pure Python (the tests compare the two).
+"""
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import os
+import subprocess
+import sysconfig
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("ring.c")
+MODULE = "mpipar_flight_ring"  # ring.c's PyInit_<name>
+FLAGS = ("-O2", "-fPIC", "-shared", "-fwrapv")
+
+
+def _load_extension(path: Path):
+    loader = importlib.machinery.ExtensionFileLoader(MODULE, str(path))
+    spec = importlib.util.spec_from_file_location(MODULE, str(path), loader=loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def load():
+    """The built extension module, or None (no compiler or headers, a failed build, or
+    MPIPAR_FLIGHT_C=0). Never raises: the recorder must import."""
+    try:
+        from .. import native
+        from ..settings import current
+
+        if current().flight_c == "0":
+            return None
+
+        cc = native.compiler()
+        include = sysconfig.get_paths().get("include")
+        if cc is None or not include or not os.path.exists(os.path.join(include, "Python.h")):
+            return None
+        abi = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+        path = native.cache_dir() / native.cache_name(SOURCE, "flight_ring", abi, cc, *FLAGS, include, abi)
+        return native.build_and_load(SOURCE, [cc, *FLAGS, f"-I{include}"], path, _load_extension)
+    except (OSError, ImportError, subprocess.SubprocessError, Exception):  # noqa: BLE001 - fall back, never fail
+        return None
