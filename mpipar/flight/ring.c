@@ -146,16 +146,27 @@ static PyObject *done(PyObject *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* Slot number `arg` of a reader (entry, end, noted); -1 with an exception set when it is not one. */
+static Py_ssize_t slot_of(PyObject *arg, const char *what)
+{
+    Py_ssize_t i = PyLong_AsSsize_t(arg);
+    if (i == -1 && PyErr_Occurred())
+        return -1;
+    if (!ready())
+        return -1;
+    if (i < 0 || i >= capacity) {
+        PyErr_Format(PyExc_IndexError, "%s: slot %zd", what, i);
+        return -1;
+    }
+    return i;
+}
+
 static PyObject *entry(PyObject *self, PyObject *arg)
 {
     /* slot i as recorder.py's tuple (name, ch, seq, dt, sh, algo, peer, start), or None */
-    Py_ssize_t i = PyLong_AsSsize_t(arg);
-    if (i == -1 && PyErr_Occurred())
+    Py_ssize_t i = slot_of(arg, "entry");
+    if (i < 0)
         return NULL;
-    if (!ready())
-        return NULL;
-    if (i < 0 || i >= capacity)
-        return PyErr_Format(PyExc_IndexError, "entry: slot %zd", i);
     Slot *s = &ring[i];
     if (s->name == NULL)
         Py_RETURN_NONE;
@@ -164,25 +175,17 @@ static PyObject *entry(PyObject *self, PyObject *arg)
 
 static PyObject *end(PyObject *self, PyObject *arg)
 {
-    Py_ssize_t i = PyLong_AsSsize_t(arg);
-    if (i == -1 && PyErr_Occurred())
+    Py_ssize_t i = slot_of(arg, "end");
+    if (i < 0)
         return NULL;
-    if (!ready())
-        return NULL;
-    if (i < 0 || i >= capacity)
-        return PyErr_Format(PyExc_IndexError, "end: slot %zd", i);
     return PyFloat_FromDouble(ring[i].end);
 }
 
 static PyObject *noted(PyObject *self, PyObject *arg)
 {
-    Py_ssize_t i = PyLong_AsSsize_t(arg);
-    if (i == -1 && PyErr_Occurred())
+    Py_ssize_t i = slot_of(arg, "noted");
+    if (i < 0)
         return NULL;
-    if (!ready())
-        return NULL;
-    if (i < 0 || i >= capacity)
-        return PyErr_Format(PyExc_IndexError, "noted: slot %zd", i);
     PyObject *info = ring[i].info ? ring[i].info : Py_None;
     Py_INCREF(info);
     return info;
