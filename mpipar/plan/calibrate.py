@@ -221,6 +221,14 @@ def _probe_step(data: dict, name: str, n: int) -> float:
     return estimate(spec, System(data), layout).step_time
 
 
+def young_wait_s() -> float:
+    """How long a polite wait stays young: until its sleep, growing with the time waited, reaches
+    its longest (mpipar.comm.wait.POLITE: 1 ms at 1/16 of the time waited, so 16 ms)."""
+    from ..comm.wait import POLITE
+
+    return POLITE.longest_sleep / POLITE.share
+
+
 def fit_training(data: dict, train_s: dict, log=print) -> dict:
     """Fit the host's effective contention (from the dp probes), the per-call cost of a
     collective called right after compute (`sync_after_compute`, from the tp probes) and the
@@ -254,6 +262,8 @@ def fit_training(data: dict, train_s: dict, log=print) -> dict:
                 _solve(with_sync, train_s[f"{name}@{n}"], 0.0, hi)
     n = max(sizes)
     if f"pp@{n}" in train_s and n > (data.get("cores") or n):
+        data["idle_young_s"] = young_wait_s()
+
         def with_idle(x, n=n):
             data["idle_share"] = x
             return _probe_step(data, "pp", n)
@@ -268,8 +278,8 @@ def fit_training(data: dict, train_s: dict, log=print) -> dict:
         + ", ".join(f"{k}: {s * 1e6:.0f} us" for k, s in data["sync_after_compute"].items())
         + "; a smaller group waits " + ", ".join(f"{k}: {f:.2f}" for k, f in data["sync_share"].items())
         + " of its compute"
-        + (f"; a waiting rank costs the host {data['idle_share']:.2f} of a computing one"
-           if "idle_share" in data else ""))
+        + (f"; a waiting rank costs the host {data['idle_share']:.2f} of a computing one for the first "
+           f"{data.get('idle_young_s', float('inf')) * 1e3:.0f} ms of its wait" if "idle_share" in data else ""))
     return data
 
 

@@ -267,9 +267,11 @@ def _pipeline_shared(system, S: _Stages, L: Layout, comm: float):
         share = [(c.share_f, c.share_b, c.share_b, 0.0) for c in S.costs]
         per_stage = L.world_size // p
         idle = float(system.data.get("idle_share", 0.0))
+        young = float(system.data.get("idle_young_s") or float("inf"))
         span, elapsed, waited = makespan_shared(L.schedule, p, m, v, work, wait, share, comm, system.slowdown,
-                                        per_stage, idle)
-        span0, _, _ = makespan_shared(L.schedule, p, m, v, work, wait, share, 0.0, system.slowdown, per_stage, idle)
+                                                per_stage, idle, young)
+        span0, _, _ = makespan_shared(L.schedule, p, m, v, work, wait, share, 0.0, system.slowdown, per_stage, idle,
+                                      young)
         hit = cache[key] = (span, span0, elapsed, waited)
     return hit
 

@@ -17,7 +17,12 @@ Waiting ranks are not free either: a polite wait wakes to check its request,
 and each wake is a context switch that evicts the cache of the rank it
 displaces. `idle_share` (calibrated: mpipar.plan.calibrate fits it to a
 4-stage pipeline's step) counts each waiting rank as that fraction of a
-computing one.
+computing one while its wait is young: the first `young` seconds, in which
+its sleeps are short and its wakes many (mpipar.comm.wait's polite backoff
+grows a sleep with the time waited to its longest, 1 ms, after 16 ms). Past
+that it wakes rarely and costs nothing here. Charged for the whole wait
+instead, the share fitted at one micro-batch size over-charged larger ones
+(docs/plan.md).
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ LIMIT = 20_000  # actions; beyond, estimate falls back to the mean busy count (s
 
 
 def makespan_shared(schedule: str, p: int, m: int, v: int, work, wait, share, comm: float, slowdown,
-                    ranks_per_stage: int, idle_share: float = 0.0):
+                    ranks_per_stage: int, idle_share: float = 0.0, young: float = float("inf")):
     """(makespan, compute seconds, communication seconds of each stage) of `schedule` on a shared host.
 
     work[s], wait[s]: (F, B with W, B alone, W) compute seconds at full speed and communication
@@ -35,7 +40,8 @@ def makespan_shared(schedule: str, p: int, m: int, v: int, work, wait, share, co
     while all other ranks compute (the host's sync_share), charged for the fraction of the other
     stages computing when the action starts; slowdown(n): compute slowdown with n ranks computing;
     idle_share: how much of a computing rank a rank waiting (for its stage's input, or for its
-    tensor- or sequence-parallel peers) costs the host."""
+    tensor- or sequence-parallel peers) costs the host during the first `young` seconds of
+    each wait (infinite: the whole wait)."""
     order, n, _ = action_lists(schedule, p, m, v)
     rows = [[] for _ in range(p)]
     for s, i, dep, kind, cross in order:
@@ -47,6 +53,7 @@ def makespan_shared(schedule: str, p: int, m: int, v: int, work, wait, share, co
     pending = [0.0] * p          # the communication time of the action in hand
     waited = [0.0] * p           # communication seconds per stage
     elapsed = [0.0] * p          # compute seconds spent per stage (slowed)
+    since = [0.0] * p            # when the stage's current wait began
     t, remaining = 0.0, n
     while remaining:
         nxt = float("inf")
@@ -63,23 +70,27 @@ def makespan_shared(schedule: str, p: int, m: int, v: int, work, wait, share, co
                 waited[s] += pending[s]
                 phase[s], left[s] = 1, work[s][kind] / v
                 if left[s] <= 0.0:
-                    phase[s], left[s] = 2, pending[s]
+                    phase[s], left[s], since[s] = 2, pending[s], t
             else:
                 nxt = min(nxt, ready)
         busy = sum(1 for s in range(p) if phase[s] == 1)
-        rate = 1.0 / slowdown((busy + idle_share * (p - busy)) * ranks_per_stage) if busy else 1.0
+        fresh = sum(1 for s in range(p) if phase[s] != 1 and t < since[s] + young)
+        rate = 1.0 / slowdown((busy + idle_share * fresh) * ranks_per_stage) if busy else 1.0
         for s in range(p):
             if phase[s] == 1:
                 nxt = min(nxt, t + left[s] / rate)
-            elif phase[s] == 2:
-                nxt = min(nxt, t + left[s])
+            else:
+                if t < since[s] + young:
+                    nxt = min(nxt, since[s] + young)
+                if phase[s] == 2:
+                    nxt = min(nxt, t + left[s])
         dt = nxt - t
         for s in range(p):
             if phase[s] == 1:   # the stage that sets nxt finishes exactly (no float residue)
                 left[s] = 0.0 if t + left[s] / rate <= nxt else left[s] - dt * rate
                 elapsed[s] += dt
                 if left[s] <= 1e-15:
-                    phase[s], left[s] = 2, pending[s]
+                    phase[s], left[s], since[s] = 2, pending[s], nxt
             elif phase[s] == 2:
                 left[s] = 0.0 if t + left[s] <= nxt else left[s] - dt
             if phase[s] == 2 and left[s] <= 1e-15:

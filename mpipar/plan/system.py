@@ -30,6 +30,9 @@ Fields (every shipped number carries its source under "sources"):
   idle_share                   optional (calibrate): what a rank waiting in a pipeline costs the
                                host's computing ranks, as a fraction of one computing rank
                                (mpipar.plan.shared_host)
+  idle_young_s                 optional (calibrate): idle_share is charged for the first this many
+                               seconds of each wait (the polite backoff's short sleeps); absent:
+                               the whole wait
   optimizer{bytes_per_param, per_tensor}  memory traffic of one Adam update, host overhead per tensor
   runtime_bytes                memory the framework holds before the model (context, allocator)
   software{attention, dp_overlap, ring_overlap, bucket_bytes, grad_reduce_bytes}

@@ -146,11 +146,27 @@ def test_shared_host_pipeline(sched, v):
             assert all(e >= m * (x + y + z) - 1e-9 for e, x, y, z in zip(elapsed, fw, b, w))
             idle, _, _ = makespan_shared(sched, p, m, v, work, wait, zero, comm, lambda n: max(1.0, n / 1.5), 1, 0.5)
             assert idle >= slow - 1e-12
+            # a waiting rank costs only while its wait is young: never more than for the whole wait,
+            # never less than not at all
+            for young in (0.0, 0.3, 1.0):
+                part, _, _ = makespan_shared(sched, p, m, v, work, wait, zero, comm, lambda n: max(1.0, n / 1.5), 1,
+                                             0.5, young)
+                assert slow - 1e-12 <= part <= idle + 1e-12
+            assert makespan_shared(sched, p, m, v, work, wait, zero, comm, lambda n: max(1.0, n / 1.5), 1, 0.5,
+                                   0.0)[0] == pytest.approx(slow, rel=1e-12)
     k = 3.0
     work = [(1.0, 2.0, 2.0, 0.0)] * 4
     span, elapsed, _ = makespan_shared("naive", 4, 4, 1, work, [(0.0,) * 4] * 4, [(0.0,) * 4] * 4, 0.0,
                                        lambda n: k if n > 1 else 1.0, 1)
     assert span == pytest.approx(4 * 4 * 3.0) and elapsed == pytest.approx([12.0] * 4)
+    # young waits (share 1, slowdown n): a rank counts as computing for the first 0.5 s of each
+    # wait, so every action that starts as its peer begins to wait does 0.25 s of its 1 s of work
+    # in its first 0.5 s: stage 0's F (stage 1 waits from t=0), stage 1's F (stage 0 waits from
+    # 1.25) and stage 0's B (stage 1 waits from 3.5) take 1.25 s each; stage 1's B meets an old wait
+    one = [(1.0, 1.0, 1.0, 0.0)] * 2
+    span, elapsed, _ = makespan_shared("naive", 2, 1, 1, one, [(0.0,) * 4] * 2, [(0.0,) * 4] * 2, 0.0,
+                                       lambda n: max(1.0, n), 1, 1.0, 0.5)
+    assert elapsed == pytest.approx([2.5, 2.25]) and span == pytest.approx(4.75)
     # a tp share is charged for the fraction of other stages computing when an action starts
     share = [(1.0, 0.0, 0.0, 0.0)] * 2
     span, _, waited = makespan_shared("naive", 2, 1, 1, [(1.0, 1.0, 1.0, 0.0)] * 2, [(0.0,) * 4] * 2, share, 0.0,
@@ -472,10 +488,10 @@ def test_sync_after_compute_is_a_floor_per_call():
 
 
 def test_fit_training_recovers_the_host_it_was_generated_from():
-    from mpipar.plan.calibrate import _probe_step, fit_training
+    from mpipar.plan.calibrate import _probe_step, fit_training, young_wait_s
 
     truth = _host_system(contention={"2": 1.4, "4": 3.0}, sync_after_compute={"2": 1e-4, "4": 2e-3},
-                         sync_share={"2@4": 0.8}).data
+                         sync_share={"2@4": 0.8}, idle_share=0.4, idle_young_s=young_wait_s()).data
     train_s = {f"{name}@{n}": _probe_step(truth, name, n) for n in (2, 4)
                for name in ("dp", "tp", "pp", "sp") + (("tp2dp2",) if n == 4 else ())}
     got = fit_training(_host_system().data, train_s, log=lambda *_: None)
@@ -483,6 +499,7 @@ def test_fit_training_recovers_the_host_it_was_generated_from():
     assert got["contention"]["2"] == pytest.approx(1.4, rel=1e-3)
     assert got["sync_after_compute"]["4"] == pytest.approx(2e-3, rel=1e-3)
     assert got["sync_share"]["2@4"] == pytest.approx(0.8, rel=1e-3)
+    assert got["idle_young_s"] == pytest.approx(0.016) and got["idle_share"] == pytest.approx(0.4, rel=1e-2)
     for k, t in train_s.items():
         name, _, n = k.rpartition("@")
         assert _probe_step(got, name, int(n)) == pytest.approx(t, rel=1e-3)
