@@ -263,6 +263,14 @@ def run_study(args, drivers: list[Driver], folder: Path, manifest: dict) -> dict
     return manifest
 
 
+def launches_locally(mpiexec: str) -> bool:
+    """Is the study's launcher make install's mpiexec, however it is spelled (`make run` passes
+    the relative .venv/bin/mpiexec), with or without flags? Batch launchers (srun, a site's
+    mpirun) are not: the calibration would start its own mpiexec beside the allocation."""
+    words = shlex.split(mpiexec)
+    return bool(words) and os.path.realpath(words[0]) == os.path.realpath(DEFAULT_MPIEXEC)
+
+
 def calibrate_host(drivers: list[Driver], folder: Path, manifest: dict, timeout: float) -> None:
     """Measure this host for mpipar.plan (about a minute) when a driver checks predictions
     against its runs (train_gpt.py) and this kind of host has no calibration yet: the shipped
@@ -275,7 +283,7 @@ def calibrate_host(drivers: list[Driver], folder: Path, manifest: dict, timeout:
     if host.cache_path().exists():
         manifest["calibration"] = {"status": "kept earlier", "path": str(host.cache_path())}
         return
-    if manifest["mpiexec"] != DEFAULT_MPIEXEC:
+    if not launches_locally(manifest["mpiexec"]):
         print("study: no calibration of this host for mpipar.plan; predictions use local-cpu (another host). "
               "`python -m mpipar.plan calibrate` on a node measures it", flush=True)
         return

@@ -303,6 +303,9 @@ def test_study_calibrates_this_host_once(tmp_path, monkeypatch):
     study.calibrate_host([gpt], tmp_path, manifest(quick=True), 10)
     study.calibrate_host([gpt], tmp_path, manifest(mpiexec="srun --mpi=pmi2"), 10)
     assert ran == []
+    monkeypatch.chdir(study.ROOT)  # `make run` passes the launcher relative to the repository
+    assert study.launches_locally(".venv/bin/mpiexec") and study.launches_locally(f"{local} -launcher fork")
+    assert not study.launches_locally("mpiexec") and not study.launches_locally("srun --mpi=pmi2")
     m = manifest()
     study.calibrate_host([gpt], tmp_path, m, 10)
     assert len(ran) == 1 and ran[0][2:5] == ["mpipar.plan", "calibrate", "--ranks"] and ran[0][5] == "2,4"
