@@ -59,6 +59,13 @@ class PhaseCost:
         return self.b + self.b_tp + self.b_sp
 
 
+# mpipar's eager Llama block runs this many more kernels than its GPT-2 block (forward, backward),
+# counted per block with a torch dispatch mode (tests/unit/test_plan.py keeps it true): RMSNorm is
+# six ops where LayerNorm is one, rotary five on each of q and k, q/k/v and gate/up are separate
+# GEMMs (one each in this model)
+LLAMA_EXTRA_KERNELS = (22, 41)
+
+
 class _Ops:
     """Accumulates per-op work by phase, each op paying the system's overhead once."""
 
@@ -167,10 +174,7 @@ def _layer_cost(spec: ModelSpec, system, L: Layout) -> PhaseCost:
     else:
         hid = T_ew * (2 * 2 * h * e + 2 * 3 * h * e)         # two RMSNorms, two residual adds
         wide = T * (3 * e * f / t + 2 * e * (a + g) * hd)   # SwiGLU, rotary on q and k
-        # mpipar's eager Llama block runs 22 more kernels than its GPT-2 block forward and 41 more
-        # backward (counted per block with a torch dispatch mode): RMSNorm is 6 ops where LayerNorm
-        # is one, rotary 5 on each of q and k, q/k/v and gate/up are separate GEMMs (one here)
-        n_ew, n_ew_b = 5 + 22, 5 + 41
+        n_ew, n_ew_b = 5 + LLAMA_EXTRA_KERNELS[0], 5 + LLAMA_EXTRA_KERNELS[1]
     ops.add("F", system.memory_bound(hid + wide), count=n_ew)
     ops.add("B", system.memory_bound(2 * (hid + wide)), count=n_ew_b)
     ops.add("F", 0.0, count=ops_f + 4)   # views, reshapes, splits of the eager code

@@ -503,3 +503,47 @@ def test_fit_training_recovers_the_host_it_was_generated_from():
     for k, t in train_s.items():
         name, _, n = k.rpartition("@")
         assert _probe_step(got, name, int(n)) == pytest.approx(t, rel=1e-3)
+
+
+_KERNEL_COUNT = """
+import torch, mpipar
+from torch.utils._python_dispatch import TorchDispatchMode
+from mpipar import models
+VIEWS = {"view", "_unsafe_view", "t", "transpose", "split", "detach", "promote_types", "expand", "permute",
+         "unsqueeze", "squeeze", "slice", "select", "split_with_sizes", "as_strided", "reshape", "alias"}
+class Count(TorchDispatchMode):
+    n = 0
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += func.overloadpacket.__name__ not in VIEWS
+        return func(*args, **(kwargs or {}))
+mesh = mpipar.Mesh()
+def per_block(arch):
+    counts = []
+    for layers in (1, 2):
+        ffn = 256 if arch == "llama" else None
+        m = models.GPT(models.GPTConfig(64, 32, 96, 4, layers, ffn_hidden=ffn, arch=arch, seed=0), mesh)
+        x = torch.randint(0, 64, (2, 32))
+        m(x).sum().backward()
+        f, b = Count(), Count()
+        with f:
+            out = m(x).sum()
+        with b:
+            out.backward()
+        counts.append((f.n, b.n))
+    return counts[1][0] - counts[0][0], counts[1][1] - counts[0][1]
+g, l = per_block("gpt2"), per_block("llama")
+print(l[0] - g[0], l[1] - g[1], g, l)
+"""
+
+
+def test_llama_block_kernel_count_matches_the_implementation():
+    """The plan charges a Llama block LLAMA_EXTRA_KERNELS more eager kernels than a GPT-2 block
+    (each pays op_overhead): count them in the blocks train_gpt runs (the parallel GPT on one
+    rank, its own process; torch dispatch, views left out), so that a change to the
+    implementation (a fused RMSNorm, say) shows here."""
+    from mpipar.plan.costs import LLAMA_EXTRA_KERNELS
+
+    res = subprocess.run([sys.executable, "-c", _KERNEL_COUNT], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    words = res.stdout.split()
+    assert (int(words[0]), int(words[1])) == LLAMA_EXTRA_KERNELS, res.stdout
