@@ -135,20 +135,26 @@ def _gpt_losses(path: Path) -> dict[int, float]:
 
 
 def _start_requeued_now(job: str, timeout: float = 120) -> None:
-    """Once `job` is back in the queue after its requeue, make it eligible at once: Slurm holds a
-    requeued job for about two minutes (its BeginTime), which on this one-node cluster is idle
-    time the test need not wait (a real site's scheduler decides when it runs again)."""
+    """Once `job` is back in the queue after its requeue, make it eligible 5 s later: Slurm holds
+    a requeued job for its credential lifetime (cred_expire, 120 s by default), idle time on this
+    one-node cluster (a real site's scheduler decides when it runs again). Not at once: slurmd
+    refuses a credential issued in the same second as the old one's revocation ("Job credential
+    revoked", seen in CI)."""
     import time
+
+    import re
 
     deadline = time.time() + timeout
     while time.time() < deadline:
         info = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True).stdout
-        if "Restarts=1" in info and "JobState=PENDING" in info:
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True, timeout=60)
+        state = (re.search(r"JobState=(\S+)", info) or [None, ""])[1]
+        restarts = int((re.search(r"Restarts=(\d+)", info) or [None, "0"])[1])
+        if restarts and state == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+5"], capture_output=True, timeout=60)
             return
-        if "Restarts=1" in info or "JobState=COMPLETED" in info or "JobState=FAILED" in info:
+        if (restarts and state != "REQUEUED") or state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
             return  # already started again (or ended): nothing to hurry
-        time.sleep(0.2)
+        time.sleep(0.2)  # still running its first time, or REQUEUED on the way back to PENDING
 
 
 @pytest.mark.timeout(1500)
