@@ -222,8 +222,8 @@ def _probe_step(data: dict, name: str, n: int) -> float:
 
 
 def young_wait_s() -> float:
-    """How long a polite wait stays young: until its sleep, growing with the time waited, reaches
-    its longest (mpipar.comm.wait.POLITE: 1 ms at 1/16 of the time waited, so 16 ms)."""
+    """How long a polite wait stays young: until its sleep, which grows as a share of the time
+    waited, reaches its longest (mpipar.comm.wait.POLITE: longest_sleep / share)."""
     from ..comm.wait import POLITE
 
     return POLITE.longest_sleep / POLITE.share

@@ -19,8 +19,8 @@ displaces. `idle_share` (calibrated: mpipar.plan.calibrate fits it to a
 4-stage pipeline's step) counts each waiting rank as that fraction of a
 computing one while its wait is young: the first `young` seconds, in which
 its sleeps are short and its wakes many (mpipar.comm.wait's polite backoff
-grows a sleep with the time waited to its longest, 1 ms, after 16 ms). Past
-that it wakes rarely and costs nothing here. Charged for the whole wait
+grows a sleep with the time waited until it reaches its longest). Past that
+it wakes rarely and costs nothing here. Charged for the whole wait
 instead, the share fitted at one micro-batch size over-charged larger ones
 (docs/plan.md).
 """
