@@ -203,8 +203,6 @@ def main(argv=None) -> int:
     impls = {recorder.IMPLEMENTATION: (recorder.begin, recorder.done)}
     impls.setdefault("Python", (recorder.PYTHON["begin"], recorder.PYTHON["done"]))
     for impl, (begin, done) in impls.items():
-        if impl == "Python" and recorder.IMPLEMENTATION == "C":
-            recorder.reset()  # the Python functions keep their own state word
         alone = pair_alone(cfg.rounds, begin, done)
         recorder.reset()
         case = f"recorder alone ({impl}): begin, describe, done"
