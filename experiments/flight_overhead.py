@@ -1,19 +1,26 @@
 #!/usr/bin/env python3
-"""What the flight recorder costs a small and a shared-memory all-reduce, on vs off.
+"""What the flight recorder and the watchdog cost a small and a shared-memory all-reduce, on vs off.
 
     mpiexec -n 2 python experiments/flight_overhead.py [--quick] [--rounds 40] [--iters 300] [--out F.h5]
 
-Two tight loops, timed in --rounds rounds of --iters calls per mode, the modes
+Tight loops, timed in --rounds rounds of --iters calls per mode, the modes
 alternating (and which goes first alternating too), so a slow phase of a shared
 machine hits both alike:
 - all_reduce of 4 KiB of float32 (the argument agreement carries the data: one
   Allgather per call), next to raw mpi4py's Allreduce of the same 4 KiB;
-- all_reduce of a 1 MiB symmetric tensor (zero-copy shared memory).
-on: mpipar as it is (every call takes its slot in the ring). off: mpipar.comm.all_reduce
-and its agreement's agree_all_reduce compiled again from their own source without the
-lines that record (bare_all_reduce), and the nested waits' begin/done (which return at
-once inside a recorded call) replaced by functions that do nothing: the code without
-the recorder. The watchdog thread runs in both (it wakes once a second).
+- all_reduce of a 1 MiB symmetric tensor (zero-copy shared memory);
+- the watchdog alone: the recorded 4 KiB all_reduce with the watchdog thread
+  ticking (on) or parked on its wake-up pipe, checking nothing (off: what
+  MPIPAR_TIMEOUT=0 runs). It reads the recorder from its own thread, so it costs
+  the calls nothing but its wake-ups.
+For the all_reduce cases:
+on: all_reduce and its agreement's agree_all_reduce as they are (every call takes its
+slot in the ring); off: the same source without the lines that record. Both are
+compiled again here, alike (twin_all_reduce): nothing is swapped while they run, so
+neither pays for the other's set-up. In off rounds a
+call is held open in the recorder, so the nested waits' begin/done return at once,
+as they do inside a recorded call. The watchdog thread runs in both (it wakes once a
+second).
 Also the recorder alone (one process, no MPI, so robust on a busy machine): what a
 validated all_reduce adds (begin, the agreement's description of dtype and shape,
 done) against a function that does nothing, for the recorder in use (C where
@@ -27,7 +34,9 @@ prints a table on rank 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
 import time
 import timeit
@@ -41,66 +50,86 @@ from mpipar.flight import recorder
 
 TABLE = "flight_overhead"
 UNITS = {"p10_us": "us", "median_us": "us"}
-_USERS = ("mpipar.comm.wait", "mpipar.comm.symmetric.barrier")
-_RECORDED_AGREE = None  # the agreement's own agree_all_reduce (set in main)
-
-
-def _off_begin(*args) -> int:
-    return -1
-
-
-def _off_done(slot) -> None:
-    pass
-
-
-def recording(on: bool) -> None:
-    """Swap the recorder in (on) or out (off) of the modules whose nested waits record."""
-    for name in _USERS:
-        module = sys.modules[name]
-        module.begin, module.done = (recorder.begin, recorder.done) if on else (_off_begin, _off_done)
-
-
-def _compiled(func, lines):
-    """A function named like `func`, compiled from `lines` in (a copy of) func's module."""
+def _compiled(func, lines, **names):
+    """A function named like `func`, compiled from `lines` in a copy of func's module
+    namespace (with `names` bound in it)."""
     import inspect
 
     module = inspect.getmodule(func)
     namespace = dict(vars(module))
+    namespace.update(names)
     exec(compile("\n".join(lines) + "\n", module.__file__, "exec"), namespace)
     return namespace[func.__name__]
 
 
-def bare_all_reduce():
-    """(mpipar.comm.all_reduce, the agreement's agree_all_reduce) without the record: their
-    source minus the lines that record (all_reduce's `begin` choice, `try:`, `finally:`,
-    `done(slot)`, the try body dedented; the `note(...)` and `described.info = ...` lines),
-    compiled in their modules."""
+def twin_all_reduce(record: bool):
+    """mpipar.comm.all_reduce and its agreement's agree_all_reduce compiled again from their
+    source, with (record) or without the lines that record: all_reduce's `begin` choice,
+    `try:`, `finally:`, `done(slot)` (the try body dedented), the `note(...)` and
+    `described.info = ...` lines. Both twins are built alike (a copy of each module's
+    namespace, the agreement in a module object of its own), so neither is slowed by the
+    other's set-up: nothing is swapped while they run."""
     import inspect
+    import types
 
     from mpipar.comm import collectives
     from mpipar.comm.agreement import inline
 
     lines = inspect.getsource(collectives.all_reduce).splitlines()
-    head = [i for i, ln in enumerate(lines) if ln.strip().startswith("if validate and g.size > 1:  # the agreement")]
-    if len(head) != 1 or lines[head[0] + 4].strip() != "try:" or \
-            [ln.strip() for ln in lines[-2:]] != ["finally:", "done(slot)"]:
-        raise RuntimeError("all_reduce's record is not where this benchmark expects it; update bare_all_reduce")
-    i = head[0]
-    body = [ln[4:] if ln.startswith("        ") else ln for ln in lines[i + 5:-2]
-            if not ln.strip().startswith("note(")]
-    bare = _compiled(collectives.all_reduce, lines[:i] + body)
-    source = inspect.getsource(inline.agree_all_reduce).splitlines()
-    agree_lines = [ln for ln in source if not ln.strip().startswith(("note(", "described.info"))]
-    if len(agree_lines) == len(source):
-        raise RuntimeError("agree_all_reduce's record is not where this benchmark expects it; update bare_all_reduce")
-    return bare, _compiled(inline.agree_all_reduce, agree_lines)
+    agree_lines = inspect.getsource(inline.agree_all_reduce).splitlines()
+    if not record:
+        head = [i for i, ln in enumerate(lines) if ln.strip().startswith("if validate and g.size > 1:  # the agreement")]
+        if len(head) != 1 or lines[head[0] + 4].strip() != "try:" or \
+                [ln.strip() for ln in lines[-2:]] != ["finally:", "done(slot)"]:
+            raise RuntimeError("all_reduce's record is not where this benchmark expects it; update twin_all_reduce")
+        i = head[0]
+        body = [ln[4:] if ln.startswith("        ") else ln for ln in lines[i + 5:-2]
+                if not ln.strip().startswith("note(")]
+        lines = lines[:i] + body
+        kept = [ln for ln in agree_lines if not ln.strip().startswith(("note(", "described.info"))]
+        if len(kept) == len(agree_lines):
+            raise RuntimeError("agree_all_reduce's record is not where this benchmark expects it; update twin_all_reduce")
+        agree_lines = kept
+    agreement = types.ModuleType(inline.__name__)
+    agreement.__dict__.update(vars(inline))
+    agreement.agree_all_reduce = _compiled(inline.agree_all_reduce, agree_lines)
+    return _compiled(collectives.all_reduce, lines, inline=agreement)
 
 
-def agreement(on: bool, bare_agree) -> None:
-    """The agreement's agree_all_reduce with (on) or without (off) its note to the recorder."""
-    from mpipar.comm.agreement import inline
+class held_open:
+    """Inside: a call is in flight in the recorder, so the nested waits of an unrecorded
+    all_reduce (the shared-memory barrier's) record nothing, as inside a recorded one; their
+    `begin` returns -1 at once, as a function that does nothing would."""
 
-    inline.agree_all_reduce = _RECORDED_AGREE if on else bare_agree
+    def __enter__(self):
+        self.slot = recorder.begin(recorder.UNKNOWN, "flight_overhead off")
+        return self
+
+    def __exit__(self, *exc):
+        recorder.done(self.slot)
+
+
+class parked_watchdog:
+    """Inside: the watchdog thread checks nothing (it waits on its wake-up pipe alone, as with
+    MPIPAR_TIMEOUT=0); on leaving, a byte on that pipe sets it ticking again."""
+
+    def __enter__(self):
+        from mpipar.flight import job
+
+        self.dog = job._watchdog
+        if self.dog is not None and self.dog.wake_fd is not None:
+            self.tick, self.dog.tick = self.dog.tick, None
+        else:
+            self.dog = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.dog is not None:
+            self.dog.tick = self.tick
+            fd = signal.set_wakeup_fd(-1)
+            signal.set_wakeup_fd(fd)
+            if fd != -1:
+                os.write(fd, b"\0")
 
 
 def timed(fn, iters: int, g, into: list) -> None:
@@ -169,29 +198,27 @@ def main(argv=None) -> int:
     raw = np.ones(1024, dtype=np.float32)
     shared = comm.symmetric_empty((1 << 18,), torch.float32, g)
     shared.fill_(1.0)
-    global _RECORDED_AGREE
-    from mpipar.comm.agreement import inline
-
-    _RECORDED_AGREE = inline.agree_all_reduce
-    bare, bare_agree = bare_all_reduce()
-    cases = {  # case -> (recorded call, the same without the record)
-        "all_reduce 4 KiB": (lambda: comm.all_reduce(small, g), lambda: bare(small, g)),
-        "all_reduce 1 MiB symmetric (shm)": (lambda: comm.all_reduce(shared, g), lambda: bare(shared, g)),
+    on_ar, off_ar = twin_all_reduce(True), twin_all_reduce(False)
+    none = contextlib.nullcontext
+    cases = {  # case -> {mode: (call, the context it runs in)}
+        "all_reduce 4 KiB": {"on": (lambda: on_ar(small, g), none), "off": (lambda: off_ar(small, g), held_open)},
+        "all_reduce 1 MiB symmetric (shm)": {"on": (lambda: on_ar(shared, g), none),
+                                             "off": (lambda: off_ar(shared, g), held_open)},
+        "watchdog, all_reduce 4 KiB": {"on": (lambda: on_ar(small, g), none),
+                                       "off": (lambda: on_ar(small, g), parked_watchdog)},
     }
     results = {(c, m): [] for c in cases for m in ("on", "off")}
     results[("mpi4py Allreduce 4 KiB", "-")] = []
-    for case, fns in cases.items():  # warm up (and size the outputs) once
-        for on, fn in zip((True, False), fns):
-            agreement(on, bare_agree)
-            timed(fn, 50, g, [])
+    for case, modes in cases.items():  # warm up (and size the outputs) once
+        for fn, context in modes.values():
+            with context():
+                timed(fn, 50, g, [])
     for r in range(cfg.rounds):
-        for case, (on, off) in cases.items():
-            for mode, fn in (("on", on), ("off", off)) if r % 2 == 0 else (("off", off), ("on", on)):
-                recording(mode == "on")
-                agreement(mode == "on", bare_agree)
-                timed(fn, cfg.iters, g, results[(case, mode)])
-        recording(True)
-        agreement(True, bare_agree)
+        for case, modes in cases.items():
+            for mode in ("on", "off") if r % 2 == 0 else ("off", "on"):
+                fn, context = modes[mode]
+                with context():
+                    timed(fn, cfg.iters, g, results[(case, mode)])
         timed(lambda: g.comm.Allreduce(MPI.IN_PLACE, raw, op=MPI.SUM), cfg.iters, g,
               results[("mpi4py Allreduce 4 KiB", "-")])
     prov = trace.provenance(mesh)  # collective
