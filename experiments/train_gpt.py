@@ -179,6 +179,8 @@ def run_layout(cfg: Config, layout: tuple, corpus, world) -> dict:
     row = {"layout": name, "arch": gcfg.arch, "dp": dp, "pp": pp, "sp": sp, "tp": tp, "schedule": schedule,
            "params": gcfg.num_params(), **stats, "tokens_per_s": cfg.batch * cfg.seq / (stats["step_s"] or float("inf"))}
     row.update(plan_runs.train_gpt_prediction(gcfg, cfg, layout, row, tracer.spans))  # predicted vs measured
+    model.close()  # out of shared memory, then every window and communicator of the layout:
+    mesh.close()   # else each layout of a sweep keeps the earlier ones' mapped
     return row
 
 

@@ -132,7 +132,11 @@ def build(variant: str, cfg, group):
         def step(x, y):
             return models.train_step(model, (x, y), opt, mesh, 1)
 
-        return step, lambda: model.buckets.close()
+        def cleanup():
+            model.close()
+            mesh.close()
+
+        return step, cleanup
     import torch.distributed as dist
 
     model = models.GPT(cfg)
@@ -246,9 +250,10 @@ def measure(zero: int, group, cfg, corpus, batch: int) -> dict:
     if zero:
         held = model.buckets.held_bytes()
         params, masters = held["params"], held["masters"]
-        model.buckets.close()
     else:
         params, masters = _tensor_bytes(model.parameters()), 0
+    model.close()
+    mesh.close()
     return {"params": params, "grads": seen["grads"], "optimizer": state + masters, "activations": meter.peak}
 
 

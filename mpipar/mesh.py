@@ -22,11 +22,16 @@ class Group:
 
     `.p2p` is a private duplicate used for mpipar's internal point-to-point
     traffic (ring collectives), so it can never match a user's send/recv.
+    `.owner`: the Mesh it belongs to (its own groups and those split from them,
+    which `Mesh.close` frees), or None.
     """
 
-    def __init__(self, comm, name: str = "group"):
+    def __init__(self, comm, name: str = "group", owner: "Mesh | None" = None):
         self.comm = comm
         self.name = name
+        self.owner = owner
+        if owner is not None:
+            owner._owned.append(self)
         self.rank = comm.Get_rank()
         self.size = comm.Get_size()
         self._p2p = None
@@ -47,6 +52,29 @@ class Group:
         if self._oversubscribed is None:
             self._oversubscribed = _device.node_is_oversubscribed()
         return self._oversubscribed
+
+    def split(self, color: int, key: int, name: str) -> "Group | None":
+        """Collective over this group: MPI's Split as a Group of the same mesh; None where
+        `color` is MPI.UNDEFINED."""
+        from mpi4py import MPI
+
+        comm = self.comm.Split(color, key=key)
+        return None if comm == MPI.COMM_NULL else Group(comm, name, self.owner)
+
+    def dup(self, name: str) -> "Group":
+        """Collective over this group: a duplicate (its own message space) of the same mesh."""
+        return Group(self.comm.Dup(), name, self.owner)
+
+    def release(self) -> None:
+        """Free this group's communicators (its p2p duplicate too); local bookkeeping aside,
+        MPI's Comm_free is collective. A communicator freed already (ZeRO's close) is skipped."""
+        from mpi4py import MPI
+
+        for comm in (self._p2p, self.comm):
+            if comm is not None and comm != MPI.COMM_NULL:
+                comm.Free()
+        self._p2p = None
+        self.__dict__.pop("_inline_buffers", None)
 
     def __repr__(self) -> str:
         return f"Group({self.name}, rank={self.rank}, size={self.size})"
@@ -99,14 +127,15 @@ class Mesh:
             raise MpiparError(
                 f"Mesh: tp*sp*dp*pp = {tp}*{sp}*{dp}*{pp} = {tp * sp * dp * pp} != world size {world_size}")
         self.shape = {"tp": tp, "sp": sp, "dp": dp, "pp": pp}
+        self._owned: list[Group] = []  # every group of this mesh, in creation order (close frees them)
+        self._closed = False
         self._comm = base.Dup()
         self.settings = _settings.agree(self._comm)  # read once per Mesh, equal on every rank
         rank = self._comm.Get_rank()
         self.coords = self._coords_of(rank)
-        self.world = Group(self._comm, "world")
+        self.world = Group(self._comm, "world", self)
         for dim in DIMS:
-            color = self._color_without(dim)
-            setattr(self, dim, Group(self._comm.Split(color, key=rank), dim))
+            setattr(self, dim, self.world.split(self._color_without(dim), rank, dim))
         local_rank, local_size = _device.ranks_on_node(self._comm)
         self.local_rank, self.local_size = local_rank, local_size
         _device.note_local_size(local_size)
@@ -130,6 +159,26 @@ class Mesh:
         c = dict(self.coords)
         c[dim] = 0
         return self.rank_of(**c)
+
+    def close(self) -> None:
+        """Collective over the mesh: free what its groups hold, and the groups split from
+        them (Group.split, Group.dup): their shared-memory windows and communicators, as
+        torch.distributed.destroy_process_group does. Nothing built on the mesh may be used
+        after (a symmetric tensor's memory is unmapped): close what holds shared memory
+        first (`model.buckets.close()`). A sweep that builds one mesh per layout closes each,
+        or every layout's windows stay mapped. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        from .comm.symmetric.pool import free_symmetric
+
+        # Creation order is program order, the same on every rank, so these collectives
+        # (one per group that has a pool) meet in the same order everywhere.
+        for g in self._owned:
+            free_symmetric(g)
+        for g in reversed(self._owned):
+            g.release()
+        self._owned = []
 
     def __repr__(self) -> str:
         return f"Mesh({self.shape}, coords={self.coords})"

@@ -201,6 +201,15 @@ class ParallelGPT(nn.Module):
                                                 num_microbatches=num_microbatches, loss_fn=self.loss_fn)
         return self._runners[key]
 
+    def close(self) -> None:
+        """Collective over the mesh: remove the gradient hooks, move ZeRO's buckets out of shared
+        memory, free the pipeline runners' communicators; the model is done (ZeRO-3 can no longer
+        gather its parameters). Call it before `mesh.close()`."""
+        self.buckets.close()
+        for runner in self._runners.values():
+            runner.close()
+        self._runners = {}
+
     # ---- gradients ---------------------------------------------------------------------------
     def start_grad_sync(self, num_microbatches: int) -> None:
         """Arm the data-parallel buckets for a step of `num_microbatches` backward passes."""
@@ -299,8 +308,7 @@ def _agree_config(mesh, cfg: GPTConfig, num_chunks: int, seq_par: bool, sp_mode:
 def _data_group(mesh) -> Group:
     """The ranks holding the same parameters: the dp x sp plane of this (pp, tp) coordinate."""
     color = mesh.coords["pp"] * mesh.shape["tp"] + mesh.coords["tp"]
-    comm_ = mesh.world.comm.Split(color, key=mesh.world.rank)
-    return Group(comm_, "dp*sp")
+    return mesh.world.split(color, mesh.world.rank, "dp*sp")
 
 
 def _tied_group(mesh) -> Group | None:
@@ -308,7 +316,5 @@ def _tied_group(mesh) -> Group | None:
     from mpi4py import MPI
 
     pp = mesh.pp
-    member = pp.rank in (0, pp.size - 1)
-    comm_ = pp.comm.Split(0 if member else MPI.UNDEFINED, key=pp.rank)
-    return Group(comm_, "tied") if member else None
+    return pp.split(0 if pp.rank in (0, pp.size - 1) else MPI.UNDEFINED, pp.rank, "tied")
 

@@ -21,7 +21,6 @@ from torch import nn
 
 from .. import comm
 from ..errors import require
-from ..mesh import Group
 from . import checks
 from .gather_linear import gather_linear
 from ..layers.init import generator, linear_params
@@ -120,7 +119,7 @@ class ColumnParallelLinear(_ParallelLinear):
         self.bias = None if b is None else self._param(take_shard(b, self.part, parts, 0, stride), dtype, device)
         self.replica_group = None
         if replicas > 1:
-            self.replica_group = Group(g.comm.Split(self.part, key=g.rank), "tp-replicas")
+            self.replica_group = g.split(self.part, g.rank, "tp-replicas")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x, self.in_features)

@@ -133,3 +133,83 @@ def test_settings_that_differ_across_ranks_raise_on_every_rank(world, monkeypatc
         mpipar.Mesh()
     monkeypatch.setenv("MPIPAR_VALIDATE", "1")
     assert mpipar.Mesh().settings.validate == "1"
+
+
+def _shared_maps() -> tuple[int, int]:
+    """(count, bytes) of this process's shared-memory mappings (MPI shared windows)."""
+    n = size = 0
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if "mpich_shar_tmp" in line or "/dev/shm/" in line:
+                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                n, size = n + 1, size + hi - lo
+    return n, size
+
+
+def _train_one_step(mesh, zero: int):
+    from mpipar import models
+
+    cfg = models.GPTConfig(vocab_size=64, seq_len=8, hidden=32, num_heads=4, num_layers=2)
+    model = models.GPT(cfg, mesh, zero=zero)
+    opt = models.optimizer(model, torch.optim.SGD, lr=0.1)
+    batch = 2 * mesh.shape["dp"]
+    tokens = torch.arange(batch * 8).reshape(batch, 8) % 64
+    loss = models.train_step(model, (tokens, tokens), opt, mesh, 2)
+    return model, loss
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_close_frees_every_window_and_communicator(world, checks, zero):
+    """A sweep that closes each layout's model and mesh maps no more shared memory at its
+    tenth mesh than at its first (not closing them grows it per mesh), frees the groups'
+    communicators (those split by the model too), and training on a new mesh after it gives
+    the same loss. close() twice is fine."""
+    import gc
+
+    from mpi4py import MPI
+
+    if world.size < 2:
+        pytest.skip("a mesh of one rank has no gradient reduction")
+    maps, losses = [], []
+    for k in range(10):
+        mesh = mpipar.Mesh(dp=world.size, comm=world)
+        model, loss = _train_one_step(mesh, zero)
+        data_group = model.data_group
+        model.close()
+        mesh.close()
+        mesh.close()
+        groups = [mesh.world, mesh.dp, mesh.tp, data_group]
+        checks.true(all(g.comm == MPI.COMM_NULL for g in groups), f"mesh {k}: a communicator was not freed")
+        losses.append(loss)
+        del model, mesh, data_group, groups
+        gc.collect()
+        maps.append(_shared_maps())
+    checks.true(maps[-1] == maps[0], f"shared mappings grew over 10 closed meshes: {maps}")
+    checks.true(all(x == losses[0] for x in losses), f"losses differ: {losses}")
+    checks.finish()
+
+
+def test_without_close_the_windows_stay(world, checks):
+    """The other side of the test above, so that it can fail: meshes left open keep their
+    shared-memory windows mapped (checked where the gradient buckets take shared memory)."""
+    import gc
+
+    if world.size < 2:
+        pytest.skip("a mesh of one rank has no gradient reduction")
+    kept, before = [], None
+    for k in range(3):
+        mesh = mpipar.Mesh(dp=world.size, comm=world)
+        model, _ = _train_one_step(mesh, 0)
+        kept.append((mesh, model))
+        gc.collect()
+        if k == 0:
+            before = _shared_maps()
+    after = _shared_maps()
+    shared = model.buckets.arena is not None
+    for mesh, model in kept:
+        model.close()
+        mesh.close()
+    if not same_on_all_ranks(world, shared) or not shared:
+        pytest.skip("the gradient buckets did not take shared memory here")
+    checks.true(after[1] > before[1], f"open meshes kept no more shared memory: {before} -> {after}")
+    checks.finish()

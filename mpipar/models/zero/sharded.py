@@ -38,7 +38,6 @@ import torch
 
 from ... import comm
 from ...errors import MpiparError
-from ...mesh import Group
 from ..data_parallel import _pack
 from .flat import FlatBucket
 from .gathering import BlockGathering
@@ -56,7 +55,7 @@ class ShardedBuckets:
 
     def __init__(self, model, zero: int, bucket_bytes: int):
         self.zero, self.model = zero, model
-        self.group = Group(model.data_group.comm.Dup(), "zero")
+        self.group = model.data_group.dup("zero")
         # the flight recorder's names of ZeRO's reduce-scatters and all-gathers (see nonblocking.py);
         # the verdict lines calls up by group name: one name per instance, agreed over the group
         from mpi4py import MPI
