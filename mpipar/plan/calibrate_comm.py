@@ -108,7 +108,10 @@ def _train_probe(torch, mpipar, world, sizes: dict, steps: int) -> float:
 
 def _trained_rss(torch, mesh, rss_bytes) -> int:
     """Resident set after a few steps of a tiny data-parallel GPT: what the framework itself holds
-    (its model states are a few hundred KiB)."""
+    (its model states are a few hundred KiB), with h5py loaded, as in any run that writes its
+    trace (mpipar.trace)."""
+    import h5py  # noqa: F401 (its libraries' resident pages are part of a run's baseline)
+
     from mpipar import models
 
     cfg = models.GPTConfig(64, 32, 32, 2, 2)
