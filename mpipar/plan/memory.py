@@ -47,16 +47,22 @@ def layer_activation_bytes(spec: ModelSpec, layout: Layout, flash: bool, elem: i
     if spec.arch == "gpt2":
         replicated = 4 * e * h + 2 * mask * h             # 2 norm inputs, qkv and fc1 inputs, 2 dropout masks
         split = (h + 2 * g * hd + h + 2 * f) * e          # q, k, v, proj input, GeLU input, fc2 input
+        whole = tables = 0.0
     else:
-        replicated = 4 * h * e + 2 * mask * h             # 2 norm inputs, qkv and MLP inputs
-        split = (h + 2 * g * hd + h + 4 * f) * e          # q, k, v, proj input, gate, up, silu, down input
+        # eager RMSNorm keeps its input, the normalized input and its rsqrt per token; the qkv
+        # and MLP inputs are kept as their GEMMs read them, gathered over the sequence; k and v
+        # are kept repeated to every query head (GQA's repeat_interleave comes before attention)
+        replicated = 4 * h * e + 2 * e + 2 * mask * h     # 2 norm inputs, 2 normalized, 2 rsqrt
+        whole = 2 * h * e                                 # qkv and MLP inputs
+        split = (h + 2 * a * hd + h + 4 * f) * e          # q, k, v, proj input, gate, up, silu, down input
+        tables = 2 * spec.seq_len / c * hd * e            # the rotary cos and sin of the block's positions
     scores = (e + (e + 1) * mask) * a * spec.seq_len       # softmax out (+ dropout mask and output)
-    per_token = replicated / rep_t + split / t
+    per_token = replicated / rep_t + whole + split / t
     if not flash and layout.recompute == "none":
         per_token += scores / t
     if flash:
         per_token += 4 * a / t                            # log-sum-exp per head
-    return tokens * per_token
+    return tokens * per_token + tables
 
 
 def end_activation_bytes(spec: ModelSpec, layout: Layout, first: bool, last: bool) -> float:
