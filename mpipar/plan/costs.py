@@ -213,14 +213,16 @@ def _layer_cost(spec: ModelSpec, system, L: Layout) -> PhaseCost:
     flops = ops.flops
     # A tp or sp group smaller than the host's busy ranks meets its peers while other groups
     # hold the cores: its ranks lose a share of the compute between collectives waiting.
-    # Not the ring: its messages are posted ahead of the block computation they cross, so
-    # no rank stops to meet its peer (with the share, pp2 x sp2 came out 75% too slow).
+    # The ring too: its messages are posted ahead of the block computation they cross, but
+    # each step still waits for a peer that may not hold a core (docs/plan.md: without the
+    # share pp2 x sp2 came out 15-25% too fast; with it, back when a waiting rank was charged
+    # for its whole wait, 75% too slow).
     share_f = share_b = 0.0
     if t > 1:
         share = system.sync_share(t, H)
         tp_f, tp_b = tp_f + share * F, tp_b + share * (B + W)
         share_f, share_b = share * F, share * (B + W)
-    if c > 1 and L.sp_mode != "ring":
+    if c > 1:
         share = system.sync_share(c * t, H) if t > 1 else system.sync_share(c, H)
         sp_f, sp_b = sp_f + share * F, sp_b + share * (B + W)
         share_f, share_b = share_f + share * F, share_b + share * (B + W)
