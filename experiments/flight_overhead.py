@@ -66,7 +66,8 @@ def twin_all_reduce(record: bool):
     """mpipar.comm.all_reduce and its agreement's agree_all_reduce compiled again from their
     source, with (record) or without the lines that record: all_reduce's `begin` choice,
     `try:`, `finally:`, `done(slot)` (the try body dedented), the `note(...)` and
-    `described.info = ...` lines. Both twins are built alike (a copy of each module's
+    `described.info = ...` lines. A small all-reduce runs in C (mpipar.comm.agreement.fast)
+    in both; its record is switched off with the group's C context (`record`, in held_open). Both twins are built alike (a copy of each module's
     namespace, the agreement in a module object of its own), so neither is slowed by the
     other's set-up: nothing is swapped while they run."""
     import inspect
@@ -79,13 +80,16 @@ def twin_all_reduce(record: bool):
     agree_lines = inspect.getsource(inline.agree_all_reduce).splitlines()
     if not record:
         head = [i for i, ln in enumerate(lines) if ln.strip().startswith("if validate and g.size > 1:  # the agreement")]
-        if len(head) != 1 or lines[head[0] + 4].strip() != "try:" or \
+        tries = [k for k, ln in enumerate(lines) if ln == "    try:"]
+        if len(head) != 1 or not tries or tries[0] < head[0] or \
                 [ln.strip() for ln in lines[-2:]] != ["finally:", "done(slot)"]:
             raise RuntimeError("all_reduce's record is not where this benchmark expects it; update twin_all_reduce")
-        i = head[0]
-        body = [ln[4:] if ln.startswith("        ") else ln for ln in lines[i + 5:-2]
+        i, k = head[0], tries[0]
+        # the `begin` choice goes (its `else:` too); the fast path's lines in the `if` stay
+        choice = [ln for ln in lines[i + 1:k] if not ln.strip().startswith(("slot = begin(", "else:"))]
+        body = [ln[4:] if ln.startswith("        ") else ln for ln in lines[k + 1:-2]
                 if not ln.strip().startswith("note(")]
-        lines = lines[:i] + body
+        lines = lines[:i] + ([lines[i]] + choice if choice else []) + body
         kept = [ln for ln in agree_lines if not ln.strip().startswith(("note(", "described.info"))]
         if len(kept) == len(agree_lines):
             raise RuntimeError("agree_all_reduce's record is not where this benchmark expects it; update twin_all_reduce")
@@ -99,13 +103,20 @@ def twin_all_reduce(record: bool):
 class held_open:
     """Inside: a call is in flight in the recorder, so the nested waits of an unrecorded
     all_reduce (the shared-memory barrier's) record nothing, as inside a recorded one; their
-    `begin` returns -1 at once, as a function that does nothing would."""
+    `begin` returns -1 at once, as a function that does nothing would. The groups' C
+    all-reduce (mpipar.comm.agreement.fast) records nothing either."""
+
+    contexts: list = []  # the C all-reduce contexts of the benchmark's groups (main)
 
     def __enter__(self):
         self.slot = recorder.begin(recorder.UNKNOWN, "flight_overhead off")
+        for ctx in self.contexts:
+            ctx.record = False
         return self
 
     def __exit__(self, *exc):
+        for ctx in self.contexts:
+            ctx.record = True
         recorder.done(self.slot)
 
 
@@ -199,6 +210,9 @@ def main(argv=None) -> int:
     shared = comm.symmetric_empty((1 << 18,), torch.float32, g)
     shared.fill_(1.0)
     on_ar, off_ar = twin_all_reduce(True), twin_all_reduce(False)
+    comm.all_reduce(small, g)  # makes the group's agreement buffers (and its C all-reduce, where it applies)
+    fast = g._inline_buffers.fast
+    held_open.contexts = [fast] if fast is not None else []
     none = contextlib.nullcontext
     cases = {  # case -> {mode: (call, the context it runs in)}
         "all_reduce 4 KiB": {"on": (lambda: on_ar(small, g), none), "off": (lambda: off_ar(small, g), held_open)},
@@ -247,7 +261,8 @@ def main(argv=None) -> int:
             print(f"{r['case']:46s} {r['mode']:4s} {r['p10_us']:9.3f} {r['median_us']:10.3f}")
             writer.append({"case": r["case"], "mode": r["mode"], "ranks": r["ranks"]},
                           {"p10_us": r["p10_us"], "median_us": r["median_us"]})
-        print(f"the recorder in use: {recorder.IMPLEMENTATION} (mpipar.flight.ring)")
+        print(f"the recorder in use: {recorder.IMPLEMENTATION} (mpipar.flight.ring); the 4 KiB all-reduce: "
+              f"{'C (mpipar.comm.agreement.fast)' if held_open.contexts else 'Python (mpipar.comm.agreement.inline)'}")
         for case in list(cases) + alone_cases:
             on = {r["mode"]: r for r in rows if r["case"] == case}
             d10 = on["on"]["p10_us"] - on["off"]["p10_us"]

@@ -1,8 +1,9 @@
 """Compiled code built on first use into this user's private cache, and loaded only from there.
 
-Two sources are built this way: the shared-memory kernels
-(mpipar.comm.symmetric.compiled, a ctypes library) and the flight recorder's hot
-path (mpipar.flight.ring, a CPython extension). Both are built with the C
+Three sources are built this way: the shared-memory kernels
+(mpipar.comm.symmetric.compiled, a ctypes library), and two CPython extensions
+(`extension`): the flight recorder's hot path (mpipar.flight.ring) and the small
+all-reduce (mpipar.comm.agreement.fast). Both are built with the C
 compiler ($CC, else `cc`) into $MPIPAR_KERNEL_CACHE, else $XDG_CACHE_HOME/mpipar,
 else ~/.cache/mpipar, under a name that hashes the source, the flags and
 whatever else decides the binary (the CPU's feature flags, Python's ABI).
@@ -101,3 +102,28 @@ def build_and_load(source: Path, command: list[str], path: Path, load):
     finally:
         if why:
             shutil.rmtree(path.parent, ignore_errors=True)  # loaded: the mapping outlives the file
+
+
+def extension(source: Path, module: str, stem: str, flags: tuple):
+    """The CPython extension `module` (its PyInit_<module>) built from `source` with `flags`
+    for this Python's ABI, or None without a compiler or Python's headers. Raises what
+    build_and_load raises when the build fails."""
+    import importlib.machinery
+    import importlib.util
+    import sysconfig
+
+    cc = compiler()
+    include = sysconfig.get_paths().get("include")
+    if cc is None or not include or not os.path.exists(os.path.join(include, "Python.h")):
+        return None
+    abi = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
+
+    def load(path: Path):
+        loader = importlib.machinery.ExtensionFileLoader(module, str(path))
+        spec = importlib.util.spec_from_file_location(module, str(path), loader=loader)
+        mod = importlib.util.module_from_spec(spec)
+        loader.exec_module(mod)
+        return mod
+
+    path = cache_dir() / cache_name(source, stem, abi, cc, *flags, include, abi)
+    return build_and_load(source, [cc, *flags, f"-I{include}"], path, load)

@@ -51,6 +51,12 @@ class Settings:
         "per all_reduce, broadcast or reduce_scatter, which also carries tensors of at most 4 KiB, so those "
         "then cost their own collective; all_gather always agrees, as it needs every rank's size; a "
         "mismatch may then hang)")
+    fast_agreement: str = _opt(
+        "MPIPAR_FAST_AGREEMENT",
+        "`0`: a small all-reduce (at most 4 KiB, riding on the agreement) runs its Python path (default: "
+        "one C call, `mpipar/comm/agreement/fast.c`, built with `cc` or `$CC` on first use, where ranks "
+        "have their own cores and the flight recorder is C; the same protocol and bits either way)",
+        default="1", agreed=False)
     crossover: MappingProxyType = _opt(
         "MPIPAR_CROSSOVER_<OP>",
         "bytes from which `algorithm=\"auto\"` switches from MPI's collective to the ring; OP is "

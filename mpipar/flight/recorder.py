@@ -204,6 +204,11 @@ else:
 IMPLEMENTATION = "C" if _ring is not None else "Python"
 
 
+def ring_api():
+    """The C ring's API capsule for other extensions (mpipar.comm.agreement.fast), or None."""
+    return getattr(_ring, "api", None)
+
+
 def in_flight():
     """(slot, its entry, start) of the call in flight, or None. Safe from another thread:
     the caller re-checks `still(slot, entry)` after using the values."""
@@ -250,7 +255,7 @@ def calls() -> list[dict]:
         if e is None:
             continue
         name, ch, s, dt, sh, algo, p, t0 = e
-        extra = described.info if i == cur else noted_of(i)
+        extra = (described.info if i == cur else None) or noted_of(i)  # the C path notes at the start
         if dt is None and sh is None and extra is not None:
             dt, sh = extra.dtype, extra.shape
         item = getattr(dt, "itemsize", None)

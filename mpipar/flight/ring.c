@@ -243,6 +243,46 @@ static PyObject *state(PyObject *self, PyObject *unused)
     return Py_BuildValue("(nn)", current, laps);
 }
 
+/* For other extensions (mpipar.comm.agreement.fast): record a collective without Python
+   frames. begin_c records collective `name` on `ch` described by `info` (dtype and shape,
+   kept by the slot from the start, so a record written while it waits has them) and
+   returns the slot (-1: nested, -2: error set); end_c ends slot i: 0 (-1: error set). */
+static Py_ssize_t begin_c(PyObject *ch, PyObject *name, PyObject *algo, PyObject *info)
+{
+    PyObject *slot = record(ch, name, Py_None, Py_None, algo, -1);
+    if (slot == NULL)
+        return -2;
+    Py_ssize_t i = PyLong_AsSsize_t(slot);
+    Py_DECREF(slot);
+    if (i >= 0 && info != NULL) {
+        Py_INCREF(info);
+        ring[i].info = info; /* record() emptied it */
+    }
+    return i;
+}
+
+static int end_c(Py_ssize_t i)
+{
+    if (i < 0)
+        return 0;
+    if (!ready())
+        return -1;
+    if (i >= capacity) {
+        PyErr_Format(PyExc_IndexError, "end: slot %zd", i);
+        return -1;
+    }
+    ring[i].end = now();
+    current = ~((i + 1) & mask);
+    return 0;
+}
+
+typedef struct {
+    Py_ssize_t (*begin)(PyObject *ch, PyObject *name, PyObject *algo, PyObject *info);
+    int (*end)(Py_ssize_t i);
+} RingApi;
+
+static RingApi api = {begin_c, end_c};
+
 static PyMethodDef methods[] = {
     {"begin", (PyCFunction)(void (*)(void))begin, METH_FASTCALL, "recorder.begin (positional arguments)"},
     {"begin_p2p", (PyCFunction)(void (*)(void))begin_p2p, METH_FASTCALL, "recorder.begin_p2p (positional)"},
@@ -265,5 +305,14 @@ PyMODINIT_FUNC PyInit_mpipar_flight_ring(void)
     s_info = PyUnicode_InternFromString("info");
     if (!s_counts || !s_info)
         return NULL;
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    PyObject *cap = PyCapsule_New(&api, "mpipar_flight_ring.api", NULL);
+    if (cap == NULL || PyModule_AddObject(m, "api", cap) < 0) {
+        Py_XDECREF(cap);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

@@ -12,23 +12,11 @@ pure Python (the tests compare the two).
 """
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
-import os
-import sysconfig
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("ring.c")
 MODULE = "mpipar_flight_ring"  # ring.c's PyInit_<name>
 FLAGS = ("-O2", "-fPIC", "-shared", "-fwrapv")
-
-
-def _load_extension(path: Path):
-    loader = importlib.machinery.ExtensionFileLoader(MODULE, str(path))
-    spec = importlib.util.spec_from_file_location(MODULE, str(path), loader=loader)
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
 
 
 def load():
@@ -40,12 +28,6 @@ def load():
 
         if current().flight_c == "0":
             return None
-        cc = native.compiler()
-        include = sysconfig.get_paths().get("include")
-        if cc is None or not include or not os.path.exists(os.path.join(include, "Python.h")):
-            return None
-        abi = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
-        path = native.cache_dir() / native.cache_name(SOURCE, "flight_ring", abi, cc, *FLAGS, include, abi)
-        return native.build_and_load(SOURCE, [cc, *FLAGS, f"-I{include}"], path, _load_extension)
+        return native.extension(SOURCE, MODULE, "flight_ring", FLAGS)
     except Exception:  # noqa: BLE001 - a failed build (OSError, SubprocessError, ImportError...): pure Python
         return None

@@ -203,3 +203,80 @@ def test_all_to_all_small_is_one_collective_and_large_matches(counted, checks):
             checks.equal(out, want, f"{rows} rows, {sd}->{gd}")
             checks.true(sum(calls.values()) == collectives and gathers(calls) == 1, f"{rows} rows: {dict(calls)}")
     checks.finish()
+
+
+# ---- the small all-reduce in one C call (mpipar.comm.agreement.fast) ---------------------------
+@pytest.fixture
+def fast_group(world):
+    """A Group over a Dup of WORLD whose small all-reduces run fast.c (built here even where ranks
+    share cores, where mpipar would not choose it), and a counter of its C calls."""
+    from mpipar.comm.agreement import fast, inline
+
+    g = Group(world.Dup(), "fast")
+    buf = inline.buffers(g)
+    ctx = fast.build(g, buf.table)
+    if not world.allreduce(ctx is not None, op=__import__("mpi4py").MPI.LAND):
+        g.comm.Free()
+        pytest.skip("fast.c is not available here")
+    calls = collections.Counter()
+
+    def counted(*args):
+        calls["fast"] += 1
+        return ctx(*args)
+
+    buf.fast = counted
+    yield g, calls
+    g.comm.Free()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8,
+                                   torch.uint8, torch.bool], ids=str)
+@pytest.mark.parametrize("op", ["sum", "max", "min"])
+def test_fast_all_reduce_is_the_python_path_bit_for_bit(fast_group, world, checks, op, dtype):
+    """fast.c against inline's Python path on the same inputs: the same bits on every rank
+    (rank-order reduction), and the C path taken exactly when it has the kernel (floats: sum)."""
+    from mpipar.comm.agreement import inline
+
+    g, calls = fast_group
+    if g.size == 1:
+        pytest.skip("a single rank communicates nothing")
+    gen = torch.Generator().manual_seed(7 + g.rank)
+    x = (torch.randn(3, 50, generator=gen) * 60).to(dtype)
+    got = x.clone()
+    comm.all_reduce(got, g, op=op)
+    took_c = calls["fast"] == 1
+    buf, fast = inline.buffers(g), inline.buffers(g).fast
+    buf.fast = None
+    try:
+        want = x.clone()
+        comm.all_reduce(want, g, op=op)
+    finally:
+        buf.fast = fast
+    checks.equal(got, want, f"{op} {dtype}")
+    blobs = world.allgather(got.numpy().tobytes())
+    checks.true(all(b == blobs[0] for b in blobs), "ranks differ")
+    checks.true(took_c == (dtype in inline.FAST_DTYPES and (op == "sum" or not dtype.is_floating_point)),
+                f"C path taken: {took_c}")
+    checks.finish()
+
+
+def test_fast_all_reduce_disagreement_and_record(fast_group, world, checks):
+    """Different shapes on the ranks: MpiparError on every rank, through the C path; a call that
+    agrees is in the flight record as an all_reduce on its group with its dtype and shape."""
+    from mpipar import MpiparError
+    from mpipar.flight import recorder
+
+    g, calls = fast_group
+    if g.size == 1:
+        pytest.skip("a single rank communicates nothing")
+    x = torch.ones(4 + (g.rank == g.size - 1))
+    with pytest.raises(MpiparError, match="all_reduce"):
+        comm.all_reduce(x, g)
+    checks.true(calls["fast"] == 1, f"C calls: {calls['fast']}")
+    y = torch.ones(6, dtype=torch.int32)
+    comm.all_reduce(y, g)
+    checks.equal(y, torch.full((6,), g.size, dtype=torch.int32))
+    last = recorder.calls()[-1]
+    checks.true((last["op"], last["group"], last["dtype"], last["shape"], last["done"])
+                == ("all_reduce", "fast", "int32", [6], True), str(last))
+    checks.finish()

@@ -17,7 +17,8 @@ the same table). Larger tensors go on to their collective after the agreement.
 
 Why: a separate agreement collective before MPI's own would cost a second round
 trip per call; riding on it makes a small checked call cost about one collective
-(results/TUNING.md).
+(results/TUNING.md). The small all-reduce also has a C twin of this protocol
+(mpipar.comm.agreement.fast: `fast_all_reduce`), taken where ranks have their own cores.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from ..symmetric.collectives import PRESTAGED
 from ...flight.recorder import described
 from ..buffers import memo
 from ..backends.mpi import in_place
-from . import shm_table
+from . import fast, shm_table
 from .protocol import BAD_DIM, _UNKNOWN, check, exchange, signature
 
 INLINE_BYTES = 4096  # the payload slot; identical on every rank by construction (never from env)
@@ -47,6 +48,8 @@ CARRIER = {torch.float32: torch.float32, torch.float64: torch.float64, torch.int
            torch.int32: torch.int32, torch.int16: torch.int16, torch.int8: torch.int8,
            torch.uint8: torch.uint8, torch.bool: torch.uint8}
 _PAIR = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum}
+FAST_DTYPES = {torch.float32: 0, torch.float64: 1, torch.int64: 2, torch.int32: 3, torch.int16: 4, torch.int8: 5,
+               torch.uint8: 6, torch.bool: 6}  # fast.c's kernels
 _INFO: dict = {}  # (name, shape, dtype, op, algorithm, dim, root) -> _Call
 
 
@@ -54,7 +57,7 @@ class _Call:
     """What a signature implies, computed once per distinct call shape."""
 
     __slots__ = ("name", "sig", "head", "head_bytes", "bad", "free", "numel", "nbytes", "combine", "fits",
-                 "need_op", "need_algorithm", "root_name", "dtype", "shape")
+                 "need_op", "need_algorithm", "root_name", "dtype", "shape", "fast")
 
     def __init__(self, name, t: torch.Tensor, op, algorithm, dim, root, free_dim, root_name):
         self.name, self.root_name = name, root_name
@@ -74,6 +77,11 @@ class _Call:
                      and (algorithm is None or algorithm in _INLINE_ALGORITHMS))
         op = "max" if t.dtype is torch.bool and op == "sum" else op
         self.combine = _PAIR.get(op) if self.fits and op is not None else None
+        # fast.c's key: this call's head, its bytes, its kernel (floats: sum only)
+        kernel = None
+        if self.combine is not None and t.dtype in FAST_DTYPES and (op == "sum" or FAST_DTYPES[t.dtype] >= 2):
+            kernel = FAST_DTYPES[t.dtype] * 3 + ("sum", "max", "min").index(op)
+        self.fast = None if kernel is None else np.array([*self.head, self.nbytes, kernel], dtype=np.int64).tobytes()
 
 
 def _call(name, t: torch.Tensor, op=None, algorithm=None, dim=0, root=0, free_dim=False, root_name="root") -> _Call:
@@ -105,6 +113,7 @@ class _Buffers:
         self.last, self.expect = None, b""  # the _Call whose head is in this rank's row
         self.gather = None  # the in-place Allgather of `table` (set by buffers())
         self.shared = False  # ... made through shared memory (mpipar.comm.agreement.shm_table)
+        self.fast = None  # the small all-reduce in one C call over `table` (mpipar.comm.agreement.fast)
 
     def typed_rows(self, dtype: torch.dtype, shape) -> tuple:
         """The N payloads (row r: rank r's), shaped `shape` and typed `dtype`."""
@@ -130,6 +139,7 @@ def buffers(g) -> _Buffers:
     if b is None:
         b = g._inline_buffers = _Buffers(g.size, g.rank)
         b.gather, b.shared = _allgather_of(g, b.table)
+        b.fast = fast.context(g, b.table, b.shared)
     return b
 
 
@@ -186,6 +196,25 @@ def _disagreement(g, info: _Call):
     raise MpiparError(f"{info.name}: arguments differ across ranks")  # pragma: no cover (hash collision)
 
 
+def fast_all_reduce(t: torch.Tensor, g, op, algorithm) -> bool:
+    """Collective over g (size > 1): the small all-reduce in one C call (mpipar.comm.agreement.fast),
+    recorded there, when it applies; True when `t` is reduced in place. False: nothing was
+    communicated, take the Python path. MpiparError on every rank when the arguments differ."""
+    buf = g.__dict__.get("_inline_buffers")
+    if buf is None or buf.fast is None:
+        return False
+    info = _call("all_reduce", t, op, algorithm)
+    if info.fast is None or not t.is_cpu or not t.is_contiguous():
+        return False
+    if algorithm == "auto" and tuning.shm_pays("all_reduce", info.nbytes):
+        return False  # the crossover lowered below INLINE_BYTES: as agree_all_reduce
+    buf.last = None  # the C call writes this rank's head: inline's cached one is stale
+    if not buf.fast(g, info, algorithm, t.data_ptr(), info.fast):
+        _disagreement(g, info)
+    _increment_version((t,))  # an in-place write, as autograd must see it (C wrote the memory)
+    return True
+
+
 def agree_all_reduce(t: torch.Tensor, g, op, algorithm, prestaged=False):
     """Collective over g (size > 1): agree on the arguments (raise MpiparError on every rank
     if they differ or are bad). Returns True when `t` was small and is now reduced in place;
@@ -235,6 +264,7 @@ def reduce_rows(combine, rows) -> torch.Tensor:
 
 
 _MEMMOVE = ctypes.memmove
+_increment_version = torch._C._increment_version
 
 
 def _allgather_of(g, table):

@@ -1,0 +1,269 @@
+/* The small validated all-reduce in one C call (mpipar.comm.agreement.fast).
+
+   The same protocol as mpipar.comm.agreement.inline's _small_all_reduce: this rank's
+   head and data go into its row of the group's table, one in-place MPI_Allgather of
+   the table, every row's agreed head compared with this call's, the rows reduced in
+   rank order into the tensor. In Python that is a dozen frames and torch calls around
+   one Allgather (a 4 KiB all-reduce took 4x raw MPI's time); here the Python caller
+   makes one call, and the call records itself in the flight ring through the ring's C
+   API (mpipar.flight.ring), so the record costs no Python either.
+
+   MPI_Allgather is called through a pointer that mpipar.comm.agreement.fast looked up
+   in the MPI library mpi4py loaded, with mpi4py's handles: no MPI headers, and the
+   same library and communicator as mpi4py's. Handles are passed as intptr_t, the
+   width of a pointer (an int handle is read from the low half of its register on the
+   ABIs mpipar builds for: x86-64, aarch64).
+
+   The reduction is exact and the same bits on every rank: out = row0 op row1, then
+   out = out op row_k for k = 2.. (torch.add / maximum / minimum in the same order in
+   inline.py). Floats only sum (torch.maximum's NaN rules stay in Python); integers
+   wrap (unsigned arithmetic, as torch). Built with -ffp-contract=off: no fused
+   multiply-add, and no reassociation (no -ffast-math).
+*/
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+
+typedef int (*allgather_fn)(const void *, int, intptr_t, void *, int, intptr_t, intptr_t);
+
+typedef struct {
+    Py_ssize_t (*begin)(PyObject *ch, PyObject *name, PyObject *algo, PyObject *info);
+    int (*end)(Py_ssize_t i);
+} RingApi; /* mpipar/flight/ring.c's api capsule */
+
+enum { HEAD_WORDS = 6, MINE_WORDS = 3, AGREED_BYTES = 16 };
+
+typedef struct {
+    PyObject_HEAD
+    vectorcallfunc vectorcall;
+    allgather_fn allgather;
+    intptr_t comm, byte_type, in_place;
+    char *table;
+    Py_ssize_t row_bytes, n, rank;
+    RingApi *ring;   /* NULL: not recorded */
+    PyObject *name;  /* "all_reduce" */
+    int record;      /* 0: the benchmark's "off" (experiments/flight_overhead.py) */
+    PyObject *keep;  /* the table's owner, kept alive */
+} Context;
+
+/* The call's key (inline._Call.fast): its head words, its byte count, its kernel. */
+typedef struct {
+    int64_t head[MINE_WORDS];
+    int64_t nbytes;
+    int64_t kernel; /* dtype * 3 + op */
+} Key;
+
+#define REDUCE(T, OP)                                                               \
+    do {                                                                            \
+        T *o = (T *)out;                                                            \
+        const T *a = (const T *)(rows), *b = (const T *)(rows + stride);            \
+        for (Py_ssize_t i = 0; i < count; i++)                                      \
+            o[i] = OP(a[i], b[i]);                                                  \
+        for (Py_ssize_t k = 2; k < n; k++) {                                        \
+            const T *c = (const T *)(rows + k * stride);                            \
+            for (Py_ssize_t i = 0; i < count; i++)                                  \
+                o[i] = OP(o[i], c[i]);                                              \
+        }                                                                           \
+    } while (0)
+
+#define ADD(x, y) ((x) + (y))
+#define MAX(x, y) ((x) > (y) ? (x) : (y))
+#define MIN(x, y) ((x) < (y) ? (x) : (y))
+
+/* kernel = dtype * 3 + op; dtype: f32, f64, i64, i32, i16, i8, u8 (inline.FAST_DTYPES);
+   op: sum, max, min. Integers are summed unsigned (wrapping, as torch). 0, or -1. */
+static int reduce(int64_t kernel, char *out, const char *rows, Py_ssize_t stride, Py_ssize_t n, int64_t nbytes)
+{
+    int dtype = (int)(kernel / 3), op = (int)(kernel % 3);
+    static const int size[] = {4, 8, 8, 4, 2, 1, 1};
+    if (kernel < 0 || dtype > 6 || (dtype < 2 && op != 0))
+        return -1;
+    Py_ssize_t count = (Py_ssize_t)(nbytes / size[dtype]);
+    switch (kernel) {
+    case 0: REDUCE(float, ADD); break;
+    case 3: REDUCE(double, ADD); break;
+    case 6: REDUCE(uint64_t, ADD); break;
+    case 7: REDUCE(int64_t, MAX); break;
+    case 8: REDUCE(int64_t, MIN); break;
+    case 9: REDUCE(uint32_t, ADD); break;
+    case 10: REDUCE(int32_t, MAX); break;
+    case 11: REDUCE(int32_t, MIN); break;
+    case 12: REDUCE(uint16_t, ADD); break;
+    case 13: REDUCE(int16_t, MAX); break;
+    case 14: REDUCE(int16_t, MIN); break;
+    case 15: REDUCE(uint8_t, ADD); break;
+    case 16: REDUCE(int8_t, MAX); break;
+    case 17: REDUCE(int8_t, MIN); break;
+    case 18: REDUCE(uint8_t, ADD); break;
+    case 19: REDUCE(uint8_t, MAX); break;
+    case 20: REDUCE(uint8_t, MIN); break;
+    default: return -1;
+    }
+    return 0;
+}
+
+/* ctx(group, info, algorithm, data_ptr, key): True when `data` is reduced in place;
+   False when the heads disagree (the caller raises, collectively: every rank saw the
+   same table). The call is recorded as all_reduce on `group`, described by `info`. */
+static PyObject *call(Context *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "fast all_reduce: (group, info, algorithm, data_ptr, key)");
+        return NULL;
+    }
+    char *data = (char *)PyLong_AsVoidPtr(args[3]);
+    if (data == NULL && PyErr_Occurred())
+        return NULL;
+    Py_buffer kb;
+    if (PyObject_GetBuffer(args[4], &kb, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (kb.len != (Py_ssize_t)sizeof(Key)) {
+        PyBuffer_Release(&kb);
+        PyErr_SetString(PyExc_ValueError, "fast all_reduce: a key is 5 int64");
+        return NULL;
+    }
+    Key key;
+    memcpy(&key, kb.buf, sizeof key);
+    PyBuffer_Release(&kb);
+    if (key.nbytes < 0 || key.nbytes > self->row_bytes - HEAD_WORDS * 8) {
+        PyErr_SetString(PyExc_ValueError, "fast all_reduce: the data does not fit the slot");
+        return NULL;
+    }
+    Py_ssize_t slot = -1;
+    if (self->record && self->ring != NULL) {
+        slot = self->ring->begin(args[0], self->name, args[2], args[1]);
+        if (slot == -2)
+            return NULL;
+    }
+    char *mine = self->table + self->rank * self->row_bytes;
+    memcpy(mine, key.head, sizeof key.head);
+    if (key.nbytes)
+        memcpy(mine + HEAD_WORDS * 8, data, (size_t)key.nbytes);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS /* the watchdog reads the ring meanwhile */
+    rc = self->allgather((const void *)self->in_place, 0, self->byte_type, self->table, (int)self->row_bytes,
+                         self->byte_type, self->comm);
+    Py_END_ALLOW_THREADS
+    int agreed = 1;
+    for (Py_ssize_t r = 0; rc == 0 && r < self->n; r++)
+        if (memcmp(self->table + r * self->row_bytes, key.head, AGREED_BYTES) != 0)
+            agreed = 0;
+    int bad = rc == 0 && agreed &&
+              reduce(key.kernel, data, self->table + HEAD_WORDS * 8, self->row_bytes, self->n, key.nbytes) < 0;
+    if (slot >= 0 && self->ring->end(slot) < 0)
+        return NULL;
+    if (rc != 0)
+        return PyErr_Format(PyExc_RuntimeError, "MPI_Allgather of the argument agreement failed (MPI error %d)", rc);
+    if (bad)
+        return PyErr_Format(PyExc_ValueError, "fast all_reduce: no kernel %lld", (long long)key.kernel);
+    return PyBool_FromLong(agreed);
+}
+
+static PyObject *fast_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    if (kwnames != NULL && PyTuple_GET_SIZE(kwnames)) {
+        PyErr_SetString(PyExc_TypeError, "fast all_reduce: positional arguments only");
+        return NULL;
+    }
+    return call((Context *)self, args, PyVectorcall_NARGS(nargsf));
+}
+
+static void dealloc(Context *self)
+{
+    Py_XDECREF(self->name);
+    Py_XDECREF(self->keep);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *get_record(Context *self, void *unused) { return PyBool_FromLong(self->record); }
+
+static int set_record(Context *self, PyObject *value, void *unused)
+{
+    int v = value == NULL ? -1 : PyObject_IsTrue(value);
+    if (v < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "record cannot be deleted");
+        return -1;
+    }
+    self->record = v;
+    return 0;
+}
+
+static PyGetSetDef getset[] = {
+    {"record", (getter)get_record, (setter)set_record, "record calls in the flight ring (default True)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject ContextType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "mpipar_agreement_fast.Context",
+    .tp_basicsize = sizeof(Context),
+    .tp_vectorcall_offset = offsetof(Context, vectorcall),
+    .tp_dealloc = (destructor)dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
+    .tp_call = PyVectorcall_Call,
+    .tp_getset = getset,
+    .tp_doc = "one group's small all-reduce: ctx(group, info, algorithm, data_ptr, key)",
+};
+
+/* context(allgather, comm, byte, in_place, table_addr, row_bytes, n, rank, ring_api_or_None, keep) */
+static PyObject *context(PyObject *mod, PyObject *args)
+{
+    PyObject *fn, *comm, *byte, *in_place, *table, *ring, *keep;
+    Py_ssize_t row_bytes, n, rank;
+    if (!PyArg_ParseTuple(args, "OOOOOnnnOO", &fn, &comm, &byte, &in_place, &table, &row_bytes, &n, &rank, &ring,
+                          &keep))
+        return NULL;
+    RingApi *api = NULL;
+    if (ring != Py_None && (api = PyCapsule_GetPointer(ring, "mpipar_flight_ring.api")) == NULL)
+        return NULL;
+    void *f = PyLong_AsVoidPtr(fn);
+    void *t = PyLong_AsVoidPtr(table);
+    if (PyErr_Occurred())
+        return NULL;
+    if (f == NULL || t == NULL || n < 1 || rank < 0 || rank >= n || row_bytes <= HEAD_WORDS * 8) {
+        PyErr_SetString(PyExc_ValueError, "fast context: bad arguments");
+        return NULL;
+    }
+    Context *self = PyObject_New(Context, &ContextType);
+    if (self == NULL)
+        return NULL;
+    self->vectorcall = fast_vectorcall;
+    self->allgather = (allgather_fn)f;
+    /* handles are C ints or pointers (mpi4py gives either as a Python int, maybe unsigned):
+       their low 64 bits */
+    self->comm = (intptr_t)PyLong_AsUnsignedLongLongMask(comm);
+    self->byte_type = (intptr_t)PyLong_AsUnsignedLongLongMask(byte);
+    self->in_place = (intptr_t)PyLong_AsUnsignedLongLongMask(in_place);
+    self->table = (char *)t;
+    self->row_bytes = row_bytes;
+    self->n = n;
+    self->rank = rank;
+    self->ring = api;
+    self->record = 1;
+    self->name = PyUnicode_InternFromString("all_reduce");
+    Py_INCREF(keep);
+    self->keep = keep;
+    if (PyErr_Occurred() || self->name == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
+    return (PyObject *)self;
+}
+
+static PyMethodDef methods[] = {
+    {"context", context, METH_VARARGS,
+     "context(allgather_ptr, comm, byte, in_place, table_addr, row_bytes, n, rank, ring_api, keep)"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "mpipar_agreement_fast", NULL, -1, methods,
+                                    NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit_mpipar_agreement_fast(void)
+{
+    if (PyType_Ready(&ContextType) < 0)
+        return NULL;
+    return PyModule_Create(&module);
+}

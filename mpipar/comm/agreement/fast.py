@@ -1,0 +1,90 @@
+"""The small validated all-reduce in one C call (fast.c), where it builds and applies.
+
+inline.py's small all-reduce is one Allgather of the group's table wrapped in a
+dozen Python frames and torch calls: a 4 KiB all-reduce took 4x raw MPI's time,
+and each Python layer on its path cost more than the flight record around it.
+fast.c does the same protocol (same table, same heads, same rank-order
+reduction, same bits) in one call, and records itself in the flight ring through
+the ring's C API.
+
+It applies where the group's agreement is a blocking MPI_Allgather (ranks with
+their own cores; crowded ranks gather through shared memory, mpipar.comm.agreement.shm_table),
+the flight ring is C (mpipar.flight.ring), and mpi4py's MPI library exports
+MPI_Allgather. Otherwise, or with MPIPAR_FAST_AGREEMENT=0, or when the build
+fails, inline.py's Python path runs, with the same results.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("fast.c")
+MODULE = "mpipar_agreement_fast"  # fast.c's PyInit_<name>
+FLAGS = ("-O2", "-fPIC", "-shared", "-fwrapv", "-ffp-contract=off")
+
+_state: dict = {}  # "module", "allgather": built once per process (None: unavailable)
+
+
+def _mpi_allgather() -> int | None:
+    """The address of MPI_Allgather in the MPI library this process loaded (mpi4py's), or None."""
+    seen = set()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            path = parts[5] if len(parts) > 5 else ""
+            name = os.path.basename(path)
+            if not (name.startswith("libmpi") and ".so" in name) or path in seen:
+                continue
+            seen.add(path)
+            try:
+                lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+                return ctypes.cast(lib.MPI_Allgather, ctypes.c_void_p).value
+            except (OSError, AttributeError):
+                continue
+    return None
+
+
+def _load():
+    if "module" not in _state:
+        module = allgather = None
+        try:
+            from ... import native
+            from ...flight import recorder
+            from ...settings import current
+
+            if current().fast_agreement != "0" and recorder.IMPLEMENTATION == "C" and os.path.exists("/proc/self/maps"):
+                allgather = _mpi_allgather()
+                if allgather:
+                    module = native.extension(SOURCE, MODULE, "agreement_fast", FLAGS)
+        except Exception:  # noqa: BLE001 - a failed build or lookup: the Python path
+            module = None
+        _state["module"], _state["allgather"] = module, allgather
+    return _state["module"]
+
+
+def context(g, table, shared: bool):
+    """The C all-reduce of group `g` over its agreement table (numpy uint8, (N, slot)), or None
+    where it does not apply (`shared`: the table is gathered through shared memory; ranks
+    that outnumber cores wait politely in Python, not in MPI's busy loop)."""
+    if shared or g.oversubscribed:
+        return None
+    return build(g, table)
+
+
+def build(g, table):
+    """The C all-reduce over `table` for any group (tests use it where ranks share cores), or
+    None when fast.c or MPI_Allgather is not available."""
+    module = _load()
+    if module is None or not table.flags.c_contiguous:
+        return None
+    from mpi4py import MPI
+
+    from ...flight import recorder
+
+    try:
+        in_place = int(MPI.IN_PLACE)  # the C constant (mpi4py's int value of MPI_IN_PLACE)
+        return module.context(_state["allgather"], MPI._handleof(g.comm), MPI._handleof(MPI.BYTE), in_place,
+                              table.ctypes.data, table.shape[1], table.shape[0], g.rank, recorder.ring_api(), table)
+    except (TypeError, ValueError, OverflowError, AttributeError):  # not an mpi4py communicator (a wrapper)
+        return None
