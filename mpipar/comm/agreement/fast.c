@@ -1,9 +1,10 @@
-/* The small validated all-reduce in one C call (mpipar.comm.agreement.fast).
+/* The validated all-reduce in one C call (mpipar.comm.agreement.fast).
 
-   The same protocol as mpipar.comm.agreement.inline's _small_all_reduce: this rank's
-   head and data go into its row of the group's table, one in-place MPI_Allgather of
-   the table, every row's agreed head compared with this call's, the rows reduced in
-   rank order into the tensor. In Python that is a dozen frames and torch calls around
+   The same protocol as mpipar.comm.agreement.inline: this rank's head (and, for a
+   small tensor, its data) go into its row of the group's table, one in-place
+   MPI_Allgather of the table, every row's agreed head compared with this call's; then
+   a small tensor's rows are reduced in rank order into it (inline's _small_all_reduce),
+   a larger one goes to MPI_Allreduce in place (collectives._all_reduce's "mpi" path). In Python that is a dozen frames and torch calls around
    one Allgather (a 4 KiB all-reduce took 4x raw MPI's time); here the Python caller
    makes one call, and the call records itself in the flight ring through the ring's C
    API (mpipar.flight.ring), so the record costs no Python either.
@@ -23,10 +24,12 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
+#include <limits.h>
 #include <stddef.h>
 #include <string.h>
 
 typedef int (*allgather_fn)(const void *, int, intptr_t, void *, int, intptr_t, intptr_t);
+typedef int (*allreduce_fn)(const void *, void *, int, intptr_t, intptr_t, intptr_t);
 
 typedef struct {
     Py_ssize_t (*begin)(PyObject *ch, PyObject *name, PyObject *algo, PyObject *info);
@@ -39,7 +42,9 @@ typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
     allgather_fn allgather;
+    allreduce_fn allreduce;
     intptr_t comm, byte_type, in_place;
+    intptr_t types[7], ops[3]; /* MPI datatypes of FAST_DTYPES' codes 0-6, MPI_SUM/MAX/MIN */
     char *table;
     Py_ssize_t row_bytes, n, rank;
     RingApi *ring;   /* NULL: not recorded */
@@ -48,11 +53,12 @@ typedef struct {
     PyObject *keep;  /* the table's owner, kept alive */
 } Context;
 
-/* The call's key (inline._Call.fast): its head words, its byte count, its kernel. */
+/* The call's key (inline._Call.fast): its head words, its byte count, its kernel, its mode. */
 typedef struct {
     int64_t head[MINE_WORDS];
     int64_t nbytes;
     int64_t kernel; /* dtype * 3 + op */
+    int64_t mpi;    /* 0: the data rides in the table; 1: MPI_Allreduce after the agreement */
 } Key;
 
 #define REDUCE(T, OP)                                                               \
@@ -68,6 +74,8 @@ typedef struct {
         }                                                                           \
     } while (0)
 
+static const int SIZE[7] = {4, 8, 8, 4, 2, 1, 1}; /* bytes of FAST_DTYPES' codes 0-6 */
+
 #define ADD(x, y) ((x) + (y))
 #define MAX(x, y) ((x) > (y) ? (x) : (y))
 #define MIN(x, y) ((x) < (y) ? (x) : (y))
@@ -77,10 +85,9 @@ typedef struct {
 static int reduce(int64_t kernel, char *out, const char *rows, Py_ssize_t stride, Py_ssize_t n, int64_t nbytes)
 {
     int dtype = (int)(kernel / 3), op = (int)(kernel % 3);
-    static const int size[] = {4, 8, 8, 4, 2, 1, 1};
     if (kernel < 0 || dtype > 6 || (dtype < 2 && op != 0))
         return -1;
-    Py_ssize_t count = (Py_ssize_t)(nbytes / size[dtype]);
+    Py_ssize_t count = (Py_ssize_t)(nbytes / SIZE[dtype]);
     switch (kernel) {
     case 0: REDUCE(float, ADD); break;
     case 3: REDUCE(double, ADD); break;
@@ -121,14 +128,16 @@ static PyObject *call(Context *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     if (kb.len != (Py_ssize_t)sizeof(Key)) {
         PyBuffer_Release(&kb);
-        PyErr_SetString(PyExc_ValueError, "fast all_reduce: a key is 5 int64");
+        PyErr_SetString(PyExc_ValueError, "fast all_reduce: a key is 6 int64");
         return NULL;
     }
     Key key;
     memcpy(&key, kb.buf, sizeof key);
     PyBuffer_Release(&kb);
-    if (key.nbytes < 0 || key.nbytes > self->row_bytes - HEAD_WORDS * 8) {
-        PyErr_SetString(PyExc_ValueError, "fast all_reduce: the data does not fit the slot");
+    int dtype = (int)(key.kernel / 3), op = (int)(key.kernel % 3);
+    if (key.kernel < 0 || dtype > 6 || key.nbytes < 0 ||
+        (key.mpi ? key.nbytes / SIZE[dtype] > INT_MAX : key.nbytes > self->row_bytes - HEAD_WORDS * 8)) {
+        PyErr_SetString(PyExc_ValueError, "fast all_reduce: a bad key");
         return NULL;
     }
     Py_ssize_t slot = -1;
@@ -139,7 +148,9 @@ static PyObject *call(Context *self, PyObject *const *args, Py_ssize_t nargs)
     }
     char *mine = self->table + self->rank * self->row_bytes;
     memcpy(mine, key.head, sizeof key.head);
-    if (key.nbytes)
+    if (key.mpi) /* no symmetric descriptor (inline.exchange_args: -1 without a pool) */
+        memset(mine + MINE_WORDS * 8, 0xff, (HEAD_WORDS - MINE_WORDS) * 8);
+    else if (key.nbytes)
         memcpy(mine + HEAD_WORDS * 8, data, (size_t)key.nbytes);
     int rc;
     Py_BEGIN_ALLOW_THREADS /* the watchdog reads the ring meanwhile */
@@ -150,12 +161,19 @@ static PyObject *call(Context *self, PyObject *const *args, Py_ssize_t nargs)
     for (Py_ssize_t r = 0; rc == 0 && r < self->n; r++)
         if (memcmp(self->table + r * self->row_bytes, key.head, AGREED_BYTES) != 0)
             agreed = 0;
-    int bad = rc == 0 && agreed &&
-              reduce(key.kernel, data, self->table + HEAD_WORDS * 8, self->row_bytes, self->n, key.nbytes) < 0;
+    int bad = 0;
+    if (rc == 0 && agreed && key.mpi) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = self->allreduce((const void *)self->in_place, data, (int)(key.nbytes / SIZE[dtype]), self->types[dtype],
+                             self->ops[op], self->comm);
+        Py_END_ALLOW_THREADS
+    } else if (rc == 0 && agreed) {
+        bad = reduce(key.kernel, data, self->table + HEAD_WORDS * 8, self->row_bytes, self->n, key.nbytes) < 0;
+    }
     if (slot >= 0 && self->ring->end(slot) < 0)
         return NULL;
     if (rc != 0)
-        return PyErr_Format(PyExc_RuntimeError, "MPI_Allgather of the argument agreement failed (MPI error %d)", rc);
+        return PyErr_Format(PyExc_RuntimeError, "MPI error %d in the all_reduce's MPI_Allgather or MPI_Allreduce", rc);
     if (bad)
         return PyErr_Format(PyExc_ValueError, "fast all_reduce: no kernel %lld", (long long)key.kernel);
     return PyBool_FromLong(agreed);
@@ -207,22 +225,31 @@ static PyTypeObject ContextType = {
     .tp_doc = "one group's small all-reduce: ctx(group, info, algorithm, data_ptr, key)",
 };
 
-/* context(allgather, comm, byte, in_place, table_addr, row_bytes, n, rank, ring_api_or_None, keep) */
+/* A handle (C int or pointer; mpi4py gives either as a Python int, maybe unsigned): its low 64 bits. */
+static intptr_t handle(PyObject *h) { return (intptr_t)PyLong_AsUnsignedLongLongMask(h); }
+
+/* context(allgather, allreduce, comm, byte, in_place, types (7), ops (3), table_addr, row_bytes, n, rank,
+           ring_api_or_None, keep) */
 static PyObject *context(PyObject *mod, PyObject *args)
 {
-    PyObject *fn, *comm, *byte, *in_place, *table, *ring, *keep;
+    PyObject *fn, *fn2, *comm, *byte, *in_place, *types, *ops, *table, *ring, *keep;
     Py_ssize_t row_bytes, n, rank;
-    if (!PyArg_ParseTuple(args, "OOOOOnnnOO", &fn, &comm, &byte, &in_place, &table, &row_bytes, &n, &rank, &ring,
-                          &keep))
+    if (!PyArg_ParseTuple(args, "OOOOOO!O!OnnnOO", &fn, &fn2, &comm, &byte, &in_place, &PyTuple_Type, &types,
+                          &PyTuple_Type, &ops, &table, &row_bytes, &n, &rank, &ring, &keep))
         return NULL;
+    if (PyTuple_GET_SIZE(types) != 7 || PyTuple_GET_SIZE(ops) != 3) {
+        PyErr_SetString(PyExc_ValueError, "fast context: 7 datatypes and 3 ops");
+        return NULL;
+    }
     RingApi *api = NULL;
     if (ring != Py_None && (api = PyCapsule_GetPointer(ring, "mpipar_flight_ring.api")) == NULL)
         return NULL;
     void *f = PyLong_AsVoidPtr(fn);
+    void *f2 = PyLong_AsVoidPtr(fn2);
     void *t = PyLong_AsVoidPtr(table);
     if (PyErr_Occurred())
         return NULL;
-    if (f == NULL || t == NULL || n < 1 || rank < 0 || rank >= n || row_bytes <= HEAD_WORDS * 8) {
+    if (f == NULL || f2 == NULL || t == NULL || n < 1 || rank < 0 || rank >= n || row_bytes <= HEAD_WORDS * 8) {
         PyErr_SetString(PyExc_ValueError, "fast context: bad arguments");
         return NULL;
     }
@@ -231,11 +258,14 @@ static PyObject *context(PyObject *mod, PyObject *args)
         return NULL;
     self->vectorcall = fast_vectorcall;
     self->allgather = (allgather_fn)f;
-    /* handles are C ints or pointers (mpi4py gives either as a Python int, maybe unsigned):
-       their low 64 bits */
-    self->comm = (intptr_t)PyLong_AsUnsignedLongLongMask(comm);
-    self->byte_type = (intptr_t)PyLong_AsUnsignedLongLongMask(byte);
-    self->in_place = (intptr_t)PyLong_AsUnsignedLongLongMask(in_place);
+    self->allreduce = (allreduce_fn)f2;
+    self->comm = handle(comm);
+    self->byte_type = handle(byte);
+    self->in_place = handle(in_place);
+    for (int k = 0; k < 7; k++)
+        self->types[k] = handle(PyTuple_GET_ITEM(types, k));
+    for (int k = 0; k < 3; k++)
+        self->ops[k] = handle(PyTuple_GET_ITEM(ops, k));
     self->table = (char *)t;
     self->row_bytes = row_bytes;
     self->n = n;
@@ -254,7 +284,8 @@ static PyObject *context(PyObject *mod, PyObject *args)
 
 static PyMethodDef methods[] = {
     {"context", context, METH_VARARGS,
-     "context(allgather_ptr, comm, byte, in_place, table_addr, row_bytes, n, rank, ring_api, keep)"},
+     "context(allgather, allreduce, comm, byte, in_place, types, ops, table_addr, row_bytes, n, rank, ring_api, "
+     "keep)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,11 +1,13 @@
-"""The small validated all-reduce in one C call (fast.c), where it builds and applies.
+"""The validated all-reduce in one C call (fast.c), where it builds and applies.
 
 inline.py's small all-reduce is one Allgather of the group's table wrapped in a
 dozen Python frames and torch calls: a 4 KiB all-reduce took 4x raw MPI's time,
 and each Python layer on its path cost more than the flight record around it.
 fast.c does the same protocol (same table, same heads, same rank-order
 reduction, same bits) in one call, and records itself in the flight ring through
-the ring's C API.
+the ring's C API. A larger CPU tensor that goes to MPI's own all-reduce takes the
+same call: the agreement, then MPI_Allreduce in place (what collectives._all_reduce
+calls), without the Python between them.
 
 It applies where the group's agreement is a blocking MPI_Allgather (ranks with
 their own cores; crowded ranks gather through shared memory, mpipar.comm.agreement.shm_table),
@@ -19,15 +21,18 @@ import ctypes
 import os
 from pathlib import Path
 
+import torch
+
 SOURCE = Path(__file__).with_name("fast.c")
 MODULE = "mpipar_agreement_fast"  # fast.c's PyInit_<name>
 FLAGS = ("-O2", "-fPIC", "-shared", "-fwrapv", "-ffp-contract=off")
 
-_state: dict = {}  # "module", "allgather": built once per process (None: unavailable)
+_state: dict = {}  # "module", "symbols": built once per process (None: unavailable)
 
 
-def _mpi_allgather() -> int | None:
-    """The address of MPI_Allgather in the MPI library this process loaded (mpi4py's), or None."""
+def _mpi_symbols() -> tuple[int, int] | None:
+    """The addresses of MPI_Allgather and MPI_Allreduce in the MPI library this process loaded
+    (mpi4py's), or None."""
     seen = set()
     with open("/proc/self/maps") as f:
         for line in f:
@@ -39,7 +44,7 @@ def _mpi_allgather() -> int | None:
             seen.add(path)
             try:
                 lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-                return ctypes.cast(lib.MPI_Allgather, ctypes.c_void_p).value
+                return tuple(ctypes.cast(getattr(lib, s), ctypes.c_void_p).value for s in ("MPI_Allgather", "MPI_Allreduce"))
             except (OSError, AttributeError):
                 continue
     return None
@@ -47,19 +52,19 @@ def _mpi_allgather() -> int | None:
 
 def _load():
     if "module" not in _state:
-        module = allgather = None
+        module = symbols = None
         try:
             from ... import native
             from ...flight import recorder
             from ...settings import current
 
             if current().fast_agreement != "0" and recorder.IMPLEMENTATION == "C" and os.path.exists("/proc/self/maps"):
-                allgather = _mpi_allgather()
-                if allgather:
+                symbols = _mpi_symbols()
+                if symbols and all(symbols):
                     module = native.extension(SOURCE, MODULE, "agreement_fast", FLAGS)
         except Exception:  # noqa: BLE001 - a failed build or lookup: the Python path
             module = None
-        _state["module"], _state["allgather"] = module, allgather
+        _state["module"], _state["symbols"] = module, symbols
     return _state["module"]
 
 
@@ -82,9 +87,16 @@ def build(g, table):
 
     from ...flight import recorder
 
+    from ..buffers import _mpi_type
+    from .inline import FAST_DTYPES
+
     try:
         in_place = int(MPI.IN_PLACE)  # the C constant (mpi4py's int value of MPI_IN_PLACE)
-        return module.context(_state["allgather"], MPI._handleof(g.comm), MPI._handleof(MPI.BYTE), in_place,
-                              table.ctypes.data, table.shape[1], table.shape[0], g.rank, recorder.ring_api(), table)
+        by_code = {code: dt for dt, code in FAST_DTYPES.items() if dt is not torch.bool}
+        types = tuple(MPI._handleof(_mpi_type(by_code[k])) for k in range(7))
+        ops = tuple(MPI._handleof(o) for o in (MPI.SUM, MPI.MAX, MPI.MIN))
+        return module.context(*_state["symbols"], MPI._handleof(g.comm), MPI._handleof(MPI.BYTE), in_place, types,
+                              ops, table.ctypes.data, table.shape[1], table.shape[0], g.rank, recorder.ring_api(),
+                              table)
     except (TypeError, ValueError, OverflowError, AttributeError):  # not an mpi4py communicator (a wrapper)
         return None

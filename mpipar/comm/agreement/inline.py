@@ -33,10 +33,12 @@ from .. import tuning
 from ..symmetric import entry as shm_entry
 from ..symmetric.collectives import PRESTAGED
 from ...flight.recorder import described
-from ..buffers import memo
+from ..buffers import memo, staging_forced
+from ..symmetric.pool import _ATTR as _POOL
+from ...settings import current
 from ..backends.mpi import in_place
 from . import fast, shm_table
-from .protocol import BAD_DIM, _UNKNOWN, check, exchange, signature
+from .protocol import BAD_DIM, _UNKNOWN, check, exchange, signature, validation_enabled
 
 INLINE_BYTES = 4096  # the payload slot; identical on every rank by construction (never from env)
 _HEAD = 6  # int64 words: signature hash, bad flag, free size, symmetric descriptor [window, offset, nbytes]
@@ -57,7 +59,8 @@ class _Call:
     """What a signature implies, computed once per distinct call shape."""
 
     __slots__ = ("name", "sig", "head", "head_bytes", "bad", "free", "numel", "nbytes", "combine", "fits",
-                 "need_op", "need_algorithm", "root_name", "dtype", "shape", "fast")
+                 "need_op", "need_algorithm", "root_name", "dtype", "shape", "fast", "fast_mpi", "fast_settings",
+                 "fast_ok")
 
     def __init__(self, name, t: torch.Tensor, op, algorithm, dim, root, free_dim, root_name):
         self.name, self.root_name = name, root_name
@@ -77,11 +80,18 @@ class _Call:
                      and (algorithm is None or algorithm in _INLINE_ALGORITHMS))
         op = "max" if t.dtype is torch.bool and op == "sum" else op
         self.combine = _PAIR.get(op) if self.fits and op is not None else None
-        # fast.c's key: this call's head, its bytes, its kernel (floats: sum only)
-        kernel = None
+        # fast.c's key: this call's head, its bytes, its kernel, whether MPI_Allreduce moves the data.
+        # Riding in the table: floats sum only (torch.maximum's NaN rules stay in Python);
+        # larger: the dtypes MPI reduces natively (collectives._NATIVE), not bool
+        kernel = mpi = None
         if self.combine is not None and t.dtype in FAST_DTYPES and (op == "sum" or FAST_DTYPES[t.dtype] >= 2):
-            kernel = FAST_DTYPES[t.dtype] * 3 + ("sum", "max", "min").index(op)
-        self.fast = None if kernel is None else np.array([*self.head, self.nbytes, kernel], dtype=np.int64).tobytes()
+            kernel, mpi = FAST_DTYPES[t.dtype] * 3 + ("sum", "max", "min").index(op), 0
+        elif (not self.fits and not self.bad and name == "all_reduce" and op in ("sum", "max", "min")
+              and t.dtype in FAST_DTYPES and t.dtype is not torch.bool and algorithm in ("auto", "mpi") and self.numel):
+            kernel, mpi = FAST_DTYPES[t.dtype] * 3 + ("sum", "max", "min").index(op), 1
+        self.fast = None if kernel is None else np.array([*self.head, self.nbytes, kernel, mpi], dtype=np.int64).tobytes()
+        self.fast_mpi = mpi == 1
+        self.fast_settings = self.fast_ok = None  # fast_all_reduce's verdict under these settings
 
 
 def _call(name, t: torch.Tensor, op=None, algorithm=None, dim=0, root=0, free_dim=False, root_name="root") -> _Call:
@@ -197,22 +207,39 @@ def _disagreement(g, info: _Call):
 
 
 def fast_all_reduce(t: torch.Tensor, g, op, algorithm) -> bool:
-    """Collective over g (size > 1): the small all-reduce in one C call (mpipar.comm.agreement.fast),
-    recorded there, when it applies; True when `t` is reduced in place. False: nothing was
-    communicated, take the Python path. MpiparError on every rank when the arguments differ."""
+    """Collective over g (size > 1): the all-reduce in one C call (mpipar.comm.agreement.fast),
+    recorded there, when it applies: a small tensor riding in the table, or a larger one that
+    would go to MPI's all-reduce anyway. True when `t` is reduced in place. False: nothing
+    was communicated, take the Python path. MpiparError on every rank when the arguments
+    differ. Every condition is one all ranks share (agreed settings, the agreed signature,
+    the group's pool), except the tensor's own layout, which both paths check first.
+    A single call after compute pays each Python layer on its path several times over
+    (cold caches), so the settings' verdict is kept on the call's info, per settings object."""
     buf = g.__dict__.get("_inline_buffers")
     if buf is None or buf.fast is None:
         return False
     info = _call("all_reduce", t, op, algorithm)
-    if info.fast is None or not t.is_cpu or not t.is_contiguous():
-        return False
-    if algorithm == "auto" and tuning.shm_pays("all_reduce", info.nbytes):
-        return False  # the crossover lowered below INLINE_BYTES: as agree_all_reduce
+    settings = current()
+    if info.fast_settings is not settings:
+        info.fast_settings, info.fast_ok = settings, _fast_ok(info, algorithm)
+    if not info.fast_ok or (info.fast_mpi and _POOL in g.__dict__) or not t.is_cpu or not t.is_contiguous():
+        return False  # (a symmetric pool: the agreement is its entry exchange, inline's path)
     buf.last = None  # the C call writes this rank's head: inline's cached one is stale
     if not buf.fast(g, info, algorithm, t.data_ptr(), info.fast):
         _disagreement(g, info)
     _increment_version((t,))  # an in-place write, as autograd must see it (C wrote the memory)
     return True
+
+
+def _fast_ok(info: _Call, algorithm) -> bool:
+    """Whether the settings let `info`'s all-reduce take the C call: validation on; riding in
+    the table unless the shared-memory crossover was lowered below it (as agree_all_reduce);
+    MPI's all-reduce chosen for a larger one (not the ring), and no test-forced staging."""
+    if info.fast is None or not validation_enabled():
+        return False
+    if info.fast_mpi:
+        return tuning.choose("all_reduce", algorithm, info.nbytes, 2) == "mpi" and not staging_forced()
+    return not (algorithm == "auto" and tuning.shm_pays("all_reduce", info.nbytes))
 
 
 def agree_all_reduce(t: torch.Tensor, g, op, algorithm, prestaged=False):
