@@ -76,21 +76,36 @@ def test_own_private_cache_is_used(tmp_path, monkeypatch):
     assert cache.stat().st_mode & 0o077 == 0 and works(lib)
 
 
-def test_planted_flight_ring_is_refused_and_never_runs(tmp_path, monkeypatch):
-    """The flight recorder's C extension (mpipar.flight.ring) comes from the same cache under the
-    same rule: a library planted under its name in a folder others can write never loads."""
+def _ring():
+    from mpipar.flight import ring
+
+    return ring.load()
+
+
+def _fast():
+    from mpipar import native
+    from mpipar.comm.agreement import fast
+
+    return native.extension(fast.SOURCE, fast.MODULE, "agreement_fast", fast.FLAGS)
+
+
+@pytest.mark.parametrize("load,stem,entry", [(_ring, "flight_ring", "state"), (_fast, "agreement_fast", "context")],
+                         ids=["flight ring", "fast all-reduce"])
+def test_planted_extension_is_refused_and_never_runs(tmp_path, monkeypatch, load, stem, entry):
+    """The C extensions (the flight recorder's ring, mpipar.flight.ring; the all-reduce in one
+    call, mpipar.comm.agreement.fast) come from the same cache under the same rule: a library
+    planted under their name in a folder others can write never loads."""
     import sysconfig
 
     from mpipar import native
-    from mpipar.flight import ring
 
     if not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")):
-        pytest.skip("no Python.h: the recorder stays pure Python")
+        pytest.skip("no Python.h: no C extension")
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o700)
     monkeypatch.setattr(native, "cache_dir", lambda: cache)
-    assert ring.load() is not None  # builds into the private cache
-    (built,) = cache.glob("flight_ring-*")
+    assert load() is not None  # builds into the private cache
+    (built,) = cache.glob(f"{stem}-*")
     marker = tmp_path / "PLANTED_CODE_RAN"
     src = tmp_path / "plant.c"
     src.write_text(PLANT.format(marker=marker))
@@ -98,6 +113,6 @@ def test_planted_flight_ring_is_refused_and_never_runs(tmp_path, monkeypatch):
     subprocess.run([shm_compiled.compiler(), "-shared", "-fPIC", "-o", str(built), str(src)], check=True)
     cache.chmod(0o777)
     with pytest.warns(RuntimeWarning, match="kernel cache refused: .*can be written by others"):
-        module = ring.load()
+        module = load()
     assert not marker.exists(), "the planted library was loaded"
-    assert module is not None and module.state() is not None  # rebuilt privately
+    assert module is not None and hasattr(module, entry)  # rebuilt privately
