@@ -30,6 +30,7 @@ class Group:
         self.comm = comm
         self.name = name
         self.owner = owner
+        self._closers: list = []  # what frees this group's resources when its mesh closes (at_close)
         if owner is not None:
             owner._owned.append(self)
         self.rank = comm.Get_rank()
@@ -64,6 +65,12 @@ class Group:
     def dup(self, name: str) -> "Group":
         """Collective over this group: a duplicate (its own message space) of the same mesh."""
         return Group(self.comm.Dup(), name, self.owner)
+
+    def at_close(self, fn) -> None:
+        """Have fn() (collective over this group) run when the group's Mesh closes, before the
+        communicators are freed: how a subsystem that attaches resources to a group (the
+        symmetric pool's windows) frees them, without the mesh knowing it."""
+        self._closers.append(fn)
 
     def release(self) -> None:
         """Free this group's communicators (its p2p duplicate too); local bookkeeping aside,
@@ -170,12 +177,12 @@ class Mesh:
         if self._closed:
             return
         self._closed = True
-        from .comm.symmetric.pool import free_symmetric
-
         # Creation order is program order, the same on every rank, so these collectives
-        # (one per group that has a pool) meet in the same order everywhere.
+        # (the groups' at_close functions) meet in the same order everywhere.
         for g in self._owned:
-            free_symmetric(g)
+            for fn in g._closers:
+                fn()
+            g._closers = []
         for g in reversed(self._owned):
             g.release()
         self._owned = []

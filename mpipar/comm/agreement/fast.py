@@ -27,6 +27,8 @@ SOURCE = Path(__file__).with_name("fast.c")
 MODULE = "mpipar_agreement_fast"  # fast.c's PyInit_<name>
 FLAGS = ("-O2", "-fPIC", "-shared", "-fwrapv", "-ffp-contract=off")
 
+FAST_DTYPES = {torch.float32: 0, torch.float64: 1, torch.int64: 2, torch.int32: 3, torch.int16: 4, torch.int8: 5,
+               torch.uint8: 6, torch.bool: 6}  # fast.c's dtype codes (bool: as uint8, its sum a max)
 _state: dict = {}  # "module", "symbols": built once per process (None: unavailable)
 
 
@@ -88,7 +90,6 @@ def build(g, table):
     from ...flight import recorder
 
     from ..buffers import _mpi_type
-    from .inline import FAST_DTYPES
 
     try:
         in_place = int(MPI.IN_PLACE)  # the C constant (mpi4py's int value of MPI_IN_PLACE)

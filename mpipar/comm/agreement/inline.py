@@ -38,6 +38,7 @@ from ..symmetric.pool import _ATTR as _POOL
 from ...settings import current
 from ..backends.mpi import in_place
 from . import fast, shm_table
+from .fast import FAST_DTYPES
 from .protocol import BAD_DIM, _UNKNOWN, check, exchange, signature, validation_enabled
 
 INLINE_BYTES = 4096  # the payload slot; identical on every rank by construction (never from env)
@@ -50,8 +51,6 @@ CARRIER = {torch.float32: torch.float32, torch.float64: torch.float64, torch.int
            torch.int32: torch.int32, torch.int16: torch.int16, torch.int8: torch.int8,
            torch.uint8: torch.uint8, torch.bool: torch.uint8}
 _PAIR = {"sum": torch.add, "max": torch.maximum, "min": torch.minimum}
-FAST_DTYPES = {torch.float32: 0, torch.float64: 1, torch.int64: 2, torch.int32: 3, torch.int16: 4, torch.int8: 5,
-               torch.uint8: 6, torch.bool: 6}  # fast.c's kernels
 _INFO: dict = {}  # (name, shape, dtype, op, algorithm, dim, root) -> _Call
 
 

@@ -189,6 +189,9 @@ def pool_of(group, create: bool = False) -> SymmetricPool | None:
     if pool is None and create:
         pool = SymmetricPool(g)
         setattr(g, _ATTR, pool)
+        if not g.__dict__.get("_pool_at_close"):  # once per group: Mesh.close frees the windows
+            g._pool_at_close = True               # (a no-op when they were freed already)
+            g.at_close(lambda: free_symmetric(g))
     return pool
 
 
