@@ -86,7 +86,8 @@ class _Call:
         if self.combine is not None and t.dtype in FAST_DTYPES and (op == "sum" or FAST_DTYPES[t.dtype] >= 2):
             kernel, mpi = FAST_DTYPES[t.dtype] * 3 + ("sum", "max", "min").index(op), 0
         elif (not self.fits and not self.bad and name == "all_reduce" and op in ("sum", "max", "min")
-              and t.dtype in FAST_DTYPES and t.dtype is not torch.bool and algorithm in ("auto", "mpi") and self.numel):
+              and t.dtype in FAST_DTYPES and t.dtype is not torch.bool and algorithm in ("auto", "mpi")
+              and 0 < self.numel < 2 ** 31):  # MPI's int count
             kernel, mpi = FAST_DTYPES[t.dtype] * 3 + ("sum", "max", "min").index(op), 1
         self.fast = None if kernel is None else np.array([*self.head, self.nbytes, kernel, mpi], dtype=np.int64).tobytes()
         self.fast_mpi = mpi == 1
@@ -210,8 +211,10 @@ def fast_all_reduce(t: torch.Tensor, g, op, algorithm) -> bool:
     recorded there, when it applies: a small tensor riding in the table, or a larger one that
     would go to MPI's all-reduce anyway. True when `t` is reduced in place. False: nothing
     was communicated, take the Python path. MpiparError on every rank when the arguments
-    differ. Every condition is one all ranks share (agreed settings, the agreed signature,
-    the group's pool), except the tensor's own layout, which both paths check first.
+    differ. The conditions are ones all ranks share (agreed settings, the agreed signature,
+    the group's pool), except the tensor's layout (CPU, contiguous): a rank whose tensor
+    takes the Python path makes the same MPI calls on the same communicator (the table's
+    Allgather, then the rank-order reduction or MPI's all-reduce), so the ranks still meet.
     A single call after compute pays each Python layer on its path several times over
     (cold caches), so the settings' verdict is kept on the call's info, per settings object."""
     buf = g.__dict__.get("_inline_buffers")
@@ -224,7 +227,11 @@ def fast_all_reduce(t: torch.Tensor, g, op, algorithm) -> bool:
     if not info.fast_ok or (info.fast_mpi and _POOL in g.__dict__) or not t.is_cpu or not t.is_contiguous():
         return False  # (a symmetric pool: the agreement is its entry exchange, inline's path)
     buf.last = None  # the C call writes this rank's head: inline's cached one is stale
-    if not buf.fast(g, info, algorithm, t.data_ptr(), info.fast):
+    try:
+        agreed = buf.fast(g, info, algorithm, t.data_ptr(), info.fast)
+    except RuntimeError as e:  # an MPI error code
+        raise MpiparError(f"all_reduce: {e}") from e
+    if not agreed:
         _disagreement(g, info)
     _increment_version((t,))  # an in-place write, as autograd must see it (C wrote the memory)
     return True
