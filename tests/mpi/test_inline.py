@@ -283,3 +283,29 @@ def test_fast_all_reduce_disagreement_and_record(fast_group, world, checks):
     checks.true((last["op"], last["group"], last["dtype"], last["shape"], last["done"])
                 == ("all_reduce", "fast", "int32", [6], True), str(last))
     checks.finish()
+
+
+@pytest.mark.parametrize("cols", [50, 5000], ids=["in-the-table", "MPI_Allreduce"])
+def test_fast_and_python_paths_meet(fast_group, world, checks, cols):
+    """Rank 0's tensor is not contiguous (the Python path), the others' are (the C path): the
+    ranks make the same MPI calls and get the same bits as when all take one path. Only where
+    mpipar takes the C path at all: ranks with their own cores, whose Python path gathers
+    with MPI's blocking Allgather (crowded ranks gather through shared memory, or
+    non-blocking, which a blocking collective does not match)."""
+    from mpipar.comm.agreement import inline
+
+    g, calls = fast_group
+    if g.size == 1:
+        pytest.skip("a single rank communicates nothing")
+    if not world.allreduce(not g.oversubscribed and not inline.buffers(g).shared, op=__import__("mpi4py").MPI.LAND):
+        pytest.skip("ranks outnumber cores: mpipar does not take the C path here")
+    gen = torch.Generator().manual_seed(11 + g.rank)
+    x = torch.randn(cols, 3, generator=gen)
+    want = x.t().contiguous()
+    comm.all_reduce(want, g)
+    got = x.t() if g.rank == 0 else x.t().contiguous()
+    before = calls["fast"]
+    comm.all_reduce(got, g)
+    checks.equal(got.contiguous(), want, "mixed paths")
+    checks.true((calls["fast"] - before) == (0 if g.rank == 0 else 1), "rank 0 Python, the others C")
+    checks.finish()

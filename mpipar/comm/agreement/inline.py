@@ -213,8 +213,9 @@ def fast_all_reduce(t: torch.Tensor, g, op, algorithm) -> bool:
     was communicated, take the Python path. MpiparError on every rank when the arguments
     differ. The conditions are ones all ranks share (agreed settings, the agreed signature,
     the group's pool), except the tensor's layout (CPU, contiguous): a rank whose tensor
-    takes the Python path makes the same MPI calls on the same communicator (the table's
-    Allgather, then the rank-order reduction or MPI's all-reduce), so the ranks still meet.
+    takes the Python path makes the same blocking MPI calls on the same communicator (the
+    table's Allgather, then the rank-order reduction or MPI's all-reduce: a group has the C
+    call only where its gather is MPI's blocking Allgather, fast.context), so they meet.
     A single call after compute pays each Python layer on its path several times over
     (cold caches), so the settings' verdict is kept on the call's info, per settings object."""
     buf = g.__dict__.get("_inline_buffers")
