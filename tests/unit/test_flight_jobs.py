@@ -183,6 +183,7 @@ JOBS = {
     "raise_main_opt_out": (2, RAISE_MAIN, "3", "0"),
     "raise_thread": (3, RAISE_THREAD, "0"),
     "hang_all_reduce": (3, HANG_ALL_REDUCE, "5"),
+    "hang_all_reduce_2": (2, HANG_ALL_REDUCE, "5"),  # ranks with their own cores: the C call (agreement/fast.c)
     "hang_recv": (2, HANG_RECV, "5"),
     "hang_shm": (2, HANG_SHM, "5"),
     "hang_pipeline": (2, HANG_PIPELINE, "5"),
@@ -286,6 +287,7 @@ def test_abort_on_error_opt_out_leaves_the_hang_to_the_watchdog(jobs):
 # name -> (the watchdog's op, the sleeping rank, the verdict's kind of finding)
 HANGS = {
     "hang_all_reduce": ("all_reduce", 1, "hang"),
+    "hang_all_reduce_2": ("all_reduce", 1, "hang"),
     "hang_recv": ("recv", 1, "p2p"),
     "hang_shm": ("all_reduce", 1, "hang"),
     "hang_pipeline": ("pipeline recv", 1, "p2p"),
