@@ -17,10 +17,10 @@ For the all_reduce cases:
 on: all_reduce and its agreement's agree_all_reduce as they are (every call takes its
 slot in the ring); off: the same source without the lines that record. Both are
 compiled again here, alike (twin_all_reduce): nothing is swapped while they run, so
-neither pays for the other's set-up. In off rounds a
-call is held open in the recorder, so the nested waits' begin/done return at once,
-as they do inside a recorded call. The watchdog thread runs in both (it wakes once a
-second).
+neither pays for the other's set-up. In off rounds a call is held open in the
+recorder, so the nested waits' begin/done return at once, as they do inside a
+recorded call, and the C all-reduce's record is switched off. The watchdog thread
+runs in both (it wakes once a second).
 Also the recorder alone (one process, no MPI, so robust on a busy machine): what a
 validated all_reduce adds (begin, the agreement's description of dtype and shape,
 done) against a function that does nothing, for the recorder in use (C where
@@ -67,9 +67,10 @@ def twin_all_reduce(record: bool):
     source, with (record) or without the lines that record: all_reduce's `begin` choice,
     `try:`, `finally:`, `done(slot)` (the try body dedented), the `note(...)` and
     `described.info = ...` lines. A small all-reduce runs in C (mpipar.comm.agreement.fast)
-    in both; its record is switched off with the group's C context (`record`, in held_open). Both twins are built alike (a copy of each module's
-    namespace, the agreement in a module object of its own), so neither is slowed by the
-    other's set-up: nothing is swapped while they run."""
+    in both; its record is switched off with the group's C context (`record`, in
+    held_open). Both twins are built alike (a copy of each module's namespace, the
+    agreement in a module object of its own), so neither is slowed by the other's set-up:
+    nothing is swapped while they run."""
     import inspect
     import types
 
@@ -79,7 +80,8 @@ def twin_all_reduce(record: bool):
     lines = inspect.getsource(collectives.all_reduce).splitlines()
     agree_lines = inspect.getsource(inline.agree_all_reduce).splitlines()
     if not record:
-        head = [i for i, ln in enumerate(lines) if ln.strip().startswith("if validate and g.size > 1:  # the agreement")]
+        head = [i for i, ln in enumerate(lines)
+                if ln.strip().startswith("if validate and g.size > 1:  # the agreement")]
         tries = [k for k, ln in enumerate(lines) if ln == "    try:"]
         if len(head) != 1 or not tries or tries[0] < head[0] or \
                 [ln.strip() for ln in lines[-2:]] != ["finally:", "done(slot)"]:
@@ -92,7 +94,8 @@ def twin_all_reduce(record: bool):
         lines = lines[:i] + ([lines[i]] + choice if choice else []) + body
         kept = [ln for ln in agree_lines if not ln.strip().startswith(("note(", "described.info"))]
         if len(kept) == len(agree_lines):
-            raise RuntimeError("agree_all_reduce's record is not where this benchmark expects it; update twin_all_reduce")
+            raise RuntimeError("agree_all_reduce's record is not where this benchmark expects it; "
+                               "update twin_all_reduce")
         agree_lines = kept
     agreement = types.ModuleType(inline.__name__)
     agreement.__dict__.update(vars(inline))

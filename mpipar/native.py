@@ -2,8 +2,8 @@
 
 Three sources are built this way: the shared-memory kernels
 (mpipar.comm.symmetric.compiled, a ctypes library), and two CPython extensions
-(`extension`): the flight recorder's hot path (mpipar.flight.ring) and the small
-all-reduce (mpipar.comm.agreement.fast). Both are built with the C
+(`extension`): the flight recorder's hot path (mpipar.flight.ring) and the
+validated all-reduce in one call (mpipar.comm.agreement.fast). All are built with the C
 compiler ($CC, else `cc`) into $MPIPAR_KERNEL_CACHE, else $XDG_CACHE_HOME/mpipar,
 else ~/.cache/mpipar, under a name that hashes the source, the flags and
 whatever else decides the binary (the CPU's feature flags, Python's ABI).

@@ -12,7 +12,7 @@ calls), without the Python between them.
 It applies where the group's agreement is a blocking MPI_Allgather (ranks with
 their own cores; crowded ranks gather through shared memory, mpipar.comm.agreement.shm_table),
 the flight ring is C (mpipar.flight.ring), and mpi4py's MPI library exports
-MPI_Allgather. Otherwise, or with MPIPAR_FAST_AGREEMENT=0, or when the build
+MPI_Allgather and MPI_Allreduce. Otherwise, or with MPIPAR_FAST_AGREEMENT=0, or when the build
 fails, inline.py's Python path runs, with the same results.
 """
 from __future__ import annotations
@@ -46,7 +46,8 @@ def _mpi_symbols() -> tuple[int, int] | None:
             seen.add(path)
             try:
                 lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-                return tuple(ctypes.cast(getattr(lib, s), ctypes.c_void_p).value for s in ("MPI_Allgather", "MPI_Allreduce"))
+                names = ("MPI_Allgather", "MPI_Allreduce")
+                return tuple(ctypes.cast(getattr(lib, n), ctypes.c_void_p).value for n in names)
             except (OSError, AttributeError):
                 continue
     return None
@@ -88,7 +89,6 @@ def build(g, table):
     from mpi4py import MPI
 
     from ...flight import recorder
-
     from ..buffers import _mpi_type
 
     try:

@@ -89,7 +89,8 @@ class _Call:
               and t.dtype in FAST_DTYPES and t.dtype is not torch.bool and algorithm in ("auto", "mpi")
               and 0 < self.numel < 2 ** 31):  # MPI's int count
             kernel, mpi = FAST_DTYPES[t.dtype] * 3 + ("sum", "max", "min").index(op), 1
-        self.fast = None if kernel is None else np.array([*self.head, self.nbytes, kernel, mpi], dtype=np.int64).tobytes()
+        self.fast = (None if kernel is None
+                     else np.array([*self.head, self.nbytes, kernel, mpi], dtype=np.int64).tobytes())
         self.fast_mpi = mpi == 1
         self.fast_settings = self.fast_ok = None  # fast_all_reduce's verdict under these settings
 
