@@ -81,7 +81,6 @@ class Group:
             if comm is not None and comm != MPI.COMM_NULL:
                 comm.Free()
         self._p2p = None
-        self.__dict__.pop("_inline_buffers", None)
 
     def __repr__(self) -> str:
         return f"Group({self.name}, rank={self.rank}, size={self.size})"

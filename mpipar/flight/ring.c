@@ -63,20 +63,24 @@ static long long count(PyObject *ch, int k)
     return s;
 }
 
-static PyObject *record(PyObject *ch, PyObject *name, PyObject *dt, PyObject *sh, PyObject *algo, long peer)
+/* Record the start of a call: its slot (0..capacity-1), -1 when nested (the outer call stands
+   for it), -2 with an exception set. `info`: its description (NULL: none yet; `done` files
+   the one left in described.info). */
+static Py_ssize_t record(PyObject *ch, PyObject *name, PyObject *dt, PyObject *sh, PyObject *algo, long peer,
+                         PyObject *info)
 {
     if (current >= 0)
-        return PyLong_FromLong(-1); /* nested: the outer call stands for it */
+        return -1;
     if (!ready())
-        return NULL;
+        return -2;
     long long seq = count(ch, peer == -1 ? 0 : 1);
     if (seq < 0)
-        return NULL;
+        return -2;
     Py_ssize_t i = ~current;
     Slot *s = &ring[i];
     PyObject *old[6] = {s->name, s->ch, s->dt, s->sh, s->algo, s->info};
-    Py_INCREF(name); Py_INCREF(ch); Py_INCREF(dt); Py_INCREF(sh); Py_INCREF(algo);
-    s->name = name; s->ch = ch; s->dt = dt; s->sh = sh; s->algo = algo; s->info = NULL;
+    Py_INCREF(name); Py_INCREF(ch); Py_INCREF(dt); Py_INCREF(sh); Py_INCREF(algo); Py_XINCREF(info);
+    s->name = name; s->ch = ch; s->dt = dt; s->sh = sh; s->algo = algo; s->info = info;
     s->seq = seq;
     s->peer = peer;
     s->end = 0.0;
@@ -86,7 +90,13 @@ static PyObject *record(PyObject *ch, PyObject *name, PyObject *dt, PyObject *sh
     current = i; /* last: the watchdog reads the slot it names */
     for (int k = 0; k < 6; k++)
         Py_XDECREF(old[k]);
-    return PyLong_FromSsize_t(i); /* 0..capacity-1: small ints, cached */
+    return i;
+}
+
+/* record()'s result for Python: the slot as an int (small ints: cached), or NULL on error. */
+static PyObject *slot_value(Py_ssize_t i)
+{
+    return i == -2 ? NULL : PyLong_FromSsize_t(i);
 }
 
 static int peer_of(PyObject *obj, long *peer)
@@ -104,8 +114,8 @@ static PyObject *begin(PyObject *self, PyObject *const *args, Py_ssize_t n)
     }
     if (n > 5 && !peer_of(args[5], &peer))
         return NULL;
-    return record(args[0], args[1], n > 2 ? args[2] : Py_None, n > 3 ? args[3] : Py_None,
-                  n > 4 ? args[4] : Py_None, peer);
+    return slot_value(record(args[0], args[1], n > 2 ? args[2] : Py_None, n > 3 ? args[3] : Py_None,
+                             n > 4 ? args[4] : Py_None, peer, NULL));
 }
 
 static PyObject *begin_p2p(PyObject *self, PyObject *const *args, Py_ssize_t n)
@@ -117,8 +127,28 @@ static PyObject *begin_p2p(PyObject *self, PyObject *const *args, Py_ssize_t n)
     }
     if (!peer_of(args[2], &peer))
         return NULL;
-    return record(args[0], args[1], n > 3 ? args[3] : Py_None, n > 4 ? args[4] : Py_None,
-                  n > 5 ? args[5] : Py_None, peer);
+    return slot_value(record(args[0], args[1], n > 3 ? args[3] : Py_None, n > 4 ? args[4] : Py_None,
+                             n > 5 ? args[5] : Py_None, peer, NULL));
+}
+
+/* 0 when slot i can be read or ended (the ring is ready, 0 <= i < capacity); else -1 with an
+   exception set. */
+static int check_slot(Py_ssize_t i, const char *what)
+{
+    if (!ready())
+        return -1;
+    if (i < 0 || i >= capacity) {
+        PyErr_Format(PyExc_IndexError, "%s: slot %zd", what, i);
+        return -1;
+    }
+    return 0;
+}
+
+/* The call in slot i ends now; the next call takes the slot after it. */
+static void finish(Py_ssize_t i)
+{
+    ring[i].end = now();
+    current = ~((i + 1) & mask);
 }
 
 static PyObject *done(PyObject *self, PyObject *arg)
@@ -128,20 +158,16 @@ static PyObject *done(PyObject *self, PyObject *arg)
         return NULL;
     if (i < 0)
         Py_RETURN_NONE;
-    if (!ready())
+    if (check_slot(i, "done") < 0)
         return NULL;
-    if (i >= capacity)
-        return PyErr_Format(PyExc_IndexError, "done: slot %zd", i);
-    Slot *s = &ring[i];
-    s->end = now();
     PyObject *info = PyObject_GetAttr(described, s_info); /* new reference, kept by the slot */
     if (info == NULL || PyObject_SetAttr(described, s_info, Py_None) < 0) {
         Py_XDECREF(info);
         return NULL;
     }
-    PyObject *old = s->info;
-    s->info = info;
-    current = ~((i + 1) & mask);
+    PyObject *old = ring[i].info;
+    ring[i].info = info;
+    finish(i);
     Py_XDECREF(old);
     Py_RETURN_NONE;
 }
@@ -152,13 +178,7 @@ static Py_ssize_t slot_of(PyObject *arg, const char *what)
     Py_ssize_t i = PyLong_AsSsize_t(arg);
     if (i == -1 && PyErr_Occurred())
         return -1;
-    if (!ready())
-        return -1;
-    if (i < 0 || i >= capacity) {
-        PyErr_Format(PyExc_IndexError, "%s: slot %zd", what, i);
-        return -1;
-    }
-    return i;
+    return check_slot(i, what) < 0 ? -1 : i;
 }
 
 static PyObject *entry(PyObject *self, PyObject *arg)
@@ -249,30 +269,16 @@ static PyObject *state(PyObject *self, PyObject *unused)
    returns the slot (-1: nested, -2: error set); end_c ends slot i: 0 (-1: error set). */
 static Py_ssize_t begin_c(PyObject *ch, PyObject *name, PyObject *algo, PyObject *info)
 {
-    PyObject *slot = record(ch, name, Py_None, Py_None, algo, -1);
-    if (slot == NULL)
-        return -2;
-    Py_ssize_t i = PyLong_AsSsize_t(slot);
-    Py_DECREF(slot);
-    if (i >= 0 && info != NULL) {
-        Py_INCREF(info);
-        ring[i].info = info; /* record() emptied it */
-    }
-    return i;
+    return record(ch, name, Py_None, Py_None, algo, -1, info);
 }
 
 static int end_c(Py_ssize_t i)
 {
     if (i < 0)
         return 0;
-    if (!ready())
+    if (check_slot(i, "end") < 0)
         return -1;
-    if (i >= capacity) {
-        PyErr_Format(PyExc_IndexError, "end: slot %zd", i);
-        return -1;
-    }
-    ring[i].end = now();
-    current = ~((i + 1) & mask);
+    finish(i);
     return 0;
 }
 

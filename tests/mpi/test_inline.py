@@ -13,6 +13,7 @@ import collections
 
 import pytest
 import torch
+from mpi4py import MPI
 
 from mpipar import comm
 from mpipar.comm.agreement import shm_table
@@ -215,7 +216,7 @@ def fast_group(world):
     g = Group(world.Dup(), "fast")
     buf = inline.buffers(g)
     ctx = fast.build(g, buf.table)
-    if not world.allreduce(ctx is not None, op=__import__("mpi4py").MPI.LAND):
+    if not world.allreduce(ctx is not None, op=MPI.LAND):
         g.comm.Free()
         pytest.skip("fast.c is not available here")
     calls = collections.Counter()
@@ -297,7 +298,7 @@ def test_fast_and_python_paths_meet(fast_group, world, checks, cols):
     g, calls = fast_group
     if g.size == 1:
         pytest.skip("a single rank communicates nothing")
-    if not world.allreduce(not g.oversubscribed and not inline.buffers(g).shared, op=__import__("mpi4py").MPI.LAND):
+    if not world.allreduce(not g.oversubscribed and not inline.buffers(g).shared, op=MPI.LAND):
         pytest.skip("ranks outnumber cores: mpipar does not take the C path here")
     gen = torch.Generator().manual_seed(11 + g.rank)
     x = torch.randn(cols, 3, generator=gen)

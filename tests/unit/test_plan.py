@@ -96,7 +96,7 @@ def test_activation_bytes_without_dropout_gqa_swiglu():
 
 
 _SAVED_PER_BLOCK = """
-import sys, torch, mpipar
+import torch, mpipar
 from mpipar import models
 from mpipar.trace.memory import ActivationMeter
 mesh = mpipar.Mesh()

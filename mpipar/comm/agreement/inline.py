@@ -82,15 +82,17 @@ class _Call:
         # fast.c's key: this call's head, its bytes, its kernel, whether MPI_Allreduce moves the data.
         # Riding in the table: floats sum only (torch.maximum's NaN rules stay in Python);
         # larger: the dtypes MPI reduces natively (collectives._NATIVE), not bool
-        kernel = mpi = None
+        mpi = None
         if self.combine is not None and t.dtype in FAST_DTYPES and (op == "sum" or FAST_DTYPES[t.dtype] >= 2):
-            kernel, mpi = FAST_DTYPES[t.dtype] * 3 + ("sum", "max", "min").index(op), 0
+            mpi = 0
         elif (not self.fits and not self.bad and name == "all_reduce" and op in ("sum", "max", "min")
               and t.dtype in FAST_DTYPES and t.dtype is not torch.bool and algorithm in ("auto", "mpi")
               and 0 < self.numel < 2 ** 31):  # MPI's int count
-            kernel, mpi = FAST_DTYPES[t.dtype] * 3 + ("sum", "max", "min").index(op), 1
-        self.fast = (None if kernel is None
-                     else np.array([*self.head, self.nbytes, kernel, mpi], dtype=np.int64).tobytes())
+            mpi = 1
+        self.fast = None
+        if mpi is not None:
+            kernel = FAST_DTYPES[t.dtype] * 3 + ("sum", "max", "min").index(op)
+            self.fast = np.array([*self.head, self.nbytes, kernel, mpi], dtype=np.int64).tobytes()
         self.fast_mpi = mpi == 1
         self.fast_settings = self.fast_ok = None  # fast_all_reduce's verdict under these settings
 
@@ -151,6 +153,7 @@ def buffers(g) -> _Buffers:
         b = g._inline_buffers = _Buffers(g.size, g.rank)
         b.gather, b.shared = _allgather_of(g, b.table)
         b.fast = fast.context(g, b.table, b.shared)
+        g.at_close(lambda: g.__dict__.pop("_inline_buffers", None))  # its C context names the comm Mesh.close frees
     return b
 
 
