@@ -9,7 +9,9 @@ Benchmark: train_gpt.py's GPT on the character corpus (default hidden 384,
 keeps AdamW's step visible beside the forward and backward), data parallel
 over 2 ranks, one microbatch per step, float32, AdamW. Variants:
 mpipar zero 0-3 (models.GPT(cfg, mesh, zero=z) + models.optimizer), torch
-DDP and torch FSDP2 (`fully_shard` per block and at the root, gloo); zero 1-3
+DDP and torch FSDP2 (`fully_shard` per block and at the root, gloo), serial
+(the plain model and AdamW on the whole batch, on rank 0 with its threads
+while the other rank idles: what one device does alone); zero 1-3
 move their flat buffers through node shared memory, "zeroN-mpi" through MPI
 (MPIPAR_SYMMETRIC_BUCKETS=0 for that model: mpipar.models.zero.shared). Per
 variant: median and minimum step time (slowest rank; all variants built, one
@@ -52,7 +54,8 @@ from mpipar.models import preempt
 from mpipar.trace import ActivationMeter, Tracer, write_table
 from mpipar.trace.memory import rss_bytes
 
-VARIANTS = ["zero0", "zero1", "zero2", "zero3", "zero1-mpi", "zero2-mpi", "zero3-mpi", "torch-ddp", "torch-fsdp2"]
+VARIANTS = ["zero0", "zero1", "zero2", "zero3", "zero1-mpi", "zero2-mpi", "zero3-mpi", "torch-ddp", "torch-fsdp2",
+            "serial"]
 UNITS = {"step_s": "s", "step_min_s": "s", "cpu_s": "s", "peak_bytes": "B", "tokens_per_s": "tokens/s"}
 
 
@@ -137,9 +140,22 @@ def build(variant: str, cfg, group):
             mesh.close()
 
         return step, cleanup
+    model = models.GPT(cfg)
+    if variant == "serial":  # the whole batch on rank 0 alone, with one rank's threads
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd)
+
+        def serial_step(x, y):
+            if group.rank != 0:
+                return float("nan")
+            loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.reshape(-1))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return float(loss.detach())
+
+        return serial_step, lambda: None
     import torch.distributed as dist
 
-    model = models.GPT(cfg)
     if variant == "torch-ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -345,13 +361,17 @@ def main() -> None:
             for key, col in (("step_s", "vs_zero0_step"), ("step_min_s", "vs_zero0_min"), ("cpu_s", "vs_zero0_cpu"),
                              ("peak_bytes", "vs_zero0_peak")):
                 r[col] = r[key] / z0[key] if z0 and z0[key] else float("nan")
+        for peer, col in (("torch-ddp", "vs_ddp_step"), ("serial", "vs_serial_step")):  # the two peers
+            base = next((r["step_s"] for r in rows if r["variant"] == peer), None)
+            for r in rows:
+                r[col] = r["step_s"] / base if base else float("nan")
         write_table(a.out, "zero_benchmark", rows, UNITS, attrs={"experiment": "zero", "config": str(vars(a))})
         shown = [{**r, "step_ms": r["step_s"] * 1e3, "min_ms": r["step_min_s"] * 1e3, "cpu_ms": r["cpu_s"] * 1e3,
                   "peak_MiB": r["peak_bytes"] / 2**20} for r in rows]
         print(f"\n{rows[0]['params'] / 1e6:.2f}M parameters, {a.batch}x{a.seq} tokens per step, 2 ranks "
               f"(step: median and min over {a.steps} rounds)")
         print_table(shown, ["variant", "step_ms", "min_ms", "cpu_ms", "peak_MiB", "vs_zero0_step", "vs_zero0_min",
-                            "vs_zero0_cpu", "vs_zero0_peak"])
+                            "vs_zero0_cpu", "vs_zero0_peak", "vs_ddp_step", "vs_serial_step"])
     if mem:
         write_table(a.out, "zero_memory", mem, {k: "B" if k.endswith("_bytes") else "B/parameter"
                                                 for k in mem[0] if k.endswith(("_bytes", "_per_param"))})

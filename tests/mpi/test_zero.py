@@ -137,6 +137,20 @@ def test_optimizer_state_is_one_dth(zero):
 
 @pytest.mark.mpi
 @needs_dp
+@pytest.mark.parametrize("zero", [1, 2])
+def test_a_parameter_without_gradient_contributes_zeros(zero):
+    """zero=1 copies each parameter's first gradient of a step into the persistent buffer, which
+    still holds the last step's: a parameter that got none this step must count as zeros."""
+    mesh, model, opt = parallel(config(), LAYOUTS[0], zero)
+    models.train_step(model, batches()[0], opt, mesh, num_microbatches=1)
+    model.start_grad_sync(1)
+    model.finish_grad_sync()  # a step whose backward reached no parameter
+    grads = [m.grad for m in model.buckets.masters()]
+    assert all(g is not None and not g.any() for g in grads)
+
+
+@pytest.mark.mpi
+@needs_dp
 def test_zero3_holds_one_dth_of_the_parameters_between_steps():
     layout = LAYOUTS[0]
     d = layout[0] * layout[2]

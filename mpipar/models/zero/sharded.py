@@ -95,6 +95,7 @@ class ShardedBuckets:
             for b in self.buckets:
                 b.grad_full = torch.zeros(b.padded, dtype=b.dtype, device=b.device) if self.shared is None \
                     else self.shared.grad_full(b.index)
+        self._grad_views = {id(p): g for b in self.buckets if zero == 1 for p, g in b.param_views(b.grad_full)}
         self._hooks += [p.register_post_accumulate_grad_hook(self._on_grad) for b in self.buckets for p in b.params]
         self._armed, self._overrun = False, None
         self._pending: list = []   # (Pending, bucket, recv) in launch order
@@ -133,15 +134,9 @@ class ShardedBuckets:
         for b in self.buckets:
             b.acc = None
             b.master.grad = None
-        if self.zero == 1:
-            for b in self.buckets:
-                b.grad_full.zero_()
-                for p, g in b.param_views(b.grad_full):
-                    p.grad = g.view(p.shape)
-        else:
-            for b in self.buckets:
-                for p in b.params:
-                    p.grad = None
+        for b in self.buckets:  # zero=1: each .grad becomes its view of grad_full at its first gradient
+            for p in b.params:
+                p.grad = None
         if self.gathering is not None:
             self.gathering.start_step()
         self._armed = True
@@ -152,12 +147,26 @@ class ShardedBuckets:
         n = self._count[id(p)] + 1
         self._count[id(p)] = n
         b = self._bucket_of[id(p)]
+        if self.zero == 1 and n == 1:
+            self._into_grad_full(p)
         if n > self._expected:
             self._overrun = f"a parameter of shape {tuple(p.shape)} accumulated more gradients than expected"
         if self.gathering is not None:
             self.gathering.on_grad(b)
         self._launch_ready()
         self._reap()
+
+    def _into_grad_full(self, p) -> None:
+        """zero=1, p's first gradient of the step: copied into its view of the bucket's persistent
+        buffer, which becomes p.grad (later microbatches accumulate there in place). One pass
+        over the gradients, where zeroing the buffer at `start` and accumulating into it took
+        three."""
+        view = self._grad_views[id(p)]
+        if p.grad is None:
+            view.zero_()
+        else:
+            view.copy_(p.grad.reshape(-1))
+        p.grad = view.view(p.shape)
 
     def _ready(self, b, rnd: int) -> bool:
         need = self._expected if self._rounds == 1 else rnd + 1
@@ -223,6 +232,11 @@ class ShardedBuckets:
         if not self._armed:
             return
         self._armed = False
+        if self.zero == 1:  # a parameter without a gradient this step contributes zeros
+            for b in self.buckets:
+                for p in b.params:
+                    if self._count[id(p)] == 0:
+                        self._into_grad_full(p)
         self._launch_ready(force=True)
         self._reap(block=True)
         if self.shared is not None and self.zero == 1:
@@ -340,5 +354,6 @@ class ShardedBuckets:
             if self.shared is not None:
                 self.shared.close(self.buckets)
                 self.shared = None
+            self._grad_views = {}  # (views of the freed window, zero=1)
             self.group.comm.Free()
             self.closed = True
