@@ -39,7 +39,7 @@ from mpipar import trace
 
 W = importlib.import_module("mpipar.comm.wait")  # the module (mpipar.comm.wait is also a function)
 
-CANDIDATES = {  # name -> Backoff(spin_s, yield_s, first_sleep, max_sleep); only where the policy exists
+CANDIDATES = {  # name -> Backoff(spin_s, yield_s, first_sleep, max_sleep[, share, longest_sleep, timer_slack_ns])
     "spin30us": (3e-5, 0.0, 1e-6, 2e-4),                # about the MPI-request wait before one policy
     "spin30us_cap100us": (3e-5, 0.0, 1e-6, 1e-4),
     "yield30us": (1e-5, 4e-5, 1e-6, 2e-4),
@@ -47,6 +47,14 @@ CANDIDATES = {  # name -> Backoff(spin_s, yield_s, first_sleep, max_sleep); only
     "yield_only": (0.0, 1e9, 1e-6, 1e-6),              # MPICH-like: never sleeps
     "spin30us_yield70us": (3e-5, 7e-5, 1e-6, 2e-4),     # about the shm barrier's wait before, own cores
     "spin200us_yield1ms": (2e-4, 1e-3, 1e-5, 1e-4),     # busier: for ranks with their own cores
+    # POLITE's sleeps (1 us -> 20 us, then 1/16 of the wait up to 1 ms, 1 us timer slack) after
+    # a phase of yields: a waiter runs again as soon as a peer on its core gives the core up
+    "yield20us_polite": (0.0, 2e-5, 1e-6, 2e-5, 1 / 16, 1e-3, 1000),
+    "yield50us_polite": (0.0, 5e-5, 1e-6, 2e-5, 1 / 16, 1e-3, 1000),
+    "yield100us_polite": (0.0, 1e-4, 1e-6, 2e-5, 1 / 16, 1e-3, 1000),
+    "yield200us_polite": (0.0, 2e-4, 1e-6, 2e-5, 1 / 16, 1e-3, 1000),
+    "yield500us_polite": (0.0, 5e-4, 1e-6, 2e-5, 1 / 16, 1e-3, 1000),
+    "yield1ms_polite": (0.0, 1e-3, 1e-6, 2e-5, 1 / 16, 1e-3, 1000),
 } if hasattr(W, "Backoff") else {}
 UNITS = {k: "s" for k in ("time_s", "time_min_s", "time_max_s", "spin_s", "yield_s", "first_sleep_s", "max_sleep_s")}
 

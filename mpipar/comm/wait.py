@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
+import struct
 import threading
 import time
 
@@ -40,6 +42,12 @@ class Backoff:
     share: float = 0.0
     longest_sleep: float = 0.0
     timer_slack_ns: int = 0
+
+    @functools.cached_property
+    def packed(self) -> bytes:
+        """The seven numbers as float64s, for the same wait in C (mpipar.comm.agreement.fast)."""
+        return struct.pack("7d", self.spin_s, self.yield_s, self.first_sleep, self.max_sleep, self.share,
+                           self.longest_sleep, self.timer_slack_ns)
 
     def wait(self, ready, between=None) -> None:
         """Return once ready() is true; between() (if given) runs after each sleep (a memory
@@ -83,9 +91,11 @@ def _timer_slack(ns: int) -> None:
 
 
 # ranks outnumber cores: no spinning (a spinning waiter holds a core a peer needs to reach
-# the collective), sleeps of at most 20 us while the wait is young, growing to 1/16 of the
-# time waited (at most 1 ms) in long ones; results/TUNING.md has the measurement
-POLITE = Backoff(spin_s=0.0, yield_s=0.0, first_sleep=1e-6, max_sleep=2e-5, share=1 / 16, longest_sleep=1e-3,
+# the collective); yields for the first 200 us (a yield returns at once when nobody else wants
+# the core, and hands it over when somebody does), then sleeps of at most 20 us while the wait
+# is young, growing to 1/16 of the time waited (at most 1 ms) in long ones; results/TUNING.md
+# has the measurement
+POLITE = Backoff(spin_s=0.0, yield_s=2e-4, first_sleep=1e-6, max_sleep=2e-5, share=1 / 16, longest_sleep=1e-3,
                  timer_slack_ns=1000)
 BUSY = Backoff(spin_s=2e-4, yield_s=1e-3, first_sleep=1e-5, max_sleep=1e-4)  # ranks have their own cores
 

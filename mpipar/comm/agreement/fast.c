@@ -15,6 +15,13 @@
    width of a pointer (an int handle is read from the low half of its register on the
    ABIs mpipar builds for: x86-64, aarch64).
 
+   Where a group's ranks outnumber the node's cores, the table is exchanged through shared
+   memory instead (mpipar.comm.agreement.shm_table: this rank's row into its slot, its
+   epoch published, every peer's epoch awaited, their slots read), with the wait in C under
+   the caller's back-off (mpipar.comm.wait.POLITE, passed with each call): the Python
+   around the exchange was most of a crowded rank's time, which its peers wait for. Only
+   the small all-reduce takes that call there; MPI's blocking all-reduce would busy-poll.
+
    The reduction is exact and the same bits on every rank: out = row0 op row1, then
    out = out op row_k for k = 2.. (torch.add / maximum / minimum in the same order in
    inline.py). Floats only sum (torch.maximum's NaN rules stay in Python); integers
@@ -27,6 +34,9 @@
 #include <limits.h>
 #include <stddef.h>
 #include <string.h>
+#include <sched.h>
+#include <time.h>
+#include <sys/prctl.h>
 
 typedef int (*allgather_fn)(const void *, int, intptr_t, void *, int, intptr_t, intptr_t);
 typedef int (*allreduce_fn)(const void *, void *, int, intptr_t, intptr_t, intptr_t);
@@ -50,8 +60,81 @@ typedef struct {
     RingApi *ring;   /* NULL: not recorded */
     PyObject *name;  /* "all_reduce" */
     int record;      /* 0: the benchmark's "off" (experiments/flight_overhead.py) */
-    PyObject *keep;  /* the table's owner, kept alive */
+    PyObject *keep;  /* the table's owner (and the shared table's), kept alive */
+    /* the shared-memory exchange (shm_table.ShmTable), or shm == 0: MPI_Allgather */
+    int shm;
+    char **slots;     /* slots[2 * r + p]: rank r's slot p */
+    int64_t **epochs; /* rank r's epoch word */
+    int64_t *count;   /* the exchanges made so far (ShmTable.count: Python's exchanges too) */
 } Context;
+
+/* mpipar.comm.wait.Backoff, as Backoff.packed gives it */
+typedef struct {
+    double spin_s, yield_s, first_sleep, max_sleep, share, longest_sleep, timer_slack_ns;
+} Policy;
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int reached(const Context *s, int64_t k)
+{
+    for (Py_ssize_t r = 0; r < s->n; r++)
+        if (r != s->rank && __atomic_load_n(s->epochs[r], __ATOMIC_ACQUIRE) < k)
+            return 0;
+    return 1;
+}
+
+/* Backoff.wait of mpipar.comm.wait, until every peer's epoch is >= k (the GIL released). */
+static void await_epochs(const Context *s, int64_t k, const Policy *p)
+{
+    static __thread double slack_set = -1.0;
+    if (reached(s, k))
+        return;
+    double start = now(), t;
+    while (now() - start < p->spin_s)
+        if (reached(s, k))
+            return;
+    while (now() - start < p->yield_s) {
+        sched_yield();
+        if (reached(s, k))
+            return;
+    }
+    if (p->timer_slack_ns > 0 && slack_set != p->timer_slack_ns) {
+        prctl(PR_SET_TIMERSLACK, (unsigned long)p->timer_slack_ns, 0, 0, 0);
+        slack_set = p->timer_slack_ns;
+    }
+    double sleep = p->first_sleep, cap = p->max_sleep;
+    while (!reached(s, k)) {
+        struct timespec ts = {(time_t)sleep, (long)((sleep - (double)(time_t)sleep) * 1e9)};
+        nanosleep(&ts, NULL);
+        if (p->share > 0) {
+            t = p->share * (now() - start);
+            cap = t < p->longest_sleep ? t : p->longest_sleep;
+            if (cap < p->max_sleep)
+                cap = p->max_sleep;
+        }
+        sleep = sleep * 2 < cap ? sleep * 2 : cap;
+    }
+}
+
+/* ShmTable.gather in C: this rank's row into its slot of this exchange's parity, its epoch
+   published (after the row: release), every peer's awaited (acquire), their rows read. */
+static void shm_exchange(Context *s, const Policy *p)
+{
+    int64_t k = ++*s->count;
+    int par = (int)(k & 1);
+    char *mine = s->table + s->rank * s->row_bytes;
+    memcpy(s->slots[2 * s->rank + par], mine, (size_t)s->row_bytes);
+    __atomic_store_n(s->epochs[s->rank], k, __ATOMIC_RELEASE);
+    await_epochs(s, k, p);
+    for (Py_ssize_t r = 0; r < s->n; r++)
+        if (r != s->rank)
+            memcpy(s->table + r * s->row_bytes, s->slots[2 * r + par], (size_t)s->row_bytes);
+}
 
 /* The call's key (inline._Call.fast): its head words, its byte count, its kernel, its mode. */
 typedef struct {
@@ -111,14 +194,29 @@ static int reduce(int64_t kernel, char *out, const char *rows, Py_ssize_t stride
     return 0;
 }
 
-/* ctx(group, info, algorithm, data_ptr, key): True when `data` is reduced in place;
+/* ctx(group, info, algorithm, data_ptr, key, policy): True when `data` is reduced in place;
    False when the heads disagree (the caller raises, collectively: every rank saw the
    same table). The call is recorded as all_reduce on `group`, described by `info`. */
 static PyObject *call(Context *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 5) {
-        PyErr_SetString(PyExc_TypeError, "fast all_reduce: (group, info, algorithm, data_ptr, key)");
+    if (nargs != 5 + self->shm) {
+        PyErr_SetString(PyExc_TypeError, self->shm ? "fast all_reduce: (group, info, algorithm, data_ptr, key, policy)"
+                                                   : "fast all_reduce: (group, info, algorithm, data_ptr, key)");
         return NULL;
+    }
+    Policy policy = {0};
+    if (self->shm) {
+        Py_buffer pb;
+        if (PyObject_GetBuffer(args[5], &pb, PyBUF_SIMPLE) < 0)
+            return NULL;
+        int ok = pb.len == (Py_ssize_t)sizeof policy;
+        if (ok)
+            memcpy(&policy, pb.buf, sizeof policy);
+        PyBuffer_Release(&pb);
+        if (!ok) {
+            PyErr_SetString(PyExc_ValueError, "fast all_reduce: a policy is 7 doubles");
+            return NULL;
+        }
     }
     char *data = (char *)PyLong_AsVoidPtr(args[3]);
     if (data == NULL && PyErr_Occurred())
@@ -135,7 +233,7 @@ static PyObject *call(Context *self, PyObject *const *args, Py_ssize_t nargs)
     memcpy(&key, kb.buf, sizeof key);
     PyBuffer_Release(&kb);
     int dtype = (int)(key.kernel / 3), op = (int)(key.kernel % 3);
-    if (key.kernel < 0 || dtype > 6 || key.nbytes < 0 ||
+    if (key.kernel < 0 || dtype > 6 || key.nbytes < 0 || (key.mpi && self->shm) ||
         (key.mpi ? key.nbytes / SIZE[dtype] > INT_MAX : key.nbytes > self->row_bytes - HEAD_WORDS * 8)) {
         PyErr_SetString(PyExc_ValueError, "fast all_reduce: a bad key");
         return NULL;
@@ -152,10 +250,13 @@ static PyObject *call(Context *self, PyObject *const *args, Py_ssize_t nargs)
         memset(mine + MINE_WORDS * 8, 0xff, (HEAD_WORDS - MINE_WORDS) * 8);
     else if (key.nbytes)
         memcpy(mine + HEAD_WORDS * 8, data, (size_t)key.nbytes);
-    int rc;
+    int rc = 0;
     Py_BEGIN_ALLOW_THREADS /* the watchdog reads the ring meanwhile */
-    rc = self->allgather((const void *)self->in_place, 0, self->byte_type, self->table, (int)self->row_bytes,
-                         self->byte_type, self->comm);
+    if (self->shm)
+        shm_exchange(self, &policy);
+    else
+        rc = self->allgather((const void *)self->in_place, 0, self->byte_type, self->table, (int)self->row_bytes,
+                             self->byte_type, self->comm);
     Py_END_ALLOW_THREADS
     int agreed = 1;
     for (Py_ssize_t r = 0; rc == 0 && r < self->n; r++)
@@ -190,10 +291,43 @@ static PyObject *fast_vectorcall(PyObject *self, PyObject *const *args, size_t n
 
 static void dealloc(Context *self)
 {
+    PyMem_Free(self->slots);
+    PyMem_Free(self->epochs);
     Py_XDECREF(self->name);
     Py_XDECREF(self->keep);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
+
+/* ctx.exchange(policy): the shared table's exchange alone (ShmTable.gather of the row this rank
+   wrote), for the agreements that finish in Python (mpipar.comm.agreement.inline). */
+static PyObject *exchange(Context *self, PyObject *arg)
+{
+    if (!self->shm) {
+        PyErr_SetString(PyExc_TypeError, "fast exchange: the table is not shared");
+        return NULL;
+    }
+    Policy policy;
+    Py_buffer pb;
+    if (PyObject_GetBuffer(arg, &pb, PyBUF_SIMPLE) < 0)
+        return NULL;
+    int ok = pb.len == (Py_ssize_t)sizeof policy;
+    if (ok)
+        memcpy(&policy, pb.buf, sizeof policy);
+    PyBuffer_Release(&pb);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "fast exchange: a policy is 7 doubles");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    shm_exchange(self, &policy);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef context_methods[] = {
+    {"exchange", (PyCFunction)exchange, METH_O, "exchange(policy): the shared table's exchange"},
+    {NULL, NULL, 0, NULL},
+};
 
 static PyObject *get_record(Context *self, void *unused) { return PyBool_FromLong(self->record); }
 
@@ -222,6 +356,7 @@ static PyTypeObject ContextType = {
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_call = PyVectorcall_Call,
     .tp_getset = getset,
+    .tp_methods = context_methods,
     .tp_doc = "one group's small all-reduce: ctx(group, info, algorithm, data_ptr, key)",
 };
 
@@ -229,14 +364,23 @@ static PyTypeObject ContextType = {
 static intptr_t handle(PyObject *h) { return (intptr_t)PyLong_AsUnsignedLongLongMask(h); }
 
 /* context(allgather, allreduce, comm, byte, in_place, types (7), ops (3), table_addr, row_bytes, n, rank,
-           ring_api_or_None, keep) */
+           ring_api_or_None, keep[, shared]); shared: (slot addresses (2n: rank r's slot p at 2r + p),
+           epoch addresses (n), count address) of the group's ShmTable */
 static PyObject *context(PyObject *mod, PyObject *args)
 {
-    PyObject *fn, *fn2, *comm, *byte, *in_place, *types, *ops, *table, *ring, *keep;
+    PyObject *fn, *fn2, *comm, *byte, *in_place, *types, *ops, *table, *ring, *keep, *shared = Py_None;
     Py_ssize_t row_bytes, n, rank;
-    if (!PyArg_ParseTuple(args, "OOOOOO!O!OnnnOO", &fn, &fn2, &comm, &byte, &in_place, &PyTuple_Type, &types,
-                          &PyTuple_Type, &ops, &table, &row_bytes, &n, &rank, &ring, &keep))
+    if (!PyArg_ParseTuple(args, "OOOOOO!O!OnnnOO|O", &fn, &fn2, &comm, &byte, &in_place, &PyTuple_Type, &types,
+                          &PyTuple_Type, &ops, &table, &row_bytes, &n, &rank, &ring, &keep, &shared))
         return NULL;
+    PyObject *slot_addrs = NULL, *epoch_addrs = NULL, *count = NULL;
+    if (shared != Py_None &&
+        (!PyArg_ParseTuple(shared, "O!O!O", &PyTuple_Type, &slot_addrs, &PyTuple_Type, &epoch_addrs, &count) ||
+         PyTuple_GET_SIZE(slot_addrs) != 2 * n || PyTuple_GET_SIZE(epoch_addrs) != n)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "fast context: shared = (2n slots, n epochs, count)");
+        return NULL;
+    }
     if (PyTuple_GET_SIZE(types) != 7 || PyTuple_GET_SIZE(ops) != 3) {
         PyErr_SetString(PyExc_ValueError, "fast context: 7 datatypes and 3 ops");
         return NULL;
@@ -256,6 +400,30 @@ static PyObject *context(PyObject *mod, PyObject *args)
     Context *self = PyObject_New(Context, &ContextType);
     if (self == NULL)
         return NULL;
+    self->shm = 0;
+    self->slots = NULL;
+    self->epochs = NULL;
+    self->count = NULL;
+    self->name = NULL;
+    self->keep = NULL;
+    if (shared != Py_None) {
+        self->shm = 1;
+        self->slots = PyMem_Calloc((size_t)(2 * n), sizeof(char *));
+        self->epochs = PyMem_Calloc((size_t)n, sizeof(int64_t *));
+        if (self->slots == NULL || self->epochs == NULL) {
+            Py_DECREF(self);
+            return PyErr_NoMemory();
+        }
+        for (Py_ssize_t i = 0; i < 2 * n; i++)
+            self->slots[i] = (char *)PyLong_AsVoidPtr(PyTuple_GET_ITEM(slot_addrs, i));
+        for (Py_ssize_t i = 0; i < n; i++)
+            self->epochs[i] = (int64_t *)PyLong_AsVoidPtr(PyTuple_GET_ITEM(epoch_addrs, i));
+        self->count = (int64_t *)PyLong_AsVoidPtr(count);
+        if (PyErr_Occurred()) {
+            Py_DECREF(self);
+            return NULL;
+        }
+    }
     self->vectorcall = fast_vectorcall;
     self->allgather = (allgather_fn)f;
     self->allreduce = (allreduce_fn)f2;

@@ -10,9 +10,11 @@ same call: the agreement, then MPI_Allreduce in place (what collectives._all_red
 calls), without the Python between them.
 
 It applies where the group's agreement is a blocking MPI_Allgather (ranks with
-their own cores; crowded ranks gather through shared memory, mpipar.comm.agreement.shm_table),
-the flight ring is C (mpipar.flight.ring), and mpi4py's MPI library exports
-MPI_Allgather and MPI_Allreduce. Otherwise, or with MPIPAR_FAST_AGREEMENT=0, or when the build
+their own cores) or the shared-memory table (crowded ranks on one node,
+mpipar.comm.agreement.shm_table: there only to the small all-reduce, the exchange
+waiting in C under mpipar.comm.wait.POLITE), the flight ring is C
+(mpipar.flight.ring), and mpi4py's MPI library exports MPI_Allgather and
+MPI_Allreduce. Otherwise, or with MPIPAR_FAST_AGREEMENT=0, or when the build
 fails, inline.py's Python path runs, with the same results.
 """
 from __future__ import annotations
@@ -71,18 +73,20 @@ def _load():
     return _state["module"]
 
 
-def context(g, table, shared: bool):
+def context(g, table, shared=None):
     """The C all-reduce of group `g` over its agreement table (numpy uint8, (N, slot)), or None
-    where it does not apply (`shared`: the table is gathered through shared memory; ranks
-    that outnumber cores wait politely in Python, not in MPI's busy loop)."""
-    if shared or g.oversubscribed:
+    where it does not apply. `shared`: the group's ShmTable, when the table is exchanged
+    through shared memory (then the C call does that exchange). Ranks that outnumber cores
+    on several nodes keep the Python path: they wait politely, not in MPI's busy loop."""
+    if shared is None and g.oversubscribed:
         return None
-    return build(g, table)
+    return build(g, table, shared)
 
 
-def build(g, table):
-    """The C all-reduce over `table` for any group (tests use it where ranks share cores), or
-    None when fast.c or MPI_Allgather is not available."""
+def build(g, table, shared=None):
+    """The C all-reduce over `table` (exchanged by MPI_Allgather, or through `shared`, a ShmTable)
+    for any group (tests use it where ranks share cores), or None when fast.c or MPI_Allgather
+    is not available."""
     module = _load()
     if module is None or not table.flags.c_contiguous:
         return None
@@ -98,6 +102,6 @@ def build(g, table):
         ops = tuple(MPI._handleof(o) for o in (MPI.SUM, MPI.MAX, MPI.MIN))
         return module.context(*_state["symbols"], MPI._handleof(g.comm), MPI._handleof(MPI.BYTE), in_place, types,
                               ops, table.ctypes.data, table.shape[1], table.shape[0], g.rank, recorder.ring_api(),
-                              table)
+                              (table, shared), None if shared is None else shared.layout())
     except (TypeError, ValueError, OverflowError, AttributeError):  # not an mpi4py communicator (a wrapper)
         return None

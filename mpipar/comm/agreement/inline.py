@@ -38,6 +38,7 @@ from ..symmetric.pool import _ATTR as _POOL
 from ...settings import current
 from ..backends.mpi import in_place
 from . import fast, shm_table
+from .. import wait as _wait
 from .fast import FAST_DTYPES
 from .protocol import BAD_DIM, _UNKNOWN, check, exchange, signature, validation_enabled
 
@@ -126,6 +127,7 @@ class _Buffers:
         self.last, self.expect = None, b""  # the _Call whose head is in this rank's row
         self.gather = None  # the in-place Allgather of `table` (set by buffers())
         self.shared = False  # ... made through shared memory (mpipar.comm.agreement.shm_table)
+        self.shm = None      # ... through this ShmTable
         self.fast = None  # the small all-reduce in one C call over `table` (mpipar.comm.agreement.fast)
 
     def typed_rows(self, dtype: torch.dtype, shape) -> tuple:
@@ -151,8 +153,12 @@ def buffers(g) -> _Buffers:
     b = getattr(g, "_inline_buffers", None)
     if b is None:
         b = g._inline_buffers = _Buffers(g.size, g.rank)
-        b.gather, b.shared = _allgather_of(g, b.table)
-        b.fast = fast.context(g, b.table, b.shared)
+        b.gather, b.shm = _allgather_of(g, b.table)
+        b.shared = b.shm is not None
+        b.fast = fast.context(g, b.table, b.shm)
+        if b.shm is not None and b.fast is not None:  # the exchange every other call makes, in C too
+            exchange = b.fast.exchange
+            b.gather = lambda: exchange(_wait.POLITE.packed)
         g.at_close(lambda: g.__dict__.pop("_inline_buffers", None))  # its C context names the comm Mesh.close frees
     return b
 
@@ -217,9 +223,9 @@ def fast_all_reduce(t: torch.Tensor, g, op, algorithm) -> bool:
     was communicated, take the Python path. MpiparError on every rank when the arguments
     differ. The conditions are ones all ranks share (agreed settings, the agreed signature,
     the group's pool), except the tensor's layout (CPU, contiguous): a rank whose tensor
-    takes the Python path makes the same blocking MPI calls on the same communicator (the
-    table's Allgather, then the rank-order reduction or MPI's all-reduce: a group has the C
-    call only where its gather is MPI's blocking Allgather, fast.context), so they meet.
+    takes the Python path makes the same exchange (the table's blocking Allgather, or the
+    same shared-memory exchange, counted in the same ShmTable), then the rank-order
+    reduction or MPI's all-reduce (only where the gather is MPI's), so they meet.
     A single call after compute pays each Python layer on its path several times over
     (cold caches), so the settings' verdict is kept on the call's info, per settings object."""
     buf = g.__dict__.get("_inline_buffers")
@@ -229,11 +235,15 @@ def fast_all_reduce(t: torch.Tensor, g, op, algorithm) -> bool:
     settings = current()
     if info.fast_settings is not settings:
         info.fast_settings, info.fast_ok = settings, _fast_ok(info, algorithm)
-    if not info.fast_ok or (info.fast_mpi and _POOL in g.__dict__) or not t.is_cpu or not t.is_contiguous():
+    if not info.fast_ok or (info.fast_mpi and (buf.shared or _POOL in g.__dict__)) or not t.is_cpu \
+            or not t.is_contiguous():
         return False  # (a symmetric pool: the agreement is its entry exchange, inline's path)
     buf.last = None  # the C call writes this rank's head: inline's cached one is stale
     try:
-        agreed = buf.fast(g, info, algorithm, t.data_ptr(), info.fast)
+        if buf.shared:  # the exchange waits in C, under the policy in force (mpipar.comm.wait)
+            agreed = buf.fast(g, info, algorithm, t.data_ptr(), info.fast, _wait.POLITE.packed)
+        else:
+            agreed = buf.fast(g, info, algorithm, t.data_ptr(), info.fast)
     except RuntimeError as e:  # an MPI error code
         raise MpiparError(f"all_reduce: {e}") from e
     if not agreed:
@@ -306,16 +316,16 @@ _increment_version = torch._C._increment_version
 
 
 def _allgather_of(g, table):
-    """(the group's in-place Allgather of its table as a no-argument call, whether it goes
-    through shared memory); collective (it decides how). Ranks outnumbering cores on one
+    """(the group's in-place Allgather of its table as a no-argument call, the ShmTable it goes
+    through or None); collective (it decides how). Ranks outnumbering cores on one
     node gather through shared memory (mpipar.comm.agreement.shm_table: one round); on
     several nodes, a polite wait (mpipar.comm.wait) on MPI's; ranks with their own cores,
     MPI's blocking Allgather."""
     shared = shm_table.for_group(g, table.shape[1])
     if shared is not None:
-        return functools.partial(shared.gather, table), True
+        return functools.partial(shared.gather, table), shared
     if g.oversubscribed:
         from ..wait import wait_all
 
-        return (lambda: wait_all([g.comm.Iallgather(in_place(), table)])), False
-    return functools.partial(g.comm.Allgather, in_place(), table), False
+        return (lambda: wait_all([g.comm.Iallgather(in_place(), table)])), None
+    return functools.partial(g.comm.Allgather, in_place(), table), None

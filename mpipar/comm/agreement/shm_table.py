@@ -12,6 +12,9 @@ which time it has copied everything of exchange k: two slots suffice (the same
 argument as mpipar.comm.symmetric.barrier). Each exchange is also a barrier, as the
 Allgather it replaces was (the shared-memory collectives rely on that).
 
+mpipar.comm.agreement.fast makes the same exchange in C (fast.c's shm_exchange, its wait
+under the same policy), counting in the same `count`, so ranks on either path meet.
+
 Whether a group gets one is decided collectively at its first agreement, the same
 on every rank: one Allreduce, then (only when every rank is oversubscribed) the
 node split. A group has no close, so a table lives as long as the process, and one
@@ -44,27 +47,35 @@ class ShmTable:
         self.epochs = [s[:8].view(np.int64) for s in segs]
         self.slots = [[s[_EPOCH + p * row_bytes:_EPOCH + (p + 1) * row_bytes] for p in (0, 1)] for s in segs]
         self.epochs[self.me][0] = 0
-        self.k = 0
+        self.count = np.zeros(1, dtype=np.int64)  # exchanges so far; fast.c's exchange counts here too
         self.others = [self.epochs[r] for r in range(self.n) if r != self.me]
         self.peers = [r for r in range(self.n) if r != self.me]
-        self.policy = backoff(polite)
+        self.polite = polite
         self.window.sync()
         wait_all([node.Ibarrier()])  # every epoch is zeroed before anyone waits on it
 
     def gather(self, table: np.ndarray) -> None:
         """In place, like MPI_Allgather(IN_PLACE, table): row r of every rank's `table`
         becomes rank r's row."""
-        k = self.k = self.k + 1
+        self.count[0] += 1
+        k = int(self.count[0])
         par = k & 1
         self.slots[self.me][par][:] = table[self.me]
         self.window.sync()
         self.epochs[self.me][0] = k
         others = self.others
         if not all(e[0] >= k for e in others):
-            self.policy.wait(lambda: all(e[0] >= k for e in others), between=self.window.sync)
+            backoff(self.polite).wait(lambda: all(e[0] >= k for e in others), between=self.window.sync)
         self.window.sync()
         for r in self.peers:
             table[r] = self.slots[r][par]
+
+
+    def layout(self) -> tuple:
+        """(slot addresses: rank r's slot p at 2r + p, epoch addresses, the count's address), for
+        the same exchange in C (mpipar.comm.agreement.fast)."""
+        slots = tuple(self.slots[r][p].ctypes.data for r in range(self.n) for p in (0, 1))
+        return slots, tuple(e.ctypes.data for e in self.epochs), self.count.ctypes.data
 
 
 def for_group(g, row_bytes: int) -> ShmTable | None:
