@@ -19,8 +19,9 @@
    memory instead (mpipar.comm.agreement.shm_table: this rank's row into its slot, its
    epoch published, every peer's epoch awaited, their slots read), with the wait in C under
    the caller's back-off (mpipar.comm.wait.POLITE, passed with each call): the Python
-   around the exchange was most of a crowded rank's time, which its peers wait for. Only
-   the small all-reduce takes that call there; MPI's blocking all-reduce would busy-poll.
+   around the exchange was most of a crowded rank's time, which its peers wait for. There
+   the small all-reduce takes the whole call (MPI's blocking all-reduce would busy-poll),
+   and every other agreement the exchange alone (ctx.exchange).
 
    The reduction is exact and the same bits on every rank: out = row0 op row1, then
    out = out op row_k for k = 2.. (torch.add / maximum / minimum in the same order in
