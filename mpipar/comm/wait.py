@@ -100,6 +100,11 @@ POLITE = Backoff(spin_s=0.0, yield_s=2e-4, first_sleep=1e-6, max_sleep=2e-5, sha
 BUSY = Backoff(spin_s=2e-4, yield_s=1e-3, first_sleep=1e-5, max_sleep=1e-4)  # ranks have their own cores
 
 
+def polite_packed() -> bytes:
+    """POLITE as fast.c reads it (Backoff.packed), read at each call like backoff()."""
+    return POLITE.packed
+
+
 def backoff(polite: bool) -> Backoff:
     """The policy for a wait: POLITE when ranks outnumber cores, else BUSY (read at each wait,
     so a measurement can swap the module's values: experiments/wait_policy.py)."""

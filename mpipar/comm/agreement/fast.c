@@ -74,6 +74,23 @@ typedef struct {
     double spin_s, yield_s, first_sleep, max_sleep, share, longest_sleep, timer_slack_ns;
 } Policy;
 
+/* Backoff.packed into *p: 0, or -1 with an exception. */
+static int read_policy(PyObject *o, Policy *p)
+{
+    Py_buffer pb;
+    if (PyObject_GetBuffer(o, &pb, PyBUF_SIMPLE) < 0)
+        return -1;
+    int ok = pb.len == (Py_ssize_t)sizeof *p;
+    if (ok)
+        memcpy(p, pb.buf, sizeof *p);
+    PyBuffer_Release(&pb);
+    if (!ok) {
+        PyErr_SetString(PyExc_ValueError, "fast all_reduce: a policy is 7 doubles (Backoff.packed)");
+        return -1;
+    }
+    return 0;
+}
+
 static double now(void)
 {
     struct timespec ts;
@@ -206,19 +223,8 @@ static PyObject *call(Context *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Policy policy = {0};
-    if (self->shm) {
-        Py_buffer pb;
-        if (PyObject_GetBuffer(args[5], &pb, PyBUF_SIMPLE) < 0)
-            return NULL;
-        int ok = pb.len == (Py_ssize_t)sizeof policy;
-        if (ok)
-            memcpy(&policy, pb.buf, sizeof policy);
-        PyBuffer_Release(&pb);
-        if (!ok) {
-            PyErr_SetString(PyExc_ValueError, "fast all_reduce: a policy is 7 doubles");
-            return NULL;
-        }
-    }
+    if (self->shm && read_policy(args[5], &policy) < 0)
+        return NULL;
     char *data = (char *)PyLong_AsVoidPtr(args[3]);
     if (data == NULL && PyErr_Occurred())
         return NULL;
@@ -308,17 +314,8 @@ static PyObject *exchange(Context *self, PyObject *arg)
         return NULL;
     }
     Policy policy;
-    Py_buffer pb;
-    if (PyObject_GetBuffer(arg, &pb, PyBUF_SIMPLE) < 0)
+    if (read_policy(arg, &policy) < 0)
         return NULL;
-    int ok = pb.len == (Py_ssize_t)sizeof policy;
-    if (ok)
-        memcpy(&policy, pb.buf, sizeof policy);
-    PyBuffer_Release(&pb);
-    if (!ok) {
-        PyErr_SetString(PyExc_ValueError, "fast exchange: a policy is 7 doubles");
-        return NULL;
-    }
     Py_BEGIN_ALLOW_THREADS
     shm_exchange(self, &policy);
     Py_END_ALLOW_THREADS
@@ -358,7 +355,7 @@ static PyTypeObject ContextType = {
     .tp_call = PyVectorcall_Call,
     .tp_getset = getset,
     .tp_methods = context_methods,
-    .tp_doc = "one group's small all-reduce: ctx(group, info, algorithm, data_ptr, key)",
+    .tp_doc = "one group's small all-reduce: ctx(group, info, algorithm, data_ptr, key[, policy])",
 };
 
 /* A handle (C int or pointer; mpi4py gives either as a Python int, maybe unsigned): its low 64 bits. */

@@ -38,7 +38,7 @@ from ..symmetric.pool import _ATTR as _POOL
 from ...settings import current
 from ..backends.mpi import in_place
 from . import fast, shm_table
-from .. import wait as _wait
+from ..wait import polite_packed
 from .fast import FAST_DTYPES
 from .protocol import BAD_DIM, _UNKNOWN, check, exchange, signature, validation_enabled
 
@@ -158,7 +158,7 @@ def buffers(g) -> _Buffers:
         b.fast = fast.context(g, b.table, b.shm)
         if b.shm is not None and b.fast is not None:  # the exchange every other call makes, in C too
             exchange = b.fast.exchange
-            b.gather = lambda: exchange(_wait.POLITE.packed)
+            b.gather = lambda: exchange(polite_packed())
         g.at_close(lambda: g.__dict__.pop("_inline_buffers", None))  # its C context names the comm Mesh.close frees
     return b
 
@@ -241,7 +241,7 @@ def fast_all_reduce(t: torch.Tensor, g, op, algorithm) -> bool:
     buf.last = None  # the C call writes this rank's head: inline's cached one is stale
     try:
         if buf.shared:  # the exchange waits in C, under the policy in force (mpipar.comm.wait)
-            agreed = buf.fast(g, info, algorithm, t.data_ptr(), info.fast, _wait.POLITE.packed)
+            agreed = buf.fast(g, info, algorithm, t.data_ptr(), info.fast, polite_packed())
         else:
             agreed = buf.fast(g, info, algorithm, t.data_ptr(), info.fast)
     except RuntimeError as e:  # an MPI error code

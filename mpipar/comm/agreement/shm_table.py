@@ -70,7 +70,6 @@ class ShmTable:
         for r in self.peers:
             table[r] = self.slots[r][par]
 
-
     def layout(self) -> tuple:
         """(slot addresses: rank r's slot p at 2r + p, epoch addresses, the count's address), for
         the same exchange in C (mpipar.comm.agreement.fast)."""
