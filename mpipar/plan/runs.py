@@ -153,6 +153,12 @@ def format_predicted(rows: list[dict]) -> str:
     if errs:
         lines.append(f"step time: mean |error| {statistics.mean(errs):.0%}, worst {max(errs):.0%} "
                      f"(system {rows[0].get('pred_note', '')})")
+        at_load = [abs(r["pred_step_at_load_s"] / r["step_s"] - 1) for r in rows
+                   if isinstance(r.get("pred_step_at_load_s"), float) and not math.isnan(r["pred_step_at_load_s"])]
+        if at_load:  # the host's speed now against the calibration's (the load column): a calibration
+            # made in a faster or slower minute than the run shows here, not in the model
+            lines.append(f"at the load measured now (pred_step_at_load_s): mean |error| "
+                         f"{statistics.mean(at_load):.0%}, worst {max(at_load):.0%}")
         best_pred = min((r for r in rows if r.get("step_error") == r.get("step_error")),
                         key=lambda r: r["pred_step_s"])
         fastest = min(rows, key=lambda r: r["step_s"])

@@ -429,6 +429,17 @@ def test_train_gpt_prediction_columns():
     assert "dp1-pp2-sp1-tp2" in text and "no prediction" in text
 
 
+def test_format_predicted_reports_the_error_at_the_load_measured_now():
+    rows = [{"layout": f"l{k}", "step_s": 1.0, "pred_step_s": p, "step_error": p - 1.0, "pred_step_at_load_s": q,
+             "host_load": 1.1, "pred_activation_bytes": 1.0, "pred_rss_bytes": 1.0, "pred_note": "local",
+             **{f"pred_{c}_s": 0.0 for c in plan.COMPONENTS}} for k, (p, q) in enumerate([(0.8, 0.9), (0.7, 1.2)])]
+    text = format_predicted(rows)
+    assert "step time: mean |error| 25%, worst 30%" in text, text
+    assert "at the load measured now (pred_step_at_load_s): mean |error| 15%, worst 20%" in text, text
+    rows = [{**r, "pred_step_at_load_s": math.nan} for r in rows]
+    assert "at the load measured now" not in format_predicted(rows)
+
+
 def test_cli_estimate_and_validate():
     run = lambda *a: subprocess.run([sys.executable, "-m", "mpipar.plan", *a], capture_output=True,  # noqa: E731
                                     text=True, cwd=ROOT, env={"PYTHONPATH": str(ROOT)}, timeout=120)
