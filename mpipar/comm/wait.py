@@ -91,10 +91,10 @@ def _timer_slack(ns: int) -> None:
 
 
 # ranks outnumber cores: no spinning (a spinning waiter holds a core a peer needs to reach
-# the collective); yields for the first 200 us (a yield returns at once when nobody else wants
-# the core, and hands it over when somebody does), then sleeps of at most 20 us while the wait
-# is young, growing to 1/16 of the time waited (at most 1 ms) in long ones; results/TUNING.md
-# has the measurement
+# the collective); yields first (a yield returns at once when nobody else wants the core, and
+# hands it over when somebody does), then short sleeps while the wait is young, growing with
+# the time waited in long ones (a long wait wakes rarely); results/TUNING.md has the
+# measurement behind each constant
 POLITE = Backoff(spin_s=0.0, yield_s=2e-4, first_sleep=1e-6, max_sleep=2e-5, share=1 / 16, longest_sleep=1e-3,
                  timer_slack_ns=1000)
 BUSY = Backoff(spin_s=2e-4, yield_s=1e-3, first_sleep=1e-5, max_sleep=1e-4)  # ranks have their own cores

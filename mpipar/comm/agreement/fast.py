@@ -12,9 +12,9 @@ calls), without the Python between them.
 It applies where the group's agreement is a blocking MPI_Allgather (ranks with
 their own cores) or the shared-memory table (crowded ranks on one node,
 mpipar.comm.agreement.shm_table: there the small all-reduce, and every other
-agreement's exchange (ctx.exchange), waiting in C under mpipar.comm.wait.POLITE), the flight ring is C
-(mpipar.flight.ring), and mpi4py's MPI library exports MPI_Allgather and
-MPI_Allreduce. Otherwise, or with MPIPAR_FAST_AGREEMENT=0, or when the build
+agreement's exchange (ctx.exchange), waiting in C under mpipar.comm.wait.POLITE),
+the flight ring is C (mpipar.flight.ring), and mpi4py's MPI library exports
+MPI_Allgather and MPI_Allreduce. Otherwise, or with MPIPAR_FAST_AGREEMENT=0, or when the build
 fails, inline.py's Python path runs, with the same results.
 """
 from __future__ import annotations

@@ -126,9 +126,13 @@ class _Buffers:
         self.rows: dict = {}
         self.last, self.expect = None, b""  # the _Call whose head is in this rank's row
         self.gather = None  # the in-place Allgather of `table` (set by buffers())
-        self.shared = False  # ... made through shared memory (mpipar.comm.agreement.shm_table)
-        self.shm = None      # ... through this ShmTable
+        self.shm = None  # ... made through this ShmTable (mpipar.comm.agreement.shm_table), or MPI
         self.fast = None  # the small all-reduce in one C call over `table` (mpipar.comm.agreement.fast)
+
+    @property
+    def shared(self) -> bool:
+        """Whether the table is exchanged through shared memory."""
+        return self.shm is not None
 
     def typed_rows(self, dtype: torch.dtype, shape) -> tuple:
         """The N payloads (row r: rank r's), shaped `shape` and typed `dtype`."""
@@ -154,7 +158,6 @@ def buffers(g) -> _Buffers:
     if b is None:
         b = g._inline_buffers = _Buffers(g.size, g.rank)
         b.gather, b.shm = _allgather_of(g, b.table)
-        b.shared = b.shm is not None
         b.fast = fast.context(g, b.table, b.shm)
         if b.shm is not None and b.fast is not None:  # the exchange every other call makes, in C too
             exchange = b.fast.exchange
