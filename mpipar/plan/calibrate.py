@@ -12,6 +12,9 @@ ranks fill the cores):
   memory           the copy bandwidth of 4 MiB tensors; Adam's traffic per parameter
                    (1M parameters in 256 KiB tensors) and its host cost per tensor
                    (with the gradient-norm pass of clipping)
+  serial steps     a small GPT-2 and a Llama-tiny on one rank at micro-batch 1 and 8: the
+                   per-op overhead and FLOP time scaled per arch to reproduce them
+                   (fit_compute; the system's compute_scale)
   collectives      mpipar.comm's all-reduce, all-gather, reduce-scatter, all-to-all
                    and p2p at 2 and 4 ranks under mpiexec (calibrate_comm.py), fitted
                    per call as a + nbytes * b; the resident set of a bare rank
@@ -169,22 +172,32 @@ def measure_optimizer(torch, bandwidth: float) -> tuple[float, float]:
     return per_tensor, t * bandwidth / sum(p.numel() for p in mid)
 
 
-def measure_comm(ranks, quick: bool) -> dict:
+def _run_comm(n: int, *args: str) -> dict:
+    """calibrate_comm's JSON from `mpiexec -n n python -m mpipar.plan.calibrate_comm OUT *args`."""
     mpiexec = shutil.which("mpiexec", path=str(Path(sys.executable).parent)) or shutil.which("mpiexec")
     if mpiexec is None:
         raise MpiparError("calibrate: no mpiexec found next to the Python executable or on PATH")
-    out: dict = {"collectives": {}, "collective_points": {}, "rss_bytes": 0, "probe_s": {}, "train_s": {}}
     root = str(Path(__file__).resolve().parents[2])   # `-m` from here imports this checkout's mpipar
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "comm.json"
+        cmd = [mpiexec, "-n", str(n), sys.executable, "-m", "mpipar.plan.calibrate_comm", str(path), *args]
+        r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+        if r.returncode != 0 or not path.exists():
+            raise MpiparError(f"calibrate: {' '.join(cmd)} failed ({r.returncode}): {r.stderr[-2000:]}")
+        return json.loads(path.read_text())
+
+
+def measure_serial(quick: bool) -> tuple[dict, float]:
+    """({"ARCH@B": seconds of a step of that arch's probe model on one rank at micro-batch B},
+    the compute probe around them)."""
+    got = _run_comm(1, "--serial", *(("--quick",) if quick else ()))
+    return got["serial_s"], got["probe_s"]
+
+
+def measure_comm(ranks, quick: bool) -> dict:
+    out: dict = {"collectives": {}, "collective_points": {}, "rss_bytes": 0, "probe_s": {}, "train_s": {}}
     for n in ranks:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "comm.json"
-            cmd = [mpiexec, "-n", str(n), sys.executable, "-m", "mpipar.plan.calibrate_comm", str(path)]
-            if quick:
-                cmd.append("--quick")
-            r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
-            if r.returncode != 0 or not path.exists():
-                raise MpiparError(f"calibrate: {' '.join(cmd)} failed ({r.returncode}): {r.stderr[-2000:]}")
-            got = json.loads(path.read_text())
+        got = _run_comm(n, *(("--quick",) if quick else ()))
         for key in ("collectives", "collective_points"):
             for op, fits in got[key].items():
                 out[key].setdefault(op, {}).update(fits)
@@ -219,6 +232,68 @@ def _probe_step(data: dict, name: str, n: int) -> float:
     layout = Layout(**sizes, micro_batch=PROBE_MICRO_BATCH, global_batch=m * PROBE_MICRO_BATCH * dp, sequence_parallel=sizes.get("tp", 1) > 1,
                     dtype="fp32")
     return estimate(spec, System(data), layout).step_time
+
+
+def _serial_step(data: dict, key: str) -> float:
+    """The model's step of calibrate_comm.serial_steps' run `key` ("ARCH@B") on `data`."""
+    from .calibrate_comm import PROBE_MICROBATCHES, SERIAL_MODELS
+    from .estimate import estimate
+
+    arch, _, b = key.rpartition("@")
+    cfg = SERIAL_MODELS[arch]
+    spec = ModelSpec(cfg["vocab_size"], cfg["seq_len"], cfg["hidden"], cfg["num_heads"], cfg["num_layers"],
+                     ffn_hidden=cfg.get("ffn_hidden"), arch=arch, num_kv_heads=cfg.get("num_kv_heads"))
+    layout = Layout(micro_batch=int(b), global_batch=PROBE_MICROBATCHES * int(b), dtype="fp32")
+    return estimate(spec, System(data), layout).step_time
+
+
+def _with_scale(data: dict, arch: str, overhead: float, flops: float) -> dict:
+    d = copy.deepcopy(data)
+    d.setdefault("compute_scale", {})[arch] = {"op_overhead": overhead, "flops": flops}
+    return d
+
+
+def fit_compute(data: dict, serial_s: dict, log=print) -> dict:
+    """compute_scale[arch] (System.for_arch) such that the model reproduces each arch's serial
+    steps at its smallest and largest micro-batch (calibrate_comm.serial_steps, keys "ARCH@B").
+
+    Why: the overhead is timed on a tiny block in cache and the FLOP rate on bare GEMMs; eager
+    training costs more per op and less per FLOP than that, in proportions that depend on the
+    block's ops. Unscaled, the model's error moved with the micro-batch a rank runs at (on this
+    project's 2-core host: the GPT probe 26% fast at micro-batch 1, 9% slow at 8; the Llama one
+    20% fast at every size), and layouts of one model, which run at different micro-batches per
+    rank, were ranked by it. A step is linear in the two scales (the overhead adds to each op,
+    the FLOPs divide by the rate), so two sizes fix both."""
+    data = copy.deepcopy(data)
+    data.setdefault("measurements", {})["serial_s"] = dict(serial_s)
+    by_arch: dict = {}
+    for key in serial_s:
+        arch, _, b = key.rpartition("@")
+        by_arch.setdefault(arch, []).append(int(b))
+    for arch, sizes in sorted(by_arch.items()):
+        if len(sizes) < 2:
+            continue
+        keys = [f"{arch}@{min(sizes)}", f"{arch}@{max(sizes)}"]
+        rows, rhs = [], []
+        for key in keys:
+            t11 = _serial_step(_with_scale(data, arch, 1.0, 1.0), key)
+            per_overhead = _serial_step(_with_scale(data, arch, 2.0, 1.0), key) - t11
+            per_flops = _serial_step(_with_scale(data, arch, 1.0, 2.0), key) - t11
+            rows.append([per_overhead, per_flops])
+            rhs.append(serial_s[key] - (t11 - per_overhead - per_flops))
+        try:
+            k_o, k_f = (float(x) for x in np.linalg.solve(np.array(rows), np.array(rhs)))
+        except np.linalg.LinAlgError:
+            continue
+        # noise can push a solution out of any real host's reach: keep it within 8x of the probes
+        k_o, k_f = min(max(k_o, 0.125), 8.0), min(max(k_f, 0.125), 8.0)
+        unscaled = [_serial_step(_with_scale(data, arch, 1.0, 1.0), key) for key in keys]
+        data = _with_scale(data, arch, k_o, k_f)
+        for key, before in zip(keys, unscaled):
+            log(f"serial probe {key}: measured {serial_s[key] * 1e3:.1f} ms, model {before * 1e3:.1f} ms "
+                f"unscaled, {_serial_step(data, key) * 1e3:.1f} ms scaled")
+        log(f"fitted for {arch}: per-op overhead x{k_o:.2f}, FLOP time x{k_f:.2f} of the micro-benchmarks'")
+    return data
 
 
 def young_wait_s() -> float:
@@ -313,6 +388,9 @@ def calibrate(out=None, ranks=(2, 4), quick: bool = False, threads: int = 1, log
     (att_eff, a_pts), p_a = steady(lambda: measure_attention(torch, peak, overhead, att_half))
     bw, p_bw = steady(lambda: measure_memory(torch))
     (per_tensor, bytes_per_param), p_opt = steady(lambda: measure_optimizer(torch, bw))
+    serial = serial_probe = None
+    if ranks:   # one rank under mpiexec: the parallel model as every layout's ranks run it
+        serial, serial_probe = measure_serial(quick)
     probe1 = float(np.median(probes))
     overhead, overhead_b = overhead * probe1 / p_o, overhead_b * probe1 / p_o
     peak *= p_m / probe1
@@ -370,6 +448,8 @@ def calibrate(out=None, ranks=(2, 4), quick: bool = False, threads: int = 1, log
         "measurements": {**o_pts, **m_pts, **a_pts, "collective_points": comm["collective_points"],
                          "train_s": comm["train_s"]},
     }
+    if serial:
+        data = fit_compute(data, {k: t * probe1 / serial_probe for k, t in serial.items()}, log)
     if comm["train_s"]:
         data = fit_training(data, comm["train_s"], log)
     from . import host

@@ -1,6 +1,7 @@
 """Collective and p2p timings through mpipar.comm, run under mpiexec by `calibrate`.
 
     mpiexec -n N python -m mpipar.plan.calibrate_comm OUT.json [--quick]
+    mpiexec -n 1 python -m mpipar.plan.calibrate_comm OUT.json --serial [--quick]
 
 Times every call as the library's user sees it (argument agreement, staging,
 Python included), at message sizes from 256 B to 4 MiB, and fits, per op,
@@ -18,6 +19,11 @@ every rank already waiting, and the compute probe runs alone in cache. In
 training each collective follows compute, and on a host with more ranks than
 cores a rank arriving first waits until its peers are scheduled again; ranks
 also share caches and memory. calibrate fits those two effects to real steps.
+
+With --serial (one rank): {"serial_s": {"ARCH@B": the median step of SERIAL_MODELS[ARCH]
+on one rank at micro-batch B (SERIAL_MICRO_BATCHES, all interleaved)}, "probe_s": the
+compute probe around them}. calibrate scales the model's per-op overhead and FLOP rate,
+per arch, so that it reproduces them (calibrate.fit_compute).
 """
 from __future__ import annotations
 
@@ -26,6 +32,8 @@ import sys
 import time
 
 import numpy as np
+
+from mpipar.models.config import PRESETS
 
 
 def _time(fn, comm, reps: int) -> float:
@@ -75,6 +83,11 @@ def compute_probe(torch) -> float:
 # ms); shapes run each layout of 2 and 4 ranks (pp 4 needs 4 layers; zigzag sp 4, seq % 8).
 PROBE_MODEL = dict(vocab_size=64, seq_len=64, hidden=128, num_heads=4, num_layers=4)
 PROBE_MICROBATCHES, PROBE_MICRO_BATCH = 4, 2
+# The serial steps, one model per arch (the op mix of a block), span the micro-batch sizes a
+# rank runs at (1 to 8): the per-op part of a step dominates at 1, its FLOPs at 8.
+SERIAL_MODELS = {"gpt2": dict(PROBE_MODEL, arch="gpt2"),
+                 "llama": dict(PRESETS["llama-tiny"], vocab_size=64, seq_len=64)}
+SERIAL_MICRO_BATCHES = (1, 8)
 
 
 def probe_layouts(n: int) -> dict:
@@ -104,6 +117,33 @@ def _train_probe(torch, mpipar, world, sizes: dict, steps: int) -> float:
         if i >= 2:
             times.append(world.allreduce(time.perf_counter() - t0, op=_max()))
     return float(np.median(times))
+
+
+def serial_steps(torch, mpipar, rounds: int) -> dict:
+    """{"ARCH@B": median seconds of one train_step of SERIAL_MODELS[ARCH] on this one rank at
+    micro-batch B}, every model and size once per round, so that a drift of the host moves them alike."""
+    from mpipar import models
+
+    mesh = mpipar.Mesh()   # the parallel model at one rank: what every layout's ranks run
+    m = PROBE_MICROBATCHES
+    gen = torch.Generator().manual_seed(0)
+    runs = []
+    for arch, cfg in SERIAL_MODELS.items():
+        torch.manual_seed(0)
+        model = models.GPT(models.GPTConfig(**cfg), mesh)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for b in SERIAL_MICRO_BATCHES:
+            tokens = torch.randint(0, cfg["vocab_size"], (m * b, cfg["seq_len"]), generator=gen)
+            runs.append((f"{arch}@{b}", model, opt, tokens))
+    times: dict = {key: [] for key, *_ in runs}
+    for i in range(2 + rounds):
+        for key, model, opt, tokens in runs:
+            t0 = time.perf_counter()
+            models.train_step(model, (tokens, tokens), opt, mesh, m, max_grad_norm=1.0)
+            if i >= 2:
+                times[key].append(time.perf_counter() - t0)
+    mesh.close()
+    return {key: float(np.median(t)) for key, t in times.items()}
 
 
 def _trained_rss(torch, mesh, rss_bytes) -> int:
@@ -143,6 +183,16 @@ def main(argv=None) -> int:
     from mpi4py import MPI
     world = MPI.COMM_WORLD
     n = world.Get_size()
+    if "--serial" in argv:
+        if n != 1:
+            raise SystemExit("calibrate_comm --serial runs on one rank")
+        torch.set_num_threads(1)
+        p0 = compute_probe(torch)
+        serial = serial_steps(torch, mpipar, 3 if quick else 5)
+        probe = (p0 + compute_probe(torch)) / 2
+        with open(out, "w") as f:
+            json.dump({"serial_s": serial, "probe_s": probe}, f)
+        return 0
     mesh = mpipar.Mesh(dp=n)
     rss = world.allreduce(_trained_rss(torch, mesh, rss_bytes), op=MPI.MAX)
     torch.set_num_threads(1)

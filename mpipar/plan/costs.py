@@ -99,6 +99,7 @@ def _heads(spec: ModelSpec, tp: int) -> tuple[float, float]:
 
 def layer_cost(spec: ModelSpec, system, layout: Layout) -> PhaseCost:
     """One block, one microbatch, one rank. Cached on the system per shape-relevant layout fields."""
+    system = system.for_arch(spec.arch)
     key = ("layer", spec, layout.tp, layout.sp, layout.sp_mode, layout.sequence_parallel, layout.micro_batch,
            layout.recompute, layout.dtype, host_ranks(system, layout))
     cache = _cache(system)

@@ -168,6 +168,7 @@ def estimate(spec: ModelSpec, system, layout: Layout) -> Estimate:
     p, v, m, t = L.pp, L.num_chunks, L.num_microbatches, L.tp
     if p > 1:
         check_args(L.schedule, p, m, v)
+    system = system.for_arch(spec.arch)
     S = _stages(spec, system, L)
     layers, stages, params = S.layers, S.costs, S.params
     comm = system.collective("send_recv", S.p2p_bytes, 2, t * L.sp * L.dp, host=host_ranks(system, L)) \

@@ -10,6 +10,9 @@ Fields (every shipped number carries its source under "sources"):
   op_overhead, overhead_mode   seconds per kernel launch / eager op (op_overhead_backward, if
                                given, for backward ops); "max" (asynchronous
                                launches hide behind work) or "add" (the host waits)
+  compute_scale{arch: {op_overhead, flops}}  optional (calibrate): for a model of that arch, the
+                               per-op overheads times op_overhead and FLOP times times flops
+                               (see for_arch)
   cores                        host cores shared by the ranks of a node (CPU systems), else null
   contention{N: factor}        measured compute slowdown with N ranks busy on the host (calibrate);
                                without it, N / cores beyond the cores
@@ -96,6 +99,8 @@ class System:
         for key, sec in d.get("sync_after_compute", {}).items():
             size, _, host = str(key).partition("@")
             self.sync[(int(size), int(host or size))] = float(sec)
+        self.compute_scale = {arch: (float(k.get("op_overhead", 1.0)), float(k.get("flops", 1.0)))
+                              for arch, k in d.get("compute_scale", {}).items()}
         self.shares = {}
         for key, frac in d.get("sync_share", {}).items():
             size, _, host = str(key).partition("@")
@@ -149,6 +154,28 @@ class System:
         data = copy.deepcopy(self.data)
         data["load"] = float(load)
         return System(data, self.path)
+
+    def for_arch(self, arch: str) -> "System":
+        """This system as it runs a model of `arch`: its per-op overheads and FLOP rates scaled by
+        compute_scale[arch] (itself when that is not calibrated).
+
+        Why per arch: calibrate times the overhead on a tiny block and the rate on bare GEMMs, and
+        the steps of eager training cost a different mix of the two, which depends on the ops a
+        block runs (mpipar.plan.calibrate.fit_compute)."""
+        scale = self.compute_scale.get(arch)
+        if scale is None:
+            return self
+        cache = self.__dict__.setdefault("_arch_systems", {})
+        hit = cache.get(arch)
+        if hit is None:
+            data = copy.deepcopy(self.data)
+            del data["compute_scale"]
+            overhead, flops = scale
+            data["op_overhead"] = float(data["op_overhead"]) * overhead
+            data["op_overhead_backward"] = self.op_overhead_b * overhead
+            data["peak_flops"] = {k: float(v) / flops for k, v in data["peak_flops"].items()}
+            hit = cache[arch] = System(data, self.path)
+        return hit
 
     @property
     def load_factor(self) -> float:

@@ -553,6 +553,36 @@ def test_fit_training_recovers_the_host_it_was_generated_from():
         assert _probe_step(got, name, int(n)) == pytest.approx(t, rel=1e-3)
 
 
+def test_fit_compute_recovers_the_scales_it_was_generated_from():
+    from mpipar.plan.calibrate import _serial_step, fit_compute
+    from mpipar.plan.calibrate_comm import SERIAL_MICRO_BATCHES, SERIAL_MODELS
+
+    truth = _host_system(compute_scale={"gpt2": {"op_overhead": 2.5, "flops": 0.8},
+                                        "llama": {"op_overhead": 1.3, "flops": 1.1}}).data
+    serial_s = {f"{a}@{b}": _serial_step(truth, f"{a}@{b}") for a in SERIAL_MODELS for b in SERIAL_MICRO_BATCHES}
+    got = fit_compute(_host_system().data, serial_s, log=lambda *_: None)
+    for arch, scale in truth["compute_scale"].items():
+        assert got["compute_scale"][arch] == pytest.approx(scale, rel=1e-6)
+    assert got["measurements"]["serial_s"] == serial_s
+    for key, t in serial_s.items():
+        assert _serial_step(got, key) == pytest.approx(t, rel=1e-6)
+
+
+def test_a_compute_scale_applies_to_its_arch_only():
+    L = plan.Layout(micro_batch=2, global_batch=8, dtype="fp32")
+    gpt = plan.ModelSpec(64, 64, 128, 4, 4)
+    llama = plan.ModelSpec(64, 64, 64, 4, 4, ffn_hidden=176, arch="llama", num_kv_heads=2)
+    plain = _host_system()
+    assert plain.for_arch("llama") is plain
+    scaled = _host_system(compute_scale={"llama": {"op_overhead": 2.0, "flops": 1.0}})
+    assert plan.estimate(gpt, scaled, L).step_time == pytest.approx(plan.estimate(gpt, plain, L).step_time)
+    base, more = plan.estimate(llama, plain, L), plan.estimate(llama, scaled, L)
+    assert more.step_time > 1.1 * base.step_time   # a small Llama's step is mostly per-op overhead
+    unit = _host_system(compute_scale={"llama": {"op_overhead": 1.0, "flops": 1.0}})
+    assert plan.estimate(llama, unit, L).step_time == pytest.approx(base.step_time)
+    assert scaled.with_load(1.5).for_arch("llama").load_factor == 1.5
+
+
 _KERNEL_COUNT = """
 import torch, mpipar
 from torch.utils._python_dispatch import TorchDispatchMode
