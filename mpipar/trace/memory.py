@@ -96,6 +96,9 @@ class ActivationMeter:
         self._excluded: set = set()
         self.current = 0
         self.peak = 0
+        # False: entering counts nothing (a Python hook per saved tensor costs a training step
+        # several percent; a run meters the steps it does not time)
+        self.enabled = True
         self.exclude(*(exclude if isinstance(exclude, (list, tuple, set)) else (exclude,)))
 
     def exclude(self, *objs) -> None:
@@ -141,13 +144,16 @@ class ActivationMeter:
                 self.current -= entry[1]
 
     def __enter__(self) -> "ActivationMeter":
-        hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        hooks.__enter__()
+        hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack) if self.enabled else None
+        if hooks is not None:
+            hooks.__enter__()
         self._hooks.append(hooks)
         return self
 
     def __exit__(self, *exc) -> None:
-        self._hooks.pop().__exit__(*exc)
+        hooks = self._hooks.pop()
+        if hooks is not None:
+            hooks.__exit__(*exc)
 
     def __repr__(self) -> str:
         return f"ActivationMeter(current={self.current}, peak={self.peak})"

@@ -114,6 +114,23 @@ def test_provenance_attributes(shared_dir):
     assert COMM.allgather(prov["created_utc"]) == [prov["created_utc"]] * COMM.size
 
 
+def test_a_disabled_meter_counts_nothing_and_enabled_again_counts():
+    meter = trace.ActivationMeter()
+    w = torch.nn.Parameter(torch.randn(256))
+    x = torch.randn(64, 256)
+    meter.enabled = False
+    with meter:
+        y = (x * w).exp().sum()
+    assert meter.current == 0 and meter.peak == 0
+    y.backward()
+    meter.enabled = True
+    with meter:
+        y = (x * w).exp().sum()
+    assert meter.current == 2 * x.nbytes and meter.peak == 2 * x.nbytes
+    y.backward()
+    assert meter.current == 0
+
+
 def test_memory_samples_and_save_keeps_results_tables(shared_dir):
     tracer = trace.Tracer(COMM)
     path = os.path.join(shared_dir, "mem.h5")
