@@ -12,8 +12,8 @@ blocks into the output (the same bytes as inline_ops' torch calls: copies, and t
 rank-order reduction of fast.c's all-reduce) and records itself.
 
 Each entry point returns None when nothing was communicated (the caller takes the
-Python path): no C context (fast.py: MPIPAR_FAST_AGREEMENT=0, no build, ranks with
-their own cores spread politely), validation off, a tensor that is not a contiguous
+Python path): no C context (fast.py: MPIPAR_FAST_AGREEMENT=0, no build, ranks that
+outnumber cores on several nodes), validation off, a tensor that is not a contiguous
 CPU tensor, a signature whose data does not ride in the table, a dtype or op without
 a kernel (floats reduce by sum only: torch.maximum's NaN rules stay in Python), a
 bad argument on this rank (the Python path raises it, meeting the others' exchange),
