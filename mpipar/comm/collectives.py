@@ -24,7 +24,7 @@ import torch
 from ..errors import MpiparError
 from ..mesh import as_group
 from . import outputs, tuning
-from .agreement import inline, inline_ops, into
+from .agreement import fast_ops, inline, inline_ops, into
 from .backends import crowded, mpi as native, ring
 from .symmetric import collectives as shm, entry as shm_entry
 from .buffers import (blocking_buffer, flat_chunks, host_contiguous, needs_staging, offsets, reduce_dtype,
@@ -117,6 +117,15 @@ def _all_reduce(t: torch.Tensor, g, op: str, algorithm: str, entry, prestaged=No
 def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *,
                out: torch.Tensor | None = None) -> torch.Tensor:
     g = as_group(group)
+    if g.size > 1:
+        fast = fast_ops.all_gather(t, g, dim, algorithm, out)  # agreement, data and record in one C call
+        if fast.__class__ is fast_ops.Exchanged:  # ... the agreement alone: pieces of different sizes
+            try:
+                return _all_gather(t, g, dim, algorithm, out=out, exchanged=(fast.buf, fast.entry))
+            finally:
+                fast.close()
+        if fast is not None:
+            return fast
     slot = begin(g, "all_gather", t.dtype, t.shape, algorithm)
     try:
         return _all_gather(t, g, dim, algorithm, out=out)
@@ -125,7 +134,7 @@ def all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *,
 
 
 def _all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, exchanged=None) -> torch.Tensor:
     """Concatenation of every rank's `t` along `dim` (sizes along `dim` may differ per rank).
 
     `out` (keyword, not differentiable): write the result into this contiguous tensor of
@@ -141,7 +150,8 @@ def _all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *
     code = into.code(t, out, d)
     small = table = None  # table: the shared-memory entry exchange (mpipar.comm.symmetric.collectives)
     if g.size > 1:  # one Allgather: agreement, sizes, and small pieces too
-        small, sizes, table = inline_ops.agree_all_gather(t, g, d, algorithm, code, t if out is None else out)
+        small, sizes, table = inline_ops.agree_all_gather(t, g, d, algorithm, code, t if out is None else out,
+                                                          exchanged)
     else:
         sizes = _agree("all_gather", g, t, algorithm=algorithm, dim=d, root=code, free_dim=True, root_name="out")
     if out is not None:
@@ -207,6 +217,10 @@ def _all_gather_into(t, g, d: int, sizes: list[int], algorithm: str, out: torch.
 def reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algorithm: str = "auto", *,
                    validate: bool = True) -> torch.Tensor:
     g = as_group(group)
+    if validate and g.size > 1:
+        fast = fast_ops.reduce_scatter(t, g, dim, op, algorithm)  # agreement, data and record in one C call
+        if fast is not None:
+            return fast
     slot = begin(g, "reduce_scatter", t.dtype, t.shape, algorithm)
     try:
         return _reduce_scatter(t, g, dim, op, algorithm, validate=validate)
@@ -256,6 +270,8 @@ def _reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algor
 
 def broadcast(t: torch.Tensor, group, root: int = 0) -> torch.Tensor:
     g = as_group(group)
+    if g.size > 1 and fast_ops.broadcast(t, g, root):  # agreement, data and record in one C call
+        return t
     slot = begin(g, "broadcast", t.dtype, t.shape)
     try:
         return _broadcast(t, g, root)
@@ -295,6 +311,10 @@ def _bcast(g, buf, root: int, nbytes: int) -> None:
 
 def all_to_all(t: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
     g = as_group(group)
+    if g.size > 1:
+        fast = fast_ops.all_to_all(t, g, scatter_dim, gather_dim)  # agreement, data and record in one C call
+        if fast is not None:
+            return fast
     slot = begin(g, "all_to_all", t.dtype, t.shape)
     try:
         return _all_to_all(t, g, scatter_dim, gather_dim)

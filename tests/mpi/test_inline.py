@@ -10,6 +10,7 @@ reductions are in rank order, bit-identical on every rank.
 from __future__ import annotations
 
 import collections
+import contextlib
 
 import pytest
 import torch
@@ -209,8 +210,9 @@ def test_all_to_all_small_is_one_collective_and_large_matches(counted, checks):
 # ---- the small all-reduce in one C call (mpipar.comm.agreement.fast) ---------------------------
 @pytest.fixture
 def fast_group(world):
-    """A Group over a Dup of WORLD whose small all-reduces run fast.c (built here even where ranks
-    share cores, where mpipar would not choose it), and a counter of its C calls."""
+    """A Group over a Dup of WORLD whose small collectives run fast.c (built here even where ranks
+    share cores, where mpipar would not choose it), and a counter of its C calls ("fast": the
+    all-reduce, "run": the others, mpipar.comm.agreement.fast_ops)."""
     from mpipar.comm.agreement import fast, inline
 
     g = Group(world.Dup(), "fast")
@@ -225,7 +227,11 @@ def fast_group(world):
         calls["fast"] += 1
         return ctx(*args)
 
-    buf.fast = counted
+    def counted_run(*args):
+        calls["run"] += 1
+        return ctx.run(*args)
+
+    buf.fast, buf.run = counted, counted_run
     yield g, calls
     g.comm.Free()
 
@@ -314,4 +320,244 @@ def test_fast_and_python_paths_meet(fast_group, world, checks, cols):
     checks.equal(got.contiguous(), want, "mixed paths")
     c_here = g.rank != 0 and not (shared and cols * 3 * 4 > INLINE_BYTES)
     checks.true((calls["fast"] - before) == int(c_here), "rank 0 Python, the others C")
+    checks.finish()
+
+
+# ---- the other small collectives in one C call (fast.c's run, mpipar.comm.agreement.fast_ops) ----
+FAST_OP_DTYPES = [torch.float32, torch.float64, torch.int64, torch.int16, torch.int8, torch.uint8, torch.bool]
+
+
+@contextlib.contextmanager
+def python_path(g):
+    """Every rank of g takes inline_ops' Python path for the calls inside."""
+    from mpipar.comm.agreement import inline
+
+    buf = inline.buffers(g)
+    run, buf.run = buf.run, None
+    try:
+        yield
+    finally:
+        buf.run = run
+
+
+def same_bytes(checks, got, want, msg):
+    """dtype, shape, contiguity, requires_grad and every byte equal."""
+    checks.true((got.dtype, tuple(got.shape), got.is_contiguous(), got.requires_grad)
+                == (want.dtype, tuple(want.shape), want.is_contiguous(), want.requires_grad),
+                f"{msg}: {got.dtype}{tuple(got.shape)} vs {want.dtype}{tuple(want.shape)}")
+    checks.true(got.shape != want.shape or got.contiguous().numpy().tobytes() == want.contiguous().numpy().tobytes(),
+                f"{msg}: bytes differ")
+
+
+def fast_op_cases(n):
+    """(name, dtype, shape, kwargs): every dim of 1-3-d shapes with odd sizes, both ends of root."""
+    for dtype in FAST_OP_DTYPES:
+        for shape in ((5, 7), (1,), (3, 1, 2)):
+            for root in (0, n - 1):
+                yield "broadcast", dtype, shape, {"root": root}
+        for shape in ((3, 5, 2), (7,), (1, 3)):
+            for dim in range(-1, len(shape)):
+                yield "all_gather", dtype, shape, {"dim": dim}
+        for op in ("sum", "max", "min"):
+            for dim in (-1, 0, 1, 2):
+                yield "reduce_scatter", dtype, (2 * n + 1, 3, 2), {"dim": dim, "op": op}
+        for sd, gd in ((0, 0), (0, 1), (0, 2), (2, 0), (2, 1), (2, 2), (-1, -3)):
+            yield "all_to_all", dtype, (2 * n, 3, n), {"scatter_dim": sd, "gather_dim": gd}
+
+
+def serial(name, xs, r, n, kw):
+    """What rank r must get from the ranks' inputs `xs`, computed here."""
+    from conftest import np_reduce
+
+    if name == "broadcast":
+        return xs[kw["root"]]
+    if name == "all_gather":
+        return torch.cat(xs, dim=kw["dim"])
+    if name == "reduce_scatter":
+        return torch.tensor_split(np_reduce(xs, kw["op"]), n, dim=kw["dim"])[r].contiguous()
+    return torch.cat([x.chunk(n, dim=kw["scatter_dim"])[r] for x in xs], dim=kw["gather_dim"])
+
+
+def run_op(name, x, g, kw):
+    if name == "broadcast":
+        return comm.broadcast(x, g, **kw)
+    return getattr(comm, name)(x, g, **kw)
+
+
+def test_fast_ops_are_the_python_path_bit_for_bit(fast_group, world, checks):
+    """fast.c's run against inline_ops' Python path and a serial reference, for every dtype the
+    table carries, odd shapes and every dim: the same dtype, shape, layout and bytes, on every
+    rank; and the C path taken exactly where it has the kernel (floats reduce by sum only)."""
+    from conftest import rank_tensor
+
+    g, calls = fast_group
+    if g.size == 1:
+        pytest.skip("a single rank communicates nothing")
+    n, r = g.size, g.rank
+    for k, (name, dtype, shape, kw) in enumerate(fast_op_cases(n)):
+        xs = [rank_tensor(shape, dtype, q, seed=k) for q in range(n)]
+        what = f"{name} {dtype} {shape} {kw}"
+        before = calls["run"]
+        got = run_op(name, xs[r].clone(), g, kw)
+        took_c = calls["run"] - before == 1
+        with python_path(g):
+            want = run_op(name, xs[r].clone(), g, kw)
+        same_bytes(checks, got, want, what + " vs the Python path")
+        same_bytes(checks, got, serial(name, xs, r, n, kw), what + " vs serial")
+        expect_c = not (name == "reduce_scatter" and dtype.is_floating_point and kw["op"] != "sum")
+        checks.true(took_c == expect_c, f"{what}: C path taken: {took_c}")
+    blobs = world.allgather(calls["run"])
+    checks.true(all(b == blobs[0] for b in blobs), "ranks took different paths")
+    checks.finish()
+
+
+def test_fast_ops_in_place_and_out(fast_group, checks):
+    """broadcast writes its argument in place and bumps its version (autograd sees the write)
+    off the root, also on a leaf that requires grad; all_gather(out=) fills `out` (its version
+    bumped), the in-place gather (t is this rank's slice of out) included; an `out` that
+    requires grad takes the Python path, which raises as before."""
+    g, calls = fast_group
+    if g.size == 1:
+        pytest.skip("a single rank communicates nothing")
+    n, r = g.size, g.rank
+    leaf = torch.full((6,), float(r), requires_grad=True)
+    version, before = leaf._version, calls["run"]
+    out = comm.broadcast(leaf, g, root=1)
+    checks.true(out is leaf and calls["run"] == before + 1, "broadcast: C path, returns its argument")
+    checks.equal(leaf.detach(), torch.full((6,), 1.0), "broadcast of a leaf")
+    checks.true((leaf._version > version) == (r != 1), f"broadcast version {version} -> {leaf._version}")
+    want = torch.arange(n, dtype=torch.float32).repeat_interleave(6).reshape(n * 2, 3)
+    for in_place in (False, True):
+        buf = torch.zeros(n * 2, 3)
+        piece = buf[2 * r:2 * r + 2] if in_place else torch.full((2, 3), float(r))
+        piece.fill_(float(r))
+        version, before = buf._version, calls["run"]
+        got = comm.all_gather(piece, g, out=buf)
+        checks.true(got is buf and calls["run"] == before + 1, f"all_gather out= (in place {in_place}): C path")
+        checks.equal(buf, want, f"all_gather out= (in place {in_place})")
+        checks.true(buf._version > version, "all_gather out=: version bumped")
+    before = calls["run"]
+    with pytest.raises(RuntimeError, match="leaf Variable"):
+        comm.all_gather(torch.ones(2, 3), g, out=torch.zeros(n * 2, 3, requires_grad=True))
+    checks.true(calls["run"] == before, "an out that requires grad: the Python path")
+    checks.finish()
+
+
+def test_fast_ops_bad_arguments_raise_on_every_rank(fast_group, world, checks):
+    """A call whose arguments differ on one rank (shape, dtype, root, op, dims, out) raises the
+    Python path's MpiparError on every rank, the C ranks included, and the group goes on."""
+    from mpipar import MpiparError
+
+    g, calls = fast_group
+    if g.size == 1:
+        pytest.skip("a single rank communicates nothing")
+    n, r, last = g.size, g.rank, g.rank == g.size - 1
+    cases = [
+        ("broadcast shape", lambda: comm.broadcast(torch.ones(4 + last), g), "arguments differ"),
+        ("broadcast root", lambda: comm.broadcast(torch.ones(4), g, root=n if last else 0), "out of range"),
+        ("broadcast dtype", lambda: comm.broadcast(torch.ones(4, dtype=torch.float64 if last else torch.float32), g),
+         "arguments differ"),
+        ("all_gather dtype", lambda: comm.all_gather(torch.ones(3, dtype=torch.int32 if last else torch.int64), g),
+         "arguments differ"),
+        ("all_gather dim", lambda: comm.all_gather(torch.ones(3, 2), g, dim=1 if last else 0), "arguments differ"),
+        ("all_gather bad dim", lambda: comm.all_gather(torch.ones(3, 2), g, dim=5 if last else 0), "out of range"),
+        ("all_gather out", lambda: comm.all_gather(torch.ones(2, 3), g, out=torch.zeros(2 * n + last, 3)),
+         "out"),
+        ("reduce_scatter op", lambda: comm.reduce_scatter(torch.ones(n, 2), g, op="prod" if last else "sum"),
+         "unknown op"),
+        ("reduce_scatter shape", lambda: comm.reduce_scatter(torch.ones(n + last, 2), g), "arguments differ"),
+        ("all_to_all dims", lambda: comm.all_to_all(torch.ones(n, n), g, 0, 1 if last else 0), "arguments differ"),
+        ("all_to_all divisible", lambda: comm.all_to_all(torch.ones(n + 1, 2), g, 0, 0), "not divisible"),
+    ]
+    for what, call, match in cases:
+        before = calls["run"]
+        try:
+            call()
+            checks.true(False, f"{what}: no error")
+        except MpiparError as e:
+            checks.true(match in str(e), f"{what}: {e}")
+        except Exception as e:  # noqa: BLE001 - reported on every rank by checks
+            checks.true(False, f"{what}: {type(e).__name__}: {e}")
+        if what in ("broadcast shape", "all_gather dtype", "reduce_scatter shape"):
+            checks.true(calls["run"] == before + 1, f"{what}: the disagreement found in the C call")
+        x = torch.full((n, 2), float(r))
+        checks.equal(comm.reduce_scatter(x, g), torch.full((1, 2), float(n * (n - 1) // 2)), f"after {what}")
+    checks.finish()
+
+
+def test_fast_ops_and_python_paths_meet(fast_group, world, checks):
+    """Rank 0's tensor is not contiguous (the Python path), the others' are (the C path): the
+    same exchange, the same results as the serial reference; and an all_gather whose pieces
+    differ in size (the C ranks agree in C and leave the finish to inline_ops), or outgrow
+    the slot on one rank (then MPI's all-gather after the agreement)."""
+    from conftest import rank_tensor
+
+    g, calls = fast_group
+    if g.size == 1:
+        pytest.skip("a single rank communicates nothing")
+    if not world.allreduce(not g.oversubscribed or inline_buffers_shared(g), op=MPI.LAND):
+        pytest.skip("ranks outnumber cores on several nodes: mpipar does not take the C path here")
+    n, r = g.size, g.rank
+    for k, (name, dtype, shape, kw) in enumerate(fast_op_cases(n)):
+        if dtype not in (torch.float32, torch.int8) or len(shape) < 2:
+            continue
+        xs = [rank_tensor(shape, dtype, q, seed=k) for q in range(n)]
+        x = xs[r].clone()
+        if r == 0:  # the same values, not contiguous
+            x = x.transpose(0, -1).contiguous().transpose(0, -1)
+        before = calls["run"]
+        got = run_op(name, x, g, kw)
+        expect_c = x.is_contiguous() and not (name == "reduce_scatter" and dtype.is_floating_point
+                                              and kw["op"] != "sum")
+        checks.true((calls["run"] - before == 1) == expect_c, f"{name} {kw}: rank 0 Python, the others C")
+        same_bytes(checks, got.contiguous(), serial(name, xs, r, n, kw), f"mixed {name} {dtype} {shape} {kw}")
+    for extra, slots in ((1, "in the table"), (INLINE_BYTES // 12, "one rank's piece outgrows the slot")):
+        sizes = [2 + q + (extra if q == n - 1 else 0) for q in range(n)]
+        xs = [rank_tensor((s, 3), torch.float32, q, seed=99) for q, s in enumerate(sizes)]
+        for d, pieces in ((0, xs), (1, [x.t().contiguous() for x in xs])):
+            before = calls["run"]
+            got = comm.all_gather(pieces[r].clone(), g, dim=d)
+            same_bytes(checks, got, torch.cat(pieces, dim=d), f"uneven all_gather dim {d} ({slots})")
+            checks.true(calls["run"] - before == int(sizes[r] * 12 <= INLINE_BYTES), f"uneven: C call ({slots})")
+            out = torch.zeros(sum(sizes), 3) if d == 0 else torch.zeros(3, sum(sizes))
+            comm.all_gather(pieces[r].clone(), g, dim=d, out=out)
+            same_bytes(checks, out, torch.cat(pieces, dim=d), f"uneven all_gather out= dim {d} ({slots})")
+    checks.finish()
+
+
+def inline_buffers_shared(g) -> bool:
+    from mpipar.comm.agreement import inline
+
+    return inline.buffers(g).shared
+
+
+def test_fast_ops_flight_records_match_the_python_path(fast_group, checks):
+    """Each op's flight record through the C call is the Python path's: op, group, dtype, shape,
+    algorithm, done; and one record per call (an uneven all_gather's too)."""
+    from mpipar.flight import recorder
+
+    g, calls = fast_group
+    if g.size == 1:
+        pytest.skip("a single rank communicates nothing")
+    n, r = g.size, g.rank
+    fields = ("op", "group", "dtype", "shape", "algorithm", "done")
+    ops = [("broadcast", lambda: comm.broadcast(torch.ones(5, dtype=torch.int16), g, root=n - 1)),
+           ("all_gather", lambda: comm.all_gather(torch.ones(2, 3), g, dim=1, algorithm="mpi")),
+           ("all_gather uneven", lambda: comm.all_gather(torch.ones(1 + r, 3), g)),
+           ("reduce_scatter", lambda: comm.reduce_scatter(torch.ones(n, 3, dtype=torch.int32), g, dim=0, op="max")),
+           ("all_to_all", lambda: comm.all_to_all(torch.ones(n, 2), g, 0, 1))]
+    for what, call in ops:
+        records = []
+        for path in ("C", "Python"):
+            before, count = calls["run"], recorder.count()
+            if path == "C":
+                call()
+            else:
+                with python_path(g):
+                    call()
+            last = recorder.calls()[-1]
+            records.append(tuple(last[f] for f in fields))
+            checks.true(recorder.count() == count + 1, f"{what} ({path}): {recorder.count() - count} records")
+            checks.true((calls["run"] - before == 1) == (path == "C"), f"{what} ({path}): path taken")
+        checks.true(records[0] == records[1], f"{what}: C {records[0]} vs Python {records[1]}")
     checks.finish()

@@ -2,5 +2,6 @@
 
 protocol (signatures, the agreement exchange), inline (small calls whose payload rides on
 the agreement exchange itself, so one collective does both), inline_ops (the ops done that
-way), into (checks of a caller's `out=` buffer).
+way), fast and fast_ops (the same calls in one C call), into (checks of a caller's `out=`
+buffer).
 """

@@ -1,4 +1,5 @@
-/* The validated all-reduce in one C call (mpipar.comm.agreement.fast).
+/* The validated all-reduce, and the other small collectives, in one C call
+   (mpipar.comm.agreement.fast).
 
    The same protocol as mpipar.comm.agreement.inline: this rank's head (and, for a
    small tensor, its data) go into its row of the group's table, one in-place
@@ -20,8 +21,15 @@
    epoch published, every peer's epoch awaited, their slots read), with the wait in C under
    the caller's back-off (mpipar.comm.wait.POLITE, passed with each call): the Python
    around the exchange was most of a crowded rank's time, which its peers wait for. There
-   the small all-reduce takes the whole call (MPI's blocking all-reduce would busy-poll),
+   the small collectives take the whole call (MPI's blocking all-reduce would busy-poll),
    and every other agreement the exchange alone (ctx.exchange).
+
+   ctx.run does for a small broadcast, all_gather, reduce_scatter or all_to_all whose data
+   rides in the table (mpipar.comm.agreement.fast_ops) what the call does for the
+   all-reduce: the head and payload into this rank's row, the exchange, the heads checked,
+   then blocks of the rows copied (in rank order along the gathered dim) or reduced in
+   rank order (the all-reduce's kernels) into an output the caller allocated, as a key
+   made once per signature and group describes (inline_ops' results, byte for byte).
 
    The reduction is exact and the same bits on every rank: out = row0 op row1, then
    out = out op row_k for k = 2.. (torch.add / maximum / minimum in the same order in
@@ -322,8 +330,162 @@ static PyObject *exchange(Context *self, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+/* The key of a small broadcast, all_gather, reduce_scatter or all_to_all (mpipar.comm.agreement.
+   fast_ops: built once per signature and group). After the exchange, rows k0 .. k0 + nk - 1 are
+   read as blocks: LOOPS nested loops (size, source and destination strides in bytes; 1 where
+   unused) over runs of `run` contiguous bytes, from `src0` in each row, block j at j * dst_step in
+   `out` (copy), or every row's block reduced in rank order into `out` (reduce). */
+enum { LOOPS = 6 };
+typedef struct {
+    int64_t head[MINE_WORDS];
+    int64_t kind;          /* KIND_COPY, KIND_REDUCE */
+    int64_t nbytes;        /* bytes of `in` into this rank's row (0: none) */
+    int64_t kernel;        /* reduce: dtype * 3 + op (as Key.kernel) */
+    int64_t free;          /* >= 0: every row's free size (all_gather) must be this, else the caller finishes */
+    int64_t no_descriptor; /* 1: this rank's descriptor words -1 (inline.exchange_args without a pool entry) */
+    int64_t k0, nk, src0, dst_step, run, out_bytes;
+    int64_t size[LOOPS], src[LOOPS], dst[LOOPS];
+} OpKey;
+
+enum { KIND_COPY = 1, KIND_REDUCE = 2 };
+enum { RUN_DISAGREED = 0, RUN_DONE = 1, RUN_FINISH = 2 }; /* run()'s status */
+
+/* Whether every access `key` describes stays inside the row payloads and `out`. */
+static int key_in_bounds(const OpKey *k, Py_ssize_t n, Py_ssize_t payload)
+{
+    int64_t src = k->src0 + k->run, dst = k->run, total = 1;
+    if (k->k0 < 0 || k->nk < 0 || k->k0 + k->nk > n || k->run < 0 || k->src0 < 0 || k->dst_step < 0 ||
+        k->nbytes < 0 || k->nbytes > payload || k->out_bytes < 0)
+        return 0;
+    for (int i = 0; i < LOOPS; i++) {
+        if (k->size[i] < 0 || k->size[i] > payload + 1 || k->src[i] < 0 || k->dst[i] < 0)
+            return 0;
+        total *= k->size[i];
+        if (k->size[i] > 0) {
+            src += (k->size[i] - 1) * k->src[i];
+            dst += (k->size[i] - 1) * k->dst[i];
+        }
+    }
+    if (total == 0 || k->run == 0 || k->nk == 0)
+        return 1; /* nothing is read or written */
+    if (k->kind == KIND_REDUCE)
+        return k->k0 == 0 && k->nk == n && n >= 2 && src <= payload && dst <= k->out_bytes;
+    return src <= payload && (k->nk - 1) * k->dst_step + dst <= k->out_bytes;
+}
+
+/* The blocks of `key` out of the table into `out`: 0, or -1 (no such kernel). */
+static int blocks(const Context *s, const OpKey *k, char *out)
+{
+    int64_t idx[LOOPS] = {0}, total = 1;
+    for (int i = 0; i < LOOPS; i++)
+        total *= k->size[i];
+    if (total == 0 || k->run == 0 || k->nk == 0)
+        return 0;
+    const char *rows = s->table + HEAD_WORDS * 8 + k->src0;
+    for (int64_t it = 0; it < total; it++) {
+        int64_t so = 0, d = 0;
+        for (int i = 0; i < LOOPS; i++) {
+            so += idx[i] * k->src[i];
+            d += idx[i] * k->dst[i];
+        }
+        if (k->kind == KIND_REDUCE) {
+            if (reduce(k->kernel, out + d, rows + so, s->row_bytes, s->n, k->run) < 0)
+                return -1;
+        } else {
+            for (int64_t j = 0; j < k->nk; j++)
+                memcpy(out + j * k->dst_step + d, rows + (k->k0 + j) * s->row_bytes + so, (size_t)k->run);
+        }
+        for (int i = LOOPS - 1; i >= 0 && ++idx[i] == k->size[i]; i--)
+            idx[i] = 0;
+    }
+    return 0;
+}
+
+/* ctx.run(group, info, algorithm, name, in_ptr, out_ptr, key, policy): a small collective named
+   `name` whose data rides in the table, finished here (mpipar.comm.agreement.fast_ops). Returns
+   1 (RUN_DONE) when `out` holds the result and the call is recorded; else (slot + 1) * 4 + status
+   with the record still open at `slot` (-1: none) for the caller to finish and close: status
+   RUN_DISAGREED (the heads differ: the caller raises, collectively) or RUN_FINISH (agreed, but
+   the rows' free sizes are not all key.free: the caller finishes from the table). */
+static PyObject *run(Context *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 8) {
+        PyErr_SetString(PyExc_TypeError, "fast run: (group, info, algorithm, name, in_ptr, out_ptr, key, policy)");
+        return NULL;
+    }
+    Policy policy = {0};
+    if (self->shm && read_policy(args[7], &policy) < 0)
+        return NULL;
+    char *in = (char *)PyLong_AsVoidPtr(args[4]);
+    if (in == NULL && PyErr_Occurred())
+        return NULL;
+    char *out = (char *)PyLong_AsVoidPtr(args[5]);
+    if (out == NULL && PyErr_Occurred())
+        return NULL;
+    Py_buffer kb;
+    if (PyObject_GetBuffer(args[6], &kb, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (kb.len != (Py_ssize_t)sizeof(OpKey)) {
+        PyBuffer_Release(&kb);
+        PyErr_Format(PyExc_ValueError, "fast run: a key is %d int64", (int)(sizeof(OpKey) / 8));
+        return NULL;
+    }
+    OpKey key;
+    memcpy(&key, kb.buf, sizeof key);
+    PyBuffer_Release(&kb);
+    if ((key.kind != KIND_COPY && key.kind != KIND_REDUCE) ||
+        !key_in_bounds(&key, self->n, self->row_bytes - HEAD_WORDS * 8)) {
+        PyErr_SetString(PyExc_ValueError, "fast run: a bad key");
+        return NULL;
+    }
+    Py_ssize_t slot = -1;
+    if (self->record && self->ring != NULL) {
+        slot = self->ring->begin(args[0], args[3], args[2], args[1]);
+        if (slot == -2)
+            return NULL;
+    }
+    char *mine = self->table + self->rank * self->row_bytes;
+    memcpy(mine, key.head, sizeof key.head);
+    if (key.no_descriptor)
+        memset(mine + MINE_WORDS * 8, 0xff, (HEAD_WORDS - MINE_WORDS) * 8);
+    if (key.nbytes)
+        memcpy(mine + HEAD_WORDS * 8, in, (size_t)key.nbytes);
+    int rc = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (self->shm)
+        shm_exchange(self, &policy);
+    else
+        rc = self->allgather((const void *)self->in_place, 0, self->byte_type, self->table, (int)self->row_bytes,
+                             self->byte_type, self->comm);
+    Py_END_ALLOW_THREADS
+    int status = RUN_DONE, bad = 0;
+    for (Py_ssize_t r = 0; rc == 0 && r < self->n; r++) {
+        const char *row = self->table + r * self->row_bytes;
+        int64_t free;
+        memcpy(&free, row + 2 * 8, 8);
+        if (memcmp(row, key.head, AGREED_BYTES) != 0)
+            status = RUN_DISAGREED;
+        else if (key.free >= 0 && free != key.free && status == RUN_DONE)
+            status = RUN_FINISH;
+    }
+    if (rc == 0 && status == RUN_DONE)
+        bad = blocks(self, &key, out) < 0;
+    if (rc != 0 || bad || status == RUN_DONE) {
+        if (slot >= 0 && self->ring->end(slot) < 0)
+            return NULL;
+        if (rc != 0)
+            return PyErr_Format(PyExc_RuntimeError, "MPI error %d in the MPI_Allgather", rc);
+        if (bad)
+            return PyErr_Format(PyExc_ValueError, "fast run: no kernel %lld", (long long)key.kernel);
+        return PyLong_FromLong(RUN_DONE);
+    }
+    return PyLong_FromSsize_t((slot + 1) * 4 + status);
+}
+
 static PyMethodDef context_methods[] = {
     {"exchange", (PyCFunction)exchange, METH_O, "exchange(policy): the shared table's exchange"},
+    {"run", (PyCFunction)(void (*)(void))run, METH_FASTCALL,
+     "run(group, info, algorithm, name, in_ptr, out_ptr, key, policy): a small collective finished here"},
     {NULL, NULL, 0, NULL},
 };
 

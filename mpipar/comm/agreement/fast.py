@@ -1,4 +1,5 @@
-"""The validated all-reduce in one C call (fast.c), where it builds and applies.
+"""The validated all-reduce, and the other small collectives, in one C call (fast.c), where it
+builds and applies.
 
 inline.py's small all-reduce is one Allgather of the group's table wrapped in a
 dozen Python frames and torch calls: a 4 KiB all-reduce took 4x raw MPI's time,
@@ -7,11 +8,14 @@ fast.c does the same protocol (same table, same heads, same rank-order
 reduction, same bits) in one call, and records itself in the flight ring through
 the ring's C API. A larger CPU tensor that goes to MPI's own all-reduce takes the
 same call: the agreement, then MPI_Allreduce in place (what collectives._all_reduce
-calls), without the Python between them.
+calls), without the Python between them. The context's `run` does the same for a
+small broadcast, all_gather, reduce_scatter or all_to_all whose data rides in the
+table (mpipar.comm.agreement.fast_ops: inline_ops' result, copied or reduced from
+the table in C).
 
 It applies where the group's agreement is a blocking MPI_Allgather (ranks with
 their own cores) or the shared-memory table (crowded ranks on one node,
-mpipar.comm.agreement.shm_table: there the small all-reduce, and every other
+mpipar.comm.agreement.shm_table: there the small collectives, and every other
 agreement's exchange (ctx.exchange), waiting in C under mpipar.comm.wait.POLITE),
 the flight ring is C (mpipar.flight.ring), and mpi4py's MPI library exports
 MPI_Allgather and MPI_Allreduce. Otherwise, or with MPIPAR_FAST_AGREEMENT=0, or when the build

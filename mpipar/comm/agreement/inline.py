@@ -17,8 +17,9 @@ the same table). Larger tensors go on to their collective after the agreement.
 
 Why: a separate agreement collective before MPI's own would cost a second round
 trip per call; riding on it makes a small checked call cost about one collective
-(results/TUNING.md). The small all-reduce also has a C twin of this protocol
-(mpipar.comm.agreement.fast: `fast_all_reduce`), taken where ranks have their own cores.
+(results/TUNING.md). The small collectives also have a C twin of this protocol
+(mpipar.comm.agreement.fast: `fast_all_reduce` here, the others in
+mpipar.comm.agreement.fast_ops), taken where it builds and applies.
 """
 from __future__ import annotations
 
@@ -128,6 +129,8 @@ class _Buffers:
         self.gather = None  # the in-place Allgather of `table` (set by buffers())
         self.shm = None  # ... made through this ShmTable (mpipar.comm.agreement.shm_table), or MPI
         self.fast = None  # the small all-reduce in one C call over `table` (mpipar.comm.agreement.fast)
+        self.run = None  # the other small collectives in one C call (its `run`: mpipar.comm.agreement.fast_ops)
+        self.plans: dict = {}  # _Call -> (settings, fast_ops' plan of that call on this group)
 
     @property
     def shared(self) -> bool:
@@ -159,6 +162,7 @@ def buffers(g) -> _Buffers:
         b = g._inline_buffers = _Buffers(g.size, g.rank)
         b.gather, b.shm = _allgather_of(g, b.table)
         b.fast = fast.context(g, b.table, b.shm)
+        b.run = None if b.fast is None else b.fast.run
         if b.shm is not None and b.fast is not None:  # the exchange every other call makes, in C too
             exchange = b.fast.exchange
             b.gather = lambda: exchange(polite_packed())

@@ -7,6 +7,12 @@ every rank otherwise) and carries the data of small tensors. It returns
 (None: go on to the collective), `entry` the shared-memory entry table, as from
 mpipar.comm.agreement.protocol.agree. Every rank takes the same branch: the choice reads only
 the agreed signature, settings shared by all ranks, or the gathered table.
+
+Where fast.c builds (mpipar.comm.agreement.fast), a contiguous CPU call whose data rides
+in the table is finished in C instead (mpipar.comm.agreement.fast_ops), with the same
+exchange and the same bytes; this module is then the path of the other calls (and of a
+rank whose tensor is not contiguous, which meets the C ranks' exchange), and finishes
+an all_gather whose pieces differ in size after the C call agreed on it (`exchanged`).
 """
 from __future__ import annotations
 
@@ -52,11 +58,12 @@ def _slices(buf, t: torch.Tensor, d: int, g) -> list:
     return [r.narrow(d, a, cnt) for r in buf.typed_rows(t.dtype, t.shape)]
 
 
-def agree_all_gather(t: torch.Tensor, g, d: int, algorithm, out_code: int, shared_of):
+def agree_all_gather(t: torch.Tensor, g, d: int, algorithm, out_code: int, shared_of, exchanged=None):
     """(the concatenation along `d` when every rank's piece was small, each rank's size along
-    `d`, entry). `out_code`: mpipar.comm.agreement.into.code(t, out, d), agreed like any argument."""
+    `d`, entry). `out_code`: mpipar.comm.agreement.into.code(t, out, d), agreed like any argument.
+    `exchanged`: the (buffers, entry) of an exchange already made (fast_ops.Exchanged)."""
     info = _call("all_gather", t, algorithm=algorithm, dim=d, root=out_code, free_dim=True, root_name="out")
-    buf, entry = exchange_args(g, info, t, info.fits, shared_of)
+    buf, entry = exchange_args(g, info, t, info.fits, shared_of) if exchanged is None else exchanged
     sizes = buf.free_sizes()
     inner = math.prod(s for k, s in enumerate(t.shape) if k != d)
     item = t.element_size()

@@ -1,0 +1,335 @@
+"""Small broadcast, all_gather, reduce_scatter and all_to_all in one C call (fast.c's `run`).
+
+inline_ops.py finishes these calls in Python after the agreement's exchange: typed
+views of the table, torch.cat, a reduction in rank order. Where ranks outnumber cores,
+every rank waits for its peers' Python, so that Python cost several times raw MPI's
+latency. Here the Python side looks up a plan made once per signature and group (the
+C key: this call's head, its payload, the blocks of the table that make the result),
+allocates the output, and makes one call that writes the head and payload, exchanges
+the table (the same exchange as inline_ops: the same ShmTable count, or the same
+MPI_Allgather, so ranks on either path meet), checks the heads, copies or reduces the
+blocks into the output (the same bytes as inline_ops' torch calls: copies, and the
+rank-order reduction of fast.c's all-reduce) and records itself.
+
+Each entry point returns None when nothing was communicated (the caller takes the
+Python path): no C context (fast.py: MPIPAR_FAST_AGREEMENT=0, no build, ranks that
+outnumber cores on several nodes), validation off, a tensor that is not a contiguous
+CPU tensor, a signature whose data does not ride in the table, a dtype or op without
+a kernel (floats reduce by sum only: torch.maximum's NaN rules stay in Python), a
+bad argument on this rank (the Python path raises it, meeting the others' exchange),
+all_gather into an `out` that requires grad or does not hold the even-sized result,
+or whose piece is a symmetric tensor of the group's one-node pool (its descriptor
+rides in the table). Every condition but the tensor's own layout is shared by all
+ranks, and a rank whose tensor takes the Python path makes the same exchange.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .. import tuning
+from ..buffers import flat_chunks, offsets
+from ..symmetric.pool import _ATTR as _POOL
+from ...flight.recorder import described, done
+from ...settings import current
+from ..wait import polite_packed
+from .fast import FAST_DTYPES
+from .inline import INLINE_BYTES, _call, _disagreement, _increment_version
+from .into import NO_OUT, code as out_code
+from .protocol import BAD_DIM, norm_dim, validation_enabled
+
+LOOPS = 6  # fast.c's OpKey loops
+_COPY, _REDUCE = 1, 2  # fast.c's kinds
+_DONE, _FINISH = 1, 2  # run()'s statuses (0: the heads differ)
+_PLANS = 1024  # plans kept per group before the cache starts over (each holds a template)
+
+
+class _Plan:
+    """One call shape's C call on one group, made once per settings object (they decide validation
+    and the shared-memory crossovers): its agreed description `info` (inline._Call), its key
+    (None: the Python path), an output like the result (`template`: torch.empty_like of it is
+    the cheapest allocation), all_gather's total size along its dim, and whether the call
+    writes its input (broadcast, off the root)."""
+
+    __slots__ = ("settings", "info", "key", "template", "total", "receives")
+
+    def __init__(self, settings, info, key: bytes | None = None, template=None, total: int = -1,
+                 receives: bool = False):
+        self.settings, self.info, self.key, self.template = settings, info, key, template
+        self.total, self.receives = total, receives
+
+
+def _key(info, kind, nbytes=0, kernel=0, free=-1, no_descriptor=0, k0=0, nk=0, src0=0, dst_step=0, run=0,
+         out_bytes=0, loops=()) -> bytes:
+    """fast.c's OpKey: unused loops are size 1, strides 0."""
+    loops = list(loops) + [(1, 0, 0)] * (LOOPS - len(loops))
+    words = [*info.head, kind, nbytes, kernel, free, no_descriptor, k0, nk, src0, dst_step, run, out_bytes]
+    words += [s for s, _, _ in loops] + [a for _, a, _ in loops] + [b for _, _, b in loops]
+    return np.array(words, dtype=np.int64).tobytes()
+
+
+def _strides(shape, item: int) -> list[int]:
+    """Byte strides of a contiguous tensor of `shape`."""
+    out, acc = [], item
+    for s in reversed(shape):
+        out.append(acc)
+        acc *= s
+    return out[::-1]
+
+
+def _geometry(block, src, dst, item: int):
+    """(run bytes, loops) that walk a block of shape `block` whose dims step `src` bytes in the
+    row and `dst` bytes in the output: size-1 dims dropped, adjacent dims that are contiguous
+    in both merged, the innermost contiguous dim made the run. None: too many loops."""
+    dims = []
+    for size, s, d in zip(block, src, dst):
+        if size == 1:
+            continue
+        if dims and dims[-1][1] == size * s and dims[-1][2] == size * d:
+            dims[-1] = (dims[-1][0] * size, s, d)
+        else:
+            dims.append((size, s, d))
+    run = item
+    if dims and dims[-1][1] == item and dims[-1][2] == item:
+        run *= dims.pop()[0]
+    return (run, dims) if len(dims) <= LOOPS else None
+
+
+def _blocks(info, t, g, kind, sd: int, a: int, c: int, gd: int | None, **kw):
+    """(key, template) that read the block `c` long at `a` along `sd` of every row (t's shape)
+    into a new contiguous output: concatenated along `gd` in rank order, or (gd None) reduced.
+    (None, None) when the walk needs more than LOOPS loops."""
+    shape, item = list(t.shape), t.element_size()
+    block = list(shape)
+    block[sd] = c
+    out = list(block)
+    if gd is not None:
+        out[gd] *= g.size
+    src, dst = _strides(shape, item), _strides(out, item)
+    geometry = _geometry(block, src, dst, item)
+    if geometry is None:
+        return None, None
+    run, loops = geometry
+    if math.prod(block) == 0:
+        run, loops = 0, []
+    step = 0 if gd is None else block[gd] * dst[gd]
+    key = _key(info, kind, nbytes=info.nbytes, nk=g.size, src0=a * src[sd], dst_step=step, run=run,
+               out_bytes=math.prod(out) * item, loops=loops, **kw)
+    return key, torch.empty(out, dtype=t.dtype)
+
+
+def _planned(buf, k, make, *args) -> _Plan:
+    """The plan of call shape `k` on this group (`make(settings, *args)` the first time, and
+    again when the settings object changed)."""
+    settings = current()
+    if len(buf.plans) > _PLANS:
+        buf.plans.clear()
+    plan = buf.plans[k] = make(settings, *args) if validation_enabled() else _Plan(settings, None)
+    return plan
+
+
+def _finish(g, plan, v):
+    """After a C call that did not finish (v: run()'s value, the record open): raise MpiparError on
+    every rank when the heads differ (closing the record); else the open record's slot."""
+    slot = (v >> 2) - 1
+    if v & 3 == _FINISH:
+        return slot
+    try:
+        _disagreement(g, plan.info)
+    finally:
+        described.info = plan.info  # the record keeps its description (done files described.info)
+        done(slot)
+
+
+def _mpi_error(name, e):
+    from ...errors import MpiparError
+
+    return MpiparError(f"{name}: {e}")
+
+
+def broadcast(t: torch.Tensor, g, root) -> bool:
+    """collectives.broadcast's call (g.size > 1): True when `t` holds root's data."""
+    buf = g.__dict__.get("_inline_buffers")
+    if buf is None or buf.run is None or not t.is_cpu or not t.is_contiguous():
+        return False
+    try:
+        k = ("broadcast", t.shape, t.dtype, root, root.__class__)
+        plan = buf.plans.get(k)
+    except TypeError:  # an unhashable root: the Python path (which raises)
+        return False
+    if plan is None or plan.settings is not current():
+        plan = _planned(buf, k, _broadcast_plan, t, g, root)
+    if plan.key is None:
+        return False
+    buf.last = None  # the C call writes this rank's head: inline's cached one is stale
+    p = t.data_ptr()
+    try:
+        v = buf.run(g, plan.info, None, "broadcast", p, p, plan.key, polite_packed())
+    except RuntimeError as e:  # an MPI error code
+        raise _mpi_error("broadcast", e) from e
+    if v != _DONE:
+        _finish(g, plan, v)
+    if plan.receives:
+        _increment_version((t,))  # an in-place write, as autograd must see it (C wrote the memory)
+    return True
+
+
+def _broadcast_plan(settings, t, g, root) -> _Plan:
+    """inline_ops.agree_broadcast's inline case: root's row copied into the others' tensors."""
+    r = root if isinstance(root, int) and 0 <= root < g.size else BAD_DIM
+    info = _call("broadcast", t, dim=r)
+    if not (info.fits and info.nbytes > 0 and not tuning.shm_pays("broadcast", info.nbytes)):
+        return _Plan(settings, info)
+    mine = g.rank == r
+    key = _key(info, _COPY, nbytes=info.nbytes if mine else 0, k0=r, nk=0 if mine else 1, run=info.nbytes,
+               out_bytes=info.nbytes)
+    return _Plan(settings, info, key, receives=not mine)
+
+
+def reduce_scatter(t: torch.Tensor, g, dim, op, algorithm):
+    """collectives.reduce_scatter's validated call (g.size > 1): this rank's slice of the
+    reduction, or None."""
+    buf = g.__dict__.get("_inline_buffers")
+    if buf is None or buf.run is None or not t.is_cpu or not t.is_contiguous():
+        return None
+    try:
+        k = ("reduce_scatter", t.shape, t.dtype, dim, dim.__class__, op, algorithm)
+        plan = buf.plans.get(k)
+    except TypeError:
+        return None
+    if plan is None or plan.settings is not current():
+        plan = _planned(buf, k, _reduce_scatter_plan, t, g, dim, op, algorithm)
+    if plan.key is None:
+        return None
+    out = torch.empty_like(plan.template)
+    buf.last = None
+    try:
+        v = buf.run(g, plan.info, algorithm, "reduce_scatter", t.data_ptr(), out.data_ptr(), plan.key,
+                    polite_packed())
+    except RuntimeError as e:
+        raise _mpi_error("reduce_scatter", e) from e
+    if v != _DONE:
+        _finish(g, plan, v)
+    return out
+
+
+def _reduce_scatter_plan(settings, t, g, dim, op, algorithm) -> _Plan:
+    """inline_ops.agree_reduce_scatter's inline case with a kernel in fast.c: every row's slice
+    g.rank (tensor_split order along d) reduced in rank order."""
+    d = norm_dim(dim, t.dim())
+    info = _call("reduce_scatter", t, op, algorithm, dim=d)
+    if (info.combine is None or t.dim() == 0
+            or (algorithm == "auto" and tuning.shm_pays("reduce_scatter", info.nbytes))):
+        return _Plan(settings, info)
+    op = "max" if t.dtype is torch.bool and op == "sum" else op
+    if t.dtype not in FAST_DTYPES or not (op == "sum" or FAST_DTYPES[t.dtype] >= 2):
+        return _Plan(settings, info)
+    sizes = flat_chunks(t.shape[d], g.size)
+    kernel = FAST_DTYPES[t.dtype] * 3 + ("sum", "max", "min").index(op)
+    return _Plan(settings, info, *_blocks(info, t, g, _REDUCE, d, offsets(sizes)[g.rank], sizes[g.rank], None,
+                                          kernel=kernel))
+
+
+def all_to_all(t: torch.Tensor, g, scatter_dim, gather_dim):
+    """collectives.all_to_all's call (g.size > 1): the result, or None."""
+    buf = g.__dict__.get("_inline_buffers")
+    if buf is None or buf.run is None or not t.is_cpu or not t.is_contiguous():
+        return None
+    try:
+        k = ("all_to_all", t.shape, t.dtype, scatter_dim, scatter_dim.__class__, gather_dim, gather_dim.__class__)
+        plan = buf.plans.get(k)
+    except TypeError:
+        return None
+    if plan is None or plan.settings is not current():
+        plan = _planned(buf, k, _all_to_all_plan, t, g, scatter_dim, gather_dim)
+    if plan.key is None:
+        return None
+    out = torch.empty_like(plan.template)
+    buf.last = None
+    try:
+        v = buf.run(g, plan.info, None, "all_to_all", t.data_ptr(), out.data_ptr(), plan.key, polite_packed())
+    except RuntimeError as e:
+        raise _mpi_error("all_to_all", e) from e
+    if v != _DONE:
+        _finish(g, plan, v)
+    return out
+
+
+def _all_to_all_plan(settings, t, g, scatter_dim, gather_dim) -> _Plan:
+    """inline_ops.agree_all_to_all's inline case: block g.rank along sd of every row, concatenated
+    along gd in rank order."""
+    sd, gd = norm_dim(scatter_dim, t.dim()), norm_dim(gather_dim, t.dim())
+    info = _call("all_to_all", t, dim=sd if gd != BAD_DIM else BAD_DIM, root=gd)
+    if not info.fits or t.dim() == 0 or t.shape[sd] % g.size:
+        return _Plan(settings, info)
+    c = t.shape[sd] // g.size
+    return _Plan(settings, info, *_blocks(info, t, g, _COPY, sd, g.rank * c, c, gd))
+
+
+class Exchanged:
+    """all_gather's call that the C call agreed on and exchanged, but whose rows' sizes differ:
+    the table for inline_ops.agree_all_gather to finish from, and the record to close."""
+
+    __slots__ = ("buf", "entry", "info", "slot")
+
+    def __init__(self, buf, entry, info, slot):
+        self.buf, self.entry, self.info, self.slot = buf, entry, info, slot
+
+    def close(self) -> None:
+        described.info = self.info
+        done(self.slot)
+
+
+def all_gather(t: torch.Tensor, g, dim, algorithm, out):
+    """collectives.all_gather's call (g.size > 1): the result (`out`, or a new tensor), an
+    Exchanged (the agreement is made and the call recorded: finish it), or None."""
+    buf = g.__dict__.get("_inline_buffers")
+    if buf is None or buf.run is None or not t.is_cpu or not t.is_contiguous():
+        return None
+    try:
+        k = ("all_gather", t.shape, t.dtype, dim, dim.__class__, algorithm,
+             NO_OUT if out is None else out_code(t, out, norm_dim(dim, t.dim())))
+        plan = buf.plans.get(k)
+    except TypeError:
+        return None
+    if plan is None or plan.settings is not current():
+        plan = _planned(buf, k, _all_gather_plan, t, g, dim, algorithm, k[-1])
+    if plan.key is None:
+        return None
+    if out is None:
+        result = torch.empty_like(plan.template)
+    elif out.requires_grad or k[-1] != plan.total:
+        return None  # (the Python path: out.copy_ raises, or out holds pieces of other sizes)
+    else:
+        result = out
+    pool = g.__dict__.get(_POOL)
+    one_node = pool is not None and pool.one_node
+    if one_node and pool.locate(t if out is None else out) is not None:
+        return None  # a symmetric tensor: its descriptor rides in the table (inline.exchange_args)
+    buf.last = None
+    try:
+        v = buf.run(g, plan.info, algorithm, "all_gather", t.data_ptr(), result.data_ptr(), plan.key,
+                    polite_packed())
+    except RuntimeError as e:
+        raise _mpi_error("all_gather", e) from e
+    if v == _DONE:
+        if out is not None:
+            _increment_version((out,))  # an in-place write, as autograd must see it (C wrote the memory)
+        return result
+    slot = _finish(g, plan, v)
+    # (this rank's descriptor is -1s: what inline.exchange_args sends for a plain tensor)
+    return Exchanged(buf, buf.descriptors.copy() if one_node else None, plan.info, slot)
+
+
+def _all_gather_plan(settings, t, g, dim, algorithm, code) -> _Plan:
+    """inline_ops.agree_all_gather's inline case when every rank's size along d is this rank's:
+    the rows concatenated along d. (Other sizes: the C call leaves the finish to inline_ops.)"""
+    d = norm_dim(dim, t.dim())
+    info = _call("all_gather", t, algorithm=algorithm, dim=d, root=code, free_dim=True, root_name="out")
+    if (not info.fits or t.dim() == 0
+            or (algorithm == "auto" and tuning.shm_pays("all_gather", g.size * info.nbytes))):
+        return _Plan(settings, info)
+    key, template = _blocks(info, t, g, _COPY, d, 0, t.shape[d], d, free=t.shape[d], no_descriptor=1)
+    return _Plan(settings, info, key, template, g.size * t.shape[d])
