@@ -258,12 +258,11 @@ def fit_compute(data: dict, serial_s: dict, log=print) -> dict:
     steps at its smallest and largest micro-batch (calibrate_comm.serial_steps, keys "ARCH@B").
 
     Why: the overhead is timed on a tiny block in cache and the FLOP rate on bare GEMMs; eager
-    training costs more per op and less per FLOP than that, in proportions that depend on the
-    block's ops. Unscaled, the model's error moved with the micro-batch a rank runs at (on this
-    project's 2-core host: the GPT probe 26% fast at micro-batch 1, 9% slow at 8; the Llama one
-    20% fast at every size), and layouts of one model, which run at different micro-batches per
-    rank, were ranked by it. A step is linear in the two scales (the overhead adds to each op,
-    the FLOPs divide by the rate), so two sizes fix both."""
+    training costs a different mix of the two, in proportions that depend on the block's ops.
+    Unscaled, the model's error moved with the micro-batch a rank runs at (docs/plan.md), and
+    layouts of one model, which run at different micro-batches per rank, were ranked by it. A
+    step is linear in the two scales (the overhead adds to each op, the FLOPs divide by the
+    rate), so two sizes fix both."""
     data = copy.deepcopy(data)
     data.setdefault("measurements", {})["serial_s"] = dict(serial_s)
     by_arch: dict = {}
