@@ -143,32 +143,49 @@ def _finish(g, plan, v):
         done(slot)
 
 
-def _mpi_error(name, e):
-    from ...errors import MpiparError
+def _plan_of(t: torch.Tensor, g, k: tuple, make, *args):
+    """(buffers, plan) of call shape `k` on group g (planned by `make` when new or when the settings
+    object changed), or (None, None) where the C call does not apply: no C context, a tensor that is
+    not a contiguous CPU tensor, an unhashable argument (the Python path raises), no kernel."""
+    buf = g.__dict__.get("_inline_buffers")
+    if buf is None or buf.run is None or not t.is_cpu or not t.is_contiguous():
+        return None, None
+    try:
+        plan = buf.plans.get(k)
+    except TypeError:
+        return None, None
+    if plan is None or plan.settings is not current():
+        plan = _planned(buf, k, make, t, g, *args)
+    return (None, None) if plan.key is None else (buf, plan)
 
-    return MpiparError(f"{name}: {e}")
+
+def _into_new(buf, g, plan, algorithm, name: str, t: torch.Tensor) -> torch.Tensor:
+    """`plan`'s call from `t` into a new output like its template (MpiparError on every rank when
+    the heads differ)."""
+    out = torch.empty_like(plan.template)
+    v = _run(buf, g, plan, algorithm, name, t.data_ptr(), out.data_ptr())
+    if v != _DONE:
+        _finish(g, plan, v)
+    return out
+
+
+def _run(buf, g, plan, algorithm, name: str, src: int, dst: int) -> int:
+    """fast.c's run() of `plan` from address src into dst; its status (an MPI error: MpiparError)."""
+    buf.last = None  # the C call writes this rank's head: inline's cached one is stale
+    try:
+        return buf.run(g, plan.info, algorithm, name, src, dst, plan.key, polite_packed())
+    except RuntimeError as e:  # an MPI error code
+        from ...errors import MpiparError
+
+        raise MpiparError(f"{name}: {e}") from e
 
 
 def broadcast(t: torch.Tensor, g, root) -> bool:
     """collectives.broadcast's call (g.size > 1): True when `t` holds root's data."""
-    buf = g.__dict__.get("_inline_buffers")
-    if buf is None or buf.run is None or not t.is_cpu or not t.is_contiguous():
+    buf, plan = _plan_of(t, g, ("broadcast", t.shape, t.dtype, root, root.__class__), _broadcast_plan, root)
+    if plan is None:
         return False
-    try:
-        k = ("broadcast", t.shape, t.dtype, root, root.__class__)
-        plan = buf.plans.get(k)
-    except TypeError:  # an unhashable root: the Python path (which raises)
-        return False
-    if plan is None or plan.settings is not current():
-        plan = _planned(buf, k, _broadcast_plan, t, g, root)
-    if plan.key is None:
-        return False
-    buf.last = None  # the C call writes this rank's head: inline's cached one is stale
-    p = t.data_ptr()
-    try:
-        v = buf.run(g, plan.info, None, "broadcast", p, p, plan.key, polite_packed())
-    except RuntimeError as e:  # an MPI error code
-        raise _mpi_error("broadcast", e) from e
+    v = _run(buf, g, plan, None, "broadcast", t.data_ptr(), t.data_ptr())
     if v != _DONE:
         _finish(g, plan, v)
     if plan.receives:
@@ -191,28 +208,11 @@ def _broadcast_plan(settings, t, g, root) -> _Plan:
 def reduce_scatter(t: torch.Tensor, g, dim, op, algorithm):
     """collectives.reduce_scatter's validated call (g.size > 1): this rank's slice of the
     reduction, or None."""
-    buf = g.__dict__.get("_inline_buffers")
-    if buf is None or buf.run is None or not t.is_cpu or not t.is_contiguous():
+    k = ("reduce_scatter", t.shape, t.dtype, dim, dim.__class__, op, algorithm)
+    buf, plan = _plan_of(t, g, k, _reduce_scatter_plan, dim, op, algorithm)
+    if plan is None:
         return None
-    try:
-        k = ("reduce_scatter", t.shape, t.dtype, dim, dim.__class__, op, algorithm)
-        plan = buf.plans.get(k)
-    except TypeError:
-        return None
-    if plan is None or plan.settings is not current():
-        plan = _planned(buf, k, _reduce_scatter_plan, t, g, dim, op, algorithm)
-    if plan.key is None:
-        return None
-    out = torch.empty_like(plan.template)
-    buf.last = None
-    try:
-        v = buf.run(g, plan.info, algorithm, "reduce_scatter", t.data_ptr(), out.data_ptr(), plan.key,
-                    polite_packed())
-    except RuntimeError as e:
-        raise _mpi_error("reduce_scatter", e) from e
-    if v != _DONE:
-        _finish(g, plan, v)
-    return out
+    return _into_new(buf, g, plan, algorithm, "reduce_scatter", t)
 
 
 def _reduce_scatter_plan(settings, t, g, dim, op, algorithm) -> _Plan:
@@ -234,27 +234,11 @@ def _reduce_scatter_plan(settings, t, g, dim, op, algorithm) -> _Plan:
 
 def all_to_all(t: torch.Tensor, g, scatter_dim, gather_dim):
     """collectives.all_to_all's call (g.size > 1): the result, or None."""
-    buf = g.__dict__.get("_inline_buffers")
-    if buf is None or buf.run is None or not t.is_cpu or not t.is_contiguous():
+    k = ("all_to_all", t.shape, t.dtype, scatter_dim, scatter_dim.__class__, gather_dim, gather_dim.__class__)
+    buf, plan = _plan_of(t, g, k, _all_to_all_plan, scatter_dim, gather_dim)
+    if plan is None:
         return None
-    try:
-        k = ("all_to_all", t.shape, t.dtype, scatter_dim, scatter_dim.__class__, gather_dim, gather_dim.__class__)
-        plan = buf.plans.get(k)
-    except TypeError:
-        return None
-    if plan is None or plan.settings is not current():
-        plan = _planned(buf, k, _all_to_all_plan, t, g, scatter_dim, gather_dim)
-    if plan.key is None:
-        return None
-    out = torch.empty_like(plan.template)
-    buf.last = None
-    try:
-        v = buf.run(g, plan.info, None, "all_to_all", t.data_ptr(), out.data_ptr(), plan.key, polite_packed())
-    except RuntimeError as e:
-        raise _mpi_error("all_to_all", e) from e
-    if v != _DONE:
-        _finish(g, plan, v)
-    return out
+    return _into_new(buf, g, plan, None, "all_to_all", t)
 
 
 def _all_to_all_plan(settings, t, g, scatter_dim, gather_dim) -> _Plan:
@@ -285,18 +269,13 @@ class Exchanged:
 def all_gather(t: torch.Tensor, g, dim, algorithm, out):
     """collectives.all_gather's call (g.size > 1): the result (`out`, or a new tensor), an
     Exchanged (the agreement is made and the call recorded: finish it), or None."""
-    buf = g.__dict__.get("_inline_buffers")
-    if buf is None or buf.run is None or not t.is_cpu or not t.is_contiguous():
-        return None
     try:
         k = ("all_gather", t.shape, t.dtype, dim, dim.__class__, algorithm,
              NO_OUT if out is None else out_code(t, out, norm_dim(dim, t.dim())))
-        plan = buf.plans.get(k)
     except TypeError:
         return None
-    if plan is None or plan.settings is not current():
-        plan = _planned(buf, k, _all_gather_plan, t, g, dim, algorithm, k[-1])
-    if plan.key is None:
+    buf, plan = _plan_of(t, g, k, _all_gather_plan, dim, algorithm, k[-1])
+    if plan is None:
         return None
     if out is None:
         result = torch.empty_like(plan.template)
@@ -308,12 +287,7 @@ def all_gather(t: torch.Tensor, g, dim, algorithm, out):
     one_node = pool is not None and pool.one_node
     if one_node and pool.locate(t if out is None else out) is not None:
         return None  # a symmetric tensor: its descriptor rides in the table (inline.exchange_args)
-    buf.last = None
-    try:
-        v = buf.run(g, plan.info, algorithm, "all_gather", t.data_ptr(), result.data_ptr(), plan.key,
-                    polite_packed())
-    except RuntimeError as e:
-        raise _mpi_error("all_gather", e) from e
+    v = _run(buf, g, plan, algorithm, "all_gather", t.data_ptr(), result.data_ptr())
     if v == _DONE:
         if out is not None:
             _increment_version((out,))  # an in-place write, as autograd must see it (C wrote the memory)
