@@ -14,7 +14,7 @@ ranks fill the cores):
                    (with the gradient-norm pass of clipping)
   serial steps     a small GPT-2 and a Llama-tiny on one rank at micro-batch 1 and 8: the
                    per-op overhead and FLOP time scaled per arch to reproduce them
-                   (fit_compute; the system's compute_scale)
+                   (calibrate_fit.fit_compute; the system's compute_scale)
   collectives      mpipar.comm's all-reduce, all-gather, reduce-scatter, all-to-all
                    and p2p at 2 and 4 ranks under mpiexec (calibrate_comm.py), fitted
                    per call as a + nbytes * b; the resident set of a bare rank
@@ -22,7 +22,7 @@ ranks fill the cores):
                    contention (how much slower each rank computes when ranks share
                    the host) is fitted to the dp steps, sync_after_compute (what a
                    collective called right after compute costs at least) to the tp
-                   steps (fit_training); the pp and sp steps are printed as a check
+                   steps (calibrate_fit.fit_training); the pp and sp steps are printed as a check
 A shared host's speed drifts while this runs: every single-rank measurement
 is bracketed by a fixed compute probe and scaled to the probes' median, and
 the probe times are stored (measurements.probe_s) so that a run can measure
@@ -31,7 +31,6 @@ Everything runs in a minute or two; --quick in less.
 """
 from __future__ import annotations
 
-import copy
 import datetime
 import json
 import os
@@ -46,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MpiparError
+from .calibrate_fit import fit_compute, fit_training
 from .costs import layer_cost
 from .spec import Layout, ModelSpec
 from .system import System
@@ -205,156 +205,6 @@ def measure_comm(ranks, quick: bool) -> dict:
         out["probe_s"][str(n)] = got["probe_s"]
         out["train_s"].update(got["train_s"])
     return out
-
-
-def _solve(f, target: float, lo: float, hi: float) -> float:
-    """x in [lo, hi] with f(x) = target for an increasing f (the nearer bound when out of reach)."""
-    if f(lo) >= target:
-        return lo
-    if f(hi) <= target:
-        return hi
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if f(mid) < target else (lo, mid)
-    return (lo + hi) / 2
-
-
-def _probe_step(data: dict, name: str, n: int) -> float:
-    from .calibrate_comm import PROBE_MICRO_BATCH, PROBE_MICROBATCHES, PROBE_MODEL, probe_layouts
-    from .estimate import estimate
-
-    sizes = probe_layouts(n)[name]
-    dp = sizes.get("dp", 1)
-    m = PROBE_MICROBATCHES
-    cfg = dict(PROBE_MODEL)
-    spec = ModelSpec(cfg.pop("vocab_size"), cfg.pop("seq_len"), cfg.pop("hidden"), cfg.pop("num_heads"),
-                     cfg.pop("num_layers"))
-    layout = Layout(**sizes, micro_batch=PROBE_MICRO_BATCH, global_batch=m * PROBE_MICRO_BATCH * dp, sequence_parallel=sizes.get("tp", 1) > 1,
-                    dtype="fp32")
-    return estimate(spec, System(data), layout).step_time
-
-
-def _serial_step(data: dict, key: str) -> float:
-    """The model's step of calibrate_comm.serial_steps' run `key` ("ARCH@B") on `data`."""
-    from .calibrate_comm import PROBE_MICROBATCHES, SERIAL_MODELS
-    from .estimate import estimate
-
-    arch, _, b = key.rpartition("@")
-    cfg = SERIAL_MODELS[arch]
-    spec = ModelSpec(cfg["vocab_size"], cfg["seq_len"], cfg["hidden"], cfg["num_heads"], cfg["num_layers"],
-                     ffn_hidden=cfg.get("ffn_hidden"), arch=arch, num_kv_heads=cfg.get("num_kv_heads"))
-    layout = Layout(micro_batch=int(b), global_batch=PROBE_MICROBATCHES * int(b), dtype="fp32")
-    return estimate(spec, System(data), layout).step_time
-
-
-def _with_scale(data: dict, arch: str, overhead: float, flops: float) -> dict:
-    d = copy.deepcopy(data)
-    d.setdefault("compute_scale", {})[arch] = {"op_overhead": overhead, "flops": flops}
-    return d
-
-
-def fit_compute(data: dict, serial_s: dict, log=print) -> dict:
-    """compute_scale[arch] (System.for_arch) such that the model reproduces each arch's serial
-    steps at its smallest and largest micro-batch (calibrate_comm.serial_steps, keys "ARCH@B").
-
-    Why: the overhead is timed on a tiny block in cache and the FLOP rate on bare GEMMs; eager
-    training costs a different mix of the two, in proportions that depend on the block's ops.
-    Unscaled, the model's error moved with the micro-batch a rank runs at (docs/plan.md), and
-    layouts of one model, which run at different micro-batches per rank, were ranked by it. A
-    step is linear in the two scales (the overhead adds to each op, the FLOPs divide by the
-    rate), so two sizes fix both."""
-    data = copy.deepcopy(data)
-    data.setdefault("measurements", {})["serial_s"] = dict(serial_s)
-    by_arch: dict = {}
-    for key in serial_s:
-        arch, _, b = key.rpartition("@")
-        by_arch.setdefault(arch, []).append(int(b))
-    for arch, sizes in sorted(by_arch.items()):
-        if len(sizes) < 2:
-            continue
-        keys = [f"{arch}@{min(sizes)}", f"{arch}@{max(sizes)}"]
-        rows, rhs = [], []
-        for key in keys:
-            t11 = _serial_step(_with_scale(data, arch, 1.0, 1.0), key)
-            per_overhead = _serial_step(_with_scale(data, arch, 2.0, 1.0), key) - t11
-            per_flops = _serial_step(_with_scale(data, arch, 1.0, 2.0), key) - t11
-            rows.append([per_overhead, per_flops])
-            rhs.append(serial_s[key] - (t11 - per_overhead - per_flops))
-        try:
-            k_o, k_f = (float(x) for x in np.linalg.solve(np.array(rows), np.array(rhs)))
-        except np.linalg.LinAlgError:
-            continue
-        # noise can push a solution out of any real host's reach: keep it within 8x of the probes
-        k_o, k_f = min(max(k_o, 0.125), 8.0), min(max(k_f, 0.125), 8.0)
-        unscaled = [_serial_step(_with_scale(data, arch, 1.0, 1.0), key) for key in keys]
-        data = _with_scale(data, arch, k_o, k_f)
-        for key, before in zip(keys, unscaled):
-            log(f"serial probe {key}: measured {serial_s[key] * 1e3:.1f} ms, model {before * 1e3:.1f} ms "
-                f"unscaled, {_serial_step(data, key) * 1e3:.1f} ms scaled")
-        log(f"fitted for {arch}: per-op overhead x{k_o:.2f}, FLOP time x{k_f:.2f} of the micro-benchmarks'")
-    return data
-
-
-def young_wait_s() -> float:
-    """How long a polite wait stays young: until its sleep, which grows as a share of the time
-    waited, reaches its longest (mpipar.comm.wait.POLITE: longest_sleep / share)."""
-    from ..comm.wait import POLITE
-
-    return POLITE.longest_sleep / POLITE.share
-
-
-def fit_training(data: dict, train_s: dict, log=print) -> dict:
-    """Fit the host's effective contention (from the dp probes), the per-call cost of a
-    collective called right after compute (`sync_after_compute`, from the tp probes) and the
-    share of compute a pair loses waiting while other pairs hold the cores (`sync_share`,
-    from tp2 x dp2 at 4 ranks) and what a waiting rank costs the computing ones (`idle_share`,
-    from the pipeline of the most ranks, when they outnumber the cores) so the model
-    reproduces those training probes' steps; the other pp and the sp probes are left as a
-    check.
-
-    Why: on a host with more ranks than cores, a rank arriving first at a collective waits
-    until its peers are scheduled again, and ranks share caches; neither the collective loops
-    (every rank already waiting) nor the compute probe (alone in cache) see that."""
-    data = copy.deepcopy(data)
-    data.setdefault("sync_after_compute", {})
-    data.setdefault("sync_share", {})
-    sizes = sorted({int(k.rpartition("@")[2]) for k in train_s})
-    for _ in range(6):                      # dp's all-reduce feels the sync floor too: iterate
-        for n in sizes:
-            def with_contention(c, n=n):
-                data["contention"][str(n)] = c
-                return _probe_step(data, "dp", n)
-            _solve(with_contention, train_s[f"dp@{n}"], 1.0, 50.0)
-            for name, field, key, hi in (("tp", "sync_after_compute", str(n), 0.05),
-                                         ("tp2dp2", "sync_share", "2@4", 10.0)):
-                if f"{name}@{n}" not in train_s:
-                    continue
-
-                def with_sync(x, field=field, key=key, name=name, n=n):
-                    data[field][key] = x
-                    return _probe_step(data, name, n)
-                _solve(with_sync, train_s[f"{name}@{n}"], 0.0, hi)
-    n = max(sizes)
-    if f"pp@{n}" in train_s and n > (data.get("cores") or n):
-        data["idle_young_s"] = young_wait_s()
-
-        def with_idle(x, n=n):
-            data["idle_share"] = x
-            return _probe_step(data, "pp", n)
-        _solve(with_idle, train_s[f"pp@{n}"], 0.0, 2.0)
-    for k, measured in sorted(train_s.items()):
-        name, _, n = k.rpartition("@")
-        pred = _probe_step(data, name, int(n))
-        log(f"training probe {k}: measured {measured * 1e3:.1f} ms, model {pred * 1e3:.1f} ms "
-            f"({pred / measured - 1:+.0%})")
-    log("fitted: contention " + ", ".join(f"{n}: {c:.2f}x" for n, c in data["contention"].items())
-        + "; a collective after compute costs at least "
-        + ", ".join(f"{k}: {s * 1e6:.0f} us" for k, s in data["sync_after_compute"].items())
-        + "; a smaller group waits " + ", ".join(f"{k}: {f:.2f}" for k, f in data["sync_share"].items())
-        + " of its compute"
-        + (f"; a waiting rank costs the host {data['idle_share']:.2f} of a computing one for the first "
-           f"{data.get('idle_young_s', float('inf')) * 1e3:.0f} ms of its wait" if "idle_share" in data else ""))
-    return data
 
 
 def calibrate(out=None, ranks=(2, 4), quick: bool = False, threads: int = 1, log=print,

@@ -23,7 +23,7 @@ also share caches and memory. calibrate fits those two effects to real steps.
 With --serial (one rank): {"serial_s": {"ARCH@B": the median step of SERIAL_MODELS[ARCH]
 on one rank at micro-batch B (SERIAL_MICRO_BATCHES, all interleaved)}, "probe_s": the
 compute probe around them}. calibrate scales the model's per-op overhead and FLOP rate,
-per arch, so that it reproduces them (calibrate.fit_compute).
+per arch, so that it reproduces them (calibrate_fit.fit_compute).
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def compute_probe(torch) -> float:
 
 
 # The training probe: a small GPT whose steps calibrate fits the host's effective contention and
-# per-call synchronisation cost to (calibrate.fit_training). The waits it fits scale with the
+# per-call synchronisation cost to (calibrate_fit.fit_training). The waits it fits scale with the
 # compute between collectives, so its blocks are of the size studied here (a step of tens of
 # ms); shapes run each layout of 2 and 4 ranks (pp 4 needs 4 layers; zigzag sp 4, seq % 8).
 PROBE_MODEL = dict(vocab_size=64, seq_len=64, hidden=128, num_heads=4, num_layers=4)

@@ -161,7 +161,7 @@ class System:
 
         Why per arch: calibrate times the overhead on a tiny block and the rate on bare GEMMs, and
         the steps of eager training cost a different mix of the two, which depends on the ops a
-        block runs (mpipar.plan.calibrate.fit_compute)."""
+        block runs (mpipar.plan.calibrate_fit.fit_compute)."""
         scale = self.compute_scale.get(arch)
         if scale is None:
             return self

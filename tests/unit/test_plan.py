@@ -536,7 +536,7 @@ def test_sync_after_compute_is_a_floor_per_call():
 
 
 def test_fit_training_recovers_the_host_it_was_generated_from():
-    from mpipar.plan.calibrate import _probe_step, fit_training, young_wait_s
+    from mpipar.plan.calibrate_fit import _probe_step, fit_training, young_wait_s
 
     truth = _host_system(contention={"2": 1.4, "4": 3.0}, sync_after_compute={"2": 1e-4, "4": 2e-3},
                          sync_share={"2@4": 0.8}, idle_share=0.4, idle_young_s=young_wait_s()).data
@@ -554,7 +554,7 @@ def test_fit_training_recovers_the_host_it_was_generated_from():
 
 
 def test_fit_compute_recovers_the_scales_it_was_generated_from():
-    from mpipar.plan.calibrate import _serial_step, fit_compute
+    from mpipar.plan.calibrate_fit import _serial_step, fit_compute
     from mpipar.plan.calibrate_comm import SERIAL_MICRO_BATCHES, SERIAL_MODELS
 
     truth = _host_system(compute_scale={"gpt2": {"op_overhead": 2.5, "flops": 0.8},
