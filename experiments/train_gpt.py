@@ -152,8 +152,9 @@ def run_layout(cfg: Config, layout: tuple, corpus, world) -> dict:
     signum = 0
     for step in range(start, cfg.steps):
         tokens, targets = corpus.batch(step, cfg.batch, cfg.seq)
-        # Activations are metered on the warmup steps (and a resumed run's first): the meter's hook
-        # per saved tensor made steps 6-12% slower, and the timed steps are what mpipar.plan predicts.
+        # Activations are metered on the warmup steps (and a resumed run's first): the meter's Python
+        # hook per saved tensor slows a step by its own share per layout, and the timed steps are
+        # what mpipar.plan predicts (bare train_steps).
         metered = step < max(cfg.warmup, 1) or step == start
         tracer.activations.enabled = metered
         tracer.activations.reset_peak()
