@@ -208,10 +208,21 @@ def _all_gather_into(t, g, d: int, sizes: list[int], algorithm: str, out: torch.
             flat.narrow(0, offsets(counts)[g.rank], counts[g.rank]).copy_(t.reshape(-1))
         ring.all_gather_(flat, g, counts)
     else:
-        send = native.in_place() if direct else blocking_buffer(t.detach().to(host.device).contiguous())
+        x = t.detach().to(host.device).contiguous()
+        if not direct and _overlap(x, host):  # MPI forbids a send buffer inside the receive buffer
+            x = x.clone()
+        send = native.in_place() if direct else blocking_buffer(x)
         with crowded.present(g, True):
             native.all_gather(g, send, blocking_buffer(flat), counts)
+        if host is out:
+            inline.increment_version(out)  # MPI wrote it: autograd must see the write, as after copy_
     return out if host is out else out.copy_(host)
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Do two contiguous tensors share memory?"""
+    pa, pb = a.data_ptr(), b.data_ptr()
+    return pa < pb + b.numel() * b.element_size() and pb < pa + a.numel() * a.element_size()
 
 
 def reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algorithm: str = "auto", *,

@@ -21,7 +21,8 @@
    epoch published, every peer's epoch awaited, their slots read), with the wait in C under
    the caller's back-off (mpipar.comm.wait.POLITE, passed with each call): the Python
    around the exchange was most of a crowded rank's time, which its peers wait for. There
-   the small collectives take the whole call (MPI's blocking all-reduce would busy-poll),
+   the small collectives take the whole call, a larger one the exchange and then MPI's
+   blocking collective (every rank is present once the exchange returns: wait.all_present),
    and every other agreement the exchange alone (ctx.exchange).
 
    ctx.run does for a small broadcast, all_gather, reduce_scatter or all_to_all whose data
@@ -29,7 +30,12 @@
    all-reduce: the head and payload into this rank's row, the exchange, the heads checked,
    then blocks of the rows copied (in rank order along the gathered dim) or reduced in
    rank order (the all-reduce's kernels) into an output the caller allocated, as a key
-   made once per signature and group describes (inline_ops' results, byte for byte).
+   made once per signature and group describes (inline_ops' results, byte for byte). For
+   a larger one (KIND_MPI) the key names MPI's collective instead: after the exchange and
+   the heads, MPI_Bcast, MPI_Allgather, MPI_Reduce_scatter_block or MPI_Alltoall on the
+   caller's memory, with the datatype and count collectives.py's Python path passes (so a
+   rank on that path meets the C ranks). Each torch call on that path costs microseconds;
+   a 64 KiB all-gather spent 3x MPI's own time in them.
 
    The reduction is exact and the same bits on every rank: out = row0 op row1, then
    out = out op row_k for k = 2.. (torch.add / maximum / minimum in the same order in
@@ -49,6 +55,8 @@
 
 typedef int (*allgather_fn)(const void *, int, intptr_t, void *, int, intptr_t, intptr_t);
 typedef int (*allreduce_fn)(const void *, void *, int, intptr_t, intptr_t, intptr_t);
+typedef int (*bcast_fn)(void *, int, intptr_t, int, intptr_t);
+/* MPI_Alltoall has MPI_Allgather's signature, MPI_Reduce_scatter_block MPI_Allreduce's */
 
 typedef struct {
     Py_ssize_t (*begin)(PyObject *ch, PyObject *name, PyObject *algo, PyObject *info);
@@ -62,6 +70,9 @@ typedef struct {
     vectorcallfunc vectorcall;
     allgather_fn allgather;
     allreduce_fn allreduce;
+    bcast_fn bcast;             /* NULL: run() leaves KIND_MPI calls to Python */
+    allgather_fn alltoall;
+    allreduce_fn reduce_scatter_block;
     intptr_t comm, byte_type, in_place;
     intptr_t types[7], ops[3]; /* MPI datatypes of FAST_DTYPES' codes 0-6, MPI_SUM/MAX/MIN */
     char *table;
@@ -248,7 +259,7 @@ static PyObject *call(Context *self, PyObject *const *args, Py_ssize_t nargs)
     memcpy(&key, kb.buf, sizeof key);
     PyBuffer_Release(&kb);
     int dtype = (int)(key.kernel / 3), op = (int)(key.kernel % 3);
-    if (key.kernel < 0 || dtype > 6 || key.nbytes < 0 || (key.mpi && self->shm) ||
+    if (key.kernel < 0 || dtype > 6 || key.nbytes < 0 ||
         (key.mpi ? key.nbytes / SIZE[dtype] > INT_MAX : key.nbytes > self->row_bytes - HEAD_WORDS * 8)) {
         PyErr_SetString(PyExc_ValueError, "fast all_reduce: a bad key");
         return NULL;
@@ -345,14 +356,25 @@ typedef struct {
     int64_t no_descriptor; /* 1: this rank's descriptor words -1 (inline.exchange_args without a pool entry) */
     int64_t k0, nk, src0, dst_step, run, out_bytes;
     int64_t size[LOOPS], src[LOOPS], dst[LOOPS];
+    /* KIND_MPI: after the agreement, MPI's collective `call` moves `count` elements of
+       datatype types[dtype] (reduce_scatter: per rank, under ops[op]; broadcast: from root k0)
+       from in_ptr into out_ptr (all_gather: MPI_IN_PLACE when in_ptr is this rank's block) */
+    int64_t call, count, dtype, op;
 } OpKey;
 
-enum { KIND_COPY = 1, KIND_REDUCE = 2 };
+enum { KIND_COPY = 1, KIND_REDUCE = 2, KIND_MPI = 3 };
+enum { CALL_ALLGATHER = 1, CALL_REDUCE_SCATTER = 2, CALL_BCAST = 3, CALL_ALLTOALL = 4 };
 enum { RUN_DISAGREED = 0, RUN_DONE = 1, RUN_FINISH = 2 }; /* run()'s status */
 
-/* Whether every access `key` describes stays inside the row payloads and `out`. */
+/* Whether every access `key` describes stays inside the row payloads and `out` (KIND_MPI: whether its
+   MPI call is one this context has, with a count MPI takes; the buffers are the caller's). */
 static int key_in_bounds(const OpKey *k, Py_ssize_t n, Py_ssize_t payload)
 {
+    if (k->kind == KIND_MPI)
+        return k->call >= CALL_ALLGATHER && k->call <= CALL_ALLTOALL && k->count >= 0 && k->count <= INT_MAX &&
+               k->dtype >= 0 && k->dtype <= 6 && k->op >= 0 && k->op <= 2 && k->nbytes == 0 &&
+               (k->call != CALL_BCAST || (k->k0 >= 0 && k->k0 < n)) &&
+               (k->call != CALL_ALLTOALL || (int64_t)n * k->count <= INT_MAX);
     int64_t src = k->src0 + k->run, dst = k->run, total = 1;
     if (k->k0 < 0 || k->nk < 0 || k->k0 + k->nk > n || k->run < 0 || k->src0 < 0 || k->dst_step < 0 ||
         k->nbytes < 0 || k->nbytes > payload || k->out_bytes < 0)
@@ -401,6 +423,25 @@ static int blocks(const Context *s, const OpKey *k, char *out)
     return 0;
 }
 
+/* KIND_MPI's collective (the GIL released by the caller): MPI's return code. */
+static int mpi_call(const Context *s, const OpKey *k, char *in, char *out)
+{
+    intptr_t type = s->types[k->dtype];
+    int count = (int)k->count;
+    switch (k->call) {
+    case CALL_ALLGATHER: {
+        const void *send = in == out + (Py_ssize_t)s->rank * k->count * SIZE[k->dtype] ? (const void *)s->in_place : in;
+        return s->allgather(send, count, type, out, count, type, s->comm);
+    }
+    case CALL_REDUCE_SCATTER:
+        return s->reduce_scatter_block(in, out, count, type, s->ops[k->op], s->comm);
+    case CALL_BCAST:
+        return s->bcast(out, count, type, (int)k->k0, s->comm);
+    default:
+        return s->alltoall(in, count, type, out, count, type, s->comm);
+    }
+}
+
 /* ctx.run(group, info, algorithm, name, in_ptr, out_ptr, key, policy): a small collective named
    `name` whose data rides in the table, finished here (mpipar.comm.agreement.fast_ops). Returns
    1 (RUN_DONE) when `out` holds the result and the call is recorded; else (slot + 1) * 4 + status
@@ -433,7 +474,8 @@ static PyObject *run(Context *self, PyObject *const *args, Py_ssize_t nargs)
     OpKey key;
     memcpy(&key, kb.buf, sizeof key);
     PyBuffer_Release(&kb);
-    if ((key.kind != KIND_COPY && key.kind != KIND_REDUCE) ||
+    if ((key.kind != KIND_COPY && key.kind != KIND_REDUCE && key.kind != KIND_MPI) ||
+        (key.kind == KIND_MPI && self->bcast == NULL) ||
         !key_in_bounds(&key, self->n, self->row_bytes - HEAD_WORDS * 8)) {
         PyErr_SetString(PyExc_ValueError, "fast run: a bad key");
         return NULL;
@@ -468,13 +510,20 @@ static PyObject *run(Context *self, PyObject *const *args, Py_ssize_t nargs)
         else if (key.free >= 0 && free != key.free && status == RUN_DONE)
             status = RUN_FINISH;
     }
-    if (rc == 0 && status == RUN_DONE)
+    if (rc == 0 && status == RUN_DONE && key.kind == KIND_MPI) {
+        /* every rank is in this call (the exchange waited for all): MPI's blocking collective,
+           as collectives.py's path under wait.all_present */
+        Py_BEGIN_ALLOW_THREADS
+        rc = mpi_call(self, &key, in, out);
+        Py_END_ALLOW_THREADS
+    } else if (rc == 0 && status == RUN_DONE) {
         bad = blocks(self, &key, out) < 0;
+    }
     if (rc != 0 || bad || status == RUN_DONE) {
         if (slot >= 0 && self->ring->end(slot) < 0)
             return NULL;
         if (rc != 0)
-            return PyErr_Format(PyExc_RuntimeError, "MPI error %d in the MPI_Allgather", rc);
+            return PyErr_Format(PyExc_RuntimeError, "MPI error %d in the exchange or the collective", rc);
         if (bad)
             return PyErr_Format(PyExc_ValueError, "fast run: no kernel %lld", (long long)key.kernel);
         return PyLong_FromLong(RUN_DONE);
@@ -524,15 +573,30 @@ static PyTypeObject ContextType = {
 static intptr_t handle(PyObject *h) { return (intptr_t)PyLong_AsUnsignedLongLongMask(h); }
 
 /* context(allgather, allreduce, comm, byte, in_place, types (7), ops (3), table_addr, row_bytes, n, rank,
-           ring_api_or_None, keep[, shared]); shared: (slot addresses (2n: rank r's slot p at 2r + p),
-           epoch addresses (n), count address) of the group's ShmTable */
+           ring_api_or_None, keep[, shared[, more]]); shared: (slot addresses (2n: rank r's slot p at 2r + p),
+           epoch addresses (n), count address) of the group's ShmTable, or None; more: the addresses of
+           MPI_Bcast, MPI_Alltoall and MPI_Reduce_scatter_block (KIND_MPI), or None */
 static PyObject *context(PyObject *mod, PyObject *args)
 {
-    PyObject *fn, *fn2, *comm, *byte, *in_place, *types, *ops, *table, *ring, *keep, *shared = Py_None;
+    PyObject *fn, *fn2, *comm, *byte, *in_place, *types, *ops, *table, *ring, *keep, *shared = Py_None,
+             *more = Py_None;
     Py_ssize_t row_bytes, n, rank;
-    if (!PyArg_ParseTuple(args, "OOOOOO!O!OnnnOO|O", &fn, &fn2, &comm, &byte, &in_place, &PyTuple_Type, &types,
-                          &PyTuple_Type, &ops, &table, &row_bytes, &n, &rank, &ring, &keep, &shared))
+    if (!PyArg_ParseTuple(args, "OOOOOO!O!OnnnOO|OO", &fn, &fn2, &comm, &byte, &in_place, &PyTuple_Type, &types,
+                          &PyTuple_Type, &ops, &table, &row_bytes, &n, &rank, &ring, &keep, &shared, &more))
         return NULL;
+    void *extra[3] = {NULL, NULL, NULL}; /* MPI_Bcast, MPI_Alltoall, MPI_Reduce_scatter_block */
+    if (more != Py_None) {
+        if (!PyTuple_Check(more) || PyTuple_GET_SIZE(more) != 3) {
+            PyErr_SetString(PyExc_ValueError, "fast context: more = (bcast, alltoall, reduce_scatter_block)");
+            return NULL;
+        }
+        for (int i = 0; i < 3; i++)
+            extra[i] = PyLong_AsVoidPtr(PyTuple_GET_ITEM(more, i));
+        if (PyErr_Occurred())
+            return NULL;
+        if (extra[0] == NULL || extra[1] == NULL || extra[2] == NULL)
+            extra[0] = extra[1] = extra[2] = NULL;
+    }
     PyObject *slot_addrs = NULL, *epoch_addrs = NULL, *count = NULL;
     if (shared != Py_None &&
         (!PyArg_ParseTuple(shared, "O!O!O", &PyTuple_Type, &slot_addrs, &PyTuple_Type, &epoch_addrs, &count) ||
@@ -587,6 +651,9 @@ static PyObject *context(PyObject *mod, PyObject *args)
     self->vectorcall = fast_vectorcall;
     self->allgather = (allgather_fn)f;
     self->allreduce = (allreduce_fn)f2;
+    self->bcast = (bcast_fn)extra[0];
+    self->alltoall = (allgather_fn)extra[1];
+    self->reduce_scatter_block = (allreduce_fn)extra[2];
     self->comm = handle(comm);
     self->byte_type = handle(byte);
     self->in_place = handle(in_place);
@@ -613,7 +680,7 @@ static PyObject *context(PyObject *mod, PyObject *args)
 static PyMethodDef methods[] = {
     {"context", context, METH_VARARGS,
      "context(allgather, allreduce, comm, byte, in_place, types, ops, table_addr, row_bytes, n, rank, ring_api, "
-     "keep)"},
+     "keep[, shared[, (bcast, alltoall, reduce_scatter_block)]])"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -11,14 +11,15 @@ same call: the agreement, then MPI_Allreduce in place (what collectives._all_red
 calls), without the Python between them. The context's `run` does the same for a
 small broadcast, all_gather, reduce_scatter or all_to_all whose data rides in the
 table (mpipar.comm.agreement.fast_ops: inline_ops' result, copied or reduced from
-the table in C).
+the table in C), and for a larger one that goes to MPI's own collective (MPI_Bcast,
+MPI_Allgather, MPI_Reduce_scatter_block, MPI_Alltoall after the agreement).
 
 It applies where the group's agreement is a blocking MPI_Allgather (ranks with
 their own cores) or the shared-memory table (crowded ranks on one node,
 mpipar.comm.agreement.shm_table: there the small collectives, and every other
 agreement's exchange (ctx.exchange), waiting in C under mpipar.comm.wait.POLITE),
 the flight ring is C (mpipar.flight.ring), and mpi4py's MPI library exports
-MPI_Allgather and MPI_Allreduce. Otherwise, or with MPIPAR_FAST_AGREEMENT=0, or when the build
+the five collectives of _SYMBOLS. Otherwise, or with MPIPAR_FAST_AGREEMENT=0, or when the build
 fails, inline.py's Python path runs, with the same results.
 """
 from __future__ import annotations
@@ -38,9 +39,11 @@ FAST_DTYPES = {torch.float32: 0, torch.float64: 1, torch.int64: 2, torch.int32: 
 _state: dict = {}  # "module", "symbols": built once per process (None: unavailable)
 
 
-def _mpi_symbols() -> tuple[int, int] | None:
-    """The addresses of MPI_Allgather and MPI_Allreduce in the MPI library this process loaded
-    (mpi4py's), or None."""
+_SYMBOLS = ("MPI_Allgather", "MPI_Allreduce", "MPI_Bcast", "MPI_Alltoall", "MPI_Reduce_scatter_block")
+
+
+def _mpi_symbols() -> tuple[int, ...] | None:
+    """The addresses of _SYMBOLS in the MPI library this process loaded (mpi4py's), or None."""
     seen = set()
     with open("/proc/self/maps") as f:
         for line in f:
@@ -52,8 +55,7 @@ def _mpi_symbols() -> tuple[int, int] | None:
             seen.add(path)
             try:
                 lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-                names = ("MPI_Allgather", "MPI_Allreduce")
-                return tuple(ctypes.cast(getattr(lib, n), ctypes.c_void_p).value for n in names)
+                return tuple(ctypes.cast(getattr(lib, n), ctypes.c_void_p).value for n in _SYMBOLS)
             except (OSError, AttributeError):
                 continue
     return None
@@ -104,8 +106,9 @@ def build(g, table, shared=None):
         by_code = {code: dt for dt, code in FAST_DTYPES.items() if dt is not torch.bool}
         types = tuple(MPI._handleof(_mpi_type(by_code[k])) for k in range(7))
         ops = tuple(MPI._handleof(o) for o in (MPI.SUM, MPI.MAX, MPI.MIN))
-        return module.context(*_state["symbols"], MPI._handleof(g.comm), MPI._handleof(MPI.BYTE), in_place, types,
+        allgather, allreduce, *more = _state["symbols"]
+        return module.context(allgather, allreduce, MPI._handleof(g.comm), MPI._handleof(MPI.BYTE), in_place, types,
                               ops, table.ctypes.data, table.shape[1], table.shape[0], g.rank, recorder.ring_api(),
-                              (table, shared), None if shared is None else shared.layout())
+                              (table, shared), None if shared is None else shared.layout(), tuple(more))
     except (TypeError, ValueError, OverflowError, AttributeError):  # not an mpi4py communicator (a wrapper)
         return None

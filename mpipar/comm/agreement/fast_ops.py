@@ -1,4 +1,4 @@
-"""Small broadcast, all_gather, reduce_scatter and all_to_all in one C call (fast.c's `run`).
+"""Broadcast, all_gather, reduce_scatter and all_to_all in one C call (fast.c's `run`).
 
 inline_ops.py finishes these calls in Python after the agreement's exchange: typed
 views of the table, torch.cat, a reduction in rank order. Where ranks outnumber cores,
@@ -10,6 +10,13 @@ the table (the same exchange as inline_ops: the same ShmTable count, or the same
 MPI_Allgather, so ranks on either path meet), checks the heads, copies or reduces the
 blocks into the output (the same bytes as inline_ops' torch calls: copies, and the
 rank-order reduction of fast.c's all-reduce) and records itself.
+
+A call too large for the table takes the same C call where collectives.py would follow
+the agreement with MPI's blocking collective on the tensor's memory (`_mpi_plan`): the
+key then names that collective, its datatype and count, and C calls it after the
+heads agree. That covers the blocks MPI lays out itself: all_gather and reduce_scatter
+along a dim whose preceding dims are 1, all_to_all with scatter_dim == gather_dim such,
+broadcast. A torch call costs microseconds here, and the Python path made a dozen.
 
 Each entry point returns None when nothing was communicated (the caller takes the
 Python path): no C context (fast.py: MPIPAR_FAST_AGREEMENT=0, no build, ranks that
@@ -29,8 +36,8 @@ import math
 import numpy as np
 import torch
 
-from .. import tuning
-from ..buffers import flat_chunks, offsets
+from .. import outputs, tuning
+from ..buffers import _CARRIER, flat_chunks, offsets, staging_forced
 from ..symmetric.pool import _ATTR as _POOL
 from ...flight.recorder import described, done
 from ...settings import current
@@ -41,7 +48,11 @@ from .into import NO_OUT, code as out_code
 from .protocol import BAD_DIM, norm_dim, validation_enabled
 
 LOOPS = 6  # fast.c's OpKey loops
-_COPY, _REDUCE = 1, 2  # fast.c's kinds
+_COPY, _REDUCE, _MPI = 1, 2, 3  # fast.c's kinds
+_ALLGATHER, _REDUCE_SCATTER, _BCAST, _ALLTOALL = 1, 2, 3, 4  # fast.c's MPI calls (KIND_MPI)
+# fast.c's datatype code of the MPI datatype collectives.py sends a dtype as (buffers._CARRIER)
+_MPI_CODE = {dt: FAST_DTYPES[c] for dt, (c, _) in _CARRIER.items() if c in FAST_DTYPES and c is not torch.bool}
+_INT_MAX = 2 ** 31 - 1
 _DONE, _FINISH = 1, 2  # run()'s statuses (0: the heads differ)
 _PLANS = 1024  # plans kept per group before the cache starts over (each holds a template)
 
@@ -50,24 +61,60 @@ class _Plan:
     """One call shape's C call on one group, made once per settings object (they decide validation
     and the shared-memory crossovers): its agreed description `info` (inline._Call), its key
     (None: the Python path), an output like the result (`template`: torch.empty_like of it is
-    the cheapest allocation), all_gather's total size along its dim, and whether the call
-    writes its input (broadcast, off the root)."""
+    the cheapest allocation; or, where MPI moves the data, the result's `shape`, allocated by
+    mpipar.comm.outputs: a large one recycled, its pages not faulted again), all_gather's
+    total size along its dim, and whether the call writes its input (broadcast, off the root)."""
 
-    __slots__ = ("settings", "info", "key", "template", "total", "receives")
+    __slots__ = ("settings", "info", "key", "template", "total", "receives", "shape")
 
     def __init__(self, settings, info, key: bytes | None = None, template=None, total: int = -1,
-                 receives: bool = False):
+                 receives: bool = False, shape=None):
         self.settings, self.info, self.key, self.template = settings, info, key, template
-        self.total, self.receives = total, receives
+        self.total, self.receives, self.shape = total, receives, shape
+
+    def output(self) -> torch.Tensor:
+        if self.shape is None:
+            return torch.empty_like(self.template)
+        return outputs.empty(self.shape, self.info.dtype)
 
 
 def _key(info, kind, nbytes=0, kernel=0, free=-1, no_descriptor=0, k0=0, nk=0, src0=0, dst_step=0, run=0,
-         out_bytes=0, loops=()) -> bytes:
+         out_bytes=0, loops=(), call=0, count=0, code=0, op=0) -> bytes:
     """fast.c's OpKey: unused loops are size 1, strides 0."""
     loops = list(loops) + [(1, 0, 0)] * (LOOPS - len(loops))
     words = [*info.head, kind, nbytes, kernel, free, no_descriptor, k0, nk, src0, dst_step, run, out_bytes]
     words += [s for s, _, _ in loops] + [a for _, a, _ in loops] + [b for _, _, b in loops]
+    words += [call, count, code, op]
     return np.array(words, dtype=np.int64).tobytes()
+
+
+def _mpi_plan(settings, info, g, t, call: int, count: int, shape=None, op: str = "sum", algorithm="mpi", root: int = 0,
+              free: int = -1, total: int = -1, receives: bool = False, polite_from: bool = False) -> _Plan:
+    """A call too large for the table whose data MPI's own collective moves, as collectives.py's
+    Python path would (the same MPI call, datatype and count, blocking: every rank is present
+    after the agreement, wait.all_present), or the Python path's plan where that path would do
+    something else: a bad argument, an MPI count past int, staging forced (tests), a ring or
+    shared-memory choice (tuning; crowded.staged), or (`polite_from`: broadcast and all_to_all)
+    a crowded group's polite wait from crowded.POLITE_FROM bytes. All of these read facts every
+    rank shares, so the ranks' calls match (a blocking MPI collective matches only blocking ones)."""
+    from ..backends import crowded  # (crowded imports the agreement)
+
+    nbytes = info.nbytes * (g.size if call == _ALLGATHER else 1)
+    name = {_ALLGATHER: "all_gather", _REDUCE_SCATTER: "reduce_scatter"}.get(call)
+    if (info.bad or count <= 0 or count * (g.size if call == _ALLTOALL else 1) > _INT_MAX or staging_forced()
+            or t.dtype not in _MPI_CODE or algorithm not in ("auto", "mpi")
+            or (name is not None and (tuning.choose(name, algorithm, nbytes, g.size) != "mpi"
+                                      or crowded.staged(g, t, algorithm, name, nbytes) == "shm"))
+            or (polite_from and g.oversubscribed and nbytes >= crowded.POLITE_FROM)):
+        return _Plan(settings, info)
+    key = _key(info, _MPI, free=free, no_descriptor=1, k0=root, call=call, count=count, code=_MPI_CODE[t.dtype],
+               op=("sum", "max", "min").index(op))
+    return _Plan(settings, info, key, total=total, receives=receives, shape=shape)
+
+
+def _leading(shape, d: int) -> bool:
+    """Whether the dims before `d` are all 1: blocks along `d` are then MPI's contiguous blocks."""
+    return math.prod(shape[:d]) == 1
 
 
 def _strides(shape, item: int) -> list[int]:
@@ -162,7 +209,7 @@ def _plan_of(t: torch.Tensor, g, k: tuple, make, *args):
 def _into_new(buf, g, plan, algorithm, name: str, t: torch.Tensor) -> torch.Tensor:
     """`plan`'s call from `t` into a new output like its template (MpiparError on every rank when
     the heads differ)."""
-    out = torch.empty_like(plan.template)
+    out = plan.output()
     v = _run(buf, g, plan, algorithm, name, t.data_ptr(), out.data_ptr())
     if v != _DONE:
         _finish(g, plan, v)
@@ -183,7 +230,7 @@ def _run(buf, g, plan, algorithm, name: str, src: int, dst: int) -> int:
 def broadcast(t: torch.Tensor, g, root) -> bool:
     """collectives.broadcast's call (g.size > 1): True when `t` holds root's data."""
     buf, plan = _plan_of(t, g, ("broadcast", t.shape, t.dtype, root, root.__class__), _broadcast_plan, root)
-    if plan is None:
+    if plan is None or (plan.shape is not None and _symmetric(g, t)):
         return False
     v = _run(buf, g, plan, None, "broadcast", t.data_ptr(), t.data_ptr())
     if v != _DONE:
@@ -198,7 +245,8 @@ def _broadcast_plan(settings, t, g, root) -> _Plan:
     r = root if isinstance(root, int) and 0 <= root < g.size else BAD_DIM
     info = _call("broadcast", t, dim=r)
     if not (info.fits and info.nbytes > 0 and not tuning.shm_pays("broadcast", info.nbytes)):
-        return _Plan(settings, info)
+        return _mpi_plan(settings, info, g, t, _BCAST, t.numel(), shape=(), root=r, receives=g.rank != r,
+                         polite_from=True)
     mine = g.rank == r
     key = _key(info, _COPY, nbytes=info.nbytes if mine else 0, k0=r, nk=0 if mine else 1, run=info.nbytes,
                out_bytes=info.nbytes)
@@ -210,7 +258,7 @@ def reduce_scatter(t: torch.Tensor, g, dim, op, algorithm):
     reduction, or None."""
     k = ("reduce_scatter", t.shape, t.dtype, dim, dim.__class__, op, algorithm)
     buf, plan = _plan_of(t, g, k, _reduce_scatter_plan, dim, op, algorithm)
-    if plan is None:
+    if plan is None or (plan.shape is not None and _symmetric(g, t)):
         return None
     return _into_new(buf, g, plan, algorithm, "reduce_scatter", t)
 
@@ -222,7 +270,13 @@ def _reduce_scatter_plan(settings, t, g, dim, op, algorithm) -> _Plan:
     info = _call("reduce_scatter", t, op, algorithm, dim=d)
     if (info.combine is None or t.dim() == 0
             or (algorithm == "auto" and tuning.shm_pays("reduce_scatter", info.nbytes))):
-        return _Plan(settings, info)
+        if (info.combine is not None or t.dim() == 0 or d == BAD_DIM or t.shape[d] % g.size or not _leading(t.shape, d)
+                or t.dtype not in FAST_DTYPES or t.dtype is torch.bool or op not in ("sum", "max", "min")):
+            return _Plan(settings, info)  # (small, or not MPI_Reduce_scatter_block in t's own dtype)
+        shape = list(t.shape)
+        shape[d] //= g.size
+        return _mpi_plan(settings, info, g, t, _REDUCE_SCATTER, t.numel() // g.size, shape=shape, op=op,
+                         algorithm=algorithm)
     op = "max" if t.dtype is torch.bool and op == "sum" else op
     if t.dtype not in FAST_DTYPES or not (op == "sum" or FAST_DTYPES[t.dtype] >= 2):
         return _Plan(settings, info)
@@ -238,7 +292,7 @@ def all_to_all(t: torch.Tensor, g, scatter_dim, gather_dim):
     buf, plan = _plan_of(t, g, k, _all_to_all_plan, scatter_dim, gather_dim)
     if plan is None:
         return None
-    return _into_new(buf, g, plan, None, "all_to_all", t)
+    return _into_new(buf, g, plan, None, "all_to_all", t)  # (collectives.py's all_to_all never uses shared memory)
 
 
 def _all_to_all_plan(settings, t, g, scatter_dim, gather_dim) -> _Plan:
@@ -246,6 +300,8 @@ def _all_to_all_plan(settings, t, g, scatter_dim, gather_dim) -> _Plan:
     along gd in rank order."""
     sd, gd = norm_dim(scatter_dim, t.dim()), norm_dim(gather_dim, t.dim())
     info = _call("all_to_all", t, dim=sd if gd != BAD_DIM else BAD_DIM, root=gd)
+    if not info.fits and t.dim() > 0 and sd == gd != BAD_DIM and not t.shape[sd] % g.size and _leading(t.shape, sd):
+        return _mpi_plan(settings, info, g, t, _ALLTOALL, t.numel() // g.size, shape=list(t.shape), polite_from=True)
     if not info.fits or t.dim() == 0 or t.shape[sd] % g.size:
         return _Plan(settings, info)
     c = t.shape[sd] // g.size
@@ -278,14 +334,15 @@ def all_gather(t: torch.Tensor, g, dim, algorithm, out):
     if plan is None:
         return None
     if out is None:
-        result = torch.empty_like(plan.template)
-    elif out.requires_grad or k[-1] != plan.total:
-        return None  # (the Python path: out.copy_ raises, or out holds pieces of other sizes)
+        result = plan.output()
+    elif out.requires_grad or k[-1] != plan.total or (plan.shape is not None and _aliased(t, out, g.rank)):
+        return None  # (the Python path: out.copy_ raises, or out holds pieces of other sizes, or t is in out)
     else:
         result = out
     pool = g.__dict__.get(_POOL)
     one_node = pool is not None and pool.one_node
-    if one_node and pool.locate(t if out is None else out) is not None:
+    if one_node and (pool.locate(t if out is None else out) is not None
+                     or (plan.shape is not None and out is not None and pool.locate(t) is not None)):
         return None  # a symmetric tensor: its descriptor rides in the table (inline.exchange_args)
     v = _run(buf, g, plan, algorithm, "all_gather", t.data_ptr(), result.data_ptr())
     if v == _DONE:
@@ -302,8 +359,27 @@ def _all_gather_plan(settings, t, g, dim, algorithm, code) -> _Plan:
     the rows concatenated along d. (Other sizes: the C call leaves the finish to inline_ops.)"""
     d = norm_dim(dim, t.dim())
     info = _call("all_gather", t, algorithm=algorithm, dim=d, root=code, free_dim=True, root_name="out")
+    if not info.fits and t.dim() > 0 and d != BAD_DIM and _leading(t.shape, d):
+        shape = list(t.shape)
+        shape[d] *= g.size
+        return _mpi_plan(settings, info, g, t, _ALLGATHER, t.numel(), shape=shape, algorithm=algorithm,
+                         free=t.shape[d], total=g.size * t.shape[d])
     if (not info.fits or t.dim() == 0
             or (algorithm == "auto" and tuning.shm_pays("all_gather", g.size * info.nbytes))):
         return _Plan(settings, info)
     key, template = _blocks(info, t, g, _COPY, d, 0, t.shape[d], d, free=t.shape[d], no_descriptor=1)
     return _Plan(settings, info, key, template, g.size * t.shape[d])
+
+
+def _symmetric(g, t: torch.Tensor) -> bool:
+    """Is `t` in the group's one-node symmetric pool (collectives.py's shared-memory path: its
+    descriptor rides in the table, inline.exchange_args)?"""
+    pool = g.__dict__.get(_POOL)
+    return pool is not None and pool.one_node and pool.locate(t) is not None
+
+
+def _aliased(t: torch.Tensor, out: torch.Tensor, rank: int) -> bool:
+    """Does `t` overlap `out` other than as this rank's block (MPI_IN_PLACE, which fast.c detects)?"""
+    a, n = t.data_ptr(), t.numel() * t.element_size()
+    b, m = out.data_ptr(), out.numel() * out.element_size()
+    return a < b + m and b < a + n and a != b + rank * n

@@ -242,9 +242,8 @@ def fast_all_reduce(t: torch.Tensor, g, op, algorithm) -> bool:
     settings = current()
     if info.fast_settings is not settings:
         info.fast_settings, info.fast_ok = settings, _fast_ok(info, algorithm)
-    if not info.fast_ok or (info.fast_mpi and (buf.shared or _POOL in g.__dict__)) or not t.is_cpu \
-            or not t.is_contiguous():
-        return False  # (a symmetric pool: the agreement is its entry exchange, inline's path)
+    if not info.fast_ok or not t.is_cpu or not t.is_contiguous() or (info.fast_mpi and _elsewhere(g, t, algorithm)):
+        return False
     buf.last = None  # the C call writes this rank's head: inline's cached one is stale
     try:
         if buf.shared:  # the exchange waits in C, under the policy in force (mpipar.comm.wait)
@@ -257,6 +256,19 @@ def fast_all_reduce(t: torch.Tensor, g, op, algorithm) -> bool:
         _disagreement(g, info)
     _increment_version((t,))  # an in-place write, as autograd must see it (C wrote the memory)
     return True
+
+
+def _elsewhere(g, t: torch.Tensor, algorithm) -> bool:
+    """Would collectives.py move this all-reduce's data other than by MPI's blocking all-reduce
+    after the agreement? A symmetric tensor of the group's one-node pool (the agreement is then
+    its entry exchange: its descriptor rides in the table), or a plain one that "auto" stages
+    through shared memory where ranks outnumber cores (crowded.staged)."""
+    pool = g.__dict__.get(_POOL)
+    if pool is not None and (not pool.one_node or pool.locate(t) is not None):
+        return True
+    from ..backends import crowded  # (crowded imports this module)
+
+    return crowded.staged(g, t, algorithm, "all_reduce", t.numel() * t.element_size()) == "shm"
 
 
 def _fast_ok(info: _Call, algorithm) -> bool:
@@ -320,6 +332,12 @@ def reduce_rows(combine, rows) -> torch.Tensor:
 
 _MEMMOVE = ctypes.memmove
 _increment_version = torch._C._increment_version
+
+
+def increment_version(t: torch.Tensor) -> None:
+    """Bump `t`'s version counter: memory written outside torch (C, MPI) is an in-place write
+    autograd must see."""
+    _increment_version((t,))
 
 
 def _allgather_of(g, table):
