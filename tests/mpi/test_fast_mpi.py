@@ -2,11 +2,11 @@
 MPI's own collective (fast.c's KIND_MPI, planned in mpipar.comm.agreement.fast_ops).
 
 Where collectives.py's Python path would agree and then call MPI's blocking MPI_Bcast,
-MPI_Allgather, MPI_Reduce_scatter_block or MPI_Alltoall on the tensor's memory, the C call
-does both. Checked against that Python path and a serial reference, byte for byte: every
-dtype MPI carries for mpipar (bfloat16 and float16 as int16, bool as uint8), each op, the
-dims whose blocks are MPI's contiguous blocks (and the ones that are not, which keep the
-Python path), out= and the in-place all-gather; a rank on the Python path meeting C ranks;
+MPI_Allgather, MPI_Reduce_scatter_block or MPI_Alltoall, the C call does both (and, where
+MPI's contiguous blocks are not the result's, copies MPI's pieces from a scratch buffer into
+the result). Checked against that Python path and a serial reference, byte for byte: every
+dtype MPI carries for mpipar (bfloat16 and float16 as int16, bool as uint8), each op, every
+kind of dim, out= and the in-place all-gather; a rank on the Python path meeting C ranks;
 a disagreement found in the C call raising on every rank.
 """
 from __future__ import annotations
@@ -41,16 +41,22 @@ def cases(n):
         rows = rows_of(dtype)
         for root in (0, n - 1):
             yield "broadcast", dtype, (rows, 3), {"root": root}, True
+        # MPI's blocks are the result's (the dims before dim are 1), or C rearranges them from scratch
         yield "all_gather", dtype, (rows, 3), {"dim": 0}, True
-        yield "all_gather", dtype, (1, rows, 3), {"dim": 1}, True  # the dims before dim are 1
-        yield "all_gather", dtype, (rows, 3), {"dim": 1}, False  # strided blocks: the Python path
+        yield "all_gather", dtype, (1, rows, 3), {"dim": 1}, True
+        yield "all_gather", dtype, (rows, 3), {"dim": 1}, True
+        yield "all_gather", dtype, (2, rows, 3), {"dim": -2}, True  # sequence parallel's gather
         reduces = dtype not in (torch.bool, torch.bfloat16, torch.float16)  # (reduced in another dtype)
         for op in ("sum", "max", "min"):
             yield "reduce_scatter", dtype, (n * rows, 3), {"dim": 0, "op": op}, reduces
-        yield "reduce_scatter", dtype, (3, n * rows), {"dim": 1, "op": "sum"}, False
+        yield "reduce_scatter", dtype, (3, n * rows), {"dim": 1, "op": "sum"}, reduces  # (the input permuted)
+        yield "reduce_scatter", dtype, (2, n * rows, 3), {"dim": -2, "op": "max"}, reduces
         yield "reduce_scatter", dtype, (n * rows + 1, 3), {"dim": 0, "op": "sum"}, False  # uneven slices
         yield "all_to_all", dtype, (n * rows, 3), {"scatter_dim": 0, "gather_dim": 0}, True
-        yield "all_to_all", dtype, (n * rows, 3), {"scatter_dim": 0, "gather_dim": 1}, False
+        yield "all_to_all", dtype, (n * rows, 3), {"scatter_dim": 0, "gather_dim": 1}, True
+        yield "all_to_all", dtype, (3, n * rows), {"scatter_dim": 1, "gather_dim": 0}, True
+        yield "all_to_all", dtype, (2, 2 * n, rows // 2, 3), {"scatter_dim": 1, "gather_dim": 2}, True  # Ulysses'
+        yield "all_to_all", dtype, (2, rows, 2 * n, 3), {"scatter_dim": -2, "gather_dim": -2}, True
 
 
 def test_mpi_calls_are_the_python_path_bit_for_bit(fast_group, world, checks):
@@ -72,7 +78,9 @@ def test_mpi_calls_are_the_python_path_bit_for_bit(fast_group, world, checks):
         took_c = calls["run"] - before == 1
         with python_path(g):
             want = run_op(name, xs[r].clone(), g, kw)
-        same_bytes(checks, bits(got), bits(want), what + " vs the Python path")
+        # (the C call's result is contiguous; the Python all_to_all's may be a strided view)
+        checks.true(got.is_contiguous(), f"{what}: not contiguous")
+        same_bytes(checks, bits(got), bits(want.contiguous()), what + " vs the Python path")
         same_bytes(checks, bits(got), bits(serial(name, xs, r, n, kw)), what + " vs serial")
         checks.true(got.dtype == dtype, f"{what}: {got.dtype}")
         checks.true(took_c == mpi, f"{what}: C path taken: {took_c}")
@@ -189,7 +197,7 @@ def test_mpi_calls_keep_the_python_path_where_it_waits_otherwise(fast_group, che
     g, calls = fast_group
     if g.size == 1:
         pytest.skip("a single rank communicates nothing")
-    n, r = g.size, g.rank
+    n = g.size
     numel = -(-(2 << 20) // (4 * n)) * n  # 2 MiB of float32 or just past, divisible by n
     staged = inline.buffers(g).shared
     for name, call, nbytes in (

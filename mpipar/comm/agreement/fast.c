@@ -358,7 +358,9 @@ typedef struct {
     int64_t size[LOOPS], src[LOOPS], dst[LOOPS];
     /* KIND_MPI: after the agreement, MPI's collective `call` moves `count` elements of
        datatype types[dtype] (reduce_scatter: per rank, under ops[op]; broadcast: from root k0)
-       from in_ptr into out_ptr (all_gather: MPI_IN_PLACE when in_ptr is this rank's block) */
+       from in_ptr into out_ptr (all_gather: MPI_IN_PLACE when in_ptr is this rank's block);
+       with nk > 0, into scratch_ptr instead, whose pieces (count elements each, rank by rank)
+       the loops then copy into out_ptr as they copy the table's rows */
     int64_t call, count, dtype, op;
 } OpKey;
 
@@ -370,11 +372,18 @@ enum { RUN_DISAGREED = 0, RUN_DONE = 1, RUN_FINISH = 2 }; /* run()'s status */
    MPI call is one this context has, with a count MPI takes; the buffers are the caller's). */
 static int key_in_bounds(const OpKey *k, Py_ssize_t n, Py_ssize_t payload)
 {
-    if (k->kind == KIND_MPI)
-        return k->call >= CALL_ALLGATHER && k->call <= CALL_ALLTOALL && k->count >= 0 && k->count <= INT_MAX &&
-               k->dtype >= 0 && k->dtype <= 6 && k->op >= 0 && k->op <= 2 && k->nbytes == 0 &&
-               (k->call != CALL_BCAST || (k->k0 >= 0 && k->k0 < n)) &&
-               (k->call != CALL_ALLTOALL || (int64_t)n * k->count <= INT_MAX);
+    if (k->kind == KIND_MPI) {
+        if (!(k->call >= CALL_ALLGATHER && k->call <= CALL_ALLTOALL && k->count >= 0 && k->count <= INT_MAX &&
+              k->dtype >= 0 && k->dtype <= 6 && k->op >= 0 && k->op <= 2 && k->nbytes == 0 &&
+              (k->call != CALL_BCAST || (k->k0 >= 0 && k->k0 < n)) &&
+              (k->call != CALL_ALLTOALL || (int64_t)n * k->count <= INT_MAX)))
+            return 0;
+        if (k->nk == 0)
+            return 1; /* MPI writes `out` itself */
+        if (k->call == CALL_BCAST)
+            return 0;
+        payload = (Py_ssize_t)(k->count * SIZE[k->dtype]); /* then the blocks are read from the scratch's pieces */
+    }
     int64_t src = k->src0 + k->run, dst = k->run, total = 1;
     if (k->k0 < 0 || k->nk < 0 || k->k0 + k->nk > n || k->run < 0 || k->src0 < 0 || k->dst_step < 0 ||
         k->nbytes < 0 || k->nbytes > payload || k->out_bytes < 0)
@@ -395,15 +404,16 @@ static int key_in_bounds(const OpKey *k, Py_ssize_t n, Py_ssize_t payload)
     return src <= payload && (k->nk - 1) * k->dst_step + dst <= k->out_bytes;
 }
 
-/* The blocks of `key` out of the table into `out`: 0, or -1 (no such kernel). */
-static int blocks(const Context *s, const OpKey *k, char *out)
+/* The blocks of `key` out of n rows `stride` bytes apart from `base` (the table's payloads, or
+   the pieces MPI wrote into a scratch buffer) into `out`: 0, or -1 (no such kernel). */
+static int blocks(const OpKey *k, const char *base, Py_ssize_t stride, Py_ssize_t n, char *out)
 {
     int64_t idx[LOOPS] = {0}, total = 1;
     for (int i = 0; i < LOOPS; i++)
         total *= k->size[i];
     if (total == 0 || k->run == 0 || k->nk == 0)
         return 0;
-    const char *rows = s->table + HEAD_WORDS * 8 + k->src0;
+    const char *rows = base + k->src0;
     for (int64_t it = 0; it < total; it++) {
         int64_t so = 0, d = 0;
         for (int i = 0; i < LOOPS; i++) {
@@ -411,11 +421,11 @@ static int blocks(const Context *s, const OpKey *k, char *out)
             d += idx[i] * k->dst[i];
         }
         if (k->kind == KIND_REDUCE) {
-            if (reduce(k->kernel, out + d, rows + so, s->row_bytes, s->n, k->run) < 0)
+            if (reduce(k->kernel, out + d, rows + so, stride, n, k->run) < 0)
                 return -1;
         } else {
             for (int64_t j = 0; j < k->nk; j++)
-                memcpy(out + j * k->dst_step + d, rows + (k->k0 + j) * s->row_bytes + so, (size_t)k->run);
+                memcpy(out + j * k->dst_step + d, rows + (k->k0 + j) * stride + so, (size_t)k->run);
         }
         for (int i = LOOPS - 1; i >= 0 && ++idx[i] == k->size[i]; i--)
             idx[i] = 0;
@@ -450,10 +460,14 @@ static int mpi_call(const Context *s, const OpKey *k, char *in, char *out)
    the rows' free sizes are not all key.free: the caller finishes from the table). */
 static PyObject *run(Context *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 8) {
-        PyErr_SetString(PyExc_TypeError, "fast run: (group, info, algorithm, name, in_ptr, out_ptr, key, policy)");
+    if (nargs != 8 && nargs != 9) {
+        PyErr_SetString(PyExc_TypeError,
+                        "fast run: (group, info, algorithm, name, in_ptr, out_ptr, key, policy[, scratch_ptr])");
         return NULL;
     }
+    char *scratch = NULL;
+    if (nargs == 9 && (scratch = (char *)PyLong_AsVoidPtr(args[8])) == NULL && PyErr_Occurred())
+        return NULL;
     Policy policy = {0};
     if (self->shm && read_policy(args[7], &policy) < 0)
         return NULL;
@@ -475,7 +489,7 @@ static PyObject *run(Context *self, PyObject *const *args, Py_ssize_t nargs)
     memcpy(&key, kb.buf, sizeof key);
     PyBuffer_Release(&kb);
     if ((key.kind != KIND_COPY && key.kind != KIND_REDUCE && key.kind != KIND_MPI) ||
-        (key.kind == KIND_MPI && self->bcast == NULL) ||
+        (key.kind == KIND_MPI && (self->bcast == NULL || (key.nk > 0 && scratch == NULL))) ||
         !key_in_bounds(&key, self->n, self->row_bytes - HEAD_WORDS * 8)) {
         PyErr_SetString(PyExc_ValueError, "fast run: a bad key");
         return NULL;
@@ -514,10 +528,12 @@ static PyObject *run(Context *self, PyObject *const *args, Py_ssize_t nargs)
         /* every rank is in this call (the exchange waited for all): MPI's blocking collective,
            as collectives.py's path under wait.all_present */
         Py_BEGIN_ALLOW_THREADS
-        rc = mpi_call(self, &key, in, out);
+        rc = mpi_call(self, &key, in, key.nk ? scratch : out);
         Py_END_ALLOW_THREADS
+        if (rc == 0 && key.nk) /* MPI's pieces, rank by rank, rearranged into `out` */
+            bad = blocks(&key, scratch, (Py_ssize_t)(key.count * SIZE[key.dtype]), self->n, out) < 0;
     } else if (rc == 0 && status == RUN_DONE) {
-        bad = blocks(self, &key, out) < 0;
+        bad = blocks(&key, self->table + HEAD_WORDS * 8, self->row_bytes, self->n, out) < 0;
     }
     if (rc != 0 || bad || status == RUN_DONE) {
         if (slot >= 0 && self->ring->end(slot) < 0)
@@ -534,7 +550,7 @@ static PyObject *run(Context *self, PyObject *const *args, Py_ssize_t nargs)
 static PyMethodDef context_methods[] = {
     {"exchange", (PyCFunction)exchange, METH_O, "exchange(policy): the shared table's exchange"},
     {"run", (PyCFunction)(void (*)(void))run, METH_FASTCALL,
-     "run(group, info, algorithm, name, in_ptr, out_ptr, key, policy): a small collective finished here"},
+     "run(group, info, algorithm, name, in_ptr, out_ptr, key, policy[, scratch_ptr]): a collective finished here"},
     {NULL, NULL, 0, NULL},
 };
 

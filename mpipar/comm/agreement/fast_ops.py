@@ -12,11 +12,12 @@ blocks into the output (the same bytes as inline_ops' torch calls: copies, and t
 rank-order reduction of fast.c's all-reduce) and records itself.
 
 A call too large for the table takes the same C call where collectives.py would follow
-the agreement with MPI's blocking collective on the tensor's memory (`_mpi_plan`): the
-key then names that collective, its datatype and count, and C calls it after the
-heads agree. That covers the blocks MPI lays out itself: all_gather and reduce_scatter
-along a dim whose preceding dims are 1, all_to_all with scatter_dim == gather_dim such,
-broadcast. A torch call costs microseconds here, and the Python path made a dozen.
+the agreement with MPI's blocking collective (fast_plan._mpi_plan): the key then names
+that collective, its datatype and count, and C calls it after the heads agree. MPI
+reads the input as collectives.py sends it (with the scattered or gathered dim moved to
+the front where the dims before it are not 1) and writes the result, or pieces into a
+scratch buffer that C then copies into the result along the key's walk. A torch call
+costs microseconds here, and the Python path made a dozen.
 
 Each entry point returns None when nothing was communicated (the caller takes the
 Python path): no C context (fast.py: MPIPAR_FAST_AGREEMENT=0, no build, ranks that
@@ -31,140 +32,23 @@ ranks, and a rank whose tensor takes the Python path makes the same exchange.
 """
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 
 from .. import outputs, tuning
-from ..buffers import _CARRIER, flat_chunks, offsets, staging_forced
+from ..buffers import flat_chunks, offsets
 from ..symmetric.pool import _ATTR as _POOL
 from ...flight.recorder import described, done
 from ...settings import current
 from ..wait import polite_packed
 from .fast import FAST_DTYPES
-from .inline import INLINE_BYTES, _call, _disagreement, _increment_version
+from .inline import _call, _disagreement, _increment_version
 from .into import NO_OUT, code as out_code
+from .fast_plan import (_ALLGATHER, _ALLTOALL, _BCAST, _COPY, _REDUCE, _REDUCE_SCATTER, _Plan, _blocks, _front_strides,
+                        _key, _leading, _mpi_plan, _strides, _walk)
 from .protocol import BAD_DIM, norm_dim, validation_enabled
 
-LOOPS = 6  # fast.c's OpKey loops
-_COPY, _REDUCE, _MPI = 1, 2, 3  # fast.c's kinds
-_ALLGATHER, _REDUCE_SCATTER, _BCAST, _ALLTOALL = 1, 2, 3, 4  # fast.c's MPI calls (KIND_MPI)
-# fast.c's datatype code of the MPI datatype collectives.py sends a dtype as (buffers._CARRIER)
-_MPI_CODE = {dt: FAST_DTYPES[c] for dt, (c, _) in _CARRIER.items() if c in FAST_DTYPES and c is not torch.bool}
-_INT_MAX = 2 ** 31 - 1
 _DONE, _FINISH = 1, 2  # run()'s statuses (0: the heads differ)
 _PLANS = 1024  # plans kept per group before the cache starts over (each holds a template)
-
-
-class _Plan:
-    """One call shape's C call on one group, made once per settings object (they decide validation
-    and the shared-memory crossovers): its agreed description `info` (inline._Call), its key
-    (None: the Python path), an output like the result (`template`: torch.empty_like of it is
-    the cheapest allocation; or, where MPI moves the data, the result's `shape`, allocated by
-    mpipar.comm.outputs: a large one recycled, its pages not faulted again), all_gather's
-    total size along its dim, and whether the call writes its input (broadcast, off the root)."""
-
-    __slots__ = ("settings", "info", "key", "template", "total", "receives", "shape")
-
-    def __init__(self, settings, info, key: bytes | None = None, template=None, total: int = -1,
-                 receives: bool = False, shape=None):
-        self.settings, self.info, self.key, self.template = settings, info, key, template
-        self.total, self.receives, self.shape = total, receives, shape
-
-    def output(self) -> torch.Tensor:
-        if self.shape is None:
-            return torch.empty_like(self.template)
-        return outputs.empty(self.shape, self.info.dtype)
-
-
-def _key(info, kind, nbytes=0, kernel=0, free=-1, no_descriptor=0, k0=0, nk=0, src0=0, dst_step=0, run=0,
-         out_bytes=0, loops=(), call=0, count=0, code=0, op=0) -> bytes:
-    """fast.c's OpKey: unused loops are size 1, strides 0."""
-    loops = list(loops) + [(1, 0, 0)] * (LOOPS - len(loops))
-    words = [*info.head, kind, nbytes, kernel, free, no_descriptor, k0, nk, src0, dst_step, run, out_bytes]
-    words += [s for s, _, _ in loops] + [a for _, a, _ in loops] + [b for _, _, b in loops]
-    words += [call, count, code, op]
-    return np.array(words, dtype=np.int64).tobytes()
-
-
-def _mpi_plan(settings, info, g, t, call: int, count: int, shape=None, op: str = "sum", algorithm="mpi", root: int = 0,
-              free: int = -1, total: int = -1, receives: bool = False, polite_from: bool = False) -> _Plan:
-    """A call too large for the table whose data MPI's own collective moves, as collectives.py's
-    Python path would (the same MPI call, datatype and count, blocking: every rank is present
-    after the agreement, wait.all_present), or the Python path's plan where that path would do
-    something else: a bad argument, an MPI count past int, staging forced (tests), a ring or
-    shared-memory choice (tuning; crowded.staged), or (`polite_from`: broadcast and all_to_all)
-    a crowded group's polite wait from crowded.POLITE_FROM bytes. All of these read facts every
-    rank shares, so the ranks' calls match (a blocking MPI collective matches only blocking ones)."""
-    from ..backends import crowded  # (crowded imports the agreement)
-
-    nbytes = info.nbytes * (g.size if call == _ALLGATHER else 1)
-    name = {_ALLGATHER: "all_gather", _REDUCE_SCATTER: "reduce_scatter"}.get(call)
-    if (info.bad or count <= 0 or count * (g.size if call == _ALLTOALL else 1) > _INT_MAX or staging_forced()
-            or t.dtype not in _MPI_CODE or algorithm not in ("auto", "mpi")
-            or (name is not None and (tuning.choose(name, algorithm, nbytes, g.size) != "mpi"
-                                      or crowded.staged(g, t, algorithm, name, nbytes) == "shm"))
-            or (polite_from and g.oversubscribed and nbytes >= crowded.POLITE_FROM)):
-        return _Plan(settings, info)
-    key = _key(info, _MPI, free=free, no_descriptor=1, k0=root, call=call, count=count, code=_MPI_CODE[t.dtype],
-               op=("sum", "max", "min").index(op))
-    return _Plan(settings, info, key, total=total, receives=receives, shape=shape)
-
-
-def _leading(shape, d: int) -> bool:
-    """Whether the dims before `d` are all 1: blocks along `d` are then MPI's contiguous blocks."""
-    return math.prod(shape[:d]) == 1
-
-
-def _strides(shape, item: int) -> list[int]:
-    """Byte strides of a contiguous tensor of `shape`."""
-    out, acc = [], item
-    for s in reversed(shape):
-        out.append(acc)
-        acc *= s
-    return out[::-1]
-
-
-def _geometry(block, src, dst, item: int):
-    """(run bytes, loops) that walk a block of shape `block` whose dims step `src` bytes in the
-    row and `dst` bytes in the output: size-1 dims dropped, adjacent dims that are contiguous
-    in both merged, the innermost contiguous dim made the run. None: too many loops."""
-    dims = []
-    for size, s, d in zip(block, src, dst):
-        if size == 1:
-            continue
-        if dims and dims[-1][1] == size * s and dims[-1][2] == size * d:
-            dims[-1] = (dims[-1][0] * size, s, d)
-        else:
-            dims.append((size, s, d))
-    run = item
-    if dims and dims[-1][1] == item and dims[-1][2] == item:
-        run *= dims.pop()[0]
-    return (run, dims) if len(dims) <= LOOPS else None
-
-
-def _blocks(info, t, g, kind, sd: int, a: int, c: int, gd: int | None, **kw):
-    """(key, template) that read the block `c` long at `a` along `sd` of every row (t's shape)
-    into a new contiguous output: concatenated along `gd` in rank order, or (gd None) reduced.
-    (None, None) when the walk needs more than LOOPS loops."""
-    shape, item = list(t.shape), t.element_size()
-    block = list(shape)
-    block[sd] = c
-    out = list(block)
-    if gd is not None:
-        out[gd] *= g.size
-    src, dst = _strides(shape, item), _strides(out, item)
-    geometry = _geometry(block, src, dst, item)
-    if geometry is None:
-        return None, None
-    run, loops = geometry
-    if math.prod(block) == 0:
-        run, loops = 0, []
-    step = 0 if gd is None else block[gd] * dst[gd]
-    key = _key(info, kind, nbytes=info.nbytes, nk=g.size, src0=a * src[sd], dst_step=step, run=run,
-               out_bytes=math.prod(out) * item, loops=loops, **kw)
-    return key, torch.empty(out, dtype=t.dtype)
 
 
 def _planned(buf, k, make, *args) -> _Plan:
@@ -210,16 +94,26 @@ def _into_new(buf, g, plan, algorithm, name: str, t: torch.Tensor) -> torch.Tens
     """`plan`'s call from `t` into a new output like its template (MpiparError on every rank when
     the heads differ)."""
     out = plan.output()
-    v = _run(buf, g, plan, algorithm, name, t.data_ptr(), out.data_ptr())
+    src = _source(plan, t)  # (held while C runs)
+    v = _run(buf, g, plan, algorithm, name, src.data_ptr(), out.data_ptr())
     if v != _DONE:
         _finish(g, plan, v)
     return out
+
+
+def _source(plan, t: torch.Tensor) -> torch.Tensor:
+    """What MPI reads: `t`, or (plan.permute) a copy with that dim first, as collectives.py sends
+    it (ranks on either path must send the same bytes)."""
+    return t if plan.permute is None else t.movedim(plan.permute, 0).contiguous()
 
 
 def _run(buf, g, plan, algorithm, name: str, src: int, dst: int) -> int:
     """fast.c's run() of `plan` from address src into dst; its status (an MPI error: MpiparError)."""
     buf.last = None  # the C call writes this rank's head: inline's cached one is stale
     try:
+        if plan.scratch:  # MPI's pieces land here, then C rearranges them into dst
+            scratch = outputs.empty([plan.scratch], plan.info.dtype)
+            return buf.run(g, plan.info, algorithm, name, src, dst, plan.key, polite_packed(), scratch.data_ptr())
         return buf.run(g, plan.info, algorithm, name, src, dst, plan.key, polite_packed())
     except RuntimeError as e:  # an MPI error code
         from ...errors import MpiparError
@@ -270,13 +164,18 @@ def _reduce_scatter_plan(settings, t, g, dim, op, algorithm) -> _Plan:
     info = _call("reduce_scatter", t, op, algorithm, dim=d)
     if (info.combine is None or t.dim() == 0
             or (algorithm == "auto" and tuning.shm_pays("reduce_scatter", info.nbytes))):
-        if (info.combine is not None or t.dim() == 0 or d == BAD_DIM or t.shape[d] % g.size or not _leading(t.shape, d)
+        if (info.combine is not None or t.dim() == 0 or d == BAD_DIM or t.shape[d] % g.size
                 or t.dtype not in FAST_DTYPES or t.dtype is torch.bool or op not in ("sum", "max", "min")):
             return _Plan(settings, info)  # (small, or not MPI_Reduce_scatter_block in t's own dtype)
         shape = list(t.shape)
         shape[d] //= g.size
-        return _mpi_plan(settings, info, g, t, _REDUCE_SCATTER, t.numel() // g.size, shape=shape, op=op,
-                         algorithm=algorithm)
+        count = t.numel() // g.size
+        if _leading(t.shape, d):  # MPI's block is this rank's slice as it lies
+            return _mpi_plan(settings, info, g, t, _REDUCE_SCATTER, count, shape=shape, op=op, algorithm=algorithm)
+        # the input with d first (collectives.py's movedim), this rank's block back in t's order
+        walk, _ = _walk(shape, t.element_size(), d, 0, shape[d], None, g.size, _front_strides(shape, d, t.element_size()), 1)
+        return _mpi_plan(settings, info, g, t, _REDUCE_SCATTER, count, shape=shape, op=op, algorithm=algorithm,
+                         walk=walk, scratch=count, permute=d)
     op = "max" if t.dtype is torch.bool and op == "sum" else op
     if t.dtype not in FAST_DTYPES or not (op == "sum" or FAST_DTYPES[t.dtype] >= 2):
         return _Plan(settings, info)
@@ -300,8 +199,17 @@ def _all_to_all_plan(settings, t, g, scatter_dim, gather_dim) -> _Plan:
     along gd in rank order."""
     sd, gd = norm_dim(scatter_dim, t.dim()), norm_dim(gather_dim, t.dim())
     info = _call("all_to_all", t, dim=sd if gd != BAD_DIM else BAD_DIM, root=gd)
-    if not info.fits and t.dim() > 0 and sd == gd != BAD_DIM and not t.shape[sd] % g.size and _leading(t.shape, sd):
-        return _mpi_plan(settings, info, g, t, _ALLTOALL, t.numel() // g.size, shape=list(t.shape), polite_from=True)
+    if not info.fits and t.dim() > 0 and BAD_DIM not in (sd, gd) and not t.shape[sd] % g.size:
+        count, item = t.numel() // g.size, t.element_size()
+        if sd == gd and _leading(t.shape, sd):  # MPI's blocks in and out are the result's
+            return _mpi_plan(settings, info, g, t, _ALLTOALL, count, shape=list(t.shape), polite_from=True)
+        block = list(t.shape)
+        block[sd] //= g.size
+        leading = _leading(t.shape, sd)  # else the input goes with sd first (collectives.py's movedim)
+        src = _strides(block, item) if leading else _front_strides(block, sd, item)
+        walk, shape = _walk(block, item, sd, 0, block[sd], gd, g.size, src)
+        return _mpi_plan(settings, info, g, t, _ALLTOALL, count, shape=shape, polite_from=True, walk=walk,
+                         scratch=t.numel(), permute=None if leading else sd)
     if not info.fits or t.dim() == 0 or t.shape[sd] % g.size:
         return _Plan(settings, info)
     c = t.shape[sd] // g.size
@@ -344,7 +252,8 @@ def all_gather(t: torch.Tensor, g, dim, algorithm, out):
     if one_node and (pool.locate(t if out is None else out) is not None
                      or (plan.shape is not None and out is not None and pool.locate(t) is not None)):
         return None  # a symmetric tensor: its descriptor rides in the table (inline.exchange_args)
-    v = _run(buf, g, plan, algorithm, "all_gather", t.data_ptr(), result.data_ptr())
+    src = _source(plan, t)  # (held while C runs)
+    v = _run(buf, g, plan, algorithm, "all_gather", src.data_ptr(), result.data_ptr())
     if v == _DONE:
         if out is not None:
             _increment_version((out,))  # an in-place write, as autograd must see it (C wrote the memory)
@@ -359,11 +268,16 @@ def _all_gather_plan(settings, t, g, dim, algorithm, code) -> _Plan:
     the rows concatenated along d. (Other sizes: the C call leaves the finish to inline_ops.)"""
     d = norm_dim(dim, t.dim())
     info = _call("all_gather", t, algorithm=algorithm, dim=d, root=code, free_dim=True, root_name="out")
-    if not info.fits and t.dim() > 0 and d != BAD_DIM and _leading(t.shape, d):
+    if not info.fits and t.dim() > 0 and d != BAD_DIM:
         shape = list(t.shape)
         shape[d] *= g.size
+        walk = scratch = permute = None
+        if not _leading(t.shape, d):  # pieces go with d first (collectives.py's movedim), C concatenates them
+            src = _front_strides(list(t.shape), d, t.element_size())
+            walk = _walk(list(t.shape), t.element_size(), d, 0, t.shape[d], d, g.size, src)[0]
+            scratch, permute = g.size * t.numel(), d
         return _mpi_plan(settings, info, g, t, _ALLGATHER, t.numel(), shape=shape, algorithm=algorithm,
-                         free=t.shape[d], total=g.size * t.shape[d])
+                         free=t.shape[d], total=g.size * t.shape[d], walk=walk, scratch=scratch or 0, permute=permute)
     if (not info.fits or t.dim() == 0
             or (algorithm == "auto" and tuning.shm_pays("all_gather", g.size * info.nbytes))):
         return _Plan(settings, info)

@@ -223,7 +223,7 @@ def _disagreement(g, info: _Call):
     raise MpiparError(f"{info.name}: arguments differ across ranks")  # pragma: no cover (hash collision)
 
 
-def fast_all_reduce(t: torch.Tensor, g, op, algorithm) -> bool:
+def fast_all_reduce(t: torch.Tensor, g, op, algorithm, staged) -> bool:
     """Collective over g (size > 1): the all-reduce in one C call (mpipar.comm.agreement.fast),
     recorded there, when it applies: a small tensor riding in the table, or a larger one that
     would go to MPI's all-reduce anyway. True when `t` is reduced in place. False: nothing
@@ -242,7 +242,7 @@ def fast_all_reduce(t: torch.Tensor, g, op, algorithm) -> bool:
     settings = current()
     if info.fast_settings is not settings:
         info.fast_settings, info.fast_ok = settings, _fast_ok(info, algorithm)
-    if not info.fast_ok or not t.is_cpu or not t.is_contiguous() or (info.fast_mpi and _elsewhere(g, buf, t, algorithm)):
+    if not info.fast_ok or not t.is_cpu or not t.is_contiguous() or (info.fast_mpi and _elsewhere(g, buf, t, algorithm, staged)):
         return False
     buf.last = None  # the C call writes this rank's head: inline's cached one is stale
     try:
@@ -258,19 +258,18 @@ def fast_all_reduce(t: torch.Tensor, g, op, algorithm) -> bool:
     return True
 
 
-def _elsewhere(g, buf, t: torch.Tensor, algorithm) -> bool:
+def _elsewhere(g, buf, t: torch.Tensor, algorithm, staged) -> bool:
     """Would collectives.py move this all-reduce's data other than by MPI's blocking all-reduce
     after the agreement? A symmetric tensor of the group's one-node pool (the agreement is then
     its entry exchange: its descriptor rides in the table), or a plain one that "auto" stages
-    through shared memory where ranks outnumber cores (crowded.staged)."""
+    through shared memory where ranks outnumber cores (`staged`: crowded.staged, passed in
+    because crowded imports this module)."""
     pool = g.__dict__.get(_POOL)
     if pool is not None and (not pool.one_node or pool.locate(t) is not None):
         return True
     if not buf.shared:  # (staging needs the shared table: ranks with own cores skip the lookups)
         return False
-    from ..backends import crowded  # (crowded imports this module)
-
-    return crowded.staged(g, t, algorithm, "all_reduce", t.numel() * t.element_size()) == "shm"
+    return staged(g, t, algorithm, "all_reduce", t.numel() * t.element_size()) == "shm"
 
 
 def _fast_ok(info: _Call, algorithm) -> bool:

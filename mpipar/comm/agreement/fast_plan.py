@@ -1,0 +1,164 @@
+"""The plan of one call shape's C call (fast.c's `run`) on one group: its key, its output.
+
+mpipar.comm.agreement.fast_ops makes a plan once per signature, group and settings object
+and reuses it for every call of that shape. A key is the OpKey fast.c reads: the call's
+head, and either the walk that copies or reduces blocks of the agreement table's rows into
+the output (a call small enough to ride in the table), or the MPI collective that moves
+the data after the heads agree (`_mpi_plan`), with, where MPI's contiguous blocks are not
+the result's, the walk that rearranges MPI's pieces from a scratch buffer into it.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .. import outputs, tuning
+from ..buffers import _CARRIER, staging_forced
+from .fast import FAST_DTYPES
+
+LOOPS = 6  # fast.c's OpKey loops
+_COPY, _REDUCE, _MPI = 1, 2, 3  # fast.c's kinds
+_ALLGATHER, _REDUCE_SCATTER, _BCAST, _ALLTOALL = 1, 2, 3, 4  # fast.c's MPI calls (KIND_MPI)
+# fast.c's datatype code of the MPI datatype collectives.py sends a dtype as (buffers._CARRIER)
+_MPI_CODE = {dt: FAST_DTYPES[c] for dt, (c, _) in _CARRIER.items() if c in FAST_DTYPES and c is not torch.bool}
+_INT_MAX = 2 ** 31 - 1
+
+
+class _Plan:
+    """One call shape's C call on one group, made once per settings object (they decide validation
+    and the shared-memory crossovers): its agreed description `info` (inline._Call), its key
+    (None: the Python path), an output like the result (`template`: torch.empty_like of it is
+    the cheapest allocation; or, where MPI moves the data, the result's `shape`, allocated by
+    mpipar.comm.outputs: a large one recycled, its pages not faulted again), all_gather's
+    total size along its dim, whether the call writes its input (broadcast, off the root),
+    and where MPI's pieces are rearranged into the result: the elements of the scratch buffer
+    MPI writes them to (0: MPI writes the result itself) and the dim moved to the front of
+    the input first (None: MPI reads the input as it is)."""
+
+    __slots__ = ("settings", "info", "key", "template", "total", "receives", "shape", "scratch", "permute")
+
+    def __init__(self, settings, info, key: bytes | None = None, template=None, total: int = -1,
+                 receives: bool = False, shape=None, scratch: int = 0, permute: int | None = None):
+        self.settings, self.info, self.key, self.template = settings, info, key, template
+        self.total, self.receives, self.shape = total, receives, shape
+        self.scratch, self.permute = scratch, permute
+
+    def output(self) -> torch.Tensor:
+        if self.shape is None:
+            return torch.empty_like(self.template)
+        return outputs.empty(self.shape, self.info.dtype)
+
+
+def _key(info, kind, nbytes=0, kernel=0, free=-1, no_descriptor=0, k0=0, nk=0, src0=0, dst_step=0, run=0,
+         out_bytes=0, loops=(), call=0, count=0, code=0, op=0) -> bytes:
+    """fast.c's OpKey: unused loops are size 1, strides 0."""
+    loops = list(loops) + [(1, 0, 0)] * (LOOPS - len(loops))
+    words = [*info.head, kind, nbytes, kernel, free, no_descriptor, k0, nk, src0, dst_step, run, out_bytes]
+    words += [s for s, _, _ in loops] + [a for _, a, _ in loops] + [b for _, _, b in loops]
+    words += [call, count, code, op]
+    return np.array(words, dtype=np.int64).tobytes()
+
+
+def _mpi_plan(settings, info, g, t, call: int, count: int, shape=None, op: str = "sum", algorithm="mpi", root: int = 0,
+              free: int = -1, total: int = -1, receives: bool = False, polite_from: bool = False, walk=None,
+              scratch: int = 0, permute: int | None = None) -> _Plan:
+    """A call too large for the table whose data MPI's own collective moves, as collectives.py's
+    Python path would (the same MPI call, datatype and count, blocking: every rank is present
+    after the agreement, wait.all_present), or the Python path's plan where that path would do
+    something else: a bad argument, an MPI count past int, staging forced (tests), a ring or
+    shared-memory choice (tuning; crowded.staged), or (`polite_from`: broadcast and all_to_all)
+    a crowded group's polite wait from crowded.POLITE_FROM bytes. All of these read facts every
+    rank shares, so the ranks' calls match (a blocking MPI collective matches only blocking ones).
+    `walk` (_walk's fields): MPI writes its pieces into a scratch buffer of `scratch` elements,
+    which C then copies into the result along the walk."""
+    from ..backends import crowded  # (crowded imports the agreement)
+
+    nbytes = info.nbytes * (g.size if call == _ALLGATHER else 1)
+    name = {_ALLGATHER: "all_gather", _REDUCE_SCATTER: "reduce_scatter"}.get(call)
+    if (info.bad or count <= 0 or count * (g.size if call == _ALLTOALL else 1) > _INT_MAX or staging_forced()
+            or t.dtype not in _MPI_CODE or algorithm not in ("auto", "mpi")
+            or (name is not None and (tuning.choose(name, algorithm, nbytes, g.size) != "mpi"
+                                      or crowded.staged(g, t, algorithm, name, nbytes) == "shm"))
+            or (polite_from and g.oversubscribed and nbytes >= crowded.POLITE_FROM)
+            or (walk is None and scratch)):
+        return _Plan(settings, info)
+    key = _key(info, _MPI, free=free, no_descriptor=1, k0=root, call=call, count=count, code=_MPI_CODE[t.dtype],
+               op=("sum", "max", "min").index(op), **(walk or {}))
+    return _Plan(settings, info, key, total=total, receives=receives, shape=shape, scratch=scratch, permute=permute)
+
+
+def _leading(shape, d: int) -> bool:
+    """Whether the dims before `d` are all 1: blocks along `d` are then MPI's contiguous blocks."""
+    return math.prod(shape[:d]) == 1
+
+
+def _strides(shape, item: int) -> list[int]:
+    """Byte strides of a contiguous tensor of `shape`."""
+    out, acc = [], item
+    for s in reversed(shape):
+        out.append(acc)
+        acc *= s
+    return out[::-1]
+
+
+def _geometry(block, src, dst, item: int):
+    """(run bytes, loops) that walk a block of shape `block` whose dims step `src` bytes in the
+    row and `dst` bytes in the output: size-1 dims dropped, adjacent dims that are contiguous
+    in both merged, the innermost contiguous dim made the run. None: too many loops."""
+    dims = []
+    for size, s, d in zip(block, src, dst):
+        if size == 1:
+            continue
+        if dims and dims[-1][1] == size * s and dims[-1][2] == size * d:
+            dims[-1] = (dims[-1][0] * size, s, d)
+        else:
+            dims.append((size, s, d))
+    run = item
+    if dims and dims[-1][1] == item and dims[-1][2] == item:
+        run *= dims.pop()[0]
+    return (run, dims) if len(dims) <= LOOPS else None
+
+
+def _walk(shape, item: int, sd: int, a: int, c: int, gd: int | None, n: int, src=None, nk=None):
+    """(fields of _key, output shape): the walk that reads the block `c` long at `a` along `sd`
+    of each of `nk` (default n) rows of `shape` (byte strides `src`, default contiguous) into a
+    new contiguous output: concatenated along `gd` in rank order, or (gd None) reduced or
+    copied. The fields are None when the walk needs more than LOOPS loops."""
+    block = list(shape)
+    block[sd] = c
+    out = list(block)
+    if gd is not None:
+        out[gd] *= n
+    src = _strides(shape, item) if src is None else src
+    dst = _strides(out, item)
+    geometry = _geometry(block, src, dst, item)
+    if geometry is None:
+        return None, out
+    run, loops = geometry
+    if math.prod(block) == 0:
+        run, loops = 0, []
+    step = 0 if gd is None else block[gd] * dst[gd]
+    return dict(nk=n if nk is None else nk, src0=a * src[sd], dst_step=step, run=run, out_bytes=math.prod(out) * item,
+                loops=loops), out
+
+
+def _blocks(info, t, g, kind, sd: int, a: int, c: int, gd: int | None, **kw):
+    """(key, template) of _walk over the table's rows (each t's shape). (None, None) when the
+    walk needs more than LOOPS loops."""
+    walk, out = _walk(list(t.shape), t.element_size(), sd, a, c, gd, g.size)
+    if walk is None:
+        return None, None
+    return _key(info, kind, nbytes=info.nbytes, **walk, **kw), torch.empty(out, dtype=t.dtype)
+
+
+def _front_strides(block, d: int, item: int) -> list[int]:
+    """Byte strides, in the block's own dim order, of a block laid out as
+    block.movedim(d, 0).contiguous() lays it out (an input permuted before MPI)."""
+    order = [d] + [i for i in range(len(block)) if i != d]
+    laid = _strides([block[i] for i in order], item)
+    src = [0] * len(block)
+    for pos, i in enumerate(order):
+        src[i] = laid[pos]
+    return src
