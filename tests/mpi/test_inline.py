@@ -385,6 +385,16 @@ def run_op(name, x, g, kw):
     return getattr(comm, name)(x, g, **kw)
 
 
+def both_paths(g, calls, name, x, kw) -> tuple:
+    """(the call's result, the Python path's on every rank, whether the first took the C call)."""
+    before = calls["run"]
+    got = run_op(name, x.clone(), g, kw)
+    took_c = calls["run"] - before == 1
+    with python_path(g):
+        want = run_op(name, x.clone(), g, kw)
+    return got, want, took_c
+
+
 def test_fast_ops_are_the_python_path_bit_for_bit(fast_group, world, checks):
     """fast.c's run against inline_ops' Python path and a serial reference, for every dtype the
     table carries, odd shapes and every dim: the same dtype, shape, layout and bytes, on every
@@ -398,11 +408,7 @@ def test_fast_ops_are_the_python_path_bit_for_bit(fast_group, world, checks):
     for k, (name, dtype, shape, kw) in enumerate(fast_op_cases(n)):
         xs = [rank_tensor(shape, dtype, q, seed=k) for q in range(n)]
         what = f"{name} {dtype} {shape} {kw}"
-        before = calls["run"]
-        got = run_op(name, xs[r].clone(), g, kw)
-        took_c = calls["run"] - before == 1
-        with python_path(g):
-            want = run_op(name, xs[r].clone(), g, kw)
+        got, want, took_c = both_paths(g, calls, name, xs[r], kw)
         same_bytes(checks, got, want, what + " vs the Python path")
         same_bytes(checks, got, serial(name, xs, r, n, kw), what + " vs serial")
         expect_c = not (name == "reduce_scatter" and dtype.is_floating_point and kw["op"] != "sum")
@@ -502,16 +508,8 @@ def test_fast_ops_and_python_paths_meet(fast_group, world, checks):
     for k, (name, dtype, shape, kw) in enumerate(fast_op_cases(n)):
         if dtype not in (torch.float32, torch.int8) or len(shape) < 2:
             continue
-        xs = [rank_tensor(shape, dtype, q, seed=k) for q in range(n)]
-        x = xs[r].clone()
-        if r == 0:  # the same values, not contiguous
-            x = x.transpose(0, -1).contiguous().transpose(0, -1)
-        before = calls["run"]
-        got = run_op(name, x, g, kw)
-        expect_c = x.is_contiguous() and not (name == "reduce_scatter" and dtype.is_floating_point
-                                              and kw["op"] != "sum")
-        checks.true((calls["run"] - before == 1) == expect_c, f"{name} {kw}: rank 0 Python, the others C")
-        same_bytes(checks, got.contiguous(), serial(name, xs, r, n, kw), f"mixed {name} {dtype} {shape} {kw}")
+        kernel = not (name == "reduce_scatter" and dtype.is_floating_point and kw["op"] != "sum")
+        mixed_paths(checks, g, calls, name, dtype, shape, kw, k, kernel)
     for extra, slots in ((1, "in the table"), (INLINE_BYTES // 12, "one rank's piece outgrows the slot")):
         sizes = [2 + q + (extra if q == n - 1 else 0) for q in range(n)]
         xs = [rank_tensor((s, 3), torch.float32, q, seed=99) for q, s in enumerate(sizes)]
@@ -526,6 +524,23 @@ def test_fast_ops_and_python_paths_meet(fast_group, world, checks):
             comm.all_gather(pieces[r].clone(), g, dim=d, out=out)
             same_bytes(checks, out, torch.cat(pieces, dim=d), f"uneven all_gather out= dim {d} ({slots})")
     checks.finish()
+
+
+def mixed_paths(checks, g, calls, name, dtype, shape, kw, seed, kernel: bool) -> None:
+    """One call with rank 0's tensor not contiguous (the Python path) and the others' contiguous
+    (the C path where the call has a `kernel`): the serial reference's result on every rank."""
+    from conftest import rank_tensor
+
+    n, r = g.size, g.rank
+    xs = [rank_tensor(shape, dtype, q, seed=seed) for q in range(n)]
+    x = xs[r].clone()
+    if r == 0:  # the same values, not contiguous
+        x = x.transpose(0, -1).contiguous().transpose(0, -1)
+    before = calls["run"]
+    got = run_op(name, x, g, kw)
+    took_c = calls["run"] - before == 1
+    checks.true(took_c == (x.is_contiguous() and kernel), f"{name} {kw}: rank 0 Python, the others C")
+    same_bytes(checks, got.contiguous(), serial(name, xs, r, n, kw), f"mixed {name} {dtype} {shape} {kw}")
 
 
 def inline_buffers_shared(g) -> bool:

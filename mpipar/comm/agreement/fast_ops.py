@@ -173,7 +173,8 @@ def _reduce_scatter_plan(settings, t, g, dim, op, algorithm) -> _Plan:
         if _leading(t.shape, d):  # MPI's block is this rank's slice as it lies
             return _mpi_plan(settings, info, g, t, _REDUCE_SCATTER, count, shape=shape, op=op, algorithm=algorithm)
         # the input with d first (collectives.py's movedim), this rank's block back in t's order
-        walk, _ = _walk(shape, t.element_size(), d, 0, shape[d], None, g.size, _front_strides(shape, d, t.element_size()), 1)
+        item = t.element_size()
+        walk, _ = _walk(shape, item, d, 0, shape[d], None, g.size, _front_strides(shape, d, item), 1)
         return _mpi_plan(settings, info, g, t, _REDUCE_SCATTER, count, shape=shape, op=op, algorithm=algorithm,
                          walk=walk, scratch=count, permute=d)
     op = "max" if t.dtype is torch.bool and op == "sum" else op

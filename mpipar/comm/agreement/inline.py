@@ -232,8 +232,8 @@ def fast_all_reduce(t: torch.Tensor, g, op, algorithm, staged) -> bool:
     the group's pool), except the tensor's layout (CPU, contiguous): a rank whose tensor
     takes the Python path makes the same exchange (the table's blocking Allgather, or the
     same shared-memory exchange, counted in the same ShmTable), then the rank-order
-    reduction or MPI's all-reduce (only where the gather is MPI's), so they meet.
-    A single call after compute pays each Python layer on its path several times over
+    reduction or MPI's blocking all-reduce, so they meet. `staged`: crowded.staged (whether
+    "auto" stages a plain tensor through shared memory instead). A single call after compute pays each Python layer on its path several times over
     (cold caches), so the settings' verdict is kept on the call's info, per settings object."""
     buf = g.__dict__.get("_inline_buffers")
     if buf is None or buf.fast is None:
@@ -242,7 +242,8 @@ def fast_all_reduce(t: torch.Tensor, g, op, algorithm, staged) -> bool:
     settings = current()
     if info.fast_settings is not settings:
         info.fast_settings, info.fast_ok = settings, _fast_ok(info, algorithm)
-    if not info.fast_ok or not t.is_cpu or not t.is_contiguous() or (info.fast_mpi and _elsewhere(g, buf, t, algorithm, staged)):
+    if (not info.fast_ok or not t.is_cpu or not t.is_contiguous()
+            or (info.fast_mpi and _elsewhere(g, buf, t, algorithm, staged))):
         return False
     buf.last = None  # the C call writes this rank's head: inline's cached one is stale
     try:
