@@ -107,12 +107,23 @@ def _source(plan, t: torch.Tensor) -> torch.Tensor:
     return t if plan.permute is None else t.movedim(plan.permute, 0).contiguous()
 
 
+def _scratch(buf, nbytes: int) -> torch.Tensor:
+    """Memory for MPI's pieces during one call: the group's spare buffer up to outputs.MIN_BYTES
+    (it never leaves the call, so one per group serves every call shape: a torch.empty costs
+    several microseconds here), past that a recycled one (mpipar.comm.outputs)."""
+    if nbytes > outputs.MIN_BYTES:
+        return outputs.empty([nbytes], torch.uint8)
+    if buf.spare is None or buf.spare.numel() < nbytes:
+        buf.spare = torch.empty(max(nbytes, 64 << 10), dtype=torch.uint8)
+    return buf.spare
+
+
 def _run(buf, g, plan, algorithm, name: str, src: int, dst: int) -> int:
     """fast.c's run() of `plan` from address src into dst; its status (an MPI error: MpiparError)."""
     buf.last = None  # the C call writes this rank's head: inline's cached one is stale
     try:
         if plan.scratch:  # MPI's pieces land here, then C rearranges them into dst
-            scratch = outputs.empty([plan.scratch], plan.info.dtype)
+            scratch = _scratch(buf, plan.scratch * plan.info.dtype.itemsize)
             return buf.run(g, plan.info, algorithm, name, src, dst, plan.key, polite_packed(), scratch.data_ptr())
         return buf.run(g, plan.info, algorithm, name, src, dst, plan.key, polite_packed())
     except RuntimeError as e:  # an MPI error code

@@ -131,6 +131,7 @@ class _Buffers:
         self.fast = None  # the small all-reduce in one C call over `table` (mpipar.comm.agreement.fast)
         self.run = None  # the other small collectives in one C call (its `run`: mpipar.comm.agreement.fast_ops)
         self.plans: dict = {}  # _Call -> (settings, fast_ops' plan of that call on this group)
+        self.spare = None  # fast_ops' scratch for MPI's pieces (uint8, grown as needed up to its cap)
 
     @property
     def shared(self) -> bool:
