@@ -53,10 +53,10 @@ class Settings:
         "mismatch may then hang)")
     fast_agreement: str = _opt(
         "MPIPAR_FAST_AGREEMENT",
-        "`0`: a small collective (at most 4 KiB, riding on the agreement) runs its Python path (default: "
-        "one C call, `mpipar/comm/agreement/fast.c`, built with `cc` or `$CC` on first use, where ranks "
-        "have their own cores or share one node's, and the flight recorder is C; the same protocol and bits "
-        "either way)",
+        "`0`: a validated CPU collective runs its Python path (default: one C call, "
+        "`mpipar/comm/agreement/fast.c`, built with `cc` or `$CC` on first use, where ranks have their own "
+        "cores or share one node's, and the flight recorder is C: a call of at most 4 KiB rides on the "
+        "agreement, a larger one goes to MPI's collective from C; the same protocol and bits either way)",
         default="1", agreed=False)
     crossover: MappingProxyType = _opt(
         "MPIPAR_CROSSOVER_<OP>",

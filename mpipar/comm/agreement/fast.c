@@ -362,11 +362,59 @@ typedef struct {
        with nk > 0, into scratch_ptr instead, whose pieces (count elements each, rank by rank)
        the loops then copy into out_ptr as they copy the table's rows */
     int64_t call, count, dtype, op;
+    /* pre_run > 0: first the input, walked by these loops (runs of pre_run bytes), into the
+       scratch's send area (after the pieces' area): MPI then sends it from there */
+    int64_t pre_run, pre_size[LOOPS], pre_src[LOOPS], pre_dst[LOOPS];
 } OpKey;
 
 enum { KIND_COPY = 1, KIND_REDUCE = 2, KIND_MPI = 3 };
 enum { CALL_ALLGATHER = 1, CALL_REDUCE_SCATTER = 2, CALL_BCAST = 3, CALL_ALLTOALL = 4 };
 enum { RUN_DISAGREED = 0, RUN_DONE = 1, RUN_FINISH = 2 }; /* run()'s status */
+
+/* KIND_MPI: the bytes this rank sends (the input), and the bytes of the pieces MPI writes into the
+   scratch (what it receives), for n ranks. */
+static int64_t send_bytes(const OpKey *k, Py_ssize_t n)
+{
+    return k->count * SIZE[k->dtype] * (k->call == CALL_ALLGATHER ? 1 : (int64_t)n);
+}
+
+static int64_t pieces_bytes(const OpKey *k, Py_ssize_t n)
+{
+    return k->count * SIZE[k->dtype] * (k->call == CALL_REDUCE_SCATTER ? 1 : (int64_t)n);
+}
+
+/* Whether a walk (loops of sizes, byte strides src and dst, runs of `run` bytes) reads and writes
+   within `limit` bytes on both sides. */
+static int walk_in_bounds(const int64_t *size, const int64_t *src, const int64_t *dst, int64_t run, int64_t limit)
+{
+    int64_t s_end = run, d_end = run;
+    for (int i = 0; i < LOOPS; i++) {
+        if (size[i] < 1 || size[i] > limit || src[i] < 0 || dst[i] < 0)
+            return 0;
+        s_end += (size[i] - 1) * src[i];
+        d_end += (size[i] - 1) * dst[i];
+    }
+    return s_end <= limit && d_end <= limit;
+}
+
+/* The walk's runs from `from` into `to` (its bounds checked by walk_in_bounds). */
+static void walk_copy(const int64_t *size, const int64_t *src, const int64_t *dst, int64_t run, const char *from,
+                      char *to)
+{
+    int64_t idx[LOOPS] = {0}, total = 1;
+    for (int i = 0; i < LOOPS; i++)
+        total *= size[i];
+    for (int64_t it = 0; it < total; it++) {
+        int64_t so = 0, d = 0;
+        for (int i = 0; i < LOOPS; i++) {
+            so += idx[i] * src[i];
+            d += idx[i] * dst[i];
+        }
+        memcpy(to + d, from + so, (size_t)run);
+        for (int i = LOOPS - 1; i >= 0 && ++idx[i] == size[i]; i--)
+            idx[i] = 0;
+    }
+}
 
 /* Whether every access `key` describes stays inside the row payloads and `out` (KIND_MPI: whether its
    MPI call is one this context has, with a count MPI takes; the buffers are the caller's). */
@@ -379,8 +427,11 @@ static int key_in_bounds(const OpKey *k, Py_ssize_t n, Py_ssize_t payload)
               (k->call != CALL_ALLTOALL || (int64_t)n * k->count <= INT_MAX)))
             return 0;
         if (k->nk == 0)
-            return 1; /* MPI writes `out` itself */
+            return k->pre_run == 0; /* MPI reads `in` and writes `out` itself */
         if (k->call == CALL_BCAST)
+            return 0;
+        if (k->pre_run < 0 || (k->pre_run > 0 && !walk_in_bounds(k->pre_size, k->pre_src, k->pre_dst, k->pre_run,
+                                                                   send_bytes(k, n))))
             return 0;
         payload = (Py_ssize_t)(k->count * SIZE[k->dtype]); /* then the blocks are read from the scratch's pieces */
     }
@@ -489,7 +540,7 @@ static PyObject *run(Context *self, PyObject *const *args, Py_ssize_t nargs)
     memcpy(&key, kb.buf, sizeof key);
     PyBuffer_Release(&kb);
     if ((key.kind != KIND_COPY && key.kind != KIND_REDUCE && key.kind != KIND_MPI) ||
-        (key.kind == KIND_MPI && (self->bcast == NULL || (key.nk > 0 && scratch == NULL))) ||
+        (key.kind == KIND_MPI && (self->bcast == NULL || ((key.nk > 0 || key.pre_run > 0) && scratch == NULL))) ||
         !key_in_bounds(&key, self->n, self->row_bytes - HEAD_WORDS * 8)) {
         PyErr_SetString(PyExc_ValueError, "fast run: a bad key");
         return NULL;
@@ -528,6 +579,11 @@ static PyObject *run(Context *self, PyObject *const *args, Py_ssize_t nargs)
         /* every rank is in this call (the exchange waited for all): MPI's blocking collective,
            as collectives.py's path under wait.all_present */
         Py_BEGIN_ALLOW_THREADS
+        if (key.pre_run > 0) { /* the input as MPI sends it, into the send area */
+            char *send = scratch + pieces_bytes(&key, self->n);
+            walk_copy(key.pre_size, key.pre_src, key.pre_dst, key.pre_run, in, send);
+            in = send;
+        }
         rc = mpi_call(self, &key, in, key.nk ? scratch : out);
         Py_END_ALLOW_THREADS
         if (rc == 0 && key.nk) /* MPI's pieces, rank by rank, rearranged into `out` */

@@ -44,7 +44,7 @@ from .fast import FAST_DTYPES
 from .inline import _call, _disagreement, _increment_version
 from .into import NO_OUT, code as out_code
 from .fast_plan import (_ALLGATHER, _ALLTOALL, _BCAST, _COPY, _REDUCE, _REDUCE_SCATTER, _Plan, _blocks, _front_strides,
-                        _key, _leading, _mpi_plan, _strides, _walk)
+                        _key, _leading, _mpi_plan, _sent_as, _strides, _walk)
 from .protocol import BAD_DIM, norm_dim, validation_enabled
 
 _DONE, _FINISH = 1, 2  # run()'s statuses (0: the heads differ)
@@ -186,8 +186,9 @@ def _reduce_scatter_plan(settings, t, g, dim, op, algorithm) -> _Plan:
         # the input with d first (collectives.py's movedim), this rank's block back in t's order
         item = t.element_size()
         walk, _ = _walk(shape, item, d, 0, shape[d], None, g.size, _front_strides(shape, d, item), 1)
+        pre, scratch, permute = _sent_as(t, d, count)
         return _mpi_plan(settings, info, g, t, _REDUCE_SCATTER, count, shape=shape, op=op, algorithm=algorithm,
-                         walk=walk, scratch=count, permute=d)
+                         walk=walk, scratch=scratch, permute=permute, pre=pre)
     op = "max" if t.dtype is torch.bool and op == "sum" else op
     if t.dtype not in FAST_DTYPES or not (op == "sum" or FAST_DTYPES[t.dtype] >= 2):
         return _Plan(settings, info)
@@ -220,8 +221,9 @@ def _all_to_all_plan(settings, t, g, scatter_dim, gather_dim) -> _Plan:
         leading = _leading(t.shape, sd)  # else the input goes with sd first (collectives.py's movedim)
         src = _strides(block, item) if leading else _front_strides(block, sd, item)
         walk, shape = _walk(block, item, sd, 0, block[sd], gd, g.size, src)
+        pre, scratch, permute = (None, t.numel(), None) if leading else _sent_as(t, sd, t.numel())
         return _mpi_plan(settings, info, g, t, _ALLTOALL, count, shape=shape, polite_from=True, walk=walk,
-                         scratch=t.numel(), permute=None if leading else sd)
+                         scratch=scratch, permute=permute, pre=pre)
     if not info.fits or t.dim() == 0 or t.shape[sd] % g.size:
         return _Plan(settings, info)
     c = t.shape[sd] // g.size
@@ -283,13 +285,14 @@ def _all_gather_plan(settings, t, g, dim, algorithm, code) -> _Plan:
     if not info.fits and t.dim() > 0 and d != BAD_DIM:
         shape = list(t.shape)
         shape[d] *= g.size
-        walk = scratch = permute = None
+        walk = scratch = permute = pre = None
         if not _leading(t.shape, d):  # pieces go with d first (collectives.py's movedim), C concatenates them
             src = _front_strides(list(t.shape), d, t.element_size())
             walk = _walk(list(t.shape), t.element_size(), d, 0, t.shape[d], d, g.size, src)[0]
-            scratch, permute = g.size * t.numel(), d
+            pre, scratch, permute = _sent_as(t, d, g.size * t.numel())
         return _mpi_plan(settings, info, g, t, _ALLGATHER, t.numel(), shape=shape, algorithm=algorithm,
-                         free=t.shape[d], total=g.size * t.shape[d], walk=walk, scratch=scratch or 0, permute=permute)
+                         free=t.shape[d], total=g.size * t.shape[d], walk=walk, scratch=scratch or 0, permute=permute,
+                         pre=pre)
     if (not info.fits or t.dim() == 0
             or (algorithm == "auto" and tuning.shm_pays("all_gather", g.size * info.nbytes))):
         return _Plan(settings, info)

@@ -52,18 +52,22 @@ class _Plan:
 
 
 def _key(info, kind, nbytes=0, kernel=0, free=-1, no_descriptor=0, k0=0, nk=0, src0=0, dst_step=0, run=0,
-         out_bytes=0, loops=(), call=0, count=0, code=0, op=0) -> bytes:
+         out_bytes=0, loops=(), call=0, count=0, code=0, op=0, pre_run=0, pre_loops=()) -> bytes:
     """fast.c's OpKey: unused loops are size 1, strides 0."""
-    loops = list(loops) + [(1, 0, 0)] * (LOOPS - len(loops))
     words = [*info.head, kind, nbytes, kernel, free, no_descriptor, k0, nk, src0, dst_step, run, out_bytes]
-    words += [s for s, _, _ in loops] + [a for _, a, _ in loops] + [b for _, _, b in loops]
-    words += [call, count, code, op]
+    words += _loop_words(loops) + [call, count, code, op, pre_run] + _loop_words(pre_loops)
     return np.array(words, dtype=np.int64).tobytes()
+
+
+def _loop_words(loops) -> list[int]:
+    """LOOPS sizes, then source strides, then destination strides; unused loops size 1, strides 0."""
+    loops = list(loops) + [(1, 0, 0)] * (LOOPS - len(loops))
+    return [s for s, _, _ in loops] + [a for _, a, _ in loops] + [b for _, _, b in loops]
 
 
 def _mpi_plan(settings, info, g, t, call: int, count: int, shape=None, op: str = "sum", algorithm="mpi", root: int = 0,
               free: int = -1, total: int = -1, receives: bool = False, polite_from: bool = False, walk=None,
-              scratch: int = 0, permute: int | None = None) -> _Plan:
+              scratch: int = 0, permute: int | None = None, pre=None) -> _Plan:
     """A call too large for the table whose data MPI's own collective moves, as collectives.py's
     Python path would (the same MPI call, datatype and count, blocking: every rank is present
     after the agreement, wait.all_present), or the Python path's plan where that path would do
@@ -72,7 +76,8 @@ def _mpi_plan(settings, info, g, t, call: int, count: int, shape=None, op: str =
     a crowded group's polite wait from crowded.POLITE_FROM bytes. All of these read facts every
     rank shares, so the ranks' calls match (a blocking MPI collective matches only blocking ones).
     `walk` (_walk's fields): MPI writes its pieces into a scratch buffer of `scratch` elements,
-    which C then copies into the result along the walk."""
+    which C then copies into the result along the walk; `pre` (_sent_as): C first lays the
+    input out in the scratch's send area as MPI sends it."""
     from ..backends import crowded  # (crowded imports the agreement)
 
     nbytes = info.nbytes * (g.size if call == _ALLGATHER else 1)
@@ -85,8 +90,21 @@ def _mpi_plan(settings, info, g, t, call: int, count: int, shape=None, op: str =
             or (walk is None and scratch)):
         return _Plan(settings, info)
     key = _key(info, _MPI, free=free, no_descriptor=1, k0=root, call=call, count=count, code=_MPI_CODE[t.dtype],
-               op=("sum", "max", "min").index(op), **(walk or {}))
+               op=("sum", "max", "min").index(op), **(walk or {}), **(pre or {}))
     return _Plan(settings, info, key, total=total, receives=receives, shape=shape, scratch=scratch, permute=permute)
+
+
+def _sent_as(t, d: int, pieces: int) -> tuple:
+    """(pre fields of _key or None, scratch elements, permute) for an input sent with `d` first,
+    as collectives.py sends it (t.movedim(d, 0).contiguous()): laid out by C into the scratch's
+    send area after MPI's `pieces` elements, or, where that walk needs more than LOOPS loops,
+    by torch before the call (`permute`)."""
+    shape, item = list(t.shape), t.element_size()
+    geometry = _geometry(shape, _strides(shape, item), _front_strides(shape, d, item), item)
+    if geometry is None:
+        return None, pieces, d
+    run, loops = geometry
+    return dict(pre_run=run, pre_loops=loops), pieces + t.numel(), None
 
 
 def _leading(shape, d: int) -> bool:
