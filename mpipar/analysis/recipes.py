@@ -121,11 +121,14 @@ def _why_below(ar: pd.DataFrame, size: int, value, base: str, base_value) -> str
     on purpose, and the same run's figure for a symmetric tensor, which avoids the copies."""
     if base != "mpi4py" or value is None or not base_value or value >= base_value:
         return ""
+    from ..comm import tuning
+
     sym = _one(ar, "busbw_GBps", impl="auto_sym", nbytes=size)
     tail = f"; a symmetric tensor (auto_sym) gets {sym / base_value:.2f}x" if sym else ""
+    staged = (", and a plain tensor is copied in and out of shared memory when ranks outnumber cores"
+              if tuning.stages_in_shm("all_reduce", size) else "")
     return (" (below raw MPI: each call first agrees on its arguments across ranks, a barrier "
-            "MPI skips, and a plain tensor is copied in and out of shared memory when ranks "
-            f"outnumber cores{tail})")
+            f"MPI skips{staged}{tail})")
 
 
 @recipe("tensor_parallel")
