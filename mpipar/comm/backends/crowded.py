@@ -23,7 +23,7 @@ from ..wait import all_present
 # Broadcast and all-to-all from this size keep the polite wait after the agreement too: with
 # ranks outnumbering cores, MPICH's pipelined large Bcast/Alltoall ran slower busy-polling than
 # polled between sleeps (4 MiB at 4 ranks on 2 cores); the reductions and all-gather gained at
-# every measured size (from 16-32 MiB "auto" stages them in shared memory: tuning.STAGED_SHM_BYTES).
+# every measured size (from 2-32 MiB, by op, "auto" stages them in shared memory: tuning.STAGED_SHM_BYTES).
 POLITE_FROM = 2 << 20
 
 STAGED_DTYPES = (torch.float32, torch.float64, torch.int32, torch.int64, torch.bfloat16, torch.float16)
