@@ -172,7 +172,7 @@ def _all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *
     inner = math.prod(rest)
     counts = [s * inner for s in sizes]
     out = outputs.empty([sum(sizes)] + rest, x.dtype, None if x.is_cpu else x.device)
-    algo = tuning.choose("all_gather", algorithm, out.numel() * out.element_size(), g.size)
+    algo = crowded.choose(g, "all_gather", algorithm, out.numel() * out.element_size())
     if algo == "ring":
         flat = out.view(-1)
         flat.narrow(0, offsets(counts)[g.rank], counts[g.rank]).copy_(x.reshape(-1))
@@ -203,7 +203,7 @@ def _all_gather_into(t, g, d: int, sizes: list[int], algorithm: str, out: torch.
     flat = host.view(-1)
     inner = math.prod(out.shape[1:])
     counts = [s * inner for s in sizes]
-    if tuning.choose("all_gather", algorithm, flat.numel() * flat.element_size(), g.size) == "ring":
+    if crowded.choose(g, "all_gather", algorithm, flat.numel() * flat.element_size()) == "ring":
         if not direct:
             flat.narrow(0, offsets(counts)[g.rank], counts[g.rank]).copy_(t.reshape(-1))
         ring.all_gather_(flat, g, counts)
@@ -264,7 +264,7 @@ def _reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algor
     sizes = flat_chunks(x.shape[0], g.size)
     inner = math.prod(x.shape[1:])
     counts = [s * inner for s in sizes]
-    algo = tuning.choose("reduce_scatter", algorithm, x.numel() * x.element_size(), g.size)
+    algo = crowded.choose(g, "reduce_scatter", algorithm, x.numel() * x.element_size())
     if algo == "ring":
         mine = ring.reduce_scatter_into(x.reshape(-1), g, counts, op)
     else:

@@ -56,12 +56,11 @@ SHM_CROSSOVER_BYTES = {
 # [from, up to) through the pool's scratch window ("shm" on a copy) under "auto": its waits
 # are flag polls between sleeps, where MPI's collectives and the ring need every rank to
 # poll each step. Below, the copies in and out cost more than MPI's collective, which follows
-# the agreement in the same C call (measured up to 16 MiB: results/TUNING.md); the window
-# starts no later than the ring's crossover (CROSSOVER_BYTES), since "auto" would otherwise
-# take the ring there, slower than either where ranks share cores. Above, the scratch window
-# (as large as the tensor, per rank, kept) would cost too much memory.
-STAGED_SHM_BYTES = {"all_reduce": (32 << 20, 64 << 20), "reduce_scatter": (2 << 20, 64 << 20),
-                    "all_gather": (16 << 20, 64 << 20)}
+# the agreement in the same C call and which "auto" then takes instead of the ring
+# (crowded.choose; results/TUNING.md). Above, the scratch window (as large as the tensor, per
+# rank, kept) would cost too much memory.
+STAGED_SHM_BYTES = {"all_reduce": (32 << 20, 64 << 20), "reduce_scatter": (16 << 20, 64 << 20),
+                    "all_gather": (32 << 20, 64 << 20)}
 
 
 def stages_in_shm(op: str, nbytes: int) -> bool:

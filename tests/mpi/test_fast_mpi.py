@@ -183,9 +183,11 @@ def test_mpi_calls_keep_the_python_path_where_it_waits_otherwise(fast_group, che
     non-blocking collective, crowded.POLITE_FROM), and "auto" stages all_gather and reduce_scatter
     through shared memory (tuning.stages_in_shm, on groups that agree through shared memory):
     those keep the Python path, since a blocking MPI collective does not match a non-blocking
-    one. Elsewhere MPI's blocking collective moves them (unless "auto" picks the ring)."""
+    one. Elsewhere MPI's blocking collective moves them (unless "auto" picks the ring, which it
+    does not below the staging window where ranks outnumber cores: crowded.choose)."""
     from mpipar.comm import tuning
     from mpipar.comm.agreement import inline
+    from mpipar.comm.backends import crowded
 
     g, calls = fast_group
     if g.size == 1:
@@ -193,6 +195,8 @@ def test_mpi_calls_keep_the_python_path_where_it_waits_otherwise(fast_group, che
     n = g.size
     numel = -(-(2 << 20) // (4 * n)) * n  # 2 MiB of float32 or just past, divisible by n
     staged = inline.buffers(g).shared
+    for name in ("all_gather", "reduce_scatter"):  # crowded: MPI's collective below the window, not the ring
+        checks.true(not staged or crowded.choose(g, name, "auto", 4 << 20) == "mpi", f"{name}: crowded choice")
     for name, call, nbytes in (
             ("broadcast", lambda: comm.broadcast(torch.ones(numel), g), numel * 4),
             ("all_to_all", lambda: comm.all_to_all(torch.ones(numel), g, 0, 0), numel * 4),
@@ -201,7 +205,7 @@ def test_mpi_calls_keep_the_python_path_where_it_waits_otherwise(fast_group, che
         if name in ("broadcast", "all_to_all"):
             expect = not g.oversubscribed
         else:
-            expect = (tuning.choose(name, "auto", nbytes, n) == "mpi"
+            expect = (crowded.choose(g, name, "auto", nbytes) == "mpi"
                       and not (staged and tuning.stages_in_shm(name, nbytes)))
         before = calls["run"]
         call()

@@ -2,7 +2,7 @@
 
 Such a group gathers its argument agreement through shared memory
 (mpipar.comm.agreement.shm_table); "auto" then stages plain tensors in the staging
-window (tuning.STAGED_SHM_BYTES: from 2-32 MiB, by op) through the pool's scratch window. Elsewhere (ranks with their
+window (tuning.STAGED_SHM_BYTES: from 16-32 MiB, by op) through the pool's scratch window. Elsewhere (ranks with their
 own cores: this machine's 2-rank runs, unless MPIPAR_POLITE=1) the same calls take
 MPI or the ring and no pool appears. Either way the results equal the serial reference.
 """

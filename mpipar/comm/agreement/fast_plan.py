@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from .. import outputs, tuning
+from .. import outputs
 from ..buffers import _CARRIER, staging_forced
 from .fast import FAST_DTYPES
 
@@ -84,7 +84,7 @@ def _mpi_plan(settings, info, g, t, call: int, count: int, shape=None, op: str =
     name = {_ALLGATHER: "all_gather", _REDUCE_SCATTER: "reduce_scatter"}.get(call)
     if (info.bad or count <= 0 or count * (g.size if call == _ALLTOALL else 1) > _INT_MAX or staging_forced()
             or t.dtype not in _MPI_CODE or algorithm not in ("auto", "mpi")
-            or (name is not None and (tuning.choose(name, algorithm, nbytes, g.size) != "mpi"
+            or (name is not None and (crowded.choose(g, name, algorithm, nbytes) != "mpi"
                                       or crowded.staged(g, t, algorithm, name, nbytes) == "shm"))
             or (polite_from and g.oversubscribed and nbytes >= crowded.POLITE_FROM)
             or (walk is None and scratch)):

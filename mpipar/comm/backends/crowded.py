@@ -6,7 +6,8 @@ gathers its argument agreement), so all ranks choose alike:
   MPI's blocking collective (mpipar.comm.wait.all_present), except broadcast and
   all-to-all from POLITE_FROM bytes, which measured faster polled between sleeps;
 - `staged`: "shm" where "auto" stages a tensor through shared memory
-  (tuning.stages_in_shm; only groups whose agreement goes through shared memory).
+  (tuning.stages_in_shm; only groups whose agreement goes through shared memory);
+- `choose`: below that window, "auto" takes MPI's collective, not the ring.
 The figures behind both are in results/TUNING.md.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ..wait import all_present
 # Broadcast and all-to-all from this size keep the polite wait after the agreement too: with
 # ranks outnumbering cores, MPICH's pipelined large Bcast/Alltoall ran slower busy-polling than
 # polled between sleeps (4 MiB at 4 ranks on 2 cores); the reductions and all-gather gained at
-# every measured size (from 2-32 MiB, by op, "auto" stages them in shared memory: tuning.STAGED_SHM_BYTES).
+# every measured size (from 16-32 MiB, by op, "auto" stages them in shared memory: tuning.STAGED_SHM_BYTES).
 POLITE_FROM = 2 << 20
 
 STAGED_DTYPES = (torch.float32, torch.float64, torch.int32, torch.int64, torch.bfloat16, torch.float16)
@@ -33,6 +34,18 @@ def present(g, agreed: bool):
     """all_present(g) once a validated call's agreement (a barrier) has run: MPI's blocking
     collectives then serve ranks that outnumber cores too (mpipar.comm.wait.all_present)."""
     return all_present(g) if agreed and g.oversubscribed and validation_enabled() else contextlib.nullcontext()
+
+
+def choose(g, name: str, algorithm: str, nbytes: int) -> str:
+    """tuning.choose, except that an all_gather or reduce_scatter under "auto" below the staging
+    window takes MPI's collective, not the ring, where the group agrees through shared memory
+    (ranks outnumber cores on one node): each ring step waits for a peer that may not hold a
+    core, and MPI's collective runs with every rank present (results/TUNING.md). Agreed facts
+    only: the same on every rank."""
+    if (algorithm == "auto" and name in ("all_gather", "reduce_scatter")
+            and nbytes < tuning.STAGED_SHM_BYTES[name][0] and inline.gathers_in_shared_memory(g)):
+        return "mpi"
+    return tuning.choose(name, algorithm, nbytes, g.size)
 
 
 def staged(g, t: torch.Tensor, algorithm: str, name: str, nbytes: int) -> str:
