@@ -173,6 +173,13 @@ def host_contiguous(t: torch.Tensor, write_back: bool = True, slot: int = 0):
         t.copy_(work)
 
 
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Do the memory spans of two contiguous tensors intersect? (MPI forbids a send buffer that
+    aliases the receive buffer.)"""
+    pa, pb = a.data_ptr(), b.data_ptr()
+    return pa < pb + b.numel() * b.element_size() and pb < pa + a.numel() * a.element_size()
+
+
 def flat_chunks(numel: int, parts: int) -> list[int]:
     """Sizes of `parts` near-equal chunks (first numel % parts get one more), like tensor_split."""
     base, extra = divmod(numel, parts)

@@ -27,7 +27,7 @@ from . import outputs, tuning
 from .agreement import fast_ops, inline, inline_ops, into
 from .backends import crowded, mpi as native, ring
 from .symmetric import collectives as shm, entry as shm_entry
-from .buffers import (blocking_buffer, flat_chunks, host_contiguous, needs_staging, offsets, reduce_dtype,
+from .buffers import (blocking_buffer, flat_chunks, host_contiguous, needs_staging, offsets, overlaps, reduce_dtype,
                       staging_forced)
 from .agreement.protocol import BAD_DIM, agree, norm_dim, signature, validation_enabled
 from .wait import complete
@@ -208,21 +208,20 @@ def _all_gather_into(t, g, d: int, sizes: list[int], algorithm: str, out: torch.
             flat.narrow(0, offsets(counts)[g.rank], counts[g.rank]).copy_(t.reshape(-1))
         ring.all_gather_(flat, g, counts)
     else:
-        x = t.detach().to(host.device).contiguous()
-        if not direct and _overlap(x, host):  # MPI forbids a send buffer inside the receive buffer
-            x = x.clone()
-        send = native.in_place() if direct else blocking_buffer(x)
+        piece = None if direct else _piece(t, host)  # (held: an address buffer does not keep it alive)
+        send = native.in_place() if direct else blocking_buffer(piece)
         with crowded.present(g, True):
             native.all_gather(g, send, blocking_buffer(flat), counts)
         if host is out:
-            inline.increment_version(out)  # MPI wrote it: autograd must see the write, as after copy_
+            inline._increment_version((out,))  # MPI wrote it: autograd must see the write, as after copy_
     return out if host is out else out.copy_(host)
 
 
-def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Do two contiguous tensors share memory?"""
-    pa, pb = a.data_ptr(), b.data_ptr()
-    return pa < pb + b.numel() * b.element_size() and pb < pa + a.numel() * a.element_size()
+def _piece(t: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
+    """This rank's piece as MPI sends it into `host`: contiguous on host's device, and a copy
+    where it lies inside `host` (MPI forbids a send buffer that aliases the receive buffer)."""
+    x = t.detach().to(host.device).contiguous()
+    return x.clone() if overlaps(x, host) else x
 
 
 def reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algorithm: str = "auto", *,

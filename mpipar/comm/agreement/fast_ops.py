@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from .. import outputs, tuning
-from ..buffers import flat_chunks, offsets
+from ..buffers import flat_chunks, offsets, overlaps
 from ..symmetric.pool import _ATTR as _POOL
 from ...flight.recorder import described, done
 from ...settings import current
@@ -135,7 +135,7 @@ def _run(buf, g, plan, algorithm, name: str, src: int, dst: int) -> int:
 def broadcast(t: torch.Tensor, g, root) -> bool:
     """collectives.broadcast's call (g.size > 1): True when `t` holds root's data."""
     buf, plan = _plan_of(t, g, ("broadcast", t.shape, t.dtype, root, root.__class__), _broadcast_plan, root)
-    if plan is None or (plan.shape is not None and _symmetric(g, t)):
+    if plan is None or (plan.mpi and _symmetric(g, t)):
         return False
     v = _run(buf, g, plan, None, "broadcast", t.data_ptr(), t.data_ptr())
     if v != _DONE:
@@ -150,8 +150,7 @@ def _broadcast_plan(settings, t, g, root) -> _Plan:
     r = root if isinstance(root, int) and 0 <= root < g.size else BAD_DIM
     info = _call("broadcast", t, dim=r)
     if not (info.fits and info.nbytes > 0 and not tuning.shm_pays("broadcast", info.nbytes)):
-        return _mpi_plan(settings, info, g, t, _BCAST, t.numel(), shape=(), root=r, receives=g.rank != r,
-                         polite_from=True)
+        return _mpi_plan(settings, info, g, t, _BCAST, t.numel(), root=r, receives=g.rank != r, polite_from=True)
     mine = g.rank == r
     key = _key(info, _COPY, nbytes=info.nbytes if mine else 0, k0=r, nk=0 if mine else 1, run=info.nbytes,
                out_bytes=info.nbytes)
@@ -163,7 +162,7 @@ def reduce_scatter(t: torch.Tensor, g, dim, op, algorithm):
     reduction, or None."""
     k = ("reduce_scatter", t.shape, t.dtype, dim, dim.__class__, op, algorithm)
     buf, plan = _plan_of(t, g, k, _reduce_scatter_plan, dim, op, algorithm)
-    if plan is None or (plan.shape is not None and _symmetric(g, t)):
+    if plan is None or (plan.mpi and _symmetric(g, t)):
         return None
     return _into_new(buf, g, plan, algorithm, "reduce_scatter", t)
 
@@ -257,14 +256,14 @@ def all_gather(t: torch.Tensor, g, dim, algorithm, out):
         return None
     if out is None:
         result = plan.output()
-    elif out.requires_grad or k[-1] != plan.total or (plan.shape is not None and _aliased(t, out, g.rank)):
+    elif out.requires_grad or k[-1] != plan.total or (plan.mpi and _aliased(t, out, g.rank)):
         return None  # (the Python path: out.copy_ raises, or out holds pieces of other sizes, or t is in out)
     else:
         result = out
     pool = g.__dict__.get(_POOL)
     one_node = pool is not None and pool.one_node
     if one_node and (pool.locate(t if out is None else out) is not None
-                     or (plan.shape is not None and out is not None and pool.locate(t) is not None)):
+                     or (plan.mpi and out is not None and pool.locate(t) is not None)):
         return None  # a symmetric tensor: its descriptor rides in the table (inline.exchange_args)
     src = _source(plan, t)  # (held while C runs)
     v = _run(buf, g, plan, algorithm, "all_gather", src.data_ptr(), result.data_ptr())
@@ -285,13 +284,14 @@ def _all_gather_plan(settings, t, g, dim, algorithm, code) -> _Plan:
     if not info.fits and t.dim() > 0 and d != BAD_DIM:
         shape = list(t.shape)
         shape[d] *= g.size
-        walk = scratch = permute = pre = None
+        walk = permute = pre = None
+        scratch = 0
         if not _leading(t.shape, d):  # pieces go with d first (collectives.py's movedim), C concatenates them
             src = _front_strides(list(t.shape), d, t.element_size())
             walk = _walk(list(t.shape), t.element_size(), d, 0, t.shape[d], d, g.size, src)[0]
             pre, scratch, permute = _sent_as(t, d, g.size * t.numel())
         return _mpi_plan(settings, info, g, t, _ALLGATHER, t.numel(), shape=shape, algorithm=algorithm,
-                         free=t.shape[d], total=g.size * t.shape[d], walk=walk, scratch=scratch or 0, permute=permute,
+                         free=t.shape[d], total=g.size * t.shape[d], walk=walk, scratch=scratch, permute=permute,
                          pre=pre)
     if (not info.fits or t.dim() == 0
             or (algorithm == "auto" and tuning.shm_pays("all_gather", g.size * info.nbytes))):
@@ -309,6 +309,4 @@ def _symmetric(g, t: torch.Tensor) -> bool:
 
 def _aliased(t: torch.Tensor, out: torch.Tensor, rank: int) -> bool:
     """Does `t` overlap `out` other than as this rank's block (MPI_IN_PLACE, which fast.c detects)?"""
-    a, n = t.data_ptr(), t.numel() * t.element_size()
-    b, m = out.data_ptr(), out.numel() * out.element_size()
-    return a < b + m and b < a + n and a != b + rank * n
+    return overlaps(t, out) and t.data_ptr() != out.data_ptr() + rank * t.numel() * t.element_size()

@@ -33,17 +33,19 @@ class _Plan:
     the cheapest allocation; or, where MPI moves the data, the result's `shape`, allocated by
     mpipar.comm.outputs: a large one recycled, its pages not faulted again), all_gather's
     total size along its dim, whether the call writes its input (broadcast, off the root),
-    and where MPI's pieces are rearranged into the result: the elements of the scratch buffer
-    MPI writes them to (0: MPI writes the result itself) and the dim moved to the front of
-    the input first (None: MPI reads the input as it is)."""
+    whether MPI's collective moves the data (`mpi`: _mpi_plan), and where MPI's pieces are
+    rearranged into the result: the elements of the scratch buffer MPI writes them to (0: MPI
+    writes the result itself) and the dim moved to the front of the input first (None: MPI
+    reads the input as it is)."""
 
-    __slots__ = ("settings", "info", "key", "template", "total", "receives", "shape", "scratch", "permute")
+    __slots__ = ("settings", "info", "key", "template", "total", "receives", "shape", "mpi", "scratch", "permute")
 
     def __init__(self, settings, info, key: bytes | None = None, template=None, total: int = -1,
-                 receives: bool = False, shape=None, scratch: int = 0, permute: int | None = None):
+                 receives: bool = False, shape=None, mpi: bool = False, scratch: int = 0,
+                 permute: int | None = None):
         self.settings, self.info, self.key, self.template = settings, info, key, template
         self.total, self.receives, self.shape = total, receives, shape
-        self.scratch, self.permute = scratch, permute
+        self.mpi, self.scratch, self.permute = mpi, scratch, permute
 
     def output(self) -> torch.Tensor:
         if self.shape is None:
@@ -91,7 +93,8 @@ def _mpi_plan(settings, info, g, t, call: int, count: int, shape=None, op: str =
         return _Plan(settings, info)
     key = _key(info, _MPI, free=free, no_descriptor=1, k0=root, call=call, count=count, code=_MPI_CODE[t.dtype],
                op=("sum", "max", "min").index(op), **(walk or {}), **(pre or {}))
-    return _Plan(settings, info, key, total=total, receives=receives, shape=shape, scratch=scratch, permute=permute)
+    return _Plan(settings, info, key, total=total, receives=receives, shape=shape, mpi=True, scratch=scratch,
+                 permute=permute)
 
 
 def _sent_as(t, d: int, pieces: int) -> tuple:

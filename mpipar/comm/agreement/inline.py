@@ -234,8 +234,9 @@ def fast_all_reduce(t: torch.Tensor, g, op, algorithm, staged) -> bool:
     takes the Python path makes the same exchange (the table's blocking Allgather, or the
     same shared-memory exchange, counted in the same ShmTable), then the rank-order
     reduction or MPI's blocking all-reduce, so they meet. `staged`: crowded.staged (whether
-    "auto" stages a plain tensor through shared memory instead). A single call after compute pays each Python layer on its path several times over
-    (cold caches), so the settings' verdict is kept on the call's info, per settings object."""
+    "auto" stages a plain tensor through shared memory instead). A single call after compute
+    pays each Python layer on its path several times over (cold caches), so the settings'
+    verdict is kept on the call's info, per settings object."""
     buf = g.__dict__.get("_inline_buffers")
     if buf is None or buf.fast is None:
         return False
@@ -335,12 +336,6 @@ def reduce_rows(combine, rows) -> torch.Tensor:
 
 _MEMMOVE = ctypes.memmove
 _increment_version = torch._C._increment_version
-
-
-def increment_version(t: torch.Tensor) -> None:
-    """Bump `t`'s version counter: memory written outside torch (C, MPI) is an in-place write
-    autograd must see."""
-    _increment_version((t,))
 
 
 def _allgather_of(g, table):
