@@ -50,6 +50,21 @@ def local_size_from_env() -> int | None:
     return current().local_size
 
 
+def sharing_node(comm) -> tuple[int, int]:
+    """(this rank's index among the job's ranks on its node, how many share the node's cores and
+    devices): the launcher's figures where it gives them, else `comm`'s (collective over `comm`).
+
+    A Mesh built on a sub-communicator (one per rank for independent runs, or a user's split)
+    still shares the node with the job's other ranks: counted by its own ranks alone, it would
+    give each rank threads for cores its peers use, and OpenMP workers spinning on a crowded
+    node slow every rank by far more than the threads gain."""
+    local_rank, local_size = ranks_on_node(comm)
+    s = current()
+    if s.local_size and s.local_size >= local_size:
+        return (s.local_rank if s.local_rank is not None and s.local_rank < s.local_size else local_rank), s.local_size
+    return local_rank, local_size
+
+
 @functools.lru_cache(maxsize=None)
 def node_is_oversubscribed() -> bool:
     """More MPI ranks of this job on this node than cores (MPIPAR_POLITE=1|0 overrides).

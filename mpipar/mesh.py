@@ -142,7 +142,7 @@ class Mesh:
         self.world = Group(self._comm, "world", self)
         for dim in DIMS:
             setattr(self, dim, self.world.split(self._color_without(dim), rank, dim))
-        local_rank, local_size = _device.ranks_on_node(self._comm)
+        local_rank, local_size = _device.sharing_node(self._comm)
         self.local_rank, self.local_size = local_rank, local_size
         _device.note_local_size(local_size)
         self.threads = _device.set_threads(local_size)

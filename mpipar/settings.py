@@ -33,6 +33,8 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
 LOCAL_SIZE_VARS = ("MPI_LOCALNRANKS", "OMPI_COMM_WORLD_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE",
                    "PALS_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE")
+LOCAL_RANK_VARS = ("MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK",
+                   "PALS_LOCAL_RANKID", "SLURM_LOCALID")
 
 
 def _opt(env: str, doc: str, kind: str = "str", default=None, agreed: bool = True):
@@ -151,6 +153,7 @@ class Settings:
     # -- facts of the launcher and the toolchain, read here so that no other module reads the environment
     omp_num_threads: int | None = _opt("OMP_NUM_THREADS", "", "int", agreed=False)
     local_size: int | None = _opt("|".join(LOCAL_SIZE_VARS), "", "local", agreed=False)
+    local_rank: int | None = _opt("|".join(LOCAL_RANK_VARS), "", "local", agreed=False)
     mpir_enable_gpu: str = _opt("MPIR_CVAR_ENABLE_GPU", "", default="1", agreed=False)
     cc: str | None = _opt("CC", "", agreed=False)
     xdg_cache_home: str | None = _opt("XDG_CACHE_HOME", "", agreed=False)
@@ -166,7 +169,7 @@ class Settings:
                 values[f.name] = MappingProxyType({op: _int(prefix + op.upper(), environ[prefix + op.upper()])
                                                    for op in OPS if environ.get(prefix + op.upper(), "").strip()})
             elif kind == "local":
-                values[f.name] = next((int(environ[v]) for v in LOCAL_SIZE_VARS
+                values[f.name] = next((int(environ[v]) for v in env.split("|")
                                        if environ.get(v, "").isdigit()), None)
             else:
                 raw = environ.get(env)

@@ -110,6 +110,41 @@ def test_mesh_over_a_subcommunicator(world):
         sub.Free()
 
 
+def test_a_mesh_on_one_rank_counts_the_job_on_its_node(world, monkeypatch):
+    """A mesh over MPI_COMM_SELF shares the node's cores (and devices) with every rank of the job:
+    threads and oversubscription follow the job's ranks on the node, not the mesh's one rank.
+    The launcher's figures stand in for the job here (set, so that every launcher is covered)."""
+    import os
+
+    from mpi4py import MPI
+
+    from mpipar import device, settings
+    from mpipar.settings import LOCAL_RANK_VARS, LOCAL_SIZE_VARS
+
+    environ, noted, before = dict(os.environ), list(device._noted_local_size), torch.get_num_threads()
+    for v in LOCAL_SIZE_VARS + LOCAL_RANK_VARS:
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.delenv("MPIPAR_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MPI_LOCALNRANKS", str(4 * device.cores_on_node()))   # crowded, whatever the host
+    monkeypatch.setenv("MPI_LOCALRANKID", str(world.rank))
+    try:
+        mesh = mpipar.Mesh(comm=MPI.COMM_SELF)
+        assert (mesh.local_rank, mesh.local_size) == (world.rank, 4 * device.cores_on_node())
+        assert mesh.threads == 1 and torch.get_num_threads() == 1
+        assert device.node_is_oversubscribed()
+        mesh.close()
+        monkeypatch.setenv("MPI_LOCALNRANKS", "0")     # not a count: the mesh's own ranks on the node
+        mesh = mpipar.Mesh(comm=MPI.COMM_SELF)
+        assert (mesh.local_rank, mesh.local_size) == (0, 1)
+        mesh.close()
+    finally:
+        settings.reload(environ)
+        device._noted_local_size[:] = noted
+        device.node_is_oversubscribed.cache_clear()
+        torch.set_num_threads(before)
+
+
 def test_device_and_as_group(world):
     mesh = mpipar.Mesh(tp=1, comm=world)
     assert isinstance(mesh.device, torch.device)

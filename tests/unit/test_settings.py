@@ -16,9 +16,10 @@ def test_readme_table_is_made_from_the_fields():
 
 def test_parse_and_defaults():
     s = settings.Settings.from_environ({"MPIPAR_CROSSOVER_ALL_REDUCE": "64", "MPIPAR_SHM_CHUNK_BYTES": " 1024 ",
-                                        "MPI_LOCALNRANKS": "3", "MPIPAR_VALIDATE": "0"})
+                                        "MPI_LOCALNRANKS": "3", "MPIPAR_VALIDATE": "0",
+                                        "OMPI_COMM_WORLD_LOCAL_RANK": "2"})
     assert dict(s.crossover) == {"all_reduce": 64} and s.shm_chunk_bytes == 1024
-    assert s.local_size == 3 and s.validate == "0" and s.cuda_aware == "auto" and s.threads is None
+    assert s.local_size == 3 and s.local_rank == 2 and s.validate == "0" and s.cuda_aware == "auto" and s.threads is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.validate = "1"
     with pytest.raises(MpiparError, match="MPIPAR_RING_PIECE_BYTES"):
