@@ -14,13 +14,16 @@ ranks fill the cores):
                    (with the gradient-norm pass of clipping)
   serial steps     a small GPT-2 and a Llama-tiny on one rank at micro-batch 1 and 8: the
                    per-op overhead and FLOP time scaled per arch to reproduce them
-                   (calibrate_fit.fit_compute; the system's compute_scale)
+                   (calibrate_fit.fit_compute; the system's compute_scale); the same with
+                   every rank of the 2- and 4-rank runs stepping its own at once: how much
+                   each arch's per-op overhead and its device work slow when ranks share the
+                   host (calibrate_fit.fit_contention_split; contention_split)
   collectives      mpipar.comm's all-reduce, all-gather, reduce-scatter, all-to-all
                    and p2p at 2 and 4 ranks under mpiexec (calibrate_comm.py), fitted
                    per call as a + nbytes * b; the resident set of a bare rank
   training         steps of a small GPT at 2 and 4 ranks (dp, tp, pp, sp, tp2 x dp2):
                    contention (how much slower each rank computes when ranks share
-                   the host) is fitted to the dp steps, sync_after_compute (what a
+                   the host, beyond contention_split where measured) is fitted to the dp steps, sync_after_compute (what a
                    collective called right after compute costs at least) to the tp
                    steps (calibrate_fit.fit_training); the pp and sp steps are printed as a check
 A shared host's speed drifts while this runs: every single-rank measurement
@@ -45,7 +48,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import MpiparError
-from .calibrate_fit import fit_compute, fit_training
+from .calibrate_fit import fit_compute, fit_contention_split, fit_training
 from .costs import layer_cost
 from .spec import Layout, ModelSpec
 from .system import System
@@ -195,7 +198,8 @@ def measure_serial(quick: bool) -> tuple[dict, float]:
 
 
 def measure_comm(ranks, quick: bool) -> dict:
-    out: dict = {"collectives": {}, "collective_points": {}, "rss_bytes": 0, "probe_s": {}, "train_s": {}}
+    out: dict = {"collectives": {}, "collective_points": {}, "rss_bytes": 0, "probe_s": {}, "train_s": {},
+                 "busy_serial_s": {}}
     for n in ranks:
         got = _run_comm(n, *(("--quick",) if quick else ()))
         for key in ("collectives", "collective_points"):
@@ -204,6 +208,7 @@ def measure_comm(ranks, quick: bool) -> dict:
         out["rss_bytes"] = max(out["rss_bytes"], got["rss_bytes"])
         out["probe_s"][str(n)] = got["probe_s"]
         out["train_s"].update(got["train_s"])
+        out["busy_serial_s"][str(n)] = got.get("busy_serial_s", {})
     return out
 
 
@@ -256,7 +261,7 @@ def calibrate(out=None, ranks=(2, 4), quick: bool = False, threads: int = 1, log
     log(f"optimizer {per_tensor * 1e6:.1f} us per tensor, {bytes_per_param:.0f} bytes per parameter")
     log(f"compute probe {probe1 * 1e3:.1f} ms (spread {min(probes) * 1e3:.1f}-{max(probes) * 1e3:.1f} ms)")
     comm = measure_comm(ranks, quick) if ranks else {"collectives": {}, "collective_points": {}, "rss_bytes": 0,
-                                                      "probe_s": {}, "train_s": {}}
+                                                      "probe_s": {}, "train_s": {}, "busy_serial_s": {}}
     contention = {n: t / probe1 for n, t in comm["probe_s"].items()}
     o_pts["probe_s"] = {"1": probe1, **comm["probe_s"]}
     log("compute probe slowdown with N ranks busy: "
@@ -299,6 +304,8 @@ def calibrate(out=None, ranks=(2, 4), quick: bool = False, threads: int = 1, log
     }
     if serial:
         data = fit_compute(data, {k: t * probe1 / serial_probe for k, t in serial.items()}, log)
+        if comm["busy_serial_s"]:
+            data = fit_contention_split(data, comm["busy_serial_s"], log)
     if comm["train_s"]:
         data = fit_training(data, comm["train_s"], log)
     from . import host

@@ -12,7 +12,8 @@ Rank 0 writes {"collectives": {op: {N: [a, b]}}, "collective_points": the
 measurements, "rss_bytes": the largest rank's resident set after a few steps of a
 tiny model, "probe_s": the mean
 time of a fixed compute probe with all N ranks busy at once, "train_s": the median
-step of a small GPT (PROBE_MODEL) on the layouts of probe_layouts(N)} to OUT.json.
+step of a small GPT (PROBE_MODEL) on the layouts of probe_layouts(N), "busy_serial_s": the
+serial steps below with every rank running its own at once (mean over ranks)} to OUT.json.
 
 Why the training probe: the loop fits above time collectives back to back, with
 every rank already waiting, and the compute probe runs alone in cache. In
@@ -119,12 +120,13 @@ def _train_probe(torch, mpipar, world, sizes: dict, steps: int) -> float:
     return float(np.median(times))
 
 
-def serial_steps(torch, mpipar, rounds: int) -> dict:
+def serial_steps(torch, mpipar, rounds: int, comm=None) -> dict:
     """{"ARCH@B": median seconds of one train_step of SERIAL_MODELS[ARCH] on this one rank at
-    micro-batch B}, every model and size once per round, so that a drift of the host moves them alike."""
+    micro-batch B}, every model and size once per round, so that a drift of the host moves them alike.
+    comm: the one-rank communicator of the model (MPI_COMM_SELF where every rank runs its own)."""
     from mpipar import models
 
-    mesh = mpipar.Mesh()   # the parallel model at one rank: what every layout's ranks run
+    mesh = mpipar.Mesh(comm=comm)   # the parallel model at one rank: what every layout's ranks run
     m = PROBE_MICROBATCHES
     gen = torch.Generator().manual_seed(0)
     runs = []
@@ -209,10 +211,13 @@ def main(argv=None) -> int:
         _measure(C, torch, g, key, op, sizes, world, results, points)
     train_s = {f"{name}@{n}": _train_probe(torch, mpipar, world, sizes, 3 if quick else 6)
                for name, sizes in probe_layouts(n).items()}
+    world.Barrier()   # every rank its own serial model at once: how the host slows a model's overhead and work
+    mine = serial_steps(torch, mpipar, 3 if quick else 5, comm=MPI.COMM_SELF)
+    busy = {k: world.allreduce(v, op=MPI.SUM) / n for k, v in sorted(mine.items())}
     if world.rank == 0:
         with open(out, "w") as f:
             json.dump({"collectives": results, "collective_points": points, "rss_bytes": rss,
-                       "probe_s": probe, "train_s": train_s}, f)
+                       "probe_s": probe, "train_s": train_s, "busy_serial_s": busy}, f)
     return 0
 
 

@@ -106,6 +106,64 @@ def fit_compute(data: dict, serial_s: dict, log=print) -> dict:
     return data
 
 
+def _serial_parts(data: dict, key: str) -> tuple[float, float]:
+    """(the model's step of serial run `key` on `data`, the device-work share of its compute)."""
+    from .calibrate_comm import PROBE_MICROBATCHES, SERIAL_MODELS
+    from .estimate import estimate
+
+    arch, _, b = key.rpartition("@")
+    cfg = SERIAL_MODELS[arch]
+    spec = ModelSpec(cfg["vocab_size"], cfg["seq_len"], cfg["hidden"], cfg["num_heads"], cfg["num_layers"],
+                     ffn_hidden=cfg.get("ffn_hidden"), arch=arch, num_kv_heads=cfg.get("num_kv_heads"))
+    layout = Layout(micro_batch=int(b), global_batch=PROBE_MICROBATCHES * int(b), dtype="fp32")
+    est = estimate(spec, System(data), layout)
+    return est.step_time, est.details["critical"].work_share
+
+
+def fit_contention_split(data: dict, busy_s: dict, log=print) -> dict:
+    """contention_split[arch][N] = [overhead, work]: how much slower the per-op overhead and the
+    device work of that arch's serial model run with N ranks busy (busy_s[N]["ARCH@B"]: every rank
+    stepping its own model at once), against the serial steps alone (measurements.serial_s).
+
+    Why: the host's cores are time-shared by both, and device work also shares the caches and
+    memory bandwidth, so it slows more; a rank at micro-batch 1 is mostly overhead, at 8 mostly
+    work. One factor per N, fitted to one model at one micro-batch, charged its own mix to every
+    model and size (docs/plan.md). Each step's slowdown is overhead + (work - overhead) x its
+    work share (the model's), so the two micro-batch sizes fix both."""
+    data = copy.deepcopy(data)
+    alone = data.get("measurements", {}).get("serial_s", {})
+    split: dict = {}
+    for n, steps in sorted(busy_s.items(), key=lambda kv: int(kv[0])):
+        by_arch: dict = {}
+        for key in steps:
+            if key in alone:
+                arch, _, b = key.rpartition("@")
+                by_arch.setdefault(arch, []).append(int(b))
+        for arch, sizes in sorted(by_arch.items()):
+            if len(sizes) < 2:
+                continue
+            rows, rhs = [], []
+            for key in (f"{arch}@{min(sizes)}", f"{arch}@{max(sizes)}"):
+                _, share = _serial_parts(data, key)
+                rows.append([1.0 - share, share])
+                rhs.append(steps[key] / alone[key])
+            try:
+                o, w = (float(x) for x in np.linalg.solve(np.array(rows), np.array(rhs)))
+            except np.linalg.LinAlgError:
+                continue
+            o, w = min(max(o, 1.0), 50.0), min(max(w, 1.0), 50.0)   # noise: within what a host can do
+            split.setdefault(arch, {})[str(n)] = [o, w]
+            log(f"{arch} with {n} ranks busy: " + ", ".join(
+                f"@{b} {steps[f'{arch}@{b}'] / alone[f'{arch}@{b}']:.2f}x" for b in (min(sizes), max(sizes)))
+                + f" slower; per-op overhead x{o:.2f}, device work x{w:.2f}")
+    if split:
+        data["contention_split"] = split
+        data.setdefault("measurements", {})["busy_serial_s"] = busy_s
+        # contention now scales the split: 1 until fit_training fits it to the training probes
+        data["contention"] = {n: 1.0 for n in data.get("contention", {})}
+    return data
+
+
 def young_wait_s() -> float:
     """How long a polite wait stays young: until its sleep, which grows as a share of the time
     waited, reaches its longest (mpipar.comm.wait.POLITE: longest_sleep / share)."""
@@ -135,7 +193,8 @@ def fit_training(data: dict, train_s: dict, log=print) -> dict:
             def with_contention(c, n=n):
                 data["contention"][str(n)] = c
                 return _probe_step(data, "dp", n)
-            _solve(with_contention, train_s[f"dp@{n}"], 1.0, 50.0)
+            # with contention_split measured, contention only scales it (and may be below 1)
+            _solve(with_contention, train_s[f"dp@{n}"], 0.25 if data.get("contention_split") else 1.0, 50.0)
             for name, field, key, hi in (("tp", "sync_after_compute", str(n), 0.05),
                                          ("tp2dp2", "sync_share", "2@4", 10.0)):
                 if f"{name}@{n}" not in train_s:
@@ -159,6 +218,7 @@ def fit_training(data: dict, train_s: dict, log=print) -> dict:
         log(f"training probe {k}: measured {measured * 1e3:.1f} ms, model {pred * 1e3:.1f} ms "
             f"({pred / measured - 1:+.0%})")
     log("fitted: contention " + ", ".join(f"{n}: {c:.2f}x" for n, c in data["contention"].items())
+        + (" of the split" if data.get("contention_split") else "")
         + "; a collective after compute costs at least "
         + ", ".join(f"{k}: {s * 1e6:.0f} us" for k, s in data["sync_after_compute"].items())
         + "; a smaller group waits " + ", ".join(f"{k}: {f:.2f}" for k, f in data["sync_share"].items())

@@ -36,6 +36,8 @@ class PhaseCost:
     flops: float = 0.0      # hardware FLOPs of F + B + W (recompute included)
     share_f: float = 0.0    # the part of f_tp + f_sp (b_tp + b_sp) that is the host's sync_share:
     share_b: float = 0.0    # waiting for peers while other ranks hold the cores
+    work: float = 0.0       # the part of f + b + w that is device work (GEMMs, memory passes), not per-op
+                            # overhead: the two slow down differently where ranks share cores (System.slowdown)
 
     def __add__(self, o: "PhaseCost") -> "PhaseCost":
         return PhaseCost(*(a + b for a, b in zip(self.astuple(), o.astuple())))
@@ -44,11 +46,11 @@ class PhaseCost:
         """Every time times k; compute times (f, b, w) also times compute_only."""
         c = k * compute_only
         return PhaseCost(self.f * c, self.f_tp * k, self.f_sp * k, self.b * c, self.b_tp * k, self.b_sp * k,
-                         self.w * c, self.flops * k, self.share_f * k, self.share_b * k)
+                         self.w * c, self.flops * k, self.share_f * k, self.share_b * k, self.work * c)
 
     def astuple(self) -> tuple:
         return (self.f, self.f_tp, self.f_sp, self.b, self.b_tp, self.b_sp, self.w, self.flops, self.share_f,
-                self.share_b)
+                self.share_b, self.work)
 
     @property
     def total_f(self) -> float:
@@ -57,6 +59,12 @@ class PhaseCost:
     @property
     def total_b(self) -> float:
         return self.b + self.b_tp + self.b_sp
+
+    @property
+    def work_share(self) -> float:
+        """The device-work fraction of the compute (f + b + w); the rest is per-op overhead."""
+        compute = self.f + self.b + self.w
+        return min(1.0, self.work / compute) if compute > 0 else 0.0
 
 
 # mpipar's eager Llama block runs this many more kernels than its GPT-2 block (forward, backward),
@@ -73,6 +81,7 @@ class _Ops:
         self.sys = system
         self.t = {"F": 0.0, "B": 0.0, "W": 0.0}
         self.fl = {"F": 0.0, "B": 0.0, "W": 0.0}
+        self.wk = {"F": 0.0, "B": 0.0, "W": 0.0}   # device work without the per-op overhead
 
     @property
     def flops(self) -> float:
@@ -81,7 +90,12 @@ class _Ops:
     def add(self, phase: str, work: float, count: int = 1, flops: float = 0.0) -> None:
         if count:
             self.t[phase] += count * self.sys.op(work / count, phase != "F")
+            self.wk[phase] += work
         self.fl[phase] += flops
+
+    @property
+    def work(self) -> float:
+        return self.wk["F"] + self.wk["B"] + self.wk["W"]
 
     def gemm(self, m, n, k, dtype, e, split_w: bool = True, batch: int = 1) -> None:
         """Forward GEMM and its two backward GEMMs (B: input gradient; W: weight gradient when split_w)."""
@@ -211,7 +225,7 @@ def _layer_cost(spec: ModelSpec, system, L: Layout) -> PhaseCost:
             sp_b = sp_f
 
     F, B, W = ops.t["F"], ops.t["B"], ops.t["W"]
-    flops = ops.flops
+    flops, work = ops.flops, ops.work
     # A tp or sp group smaller than the host's busy ranks meets its peers while other groups
     # hold the cores: its ranks lose a share of the compute between collectives waiting.
     # The ring too: its messages are posted ahead of the block computation they cross, but
@@ -233,12 +247,14 @@ def _layer_cost(spec: ModelSpec, system, L: Layout) -> PhaseCost:
         sp_b += sp_f
         share_b += share_f
         flops += ops.fl["F"]
+        work += ops.wk["F"]
     elif L.recompute == "selective":
         B += system.op(attn_f, True)
         flops += core_flops
+        work += attn_f
         if L.sp_mode == "ring":
             sp_b += sp_f
-    return PhaseCost(F, tp_f, sp_f, B, tp_b, sp_b, W, flops, share_f, share_b)
+    return PhaseCost(F, tp_f, sp_f, B, tp_b, sp_b, W, flops, share_f, share_b, work)
 
 
 def embedding_cost(spec: ModelSpec, system, L: Layout) -> PhaseCost:
@@ -259,7 +275,7 @@ def embedding_cost(spec: ModelSpec, system, L: Layout) -> PhaseCost:
     tp_f = 0.0
     if t > 1:
         tp_f = system.collective("reduce_scatter" if L.sequence_parallel else "all_reduce", act, t, 1, 1, host=H)
-    cache[key] = PhaseCost(ops.t["F"], tp_f, 0.0, ops.t["B"], 0.0, 0.0, 0.0, 0.0)
+    cache[key] = PhaseCost(ops.t["F"], tp_f, 0.0, ops.t["B"], 0.0, 0.0, 0.0, 0.0, work=ops.work)
     return cache[key]
 
 
@@ -292,5 +308,5 @@ def head_cost(spec: ModelSpec, system, L: Layout) -> PhaseCost:
         else:
             tp_f = small
             tp_b = system.collective("all_reduce", act, t, 1, 1, host=H)
-    cache[key] = PhaseCost(ops.t["F"], tp_f, 0.0, ops.t["B"], tp_b, 0.0, ops.t["W"], ops.flops)
+    cache[key] = PhaseCost(ops.t["F"], tp_f, 0.0, ops.t["B"], tp_b, 0.0, ops.t["W"], ops.flops, work=ops.work)
     return cache[key]

@@ -140,7 +140,7 @@ def _stages(spec: ModelSpec, system, L: Layout) -> _Stages:
         if s == p - 1:
             c = c + head
         if accumulate:
-            c = c + PhaseCost(w=params[s] * accumulate)
+            c = c + PhaseCost(w=params[s] * accumulate, work=params[s] * accumulate)
         costs.append(c)
     flash = system.software["attention"] == "flash"
     per_layer = layer_activation_bytes(spec, L, flash)
@@ -181,7 +181,7 @@ def estimate(spec: ModelSpec, system, layout: Layout) -> Estimate:
     span, span0, peaks = _pipeline(system, S, L, comm, 1.0)
     if system.cores:
         busy = sum(m * (c.total_f + c.total_b + c.w) for c in stages) / max(p * span0, 1e-30)
-        slow = system.slowdown(world * min(1.0, busy))
+        slow = system.slowdown(world * min(1.0, busy), stages[S.crit].work_share)
         if slow > 1.0:
             shared = _pipeline_shared(system, S, L, comm) if p > 1 else None
             if shared is None:
@@ -269,10 +269,11 @@ def _pipeline_shared(system, S: _Stages, L: Layout, comm: float):
         per_stage = L.world_size // p
         idle = float(system.data.get("idle_share", 0.0))
         young = float(system.data.get("idle_young_s") or float("inf"))
+        shares = [c.work_share for c in S.costs]
         span, elapsed, waited = makespan_shared(L.schedule, p, m, v, work, wait, share, comm, system.slowdown,
-                                                per_stage, idle, young)
+                                                per_stage, idle, young, shares)
         span0, _, _ = makespan_shared(L.schedule, p, m, v, work, wait, share, 0.0, system.slowdown, per_stage, idle,
-                                      young)
+                                      young, shares)
         hit = cache[key] = (span, span0, elapsed, waited)
     return hit
 

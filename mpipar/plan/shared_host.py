@@ -32,7 +32,8 @@ LIMIT = 20_000  # actions; beyond, estimate falls back to the mean busy count (s
 
 
 def makespan_shared(schedule: str, p: int, m: int, v: int, work, wait, share, comm: float, slowdown,
-                    ranks_per_stage: int, idle_share: float = 0.0, young: float = float("inf")):
+                    ranks_per_stage: int, idle_share: float = 0.0, young: float = float("inf"),
+                    work_share=None):
     """(makespan, compute seconds, communication seconds of each stage) of `schedule` on a shared host.
 
     work[s], wait[s]: (F, B with W, B alone, W) compute seconds at full speed and communication
@@ -41,7 +42,8 @@ def makespan_shared(schedule: str, p: int, m: int, v: int, work, wait, share, co
     stages computing when the action starts; slowdown(n): compute slowdown with n ranks computing;
     idle_share: how much of a computing rank a rank waiting (for its stage's input, or for its
     tensor- or sequence-parallel peers) costs the host during the first `young` seconds of
-    each wait (infinite: the whole wait)."""
+    each wait (infinite: the whole wait); work_share[s]: the device-work fraction of stage s's compute
+    (slowdown(n, work_share[s]): the host slows per-op overhead and device work differently)."""
     order, n, _ = action_lists(schedule, p, m, v)
     rows = [[] for _ in range(p)]
     for s, i, dep, kind, cross in order:
@@ -75,10 +77,12 @@ def makespan_shared(schedule: str, p: int, m: int, v: int, work, wait, share, co
                 nxt = min(nxt, ready)
         busy = sum(1 for s in range(p) if phase[s] == 1)
         fresh = sum(1 for s in range(p) if phase[s] != 1 and t < since[s] + young)
-        rate = 1.0 / slowdown((busy + idle_share * fresh) * ranks_per_stage) if busy else 1.0
+        crowd = (busy + idle_share * fresh) * ranks_per_stage
+        rates = [(1.0 / (slowdown(crowd) if work_share is None else slowdown(crowd, work_share[s]))
+                  if phase[s] == 1 else 1.0) for s in range(p)]
         for s in range(p):
             if phase[s] == 1:
-                nxt = min(nxt, t + left[s] / rate)
+                nxt = min(nxt, t + left[s] / rates[s])
             else:
                 if t < since[s] + young:
                     nxt = min(nxt, since[s] + young)
@@ -87,7 +91,7 @@ def makespan_shared(schedule: str, p: int, m: int, v: int, work, wait, share, co
         dt = nxt - t
         for s in range(p):
             if phase[s] == 1:   # the stage that sets nxt finishes exactly (no float residue)
-                left[s] = 0.0 if t + left[s] / rate <= nxt else left[s] - dt * rate
+                left[s] = 0.0 if t + left[s] / rates[s] <= nxt else left[s] - dt * rates[s]
                 elapsed[s] += dt
                 if left[s] <= 1e-15:
                     phase[s], left[s], since[s] = 2, pending[s], nxt

@@ -16,6 +16,9 @@ Fields (every shipped number carries its source under "sources"):
   cores                        host cores shared by the ranks of a node (CPU systems), else null
   contention{N: factor}        measured compute slowdown with N ranks busy on the host (calibrate);
                                without it, N / cores beyond the cores
+  contention_split{arch: {N: [overhead, work]}}  optional (calibrate): how much slower a model of
+                               that arch runs its per-op overhead and its device work with N ranks
+                               busy (each rank its own serial model); contention then scales it
   load                         optional: how much slower the host runs now than when calibrated
                                (compute and collectives; see with_load)
   ranks_per_node               devices per node
@@ -63,6 +66,18 @@ SOFTWARE_DEFAULTS = {"attention": "flash", "dp_overlap": 1.0, "ring_overlap": 1.
                      "p2p_scatter_gather": False, "grad_accumulation_bytes": 0.0}
 
 
+def _interpolate(pts: list, x: float) -> tuple:
+    """The values of a table [(n, v1, v2, ...)] starting at n = 1, linear between its points, at x
+    (1 or less: the first row's; past the last: proportional to x)."""
+    if x <= pts[0][0]:
+        return pts[0][1:]
+    for a, b in zip(pts, pts[1:]):
+        if x <= b[0]:
+            u = (x - a[0]) / (b[0] - a[0])
+            return tuple(va + (vb - va) * u for va, vb in zip(a[1:], b[1:]))
+    return tuple(v * x / pts[-1][0] for v in pts[-1][1:])
+
+
 class System:
     """A machine description; attribute access to the JSON fields, plus the cost helpers the model uses."""
 
@@ -101,6 +116,12 @@ class System:
             self.sync[(int(size), int(host or size))] = float(sec)
         self.compute_scale = {arch: (float(k.get("op_overhead", 1.0)), float(k.get("flops", 1.0)))
                               for arch, k in d.get("compute_scale", {}).items()}
+        self.contention_split = d.get("contention_split", {})
+        # the arch's table once for_arch picked it: (N, overhead, work) from 1 rank up
+        self._mix = [(1, 1.0, 1.0)] + sorted((int(n), float(o), float(w)) for n, (o, w)
+                                             in d.get("contention_mix", {}).items() if int(n) > 1)
+        self._table = [(1, 1.0)] + sorted((int(n), float(f)) for n, f in d.get("contention", {}).items()
+                                          if int(n) > 1)
         self.shares = {}
         for key, frac in d.get("sync_share", {}).items():
             size, _, host = str(key).partition("@")
@@ -163,14 +184,15 @@ class System:
         the steps of eager training cost a different mix of the two, which depends on the ops a
         block runs (mpipar.plan.calibrate_fit.fit_compute)."""
         scale = self.compute_scale.get(arch)
-        if scale is None:
+        if scale is None and arch not in self.contention_split:
             return self
         cache = self.__dict__.setdefault("_arch_systems", {})
         hit = cache.get(arch)
         if hit is None:
             data = copy.deepcopy(self.data)
-            del data["compute_scale"]
-            overhead, flops = scale
+            data.pop("compute_scale", None)
+            data["contention_mix"] = data.pop("contention_split", {}).get(arch, {})
+            overhead, flops = scale or (1.0, 1.0)
             data["op_overhead"] = float(data["op_overhead"]) * overhead
             data["op_overhead_backward"] = self.op_overhead_b * overhead
             data["peak_flops"] = {k: float(v) / flops for k, v in data["peak_flops"].items()}
@@ -181,24 +203,30 @@ class System:
     def load_factor(self) -> float:
         return float(self.data.get("load", 1.0))
 
-    def slowdown(self, busy_ranks: float) -> float:
-        """Compute slowdown when `busy_ranks` ranks compute at once on one host (1 on accelerators)."""
-        return self._slowdown(busy_ranks) * self.load_factor
+    def slowdown(self, busy_ranks: float, work_share: float | None = None) -> float:
+        """Compute slowdown when `busy_ranks` ranks compute at once on one host (1 on accelerators).
+
+        work_share: the device-work fraction of that compute (PhaseCost.work_share). Where
+        calibrate split the host's contention for this arch (for_arch), overhead and device
+        work slow by their own factors: the host's cores are time-shared by both, and device
+        work also shares the caches and memory bandwidth."""
+        if not self.cores:
+            return self.load_factor
+        return max(1.0, self._level(busy_ranks) * self._split(busy_ranks, work_share)) * self.load_factor
 
     def _slowdown(self, busy_ranks: float) -> float:
-        if not self.cores:
-            return 1.0
-        table = sorted((int(n), float(f)) for n, f in self.data.get("contention", {}).items())
-        if not table:
+        return max(1.0, self._level(busy_ranks)) if self.cores else 1.0
+
+    def _level(self, busy_ranks: float) -> float:
+        if len(self._table) == 1:
             return max(1.0, busy_ranks / float(self.cores))
-        pts = [(1, 1.0)] + [x for x in table if x[0] > 1]
-        if busy_ranks <= 1:
+        return _interpolate(self._table, busy_ranks)[0]
+
+    def _split(self, busy_ranks: float, work_share: float | None) -> float:
+        if len(self._mix) == 1 or work_share is None:
             return 1.0
-        for (n0, f0), (n1, f1) in zip(pts, pts[1:]):
-            if busy_ranks <= n1:
-                return max(1.0, f0 + (f1 - f0) * (busy_ranks - n0) / (n1 - n0))
-        n_last, f_last = pts[-1]
-        return max(1.0, f_last * busy_ranks / n_last)
+        overhead, work = _interpolate(self._mix, busy_ranks)
+        return overhead + (work - overhead) * work_share
 
     def op(self, work: float, backward: bool = False) -> float:
         """Time of one kernel / eager op doing `work` seconds of device work."""

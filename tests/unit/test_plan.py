@@ -625,3 +625,42 @@ def test_llama_block_kernel_count_matches_the_implementation():
     assert res.returncode == 0, res.stderr[-2000:]
     words = res.stdout.split()
     assert (int(words[0]), int(words[1])) == LLAMA_EXTRA_KERNELS, res.stdout
+
+
+def test_fit_contention_split_recovers_the_split_it_was_generated_from():
+    from mpipar.plan.calibrate_comm import SERIAL_MICRO_BATCHES, SERIAL_MODELS
+    from mpipar.plan.calibrate_fit import _serial_parts, _serial_step, fit_contention_split
+
+    truth = {"gpt2": {"2": [1.05, 1.5], "4": [1.8, 3.1]}, "llama": {"2": [1.0, 1.3], "4": [1.9, 2.7]}}
+    data = _host_system().data
+    alone = {f"{a}@{b}": _serial_step(data, f"{a}@{b}") for a in SERIAL_MODELS for b in SERIAL_MICRO_BATCHES}
+    data.setdefault("measurements", {})["serial_s"] = alone
+    busy = {}
+    for n in ("2", "4"):
+        for key, t in alone.items():
+            o, w = truth[key.rpartition("@")[0]][n]
+            share = _serial_parts(data, key)[1]
+            assert 0.05 < share < 0.95   # both parts present: the two sizes tell them apart
+            busy.setdefault(n, {})[key] = t * (o + (w - o) * share)
+    got = fit_contention_split(data, busy, log=lambda *_: None)
+    for arch, table in truth.items():
+        for n, ow in table.items():
+            assert got["contention_split"][arch][n] == pytest.approx(ow, rel=1e-6)
+    assert got["contention"] == {"2": 1.0, "4": 1.0}   # fit_training scales the split from here
+
+
+def test_a_contention_split_slows_overhead_and_work_apart_per_arch():
+    split = {"llama": {"4": [2.0, 3.0]}}
+    s = _host_system(contention={"2": 1.0, "4": 1.1}, contention_split=split)
+    assert s.slowdown(4, 0.25) == pytest.approx(1.1)     # no arch picked: the level alone
+    llama = s.for_arch("llama")
+    assert llama.slowdown(4, 0.0) == pytest.approx(1.1 * 2.0) and llama.slowdown(4, 1.0) == pytest.approx(1.1 * 3.0)
+    assert llama.slowdown(4, None) == pytest.approx(1.1)
+    assert llama.slowdown(2.5, 0.5) == pytest.approx(1.025 * (1.5 + (2.0 - 1.5) * 0.5))   # both tables linear in n
+    assert s.for_arch("gpt2").slowdown(4, 0.5) == pytest.approx(1.1)
+    # a dp4 step of a small Llama (mostly per-op overhead) is charged less than its device work's factor
+    spec = plan.ModelSpec(64, 64, 64, 4, 4, ffn_hidden=176, arch="llama", num_kv_heads=2)
+    L = plan.Layout(dp=4, micro_batch=1, global_batch=16, dtype="fp32")
+    est = plan.estimate(spec, s, L)
+    share = est.details["critical"].work_share
+    assert 0.0 < share < 0.5 and est.details["slowdown"] == pytest.approx(1.1 * (2.0 + share))
