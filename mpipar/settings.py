@@ -144,7 +144,7 @@ class Settings:
         agreed=False)
     threads: int | None = _opt(
         "MPIPAR_THREADS",
-        "torch threads per rank (default `OMP_NUM_THREADS`, else cores of the node / ranks on the node)",
+        "torch threads per rank (default `OMP_NUM_THREADS`, else cores of the node / the job's ranks on the node, as the launcher counts them, even for a mesh on a sub-communicator)",
         "int", agreed=False)
     cuda_aware: str = _opt(
         "MPIPAR_CUDA_AWARE",
