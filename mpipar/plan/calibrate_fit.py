@@ -47,6 +47,11 @@ def _probe_step(data: dict, name: str, n: int) -> float:
 
 def _serial_step(data: dict, key: str) -> float:
     """The model's step of calibrate_comm.serial_steps' run `key` ("ARCH@B") on `data`."""
+    return _serial_parts(data, key)[0]
+
+
+def _serial_parts(data: dict, key: str) -> tuple[float, float]:
+    """(the model's step of serial run `key` on `data`, the device-work share of its compute)."""
     from .calibrate_comm import PROBE_MICROBATCHES, SERIAL_MODELS
     from .estimate import estimate
 
@@ -55,7 +60,18 @@ def _serial_step(data: dict, key: str) -> float:
     spec = ModelSpec(cfg["vocab_size"], cfg["seq_len"], cfg["hidden"], cfg["num_heads"], cfg["num_layers"],
                      ffn_hidden=cfg.get("ffn_hidden"), arch=arch, num_kv_heads=cfg.get("num_kv_heads"))
     layout = Layout(micro_batch=int(b), global_batch=PROBE_MICROBATCHES * int(b), dtype="fp32")
-    return estimate(spec, System(data), layout).step_time
+    est = estimate(spec, System(data), layout)
+    return est.step_time, est.details["critical"].work_share
+
+
+def _ends_by_arch(keys) -> dict:
+    """{arch: (key of its smallest micro-batch, key of its largest)} of the "ARCH@B" keys with two sizes or more."""
+    by_arch: dict = {}
+    for key in keys:
+        arch, _, b = key.rpartition("@")
+        by_arch.setdefault(arch, []).append(int(b))
+    return {arch: (f"{arch}@{min(sizes)}", f"{arch}@{max(sizes)}") for arch, sizes in sorted(by_arch.items())
+            if len(sizes) >= 2}
 
 
 def _with_scale(data: dict, arch: str, overhead: float, flops: float) -> dict:
@@ -76,14 +92,7 @@ def fit_compute(data: dict, serial_s: dict, log=print) -> dict:
     rate), so two sizes fix both."""
     data = copy.deepcopy(data)
     data.setdefault("measurements", {})["serial_s"] = dict(serial_s)
-    by_arch: dict = {}
-    for key in serial_s:
-        arch, _, b = key.rpartition("@")
-        by_arch.setdefault(arch, []).append(int(b))
-    for arch, sizes in sorted(by_arch.items()):
-        if len(sizes) < 2:
-            continue
-        keys = [f"{arch}@{min(sizes)}", f"{arch}@{max(sizes)}"]
+    for arch, keys in _ends_by_arch(serial_s).items():
         rows, rhs = [], []
         for key in keys:
             t11 = _serial_step(_with_scale(data, arch, 1.0, 1.0), key)
@@ -106,20 +115,6 @@ def fit_compute(data: dict, serial_s: dict, log=print) -> dict:
     return data
 
 
-def _serial_parts(data: dict, key: str) -> tuple[float, float]:
-    """(the model's step of serial run `key` on `data`, the device-work share of its compute)."""
-    from .calibrate_comm import PROBE_MICROBATCHES, SERIAL_MODELS
-    from .estimate import estimate
-
-    arch, _, b = key.rpartition("@")
-    cfg = SERIAL_MODELS[arch]
-    spec = ModelSpec(cfg["vocab_size"], cfg["seq_len"], cfg["hidden"], cfg["num_heads"], cfg["num_layers"],
-                     ffn_hidden=cfg.get("ffn_hidden"), arch=arch, num_kv_heads=cfg.get("num_kv_heads"))
-    layout = Layout(micro_batch=int(b), global_batch=PROBE_MICROBATCHES * int(b), dtype="fp32")
-    est = estimate(spec, System(data), layout)
-    return est.step_time, est.details["critical"].work_share
-
-
 def fit_contention_split(data: dict, busy_s: dict, log=print) -> dict:
     """contention_split[arch][N] = [overhead, work]: how much slower the per-op overhead and the
     device work of that arch's serial model run with N ranks busy (busy_s[N]["ARCH@B"]: every rank
@@ -134,16 +129,9 @@ def fit_contention_split(data: dict, busy_s: dict, log=print) -> dict:
     alone = data.get("measurements", {}).get("serial_s", {})
     split: dict = {}
     for n, steps in sorted(busy_s.items(), key=lambda kv: int(kv[0])):
-        by_arch: dict = {}
-        for key in steps:
-            if key in alone:
-                arch, _, b = key.rpartition("@")
-                by_arch.setdefault(arch, []).append(int(b))
-        for arch, sizes in sorted(by_arch.items()):
-            if len(sizes) < 2:
-                continue
+        for arch, keys in _ends_by_arch(k for k in steps if k in alone).items():
             rows, rhs = [], []
-            for key in (f"{arch}@{min(sizes)}", f"{arch}@{max(sizes)}"):
+            for key in keys:
                 _, share = _serial_parts(data, key)
                 rows.append([1.0 - share, share])
                 rhs.append(steps[key] / alone[key])
@@ -154,7 +142,7 @@ def fit_contention_split(data: dict, busy_s: dict, log=print) -> dict:
             o, w = min(max(o, 1.0), 50.0), min(max(w, 1.0), 50.0)   # noise: within what a host can do
             split.setdefault(arch, {})[str(n)] = [o, w]
             log(f"{arch} with {n} ranks busy: " + ", ".join(
-                f"@{b} {steps[f'{arch}@{b}'] / alone[f'{arch}@{b}']:.2f}x" for b in (min(sizes), max(sizes)))
+                f"@{k.rpartition('@')[2]} {steps[k] / alone[k]:.2f}x" for k in keys)
                 + f" slower; per-op overhead x{o:.2f}, device work x{w:.2f}")
     if split:
         data["contention_split"] = split
