@@ -74,6 +74,16 @@ class PhaseCost:
 LLAMA_EXTRA_KERNELS = (22, 41)
 
 
+# eager kernels of ring attention beyond those of one rank alone (forward, backward): per ring
+# step, with equal and with grouped K/V heads (grouped: the step repeats its K/V block to the
+# query heads and folds the gradients back), plus RING_SLOT_KERNELS per K/V buffer (one per
+# step, at most two: the pass is double-buffered); counted with a torch dispatch mode, views
+# left out (tests/mpi/test_ring_attention.py keeps them true). A step is the block's attention,
+# its log-sum-exp merge (sub, exp, logaddexp, mul_, addcmul_) and the copies of the K/V pass.
+RING_STEP_KERNELS = {False: (9, 9), True: (11, 15)}
+RING_SLOT_KERNELS = 2
+
+
 class _Ops:
     """Accumulates per-op work by phase, each op paying the system's overhead once."""
 
@@ -216,8 +226,10 @@ def _layer_cost(spec: ModelSpec, system, L: Layout) -> PhaseCost:
             step_b = system.collective("send_recv", 2 * kv, c, t, host=H)
             sp_f = (c - 1) * max(0.0, step_f - ov * attn_f / c)
             sp_b = (c - 1) * max(0.0, step_b - ov * attn_b / c)
-            ops.add("F", 0.0, count=6 * (c - 1))   # per ring step: block attention, merge, posts
-            ops.add("B", 0.0, count=8 * (c - 1))
+            step_f, step_b = RING_STEP_KERNELS[g < a]
+            slots = RING_SLOT_KERNELS * min(c - 1, 2)
+            ops.add("F", 0.0, count=step_f * (c - 1) + slots)
+            ops.add("B", 0.0, count=step_b * (c - 1) + slots)
         else:
             q = T * a * hd * e
             kvb = T * g * hd * e

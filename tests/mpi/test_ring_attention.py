@@ -173,3 +173,45 @@ def test_next_block_is_posted_before_computing_on_the_current_one(monkeypatch):
     assert bwd_events.count(ra.TAG_BWD_DK) == N - 1  # own block kept home: N-1 hops
     if N > 1:
         assert bwd_events[0] == k_bwd  # the backward's first K/V send precedes its first kernel
+
+
+def _kernels(group, q, k, v) -> tuple[int, int]:
+    """Eager kernels of one ring_attention forward and its backward (torch dispatch, views left out)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    views = {"view", "_unsafe_view", "t", "transpose", "split", "detach", "promote_types", "expand", "permute",
+             "unsqueeze", "squeeze", "slice", "select", "split_with_sizes", "as_strided", "reshape", "alias"}
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.overloadpacket.__name__ not in views
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    f, b = Count(), Count()
+    with f:
+        out = ring_attention(q, k, v, group).sum()
+    with b:
+        out.backward()
+    return f.n, b.n
+
+
+@pytest.mark.skipif(N < 2, reason="a ring needs 2 ranks")
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_plan_counts_the_kernels_of_a_ring_step(kv_heads):
+    """mpipar.plan charges each ring step RING_STEP_KERNELS eager kernels (each pays the op
+    overhead), plus RING_SLOT_KERNELS per K/V buffer, beyond the attention of one rank alone:
+    count them here, so that a change to the ring's implementation shows."""
+    from mpipar.mesh import as_group
+    from mpipar.plan.costs import RING_SLOT_KERNELS, RING_STEP_KERNELS
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 8, 16)
+    k, v = torch.randn(2, kv_heads, 8, 16), torch.randn(2, kv_heads, 8, 16)
+    ring = _kernels(as_group(COMM), q, k, v)
+    alone = _kernels(as_group(MPI.COMM_SELF), q, k, v)
+    step = RING_STEP_KERNELS[kv_heads < 4]
+    slots = RING_SLOT_KERNELS * min(N - 1, 2)
+    assert (ring[0] - alone[0], ring[1] - alone[1]) == (step[0] * (N - 1) + slots, step[1] * (N - 1) + slots)
