@@ -47,8 +47,8 @@ def default_plan(np: int = 4) -> list[Driver]:
         Driver("tensor", "experiments/tensor_parallel.py", "tensor_parallel.h5",
                {"--hiddens": "256,512", "--tokens": 512, "--iters": 2, "--warmup": 1},
                {"--quick": True, "--blocks": "mlp"}, 110),
-        # steps of 15-50 ms, side by side with torch's: the median of 2 moved the 1F1B headline
-        # between 0.94x and 1.31x of torch from run to run; 6 cost about 10 s more
+        # steps of 15-50 ms, side by side with torch's: a median of 2 is one pair of samples of a
+        # noisy host (4 ranks on 2 cores); 6 cost 5.5 s more (the driver took 29 s, then 34.5 s)
         Driver("pipeline", "experiments/pipeline.py", "pipeline.h5",
                {"--hidden": 128, "--batch": 32, "--layers": 8, "--microbatches": "2,8", "--steps": 6},
                {"--quick": True, "--schedules": "gpipe,1f1b"}, 110),
