@@ -144,7 +144,9 @@ def fit_contention_split(data: dict, busy_s: dict, log=print) -> dict:
             log(f"{arch} with {n} ranks busy: " + ", ".join(
                 f"@{k.rpartition('@')[2]} {steps[k] / alone[k]:.2f}x" for k in keys)
                 + f" slower; per-op overhead x{o:.2f}, device work x{w:.2f}")
-    if split:
+    archs = set(_ends_by_arch(alone))
+    if split and all(set(split.get(a, {})) == set(busy_s) for a in archs):
+        # every arch split at every N (contention then means the split's scale for all of them)
         data["contention_split"] = split
         data.setdefault("measurements", {})["busy_serial_s"] = busy_s
         # contention now scales the split: 1 until fit_training fits it to the training probes

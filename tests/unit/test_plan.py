@@ -647,6 +647,9 @@ def test_fit_contention_split_recovers_the_split_it_was_generated_from():
         for n, ow in table.items():
             assert got["contention_split"][arch][n] == pytest.approx(ow, rel=1e-6)
     assert got["contention"] == {"2": 1.0, "4": 1.0}   # fit_training scales the split from here
+    del busy["4"]["llama@8"]    # an arch left unsplit at one N: no split at all, contention as before
+    kept = fit_contention_split(data, busy, log=lambda *_: None)
+    assert "contention_split" not in kept and kept["contention"] == data["contention"]
 
 
 def test_a_contention_split_slows_overhead_and_work_apart_per_arch():
