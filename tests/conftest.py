@@ -17,6 +17,8 @@ initialise MPI in the pytest process.
 - `serial_run`, `assert_matches_serial`: the serial reference of the layout tests and the
   comparison of a layout's losses and parameters with it.
 - `requires_cuda`: decorator for CUDA-only tests: marked `cuda`, skipped without a GPU.
+- `kernel_count()`: a torch dispatch mode counting the eager kernels run inside it, views
+  left out (what mpipar.plan charges an op overhead each: its kernel-count constants' tests).
 - `_settings_follow_env` (autouse): mpipar reads MPIPAR_* once (mpipar.settings); a test that
   sets one with `monkeypatch.setenv`/`delenv` gets the settings re-read at once, and again
   after the environment is restored.
@@ -29,6 +31,24 @@ import torch
 def requires_cuda(test):
     """Mark a test `cuda` (selected by `make test-gpu`) and skip it without a GPU."""
     return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
+
+
+KERNEL_VIEWS = {"view", "_unsafe_view", "t", "transpose", "split", "detach", "promote_types", "expand", "permute",
+                "unsqueeze", "squeeze", "slice", "select", "split_with_sizes", "as_strided", "reshape", "alias"}
+
+
+def kernel_count():
+    """A torch dispatch mode whose `n` counts the kernels dispatched inside it, views left out."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class KernelCount(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func.overloadpacket.__name__ not in KERNEL_VIEWS
+            return func(*args, **(kwargs or {}))
+
+    return KernelCount()
 
 
 def launcher_free_env() -> dict:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from conftest import attention_vs_sdpa, full_attention_inputs as full_inputs
+from conftest import attention_vs_sdpa, full_attention_inputs as full_inputs, kernel_count
 
 from mpipar.errors import MpiparError
 from mpipar.sequence import gather_sequence, ring_attention, shard_sequence
@@ -177,20 +177,8 @@ def test_next_block_is_posted_before_computing_on_the_current_one(monkeypatch):
 
 def _kernels(group, q, k, v) -> tuple[int, int]:
     """Eager kernels of one ring_attention forward and its backward (torch dispatch, views left out)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    views = {"view", "_unsafe_view", "t", "transpose", "split", "detach", "promote_types", "expand", "permute",
-             "unsqueeze", "squeeze", "slice", "select", "split_with_sizes", "as_strided", "reshape", "alias"}
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.n += func.overloadpacket.__name__ not in views
-            return func(*args, **(kwargs or {}))
-
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    f, b = Count(), Count()
+    f, b = kernel_count(), kernel_count()
     with f:
         out = ring_attention(q, k, v, group).sum()
     with b:
