@@ -64,7 +64,7 @@ def all_reduce(t: torch.Tensor, group, op: str = "sum", algorithm: str = "auto",
     """In place: every rank's `t` becomes the elementwise op over the group. Returns `t`."""
     g = as_group(group)
     if validate and g.size > 1:  # the agreement notes dtype and shape (it has them cached)
-        if inline.fast_all_reduce(t, g, op, algorithm, crowded.staged):
+        if fast_ops.all_reduce(t, g, op, algorithm) or inline.fast_all_reduce(t, g, op, algorithm, crowded.staged):
             return t  # agreement, data and record in one C call
         slot = begin(g, "all_reduce", None, None, algorithm)
     else:

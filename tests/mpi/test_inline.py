@@ -240,14 +240,17 @@ def fast_group(world):
                                    torch.uint8, torch.bool], ids=str)
 @pytest.mark.parametrize("op", ["sum", "max", "min"])
 @pytest.mark.parametrize("cols", [50, 5000], ids=["in-the-table", "MPI_Allreduce"])
-def test_fast_all_reduce_is_the_python_path_bit_for_bit(fast_group, world, checks, op, dtype, cols):
+def test_fast_all_reduce_is_the_python_path_bit_for_bit(fast_group, world, checks, op, dtype, cols, monkeypatch):
     """fast.c against the Python path on the same inputs: the same bits on every rank, and the
     C path taken exactly when it has the kernel. Small: reduced in rank order from the table
     (floats: sum only); larger: MPI_Allreduce after the agreement (every dtype but bool; also
     where the table goes through shared memory: every rank is then present, as under
-    wait.all_present on the Python path)."""
+    wait.all_present on the Python path; there the payload slots, which would carry it, are
+    off: test_payload_slots.py)."""
+    from mpipar.comm import tuning
     from mpipar.comm.agreement import inline
 
+    monkeypatch.setattr(tuning, "SLOT_BYTES", {})
     g, calls = fast_group
     if g.size == 1:
         pytest.skip("a single rank communicates nothing")
@@ -295,16 +298,19 @@ def test_fast_all_reduce_disagreement_and_record(fast_group, world, checks):
 
 
 @pytest.mark.parametrize("cols", [50, 5000], ids=["in-the-table", "MPI_Allreduce"])
-def test_fast_and_python_paths_meet(fast_group, world, checks, cols):
+def test_fast_and_python_paths_meet(fast_group, world, checks, cols, monkeypatch):
     """Rank 0's tensor is not contiguous (the Python path), the others' are (the C path): the
     ranks make the same exchange and get the same bits as when all take one path. Only where
     mpipar takes the C path at all: ranks with their own cores, whose Python path gathers
     with MPI's blocking Allgather, and crowded ranks on one node, whose two paths exchange
     through the same shared table (crowded ranks on several nodes gather non-blocking,
     which a blocking collective does not match). A larger tensor's C call is the agreement
-    and MPI's blocking all-reduce, as the Python path's (wait.all_present where crowded)."""
+    and MPI's blocking all-reduce, as the Python path's (wait.all_present where crowded; the
+    payload slots, where every rank takes the C call, are off: test_payload_slots.py)."""
+    from mpipar.comm import tuning
     from mpipar.comm.agreement import inline
 
+    monkeypatch.setattr(tuning, "SLOT_BYTES", {})
     g, calls = fast_group
     if g.size == 1:
         pytest.skip("a single rank communicates nothing")

@@ -37,6 +37,11 @@
    rank on that path meets the C ranks). Each torch call on that path costs microseconds;
    a 64 KiB all-gather spent 3x MPI's own time in them.
 
+   Where the table is shared, a key of KIND_SLOT_COPY or KIND_SLOT_REDUCE does what KIND_COPY and
+   KIND_REDUCE do with the payloads in the table's payload slots (shm_table.PAYLOAD_BYTES each):
+   this rank's data into its slot of the exchange's parity before it, the peers' read after it,
+   the GIL released for the copies.
+
    The reduction is exact and the same bits on every rank: out = row0 op row1, then
    out = out op row_k for k = 2.. (torch.add / maximum / minimum in the same order in
    inline.py). Floats only sum (torch.maximum's NaN rules stay in Python); integers
@@ -86,6 +91,9 @@ typedef struct {
     char **slots;     /* slots[2 * r + p]: rank r's slot p */
     int64_t **epochs; /* rank r's epoch word */
     int64_t *count;   /* the exchanges made so far (ShmTable.count: Python's exchanges too) */
+    char **payloads;  /* payloads[2 * r + p]: rank r's payload slot p (ShmTable's, payload_bytes each), or NULL */
+    int64_t payload_bytes;
+    const char **rows; /* n row addresses, filled per call (the GIL serialises a context's calls) */
 } Context;
 
 /* mpipar.comm.wait.Backoff, as Backoff.packed gives it */
@@ -158,6 +166,30 @@ static void await_epochs(const Context *s, int64_t k, const Policy *p)
     }
 }
 
+/* The rows' payloads in the table, as self->rows. */
+static const char *const *table_rows(Context *s)
+{
+    for (Py_ssize_t r = 0; r < s->n; r++)
+        s->rows[r] = s->table + r * s->row_bytes + HEAD_WORDS * 8;
+    return s->rows;
+}
+
+/* n rows `stride` bytes apart from `base` (MPI's pieces in a scratch buffer), as self->rows. */
+static const char *const *strided_rows(Context *s, const char *base, Py_ssize_t stride)
+{
+    for (Py_ssize_t r = 0; r < s->n; r++)
+        s->rows[r] = base + r * stride;
+    return s->rows;
+}
+
+/* The payload slots of parity `par`, as self->rows. */
+static const char *const *payload_rows(Context *s, int par)
+{
+    for (Py_ssize_t r = 0; r < s->n; r++)
+        s->rows[r] = s->payloads[2 * r + par];
+    return s->rows;
+}
+
 /* ShmTable.gather in C: this rank's row into its slot of this exchange's parity, its epoch
    published (after the row: release), every peer's awaited (acquire), their rows read. */
 static void shm_exchange(Context *s, const Policy *p)
@@ -184,11 +216,11 @@ typedef struct {
 #define REDUCE(T, OP)                                                               \
     do {                                                                            \
         T *o = (T *)out;                                                            \
-        const T *a = (const T *)(rows), *b = (const T *)(rows + stride);            \
+        const T *a = (const T *)(rows[0] + off), *b = (const T *)(rows[1] + off);   \
         for (Py_ssize_t i = 0; i < count; i++)                                      \
             o[i] = OP(a[i], b[i]);                                                  \
         for (Py_ssize_t k = 2; k < n; k++) {                                        \
-            const T *c = (const T *)(rows + k * stride);                            \
+            const T *c = (const T *)(rows[k] + off);                                \
             for (Py_ssize_t i = 0; i < count; i++)                                  \
                 o[i] = OP(o[i], c[i]);                                              \
         }                                                                           \
@@ -201,8 +233,9 @@ static const int SIZE[7] = {4, 8, 8, 4, 2, 1, 1}; /* bytes of FAST_DTYPES' codes
 #define MIN(x, y) ((x) < (y) ? (x) : (y))
 
 /* kernel = dtype * 3 + op; dtype: f32, f64, i64, i32, i16, i8, u8 (inline.FAST_DTYPES);
-   op: sum, max, min. Integers are summed unsigned (wrapping, as torch). 0, or -1. */
-static int reduce(int64_t kernel, char *out, const char *rows, Py_ssize_t stride, Py_ssize_t n, int64_t nbytes)
+   op: sum, max, min. Integers are summed unsigned (wrapping, as torch). Row k's operand starts at
+   rows[k] + off. 0, or -1. */
+static int reduce(int64_t kernel, char *out, const char *const *rows, int64_t off, Py_ssize_t n, int64_t nbytes)
 {
     int dtype = (int)(kernel / 3), op = (int)(kernel % 3);
     if (kernel < 0 || dtype > 6 || (dtype < 2 && op != 0))
@@ -295,7 +328,7 @@ static PyObject *call(Context *self, PyObject *const *args, Py_ssize_t nargs)
                              self->ops[op], self->comm);
         Py_END_ALLOW_THREADS
     } else if (rc == 0 && agreed) {
-        bad = reduce(key.kernel, data, self->table + HEAD_WORDS * 8, self->row_bytes, self->n, key.nbytes) < 0;
+        bad = reduce(key.kernel, data, table_rows(self), 0, self->n, key.nbytes) < 0;
     }
     if (slot >= 0 && self->ring->end(slot) < 0)
         return NULL;
@@ -319,6 +352,8 @@ static void dealloc(Context *self)
 {
     PyMem_Free(self->slots);
     PyMem_Free(self->epochs);
+    PyMem_Free(self->payloads);
+    PyMem_Free((void *)self->rows);
     Py_XDECREF(self->name);
     Py_XDECREF(self->keep);
     Py_TYPE(self)->tp_free((PyObject *)self);
@@ -367,7 +402,9 @@ typedef struct {
     int64_t pre_run, pre_size[LOOPS], pre_src[LOOPS], pre_dst[LOOPS];
 } OpKey;
 
-enum { KIND_COPY = 1, KIND_REDUCE = 2, KIND_MPI = 3 };
+/* KIND_SLOT_COPY and KIND_SLOT_REDUCE are KIND_COPY and KIND_REDUCE with the payloads in the
+   shared table's payload slots (crowded groups: up to payload_bytes) instead of its rows */
+enum { KIND_COPY = 1, KIND_REDUCE = 2, KIND_MPI = 3, KIND_SLOT_COPY = 4, KIND_SLOT_REDUCE = 5 };
 enum { CALL_ALLGATHER = 1, CALL_REDUCE_SCATTER = 2, CALL_BCAST = 3, CALL_ALLTOALL = 4 };
 enum { RUN_DISAGREED = 0, RUN_DONE = 1, RUN_FINISH = 2 }; /* run()'s status */
 
@@ -455,16 +492,15 @@ static int key_in_bounds(const OpKey *k, Py_ssize_t n, Py_ssize_t payload)
     return src <= payload && (k->nk - 1) * k->dst_step + dst <= k->out_bytes;
 }
 
-/* The blocks of `key` out of n rows `stride` bytes apart from `base` (the table's payloads, or
+/* The blocks of `key` out of the n rows at `rows` (the table's payloads, the payload slots, or
    the pieces MPI wrote into a scratch buffer) into `out`: 0, or -1 (no such kernel). */
-static int blocks(const OpKey *k, const char *base, Py_ssize_t stride, Py_ssize_t n, char *out)
+static int blocks(const OpKey *k, const char *const *rows, Py_ssize_t n, char *out)
 {
     int64_t idx[LOOPS] = {0}, total = 1;
     for (int i = 0; i < LOOPS; i++)
         total *= k->size[i];
     if (total == 0 || k->run == 0 || k->nk == 0)
         return 0;
-    const char *rows = base + k->src0;
     for (int64_t it = 0; it < total; it++) {
         int64_t so = 0, d = 0;
         for (int i = 0; i < LOOPS; i++) {
@@ -472,11 +508,11 @@ static int blocks(const OpKey *k, const char *base, Py_ssize_t stride, Py_ssize_
             d += idx[i] * k->dst[i];
         }
         if (k->kind == KIND_REDUCE) {
-            if (reduce(k->kernel, out + d, rows + so, stride, n, k->run) < 0)
+            if (reduce(k->kernel, out + d, rows, k->src0 + so, n, k->run) < 0)
                 return -1;
         } else {
             for (int64_t j = 0; j < k->nk; j++)
-                memcpy(out + j * k->dst_step + d, rows + (k->k0 + j) * stride + so, (size_t)k->run);
+                memcpy(out + j * k->dst_step + d, rows[k->k0 + j] + k->src0 + so, (size_t)k->run);
         }
         for (int i = LOOPS - 1; i >= 0 && ++idx[i] == k->size[i]; i--)
             idx[i] = 0;
@@ -539,9 +575,13 @@ static PyObject *run(Context *self, PyObject *const *args, Py_ssize_t nargs)
     OpKey key;
     memcpy(&key, kb.buf, sizeof key);
     PyBuffer_Release(&kb);
+    int in_slots = key.kind == KIND_SLOT_COPY || key.kind == KIND_SLOT_REDUCE;
+    if (in_slots)
+        key.kind -= KIND_SLOT_COPY - KIND_COPY;
     if ((key.kind != KIND_COPY && key.kind != KIND_REDUCE && key.kind != KIND_MPI) ||
         (key.kind == KIND_MPI && (self->bcast == NULL || ((key.nk > 0 || key.pre_run > 0) && scratch == NULL))) ||
-        !key_in_bounds(&key, self->n, self->row_bytes - HEAD_WORDS * 8)) {
+        (in_slots && (!self->shm || self->payloads == NULL)) ||
+        !key_in_bounds(&key, self->n, in_slots ? (Py_ssize_t)self->payload_bytes : self->row_bytes - HEAD_WORDS * 8)) {
         PyErr_SetString(PyExc_ValueError, "fast run: a bad key");
         return NULL;
     }
@@ -555,10 +595,16 @@ static PyObject *run(Context *self, PyObject *const *args, Py_ssize_t nargs)
     memcpy(mine, key.head, sizeof key.head);
     if (key.no_descriptor)
         memset(mine + MINE_WORDS * 8, 0xff, (HEAD_WORDS - MINE_WORDS) * 8);
-    if (key.nbytes)
+    if (key.nbytes && !in_slots)
         memcpy(mine + HEAD_WORDS * 8, in, (size_t)key.nbytes);
+    /* the parity of the exchange below (shm_exchange: count + 1); a peer reads this rank's
+       payload slot of that parity until it enters its next exchange, and this rank cannot get
+       two exchanges ahead of it (shm_table's argument for the rows' slots) */
+    int par = in_slots ? (int)((*self->count + 1) & 1) : 0;
     int rc = 0;
     Py_BEGIN_ALLOW_THREADS
+    if (key.nbytes && in_slots)
+        memcpy(self->payloads[2 * self->rank + par], in, (size_t)key.nbytes);
     if (self->shm)
         shm_exchange(self, &policy);
     else
@@ -587,9 +633,14 @@ static PyObject *run(Context *self, PyObject *const *args, Py_ssize_t nargs)
         rc = mpi_call(self, &key, in, key.nk ? scratch : out);
         Py_END_ALLOW_THREADS
         if (rc == 0 && key.nk) /* MPI's pieces, rank by rank, rearranged into `out` */
-            bad = blocks(&key, scratch, (Py_ssize_t)(key.count * SIZE[key.dtype]), self->n, out) < 0;
+            bad = blocks(&key, strided_rows(self, scratch, (Py_ssize_t)(key.count * SIZE[key.dtype])), self->n,
+                         out) < 0;
+    } else if (rc == 0 && status == RUN_DONE && in_slots) {
+        Py_BEGIN_ALLOW_THREADS
+        bad = blocks(&key, payload_rows(self, par), self->n, out) < 0;
+        Py_END_ALLOW_THREADS
     } else if (rc == 0 && status == RUN_DONE) {
-        bad = blocks(&key, self->table + HEAD_WORDS * 8, self->row_bytes, self->n, out) < 0;
+        bad = blocks(&key, table_rows(self), self->n, out) < 0;
     }
     if (rc != 0 || bad || status == RUN_DONE) {
         if (slot >= 0 && self->ring->end(slot) < 0)
@@ -646,7 +697,8 @@ static intptr_t handle(PyObject *h) { return (intptr_t)PyLong_AsUnsignedLongLong
 
 /* context(allgather, allreduce, comm, byte, in_place, types (7), ops (3), table_addr, row_bytes, n, rank,
            ring_api_or_None, keep[, shared[, more]]); shared: (slot addresses (2n: rank r's slot p at 2r + p),
-           epoch addresses (n), count address) of the group's ShmTable, or None; more: the addresses of
+           epoch addresses (n), count address, payload slot addresses (2n, or () for none), payload bytes) of
+           the group's ShmTable, or None; more: the addresses of
            MPI_Bcast, MPI_Alltoall and MPI_Reduce_scatter_block (KIND_MPI), or None */
 static PyObject *context(PyObject *mod, PyObject *args)
 {
@@ -669,12 +721,16 @@ static PyObject *context(PyObject *mod, PyObject *args)
         if (extra[0] == NULL || extra[1] == NULL || extra[2] == NULL)
             extra[0] = extra[1] = extra[2] = NULL;
     }
-    PyObject *slot_addrs = NULL, *epoch_addrs = NULL, *count = NULL;
+    PyObject *slot_addrs = NULL, *epoch_addrs = NULL, *count = NULL, *payload_addrs = NULL;
+    long long payload_bytes = 0;
     if (shared != Py_None &&
-        (!PyArg_ParseTuple(shared, "O!O!O", &PyTuple_Type, &slot_addrs, &PyTuple_Type, &epoch_addrs, &count) ||
-         PyTuple_GET_SIZE(slot_addrs) != 2 * n || PyTuple_GET_SIZE(epoch_addrs) != n)) {
+        (!PyArg_ParseTuple(shared, "O!O!OO!L", &PyTuple_Type, &slot_addrs, &PyTuple_Type, &epoch_addrs, &count,
+                           &PyTuple_Type, &payload_addrs, &payload_bytes) ||
+         PyTuple_GET_SIZE(slot_addrs) != 2 * n || PyTuple_GET_SIZE(epoch_addrs) != n ||
+         (PyTuple_GET_SIZE(payload_addrs) != 2 * n && PyTuple_GET_SIZE(payload_addrs) != 0) || payload_bytes < 0)) {
         if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "fast context: shared = (2n slots, n epochs, count)");
+            PyErr_SetString(PyExc_ValueError,
+                            "fast context: shared = (2n slots, n epochs, count, 2n payload slots or (), payload bytes)");
         return NULL;
     }
     if (PyTuple_GET_SIZE(types) != 7 || PyTuple_GET_SIZE(ops) != 3) {
@@ -700,8 +756,15 @@ static PyObject *context(PyObject *mod, PyObject *args)
     self->slots = NULL;
     self->epochs = NULL;
     self->count = NULL;
+    self->payloads = NULL;
+    self->payload_bytes = 0;
+    self->rows = PyMem_Calloc((size_t)n, sizeof(char *));
     self->name = NULL;
     self->keep = NULL;
+    if (self->rows == NULL) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
     if (shared != Py_None) {
         self->shm = 1;
         self->slots = PyMem_Calloc((size_t)(2 * n), sizeof(char *));
@@ -715,6 +778,15 @@ static PyObject *context(PyObject *mod, PyObject *args)
         for (Py_ssize_t i = 0; i < n; i++)
             self->epochs[i] = (int64_t *)PyLong_AsVoidPtr(PyTuple_GET_ITEM(epoch_addrs, i));
         self->count = (int64_t *)PyLong_AsVoidPtr(count);
+        if (PyTuple_GET_SIZE(payload_addrs) && payload_bytes > 0) {
+            if ((self->payloads = PyMem_Calloc((size_t)(2 * n), sizeof(char *))) == NULL) {
+                Py_DECREF(self);
+                return PyErr_NoMemory();
+            }
+            for (Py_ssize_t i = 0; i < 2 * n; i++)
+                self->payloads[i] = (char *)PyLong_AsVoidPtr(PyTuple_GET_ITEM(payload_addrs, i));
+            self->payload_bytes = payload_bytes;
+        }
         if (PyErr_Occurred()) {
             Py_DECREF(self);
             return NULL;

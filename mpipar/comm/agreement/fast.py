@@ -12,7 +12,8 @@ calls), without the Python between them. The context's `run` does the same for a
 small broadcast, all_gather, reduce_scatter or all_to_all whose data rides in the
 table (mpipar.comm.agreement.fast_ops: inline_ops' result, copied or reduced from
 the table in C), and for a larger one that goes to MPI's own collective (MPI_Bcast,
-MPI_Allgather, MPI_Reduce_scatter_block, MPI_Alltoall after the agreement).
+MPI_Allgather, MPI_Reduce_scatter_block, MPI_Alltoall after the agreement), or, where
+the table is shared, rides in its payload slots (mpipar.comm.agreement.shm_table).
 
 It applies where the group's agreement is a blocking MPI_Allgather (ranks with
 their own cores) or the shared-memory table (crowded ranks on one node,

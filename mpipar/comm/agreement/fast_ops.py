@@ -11,6 +11,13 @@ MPI_Allgather, so ranks on either path meet), checks the heads, copies or reduce
 blocks into the output (the same bytes as inline_ops' torch calls: copies, and the
 rank-order reduction of fast.c's all-reduce) and records itself.
 
+Where the group's ranks outnumber cores on one node, a call too large for the table's row
+but within tuning.SLOT_BYTES rides in the shared table's payload slots instead
+(mpipar.comm.agreement.shm_table, `_in_slots`): the same walk over the rows, read from
+the slots, with no MPI collective after the exchange. The Python path has no such
+exchange, so every rank takes these calls in C, a rank whose tensor is not a contiguous
+CPU tensor from a contiguous CPU copy (`_host`).
+
 A call too large for the table takes the same C call where collectives.py would follow
 the agreement with MPI's blocking collective (fast_plan._mpi_plan): the key then names
 that collective, its datatype and count, and C calls it after the heads agree. MPI
@@ -42,9 +49,9 @@ from ...settings import current
 from ..wait import polite_packed
 from .fast import FAST_DTYPES
 from .inline import _call, _disagreement, _increment_version
-from .into import NO_OUT, code as out_code
-from .fast_plan import (_ALLGATHER, _ALLTOALL, _BCAST, _COPY, _REDUCE, _REDUCE_SCATTER, _Plan, _blocks, _front_strides,
-                        _key, _leading, _mpi_plan, _sent_as, _strides, _walk)
+from .into import NO_OUT, check as check_out, code as out_code
+from .fast_plan import (_ALLGATHER, _ALLTOALL, _BCAST, _COPY, _REDUCE, _REDUCE_SCATTER, _SLOT_COPY, _SLOT_REDUCE, _Plan,
+                        _blocks, _front_strides, _key, _leading, _mpi_plan, _sent_as, _slot_plan, _strides, _walk)
 from .protocol import BAD_DIM, norm_dim, validation_enabled
 
 _DONE, _FINISH = 1, 2  # run()'s statuses (0: the heads differ)
@@ -77,28 +84,54 @@ def _finish(g, plan, v):
 def _plan_of(t: torch.Tensor, g, k: tuple, make, *args):
     """(buffers, plan) of call shape `k` on group g (planned by `make` when new or when the settings
     object changed), or (None, None) where the C call does not apply: no C context, a tensor that is
-    not a contiguous CPU tensor, an unhashable argument (the Python path raises), no kernel."""
+    not a contiguous CPU tensor (unless the plan's data rides in the payload slots: every rank
+    takes those calls, from a contiguous CPU copy, `_host`), an unhashable argument (the Python
+    path raises), no kernel."""
     buf = g.__dict__.get("_inline_buffers")
-    if buf is None or buf.run is None or not t.is_cpu or not t.is_contiguous():
+    if buf is None or buf.run is None:
         return None, None
+    plain = t.is_cpu and t.is_contiguous()
+    if not plain and not buf.slot_bytes:
+        return None, None
+    k = (k, _POOL in g.__dict__)  # a symmetric pool turns the payload slots off (_in_slots)
     try:
         plan = buf.plans.get(k)
     except TypeError:
         return None, None
     if plan is None or plan.settings is not current():
         plan = _planned(buf, k, make, t, g, *args)
-    return (None, None) if plan.key is None else (buf, plan)
+    return (None, None) if plan.key is None or not (plain or plan.slots) else (buf, plan)
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or a contiguous CPU copy of it (what a payload-slot call sends)."""
+    return t if t.is_cpu and t.is_contiguous() else t.detach().cpu().contiguous()
+
+
+def _in_slots(g, info, name: str, payload: int, algorithm="auto") -> bool:
+    """Does this call's data ride in the shared table's payload slots (shm_table.PAYLOAD_BYTES,
+    fast.c's KIND_SLOT_*)? Where the group's ranks outnumber cores on one node and every rank has
+    the C call (inline.buffers agreed on it), for good arguments that do not ride in the row,
+    under "auto" (an algorithm asked for by name is what runs), when `payload` (the bytes each
+    rank writes: broadcast's root its tensor, all_gather its piece, reduce_scatter and all_to_all
+    their whole input) is within tuning.SLOT_BYTES, and when the group has no symmetric pool
+    (whether a rank's tensor is symmetric is its own fact, and symmetric tensors take the
+    zero-copy path, which the agreement's table decides). Agreed facts only: every rank decides
+    alike (a pool is made and freed collectively)."""
+    buf = g.__dict__.get("_inline_buffers")
+    return (buf is not None and buf.slot_bytes > 0 and not info.bad and not info.fits and algorithm == "auto"
+            and _POOL not in g.__dict__ and 0 < payload <= min(buf.slot_bytes, tuning.SLOT_BYTES.get(name, 0)))
 
 
 def _into_new(buf, g, plan, algorithm, name: str, t: torch.Tensor) -> torch.Tensor:
     """`plan`'s call from `t` into a new output like its template (MpiparError on every rank when
     the heads differ)."""
     out = plan.output()
-    src = _source(plan, t)  # (held while C runs)
+    src = _source(plan, _host(t))  # (held while C runs)
     v = _run(buf, g, plan, algorithm, name, src.data_ptr(), out.data_ptr())
     if v != _DONE:
         _finish(g, plan, v)
-    return out
+    return out if t.is_cpu else out.to(t.device)
 
 
 def _source(plan, t: torch.Tensor) -> torch.Tensor:
@@ -132,16 +165,52 @@ def _run(buf, g, plan, algorithm, name: str, src: int, dst: int) -> int:
         raise MpiparError(f"{name}: {e}") from e
 
 
+def all_reduce(t: torch.Tensor, g, op, algorithm) -> bool:
+    """collectives.all_reduce's validated call (g.size > 1) where its data rides in the payload
+    slots: True when `t` now holds the reduction (every row reduced in rank order, as the table's
+    small all-reduce). False: nothing was communicated (inline.fast_all_reduce and the Python path
+    follow)."""
+    buf = g.__dict__.get("_inline_buffers")
+    if buf is None or not buf.slot_bytes:  # (ranks with their own cores: one lookup)
+        return False
+    buf, plan = _plan_of(t, g, ("all_reduce", t.shape, t.dtype, op, algorithm), _all_reduce_plan, op, algorithm)
+    if plan is None:
+        return False
+    host = _host(t)
+    v = _run(buf, g, plan, algorithm, "all_reduce", host.data_ptr(), host.data_ptr())
+    if v != _DONE:
+        _finish(g, plan, v)
+    if host is t:
+        _increment_version((t,))  # an in-place write, as autograd must see it (C wrote the memory)
+    else:
+        (t.detach() if t.requires_grad else t).copy_(host)
+    return True
+
+
+def _all_reduce_plan(settings, t, g, op, algorithm) -> _Plan:
+    """Every row (t flattened) reduced in rank order into t itself (C copied t into its slot
+    first), where the call rides in the payload slots and fast.c has the kernel; else no key."""
+    info = _call("all_reduce", t, op, algorithm)
+    kernel = _kernel(t.dtype, op)
+    if kernel is None or not _in_slots(g, info, "all_reduce", info.nbytes, algorithm):
+        return _Plan(settings, info)
+    flat = t.reshape(-1)
+    return _slot_plan(settings, info, _blocks(info, flat, g, _SLOT_REDUCE, 0, 0, flat.numel(), None, kernel=kernel))
+
+
 def broadcast(t: torch.Tensor, g, root) -> bool:
     """collectives.broadcast's call (g.size > 1): True when `t` holds root's data."""
     buf, plan = _plan_of(t, g, ("broadcast", t.shape, t.dtype, root, root.__class__), _broadcast_plan, root)
     if plan is None or (plan.mpi and _symmetric(g, t)):
         return False
-    v = _run(buf, g, plan, None, "broadcast", t.data_ptr(), t.data_ptr())
+    host = _host(t)
+    v = _run(buf, g, plan, None, "broadcast", host.data_ptr(), host.data_ptr())
     if v != _DONE:
         _finish(g, plan, v)
-    if plan.receives:
+    if plan.receives and host is t:
         _increment_version((t,))  # an in-place write, as autograd must see it (C wrote the memory)
+    elif plan.receives:
+        (t.detach() if t.requires_grad else t).copy_(host)
     return True
 
 
@@ -149,12 +218,13 @@ def _broadcast_plan(settings, t, g, root) -> _Plan:
     """inline_ops.agree_broadcast's inline case: root's row copied into the others' tensors."""
     r = root if isinstance(root, int) and 0 <= root < g.size else BAD_DIM
     info = _call("broadcast", t, dim=r)
-    if not (info.fits and info.nbytes > 0 and not tuning.shm_pays("broadcast", info.nbytes)):
-        return _mpi_plan(settings, info, g, t, _BCAST, t.numel(), root=r, receives=g.rank != r, polite_from=True)
     mine = g.rank == r
-    key = _key(info, _COPY, nbytes=info.nbytes if mine else 0, k0=r, nk=0 if mine else 1, run=info.nbytes,
-               out_bytes=info.nbytes)
-    return _Plan(settings, info, key, receives=not mine)
+    slots = _in_slots(g, info, "broadcast", info.nbytes)
+    if not slots and not (info.fits and info.nbytes > 0 and not tuning.shm_pays("broadcast", info.nbytes)):
+        return _mpi_plan(settings, info, g, t, _BCAST, t.numel(), root=r, receives=g.rank != r, polite_from=True)
+    key = _key(info, _SLOT_COPY if slots else _COPY, nbytes=info.nbytes if mine else 0, k0=r, nk=0 if mine else 1,
+               run=info.nbytes, out_bytes=info.nbytes)
+    return _Plan(settings, info, key, receives=not mine, slots=slots)
 
 
 def reduce_scatter(t: torch.Tensor, g, dim, op, algorithm):
@@ -172,6 +242,11 @@ def _reduce_scatter_plan(settings, t, g, dim, op, algorithm) -> _Plan:
     g.rank (tensor_split order along d) reduced in rank order."""
     d = norm_dim(dim, t.dim())
     info = _call("reduce_scatter", t, op, algorithm, dim=d)
+    if (t.dim() > 0 and d != BAD_DIM and _in_slots(g, info, "reduce_scatter", info.nbytes, algorithm)
+            and _kernel(t.dtype, op) is not None):
+        sizes = flat_chunks(t.shape[d], g.size)
+        return _slot_plan(settings, info, _blocks(info, t, g, _SLOT_REDUCE, d, offsets(sizes)[g.rank], sizes[g.rank],
+                                                  None, kernel=_kernel(t.dtype, op)))
     if (info.combine is None or t.dim() == 0
             or (algorithm == "auto" and tuning.shm_pays("reduce_scatter", info.nbytes))):
         if (info.combine is not None or t.dim() == 0 or d == BAD_DIM or t.shape[d] % g.size
@@ -188,13 +263,21 @@ def _reduce_scatter_plan(settings, t, g, dim, op, algorithm) -> _Plan:
         pre, scratch, permute = _sent_as(t, d, count)
         return _mpi_plan(settings, info, g, t, _REDUCE_SCATTER, count, shape=shape, op=op, algorithm=algorithm,
                          walk=walk, scratch=scratch, permute=permute, pre=pre)
-    op = "max" if t.dtype is torch.bool and op == "sum" else op
-    if t.dtype not in FAST_DTYPES or not (op == "sum" or FAST_DTYPES[t.dtype] >= 2):
+    kernel = _kernel(t.dtype, op)
+    if kernel is None:
         return _Plan(settings, info)
     sizes = flat_chunks(t.shape[d], g.size)
-    kernel = FAST_DTYPES[t.dtype] * 3 + ("sum", "max", "min").index(op)
     return _Plan(settings, info, *_blocks(info, t, g, _REDUCE, d, offsets(sizes)[g.rank], sizes[g.rank], None,
                                           kernel=kernel))
+
+
+def _kernel(dtype: torch.dtype, op) -> int | None:
+    """fast.c's reduction kernel of (dtype, op) (bool sums as max), or None: floats sum only
+    (torch.maximum's NaN rules stay in Python)."""
+    op = "max" if dtype is torch.bool and op == "sum" else op
+    if dtype not in FAST_DTYPES or op not in ("sum", "max", "min") or not (op == "sum" or FAST_DTYPES[dtype] >= 2):
+        return None
+    return FAST_DTYPES[dtype] * 3 + ("sum", "max", "min").index(op)
 
 
 def all_to_all(t: torch.Tensor, g, scatter_dim, gather_dim):
@@ -211,6 +294,10 @@ def _all_to_all_plan(settings, t, g, scatter_dim, gather_dim) -> _Plan:
     along gd in rank order."""
     sd, gd = norm_dim(scatter_dim, t.dim()), norm_dim(gather_dim, t.dim())
     info = _call("all_to_all", t, dim=sd if gd != BAD_DIM else BAD_DIM, root=gd)
+    if (t.dim() > 0 and BAD_DIM not in (sd, gd) and not t.shape[sd] % g.size
+            and _in_slots(g, info, "all_to_all", info.nbytes)):
+        c = t.shape[sd] // g.size
+        return _slot_plan(settings, info, _blocks(info, t, g, _SLOT_COPY, sd, g.rank * c, c, gd))
     if not info.fits and t.dim() > 0 and BAD_DIM not in (sd, gd) and not t.shape[sd] % g.size:
         count, item = t.numel() // g.size, t.element_size()
         if sd == gd and _leading(t.shape, sd):  # MPI's blocks in and out are the result's
@@ -254,6 +341,8 @@ def all_gather(t: torch.Tensor, g, dim, algorithm, out):
     buf, plan = _plan_of(t, g, k, _all_gather_plan, dim, algorithm, k[-1])
     if plan is None:
         return None
+    if plan.slots:
+        return _all_gather_slots(buf, g, plan, algorithm, t, norm_dim(dim, t.dim()), out)
     if out is None:
         result = plan.output()
     elif out.requires_grad or k[-1] != plan.total or (plan.mpi and _aliased(t, out, g.rank)):
@@ -276,11 +365,34 @@ def all_gather(t: torch.Tensor, g, dim, algorithm, out):
     return Exchanged(buf, buf.descriptors.copy() if one_node else None, plan.info, slot)
 
 
+def _all_gather_slots(buf, g, plan, algorithm, t: torch.Tensor, d: int, out):
+    """all_gather's call whose pieces ride in the payload slots: taken by every rank, whatever its
+    tensor's layout or `out` (a result the C call could not write into `out` is copied into it, as
+    collectives.py's path copies a gathered result; an `out` that cannot hold it raises there too)."""
+    direct = (out is not None and out.is_cpu and out.is_contiguous() and not out.requires_grad
+              and out_code(t, out, d) == plan.total)
+    result = out if direct else plan.output()
+    src = _host(t)  # (held while C runs; the slot has a copy, so `t` may lie inside `out`)
+    v = _run(buf, g, plan, algorithm, "all_gather", src.data_ptr(), result.data_ptr())
+    if v != _DONE:  # pieces of other sizes: the Python path finishes (no pool here: _in_slots)
+        return Exchanged(buf, None, plan.info, _finish(g, plan, v))
+    if direct:
+        _increment_version((out,))  # an in-place write, as autograd must see it (C wrote the memory)
+        return out
+    if out is None:
+        return result if t.is_cpu else result.to(t.device)
+    check_out(t, out, d, plan.total)  # the same verdict on every rank (out's code was agreed)
+    return out.copy_(result)
+
+
 def _all_gather_plan(settings, t, g, dim, algorithm, code) -> _Plan:
     """inline_ops.agree_all_gather's inline case when every rank's size along d is this rank's:
     the rows concatenated along d. (Other sizes: the C call leaves the finish to inline_ops.)"""
     d = norm_dim(dim, t.dim())
     info = _call("all_gather", t, algorithm=algorithm, dim=d, root=code, free_dim=True, root_name="out")
+    if t.dim() > 0 and d != BAD_DIM and _in_slots(g, info, "all_gather", info.nbytes, algorithm):
+        return _slot_plan(settings, info, _blocks(info, t, g, _SLOT_COPY, d, 0, t.shape[d], d, free=t.shape[d],
+                                                  no_descriptor=1), total=g.size * t.shape[d])
     if not info.fits and t.dim() > 0 and d != BAD_DIM:
         shape = list(t.shape)
         shape[d] *= g.size

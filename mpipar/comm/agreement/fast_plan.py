@@ -19,7 +19,7 @@ from ..buffers import _CARRIER, staging_forced
 from .fast import FAST_DTYPES
 
 LOOPS = 6  # fast.c's OpKey loops
-_COPY, _REDUCE, _MPI = 1, 2, 3  # fast.c's kinds
+_COPY, _REDUCE, _MPI, _SLOT_COPY, _SLOT_REDUCE = 1, 2, 3, 4, 5  # fast.c's kinds
 _ALLGATHER, _REDUCE_SCATTER, _BCAST, _ALLTOALL = 1, 2, 3, 4  # fast.c's MPI calls (KIND_MPI)
 # fast.c's datatype code of the MPI datatype collectives.py sends a dtype as (buffers._CARRIER)
 _MPI_CODE = {dt: FAST_DTYPES[c] for dt, (c, _) in _CARRIER.items() if c in FAST_DTYPES and c is not torch.bool}
@@ -36,16 +36,19 @@ class _Plan:
     whether MPI's collective moves the data (`mpi`: _mpi_plan), and where MPI's pieces are
     rearranged into the result: the elements of the scratch buffer MPI writes them to (0: MPI
     writes the result itself) and the dim moved to the front of the input first (None: MPI
-    reads the input as it is)."""
+    reads the input as it is), and whether the data rides in the payload slots (`slots`:
+    fast_ops._in_slots; every rank of the group then takes this C call, whatever its tensor's
+    layout)."""
 
-    __slots__ = ("settings", "info", "key", "template", "total", "receives", "shape", "mpi", "scratch", "permute")
+    __slots__ = ("settings", "info", "key", "template", "total", "receives", "shape", "mpi", "scratch", "permute",
+                 "slots")
 
     def __init__(self, settings, info, key: bytes | None = None, template=None, total: int = -1,
                  receives: bool = False, shape=None, mpi: bool = False, scratch: int = 0,
-                 permute: int | None = None):
+                 permute: int | None = None, slots: bool = False):
         self.settings, self.info, self.key, self.template = settings, info, key, template
         self.total, self.receives, self.shape = total, receives, shape
-        self.mpi, self.scratch, self.permute = mpi, scratch, permute
+        self.mpi, self.scratch, self.permute, self.slots = mpi, scratch, permute, slots
 
     def output(self) -> torch.Tensor:
         if self.shape is None:
@@ -166,12 +169,21 @@ def _walk(shape, item: int, sd: int, a: int, c: int, gd: int | None, n: int, src
 
 
 def _blocks(info, t, g, kind, sd: int, a: int, c: int, gd: int | None, **kw):
-    """(key, template) of _walk over the table's rows (each t's shape). (None, None) when the
-    walk needs more than LOOPS loops."""
+    """(key, template) of _walk over the table's rows, or the payload slots (each t's shape).
+    (None, None) when the walk needs more than LOOPS loops."""
     walk, out = _walk(list(t.shape), t.element_size(), sd, a, c, gd, g.size)
     if walk is None:
         return None, None
     return _key(info, kind, nbytes=info.nbytes, **walk, **kw), torch.empty(out, dtype=t.dtype)
+
+
+def _slot_plan(settings, info, key_template, **kw) -> _Plan:
+    """The plan of a call whose data rides in the payload slots: _blocks' (key, template); the
+    output recycled where large (mpipar.comm.outputs), as MPI's plans' are."""
+    key, template = key_template
+    if key is None:  # (the walk's shape is agreed: every rank takes the Python path)
+        return _Plan(settings, info)
+    return _Plan(settings, info, key, shape=list(template.shape), slots=True, **kw)
 
 
 def _front_strides(block, d: int, item: int) -> list[int]:

@@ -131,6 +131,7 @@ class _Buffers:
         self.fast = None  # the small all-reduce in one C call over `table` (mpipar.comm.agreement.fast)
         self.run = None  # the other small collectives in one C call (its `run`: mpipar.comm.agreement.fast_ops)
         self.plans: dict = {}  # _Call -> (settings, fast_ops' plan of that call on this group)
+        self.slot_bytes = 0  # the shared table's payload slots, where every rank has the C call (fast_ops._in_slots)
         self.spare = None  # fast_ops' scratch for MPI's pieces (uint8, grown as needed up to its cap)
 
     @property
@@ -164,11 +165,24 @@ def buffers(g) -> _Buffers:
         b.gather, b.shm = _allgather_of(g, b.table)
         b.fast = fast.context(g, b.table, b.shm)
         b.run = None if b.fast is None else b.fast.run
+        if b.shm is not None:  # payload slots only where EVERY rank's C call can read them (agreed)
+            b.slot_bytes = _agreed_min(g, shm_table.PAYLOAD_BYTES if b.run is not None else 0)
         if b.shm is not None and b.fast is not None:  # the exchange every other call makes, in C too
             exchange = b.fast.exchange
             b.gather = lambda: exchange(polite_packed())
         g.at_close(lambda: g.__dict__.pop("_inline_buffers", None))  # its C context names the comm Mesh.close frees
     return b
+
+
+def _agreed_min(g, value: int) -> int:
+    """Collective: the smallest of every rank's `value` (a polite wait: the group is crowded)."""
+    from mpi4py import MPI
+
+    from ..wait import wait_all
+
+    v = np.array([value], dtype=np.int64)
+    wait_all([g.comm.Iallreduce(MPI.IN_PLACE, v, op=MPI.MIN)])
+    return int(v[0])
 
 
 def gathers_in_shared_memory(g) -> bool:

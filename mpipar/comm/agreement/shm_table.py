@@ -15,6 +15,13 @@ Allgather it replaces was (the shared-memory collectives rely on that).
 mpipar.comm.agreement.fast makes the same exchange in C (fast.c's shm_exchange, its wait
 under the same policy), counting in the same `count`, so ranks on either path meet.
 
+Each rank also owns two payload slots of PAYLOAD_BYTES, used by the same parity rule: a
+collective whose data is too large for the row but fits there (mpipar.comm.agreement.fast_ops,
+tuning.SLOT_BYTES) copies its data into its payload slot k % 2 before exchange k and reads
+the peers' after it, in C. The exchange then moves the data too, and the call needs no
+second synchronisation (MPI's collective after the agreement was one; results/TUNING.md).
+The window's pages are only touched by calls that use them.
+
 Whether a group gets one is decided collectively at its first agreement, the same
 on every rank: one Allreduce, then (only when every rank is oversubscribed) the
 node split. A group has no close, so a table lives as long as the process, and one
@@ -29,9 +36,10 @@ from __future__ import annotations
 import numpy as np
 
 from ..wait import backoff, wait_all
-from ..symmetric.window import Window, node_comm_of
+from ..symmetric.window import PAGE, Window, node_comm_of
 
 _EPOCH = 64  # bytes: the epoch word on its own cache line, then the two slots
+PAYLOAD_BYTES = 1 << 20  # each of a rank's two payload slots (page-aligned, after the row slots)
 _TABLES: dict = {}  # (world ranks in group order, row bytes) -> ShmTable
 
 
@@ -42,10 +50,12 @@ class ShmTable:
         self.node = node
         self.n, self.me = node.Get_size(), node.Get_rank()
         self.row = row_bytes
-        self.window = Window(node, _EPOCH + 2 * row_bytes, -3)
+        start = -(-(_EPOCH + 2 * row_bytes) // PAGE) * PAGE  # the payload slots
+        self.window = Window(node, start + 2 * PAYLOAD_BYTES, -3)
         segs = self.window.segments
         self.epochs = [s[:8].view(np.int64) for s in segs]
         self.slots = [[s[_EPOCH + p * row_bytes:_EPOCH + (p + 1) * row_bytes] for p in (0, 1)] for s in segs]
+        self.payloads = [[s[start + p * PAYLOAD_BYTES:start + (p + 1) * PAYLOAD_BYTES] for p in (0, 1)] for s in segs]
         self.epochs[self.me][0] = 0
         self.count = np.zeros(1, dtype=np.int64)  # exchanges so far; fast.c's exchange counts here too
         self.others = [self.epochs[r] for r in range(self.n) if r != self.me]
@@ -71,10 +81,12 @@ class ShmTable:
             table[r] = self.slots[r][par]
 
     def layout(self) -> tuple:
-        """(slot addresses: rank r's slot p at 2r + p, epoch addresses, the count's address), for
-        the same exchange in C (mpipar.comm.agreement.fast)."""
+        """(slot addresses: rank r's slot p at 2r + p, epoch addresses, the count's address, payload
+        slot addresses in the slots' order, PAYLOAD_BYTES), for the same exchange in C
+        (mpipar.comm.agreement.fast)."""
         slots = tuple(self.slots[r][p].ctypes.data for r in range(self.n) for p in (0, 1))
-        return slots, tuple(e.ctypes.data for e in self.epochs), self.count.ctypes.data
+        payloads = tuple(self.payloads[r][p].ctypes.data for r in range(self.n) for p in (0, 1))
+        return slots, tuple(e.ctypes.data for e in self.epochs), self.count.ctypes.data, payloads, PAYLOAD_BYTES
 
 
 def for_group(g, row_bytes: int) -> ShmTable | None:

@@ -1,0 +1,263 @@
+"""Collectives whose data rides in the shared table's payload slots (fast.c's KIND_SLOT_COPY and
+KIND_SLOT_REDUCE, planned in mpipar.comm.agreement.fast_ops._in_slots).
+
+Where a group's ranks outnumber cores on one node, an all_reduce, broadcast, all_gather,
+reduce_scatter or all_to_all whose data (each rank's) is past the agreement row's 4 KiB and within
+tuning.SLOT_BYTES goes through the payload slots: each rank copies its data in before the
+agreement's exchange and reads the others' after it. Every rank must take that C call, so a rank
+whose tensor is not contiguous takes it too (from a copy). Checked against the Python path and a
+serial reference, byte for byte, at the sizes and dtypes of test_fast_mpi; with one rank's tensor
+not contiguous; disagreements; calls back to back (the slots' parity, with other exchanges in
+between); all_gather's uneven pieces and out=; broadcast in place; all_reduce; and a symmetric
+pool, which turns the slots off. Where ranks have their own cores (2 ranks here) there are no slots: skipped.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mpipar import MpiparError, comm
+from mpipar.comm.agreement import inline
+from test_fast_mpi import ROWS, bits, cases, rows_of
+from test_inline import (both_paths, fast_group, python_path, run_op, same_bytes,  # noqa: F401 (fast_group: a fixture)
+                         serial)
+
+pytestmark = pytest.mark.mpi
+
+
+@pytest.fixture
+def slotted(fast_group):
+    """fast_group where its agreement has payload slots (else skip), and the group's buffers."""
+    g, calls = fast_group
+    buf = inline.buffers(g)
+    if buf.slot_bytes == 0:
+        pytest.skip("no payload slots: the ranks have their own cores (or several nodes)")
+    return g, calls, buf
+
+
+def slot_plans(buf) -> int:
+    return sum(bool(p.slots) for p in buf.plans.values())
+
+
+def in_slots(name, dtype, kw, x) -> bool:
+    """Whether cases()' call of input `x` rides in the slots: within tuning.SLOT_BYTES, and not a
+    reduction without a C kernel (bfloat16 and float16 reduce in float32; floats by sum only)."""
+    from mpipar.comm import tuning
+
+    if x.numel() * x.element_size() > tuning.SLOT_BYTES[name]:
+        return False
+    if name != "reduce_scatter":
+        return True
+    if dtype in (torch.bfloat16, torch.float16):
+        return False
+    return not (dtype.is_floating_point and kw["op"] != "sum")
+
+
+def test_slot_calls_are_the_python_path_bit_for_bit(slotted, world, checks):
+    """Every case of test_fast_mpi through the slots: the Python path's bytes, the serial
+    reference's, on every rank; a slot plan exactly where in_slots() says."""
+    from conftest import rank_tensor
+
+    g, calls, buf = slotted
+    n, r = g.size, g.rank
+    for k, (name, dtype, shape, kw, mpi) in enumerate(cases(n)):
+        xs = [rank_tensor(shape, dtype, q, seed=k) for q in range(n)]
+        what = f"{name} {dtype} {shape} {kw}"
+        plans = slot_plans(buf)
+        got, want, took_c = both_paths(g, calls, name, xs[r], kw)
+        same_bytes(checks, bits(got), bits(want.contiguous()), what + " vs the Python path")
+        same_bytes(checks, bits(got), bits(serial(name, xs, r, n, kw)), what + " vs serial")
+        expect = in_slots(name, dtype, kw, xs[r])
+        checks.true((slot_plans(buf) - plans, took_c) == (int(expect), expect or mpi), f"{what}: slots {expect}")
+    checks.finish()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int64, torch.int32, torch.int16, torch.int8,
+                                   torch.uint8, torch.bool], ids=str)
+def test_slot_all_reduce(slotted, checks, dtype):
+    """all_reduce through the slots (every row reduced in rank order into the tensor itself) against
+    MPI_Allreduce after the agreement and a serial reference, byte for byte; floats by sum only (max
+    and min take MPI's all-reduce); a rank whose tensor is not contiguous takes the slots too and
+    gets its values written back; past tuning.SLOT_BYTES, MPI's all-reduce."""
+    from conftest import np_reduce, rank_tensor
+    from mpipar.comm import tuning
+
+    g, calls, buf = slotted
+    n, r = g.size, g.rank
+    cap, rows = tuning.SLOT_BYTES["all_reduce"] // dtype.itemsize, rows_of(dtype)
+    for k, (shape, op) in enumerate((((rows, 3), "sum"), ((rows, 3), "max"), ((3, rows), "min"),
+                                     ((cap,), "sum"), ((cap + 1,), "sum"))):
+        xs = [rank_tensor(shape, dtype, q, seed=k) for q in range(n)]
+        want = np_reduce(xs, op)
+        plans = slot_plans(buf)
+        x = xs[r].clone()
+        if r == 0 and x.dim() == 2:  # the same values, not contiguous
+            x = x.t().contiguous().t()
+        checks.true(comm.all_reduce(x, g, op=op) is x, "returns its argument")
+        same_bytes(checks, x.contiguous(), want, f"{dtype} {shape} {op}")
+        fast, buf.fast = buf.fast, None
+        try:
+            with python_path(g):  # MPI_Allreduce after the agreement
+                y = xs[r].clone()
+                comm.all_reduce(y, g, op=op)
+        finally:
+            buf.fast = fast
+        same_bytes(checks, y, want, f"{dtype} {shape} {op}: the Python path")
+        expect = (op == "sum" or not dtype.is_floating_point) and xs[r].numel() <= cap
+        checks.true(slot_plans(buf) - plans == int(expect), f"{dtype} {shape} {op}: slots {expect}")
+    checks.finish()
+
+
+def test_a_noncontiguous_rank_takes_the_slots_too(slotted, checks):
+    """Rank 0's tensor is not contiguous (a transposed copy): it takes the same C call from a
+    contiguous copy, and every rank gets the serial reference's result."""
+    from conftest import rank_tensor
+
+    g, calls, buf = slotted
+    n, r = g.size, g.rank
+    for k, (name, dtype, shape, kw, _) in enumerate(cases(n)):
+        xs = [rank_tensor(shape, dtype, q, seed=k) for q in range(n)]
+        if dtype not in (torch.float32, torch.int8) or not in_slots(name, dtype, kw, xs[r]):
+            continue
+        x = xs[r].clone()
+        if r == 0:
+            x = x.transpose(0, -1).contiguous().transpose(0, -1)
+        before = calls["run"]
+        got = run_op(name, x, g, kw)
+        checks.true(calls["run"] == before + 1, f"{name} {kw}: the C call on rank {r}")
+        same_bytes(checks, got.contiguous(), serial(name, xs, r, n, kw), f"{name} {dtype} {shape} {kw}")
+    checks.finish()
+
+
+def test_slot_calls_disagreeing_raise_on_every_rank(slotted, checks):
+    """Arguments that differ on the last rank: MpiparError on every rank from the C call's
+    agreement, and the group goes on (the next call's slots are sound)."""
+    g, calls, _ = slotted
+    n, r, last = g.size, g.rank, g.rank == g.size - 1
+    big = ROWS * 3
+    cases_ = [
+        ("broadcast shape", lambda: comm.broadcast(torch.ones(big + last), g)),
+        ("broadcast root", lambda: comm.broadcast(torch.ones(big), g, root=int(last))),
+        ("all_gather dtype", lambda: comm.all_gather(torch.ones(big, dtype=torch.int32 if last else torch.int64), g)),
+        ("reduce_scatter shape", lambda: comm.reduce_scatter(torch.ones(n * (big + last)), g)),
+        ("reduce_scatter op", lambda: comm.reduce_scatter(torch.ones(n * big), g, op="max" if last else "sum")),
+        ("all_to_all shape", lambda: comm.all_to_all(torch.ones(n * (big + last)), g, 0, 0)),
+    ]
+    for what, call in cases_:
+        before = calls["run"]
+        try:
+            call()
+            checks.true(False, f"{what}: no error")
+        except MpiparError as e:
+            checks.true("differ" in str(e), f"{what}: {e}")
+        checks.true(calls["run"] == before + 1, f"{what}: the disagreement found in the C call")
+        x = torch.full((n * big,), float(r))
+        checks.equal(comm.reduce_scatter(x, g), torch.full((big,), float(n * (n - 1) // 2)), f"after {what}")
+    checks.finish()
+
+
+def test_slot_calls_back_to_back(slotted, checks):
+    """Calls of every op back to back, new data each time, with the agreement's other exchanges
+    (a small all-reduce in C, a Python-path agreement) in between: each result is its own call's,
+    so neither parity of a rank's slots is overwritten while a peer still reads it."""
+    g, calls, buf = slotted
+    n, r = g.size, g.rank
+    big = ROWS * 3
+    for it in range(12):
+        root = it % n
+        x = torch.full((big,), float(100 * it + r))
+        checks.equal(comm.broadcast(x, g, root=root), torch.full((big,), float(100 * it + root)), f"bcast {it}")
+        got = comm.all_gather(torch.full((big,), float(it + r)), g)
+        checks.equal(got, torch.cat([torch.full((big,), float(it + q)) for q in range(n)]), f"all_gather {it}")
+        got = comm.reduce_scatter(torch.full((n * big,), float(it * r)), g)
+        checks.equal(got, torch.full((big,), float(it * n * (n - 1) // 2)), f"reduce_scatter {it}")
+        if it % 3 == 0:
+            small = torch.full((4,), float(r))
+            checks.equal(comm.all_reduce(small, g), torch.full((4,), float(n * (n - 1) // 2)), f"all_reduce {it}")
+        if it % 4 == 1:  # an agreement on the Python path (a bad dtype for the C kernels: bfloat16 sum)
+            y = torch.full((n * 8,), float(r), dtype=torch.bfloat16)
+            checks.equal(comm.reduce_scatter(y, g).float(), torch.full((8,), float(n * (n - 1) // 2)), f"bf16 {it}")
+        a = torch.arange(n * big, dtype=torch.float32) + 1000 * it + 10 * r
+        want = torch.cat([(torch.arange(n * big, dtype=torch.float32) + 1000 * it + 10 * q).chunk(n)[r]
+                          for q in range(n)])
+        checks.equal(comm.all_to_all(a, g, 0, 0), want, f"all_to_all {it}")
+    checks.true(slot_plans(buf) >= 4, f"{slot_plans(buf)} slot plans")
+    checks.finish()
+
+
+def test_slot_all_gather_uneven_pieces(slotted, checks):
+    """Pieces of different sizes (each past the row; one within it; one past the slots): the C
+    call agrees, then every rank finishes on the Python path (MPI's gather of the sizes)."""
+    g, calls, _ = slotted
+    n, r = g.size, g.rank
+    big = ROWS * 3
+    for what, size in (("past the row", lambda q: big + q), ("one within the row", lambda q: 8 if q == 0 else big),
+                       ("one past the slots", lambda q: (300_000 if q == n - 1 else big))):
+        got = comm.all_gather(torch.full((size(r),), float(r)), g)
+        want = torch.cat([torch.full((size(q),), float(q)) for q in range(n)])
+        checks.equal(got, want, what)
+    checks.finish()
+
+
+def test_slot_all_gather_out(slotted, checks):
+    """all_gather(out=): separate, this rank's own slice of out, the next rank's slice (aliased):
+    all take the slots and fill out, its version bumped; an out of the wrong size raises the
+    same MpiparError on every rank; an out that requires grad raises as on the Python path."""
+    g, calls, _ = slotted
+    n, r = g.size, g.rank
+    rows = ROWS
+    want = torch.arange(n, dtype=torch.float32).repeat_interleave(rows * 3).reshape(n * rows, 3)
+    for how in ("separate", "in place", "aliased"):
+        out = torch.full((n * rows, 3), -1.0)
+        if how == "separate":
+            piece = torch.full((rows, 3), float(r))
+        else:
+            q = r if how == "in place" else (r + 1) % n
+            piece = out[rows * q:rows * (q + 1)]
+        piece.fill_(float(r))
+        version, before = out._version, calls["run"]
+        got = comm.all_gather(piece, g, out=out)
+        checks.true(got is out and calls["run"] == before + 1, f"{how}: the C call")
+        checks.equal(out, want, how)
+        checks.true(out._version > version, f"{how}: version bumped")
+    with pytest.raises(MpiparError, match="out must be"):
+        comm.all_gather(torch.ones(rows, 3), g, out=torch.empty(n * rows + 1, 3))
+    with pytest.raises(RuntimeError):
+        comm.all_gather(torch.ones(rows, 3), g, out=torch.zeros(n * rows, 3, requires_grad=True))
+    checks.equal(comm.all_gather(torch.full((rows, 3), float(r)), g), want, "after")
+    checks.finish()
+
+
+def test_slot_broadcast_in_place(slotted, checks):
+    """broadcast of a leaf that requires grad (version bumped off the root only), and of a tensor
+    that is not contiguous off the root (root's values written back into it)."""
+    g, calls, _ = slotted
+    r, root = g.rank, g.size - 1
+    leaf = torch.full((ROWS * 3,), float(r), requires_grad=True)
+    version = leaf._version
+    checks.true(comm.broadcast(leaf, g, root=root) is leaf, "returns its argument")
+    checks.equal(leaf.detach(), torch.full((ROWS * 3,), float(root)), "root's values")
+    checks.true((leaf._version > version) == (r != root), f"version {version} -> {leaf._version}")
+    base = torch.full((3, ROWS), float(r))
+    t = base.t()  # (ROWS, 3), not contiguous
+    checks.true(comm.broadcast(t, g, root=0) is t, "returns its argument")
+    checks.equal(base, torch.zeros(3, ROWS), "root 0's values, in the strided tensor")
+    checks.finish()
+
+
+def test_a_symmetric_pool_turns_the_slots_off(slotted, checks):
+    """Once the group has a symmetric pool, symmetric tensors take the zero-copy path, which the
+    agreement decides: calls plan without the slots (the same results)."""
+    g, calls, buf = slotted
+    n, r = g.size, g.rank
+    big = ROWS * 3
+    x = torch.full((n * big,), float(r))
+    want = torch.full((big,), float(n * (n - 1) // 2))
+    checks.equal(comm.reduce_scatter(x, g), want, "before")
+    plans = slot_plans(buf)
+    sym = comm.symmetric_empty((n * big,), torch.float32, g)
+    sym.fill_(float(r))
+    checks.equal(comm.reduce_scatter(x, g), want, "plain, with a pool")
+    checks.equal(comm.reduce_scatter(sym, g), want, "symmetric")
+    checks.true(slot_plans(buf) == plans, "no slot plan once the group has a pool")
+    checks.finish()
