@@ -66,7 +66,7 @@ STAGED_SHM_BYTES = {"all_reduce": (32 << 20, 64 << 20), "reduce_scatter": (16 <<
 # Ranks that outnumber cores on one node: a call whose data each rank writes (broadcast's root
 # its tensor, all_gather its piece, reduce_scatter and all_to_all their whole input) is above
 # the agreement row's 4 KiB and at most this rides in the shared table's payload slots
-# (mpipar.comm.agreement.shm_table, fast_ops._in_slots): the agreement's exchange moves it, with
+# (mpipar.comm.agreement.shm_table, fast_plan._in_slots): the agreement's exchange moves it, with
 # no MPI collective after it. Above, MPI's collective after the agreement was faster
 # (results/TUNING.md). At most shm_table.PAYLOAD_BYTES.
 SLOT_BYTES = {"broadcast": 1 << 20, "all_gather": 256 << 10, "reduce_scatter": 768 << 10, "all_to_all": 512 << 10,

@@ -1,5 +1,5 @@
 """Collectives whose data rides in the shared table's payload slots (fast.c's KIND_SLOT_COPY and
-KIND_SLOT_REDUCE, planned in mpipar.comm.agreement.fast_ops._in_slots).
+KIND_SLOT_REDUCE, planned in mpipar.comm.agreement.fast_plan._in_slots).
 
 Where a group's ranks outnumber cores on one node, an all_reduce, broadcast, all_gather,
 reduce_scatter or all_to_all whose data (each rank's) is past the agreement row's 4 KiB and within

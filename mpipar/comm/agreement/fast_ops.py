@@ -13,10 +13,13 @@ rank-order reduction of fast.c's all-reduce) and records itself.
 
 Where the group's ranks outnumber cores on one node, a call too large for the table's row
 but within tuning.SLOT_BYTES rides in the shared table's payload slots instead
-(mpipar.comm.agreement.shm_table, `_in_slots`): the same walk over the rows, read from
+(mpipar.comm.agreement.shm_table, `fast_plan._in_slots`): the same walk over the rows, read from
 the slots, with no MPI collective after the exchange. The Python path has no such
 exchange, so every rank takes these calls in C, a rank whose tensor is not a contiguous
 CPU tensor from a contiguous CPU copy (`_host`).
+
+This module holds each op's entry point and plan builder; mpipar.comm.agreement.fast_call
+looks plans up and makes the call, mpipar.comm.agreement.fast_plan builds the keys.
 
 A call too large for the table takes the same C call where collectives.py would follow
 the agreement with MPI's blocking collective (fast_plan._mpi_plan): the key then names
@@ -41,128 +44,19 @@ from __future__ import annotations
 
 import torch
 
-from .. import outputs, tuning
+from .. import tuning
 from ..buffers import flat_chunks, offsets, overlaps
 from ..symmetric.pool import _ATTR as _POOL
-from ...flight.recorder import described, done
-from ...settings import current
-from ..wait import polite_packed
 from .fast import FAST_DTYPES
-from .inline import _call, _disagreement, _increment_version
+from .inline import _call, _increment_version
 from .into import NO_OUT, check as check_out, code as out_code
+from .fast_call import _DONE, Exchanged, _finish, _host, _into_new, _plan_of, _run, _source
 from .fast_plan import (_ALLGATHER, _ALLTOALL, _BCAST, _COPY, _REDUCE, _REDUCE_SCATTER, _SLOT_COPY, _SLOT_REDUCE, _Plan,
-                        _blocks, _front_strides, _key, _leading, _mpi_plan, _sent_as, _slot_plan, _strides, _walk)
-from .protocol import BAD_DIM, norm_dim, validation_enabled
+                        _blocks, _front_strides, _in_slots, _kernel, _key, _leading, _mpi_plan, _sent_as, _slot_plan,
+                        _strides, _walk)
+from .protocol import BAD_DIM, norm_dim
 
-_DONE, _FINISH = 1, 2  # run()'s statuses (0: the heads differ)
-_PLANS = 1024  # plans kept per group before the cache starts over (each holds a template)
-
-
-def _planned(buf, k, make, *args) -> _Plan:
-    """The plan of call shape `k` on this group (`make(settings, *args)` the first time, and
-    again when the settings object changed)."""
-    settings = current()
-    if len(buf.plans) > _PLANS:
-        buf.plans.clear()
-    plan = buf.plans[k] = make(settings, *args) if validation_enabled() else _Plan(settings, None)
-    return plan
-
-
-def _finish(g, plan, v):
-    """After a C call that did not finish (v: run()'s value, the record open): raise MpiparError on
-    every rank when the heads differ (closing the record); else the open record's slot."""
-    slot = (v >> 2) - 1
-    if v & 3 == _FINISH:
-        return slot
-    try:
-        _disagreement(g, plan.info)
-    finally:
-        described.info = plan.info  # the record keeps its description (done files described.info)
-        done(slot)
-
-
-def _plan_of(t: torch.Tensor, g, k: tuple, make, *args):
-    """(buffers, plan) of call shape `k` on group g (planned by `make` when new or when the settings
-    object changed), or (None, None) where the C call does not apply: no C context, a tensor that is
-    not a contiguous CPU tensor (unless the plan's data rides in the payload slots: every rank
-    takes those calls, from a contiguous CPU copy, `_host`), an unhashable argument (the Python
-    path raises), no kernel."""
-    buf = g.__dict__.get("_inline_buffers")
-    if buf is None or buf.run is None:
-        return None, None
-    plain = t.is_cpu and t.is_contiguous()
-    if not plain and not buf.slot_bytes:
-        return None, None
-    k = (k, _POOL in g.__dict__)  # a symmetric pool turns the payload slots off (_in_slots)
-    try:
-        plan = buf.plans.get(k)
-    except TypeError:
-        return None, None
-    if plan is None or plan.settings is not current():
-        plan = _planned(buf, k, make, t, g, *args)
-    return (None, None) if plan.key is None or not (plain or plan.slots) else (buf, plan)
-
-
-def _host(t: torch.Tensor) -> torch.Tensor:
-    """`t`, or a contiguous CPU copy of it (what a payload-slot call sends)."""
-    return t if t.is_cpu and t.is_contiguous() else t.detach().cpu().contiguous()
-
-
-def _in_slots(g, info, name: str, payload: int, algorithm="auto") -> bool:
-    """Does this call's data ride in the shared table's payload slots (shm_table.PAYLOAD_BYTES,
-    fast.c's KIND_SLOT_*)? Where the group's ranks outnumber cores on one node and every rank has
-    the C call (inline.buffers agreed on it), for good arguments that do not ride in the row,
-    under "auto" (an algorithm asked for by name is what runs), when `payload` (the bytes each
-    rank writes: broadcast's root its tensor, all_gather its piece, reduce_scatter and all_to_all
-    their whole input) is within tuning.SLOT_BYTES, and when the group has no symmetric pool
-    (whether a rank's tensor is symmetric is its own fact, and symmetric tensors take the
-    zero-copy path, which the agreement's table decides). Agreed facts only: every rank decides
-    alike (a pool is made and freed collectively)."""
-    buf = g.__dict__.get("_inline_buffers")
-    return (buf is not None and buf.slot_bytes > 0 and not info.bad and not info.fits and algorithm == "auto"
-            and _POOL not in g.__dict__ and 0 < payload <= min(buf.slot_bytes, tuning.SLOT_BYTES.get(name, 0)))
-
-
-def _into_new(buf, g, plan, algorithm, name: str, t: torch.Tensor) -> torch.Tensor:
-    """`plan`'s call from `t` into a new output like its template (MpiparError on every rank when
-    the heads differ)."""
-    out = plan.output()
-    src = _source(plan, _host(t))  # (held while C runs)
-    v = _run(buf, g, plan, algorithm, name, src.data_ptr(), out.data_ptr())
-    if v != _DONE:
-        _finish(g, plan, v)
-    return out if t.is_cpu else out.to(t.device)
-
-
-def _source(plan, t: torch.Tensor) -> torch.Tensor:
-    """What MPI reads: `t`, or (plan.permute) a copy with that dim first, as collectives.py sends
-    it (ranks on either path must send the same bytes)."""
-    return t if plan.permute is None else t.movedim(plan.permute, 0).contiguous()
-
-
-def _scratch(buf, nbytes: int) -> torch.Tensor:
-    """Memory for MPI's pieces during one call: the group's spare buffer up to outputs.MIN_BYTES
-    (it never leaves the call, so one per group serves every call shape: a torch.empty costs
-    several microseconds here), past that a recycled one (mpipar.comm.outputs)."""
-    if nbytes > outputs.MIN_BYTES:
-        return outputs.empty([nbytes], torch.uint8)
-    if buf.spare is None or buf.spare.numel() < nbytes:
-        buf.spare = torch.empty(max(nbytes, 64 << 10), dtype=torch.uint8)
-    return buf.spare
-
-
-def _run(buf, g, plan, algorithm, name: str, src: int, dst: int) -> int:
-    """fast.c's run() of `plan` from address src into dst; its status (an MPI error: MpiparError)."""
-    buf.last = None  # the C call writes this rank's head: inline's cached one is stale
-    try:
-        if plan.scratch:  # MPI's pieces land here, then C rearranges them into dst
-            scratch = _scratch(buf, plan.scratch * plan.info.dtype.itemsize)
-            return buf.run(g, plan.info, algorithm, name, src, dst, plan.key, polite_packed(), scratch.data_ptr())
-        return buf.run(g, plan.info, algorithm, name, src, dst, plan.key, polite_packed())
-    except RuntimeError as e:  # an MPI error code
-        from ...errors import MpiparError
-
-        raise MpiparError(f"{name}: {e}") from e
+__all__ = ["Exchanged", "all_gather", "all_reduce", "all_to_all", "broadcast", "reduce_scatter"]
 
 
 def all_reduce(t: torch.Tensor, g, op, algorithm) -> bool:
@@ -271,15 +165,6 @@ def _reduce_scatter_plan(settings, t, g, dim, op, algorithm) -> _Plan:
                                           kernel=kernel))
 
 
-def _kernel(dtype: torch.dtype, op) -> int | None:
-    """fast.c's reduction kernel of (dtype, op) (bool sums as max), or None: floats sum only
-    (torch.maximum's NaN rules stay in Python)."""
-    op = "max" if dtype is torch.bool and op == "sum" else op
-    if dtype not in FAST_DTYPES or op not in ("sum", "max", "min") or not (op == "sum" or FAST_DTYPES[dtype] >= 2):
-        return None
-    return FAST_DTYPES[dtype] * 3 + ("sum", "max", "min").index(op)
-
-
 def all_to_all(t: torch.Tensor, g, scatter_dim, gather_dim):
     """collectives.all_to_all's call (g.size > 1): the result, or None."""
     k = ("all_to_all", t.shape, t.dtype, scatter_dim, scatter_dim.__class__, gather_dim, gather_dim.__class__)
@@ -314,20 +199,6 @@ def _all_to_all_plan(settings, t, g, scatter_dim, gather_dim) -> _Plan:
         return _Plan(settings, info)
     c = t.shape[sd] // g.size
     return _Plan(settings, info, *_blocks(info, t, g, _COPY, sd, g.rank * c, c, gd))
-
-
-class Exchanged:
-    """all_gather's call that the C call agreed on and exchanged, but whose rows' sizes differ:
-    the table for inline_ops.agree_all_gather to finish from, and the record to close."""
-
-    __slots__ = ("buf", "entry", "info", "slot")
-
-    def __init__(self, buf, entry, info, slot):
-        self.buf, self.entry, self.info, self.slot = buf, entry, info, slot
-
-    def close(self) -> None:
-        described.info = self.info
-        done(self.slot)
 
 
 def all_gather(t: torch.Tensor, g, dim, algorithm, out):

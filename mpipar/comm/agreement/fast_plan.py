@@ -5,7 +5,9 @@ and reuses it for every call of that shape. A key is the OpKey fast.c reads: the
 head, and either the walk that copies or reduces blocks of the agreement table's rows into
 the output (a call small enough to ride in the table), or the MPI collective that moves
 the data after the heads agree (`_mpi_plan`), with, where MPI's contiguous blocks are not
-the result's, the walk that rearranges MPI's pieces from a scratch buffer into it.
+the result's, the walk that rearranges MPI's pieces from a scratch buffer into it. Where
+the table is shared, a call past its rows but within tuning.SLOT_BYTES takes the rows'
+walk over the payload slots instead (`_in_slots`, `_slot_plan`).
 """
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ import math
 import numpy as np
 import torch
 
-from .. import outputs
+from .. import outputs, tuning
 from ..buffers import _CARRIER, staging_forced
+from ..symmetric.pool import _ATTR as _POOL
 from .fast import FAST_DTYPES
 
 LOOPS = 6  # fast.c's OpKey loops
@@ -37,7 +40,7 @@ class _Plan:
     rearranged into the result: the elements of the scratch buffer MPI writes them to (0: MPI
     writes the result itself) and the dim moved to the front of the input first (None: MPI
     reads the input as it is), and whether the data rides in the payload slots (`slots`:
-    fast_ops._in_slots; every rank of the group then takes this C call, whatever its tensor's
+    _in_slots; every rank of the group then takes this C call, whatever its tensor's
     layout)."""
 
     __slots__ = ("settings", "info", "key", "template", "total", "receives", "shape", "mpi", "scratch", "permute",
@@ -195,3 +198,27 @@ def _front_strides(block, d: int, item: int) -> list[int]:
     for pos, i in enumerate(order):
         src[i] = laid[pos]
     return src
+
+
+def _in_slots(g, info, name: str, payload: int, algorithm="auto") -> bool:
+    """Does this call's data ride in the shared table's payload slots (shm_table.PAYLOAD_BYTES,
+    fast.c's KIND_SLOT_*)? Where the group's ranks outnumber cores on one node and every rank has
+    the C call (inline.buffers agreed on it), for good arguments that do not ride in the row,
+    under "auto" (an algorithm asked for by name is what runs), when `payload` (the bytes each
+    rank writes: broadcast's root its tensor, all_gather its piece, reduce_scatter and all_to_all
+    their whole input) is within tuning.SLOT_BYTES, and when the group has no symmetric pool
+    (whether a rank's tensor is symmetric is its own fact, and symmetric tensors take the
+    zero-copy path, which the agreement's table decides). Agreed facts only: every rank decides
+    alike (a pool is made and freed collectively)."""
+    buf = g.__dict__.get("_inline_buffers")
+    return (buf is not None and buf.slot_bytes > 0 and not info.bad and not info.fits and algorithm == "auto"
+            and _POOL not in g.__dict__ and 0 < payload <= min(buf.slot_bytes, tuning.SLOT_BYTES.get(name, 0)))
+
+
+def _kernel(dtype: torch.dtype, op) -> int | None:
+    """fast.c's reduction kernel of (dtype, op) (bool sums as max), or None: floats sum only
+    (torch.maximum's NaN rules stay in Python)."""
+    op = "max" if dtype is torch.bool and op == "sum" else op
+    if dtype not in FAST_DTYPES or op not in ("sum", "max", "min") or not (op == "sum" or FAST_DTYPES[dtype] >= 2):
+        return None
+    return FAST_DTYPES[dtype] * 3 + ("sum", "max", "min").index(op)

@@ -131,7 +131,7 @@ class _Buffers:
         self.fast = None  # the small all-reduce in one C call over `table` (mpipar.comm.agreement.fast)
         self.run = None  # the other small collectives in one C call (its `run`: mpipar.comm.agreement.fast_ops)
         self.plans: dict = {}  # _Call -> (settings, fast_ops' plan of that call on this group)
-        self.slot_bytes = 0  # the shared table's payload slots, where every rank has the C call (fast_ops._in_slots)
+        self.slot_bytes = 0  # the shared table's payload slots, where every rank has the C call (fast_plan._in_slots)
         self.spare = None  # fast_ops' scratch for MPI's pieces (uint8, grown as needed up to its cap)
 
     @property
