@@ -107,6 +107,14 @@ def test_mpi_all_gather_out_and_in_place(fast_group, checks):
     g, calls = fast_group
     if g.size == 1:
         pytest.skip("a single rank communicates nothing")
+    gather_into(checks, g, calls, aliased_in_c=False)
+    checks.finish()
+
+
+def gather_into(checks, g, calls, aliased_in_c: bool) -> None:
+    """all_gather(out=) of a separate piece, of this rank's own slice of out, and of the next
+    rank's slice of out holding this rank's values (aliased): out filled, its version bumped, the
+    C call taken (the aliased one where `aliased_in_c`)."""
     n, r = g.size, g.rank
     rows = ROWS
     want = torch.arange(n, dtype=torch.float32).repeat_interleave(rows * 3).reshape(n * rows, 3)
@@ -114,18 +122,15 @@ def test_mpi_all_gather_out_and_in_place(fast_group, checks):
         buf = torch.full((n * rows, 3), -1.0)
         if how == "separate":
             piece = torch.full((rows, 3), float(r))
-        elif how == "in place":
-            piece = buf[rows * r:rows * (r + 1)]
-        else:  # the next rank's slice of out, holding this rank's values
-            q = (r + 1) % n
+        else:
+            q = r if how == "in place" else (r + 1) % n
             piece = buf[rows * q:rows * (q + 1)]
         piece.fill_(float(r))
         version, before = buf._version, calls["run"]
         got = comm.all_gather(piece, g, out=buf)
-        checks.true(got is buf and calls["run"] == before + int(how != "aliased"), f"{how}: C call")
+        checks.true(got is buf and calls["run"] == before + int(how != "aliased" or aliased_in_c), f"{how}: C call")
         checks.equal(buf, want, how)
         checks.true(buf._version > version, f"{how}: version bumped")
-    checks.finish()
 
 
 def test_mpi_broadcast_writes_in_place(fast_group, checks):
@@ -165,9 +170,15 @@ def test_mpi_calls_disagreeing_raise_on_every_rank(fast_group, checks):
     g, calls = fast_group
     if g.size == 1:
         pytest.skip("a single rank communicates nothing")
-    n, r, last = g.size, g.rank, g.rank == g.size - 1
+    raise_on_every_rank(checks, g, calls, disagreeing_calls(g))
+    checks.finish()
+
+
+def disagreeing_calls(g) -> list:
+    """(what, call): calls past the table's row whose arguments differ on the last rank."""
+    n, last = g.size, g.rank == g.size - 1
     big = ROWS * 3
-    cases_ = [
+    return [
         ("broadcast shape", lambda: comm.broadcast(torch.ones(big + last), g)),
         ("broadcast dtype", lambda: comm.broadcast(torch.ones(big, dtype=torch.float64 if last else torch.float32), g)),
         ("all_gather dtype", lambda: comm.all_gather(torch.ones(big, dtype=torch.int32 if last else torch.int64), g)),
@@ -175,6 +186,13 @@ def test_mpi_calls_disagreeing_raise_on_every_rank(fast_group, checks):
         ("reduce_scatter op", lambda: comm.reduce_scatter(torch.ones(n * big), g, op="max" if last else "sum")),
         ("all_to_all shape", lambda: comm.all_to_all(torch.ones(n * (big + last)), g, 0, 0)),
     ]
+
+
+def raise_on_every_rank(checks, g, calls, cases_) -> None:
+    """Each call raises MpiparError ("differ") on every rank from the C call's agreement, and a
+    reduce_scatter right after it is right (the group goes on)."""
+    n, r = g.size, g.rank
+    big = ROWS * 3
     for what, call in cases_:
         before = calls["run"]
         try:
@@ -185,7 +203,6 @@ def test_mpi_calls_disagreeing_raise_on_every_rank(fast_group, checks):
         checks.true(calls["run"] == before + 1, f"{what}: the disagreement found in the C call")
         x = torch.full((n * big,), float(r))
         checks.equal(comm.reduce_scatter(x, g), torch.full((big,), float(n * (n - 1) // 2)), f"after {what}")
-    checks.finish()
 
 
 def test_mpi_calls_keep_the_python_path_where_it_waits_otherwise(fast_group, checks):

@@ -18,7 +18,7 @@ import torch
 
 from mpipar import MpiparError, comm
 from mpipar.comm.agreement import inline
-from test_fast_mpi import ROWS, bits, cases, rows_of
+from test_fast_mpi import ROWS, bits, cases, disagreeing_calls, gather_into, raise_on_every_rank, rows_of
 from test_inline import (both_paths, fast_group, python_path, run_op, same_bytes,  # noqa: F401 (fast_group: a fixture)
                          serial)
 
@@ -133,26 +133,10 @@ def test_slot_calls_disagreeing_raise_on_every_rank(slotted, checks):
     """Arguments that differ on the last rank: MpiparError on every rank from the C call's
     agreement, and the group goes on (the next call's slots are sound)."""
     g, calls, _ = slotted
-    n, r, last = g.size, g.rank, g.rank == g.size - 1
-    big = ROWS * 3
-    cases_ = [
-        ("broadcast shape", lambda: comm.broadcast(torch.ones(big + last), g)),
-        ("broadcast root", lambda: comm.broadcast(torch.ones(big), g, root=int(last))),
-        ("all_gather dtype", lambda: comm.all_gather(torch.ones(big, dtype=torch.int32 if last else torch.int64), g)),
-        ("reduce_scatter shape", lambda: comm.reduce_scatter(torch.ones(n * (big + last)), g)),
-        ("reduce_scatter op", lambda: comm.reduce_scatter(torch.ones(n * big), g, op="max" if last else "sum")),
-        ("all_to_all shape", lambda: comm.all_to_all(torch.ones(n * (big + last)), g, 0, 0)),
-    ]
-    for what, call in cases_:
-        before = calls["run"]
-        try:
-            call()
-            checks.true(False, f"{what}: no error")
-        except MpiparError as e:
-            checks.true("differ" in str(e), f"{what}: {e}")
-        checks.true(calls["run"] == before + 1, f"{what}: the disagreement found in the C call")
-        x = torch.full((n * big,), float(r))
-        checks.equal(comm.reduce_scatter(x, g), torch.full((big,), float(n * (n - 1) // 2)), f"after {what}")
+    last = g.rank == g.size - 1
+    extra = [("broadcast root", lambda: comm.broadcast(torch.ones(ROWS * 3), g, root=int(last))),
+             ("all_reduce shape", lambda: comm.all_reduce(torch.ones(ROWS * 3 + last), g))]
+    raise_on_every_rank(checks, g, calls, disagreeing_calls(g) + extra)
     checks.finish()
 
 
@@ -206,24 +190,12 @@ def test_slot_all_gather_out(slotted, checks):
     g, calls, _ = slotted
     n, r = g.size, g.rank
     rows = ROWS
-    want = torch.arange(n, dtype=torch.float32).repeat_interleave(rows * 3).reshape(n * rows, 3)
-    for how in ("separate", "in place", "aliased"):
-        out = torch.full((n * rows, 3), -1.0)
-        if how == "separate":
-            piece = torch.full((rows, 3), float(r))
-        else:
-            q = r if how == "in place" else (r + 1) % n
-            piece = out[rows * q:rows * (q + 1)]
-        piece.fill_(float(r))
-        version, before = out._version, calls["run"]
-        got = comm.all_gather(piece, g, out=out)
-        checks.true(got is out and calls["run"] == before + 1, f"{how}: the C call")
-        checks.equal(out, want, how)
-        checks.true(out._version > version, f"{how}: version bumped")
+    gather_into(checks, g, calls, aliased_in_c=True)
     with pytest.raises(MpiparError, match="out must be"):
         comm.all_gather(torch.ones(rows, 3), g, out=torch.empty(n * rows + 1, 3))
     with pytest.raises(RuntimeError):
         comm.all_gather(torch.ones(rows, 3), g, out=torch.zeros(n * rows, 3, requires_grad=True))
+    want = torch.arange(n, dtype=torch.float32).repeat_interleave(rows * 3).reshape(n * rows, 3)
     checks.equal(comm.all_gather(torch.full((rows, 3), float(r)), g), want, "after")
     checks.finish()
 
