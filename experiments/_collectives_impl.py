@@ -129,10 +129,28 @@ def hier_group(g):
     return hg
 
 
+SYMMETRIC_IMPLS = ("auto_sym", "inplace_sym", "sym_inplace", "shm")
+
+
+def symmetric_group(g):
+    """A group over a Dup of g's communicator, made once per g, for the implementations that give
+    it a symmetric pool (SYMMETRIC_IMPLS): a pool changes how "auto" moves plain tensors of the
+    sizes where the zero-copy path applies (fast_plan._in_slots), and "auto" should be timed as
+    a group of plain tensors runs it."""
+    sg = getattr(g, "_bench_symmetric_group", None)
+    if sg is None:
+        from mpipar.mesh import Group
+
+        sg = g._bench_symmetric_group = Group(g.comm.Dup(), g.name)
+    return sg
+
+
 def build(point: dict, g, count: int, plain=None):
     """(input tensor, run) for one point; `plain` (a regular tensor of the right shape) is
     shared by the implementations that take one, so a size's impls fit in memory together."""
     op, impl, dtype, n = point["op"], point["impl"], DTYPES[point["dtype"]], g.size
+    if impl in SYMMETRIC_IMPLS:
+        g = symmetric_group(g)
     shape = (count // n,) if op == "all_gather" else (count,)
     if impl in ("auto_sym", "inplace_sym"):
         inp = C.symmetric_empty(shape, dtype, g)

@@ -217,19 +217,27 @@ def test_slot_broadcast_in_place(slotted, checks):
     checks.finish()
 
 
-def test_a_symmetric_pool_turns_the_slots_off(slotted, checks):
-    """Once the group has a symmetric pool, symmetric tensors take the zero-copy path, which the
-    agreement decides: calls plan without the slots (the same results)."""
+def test_a_symmetric_pool_keeps_the_zero_copy_sizes_off_the_slots(slotted, checks):
+    """Once the group has a symmetric pool, calls of the sizes where symmetric tensors take the
+    zero-copy path (tuning.shm_pays: the agreement's table decides it) plan without the slots,
+    plain and symmetric tensors alike; smaller ones keep them. The results are the same."""
+    from mpipar.comm import tuning
+
     g, calls, buf = slotted
     n, r = g.size, g.rank
-    big = ROWS * 3
-    x = torch.full((n * big,), float(r))
-    want = torch.full((big,), float(n * (n - 1) // 2))
-    checks.equal(comm.reduce_scatter(x, g), want, "before")
+    small = n * ROWS * 3  # a reduce_scatter input below the zero-copy crossover
+    large = -(-tuning.SHM_CROSSOVER_BYTES["reduce_scatter"] // (4 * n)) * n  # at it or just past
+    checks.true(small * 4 < tuning.SHM_CROSSOVER_BYTES["reduce_scatter"] <= large * 4 <= 768 << 10, "sizes")
+    sym = {k: comm.symmetric_empty((k,), torch.float32, g) for k in (small, large)}
+    for k in (small, large):
+        want = torch.full((k // n,), float(n * (n - 1) // 2))
+        for kind, x in (("plain", torch.full((k,), float(r))), ("symmetric", sym[k].fill_(float(r)))):
+            plans = slot_plans(buf)
+            checks.equal(comm.reduce_scatter(x, g), want, f"{kind} {k}")
+            if kind == "plain":  # (the symmetric tensor's call shape is the plain one's: its plan is made)
+                checks.true(slot_plans(buf) - plans == int(k == small), f"{kind} {k}: slots {k == small}")
+    y = sym[small][:ROWS * 3].fill_(float(r))  # an all-reduce past the table's row: zero-copy from 4 KiB
     plans = slot_plans(buf)
-    sym = comm.symmetric_empty((n * big,), torch.float32, g)
-    sym.fill_(float(r))
-    checks.equal(comm.reduce_scatter(x, g), want, "plain, with a pool")
-    checks.equal(comm.reduce_scatter(sym, g), want, "symmetric")
-    checks.true(slot_plans(buf) == plans, "no slot plan once the group has a pool")
+    checks.equal(comm.all_reduce(y, g), torch.full((ROWS * 3,), float(n * (n - 1) // 2)), "all_reduce")
+    checks.true(slot_plans(buf) == plans, "all_reduce: no slots")
     checks.finish()

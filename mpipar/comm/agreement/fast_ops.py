@@ -261,7 +261,8 @@ def _all_gather_plan(settings, t, g, dim, algorithm, code) -> _Plan:
     the rows concatenated along d. (Other sizes: the C call leaves the finish to inline_ops.)"""
     d = norm_dim(dim, t.dim())
     info = _call("all_gather", t, algorithm=algorithm, dim=d, root=code, free_dim=True, root_name="out")
-    if t.dim() > 0 and d != BAD_DIM and _in_slots(g, info, "all_gather", info.nbytes, algorithm):
+    if t.dim() > 0 and d != BAD_DIM and _in_slots(g, info, "all_gather", info.nbytes, algorithm,
+                                                  shm_bytes=g.size * info.nbytes):
         return _slot_plan(settings, info, _blocks(info, t, g, _SLOT_COPY, d, 0, t.shape[d], d, free=t.shape[d],
                                                   no_descriptor=1), total=g.size * t.shape[d])
     if not info.fits and t.dim() > 0 and d != BAD_DIM:

@@ -200,19 +200,22 @@ def _front_strides(block, d: int, item: int) -> list[int]:
     return src
 
 
-def _in_slots(g, info, name: str, payload: int, algorithm="auto") -> bool:
+def _in_slots(g, info, name: str, payload: int, algorithm="auto", shm_bytes: int | None = None) -> bool:
     """Does this call's data ride in the shared table's payload slots (shm_table.PAYLOAD_BYTES,
     fast.c's KIND_SLOT_*)? Where the group's ranks outnumber cores on one node and every rank has
     the C call (inline.buffers agreed on it), for good arguments that do not ride in the row,
     under "auto" (an algorithm asked for by name is what runs), when `payload` (the bytes each
     rank writes: broadcast's root its tensor, all_gather its piece, reduce_scatter and all_to_all
-    their whole input) is within tuning.SLOT_BYTES, and when the group has no symmetric pool
-    (whether a rank's tensor is symmetric is its own fact, and symmetric tensors take the
-    zero-copy path, which the agreement's table decides). Agreed facts only: every rank decides
-    alike (a pool is made and freed collectively)."""
+    their whole input) is within tuning.SLOT_BYTES, and unless the group has a symmetric pool and
+    the call is of a size where symmetric tensors take the zero-copy path (`shm_bytes`, as
+    tuning.shm_pays reads it: whether a rank's tensor is symmetric is its own fact, and the
+    agreement's table decides that path). Agreed facts only: every rank decides alike (a pool is
+    made and freed collectively)."""
     buf = g.__dict__.get("_inline_buffers")
     return (buf is not None and buf.slot_bytes > 0 and not info.bad and not info.fits and algorithm == "auto"
-            and _POOL not in g.__dict__ and 0 < payload <= min(buf.slot_bytes, tuning.SLOT_BYTES.get(name, 0)))
+            and 0 < payload <= min(buf.slot_bytes, tuning.SLOT_BYTES.get(name, 0))
+            and not (_POOL in g.__dict__ and name in tuning.SHM_CROSSOVER_BYTES
+                     and tuning.shm_pays(name, payload if shm_bytes is None else shm_bytes)))
 
 
 def _kernel(dtype: torch.dtype, op) -> int | None:
