@@ -33,7 +33,10 @@ every rank at once: the in-place memory pass over plain torch memory, which sits
 2 MiB transparent huge pages), "inplace_sym" (the same pass over a symmetric tensor:
 the shared-memory window's own 4 KiB pages, the ceiling of shared-memory all-reduce); both
 passes also run among each all_reduce size's implementations, so its ratios to them are
-side by side.
+side by side. The implementations on symmetric tensors (auto_sym, inplace_sym, sym_inplace,
+shm) run on their own group, a Dup of the benchmark's: a symmetric pool changes how "auto"
+moves plain tensors (mpipar.comm.agreement.fast_plan._in_slots), and "auto" is timed as a
+group of plain tensors runs it.
 
 --mode: "loop" (the default) times back-to-back calls, as above; "single" times each
 call alone, the way training calls a collective once after compute: every call is
