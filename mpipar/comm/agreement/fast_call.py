@@ -60,7 +60,7 @@ def _plan_of(t: torch.Tensor, g, k: tuple, make, *args):
     plain = t.is_cpu and t.is_contiguous()
     if not plain and not buf.slot_bytes:
         return None, None
-    k = (k, _POOL in g.__dict__)  # a symmetric pool turns the payload slots off (fast_plan._in_slots)
+    k = (k, _POOL in g.__dict__)  # a symmetric pool changes what rides in the payload slots (fast_plan._in_slots)
     try:
         plan = buf.plans.get(k)
     except TypeError:
