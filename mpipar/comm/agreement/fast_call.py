@@ -6,7 +6,7 @@ the plan allocates. Where the call did not finish (run()'s status), the heads di
 MpiparError raised on every rank, collectively), or an all_gather's pieces differ in size
 (`Exchanged`: inline_ops finishes it in Python). A call whose data rides in the payload slots
 is taken by every rank, a rank whose tensor is not a contiguous CPU tensor from a copy
-(`_host`); every other call on such a tensor takes the Python path.
+(`_plan_of`'s host tensor); every other call on such a tensor takes the Python path.
 """
 from __future__ import annotations
 
@@ -49,41 +49,38 @@ def _finish(g, plan, v):
 
 
 def _plan_of(t: torch.Tensor, g, k: tuple, make, *args):
-    """(buffers, plan) of call shape `k` on group g (planned by `make` when new or when the settings
-    object changed), or (None, None) where the C call does not apply: no C context, a tensor that is
-    not a contiguous CPU tensor (unless the plan's data rides in the payload slots: every rank
-    takes those calls, from a contiguous CPU copy, `_host`), an unhashable argument (the Python
-    path raises), no kernel."""
+    """(buffers, plan, the tensor C reads and writes) of call shape `k` on group g (planned by
+    `make` when new or when the settings object changed), or (None, None, None) where the C call
+    does not apply: no C context, a tensor that is not a contiguous CPU tensor (unless the plan's
+    data rides in the payload slots: every rank takes those calls, and C gets a contiguous CPU
+    copy of `t`), an unhashable argument (the Python path raises), no kernel."""
     buf = g.__dict__.get("_inline_buffers")
     if buf is None or buf.run is None:
-        return None, None
+        return None, None, None
     plain = t.is_cpu and t.is_contiguous()
     if not plain and not buf.slot_bytes:
-        return None, None
+        return None, None, None
     k = (k, _POOL in g.__dict__)  # a symmetric pool changes what rides in the payload slots (fast_plan._in_slots)
     try:
         plan = buf.plans.get(k)
     except TypeError:
-        return None, None
+        return None, None, None
     if plan is None or plan.settings is not current():
         plan = _planned(buf, k, make, t, g, *args)
-    return (None, None) if plan.key is None or not (plain or plan.slots) else (buf, plan)
+    if plan.key is None or not (plain or plan.slots):
+        return None, None, None
+    return buf, plan, t if plain else t.detach().cpu().contiguous()
 
 
-def _host(t: torch.Tensor) -> torch.Tensor:
-    """`t`, or a contiguous CPU copy of it (what a payload-slot call sends)."""
-    return t if t.is_cpu and t.is_contiguous() else t.detach().cpu().contiguous()
-
-
-def _into_new(buf, g, plan, algorithm, name: str, t: torch.Tensor) -> torch.Tensor:
-    """`plan`'s call from `t` into a new output like its template (MpiparError on every rank when
-    the heads differ)."""
+def _into_new(buf, g, plan, algorithm, name: str, t: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
+    """`plan`'s call from `host` (`t`, or its contiguous CPU copy: _plan_of) into a new output like
+    its template (MpiparError on every rank when the heads differ), on t's device."""
     out = plan.output()
-    src = _source(plan, _host(t))  # (held while C runs)
+    src = _source(plan, host)  # (held while C runs)
     v = _run(buf, g, plan, algorithm, name, src.data_ptr(), out.data_ptr())
     if v != _DONE:
         _finish(g, plan, v)
-    return out if t.is_cpu else out.to(t.device)
+    return out if host is t or t.is_cpu else out.to(t.device)
 
 
 def _source(plan, t: torch.Tensor) -> torch.Tensor:
@@ -115,6 +112,16 @@ def _run(buf, g, plan, algorithm, name: str, src: int, dst: int) -> int:
         from ...errors import MpiparError
 
         raise MpiparError(f"{name}: {e}") from e
+
+
+def _exchanged(buf, g, plan, v):
+    """The Exchanged of an all_gather whose C call agreed but found pieces of other sizes (v: run()'s
+    value), with the table's descriptors where the group has a one-node pool (this rank's are -1s:
+    what inline.exchange_args sends for a plain tensor). MpiparError on every rank when the heads
+    differ."""
+    slot = _finish(g, plan, v)
+    pool = g.__dict__.get(_POOL)
+    return Exchanged(buf, buf.descriptors.copy() if pool is not None and pool.one_node else None, plan.info, slot)
 
 
 class Exchanged:

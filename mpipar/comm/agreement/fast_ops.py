@@ -16,7 +16,7 @@ but within tuning.SLOT_BYTES rides in the shared table's payload slots instead
 (mpipar.comm.agreement.shm_table, `fast_plan._in_slots`): the same walk over the rows, read from
 the slots, with no MPI collective after the exchange. The Python path has no such
 exchange, so every rank takes these calls in C, a rank whose tensor is not a contiguous
-CPU tensor from a contiguous CPU copy (`_host`).
+CPU tensor from a contiguous CPU copy (fast_call._plan_of).
 
 This module holds each op's entry point and plan builder; mpipar.comm.agreement.fast_call
 looks plans up and makes the call, mpipar.comm.agreement.fast_plan builds the keys.
@@ -50,7 +50,7 @@ from ..symmetric.pool import _ATTR as _POOL
 from .fast import FAST_DTYPES
 from .inline import _call, _increment_version
 from .into import NO_OUT, check as check_out, code as out_code
-from .fast_call import _DONE, Exchanged, _finish, _host, _into_new, _plan_of, _run, _source
+from .fast_call import _DONE, Exchanged, _exchanged, _finish, _into_new, _plan_of, _run, _source
 from .fast_plan import (_ALLGATHER, _ALLTOALL, _BCAST, _COPY, _REDUCE, _REDUCE_SCATTER, _SLOT_COPY, _SLOT_REDUCE, _Plan,
                         _blocks, _front_strides, _in_slots, _kernel, _key, _leading, _mpi_plan, _sent_as, _slot_plan,
                         _strides, _walk)
@@ -67,10 +67,10 @@ def all_reduce(t: torch.Tensor, g, op, algorithm) -> bool:
     buf = g.__dict__.get("_inline_buffers")
     if buf is None or not buf.slot_bytes:  # (ranks with their own cores: one lookup)
         return False
-    buf, plan = _plan_of(t, g, ("all_reduce", t.shape, t.dtype, op, algorithm), _all_reduce_plan, op, algorithm)
+    buf, plan, host = _plan_of(t, g, ("all_reduce", t.shape, t.dtype, op, algorithm), _all_reduce_plan, op,
+                               algorithm)
     if plan is None:
         return False
-    host = _host(t)
     v = _run(buf, g, plan, algorithm, "all_reduce", host.data_ptr(), host.data_ptr())
     if v != _DONE:
         _finish(g, plan, v)
@@ -94,10 +94,9 @@ def _all_reduce_plan(settings, t, g, op, algorithm) -> _Plan:
 
 def broadcast(t: torch.Tensor, g, root) -> bool:
     """collectives.broadcast's call (g.size > 1): True when `t` holds root's data."""
-    buf, plan = _plan_of(t, g, ("broadcast", t.shape, t.dtype, root, root.__class__), _broadcast_plan, root)
+    buf, plan, host = _plan_of(t, g, ("broadcast", t.shape, t.dtype, root, root.__class__), _broadcast_plan, root)
     if plan is None or (plan.mpi and _symmetric(g, t)):
         return False
-    host = _host(t)
     v = _run(buf, g, plan, None, "broadcast", host.data_ptr(), host.data_ptr())
     if v != _DONE:
         _finish(g, plan, v)
@@ -125,10 +124,10 @@ def reduce_scatter(t: torch.Tensor, g, dim, op, algorithm):
     """collectives.reduce_scatter's validated call (g.size > 1): this rank's slice of the
     reduction, or None."""
     k = ("reduce_scatter", t.shape, t.dtype, dim, dim.__class__, op, algorithm)
-    buf, plan = _plan_of(t, g, k, _reduce_scatter_plan, dim, op, algorithm)
+    buf, plan, host = _plan_of(t, g, k, _reduce_scatter_plan, dim, op, algorithm)
     if plan is None or (plan.mpi and _symmetric(g, t)):
         return None
-    return _into_new(buf, g, plan, algorithm, "reduce_scatter", t)
+    return _into_new(buf, g, plan, algorithm, "reduce_scatter", t, host)
 
 
 def _reduce_scatter_plan(settings, t, g, dim, op, algorithm) -> _Plan:
@@ -136,11 +135,12 @@ def _reduce_scatter_plan(settings, t, g, dim, op, algorithm) -> _Plan:
     g.rank (tensor_split order along d) reduced in rank order."""
     d = norm_dim(dim, t.dim())
     info = _call("reduce_scatter", t, op, algorithm, dim=d)
-    if (t.dim() > 0 and d != BAD_DIM and _in_slots(g, info, "reduce_scatter", info.nbytes, algorithm)
-            and _kernel(t.dtype, op) is not None):
+    kernel = _kernel(t.dtype, op)
+    if (kernel is not None and t.dim() > 0 and d != BAD_DIM
+            and _in_slots(g, info, "reduce_scatter", info.nbytes, algorithm)):
         sizes = flat_chunks(t.shape[d], g.size)
         return _slot_plan(settings, info, _blocks(info, t, g, _SLOT_REDUCE, d, offsets(sizes)[g.rank], sizes[g.rank],
-                                                  None, kernel=_kernel(t.dtype, op)))
+                                                  None, kernel=kernel))
     if (info.combine is None or t.dim() == 0
             or (algorithm == "auto" and tuning.shm_pays("reduce_scatter", info.nbytes))):
         if (info.combine is not None or t.dim() == 0 or d == BAD_DIM or t.shape[d] % g.size
@@ -157,7 +157,6 @@ def _reduce_scatter_plan(settings, t, g, dim, op, algorithm) -> _Plan:
         pre, scratch, permute = _sent_as(t, d, count)
         return _mpi_plan(settings, info, g, t, _REDUCE_SCATTER, count, shape=shape, op=op, algorithm=algorithm,
                          walk=walk, scratch=scratch, permute=permute, pre=pre)
-    kernel = _kernel(t.dtype, op)
     if kernel is None:
         return _Plan(settings, info)
     sizes = flat_chunks(t.shape[d], g.size)
@@ -168,10 +167,10 @@ def _reduce_scatter_plan(settings, t, g, dim, op, algorithm) -> _Plan:
 def all_to_all(t: torch.Tensor, g, scatter_dim, gather_dim):
     """collectives.all_to_all's call (g.size > 1): the result, or None."""
     k = ("all_to_all", t.shape, t.dtype, scatter_dim, scatter_dim.__class__, gather_dim, gather_dim.__class__)
-    buf, plan = _plan_of(t, g, k, _all_to_all_plan, scatter_dim, gather_dim)
+    buf, plan, host = _plan_of(t, g, k, _all_to_all_plan, scatter_dim, gather_dim)
     if plan is None:
         return None
-    return _into_new(buf, g, plan, None, "all_to_all", t)  # (collectives.py's all_to_all never uses shared memory)
+    return _into_new(buf, g, plan, None, "all_to_all", t, host)  # (collectives.py's all_to_all never uses shared memory)
 
 
 def _all_to_all_plan(settings, t, g, scatter_dim, gather_dim) -> _Plan:
@@ -209,11 +208,11 @@ def all_gather(t: torch.Tensor, g, dim, algorithm, out):
              NO_OUT if out is None else out_code(t, out, norm_dim(dim, t.dim())))
     except TypeError:
         return None
-    buf, plan = _plan_of(t, g, k, _all_gather_plan, dim, algorithm, k[-1])
+    buf, plan, host = _plan_of(t, g, k, _all_gather_plan, dim, algorithm, k[-1])
     if plan is None:
         return None
     if plan.slots:
-        return _all_gather_slots(buf, g, plan, algorithm, t, norm_dim(dim, t.dim()), out)
+        return _all_gather_slots(buf, g, plan, algorithm, t, host, norm_dim(dim, t.dim()), out, k[-1])
     if out is None:
         result = plan.output()
     elif out.requires_grad or k[-1] != plan.total or (plan.mpi and _aliased(t, out, g.rank)):
@@ -231,27 +230,25 @@ def all_gather(t: torch.Tensor, g, dim, algorithm, out):
         if out is not None:
             _increment_version((out,))  # an in-place write, as autograd must see it (C wrote the memory)
         return result
-    slot = _finish(g, plan, v)
-    # (this rank's descriptor is -1s: what inline.exchange_args sends for a plain tensor)
-    return Exchanged(buf, buf.descriptors.copy() if one_node else None, plan.info, slot)
+    return _exchanged(buf, g, plan, v)
 
 
-def _all_gather_slots(buf, g, plan, algorithm, t: torch.Tensor, d: int, out):
+def _all_gather_slots(buf, g, plan, algorithm, t: torch.Tensor, host: torch.Tensor, d: int, out, code: int):
     """all_gather's call whose pieces ride in the payload slots: taken by every rank, whatever its
     tensor's layout or `out` (a result the C call could not write into `out` is copied into it, as
-    collectives.py's path copies a gathered result; an `out` that cannot hold it raises there too)."""
-    direct = (out is not None and out.is_cpu and out.is_contiguous() and not out.requires_grad
-              and out_code(t, out, d) == plan.total)
+    collectives.py's path copies a gathered result; an `out` that cannot hold it raises there too).
+    `host`: t or its contiguous CPU copy (_plan_of); `code`: out's into.code."""
+    direct = out is not None and out.is_cpu and not out.requires_grad and code == plan.total
     result = out if direct else plan.output()
-    src = _host(t)  # (held while C runs; the slot has a copy, so `t` may lie inside `out`)
-    v = _run(buf, g, plan, algorithm, "all_gather", src.data_ptr(), result.data_ptr())
-    if v != _DONE:  # pieces of other sizes: the Python path finishes (no pool here: _in_slots)
-        return Exchanged(buf, None, plan.info, _finish(g, plan, v))
+    # (the slot gets a copy of `host` before anything is written, so `t` may lie inside `out`)
+    v = _run(buf, g, plan, algorithm, "all_gather", host.data_ptr(), result.data_ptr())
+    if v != _DONE:  # pieces of other sizes: the Python path finishes
+        return _exchanged(buf, g, plan, v)
     if direct:
         _increment_version((out,))  # an in-place write, as autograd must see it (C wrote the memory)
         return out
     if out is None:
-        return result if t.is_cpu else result.to(t.device)
+        return result if host is t or t.is_cpu else result.to(t.device)
     check_out(t, out, d, plan.total)  # the same verdict on every rank (out's code was agreed)
     return out.copy_(result)
 
