@@ -69,8 +69,12 @@ STAGED_SHM_BYTES = {"all_reduce": (32 << 20, 64 << 20), "reduce_scatter": (16 <<
 # (mpipar.comm.agreement.shm_table, fast_plan._in_slots): the agreement's exchange moves it, with
 # no MPI collective after it. Above, MPI's collective after the agreement was faster
 # (results/TUNING.md). At most shm_table.PAYLOAD_BYTES.
-SLOT_BYTES = {"broadcast": 1 << 20, "all_gather": 256 << 10, "reduce_scatter": 768 << 10, "all_to_all": 512 << 10,
-              "all_reduce": 128 << 10}
+SLOT_BYTES = {"broadcast": 8 << 20, "all_gather": 1 << 20, "reduce_scatter": 2 << 20, "all_to_all": 512 << 10,
+              "all_reduce": 8 << 20}
+# An all-reduce in the payload slots larger than this reduces in two steps (fast.c's
+# KIND_SLOT_SPLIT): each rank its chunk of the rows, then a second exchange and the chunks copied
+# out. Smaller, each rank reduces all the rows itself: one exchange fewer.
+SLOT_SPLIT_BYTES = 32 << 10
 
 
 def stages_in_shm(op: str, nbytes: int) -> bool:

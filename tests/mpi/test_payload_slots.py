@@ -1,5 +1,5 @@
-"""Collectives whose data rides in the shared table's payload slots (fast.c's KIND_SLOT_COPY and
-KIND_SLOT_REDUCE, planned in mpipar.comm.agreement.fast_plan._in_slots).
+"""Collectives whose data rides in the shared table's payload slots (fast.c's KIND_SLOT_COPY,
+KIND_SLOT_REDUCE and KIND_SLOT_SPLIT, planned in mpipar.comm.agreement.fast_plan._in_slots).
 
 Where a group's ranks outnumber cores on one node, an all_reduce, broadcast, all_gather,
 reduce_scatter or all_to_all whose data (each rank's) is past the agreement row's 4 KiB and within
@@ -8,7 +8,8 @@ agreement's exchange and reads the others' after it. Every rank must take that C
 whose tensor is not contiguous takes it too (from a copy). Checked against the Python path and a
 serial reference, byte for byte, at the sizes and dtypes of test_fast_mpi; with one rank's tensor
 not contiguous; disagreements; calls back to back (the slots' parity, with other exchanges in
-between); all_gather's uneven pieces and out=; broadcast in place; all_reduce; and a symmetric
+between); all_gather's uneven pieces and out=; broadcast in place; all_reduce, in one step and
+split in two (a reduce-scatter, then an all-gather through a second exchange); and a symmetric
 pool, which turns the slots off. Where ranks have their own cores (2 ranks here) there are no slots: skipped.
 """
 from __future__ import annotations
@@ -108,6 +109,63 @@ def test_slot_all_reduce(slotted, checks, dtype):
     checks.finish()
 
 
+def _split_plans(buf) -> int:
+    """Plans of fast.c's KIND_SLOT_SPLIT (the key's kind word follows the head's 3 words)."""
+    import numpy as np
+
+    return sum(p.slots and int(np.frombuffer(p.key, np.int64)[3]) == 6 for p in buf.plans.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int16, torch.int8, torch.bool], ids=str)
+def test_split_all_reduce(slotted, checks, monkeypatch, dtype):
+    """all_reduce in two steps (fast.c's KIND_SLOT_SPLIT: each rank reduces its chunk of the rows,
+    a second exchange, every chunk copied out), forced for every size past the table's row: chunks
+    of whole cache lines leave the last rank a shorter one, ending mid-line or not. Byte for byte
+    against the serial reference; every op with a kernel; a split plan for each call."""
+    from conftest import np_reduce, rank_tensor
+    from mpipar.comm import tuning
+
+    monkeypatch.setattr(tuning, "SLOT_SPLIT_BYTES", 0)
+    g, calls, buf = slotted
+    n, r = g.size, g.rank
+    line = 64 // dtype.itemsize
+    ops = ("sum",) if dtype.is_floating_point else ("sum", "max", "min")
+    base = rows_of(dtype) * 3
+    for k, count in enumerate((base, base + 1, base + line * n - 1, base * 2 + line + 3, 40_001)):
+        for op in ops:
+            xs = [rank_tensor((count,), dtype, q, seed=k) for q in range(n)]
+            x = xs[r].clone()
+            splits = _split_plans(buf)
+            checks.true(comm.all_reduce(x, g, op=op) is x, "returns its argument")
+            same_bytes(checks, x, np_reduce(xs, op), f"{dtype} {count} {op}")
+            checks.true(_split_plans(buf) == splits + 1, f"{dtype} {count} {op}: a split plan")
+    checks.finish()
+
+
+def test_split_all_reduce_is_rank_order_on_every_rank(slotted, checks):
+    """Sums that round (random normal float32): every rank holds ((x0 + x1) + x2) + .., rounded
+    after each add, as the table's small all-reduce; the split and the one-step slot paths agree."""
+    from mpipar.comm import tuning
+
+    g, calls, buf = slotted
+    n, r = g.size, g.rank
+    count = tuning.SLOT_SPLIT_BYTES // 4 + 1001  # past the split size
+    xs = [torch.randn(count, generator=torch.Generator().manual_seed(31 + q)) for q in range(n)]
+    want = xs[0] + xs[1]
+    for q in range(2, n):
+        want = want + xs[q]
+    splits = _split_plans(buf)
+    x = xs[r].clone()
+    comm.all_reduce(x, g)
+    same_bytes(checks, x, want, "split")
+    checks.true(_split_plans(buf) == splits + 1, "a split plan")
+    y = xs[r][:tuning.SLOT_SPLIT_BYTES // 4].clone()  # at the split size: one step
+    comm.all_reduce(y, g)
+    same_bytes(checks, y, want[:y.numel()], "one step")
+    checks.true(_split_plans(buf) == splits + 1, "no split plan at the split size")
+    checks.finish()
+
+
 def test_a_noncontiguous_rank_takes_the_slots_too(slotted, checks):
     """Rank 0's tensor is not contiguous (a transposed copy): it takes the same C call from a
     contiguous copy, and every rank gets the serial reference's result."""
@@ -144,6 +202,8 @@ def test_slot_calls_back_to_back(slotted, checks):
     """Calls of every op back to back, new data each time, with the agreement's other exchanges
     (a small all-reduce in C, a Python-path agreement) in between: each result is its own call's,
     so neither parity of a rank's slots is overwritten while a peer still reads it."""
+    from mpipar.comm import tuning
+
     g, calls, buf = slotted
     n, r = g.size, g.rank
     big = ROWS * 3
@@ -165,7 +225,10 @@ def test_slot_calls_back_to_back(slotted, checks):
         want = torch.cat([(torch.arange(n * big, dtype=torch.float32) + 1000 * it + 10 * q).chunk(n)[r]
                           for q in range(n)])
         checks.equal(comm.all_to_all(a, g, 0, 0), want, f"all_to_all {it}")
-    checks.true(slot_plans(buf) >= 4, f"{slot_plans(buf)} slot plans")
+        if it % 2:  # a split all-reduce: two exchanges in one call
+            z = torch.full((tuning.SLOT_SPLIT_BYTES // 4 + 3,), float(it + r))
+            checks.equal(comm.all_reduce(z, g), torch.full_like(z, float(n * it + n * (n - 1) // 2)), f"split {it}")
+    checks.true(slot_plans(buf) >= 5, f"{slot_plans(buf)} slot plans")
     checks.finish()
 
 
@@ -227,7 +290,8 @@ def test_a_symmetric_pool_keeps_the_zero_copy_sizes_off_the_slots(slotted, check
     n, r = g.size, g.rank
     small = n * ROWS * 3  # a reduce_scatter input below the zero-copy crossover
     large = -(-tuning.SHM_CROSSOVER_BYTES["reduce_scatter"] // (4 * n)) * n  # at it or just past
-    checks.true(small * 4 < tuning.SHM_CROSSOVER_BYTES["reduce_scatter"] <= large * 4 <= 768 << 10, "sizes")
+    checks.true(small * 4 < tuning.SHM_CROSSOVER_BYTES["reduce_scatter"] <= large * 4
+                <= tuning.SLOT_BYTES["reduce_scatter"], "sizes")
     sym = {k: comm.symmetric_empty((k,), torch.float32, g) for k in (small, large)}
     for k in (small, large):
         want = torch.full((k // n,), float(n * (n - 1) // 2))

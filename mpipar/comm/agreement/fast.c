@@ -40,13 +40,16 @@
    Where the table is shared, a key of KIND_SLOT_COPY or KIND_SLOT_REDUCE does what KIND_COPY and
    KIND_REDUCE do with the payloads in the table's payload slots (shm_table.PAYLOAD_BYTES each):
    this rank's data into its slot of the exchange's parity before it, the peers' read after it,
-   the GIL released for the copies.
+   the GIL released for the copies. A larger all-reduce there (KIND_SLOT_SPLIT) reduces in two
+   steps, each rank its own chunk, with a second exchange between them (split_reduce).
 
    The reduction is exact and the same bits on every rank: out = row0 op row1, then
    out = out op row_k for k = 2.. (torch.add / maximum / minimum in the same order in
    inline.py). Floats only sum (torch.maximum's NaN rules stay in Python); integers
    wrap (unsigned arithmetic, as torch). Built with -ffp-contract=off: no fused
-   multiply-add, and no reassociation (no -ffast-math).
+   multiply-add, and no reassociation (no -ffast-math). Built with -O3: GCC's -O2 vectorizes
+   a loop only where its count is a known multiple of the vector width, so the reduction ran
+   one element at a time. Vector adds round each element as the scalar ones do.
 */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -205,6 +208,16 @@ static void shm_exchange(Context *s, const Policy *p)
             memcpy(s->table + r * s->row_bytes, s->slots[2 * r + par], (size_t)s->row_bytes);
 }
 
+/* A second exchange with no row: this rank's epoch published, every peer's awaited. Each rank
+   wrote what the peers read after it (a split all-reduce's reduced chunk) before publishing;
+   the rows' slots of its parity keep exchange count - 1's rows, which nobody reads again. */
+static void shm_sync(Context *s, const Policy *p)
+{
+    int64_t k = ++*s->count;
+    __atomic_store_n(s->epochs[s->rank], k, __ATOMIC_RELEASE);
+    await_epochs(s, k, p);
+}
+
 /* The call's key (inline._Call.fast): its head words, its byte count, its kernel, its mode. */
 typedef struct {
     int64_t head[MINE_WORDS];
@@ -232,13 +245,19 @@ static const int SIZE[7] = {4, 8, 8, 4, 2, 1, 1}; /* bytes of FAST_DTYPES' codes
 #define MAX(x, y) ((x) > (y) ? (x) : (y))
 #define MIN(x, y) ((x) < (y) ? (x) : (y))
 
+/* Whether reduce() has `kernel`. */
+static int kernel_ok(int64_t kernel)
+{
+    return kernel >= 0 && kernel / 3 <= 6 && (kernel / 3 >= 2 || kernel % 3 == 0);
+}
+
 /* kernel = dtype * 3 + op; dtype: f32, f64, i64, i32, i16, i8, u8 (inline.FAST_DTYPES);
    op: sum, max, min. Integers are summed unsigned (wrapping, as torch). Row k's operand starts at
    rows[k] + off. 0, or -1. */
 static int reduce(int64_t kernel, char *out, const char *const *rows, int64_t off, Py_ssize_t n, int64_t nbytes)
 {
-    int dtype = (int)(kernel / 3), op = (int)(kernel % 3);
-    if (kernel < 0 || dtype > 6 || (dtype < 2 && op != 0))
+    int dtype = (int)(kernel / 3);
+    if (!kernel_ok(kernel))
         return -1;
     Py_ssize_t count = (Py_ssize_t)(nbytes / SIZE[dtype]);
     switch (kernel) {
@@ -404,7 +423,12 @@ typedef struct {
 
 /* KIND_SLOT_COPY and KIND_SLOT_REDUCE are KIND_COPY and KIND_REDUCE with the payloads in the
    shared table's payload slots (crowded groups: up to payload_bytes) instead of its rows */
-enum { KIND_COPY = 1, KIND_REDUCE = 2, KIND_MPI = 3, KIND_SLOT_COPY = 4, KIND_SLOT_REDUCE = 5 };
+/* KIND_SLOT_SPLIT is a whole-tensor KIND_SLOT_REDUCE (one run of nbytes, the all-reduce) made in
+   two steps, as a reduce-scatter and then an all-gather: after the exchange each rank reduces
+   its chunk of the rows only (split_reduce), into its payload slot of the other parity, and a
+   second exchange (shm_sync) lets every rank copy the others' chunks. Each rank reads a quarter
+   of the rows at 4 ranks, not all of them, for one more synchronisation. */
+enum { KIND_COPY = 1, KIND_REDUCE = 2, KIND_MPI = 3, KIND_SLOT_COPY = 4, KIND_SLOT_REDUCE = 5, KIND_SLOT_SPLIT = 6 };
 enum { CALL_ALLGATHER = 1, CALL_REDUCE_SCATTER = 2, CALL_BCAST = 3, CALL_ALLTOALL = 4 };
 enum { RUN_DISAGREED = 0, RUN_DONE = 1, RUN_FINISH = 2 }; /* run()'s status */
 
@@ -520,6 +544,46 @@ static int blocks(const OpKey *k, const char *const *rows, Py_ssize_t n, char *o
     return 0;
 }
 
+/* Whether a KIND_SLOT_SPLIT key is the whole tensor in one run, with a kernel. */
+static int split_in_bounds(const OpKey *k)
+{
+    for (int i = 0; i < LOOPS; i++)
+        if (k->size[i] != 1)
+            return 0;
+    return kernel_ok(k->kernel) && k->src0 == 0 && k->run == k->nbytes && k->out_bytes == k->nbytes &&
+           k->nbytes % SIZE[k->kernel / 3] == 0;
+}
+
+/* Rank r's chunk of a split all-reduce of nbytes (elements of `item` bytes): [*lo, *hi), whole
+   cache lines but for the last. */
+static void chunk(int64_t nbytes, int64_t item, Py_ssize_t n, Py_ssize_t r, int64_t *lo, int64_t *hi)
+{
+    int64_t line = 64 / item, count = nbytes / item, per = (count + n - 1) / n;
+    per = (per + line - 1) / line * line;
+    *lo = r * per < count ? r * per : count;
+    *hi = *lo + per < count ? *lo + per : count;
+    *lo *= item;
+    *hi *= item;
+}
+
+/* KIND_SLOT_SPLIT after the exchange of parity `par` (the GIL released): this rank's chunk of
+   the rows reduced in rank order into its payload slot of the other parity (the peers read
+   that parity's slots last in the exchange before this one, which they have left), the second
+   exchange, then every chunk out of its owner's slot into `out`. */
+static void split_reduce(Context *s, const OpKey *k, int par, char *out, const Policy *p)
+{
+    int64_t item = SIZE[k->kernel / 3], lo, hi;
+    chunk(k->nbytes, item, s->n, s->rank, &lo, &hi);
+    if (hi > lo)
+        reduce(k->kernel, s->payloads[2 * s->rank + (par ^ 1)] + lo, payload_rows(s, par), lo, s->n, hi - lo);
+    shm_sync(s, p);
+    for (Py_ssize_t r = 0; r < s->n; r++) {
+        chunk(k->nbytes, item, s->n, r, &lo, &hi);
+        if (hi > lo)
+            memcpy(out + lo, s->payloads[2 * r + (par ^ 1)] + lo, (size_t)(hi - lo));
+    }
+}
+
 /* KIND_MPI's collective (the GIL released by the caller): MPI's return code. */
 static int mpi_call(const Context *s, const OpKey *k, char *in, char *out)
 {
@@ -575,6 +639,13 @@ static PyObject *run(Context *self, PyObject *const *args, Py_ssize_t nargs)
     OpKey key;
     memcpy(&key, kb.buf, sizeof key);
     PyBuffer_Release(&kb);
+    int split = key.kind == KIND_SLOT_SPLIT;
+    if (split && !split_in_bounds(&key)) {
+        PyErr_SetString(PyExc_ValueError, "fast run: a bad key");
+        return NULL;
+    }
+    if (split)
+        key.kind = KIND_SLOT_REDUCE;
     int in_slots = key.kind == KIND_SLOT_COPY || key.kind == KIND_SLOT_REDUCE;
     if (in_slots)
         key.kind -= KIND_SLOT_COPY - KIND_COPY;
@@ -637,7 +708,10 @@ static PyObject *run(Context *self, PyObject *const *args, Py_ssize_t nargs)
                          out) < 0;
     } else if (rc == 0 && status == RUN_DONE && in_slots) {
         Py_BEGIN_ALLOW_THREADS
-        bad = blocks(&key, payload_rows(self, par), self->n, out) < 0;
+        if (split)
+            split_reduce(self, &key, par, out, &policy);
+        else
+            bad = blocks(&key, payload_rows(self, par), self->n, out) < 0;
         Py_END_ALLOW_THREADS
     } else if (rc == 0 && status == RUN_DONE) {
         bad = blocks(&key, table_rows(self), self->n, out) < 0;

@@ -51,7 +51,8 @@ from .fast import FAST_DTYPES
 from .inline import _call, _increment_version
 from .into import NO_OUT, check as check_out, code as out_code
 from .fast_call import _DONE, Exchanged, _exchanged, _finish, _into_new, _plan_of, _run, _source
-from .fast_plan import (_ALLGATHER, _ALLTOALL, _BCAST, _COPY, _REDUCE, _REDUCE_SCATTER, _SLOT_COPY, _SLOT_REDUCE, _Plan,
+from .fast_plan import (_ALLGATHER, _ALLTOALL, _BCAST, _COPY, _REDUCE, _REDUCE_SCATTER, _SLOT_COPY, _SLOT_REDUCE,
+                        _SLOT_SPLIT, _Plan,
                         _blocks, _front_strides, _in_slots, _kernel, _key, _leading, _mpi_plan, _sent_as, _slot_plan,
                         _strides, _walk)
 from .protocol import BAD_DIM, norm_dim
@@ -83,13 +84,15 @@ def all_reduce(t: torch.Tensor, g, op, algorithm) -> bool:
 
 def _all_reduce_plan(settings, t, g, op, algorithm) -> _Plan:
     """Every row (t flattened) reduced in rank order into t itself (C copied t into its slot
-    first), where the call rides in the payload slots and fast.c has the kernel; else no key."""
+    first), where the call rides in the payload slots and fast.c has the kernel; else no key.
+    Past tuning.SLOT_SPLIT_BYTES each rank reduces its own chunk, and the chunks are exchanged."""
     info = _call("all_reduce", t, op, algorithm)
     kernel = _kernel(t.dtype, op)
     if kernel is None or not _in_slots(g, info, "all_reduce", info.nbytes, algorithm):
         return _Plan(settings, info)
     flat = t.reshape(-1)
-    return _slot_plan(settings, info, _blocks(info, flat, g, _SLOT_REDUCE, 0, 0, flat.numel(), None, kernel=kernel))
+    kind = _SLOT_SPLIT if info.nbytes > tuning.SLOT_SPLIT_BYTES else _SLOT_REDUCE
+    return _slot_plan(settings, info, _blocks(info, flat, g, kind, 0, 0, flat.numel(), None, kernel=kernel))
 
 
 def broadcast(t: torch.Tensor, g, root) -> bool:

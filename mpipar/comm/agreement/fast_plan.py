@@ -22,7 +22,7 @@ from ..symmetric.pool import _ATTR as _POOL
 from .fast import FAST_DTYPES
 
 LOOPS = 6  # fast.c's OpKey loops
-_COPY, _REDUCE, _MPI, _SLOT_COPY, _SLOT_REDUCE = 1, 2, 3, 4, 5  # fast.c's kinds
+_COPY, _REDUCE, _MPI, _SLOT_COPY, _SLOT_REDUCE, _SLOT_SPLIT = 1, 2, 3, 4, 5, 6  # fast.c's kinds
 _ALLGATHER, _REDUCE_SCATTER, _BCAST, _ALLTOALL = 1, 2, 3, 4  # fast.c's MPI calls (KIND_MPI)
 # fast.c's datatype code of the MPI datatype collectives.py sends a dtype as (buffers._CARRIER)
 _MPI_CODE = {dt: FAST_DTYPES[c] for dt, (c, _) in _CARRIER.items() if c in FAST_DTYPES and c is not torch.bool}

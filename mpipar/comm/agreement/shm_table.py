@@ -20,6 +20,8 @@ collective whose data is too large for the row but fits there (mpipar.comm.agree
 tuning.SLOT_BYTES) copies its data into its payload slot k % 2 before exchange k and reads
 the peers' after it, in C. The exchange then moves the data too, and the call needs no
 second synchronisation (MPI's collective after the agreement was one; results/TUNING.md).
+A large all-reduce makes one more exchange, with no row: each rank writes its reduced chunk
+into its slot of the other parity between the two (fast.c's split_reduce).
 The window's pages are only touched by calls that use them.
 
 Whether a group gets one is decided collectively at its first agreement, the same
@@ -39,7 +41,9 @@ from ..wait import backoff, wait_all
 from ..symmetric.window import PAGE, Window, node_comm_of
 
 _EPOCH = 64  # bytes: the epoch word on its own cache line, then the two slots
-PAYLOAD_BYTES = 1 << 20  # each of a rank's two payload slots (page-aligned, after the row slots)
+# each of a rank's two payload slots (page-aligned, after the row slots); only the pages a call
+# writes are ever allocated (4 ranks, one 4 MiB all-reduce: 20 MiB of /dev/shm)
+PAYLOAD_BYTES = 8 << 20
 _TABLES: dict = {}  # (world ranks in group order, row bytes) -> ShmTable
 
 
