@@ -315,7 +315,7 @@ def _broadcast(t: torch.Tensor, group, root: int = 0) -> torch.Tensor:
 
 
 def _bcast(g, buf, root: int, nbytes: int) -> None:
-    with crowded.present(g, nbytes < crowded.POLITE_FROM):  # after the agreement
+    with crowded.present(g, not crowded.stays_polite("broadcast", nbytes)):  # after the agreement
         complete(g, "Bcast", buf, root=root)
 
 
@@ -353,7 +353,7 @@ def _all_to_all(t: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> to
     send = x.movedim(sd, 0).contiguous()  # block j (rows j*S/N ..) goes to rank j; no copy when sd == 0
     recv = outputs.empty(send.shape, send.dtype, send.device)
     bufs = blocking_buffer(send), blocking_buffer(recv)
-    with crowded.present(g, send.numel() * send.element_size() < crowded.POLITE_FROM):  # after the agreement
+    with crowded.present(g, not crowded.stays_polite("all_to_all", send.numel() * send.element_size())):
         complete(g, "Alltoall", *bufs)
     # block i came from rank i: (N, S/N, rest) back in t's dim order, then concatenated along gd
     blocks = recv.view(g.size, send.shape[0] // g.size, *send.shape[1:]).movedim(1, sd + 1)

@@ -206,8 +206,8 @@ def raise_on_every_rank(checks, g, calls, cases_) -> None:
 
 
 def test_mpi_calls_keep_the_python_path_where_it_waits_otherwise(fast_group, checks):
-    """2 MiB calls: where ranks outnumber cores, broadcast and all_to_all wait politely (a polled
-    non-blocking collective, crowded.POLITE_FROM), and "auto" stages all_gather and reduce_scatter
+    """2 MiB calls: where ranks outnumber cores, broadcast waits politely (a polled non-blocking
+    collective, crowded.stays_polite) and all_to_all does not, and "auto" stages all_gather and reduce_scatter
     through shared memory (tuning.stages_in_shm, on groups that agree through shared memory):
     those keep the Python path, since a blocking MPI collective does not match a non-blocking
     one. Elsewhere MPI's blocking collective moves them (unless "auto" picks the ring, which it
@@ -230,7 +230,7 @@ def test_mpi_calls_keep_the_python_path_where_it_waits_otherwise(fast_group, che
             ("all_gather", lambda: comm.all_gather(torch.ones(numel // n), g), numel * 4),
             ("reduce_scatter", lambda: comm.reduce_scatter(torch.ones(numel), g), numel * 4)):
         if name in ("broadcast", "all_to_all"):
-            expect = not g.oversubscribed
+            expect = not (g.oversubscribed and crowded.stays_polite(name, nbytes))
         else:
             expect = (crowded.choose(g, name, "auto", nbytes) == "mpi"
                       and not (staged and tuning.stages_in_shm(name, nbytes)))
@@ -238,4 +238,9 @@ def test_mpi_calls_keep_the_python_path_where_it_waits_otherwise(fast_group, che
         call()
         made = calls["run"] - before
         checks.true((made == 1) == expect, f"{name}: C calls {made}, expected {int(expect)}")
+    # the two paths wait the same way: rank 0 on the Python path, the others in C (blocking both)
+    rows = -(-(2 << 20) // (12 * n)) * n  # (rows, 3) float32: 2 MiB or just past, rows divisible by n
+    blocking = not (g.oversubscribed and crowded.stays_polite("all_to_all", rows * 12))
+    mixed_paths(checks, g, calls, "all_to_all", torch.float32, (rows, 3), {"scatter_dim": 0, "gather_dim": 0}, 7,
+                blocking)
     checks.finish()

@@ -117,7 +117,7 @@ def _broadcast_plan(settings, t, g, root) -> _Plan:
     mine = g.rank == r
     slots = _in_slots(g, info, "broadcast", info.nbytes)
     if not slots and not (info.fits and info.nbytes > 0 and not tuning.shm_pays("broadcast", info.nbytes)):
-        return _mpi_plan(settings, info, g, t, _BCAST, t.numel(), root=r, receives=g.rank != r, polite_from=True)
+        return _mpi_plan(settings, info, g, t, _BCAST, t.numel(), root=r, receives=g.rank != r)
     key = _key(info, _SLOT_COPY if slots else _COPY, nbytes=info.nbytes if mine else 0, k0=r, nk=0 if mine else 1,
                run=info.nbytes, out_bytes=info.nbytes)
     return _Plan(settings, info, key, receives=not mine, slots=slots)
@@ -188,14 +188,14 @@ def _all_to_all_plan(settings, t, g, scatter_dim, gather_dim) -> _Plan:
     if not info.fits and t.dim() > 0 and BAD_DIM not in (sd, gd) and not t.shape[sd] % g.size:
         count, item = t.numel() // g.size, t.element_size()
         if sd == gd and _leading(t.shape, sd):  # MPI's blocks in and out are the result's
-            return _mpi_plan(settings, info, g, t, _ALLTOALL, count, shape=list(t.shape), polite_from=True)
+            return _mpi_plan(settings, info, g, t, _ALLTOALL, count, shape=list(t.shape))
         block = list(t.shape)
         block[sd] //= g.size
         leading = _leading(t.shape, sd)  # else the input goes with sd first (collectives.py's movedim)
         src = _strides(block, item) if leading else _front_strides(block, sd, item)
         walk, shape = _walk(block, item, sd, 0, block[sd], gd, g.size, src)
         pre, scratch, permute = (None, t.numel(), None) if leading else _sent_as(t, sd, t.numel())
-        return _mpi_plan(settings, info, g, t, _ALLTOALL, count, shape=shape, polite_from=True, walk=walk,
+        return _mpi_plan(settings, info, g, t, _ALLTOALL, count, shape=shape, walk=walk,
                          scratch=scratch, permute=permute, pre=pre)
     if not info.fits or t.dim() == 0 or t.shape[sd] % g.size:
         return _Plan(settings, info)

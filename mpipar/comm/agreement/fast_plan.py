@@ -74,14 +74,14 @@ def _loop_words(loops) -> list[int]:
 
 
 def _mpi_plan(settings, info, g, t, call: int, count: int, shape=None, op: str = "sum", algorithm="mpi", root: int = 0,
-              free: int = -1, total: int = -1, receives: bool = False, polite_from: bool = False, walk=None,
+              free: int = -1, total: int = -1, receives: bool = False, walk=None,
               scratch: int = 0, permute: int | None = None, pre=None) -> _Plan:
     """A call too large for the table whose data MPI's own collective moves, as collectives.py's
     Python path would (the same MPI call, datatype and count, blocking: every rank is present
     after the agreement, wait.all_present), or the Python path's plan where that path would do
     something else: a bad argument, an MPI count past int, staging forced (tests), a ring or
-    shared-memory choice (tuning; crowded.staged), or (`polite_from`: broadcast and all_to_all)
-    a crowded group's polite wait from crowded.POLITE_FROM bytes. All of these read facts every
+    shared-memory choice (tuning; crowded.staged), or a crowded group's polite wait
+    (crowded.stays_polite: a large broadcast). All of these read facts every
     rank shares, so the ranks' calls match (a blocking MPI collective matches only blocking ones).
     `walk` (_walk's fields): MPI writes its pieces into a scratch buffer of `scratch` elements,
     which C then copies into the result along the walk; `pre` (_sent_as): C first lays the
@@ -90,11 +90,12 @@ def _mpi_plan(settings, info, g, t, call: int, count: int, shape=None, op: str =
 
     nbytes = info.nbytes * (g.size if call == _ALLGATHER else 1)
     name = {_ALLGATHER: "all_gather", _REDUCE_SCATTER: "reduce_scatter"}.get(call)
+    op_name = name or {_BCAST: "broadcast", _ALLTOALL: "all_to_all"}[call]
     if (info.bad or count <= 0 or count * (g.size if call == _ALLTOALL else 1) > _INT_MAX or staging_forced()
             or t.dtype not in _MPI_CODE or algorithm not in ("auto", "mpi")
             or (name is not None and (crowded.choose(g, name, algorithm, nbytes) != "mpi"
                                       or crowded.staged(g, t, algorithm, name, nbytes) == "shm"))
-            or (polite_from and g.oversubscribed and nbytes >= crowded.POLITE_FROM)
+            or (g.oversubscribed and crowded.stays_polite(op_name, nbytes))
             or (walk is None and scratch)):
         return _Plan(settings, info)
     key = _key(info, _MPI, free=free, no_descriptor=1, k0=root, call=call, count=count, code=_MPI_CODE[t.dtype],

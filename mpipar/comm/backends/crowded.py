@@ -3,8 +3,8 @@
 Each reads only facts every rank shares (agreed sizes, dtype and algorithm, how the group
 gathers its argument agreement), so all ranks choose alike:
 - `present`: after a validated call's agreement (a barrier: every rank is in the call),
-  MPI's blocking collective (mpipar.comm.wait.all_present), except broadcast and
-  all-to-all from POLITE_FROM bytes, which measured faster polled between sleeps;
+  MPI's blocking collective (mpipar.comm.wait.all_present), except a broadcast from
+  POLITE_FROM bytes, which measured faster polled between sleeps (`stays_polite`);
 - `staged`: "shm" where "auto" stages a tensor through shared memory
   (tuning.stages_in_shm; only groups whose agreement goes through shared memory);
 - `choose`: below that window, "auto" takes MPI's collective, not the ring.
@@ -21,11 +21,19 @@ from ..agreement import inline
 from ..agreement.protocol import validation_enabled
 from ..wait import all_present
 
-# Broadcast and all-to-all from this size keep the polite wait after the agreement too: with
-# ranks outnumbering cores, MPICH's pipelined large Bcast/Alltoall ran slower busy-polling than
-# polled between sleeps (4 MiB at 4 ranks on 2 cores); the reductions and all-gather gained at
-# every measured size (from 16-32 MiB, by op, "auto" stages them in shared memory: tuning.STAGED_SHM_BYTES).
-POLITE_FROM = 2 << 20
+# A broadcast from this size keeps the polite wait after the agreement too: with ranks
+# outnumbering cores, MPICH's pipelined large Bcast ran slower busy-polling than polled between
+# sleeps (16 MiB at 4 ranks on 2 cores; below 8 MiB it rides in the payload slots). All-to-all
+# was polite from 2 MiB too, until a quieter host measured the blocking call 1.6x as fast at
+# 2-8 MiB; the reductions and all-gather gained at every measured size (from 16-32 MiB, by op,
+# "auto" stages them in shared memory: tuning.STAGED_SHM_BYTES). results/TUNING.md.
+POLITE_FROM = {"broadcast": 2 << 20}
+
+
+def stays_polite(op: str, nbytes: int) -> bool:
+    """Does a crowded group's `op` of `nbytes` wait politely after its agreement (polled
+    non-blocking MPI), not in MPI's blocking collective?"""
+    return nbytes >= POLITE_FROM.get(op, tuning.NEVER)
 
 STAGED_DTYPES = (torch.float32, torch.float64, torch.int32, torch.int64, torch.bfloat16, torch.float16)
 
