@@ -210,7 +210,8 @@ static void shm_exchange(Context *s, const Policy *p)
 
 /* A second exchange with no row: this rank's epoch published, every peer's awaited. Each rank
    wrote what the peers read after it (a split all-reduce's reduced chunk) before publishing;
-   the rows' slots of its parity keep exchange count - 1's rows, which nobody reads again. */
+   the rows' slots of its parity keep the rows of the exchange two before, which nobody reads
+   again. */
 static void shm_sync(Context *s, const Policy *p)
 {
     int64_t k = ++*s->count;
@@ -422,8 +423,8 @@ typedef struct {
 } OpKey;
 
 /* KIND_SLOT_COPY and KIND_SLOT_REDUCE are KIND_COPY and KIND_REDUCE with the payloads in the
-   shared table's payload slots (crowded groups: up to payload_bytes) instead of its rows */
-/* KIND_SLOT_SPLIT is a whole-tensor KIND_SLOT_REDUCE (one run of nbytes, the all-reduce) made in
+   shared table's payload slots (crowded groups: up to payload_bytes) instead of its rows.
+   KIND_SLOT_SPLIT is a whole-tensor KIND_SLOT_REDUCE (one run of nbytes, the all-reduce) made in
    two steps, as a reduce-scatter and then an all-gather: after the exchange each rank reduces
    its chunk of the rows only (split_reduce), into its payload slot of the other parity, and a
    second exchange (shm_sync) lets every rank copy the others' chunks. Each rank reads a quarter
