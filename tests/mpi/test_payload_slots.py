@@ -163,6 +163,17 @@ def test_split_all_reduce_is_rank_order_on_every_rank(slotted, checks):
     comm.all_reduce(y, g)
     same_bytes(checks, y, want[:y.numel()], "one step")
     checks.true(_split_plans(buf) == splits + 1, "no split plan at the split size")
+    # from 2 MiB fast.c copies with non-temporal stores: an odd length, and a tensor whose data
+    # starts 4 bytes past a 16-byte boundary (the copy's unaligned head)
+    big = (2 << 20) // 4 + 1037
+    zs = [torch.randn(big + 1, generator=torch.Generator().manual_seed(71 + q))[1:] for q in range(n)]
+    want = zs[0] + zs[1]
+    for q in range(2, n):
+        want = want + zs[q]
+    z = torch.empty(big + 1)[1:].copy_(zs[r])
+    checks.true(z.is_contiguous() and z.data_ptr() % 16 != 0, "an unaligned contiguous tensor")
+    comm.all_reduce(z, g)
+    same_bytes(checks, z, want, "2 MiB and more, unaligned")
     checks.finish()
 
 

@@ -41,7 +41,8 @@
    KIND_REDUCE do with the payloads in the table's payload slots (shm_table.PAYLOAD_BYTES each):
    this rank's data into its slot of the exchange's parity before it, the peers' read after it,
    the GIL released for the copies. A larger all-reduce there (KIND_SLOT_SPLIT) reduces in two
-   steps, each rank its own chunk, with a second exchange between them (split_reduce).
+   steps, each rank its own chunk, with a second exchange between them (split_reduce); from
+   STREAM_FROM its copies bypass the cache (stream_copy).
 
    The reduction is exact and the same bits on every rank: out = row0 op row1, then
    out = out op row_k for k = 2.. (torch.add / maximum / minimum in the same order in
@@ -60,6 +61,9 @@
 #include <sched.h>
 #include <time.h>
 #include <sys/prctl.h>
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#endif
 
 typedef int (*allgather_fn)(const void *, int, intptr_t, void *, int, intptr_t, intptr_t);
 typedef int (*allreduce_fn)(const void *, void *, int, intptr_t, intptr_t, intptr_t);
@@ -545,6 +549,42 @@ static int blocks(const OpKey *k, const char *const *rows, Py_ssize_t n, char *o
     return 0;
 }
 
+/* From this size a split all-reduce copies its tensor into its slot, and the chunks out, with
+   non-temporal stores: the ranks' tensors and slots outgrow the cache (16 MiB of slots at 4 ranks
+   and 4 MiB, against an 8 MiB L3 here), and a store that misses it reads the line first
+   (4 MiB at 4 ranks on 2 cores: 0.86-1.07x raw mpi4py's time -> 0.72-0.76x; results/TUNING.md) */
+#define STREAM_FROM ((int64_t)2 << 20)
+
+/* memcpy with non-temporal stores (x86-64; elsewhere memcpy), fenced: the stores are visible
+   before the caller's next release store. */
+static void stream_copy(char *dst, const char *src, size_t n)
+{
+#if defined(__x86_64__)
+    size_t head = (16 - ((uintptr_t)dst & 15)) & 15;
+    if (head > n)
+        head = n;
+    memcpy(dst, src, head);
+    dst += head;
+    src += head;
+    n -= head;
+    size_t body = n & ~(size_t)63;
+    for (size_t i = 0; i < body; i += 64) {
+        __m128i a = _mm_loadu_si128((const __m128i *)(src + i));
+        __m128i b = _mm_loadu_si128((const __m128i *)(src + i + 16));
+        __m128i c = _mm_loadu_si128((const __m128i *)(src + i + 32));
+        __m128i d = _mm_loadu_si128((const __m128i *)(src + i + 48));
+        _mm_stream_si128((__m128i *)(dst + i), a);
+        _mm_stream_si128((__m128i *)(dst + i + 16), b);
+        _mm_stream_si128((__m128i *)(dst + i + 32), c);
+        _mm_stream_si128((__m128i *)(dst + i + 48), d);
+    }
+    _mm_sfence();
+    memcpy(dst + body, src + body, n - body);
+#else
+    memcpy(dst, src, n);
+#endif
+}
+
 /* Whether a KIND_SLOT_SPLIT key is the whole tensor in one run, with a kernel. */
 static int split_in_bounds(const OpKey *k)
 {
@@ -580,7 +620,9 @@ static void split_reduce(Context *s, const OpKey *k, int par, char *out, const P
     shm_sync(s, p);
     for (Py_ssize_t r = 0; r < s->n; r++) {
         chunk(k->nbytes, item, s->n, r, &lo, &hi);
-        if (hi > lo)
+        if (hi > lo && k->nbytes >= STREAM_FROM)
+            stream_copy(out + lo, s->payloads[2 * r + (par ^ 1)] + lo, (size_t)(hi - lo));
+        else if (hi > lo)
             memcpy(out + lo, s->payloads[2 * r + (par ^ 1)] + lo, (size_t)(hi - lo));
     }
 }
@@ -675,7 +717,9 @@ static PyObject *run(Context *self, PyObject *const *args, Py_ssize_t nargs)
     int par = in_slots ? (int)((*self->count + 1) & 1) : 0;
     int rc = 0;
     Py_BEGIN_ALLOW_THREADS
-    if (key.nbytes && in_slots)
+    if (key.nbytes && in_slots && split && key.nbytes >= STREAM_FROM)
+        stream_copy(self->payloads[2 * self->rank + par], in, (size_t)key.nbytes);
+    else if (key.nbytes && in_slots)
         memcpy(self->payloads[2 * self->rank + par], in, (size_t)key.nbytes);
     if (self->shm)
         shm_exchange(self, &policy);
