@@ -68,8 +68,9 @@ STAGED_SHM_BYTES = {"all_reduce": (32 << 20, 64 << 20), "reduce_scatter": (16 <<
 # the agreement row's 4 KiB and at most this rides in the shared table's payload slots
 # (mpipar.comm.agreement.shm_table, fast_plan._in_slots): the agreement's exchange moves it, with
 # no MPI collective after it. Above, MPI's collective after the agreement was faster
-# (results/TUNING.md). At most shm_table.PAYLOAD_BYTES.
-SLOT_BYTES = {"broadcast": 8 << 20, "all_gather": 1 << 20, "reduce_scatter": 2 << 20, "all_to_all": 512 << 10,
+# (results/TUNING.md; all_to_all in the slots was slower at 1-4 MiB even with fast.c's
+# streaming copies). At most shm_table.PAYLOAD_BYTES.
+SLOT_BYTES = {"broadcast": 8 << 20, "all_gather": 4 << 20, "reduce_scatter": 8 << 20, "all_to_all": 512 << 10,
               "all_reduce": 8 << 20}
 # An all-reduce in the payload slots larger than this reduces in two steps (fast.c's
 # KIND_SLOT_SPLIT): each rank its chunk of the rows, then a second exchange and the chunks copied

@@ -177,6 +177,29 @@ def test_split_all_reduce_is_rank_order_on_every_rank(slotted, checks):
     checks.finish()
 
 
+def test_streamed_slot_calls(slotted, checks):
+    """Calls of 2 MiB and more, whose copies into and out of the slots use non-temporal stores
+    (fast.c's stream_copy): broadcast in place into a tensor 4 bytes past a 16-byte boundary,
+    all_gather of odd pieces, reduce_scatter; each the serial reference's result, in the slots."""
+    g, calls, buf = slotted
+    n, r = g.size, g.rank
+    count = (2 << 20) // 4 + 2 * n + 1  # past 2 MiB of float32, odd
+    xs = [torch.randn(count, generator=torch.Generator().manual_seed(5 + q)) for q in range(n)]
+    plans = slot_plans(buf)
+    t = torch.empty(count + 1)[1:].copy_(xs[r])
+    checks.true(t.data_ptr() % 16 != 0, "unaligned")
+    checks.true(comm.broadcast(t, g, root=n - 1) is t, "returns its argument")
+    same_bytes(checks, t, xs[n - 1], "broadcast")
+    same_bytes(checks, comm.all_gather(xs[r], g), torch.cat(xs), "all_gather")
+    flat = count - count % n
+    want = xs[0][:flat] + xs[1][:flat]
+    for q in range(2, n):
+        want = want + xs[q][:flat]
+    same_bytes(checks, comm.reduce_scatter(xs[r][:flat].clone(), g), want.chunk(n)[r], "reduce_scatter")
+    checks.true(slot_plans(buf) - plans == 3, f"{slot_plans(buf) - plans} slot plans")
+    checks.finish()
+
+
 def test_a_noncontiguous_rank_takes_the_slots_too(slotted, checks):
     """Rank 0's tensor is not contiguous (a transposed copy): it takes the same C call from a
     contiguous copy, and every rank gets the serial reference's result."""
@@ -246,11 +269,13 @@ def test_slot_calls_back_to_back(slotted, checks):
 def test_slot_all_gather_uneven_pieces(slotted, checks):
     """Pieces of different sizes (each past the row; one within it; one past the slots): the C
     call agrees, then every rank finishes on the Python path (MPI's gather of the sizes)."""
+    from mpipar.comm import tuning
+
     g, calls, _ = slotted
     n, r = g.size, g.rank
-    big = ROWS * 3
+    big, past = ROWS * 3, tuning.SLOT_BYTES["all_gather"] // 4 + 1
     for what, size in (("past the row", lambda q: big + q), ("one within the row", lambda q: 8 if q == 0 else big),
-                       ("one past the slots", lambda q: (300_000 if q == n - 1 else big))):
+                       ("one past the slots", lambda q: (past if q == n - 1 else big))):
         got = comm.all_gather(torch.full((size(r),), float(r)), g)
         want = torch.cat([torch.full((size(q),), float(q)) for q in range(n)])
         checks.equal(got, want, what)

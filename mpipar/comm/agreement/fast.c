@@ -41,8 +41,8 @@
    KIND_REDUCE do with the payloads in the table's payload slots (shm_table.PAYLOAD_BYTES each):
    this rank's data into its slot of the exchange's parity before it, the peers' read after it,
    the GIL released for the copies. A larger all-reduce there (KIND_SLOT_SPLIT) reduces in two
-   steps, each rank its own chunk, with a second exchange between them (split_reduce); from
-   STREAM_FROM its copies bypass the cache (stream_copy).
+   steps, each rank its own chunk, with a second exchange between them (split_reduce). From
+   STREAM_FROM bytes the slots' copies bypass the cache (stream_copy).
 
    The reduction is exact and the same bits on every rank: out = row0 op row1, then
    out = out op row_k for k = 2.. (torch.add / maximum / minimum in the same order in
@@ -521,38 +521,11 @@ static int key_in_bounds(const OpKey *k, Py_ssize_t n, Py_ssize_t payload)
     return src <= payload && (k->nk - 1) * k->dst_step + dst <= k->out_bytes;
 }
 
-/* The blocks of `key` out of the n rows at `rows` (the table's payloads, the payload slots, or
-   the pieces MPI wrote into a scratch buffer) into `out`: 0, or -1 (no such kernel). */
-static int blocks(const OpKey *k, const char *const *rows, Py_ssize_t n, char *out)
-{
-    int64_t idx[LOOPS] = {0}, total = 1;
-    for (int i = 0; i < LOOPS; i++)
-        total *= k->size[i];
-    if (total == 0 || k->run == 0 || k->nk == 0)
-        return 0;
-    for (int64_t it = 0; it < total; it++) {
-        int64_t so = 0, d = 0;
-        for (int i = 0; i < LOOPS; i++) {
-            so += idx[i] * k->src[i];
-            d += idx[i] * k->dst[i];
-        }
-        if (k->kind == KIND_REDUCE) {
-            if (reduce(k->kernel, out + d, rows, k->src0 + so, n, k->run) < 0)
-                return -1;
-        } else {
-            for (int64_t j = 0; j < k->nk; j++)
-                memcpy(out + j * k->dst_step + d, rows[k->k0 + j] + k->src0 + so, (size_t)k->run);
-        }
-        for (int i = LOOPS - 1; i >= 0 && ++idx[i] == k->size[i]; i--)
-            idx[i] = 0;
-    }
-    return 0;
-}
-
-/* From this size a split all-reduce copies its tensor into its slot, and the chunks out, with
-   non-temporal stores: the ranks' tensors and slots outgrow the cache (16 MiB of slots at 4 ranks
-   and 4 MiB, against an 8 MiB L3 here), and a store that misses it reads the line first
-   (4 MiB at 4 ranks on 2 cores: 0.86-1.07x raw mpi4py's time -> 0.72-0.76x; results/TUNING.md) */
+/* From this size the copies into the payload slots, and every run `blocks` copies into a result
+   (out of the slots or MPI's scratch), use non-temporal stores: the ranks' tensors and slots outgrow the cache (16 MiB of slots at 4 ranks
+   and 4 MiB, against an 8 MiB L3 here), and a store that misses it reads the line first (at 4
+   ranks on 2 cores, time / raw mpi4py's: all-reduce 4 MiB 0.86-1.07 -> 0.72-0.76, broadcast
+   8 MiB 0.82-0.90 -> 0.46-0.63; results/TUNING.md) */
 #define STREAM_FROM ((int64_t)2 << 20)
 
 /* memcpy with non-temporal stores (x86-64; elsewhere memcpy), fenced: the stores are visible
@@ -583,6 +556,37 @@ static void stream_copy(char *dst, const char *src, size_t n)
 #else
     memcpy(dst, src, n);
 #endif
+}
+
+/* The blocks of `key` out of the n rows at `rows` (the table's payloads, the payload slots, or
+   the pieces MPI wrote into a scratch buffer) into `out`: 0, or -1 (no such kernel). */
+static int blocks(const OpKey *k, const char *const *rows, Py_ssize_t n, char *out)
+{
+    int64_t idx[LOOPS] = {0}, total = 1;
+    for (int i = 0; i < LOOPS; i++)
+        total *= k->size[i];
+    if (total == 0 || k->run == 0 || k->nk == 0)
+        return 0;
+    for (int64_t it = 0; it < total; it++) {
+        int64_t so = 0, d = 0;
+        for (int i = 0; i < LOOPS; i++) {
+            so += idx[i] * k->src[i];
+            d += idx[i] * k->dst[i];
+        }
+        if (k->kind == KIND_REDUCE) {
+            if (reduce(k->kernel, out + d, rows, k->src0 + so, n, k->run) < 0)
+                return -1;
+        } else {
+            for (int64_t j = 0; j < k->nk; j++)
+                if (k->run >= STREAM_FROM)
+                    stream_copy(out + j * k->dst_step + d, rows[k->k0 + j] + k->src0 + so, (size_t)k->run);
+                else
+                    memcpy(out + j * k->dst_step + d, rows[k->k0 + j] + k->src0 + so, (size_t)k->run);
+        }
+        for (int i = LOOPS - 1; i >= 0 && ++idx[i] == k->size[i]; i--)
+            idx[i] = 0;
+    }
+    return 0;
 }
 
 /* Whether a KIND_SLOT_SPLIT key is the whole tensor in one run, with a kernel. */
@@ -717,7 +721,7 @@ static PyObject *run(Context *self, PyObject *const *args, Py_ssize_t nargs)
     int par = in_slots ? (int)((*self->count + 1) & 1) : 0;
     int rc = 0;
     Py_BEGIN_ALLOW_THREADS
-    if (key.nbytes && in_slots && split && key.nbytes >= STREAM_FROM)
+    if (key.nbytes && in_slots && key.nbytes >= STREAM_FROM)
         stream_copy(self->payloads[2 * self->rank + par], in, (size_t)key.nbytes);
     else if (key.nbytes && in_slots)
         memcpy(self->payloads[2 * self->rank + par], in, (size_t)key.nbytes);
