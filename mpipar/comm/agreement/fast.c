@@ -42,7 +42,7 @@
    this rank's data into its slot of the exchange's parity before it, the peers' read after it,
    the GIL released for the copies. A larger all-reduce there (KIND_SLOT_SPLIT) reduces in two
    steps, each rank its own chunk, with a second exchange between them (split_reduce). From
-   STREAM_FROM bytes the slots' copies bypass the cache (stream_copy).
+   STREAM_FROM bytes the slots' copies bypass the cache (`copy`: compiled.c's stream_copy).
 
    The reduction is exact and the same bits on every rank: out = row0 op row1, then
    out = out op row_k for k = 2.. (torch.add / maximum / minimum in the same order in
@@ -61,13 +61,11 @@
 #include <sched.h>
 #include <time.h>
 #include <sys/prctl.h>
-#if defined(__x86_64__)
-#include <emmintrin.h>
-#endif
 
 typedef int (*allgather_fn)(const void *, int, intptr_t, void *, int, intptr_t, intptr_t);
 typedef int (*allreduce_fn)(const void *, void *, int, intptr_t, intptr_t, intptr_t);
 typedef int (*bcast_fn)(void *, int, intptr_t, int, intptr_t);
+typedef void (*copy_fn)(char *, const char *, size_t);
 /* MPI_Alltoall has MPI_Allgather's signature, MPI_Reduce_scatter_block MPI_Allreduce's */
 
 typedef struct {
@@ -101,6 +99,7 @@ typedef struct {
     char **payloads;  /* payloads[2 * r + p]: rank r's payload slot p (ShmTable's, payload_bytes each), or NULL */
     int64_t payload_bytes;
     const char **rows; /* n row addresses, filled per call (the GIL serialises a context's calls) */
+    copy_fn stream;    /* compiled.c's stream_copy (mpipar.comm.symmetric.compiled), or NULL: memcpy */
 } Context;
 
 /* mpipar.comm.wait.Backoff, as Backoff.packed gives it */
@@ -528,39 +527,19 @@ static int key_in_bounds(const OpKey *k, Py_ssize_t n, Py_ssize_t payload)
    8 MiB 0.82-0.90 -> 0.46-0.63; results/TUNING.md) */
 #define STREAM_FROM ((int64_t)2 << 20)
 
-/* memcpy with non-temporal stores (x86-64; elsewhere memcpy), fenced: the stores are visible
-   before the caller's next release store. */
-static void stream_copy(char *dst, const char *src, size_t n)
+/* memcpy, or from STREAM_FROM bytes (`big`: the call's size) compiled.c's stream_copy where the
+   context has it: non-temporal stores, fenced, so visible before the caller's next release store */
+static void copy(const Context *s, int big, char *dst, const char *src, size_t n)
 {
-#if defined(__x86_64__)
-    size_t head = (16 - ((uintptr_t)dst & 15)) & 15;
-    if (head > n)
-        head = n;
-    memcpy(dst, src, head);
-    dst += head;
-    src += head;
-    n -= head;
-    size_t body = n & ~(size_t)63;
-    for (size_t i = 0; i < body; i += 64) {
-        __m128i a = _mm_loadu_si128((const __m128i *)(src + i));
-        __m128i b = _mm_loadu_si128((const __m128i *)(src + i + 16));
-        __m128i c = _mm_loadu_si128((const __m128i *)(src + i + 32));
-        __m128i d = _mm_loadu_si128((const __m128i *)(src + i + 48));
-        _mm_stream_si128((__m128i *)(dst + i), a);
-        _mm_stream_si128((__m128i *)(dst + i + 16), b);
-        _mm_stream_si128((__m128i *)(dst + i + 32), c);
-        _mm_stream_si128((__m128i *)(dst + i + 48), d);
-    }
-    _mm_sfence();
-    memcpy(dst + body, src + body, n - body);
-#else
-    memcpy(dst, src, n);
-#endif
+    if (big && s->stream != NULL)
+        s->stream(dst, src, n);
+    else
+        memcpy(dst, src, n);
 }
 
 /* The blocks of `key` out of the n rows at `rows` (the table's payloads, the payload slots, or
    the pieces MPI wrote into a scratch buffer) into `out`: 0, or -1 (no such kernel). */
-static int blocks(const OpKey *k, const char *const *rows, Py_ssize_t n, char *out)
+static int blocks(const Context *s, const OpKey *k, const char *const *rows, Py_ssize_t n, char *out)
 {
     int64_t idx[LOOPS] = {0}, total = 1;
     for (int i = 0; i < LOOPS; i++)
@@ -578,10 +557,8 @@ static int blocks(const OpKey *k, const char *const *rows, Py_ssize_t n, char *o
                 return -1;
         } else {
             for (int64_t j = 0; j < k->nk; j++)
-                if (k->run >= STREAM_FROM)
-                    stream_copy(out + j * k->dst_step + d, rows[k->k0 + j] + k->src0 + so, (size_t)k->run);
-                else
-                    memcpy(out + j * k->dst_step + d, rows[k->k0 + j] + k->src0 + so, (size_t)k->run);
+                copy(s, k->run >= STREAM_FROM, out + j * k->dst_step + d, rows[k->k0 + j] + k->src0 + so,
+                     (size_t)k->run);
         }
         for (int i = LOOPS - 1; i >= 0 && ++idx[i] == k->size[i]; i--)
             idx[i] = 0;
@@ -624,10 +601,8 @@ static void split_reduce(Context *s, const OpKey *k, int par, char *out, const P
     shm_sync(s, p);
     for (Py_ssize_t r = 0; r < s->n; r++) {
         chunk(k->nbytes, item, s->n, r, &lo, &hi);
-        if (hi > lo && k->nbytes >= STREAM_FROM)
-            stream_copy(out + lo, s->payloads[2 * r + (par ^ 1)] + lo, (size_t)(hi - lo));
-        else if (hi > lo)
-            memcpy(out + lo, s->payloads[2 * r + (par ^ 1)] + lo, (size_t)(hi - lo));
+        if (hi > lo)
+            copy(s, k->nbytes >= STREAM_FROM, out + lo, s->payloads[2 * r + (par ^ 1)] + lo, (size_t)(hi - lo));
     }
 }
 
@@ -721,10 +696,8 @@ static PyObject *run(Context *self, PyObject *const *args, Py_ssize_t nargs)
     int par = in_slots ? (int)((*self->count + 1) & 1) : 0;
     int rc = 0;
     Py_BEGIN_ALLOW_THREADS
-    if (key.nbytes && in_slots && key.nbytes >= STREAM_FROM)
-        stream_copy(self->payloads[2 * self->rank + par], in, (size_t)key.nbytes);
-    else if (key.nbytes && in_slots)
-        memcpy(self->payloads[2 * self->rank + par], in, (size_t)key.nbytes);
+    if (key.nbytes && in_slots)
+        copy(self, key.nbytes >= STREAM_FROM, self->payloads[2 * self->rank + par], in, (size_t)key.nbytes);
     if (self->shm)
         shm_exchange(self, &policy);
     else
@@ -753,17 +726,17 @@ static PyObject *run(Context *self, PyObject *const *args, Py_ssize_t nargs)
         rc = mpi_call(self, &key, in, key.nk ? scratch : out);
         Py_END_ALLOW_THREADS
         if (rc == 0 && key.nk) /* MPI's pieces, rank by rank, rearranged into `out` */
-            bad = blocks(&key, strided_rows(self, scratch, (Py_ssize_t)(key.count * SIZE[key.dtype])), self->n,
+            bad = blocks(self, &key, strided_rows(self, scratch, (Py_ssize_t)(key.count * SIZE[key.dtype])), self->n,
                          out) < 0;
     } else if (rc == 0 && status == RUN_DONE && in_slots) {
         Py_BEGIN_ALLOW_THREADS
         if (split)
             split_reduce(self, &key, par, out, &policy);
         else
-            bad = blocks(&key, payload_rows(self, par), self->n, out) < 0;
+            bad = blocks(self, &key, payload_rows(self, par), self->n, out) < 0;
         Py_END_ALLOW_THREADS
     } else if (rc == 0 && status == RUN_DONE) {
-        bad = blocks(&key, table_rows(self), self->n, out) < 0;
+        bad = blocks(self, &key, table_rows(self), self->n, out) < 0;
     }
     if (rc != 0 || bad || status == RUN_DONE) {
         if (slot >= 0 && self->ring->end(slot) < 0)
@@ -826,10 +799,13 @@ static intptr_t handle(PyObject *h) { return (intptr_t)PyLong_AsUnsignedLongLong
 static PyObject *context(PyObject *mod, PyObject *args)
 {
     PyObject *fn, *fn2, *comm, *byte, *in_place, *types, *ops, *table, *ring, *keep, *shared = Py_None,
-             *more = Py_None;
+             *more = Py_None, *stream = Py_None;
     Py_ssize_t row_bytes, n, rank;
-    if (!PyArg_ParseTuple(args, "OOOOOO!O!OnnnOO|OO", &fn, &fn2, &comm, &byte, &in_place, &PyTuple_Type, &types,
-                          &PyTuple_Type, &ops, &table, &row_bytes, &n, &rank, &ring, &keep, &shared, &more))
+    if (!PyArg_ParseTuple(args, "OOOOOO!O!OnnnOO|OOO", &fn, &fn2, &comm, &byte, &in_place, &PyTuple_Type, &types,
+                          &PyTuple_Type, &ops, &table, &row_bytes, &n, &rank, &ring, &keep, &shared, &more, &stream))
+        return NULL;
+    copy_fn stream_fn = NULL;
+    if (stream != Py_None && (stream_fn = (copy_fn)PyLong_AsVoidPtr(stream)) == NULL && PyErr_Occurred())
         return NULL;
     void *extra[3] = {NULL, NULL, NULL}; /* MPI_Bcast, MPI_Alltoall, MPI_Reduce_scatter_block */
     if (more != Py_None) {
@@ -881,6 +857,7 @@ static PyObject *context(PyObject *mod, PyObject *args)
     self->count = NULL;
     self->payloads = NULL;
     self->payload_bytes = 0;
+    self->stream = stream_fn;
     self->rows = PyMem_Calloc((size_t)n, sizeof(char *));
     self->name = NULL;
     self->keep = NULL;

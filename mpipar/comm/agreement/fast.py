@@ -110,8 +110,19 @@ def build(g, table, shared=None):
         types = tuple(MPI._handleof(_mpi_type(by_code[k])) for k in range(7))
         ops = tuple(MPI._handleof(o) for o in (MPI.SUM, MPI.MAX, MPI.MIN))
         allgather, allreduce, *more = _state["symbols"]
+        stream = None if shared is None else _stream_copy()  # (only the payload slots copy megabytes)
         return module.context(allgather, allreduce, MPI._handleof(g.comm), MPI._handleof(MPI.BYTE), in_place, types,
                               ops, table.ctypes.data, table.shape[1], table.shape[0], g.rank, recorder.ring_api(),
-                              (table, shared), None if shared is None else shared.layout(), tuple(more))
+                              (table, shared), None if shared is None else shared.layout(), tuple(more), stream)
     except (TypeError, ValueError, OverflowError, AttributeError):  # not an mpi4py communicator (a wrapper)
         return None
+
+
+def _stream_copy() -> int | None:
+    """The address of compiled.c's stream_copy (non-temporal stores, mpipar.comm.symmetric.compiled),
+    which fast.c uses for copies of 2 MiB and more, or None (MPIPAR_SHM_COMPILED=0, no build):
+    memcpy. A rank's own fact: the bytes copied are the same either way."""
+    from ..symmetric import compiled
+
+    lib = compiled.enabled()
+    return None if lib is None else ctypes.cast(lib.stream_copy, ctypes.c_void_p).value
