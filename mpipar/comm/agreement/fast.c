@@ -521,10 +521,11 @@ static int key_in_bounds(const OpKey *k, Py_ssize_t n, Py_ssize_t payload)
 }
 
 /* From this size the copies into the payload slots, and every run `blocks` copies into a result
-   (out of the slots or MPI's scratch), use non-temporal stores: the ranks' tensors and slots outgrow the cache (16 MiB of slots at 4 ranks
-   and 4 MiB, against an 8 MiB L3 here), and a store that misses it reads the line first (at 4
-   ranks on 2 cores, time / raw mpi4py's: all-reduce 4 MiB 0.86-1.07 -> 0.72-0.76, broadcast
-   8 MiB 0.82-0.90 -> 0.46-0.63; results/TUNING.md) */
+   (out of the slots or MPI's scratch), use non-temporal stores: the ranks' tensors and slots
+   outgrow the cache (16 MiB of slots at 4 ranks and 4 MiB, against an 8 MiB L3 here), and a
+   store that misses it reads the line first (at 4 ranks on 2 cores, time / raw mpi4py's:
+   all-reduce 4 MiB 0.86-1.07 -> 0.72-0.76, broadcast 8 MiB 0.82-0.90 -> 0.46-0.63;
+   results/TUNING.md) */
 #define STREAM_FROM ((int64_t)2 << 20)
 
 /* memcpy, or from STREAM_FROM bytes (`big`: the call's size) compiled.c's stream_copy where the
