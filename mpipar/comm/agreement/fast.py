@@ -124,5 +124,4 @@ def _stream_copy() -> int | None:
     memcpy. A rank's own fact: the bytes copied are the same either way."""
     from ..symmetric import compiled
 
-    lib = compiled.enabled()
-    return None if lib is None else ctypes.cast(lib.stream_copy, ctypes.c_void_p).value
+    return compiled.stream_copy_address()

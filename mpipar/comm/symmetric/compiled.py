@@ -83,6 +83,15 @@ def enabled() -> ctypes.CDLL | None:
     return None if current().shm_compiled == "0" else library()
 
 
+def stream_copy_address() -> int | None:
+    """The C address of stream_copy, for C callers that copy megabytes (fast.c's payload slots),
+    or None where enabled() is None. Read from the built library itself: a wrapper around
+    library() (a test's counting one) has no C address to give."""
+    if enabled() is None:
+        return None
+    return ctypes.cast(_loaded["lib"].stream_copy, ctypes.c_void_p).value
+
+
 def kernel(dtype: torch.dtype, op: str):
     """The sum_push function for this dtype, or None (op other than sum, another dtype,
     MPIPAR_SHM_COMPILED=0, no compiler): then use numpy."""
