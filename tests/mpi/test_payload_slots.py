@@ -112,8 +112,17 @@ def test_slot_all_reduce(slotted, checks, dtype):
 def _split_plans(buf) -> int:
     """Plans of fast.c's KIND_SLOT_SPLIT (the key's kind word follows the head's 3 words)."""
     import numpy as np
+    from mpipar.comm.agreement.fast_plan import _SLOT_SPLIT
 
-    return sum(p.slots and int(np.frombuffer(p.key, np.int64)[3]) == 6 for p in buf.plans.values())
+    return sum(p.slots and int(np.frombuffer(p.key, np.int64)[3]) == _SLOT_SPLIT for p in buf.plans.values())
+
+
+def rank_order_sum(xs):
+    """((x0 + x1) + x2) + ..: each add rounded, as the C reduction adds the rows."""
+    want = xs[0] + xs[1]
+    for x in xs[2:]:
+        want = want + x
+    return want
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.int16, torch.int8, torch.bool], ids=str)
@@ -151,9 +160,7 @@ def test_split_all_reduce_is_rank_order_on_every_rank(slotted, checks):
     n, r = g.size, g.rank
     count = tuning.SLOT_SPLIT_BYTES // 4 + 1001  # past the split size
     xs = [torch.randn(count, generator=torch.Generator().manual_seed(31 + q)) for q in range(n)]
-    want = xs[0] + xs[1]
-    for q in range(2, n):
-        want = want + xs[q]
+    want = rank_order_sum(xs)
     splits = _split_plans(buf)
     x = xs[r].clone()
     comm.all_reduce(x, g)
@@ -167,9 +174,7 @@ def test_split_all_reduce_is_rank_order_on_every_rank(slotted, checks):
     # starts 4 bytes past a 16-byte boundary (the copy's unaligned head)
     big = (2 << 20) // 4 + 1037
     zs = [torch.randn(big + 1, generator=torch.Generator().manual_seed(71 + q))[1:] for q in range(n)]
-    want = zs[0] + zs[1]
-    for q in range(2, n):
-        want = want + zs[q]
+    want = rank_order_sum(zs)
     z = torch.empty(big + 1)[1:].copy_(zs[r])
     checks.true(z.is_contiguous() and z.data_ptr() % 16 != 0, "an unaligned contiguous tensor")
     comm.all_reduce(z, g)
@@ -192,9 +197,7 @@ def test_streamed_slot_calls(slotted, checks):
     same_bytes(checks, t, xs[n - 1], "broadcast")
     same_bytes(checks, comm.all_gather(xs[r], g), torch.cat(xs), "all_gather")
     flat = count - count % n
-    want = xs[0][:flat] + xs[1][:flat]
-    for q in range(2, n):
-        want = want + xs[q][:flat]
+    want = rank_order_sum([x[:flat] for x in xs])
     same_bytes(checks, comm.reduce_scatter(xs[r][:flat].clone(), g), want.chunk(n)[r], "reduce_scatter")
     checks.true(slot_plans(buf) - plans == 3, f"{slot_plans(buf) - plans} slot plans")
     checks.finish()

@@ -103,6 +103,7 @@ def build(g, table, shared=None):
 
     from ...flight import recorder
     from ..buffers import _mpi_type
+    from ..symmetric import compiled
 
     try:
         in_place = int(MPI.IN_PLACE)  # the C constant (mpi4py's int value of MPI_IN_PLACE)
@@ -110,18 +111,11 @@ def build(g, table, shared=None):
         types = tuple(MPI._handleof(_mpi_type(by_code[k])) for k in range(7))
         ops = tuple(MPI._handleof(o) for o in (MPI.SUM, MPI.MAX, MPI.MIN))
         allgather, allreduce, *more = _state["symbols"]
-        stream = None if shared is None else _stream_copy()  # (only the payload slots copy megabytes)
+        # compiled.c's stream_copy for copies of 2 MiB and more, or memcpy (None): a rank's own fact,
+        # the bytes copied are the same either way; only the payload slots copy megabytes
+        stream = None if shared is None else compiled.stream_copy_address()
         return module.context(allgather, allreduce, MPI._handleof(g.comm), MPI._handleof(MPI.BYTE), in_place, types,
                               ops, table.ctypes.data, table.shape[1], table.shape[0], g.rank, recorder.ring_api(),
                               (table, shared), None if shared is None else shared.layout(), tuple(more), stream)
     except (TypeError, ValueError, OverflowError, AttributeError):  # not an mpi4py communicator (a wrapper)
         return None
-
-
-def _stream_copy() -> int | None:
-    """The address of compiled.c's stream_copy (non-temporal stores, mpipar.comm.symmetric.compiled),
-    which fast.c uses for copies of 2 MiB and more, or None (MPIPAR_SHM_COMPILED=0, no build):
-    memcpy. A rank's own fact: the bytes copied are the same either way."""
-    from ..symmetric import compiled
-
-    return compiled.stream_copy_address()

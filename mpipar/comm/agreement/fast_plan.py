@@ -24,6 +24,8 @@ from .fast import FAST_DTYPES
 LOOPS = 6  # fast.c's OpKey loops
 _COPY, _REDUCE, _MPI, _SLOT_COPY, _SLOT_REDUCE, _SLOT_SPLIT = 1, 2, 3, 4, 5, 6  # fast.c's kinds
 _ALLGATHER, _REDUCE_SCATTER, _BCAST, _ALLTOALL = 1, 2, 3, 4  # fast.c's MPI calls (KIND_MPI)
+_CALL_NAMES = {_ALLGATHER: "all_gather", _REDUCE_SCATTER: "reduce_scatter", _BCAST: "broadcast",
+               _ALLTOALL: "all_to_all"}
 # fast.c's datatype code of the MPI datatype collectives.py sends a dtype as (buffers._CARRIER)
 _MPI_CODE = {dt: FAST_DTYPES[c] for dt, (c, _) in _CARRIER.items() if c in FAST_DTYPES and c is not torch.bool}
 _INT_MAX = 2 ** 31 - 1
@@ -89,13 +91,12 @@ def _mpi_plan(settings, info, g, t, call: int, count: int, shape=None, op: str =
     from ..backends import crowded  # (crowded imports the agreement)
 
     nbytes = info.nbytes * (g.size if call == _ALLGATHER else 1)
-    name = {_ALLGATHER: "all_gather", _REDUCE_SCATTER: "reduce_scatter"}.get(call)
-    op_name = name or {_BCAST: "broadcast", _ALLTOALL: "all_to_all"}[call]
+    name = _CALL_NAMES[call]
     if (info.bad or count <= 0 or count * (g.size if call == _ALLTOALL else 1) > _INT_MAX or staging_forced()
             or t.dtype not in _MPI_CODE or algorithm not in ("auto", "mpi")
-            or (name is not None and (crowded.choose(g, name, algorithm, nbytes) != "mpi"
-                                      or crowded.staged(g, t, algorithm, name, nbytes) == "shm"))
-            or (g.oversubscribed and crowded.stays_polite(op_name, nbytes))
+            or (call in (_ALLGATHER, _REDUCE_SCATTER) and (crowded.choose(g, name, algorithm, nbytes) != "mpi"
+                                                         or crowded.staged(g, t, algorithm, name, nbytes) == "shm"))
+            or (g.oversubscribed and crowded.stays_polite(name, nbytes))
             or (walk is None and scratch)):
         return _Plan(settings, info)
     key = _key(info, _MPI, free=free, no_descriptor=1, k0=root, call=call, count=count, code=_MPI_CODE[t.dtype],
