@@ -60,6 +60,11 @@ class Settings:
         "cores or share one node's, and the flight recorder is C: a call of at most 4 KiB rides on the "
         "agreement, a larger one goes to MPI's collective from C; the same protocol and bits either way)",
         default="1", agreed=False)
+    cma: str | None = _opt(
+        "MPIPAR_CMA",
+        "`0`: ranks that share a node's cores do not read each other's memory with process_vm_readv "
+        "(cross-memory attach: one copy; `mpipar/comm/agreement/cma.py`), so an all_to_all past the "
+        "payload slots goes to MPI's collective after the agreement (default: on where every rank can)")
     crossover: MappingProxyType = _opt(
         "MPIPAR_CROSSOVER_<OP>",
         "bytes from which `algorithm=\"auto\"` switches from MPI's collective to the ring; OP is "

@@ -72,6 +72,12 @@ STAGED_SHM_BYTES = {"all_reduce": (32 << 20, 64 << 20), "reduce_scatter": (16 <<
 # streaming copies). At most shm_table.PAYLOAD_BYTES.
 SLOT_BYTES = {"broadcast": 8 << 20, "all_gather": 4 << 20, "reduce_scatter": 8 << 20, "all_to_all": 512 << 10,
               "all_reduce": 8 << 20}
+# From these sizes, where every rank of the group can (mpipar.comm.agreement.cma), a call reads
+# its blocks straight out of the peers' inputs with process_vm_readv instead (fast.c's
+# KIND_CMA_COPY: one copy where the slots make two, and a second exchange so that no input
+# changes while a peer reads it), and no MPI collective follows the agreement. Below, the slots
+# won (results/TUNING.md).
+CMA_BYTES = {"all_to_all": 256 << 10}
 # An all-reduce in the payload slots larger than this reduces in two steps (fast.c's
 # KIND_SLOT_SPLIT): each rank its chunk of the rows, then a second exchange and the chunks copied
 # out. Smaller, each rank reduces all the rows itself: one exchange fewer.

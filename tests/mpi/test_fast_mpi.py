@@ -149,10 +149,14 @@ def test_mpi_broadcast_writes_in_place(fast_group, checks):
     checks.finish()
 
 
-def test_mpi_calls_meet_the_python_path(fast_group, world, checks):
+def test_mpi_calls_meet_the_python_path(fast_group, world, checks, monkeypatch):
     """Rank 0's tensor is not contiguous (the Python path: agreement, then the same blocking MPI
     collective on the same bytes), the others' are (the C call): the serial reference's results.
-    Only where mpipar takes the C path at all (test_inline.test_fast_and_python_paths_meet)."""
+    Only where mpipar takes the C path at all (test_inline.test_fast_and_python_paths_meet). No
+    all_to_all reads its peers' inputs here (every rank takes that C call: test_cma.py)."""
+    from mpipar.comm import tuning
+
+    monkeypatch.setattr(tuning, "CMA_BYTES", {})
     g, calls = fast_group
     if g.size == 1:
         pytest.skip("a single rank communicates nothing")
@@ -205,16 +209,19 @@ def raise_on_every_rank(checks, g, calls, cases_) -> None:
         checks.equal(comm.reduce_scatter(x, g), torch.full((big,), float(n * (n - 1) // 2)), f"after {what}")
 
 
-def test_mpi_calls_keep_the_python_path_where_it_waits_otherwise(fast_group, checks):
+def test_mpi_calls_keep_the_python_path_where_it_waits_otherwise(fast_group, checks, monkeypatch):
     """2 MiB calls: where ranks outnumber cores, broadcast waits politely (a polled non-blocking
     collective, crowded.stays_polite) and all_to_all does not, and "auto" stages all_gather and reduce_scatter
     through shared memory (tuning.stages_in_shm, on groups that agree through shared memory):
     those keep the Python path, since a blocking MPI collective does not match a non-blocking
     one. Elsewhere MPI's blocking collective moves them (unless "auto" picks the ring, which it
-    does not below the staging window where ranks outnumber cores: crowded.choose)."""
+    does not below the staging window where ranks outnumber cores: crowded.choose). No all_to_all
+    reads its peers' inputs here (test_cma.py)."""
     from mpipar.comm import tuning
     from mpipar.comm.agreement import inline
     from mpipar.comm.backends import crowded
+
+    monkeypatch.setattr(tuning, "CMA_BYTES", {})
 
     g, calls = fast_group
     if g.size == 1:

@@ -40,12 +40,17 @@ def slot_plans(buf) -> int:
     return sum(bool(p.slots) for p in buf.plans.values())
 
 
-def in_slots(name, dtype, kw, x) -> bool:
+def in_slots(name, dtype, kw, x, cma=False) -> bool:
     """Whether cases()' call of input `x` rides in the slots: within tuning.SLOT_BYTES, and not a
-    reduction without a C kernel (bfloat16 and float16 reduce in float32; floats by sum only)."""
+    reduction without a C kernel (bfloat16 and float16 reduce in float32; floats by sum only); or,
+    where the group reads its peers' memory (`cma`), from tuning.CMA_BYTES (its plan is a slot
+    plan too: test_cma.py)."""
     from mpipar.comm import tuning
 
-    if x.numel() * x.element_size() > tuning.SLOT_BYTES[name]:
+    nbytes = x.numel() * x.element_size()
+    if cma and nbytes >= tuning.CMA_BYTES.get(name, tuning.NEVER):
+        return True
+    if nbytes > tuning.SLOT_BYTES[name]:
         return False
     if name != "reduce_scatter":
         return True
@@ -68,7 +73,7 @@ def test_slot_calls_are_the_python_path_bit_for_bit(slotted, world, checks):
         got, want, took_c = both_paths(g, calls, name, xs[r], kw)
         same_bytes(checks, bits(got), bits(want.contiguous()), what + " vs the Python path")
         same_bytes(checks, bits(got), bits(serial(name, xs, r, n, kw)), what + " vs serial")
-        expect = in_slots(name, dtype, kw, xs[r])
+        expect = in_slots(name, dtype, kw, xs[r], buf.cma)
         checks.true((slot_plans(buf) - plans, took_c) == (int(expect), expect or mpi), f"{what}: slots {expect}")
     checks.finish()
 

@@ -42,7 +42,9 @@
    this rank's data into its slot of the exchange's parity before it, the peers' read after it,
    the GIL released for the copies. A larger all-reduce there (KIND_SLOT_SPLIT) reduces in two
    steps, each rank its own chunk, with a second exchange between them (split_reduce). From
-   STREAM_FROM bytes the slots' copies bypass the cache (`copy`: compiled.c's stream_copy).
+   STREAM_FROM bytes the slots' copies bypass the cache (`copy`: compiled.c's stream_copy). A
+   larger all_to_all there (KIND_CMA_COPY) puts only its pid and input address in its slot, and
+   every rank reads its blocks out of the peers' inputs with process_vm_readv (cma_blocks).
 
    The reduction is exact and the same bits on every rank: out = row0 op row1, then
    out = out op row_k for k = 2.. (torch.add / maximum / minimum in the same order in
@@ -61,6 +63,9 @@
 #include <sched.h>
 #include <time.h>
 #include <sys/prctl.h>
+#include <sys/uio.h>
+#include <errno.h>
+#include <unistd.h>
 
 typedef int (*allgather_fn)(const void *, int, intptr_t, void *, int, intptr_t, intptr_t);
 typedef int (*allreduce_fn)(const void *, void *, int, intptr_t, intptr_t, intptr_t);
@@ -100,6 +105,7 @@ typedef struct {
     int64_t payload_bytes;
     const char **rows; /* n row addresses, filled per call (the GIL serialises a context's calls) */
     copy_fn stream;    /* compiled.c's stream_copy (mpipar.comm.symmetric.compiled), or NULL: memcpy */
+    int cma;           /* 1: KIND_CMA_COPY keys run (every rank of the group read a peer's memory: cma.py) */
 } Context;
 
 /* mpipar.comm.wait.Backoff, as Backoff.packed gives it */
@@ -431,8 +437,14 @@ typedef struct {
    two steps, as a reduce-scatter and then an all-gather: after the exchange each rank reduces
    its chunk of the rows only (split_reduce), into its payload slot of the other parity, and a
    second exchange (shm_sync) lets every rank copy the others' chunks. Each rank reads a quarter
-   of the rows at 4 ranks, not all of them, for one more synchronisation. */
-enum { KIND_COPY = 1, KIND_REDUCE = 2, KIND_MPI = 3, KIND_SLOT_COPY = 4, KIND_SLOT_REDUCE = 5, KIND_SLOT_SPLIT = 6 };
+   of the rows at 4 ranks, not all of them, for one more synchronisation.
+   KIND_CMA_COPY is a KIND_SLOT_COPY whose rows are the peers' inputs themselves, read with
+   process_vm_readv (cross-memory attach, one copy where the slots make two): each rank writes
+   only a descriptor (pid, input address, bytes) into its payload slot; after the exchange it
+   reads its blocks straight out of each peer's input (cma_blocks), and a second exchange
+   (shm_sync) keeps every input in place until all peers have read it. */
+enum { KIND_COPY = 1, KIND_REDUCE = 2, KIND_MPI = 3, KIND_SLOT_COPY = 4, KIND_SLOT_REDUCE = 5, KIND_SLOT_SPLIT = 6,
+       KIND_CMA_COPY = 7 };
 enum { CALL_ALLGATHER = 1, CALL_REDUCE_SCATTER = 2, CALL_BCAST = 3, CALL_ALLTOALL = 4 };
 enum { RUN_DISAGREED = 0, RUN_DONE = 1, RUN_FINISH = 2 }; /* run()'s status */
 
@@ -607,6 +619,85 @@ static void split_reduce(Context *s, const OpKey *k, int par, char *out, const P
     }
 }
 
+/* The iovecs one process_vm_readv takes at most here (the kernel's limit is IOV_MAX, 1024). */
+enum { CMA_IOVS = 64 };
+
+/* One process_vm_readv of `cnt` runs from process `pid`: 0, or an errno (a short read is EIO). */
+static int cma_read(pid_t pid, struct iovec *local, struct iovec *remote, int cnt)
+{
+    size_t want = 0;
+    for (int i = 0; i < cnt; i++)
+        want += local[i].iov_len;
+    ssize_t got = process_vm_readv(pid, local, (unsigned long)cnt, remote, (unsigned long)cnt, 0);
+    if (got < 0)
+        return errno ? errno : EIO;
+    return (size_t)got == want ? 0 : EIO;
+}
+
+/* KIND_CMA_COPY after the exchange of parity `par` (the GIL released): the blocks of `key` read
+   out of every row's input, as `blocks` reads them out of the slots: a peer's with
+   process_vm_readv at the address its descriptor gives, this rank's own from `in`. Rows are
+   read starting after this rank's, so that the ranks do not all read rank 0 first. 0, or the
+   errno of the first read that failed (then `out` is incomplete). */
+static int cma_blocks(const Context *s, const OpKey *k, int par, const char *in, char *out)
+{
+    int64_t total = 1;
+    for (int i = 0; i < LOOPS; i++)
+        total *= k->size[i];
+    if (total == 0 || k->run == 0 || k->nk == 0)
+        return 0;
+    struct iovec local[CMA_IOVS], remote[CMA_IOVS];
+    for (int64_t jj = 0; jj < k->nk; jj++) {
+        int64_t j = (jj + s->rank + 1) % k->nk, r = k->k0 + j;
+        const int64_t *desc = (const int64_t *)s->payloads[2 * r + par];
+        if (desc[2] != k->nbytes)
+            return EINVAL; /* (the heads agreed on the shape: a peer's slot was not this call's) */
+        const char *base = r == s->rank ? in : (const char *)(intptr_t)desc[1];
+        int64_t idx[LOOPS] = {0};
+        int cnt = 0, rc = 0;
+        for (int64_t it = 0; it < total; it++) {
+            int64_t so = 0, d = 0;
+            for (int i = 0; i < LOOPS; i++) {
+                so += idx[i] * k->src[i];
+                d += idx[i] * k->dst[i];
+            }
+            char *to = out + j * k->dst_step + d;
+            if (r == s->rank) {
+                copy(s, k->run >= STREAM_FROM, to, base + k->src0 + so, (size_t)k->run);
+            } else {
+                local[cnt] = (struct iovec){to, (size_t)k->run};
+                remote[cnt] = (struct iovec){(void *)(base + k->src0 + so), (size_t)k->run};
+                if (++cnt == CMA_IOVS) {
+                    if ((rc = cma_read((pid_t)desc[0], local, remote, cnt)) != 0)
+                        return rc;
+                    cnt = 0;
+                }
+            }
+            for (int i = LOOPS - 1; i >= 0 && ++idx[i] == k->size[i]; i--)
+                idx[i] = 0;
+        }
+        if (cnt && (rc = cma_read((pid_t)desc[0], local, remote, cnt)) != 0)
+            return rc;
+    }
+    return 0;
+}
+
+/* KIND_CMA_COPY's end (the GIL released): this rank's errno (0: it read everything) into the
+   first word of its payload slot of the other parity (as split_reduce's chunk), the second
+   exchange, then the first peer's nonzero errno, as -(rank + 1) * 4096 - errno, or 0: every
+   rank then knows whether any read failed, and raises alike. */
+static int64_t cma_finish(Context *s, int par, int err, const Policy *p)
+{
+    *(volatile int64_t *)s->payloads[2 * s->rank + (par ^ 1)] = err;
+    shm_sync(s, p);
+    for (Py_ssize_t r = 0; r < s->n; r++) {
+        int64_t e = *(volatile const int64_t *)s->payloads[2 * r + (par ^ 1)];
+        if (e != 0)
+            return -(int64_t)(r + 1) * 4096 - e;
+    }
+    return 0;
+}
+
 /* KIND_MPI's collective (the GIL released by the caller): MPI's return code. */
 static int mpi_call(const Context *s, const OpKey *k, char *in, char *out)
 {
@@ -669,13 +760,22 @@ static PyObject *run(Context *self, PyObject *const *args, Py_ssize_t nargs)
     }
     if (split)
         key.kind = KIND_SLOT_REDUCE;
+    int cma = key.kind == KIND_CMA_COPY;
+    if (cma && !self->cma) {
+        PyErr_SetString(PyExc_ValueError, "fast run: a bad key (cross-memory attach is off)");
+        return NULL;
+    }
+    if (cma)
+        key.kind = KIND_SLOT_COPY;
     int in_slots = key.kind == KIND_SLOT_COPY || key.kind == KIND_SLOT_REDUCE;
     if (in_slots)
         key.kind -= KIND_SLOT_COPY - KIND_COPY;
     if ((key.kind != KIND_COPY && key.kind != KIND_REDUCE && key.kind != KIND_MPI) ||
         (key.kind == KIND_MPI && (self->bcast == NULL || ((key.nk > 0 || key.pre_run > 0) && scratch == NULL))) ||
         (in_slots && (!self->shm || self->payloads == NULL)) ||
-        !key_in_bounds(&key, self->n, in_slots ? (Py_ssize_t)self->payload_bytes : self->row_bytes - HEAD_WORDS * 8)) {
+        !key_in_bounds(&key, self->n, cma ? (Py_ssize_t)key.nbytes
+                                          : in_slots ? (Py_ssize_t)self->payload_bytes
+                                                     : self->row_bytes - HEAD_WORDS * 8)) {
         PyErr_SetString(PyExc_ValueError, "fast run: a bad key");
         return NULL;
     }
@@ -697,8 +797,14 @@ static PyObject *run(Context *self, PyObject *const *args, Py_ssize_t nargs)
     int par = in_slots ? (int)((*self->count + 1) & 1) : 0;
     int rc = 0;
     Py_BEGIN_ALLOW_THREADS
-    if (key.nbytes && in_slots)
+    if (cma) { /* the descriptor the peers read this rank's input by (cma_blocks) */
+        int64_t *desc = (int64_t *)self->payloads[2 * self->rank + par];
+        desc[0] = (int64_t)getpid();
+        desc[1] = (int64_t)(intptr_t)in;
+        desc[2] = key.nbytes;
+    } else if (key.nbytes && in_slots) {
         copy(self, key.nbytes >= STREAM_FROM, self->payloads[2 * self->rank + par], in, (size_t)key.nbytes);
+    }
     if (self->shm)
         shm_exchange(self, &policy);
     else
@@ -706,6 +812,7 @@ static PyObject *run(Context *self, PyObject *const *args, Py_ssize_t nargs)
                              self->byte_type, self->comm);
     Py_END_ALLOW_THREADS
     int status = RUN_DONE, bad = 0;
+    int64_t failed = 0; /* KIND_CMA_COPY: cma_finish's verdict */
     for (Py_ssize_t r = 0; rc == 0 && r < self->n; r++) {
         const char *row = self->table + r * self->row_bytes;
         int64_t free;
@@ -733,6 +840,8 @@ static PyObject *run(Context *self, PyObject *const *args, Py_ssize_t nargs)
         Py_BEGIN_ALLOW_THREADS
         if (split)
             split_reduce(self, &key, par, out, &policy);
+        else if (cma)
+            failed = cma_finish(self, par, cma_blocks(self, &key, par, in, out), &policy);
         else
             bad = blocks(self, &key, payload_rows(self, par), self->n, out) < 0;
         Py_END_ALLOW_THREADS
@@ -746,6 +855,11 @@ static PyObject *run(Context *self, PyObject *const *args, Py_ssize_t nargs)
             return PyErr_Format(PyExc_RuntimeError, "MPI error %d in the exchange or the collective", rc);
         if (bad)
             return PyErr_Format(PyExc_ValueError, "fast run: no kernel %lld", (long long)key.kernel);
+        if (failed) {
+            errno = (int)(-failed % 4096);
+            return PyErr_Format(PyExc_RuntimeError, "%s: rank %lld could not read a peer's input (process_vm_readv: %s)",
+                                PyUnicode_AsUTF8(args[3]), (long long)(-failed / 4096 - 1), strerror(errno));
+        }
         return PyLong_FromLong(RUN_DONE);
     }
     return PyLong_FromSsize_t((slot + 1) * 4 + status);
@@ -772,8 +886,28 @@ static int set_record(Context *self, PyObject *value, void *unused)
     return 0;
 }
 
+static PyObject *get_cma(Context *self, void *unused) { return PyBool_FromLong(self->cma); }
+
+static int set_cma(Context *self, PyObject *value, void *unused)
+{
+    int v = value == NULL ? -1 : PyObject_IsTrue(value);
+    if (v < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "cma cannot be deleted");
+        return -1;
+    }
+    if (v && (!self->shm || self->payloads == NULL)) {
+        PyErr_SetString(PyExc_ValueError, "cma needs the shared table's payload slots");
+        return -1;
+    }
+    self->cma = v;
+    return 0;
+}
+
 static PyGetSetDef getset[] = {
     {"record", (getter)get_record, (setter)set_record, "record calls in the flight ring (default True)", NULL},
+    {"cma", (getter)get_cma, (setter)set_cma,
+     "run KIND_CMA_COPY keys (set once every rank of the group can read its peers' memory: cma.py)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 
@@ -859,6 +993,7 @@ static PyObject *context(PyObject *mod, PyObject *args)
     self->payloads = NULL;
     self->payload_bytes = 0;
     self->stream = stream_fn;
+    self->cma = 0;
     self->rows = PyMem_Calloc((size_t)n, sizeof(char *));
     self->name = NULL;
     self->keep = NULL;

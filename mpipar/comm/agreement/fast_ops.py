@@ -14,8 +14,10 @@ rank-order reduction of fast.c's all-reduce) and records itself.
 Where the group's ranks outnumber cores on one node, a call too large for the table's row
 but within tuning.SLOT_BYTES rides in the shared table's payload slots instead
 (mpipar.comm.agreement.shm_table, `fast_plan._in_slots`): the same walk over the rows, read from
-the slots, with no MPI collective after the exchange. The Python path has no such
-exchange, so every rank takes these calls in C, a rank whose tensor is not a contiguous
+the slots, with no MPI collective after the exchange. An all_to_all from tuning.CMA_BYTES, where
+every rank can read its peers' memory (mpipar.comm.agreement.cma), takes the same walk over the
+peers' inputs themselves, read with process_vm_readv (`fast_plan._by_cma`). The Python path has
+no such exchange, so every rank takes these calls in C, a rank whose tensor is not a contiguous
 CPU tensor from a contiguous CPU copy (fast_call._plan_of).
 
 This module holds each op's entry point and plan builder; mpipar.comm.agreement.fast_call
@@ -51,9 +53,9 @@ from .fast import FAST_DTYPES
 from .inline import _call, _increment_version
 from .into import NO_OUT, check as check_out, code as out_code
 from .fast_call import _DONE, Exchanged, _exchanged, _finish, _into_new, _plan_of, _run, _source
-from .fast_plan import (_ALLGATHER, _ALLTOALL, _BCAST, _COPY, _REDUCE, _REDUCE_SCATTER, _SLOT_COPY, _SLOT_REDUCE,
-                        _SLOT_SPLIT, _Plan,
-                        _blocks, _front_strides, _in_slots, _kernel, _key, _leading, _mpi_plan, _sent_as, _slot_plan,
+from .fast_plan import (_ALLGATHER, _ALLTOALL, _BCAST, _CMA_COPY, _COPY, _REDUCE, _REDUCE_SCATTER, _SLOT_COPY,
+                        _SLOT_REDUCE, _SLOT_SPLIT, _Plan,
+                        _blocks, _by_cma, _front_strides, _in_slots, _kernel, _key, _leading, _mpi_plan, _sent_as, _slot_plan,
                         _strides, _walk)
 from .protocol import BAD_DIM, norm_dim
 
@@ -181,11 +183,14 @@ def _all_to_all_plan(settings, t, g, scatter_dim, gather_dim) -> _Plan:
     along gd in rank order."""
     sd, gd = norm_dim(scatter_dim, t.dim()), norm_dim(gather_dim, t.dim())
     info = _call("all_to_all", t, dim=sd if gd != BAD_DIM else BAD_DIM, root=gd)
-    if (t.dim() > 0 and BAD_DIM not in (sd, gd) and not t.shape[sd] % g.size
-            and _in_slots(g, info, "all_to_all", info.nbytes)):
+    blocks = t.dim() > 0 and BAD_DIM not in (sd, gd) and not t.shape[sd] % g.size
+    if blocks and _by_cma(g, info, "all_to_all", info.nbytes):  # read out of the peers' inputs
+        c = t.shape[sd] // g.size
+        return _slot_plan(settings, info, _blocks(info, t, g, _CMA_COPY, sd, g.rank * c, c, gd))
+    if blocks and _in_slots(g, info, "all_to_all", info.nbytes):
         c = t.shape[sd] // g.size
         return _slot_plan(settings, info, _blocks(info, t, g, _SLOT_COPY, sd, g.rank * c, c, gd))
-    if not info.fits and t.dim() > 0 and BAD_DIM not in (sd, gd) and not t.shape[sd] % g.size:
+    if not info.fits and blocks:
         count, item = t.numel() // g.size, t.element_size()
         if sd == gd and _leading(t.shape, sd):  # MPI's blocks in and out are the result's
             return _mpi_plan(settings, info, g, t, _ALLTOALL, count, shape=list(t.shape))

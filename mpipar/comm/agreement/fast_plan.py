@@ -22,7 +22,7 @@ from ..symmetric.pool import _ATTR as _POOL
 from .fast import FAST_DTYPES
 
 LOOPS = 6  # fast.c's OpKey loops
-_COPY, _REDUCE, _MPI, _SLOT_COPY, _SLOT_REDUCE, _SLOT_SPLIT = 1, 2, 3, 4, 5, 6  # fast.c's kinds
+_COPY, _REDUCE, _MPI, _SLOT_COPY, _SLOT_REDUCE, _SLOT_SPLIT, _CMA_COPY = 1, 2, 3, 4, 5, 6, 7  # fast.c's kinds
 _ALLGATHER, _REDUCE_SCATTER, _BCAST, _ALLTOALL = 1, 2, 3, 4  # fast.c's MPI calls (KIND_MPI)
 _CALL_NAMES = {_ALLGATHER: "all_gather", _REDUCE_SCATTER: "reduce_scatter", _BCAST: "broadcast",
                _ALLTOALL: "all_to_all"}
@@ -218,6 +218,17 @@ def _in_slots(g, info, name: str, payload: int, algorithm="auto", shm_bytes: int
             and 0 < payload <= min(buf.slot_bytes, tuning.SLOT_BYTES.get(name, 0))
             and not (_POOL in g.__dict__ and name in tuning.SHM_CROSSOVER_BYTES
                      and tuning.shm_pays(name, payload if shm_bytes is None else shm_bytes)))
+
+
+def _by_cma(g, info, name: str, payload: int) -> bool:
+    """Does this call read its blocks straight out of the peers' inputs (fast.c's KIND_CMA_COPY:
+    process_vm_readv, one copy)? Where every rank of a crowded one-node group has the C call and
+    can read its peers' memory (inline.buffers: cma.works, agreed), for good arguments past the
+    row, when `payload` (the input's bytes) is at least tuning.CMA_BYTES. Agreed
+    facts only, as _in_slots."""
+    buf = g.__dict__.get("_inline_buffers")
+    return (buf is not None and buf.cma and not info.bad and not info.fits
+            and payload >= tuning.CMA_BYTES.get(name, tuning.NEVER))
 
 
 def _kernel(dtype: torch.dtype, op) -> int | None:

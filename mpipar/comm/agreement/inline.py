@@ -38,7 +38,7 @@ from ..buffers import memo, staging_forced
 from ..symmetric.pool import _ATTR as _POOL
 from ...settings import current
 from ..backends.mpi import in_place
-from . import fast, shm_table
+from . import cma, fast, shm_table
 from ..wait import polite_packed
 from .fast import FAST_DTYPES
 from .protocol import BAD_DIM, _UNKNOWN, check, exchange, signature, validation_enabled
@@ -132,6 +132,7 @@ class _Buffers:
         self.run = None  # the other small collectives in one C call (its `run`: mpipar.comm.agreement.fast_ops)
         self.plans: dict = {}  # _Call -> (settings, fast_ops' plan of that call on this group)
         self.slot_bytes = 0  # the shared table's payload slots, where every rank has the C call (fast_plan._in_slots)
+        self.cma = False  # ... and every rank reads its peers' memory (mpipar.comm.agreement.cma, fast_plan._by_cma)
         self.spare = None  # fast_ops' scratch for MPI's pieces (uint8, grown as needed up to its cap)
 
     @property
@@ -167,6 +168,8 @@ def buffers(g) -> _Buffers:
         b.run = None if b.fast is None else b.fast.run
         if b.shm is not None:  # payload slots only where EVERY rank's C call can read them (agreed)
             b.slot_bytes = _agreed_min(g, shm_table.PAYLOAD_BYTES if b.run is not None else 0)
+        if b.slot_bytes:  # (agreed) and cross-memory attach where every rank can read every peer
+            b.fast.cma = b.cma = cma.works(g)
         if b.shm is not None and b.fast is not None:  # the exchange every other call makes, in C too
             exchange = b.fast.exchange
             b.gather = lambda: exchange(polite_packed())
