@@ -8,7 +8,8 @@
 An MLP stack (`--layers` x [Linear(hidden, hidden), GELU], MSE loss) is split
 into p stages (the first p ranks; the others wait politely). For every
 schedule, p and m: the step time (median over steps of the max over ranks),
-the measured bubble fraction (idle / (p x makespan) from a traced step), the
+the measured bubble fraction (idle / (p x makespan), from as many traced steps after
+the timed ones, which run untraced), the
 simulated bubble (`pipeline.simulate` with the measured per-microbatch F/B/W
 times and p2p time), and the peak activation bytes per stage. In the same
 run, torch.distributed.pipelining on gloo (ScheduleGPipe, Schedule1F1B,
@@ -110,14 +111,16 @@ def batch(cfg: Config):
             torch.randn(cfg.batch, cfg.hidden, generator=g).to(dt))
 
 
-def timed(step, comm, cfg: Config) -> list:
-    """Per-step wall times on this rank (barrier before each step)."""
+def timed(step, comm, cfg: Config, warmup: int | None = None) -> list:
+    """Per-step wall times on this rank (barrier before each step): `warmup` (default
+    cfg.warmup) steps, then cfg.steps timed ones."""
     times = []
-    for it in range(cfg.warmup + cfg.steps):
+    warmup = cfg.warmup if warmup is None else warmup
+    for it in range(warmup + cfg.steps):
         polite_barrier(comm)
         t0 = time.perf_counter()
         step()
-        if it >= cfg.warmup:
+        if it >= warmup:
             times.append(time.perf_counter() - t0)
     return times
 
@@ -139,7 +142,9 @@ def p2p_time(g: Group, nbytes: int, iters: int = 5) -> float:
 
 
 def run_mpipar(cfg, name, m, g, layers, tracer) -> dict:
-    """Time and trace every step (the tracer costs a few microseconds per action)."""
+    """Time cfg.steps untraced steps (what a user's step costs: the tracer's memory samples and
+    activation hooks are not free), then trace as many more for the bubble, the F/B/W times and
+    the activation peak."""
     v = cfg.chunks if name == "interleaved-1f1b" else 1
     chunks = [part for k, part in enumerate(partition(layers, g.size * v)) if k % g.size == g.rank]
     runner = PipelineRunner(chunks if len(chunks) > 1 else chunks[0], g, schedule=name,
@@ -153,13 +158,15 @@ def run_mpipar(cfg, name, m, g, layers, tracer) -> dict:
         for c in chunks:
             c.zero_grad(set_to_none=True)
 
+    tracer.enabled = False
+    times = timed(step, g.comm, cfg)
+    marks.clear()
     tracer.enabled = True
     tracer.activations.reset_peak()
-    times = timed(step, g.comm, cfg)
+    timed(step, g.comm, cfg, warmup=0)
     tracer.enabled = False
     runner.close()
-    del tracer.spans[marks[0]:marks[cfg.warmup]]  # keep the timed steps only
-    marks = [n - (marks[cfg.warmup] - marks[0]) for n in marks[cfg.warmup:]] + [len(tracer.spans)]
+    marks.append(len(tracer.spans))
     steps = []
     for it in range(cfg.steps):
         spans = tracer.spans[marks[it]:marks[it + 1]]

@@ -74,9 +74,9 @@ def _request(x):
 class Channel:
     """Tagged point-to-point on communicator `comm`; waits recorded on `flight` (a Group or
     a flight-recorder Channel; None records nothing). polite: always wait by polling with
-    back-off (mpipar.comm.wait's), never in MPI's busy Wait, so a waiting rank leaves the
-    CPU to computing ones (the pipeline's stages); otherwise only while failure notices
-    are watched or the node is oversubscribed."""
+    back-off (mpipar.comm.wait's POLITE where ranks outnumber cores, so a waiting rank leaves
+    the CPU to computing ones, the pipeline's stages; else BUSY), never in MPI's busy Wait;
+    otherwise only while failure notices are watched or the node is oversubscribed."""
 
     def __init__(self, comm, flight=None, polite: bool = False):
         self.comm, self.flight, self.polite = comm, flight, polite
@@ -187,7 +187,9 @@ class Channel:
             self.check_failures()
             return testall(requests)
 
-        _wait.poll(finished)
+        # BUSY where ranks have their own cores: nobody needs the core a waiting stage holds, and
+        # POLITE's sleeps grow with the wait, so a stage woke up to 125 us after a long bubble
+        _wait.backoff(_wait.node_is_oversubscribed()).wait(finished)
 
     # ---- failure notices ---------------------------------------------------------------------
     def watch_failures(self, tag: int) -> None:

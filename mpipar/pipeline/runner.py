@@ -127,7 +127,7 @@ class PipelineRunner:
         else:
             with self._span("W", action):
                 self._weight(action)
-        if self.tracer is not None:
+        if self._traced():
             self.tracer.sample_memory(str(action), stage=self.stage, microbatch=action.microbatch)
 
     def _forward(self, a, k, x) -> None:
@@ -140,7 +140,7 @@ class PipelineRunner:
                 raise MpiparError(f"activation into virtual stage {k} has dtype {x.dtype}; "
                                   f"tensors between stages must be floating point")
             x.requires_grad_(True)
-        meter = self.tracer.activations if self.tracer is not None else contextlib.nullcontext()
+        meter = self.tracer.activations if self._traced() else contextlib.nullcontext()
         with meter, self.splitters[c].record() as record:
             out = self.modules[c](x)
             if not isinstance(out, torch.Tensor):
@@ -201,8 +201,13 @@ class PipelineRunner:
         self.transport.wait(req, local, total)
         return float(total[0]) / self.num_microbatches
 
+    def _traced(self) -> bool:
+        """Whether this step is traced. A disabled tracer costs nothing: a memory sample reads
+        /proc, and the activation meter hooks every saved tensor."""
+        return self.tracer is not None and self.tracer.enabled
+
     def _span(self, name, action=None, **fields):
-        if self.tracer is None:
+        if not self._traced():
             return contextlib.nullcontext()
         if action is not None:
             fields.update(microbatch=action.microbatch, chunk=action.chunk)

@@ -236,6 +236,24 @@ def test_tracer_gets_every_action_and_message(name, v):
 
 
 @pytest.mark.mpi
+def test_a_disabled_tracer_records_and_meters_nothing():
+    """A runner given a tracer that is off (the benchmark's timed steps) takes no span, no memory
+    sample and no saved-tensor hook; the same runner traced again records every action."""
+    from mpipar.trace import Tracer
+
+    chunks = stage_chunks(serial_stack(num_linear=2 * P + 1), 1)
+    tracer = Tracer(COMM, enabled=False)
+    runner = PipelineRunner(chunks[0], COMM, schedule="1f1b", num_microbatches=2, loss_fn=mse, tracer=tracer)
+    tracer.activations.reset_peak()
+    runner.step(*data(batch=8))
+    assert (tracer.spans, tracer.memory, tracer.activations.peak) == ([], [], 0)
+    tracer.enabled = True
+    runner.step(*data(batch=8))
+    assert len(tracer.memory) == len(runner.actions) and tracer.activations.peak > 0
+    runner.close()
+
+
+@pytest.mark.mpi
 def test_1f1b_holds_fewer_activations_than_gpipe():
     if P < 2:
         pytest.skip("needs two stages")
