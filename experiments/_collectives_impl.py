@@ -3,7 +3,9 @@
 Each implementation turns a point (op, impl, nbytes, dtype, iters, warmup)
 into an input tensor and a `run()` returning the output: mpipar's
 collectives ("mpi", "ring", "auto", "shm"; "auto_sym" = auto on a symmetric
-tensor; "hier" = the hierarchical all-reduce on fake nodes; "sym_inplace" = an
+tensor; "auto_pooled" = auto on a plain tensor in the group that has a symmetric pool, as a
+training job's group has once a staged call or a symmetric bucket made one; "hier" = the
+hierarchical all-reduce on fake nodes; "sym_inplace" = an
 in-place all-gather into a symmetric output), raw mpi4py on numpy views
 ("mpi4py"; "mpi4py_inplace": MPI_IN_PLACE all-gather), torch.distributed over gloo ("gloo"), a local copy
 ("memcpy") and an in-place pass np.add(buf, 0, out=buf) over plain ("inplace") or
@@ -29,7 +31,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
-IMPLS = ("mpi", "ring", "auto", "shm", "auto_sym", "sym_inplace", "hier", "mpi4py", "mpi4py_inplace", "gloo",
+IMPLS = ("mpi", "ring", "auto", "shm", "auto_sym", "auto_pooled", "sym_inplace", "hier", "mpi4py", "mpi4py_inplace", "gloo",
          "memcpy", "inplace", "inplace_sym")
 MODES = ("loop", "single")
 PASSES = ("memcpy", "inplace", "inplace_sym")  # one-rank memory passes (every rank at once): busbw = their rate
@@ -129,7 +131,7 @@ def hier_group(g):
     return hg
 
 
-SYMMETRIC_IMPLS = ("auto_sym", "inplace_sym", "sym_inplace", "shm")
+SYMMETRIC_IMPLS = ("auto_sym", "auto_pooled", "inplace_sym", "sym_inplace", "shm")
 
 
 def symmetric_group(g):
@@ -142,6 +144,7 @@ def symmetric_group(g):
         from mpipar.mesh import Group
 
         sg = g._bench_symmetric_group = Group(g.comm.Dup(), g.name)
+        C.symmetric_empty((1,), torch.float32, sg)  # its pool, whichever implementation runs first
     return sg
 
 
@@ -172,7 +175,7 @@ def build(point: dict, g, count: int, plain=None):
         return inp, bench_mpi4py(op, g.comm, inp, count, n)
     if impl == "gloo":
         return inp, bench_gloo(op, inp, count, n)
-    return inp, bench_mpipar(op, "auto" if impl == "auto_sym" else impl, g, inp)
+    return inp, bench_mpipar(op, "auto" if impl in ("auto_sym", "auto_pooled") else impl, g, inp)
 
 
 def in_place_all_gather(impl: str, g, count: int, dtype):

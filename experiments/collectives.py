@@ -19,7 +19,9 @@ integers so every dtype is exact). "size" is nccl-tests' size: the full
 tensor (all_gather: the output; reduce_scatter, all_to_all: the input).
 Implementations: mpipar "mpi", "ring" (all_reduce, all_gather, reduce_scatter),
 "auto" (every op), "shm" (forced shared memory on a plain tensor: staged through a
-window), "auto_sym" (auto on a symmetric tensor: zero-copy shared memory), "hier"
+window), "auto_sym" (auto on a symmetric tensor: zero-copy shared memory), "auto_pooled"
+(auto on a plain tensor in the group that has a symmetric pool, as a training job's group
+once a staged call or a symmetric bucket made one; opt-in), "hier"
 (all_reduce: the hierarchical path on a symmetric tensor, the ranks split into two
 fake nodes unless MPIPAR_FAKE_RANKS_PER_NODE says otherwise; opt-in);
 "sym_inplace" (all_gather(t, g, out=out) with `out` symmetric and `t` this rank's slice
@@ -34,9 +36,9 @@ every rank at once: the in-place memory pass over plain torch memory, which sits
 the shared-memory window's own 4 KiB pages, the ceiling of shared-memory all-reduce); both
 passes also run among each all_reduce size's implementations, so its ratios to them are
 side by side. The implementations on symmetric tensors (auto_sym, inplace_sym, sym_inplace,
-shm) run on their own group, a Dup of the benchmark's: a symmetric pool changes how "auto"
-moves plain tensors (mpipar.comm.agreement.fast_plan._in_slots), and "auto" is timed as a
-group of plain tensors runs it.
+shm) and auto_pooled run on their own group, a Dup of the benchmark's that has a pool: a
+symmetric pool changes how "auto" moves plain tensors (mpipar.comm.agreement.fast_plan._in_slots),
+and "auto" is timed as a group of plain tensors runs it.
 
 --mode: "loop" (the default) times back-to-back calls, as above; "single" times each
 call alone, the way training calls a collective once after compute: every call is

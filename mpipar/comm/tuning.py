@@ -84,6 +84,23 @@ CMA_BYTES = {"all_to_all": 256 << 10}
 SLOT_SPLIT_BYTES = 32 << 10
 
 
+# In a crowded group whose table has payload slots and which has a symmetric pool (made by the
+# first staged call, tuning.STAGED_SHM_BYTES, or by symmetric tensors), a call takes the zero-copy
+# path for symmetric tensors, and plain ones the path they had before the slots (MPI's
+# collective after the agreement), only from these sizes (as shm_pays reads them); below, every
+# tensor rides in the slots. Broadcast and all_gather have no such size: in the slots, plain
+# tensors ran 2x as fast as on MPI's collective, and symmetric ones within 0.1 of their
+# zero-copy path (4 ranks on 2 cores, results/TUNING.md).
+SLOT_SHM_CROSSOVER_BYTES = {"all_reduce": 1 << 20, "reduce_scatter": 4 << 20}
+
+
+def shm_pays_over_slots(op: str, nbytes: int) -> bool:
+    """shm_pays where the payload slots are the alternative: from SLOT_SHM_CROSSOVER_BYTES (never
+    for an op it lacks), or from MPIPAR_SHM_CROSSOVER_<OP> where that is set."""
+    own = current().shm_crossover.get(op)
+    return nbytes >= (SLOT_SHM_CROSSOVER_BYTES.get(op, NEVER) if own is None else own)
+
+
 def stages_in_shm(op: str, nbytes: int) -> bool:
     """Should "auto" stage a plain tensor of `nbytes` through shared memory (oversubscribed
     one-node groups only; the caller checks that)?"""

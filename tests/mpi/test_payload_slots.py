@@ -326,15 +326,16 @@ def test_slot_broadcast_in_place(slotted, checks):
 
 def test_a_symmetric_pool_keeps_the_zero_copy_sizes_off_the_slots(slotted, checks):
     """Once the group has a symmetric pool, calls of the sizes where symmetric tensors take the
-    zero-copy path (tuning.shm_pays: the agreement's table decides it) plan without the slots,
-    plain and symmetric tensors alike; smaller ones keep them. The results are the same."""
+    zero-copy path (tuning.shm_pays_over_slots: the agreement's table decides it) plan without the
+    slots, plain and symmetric tensors alike; smaller ones keep them, symmetric tensors included,
+    and a broadcast keeps them at every size. The results are the same."""
     from mpipar.comm import tuning
 
     g, calls, buf = slotted
     n, r = g.size, g.rank
     small = n * ROWS * 3  # a reduce_scatter input below the zero-copy crossover
-    large = -(-tuning.SHM_CROSSOVER_BYTES["reduce_scatter"] // (4 * n)) * n  # at it or just past
-    checks.true(small * 4 < tuning.SHM_CROSSOVER_BYTES["reduce_scatter"] <= large * 4
+    large = -(-tuning.SLOT_SHM_CROSSOVER_BYTES["reduce_scatter"] // (4 * n)) * n  # at it or just past
+    checks.true(small * 4 < tuning.SLOT_SHM_CROSSOVER_BYTES["reduce_scatter"] <= large * 4
                 <= tuning.SLOT_BYTES["reduce_scatter"], "sizes")
     sym = {k: comm.symmetric_empty((k,), torch.float32, g) for k in (small, large)}
     for k in (small, large):
@@ -344,8 +345,14 @@ def test_a_symmetric_pool_keeps_the_zero_copy_sizes_off_the_slots(slotted, check
             checks.equal(comm.reduce_scatter(x, g), want, f"{kind} {k}")
             if kind == "plain":  # (the symmetric tensor's call shape is the plain one's: its plan is made)
                 checks.true(slot_plans(buf) - plans == int(k == small), f"{kind} {k}: slots {k == small}")
-    y = sym[small][:ROWS * 3].fill_(float(r))  # an all-reduce past the table's row: zero-copy from 4 KiB
-    plans = slot_plans(buf)
-    checks.equal(comm.all_reduce(y, g), torch.full((ROWS * 3,), float(n * (n - 1) // 2)), "all_reduce")
-    checks.true(slot_plans(buf) == plans, "all_reduce: no slots")
+    total = n * (n - 1) // 2
+    for count, slots in ((ROWS * 3, True), (tuning.SLOT_SHM_CROSSOVER_BYTES["all_reduce"] // 4, False)):
+        y = sym[large][:count].fill_(float(r))  # symmetric: in the slots below the crossover, else zero-copy
+        plans = slot_plans(buf)
+        checks.equal(comm.all_reduce(y, g), torch.full((count,), float(total)), f"all_reduce {count}")
+        checks.true(slot_plans(buf) - plans == int(slots), f"all_reduce {count}: slots {slots}")
+    for kind, x in (("plain", torch.full((large,), float(r))), ("symmetric", sym[large].fill_(float(r)))):
+        plans = slot_plans(buf)  # a broadcast as large as the reduce_scatter's: in the slots
+        checks.equal(comm.broadcast(x, g, root=n - 1), torch.full((large,), float(n - 1)), f"broadcast {kind}")
+        checks.true(kind == "symmetric" or slot_plans(buf) - plans == 1, f"broadcast {kind}: slots")
     checks.finish()

@@ -217,7 +217,12 @@ def test_auto_ignores_plain_tensors_and_small_sizes(group, checks, monkeypatch):
     comm.all_reduce(small, group)
     checks.equal(small, torch.full((10,), float(n)), "below crossover")
     checks.true(calls(group, "all_reduce") == 0, "auto used shm below the crossover")
-    big = sym(group, torch.ones(-(-tuning.SHM_CROSSOVER_BYTES["all_reduce"] // 4)))  # the first size at or above it
+    from mpipar.comm.agreement import inline
+
+    # where the group's table has payload slots (crowded ranks), smaller tensors ride in them
+    crossover = (tuning.SLOT_SHM_CROSSOVER_BYTES if inline.buffers(group).slot_bytes
+                 else tuning.SHM_CROSSOVER_BYTES)["all_reduce"]
+    big = sym(group, torch.ones(-(-crossover // 4)))  # the first size at or above it
     comm.all_reduce(big, group)
     checks.equal(big, torch.full_like(big, float(n)), "at the crossover")
     checks.true(calls(group, "all_reduce") == (n > 1), "auto did not use shm at the crossover")

@@ -210,14 +210,15 @@ def _in_slots(g, info, name: str, payload: int, algorithm="auto", shm_bytes: int
     rank writes: broadcast's root its tensor, all_gather its piece, reduce_scatter and all_to_all
     their whole input) is within tuning.SLOT_BYTES, and unless the group has a symmetric pool and
     the call is of a size where symmetric tensors take the zero-copy path (`shm_bytes`, as
-    tuning.shm_pays reads it: whether a rank's tensor is symmetric is its own fact, and the
-    agreement's table decides that path). Agreed facts only: every rank decides alike (a pool is
+    tuning.shm_pays_over_slots reads it: whether a rank's tensor is symmetric is its own fact, and
+    the agreement's table decides that path; below, symmetric tensors ride in the slots too).
+    Agreed facts only: every rank decides alike (a pool is
     made and freed collectively)."""
     buf = g.__dict__.get("_inline_buffers")
     return (buf is not None and buf.slot_bytes > 0 and not info.bad and not info.fits and algorithm == "auto"
             and 0 < payload <= min(buf.slot_bytes, tuning.SLOT_BYTES.get(name, 0))
             and not (_POOL in g.__dict__ and name in tuning.SHM_CROSSOVER_BYTES
-                     and tuning.shm_pays(name, payload if shm_bytes is None else shm_bytes)))
+                     and tuning.shm_pays_over_slots(name, payload if shm_bytes is None else shm_bytes)))
 
 
 def _by_cma(g, info, name: str, payload: int) -> bool:
