@@ -31,7 +31,8 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
-IMPLS = ("mpi", "ring", "auto", "shm", "auto_sym", "auto_pooled", "sym_inplace", "hier", "mpi4py", "mpi4py_inplace", "gloo",
+IMPLS = ("mpi", "ring", "auto", "shm", "auto_sym", "auto_pooled", "sym_inplace",
+         "hier", "mpi4py", "mpi4py_inplace", "gloo",
          "memcpy", "inplace", "inplace_sym")
 MODES = ("loop", "single")
 PASSES = ("memcpy", "inplace", "inplace_sym")  # one-rank memory passes (every rank at once): busbw = their rate

@@ -188,7 +188,7 @@ class Channel:
             return testall(requests)
 
         # BUSY where ranks have their own cores: nobody needs the core a waiting stage holds, and
-        # POLITE's sleeps grow with the wait, so a stage woke up to 125 us after a long bubble
+        # POLITE's sleeps grow with the wait, so a stage would wake late after a long bubble
         _wait.backoff(_wait.node_is_oversubscribed()).wait(finished)
 
     # ---- failure notices ---------------------------------------------------------------------

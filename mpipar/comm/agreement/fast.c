@@ -857,8 +857,8 @@ static PyObject *run(Context *self, PyObject *const *args, Py_ssize_t nargs)
             return PyErr_Format(PyExc_ValueError, "fast run: no kernel %lld", (long long)key.kernel);
         if (failed) {
             errno = (int)(-failed % 4096);
-            return PyErr_Format(PyExc_RuntimeError, "%s: rank %lld could not read a peer's input (process_vm_readv: %s)",
-                                PyUnicode_AsUTF8(args[3]), (long long)(-failed / 4096 - 1), strerror(errno));
+            return PyErr_Format(PyExc_RuntimeError, "%s: rank %lld could not read a peer's input (process_vm_readv: "
+                                "%s)", PyUnicode_AsUTF8(args[3]), (long long)(-failed / 4096 - 1), strerror(errno));
         }
         return PyLong_FromLong(RUN_DONE);
     }

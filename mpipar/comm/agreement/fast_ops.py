@@ -55,8 +55,8 @@ from .into import NO_OUT, check as check_out, code as out_code
 from .fast_call import _DONE, Exchanged, _exchanged, _finish, _into_new, _plan_of, _run, _source
 from .fast_plan import (_ALLGATHER, _ALLTOALL, _BCAST, _CMA_COPY, _COPY, _REDUCE, _REDUCE_SCATTER, _SLOT_COPY,
                         _SLOT_REDUCE, _SLOT_SPLIT, _Plan,
-                        _blocks, _by_cma, _front_strides, _in_slots, _kernel, _key, _leading, _mpi_plan, _sent_as, _slot_plan,
-                        _strides, _walk)
+                        _blocks, _by_cma, _front_strides, _in_slots, _kernel, _key, _leading, _mpi_plan, _sent_as,
+                        _slot_plan, _strides, _walk)
 from .protocol import BAD_DIM, norm_dim
 
 __all__ = ["Exchanged", "all_gather", "all_reduce", "all_to_all", "broadcast", "reduce_scatter"]

@@ -212,8 +212,7 @@ def _in_slots(g, info, name: str, payload: int, algorithm="auto", shm_bytes: int
     the call is of a size where symmetric tensors take the zero-copy path (`shm_bytes`, as
     tuning.shm_pays_over_slots reads it: whether a rank's tensor is symmetric is its own fact, and
     the agreement's table decides that path; below, symmetric tensors ride in the slots too).
-    Agreed facts only: every rank decides alike (a pool is
-    made and freed collectively)."""
+    Agreed facts only: every rank decides alike (a pool is made and freed collectively)."""
     buf = g.__dict__.get("_inline_buffers")
     return (buf is not None and buf.slot_bytes > 0 and not info.bad and not info.fits and algorithm == "auto"
             and 0 < payload <= min(buf.slot_bytes, tuning.SLOT_BYTES.get(name, 0))
@@ -225,8 +224,8 @@ def _by_cma(g, info, name: str, payload: int) -> bool:
     """Does this call read its blocks straight out of the peers' inputs (fast.c's KIND_CMA_COPY:
     process_vm_readv, one copy)? Where every rank of a crowded one-node group has the C call and
     can read its peers' memory (inline.buffers: cma.works, agreed), for good arguments past the
-    row, when `payload` (the input's bytes) is at least tuning.CMA_BYTES. Agreed
-    facts only, as _in_slots."""
+    row, when `payload` (the input's bytes) is at least tuning.CMA_BYTES. Agreed facts only, as
+    _in_slots."""
     buf = g.__dict__.get("_inline_buffers")
     return (buf is not None and buf.cma and not info.bad and not info.fits
             and payload >= tuning.CMA_BYTES.get(name, tuning.NEVER))
