@@ -556,6 +556,32 @@ def inline_buffers_shared(g) -> bool:
     return inline.buffers(g).shared
 
 
+def test_a_small_symmetric_all_gather_takes_the_c_call(fast_group, checks):
+    """In a group with a one-node symmetric pool, an all_gather that fits the table's rows is
+    below the zero-copy crossover: a symmetric piece (rank 0's) or a symmetric `out` holding
+    this rank's piece takes the C call as plain ones do, and every rank gets torch.cat's bytes."""
+    from mpipar.comm.symmetric.pool import _ATTR as _POOL
+
+    g, calls = fast_group
+    if g.size == 1:
+        pytest.skip("a single rank communicates nothing")
+    n, r = g.size, g.rank
+    comm.symmetric_empty((1,), torch.float32, g)  # the pool
+    if not g.__dict__[_POOL].one_node:
+        pytest.skip("the pool spans nodes")
+    xs = [torch.arange(16, dtype=torch.float32) + 100 * q for q in range(n)]
+    sym = comm.symmetric_empty((16,), torch.float32, g)  # (collective)
+    x = sym.copy_(xs[r]) if r == 0 else xs[r].clone()
+    before = calls["run"]
+    checks.equal(comm.all_gather(x, g), torch.cat(xs), "a symmetric piece on rank 0")
+    out = comm.symmetric_empty((16 * n,), torch.float32, g).fill_(-1.0)
+    mine = out[16 * r:16 * (r + 1)].copy_(xs[r])
+    checks.true(comm.all_gather(mine, g, out=out) is out, "returns out")
+    checks.equal(out, torch.cat(xs), "in place into a symmetric out")
+    checks.true(calls["run"] - before == 2, f"C calls {calls['run'] - before}")
+    checks.finish()
+
+
 def test_fast_ops_flight_records_match_the_python_path(fast_group, checks):
     """Each op's flight record through the C call is the Python path's: op, group, dtype, shape,
     algorithm, done; and one record per call (an uneven all_gather's too)."""

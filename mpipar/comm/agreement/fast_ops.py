@@ -229,9 +229,11 @@ def all_gather(t: torch.Tensor, g, dim, algorithm, out):
         result = out
     pool = g.__dict__.get(_POOL)
     one_node = pool is not None and pool.one_node
-    if one_node and (pool.locate(t if out is None else out) is not None
-                     or (plan.mpi and out is not None and pool.locate(t) is not None)):
+    if one_node and plan.mpi and (pool.locate(t if out is None else out) is not None
+                                  or (out is not None and pool.locate(t) is not None)):
         return None  # a symmetric tensor: its descriptor rides in the table (inline.exchange_args)
+    # (a call that fits the table's rows is below the zero-copy crossover: the Python path would
+    # finish it from the rows too, so a symmetric tensor takes the C call as a plain one does)
     src = _source(plan, t)  # (held while C runs)
     v = _run(buf, g, plan, algorithm, "all_gather", src.data_ptr(), result.data_ptr())
     if v == _DONE:
