@@ -47,6 +47,15 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
+def checked_paths(checks, g, calls, name, xs, kw, what):
+    """(result, C call taken) of this rank's call on xs[g.rank], its bytes checked against the
+    Python path's and the serial reference's."""
+    got, want, took_c = both_paths(g, calls, name, xs[g.rank], kw)
+    same_bytes(checks, bits(got), bits(want.contiguous()), what + " vs the Python path")
+    same_bytes(checks, bits(got), bits(serial(name, xs, g.rank, g.size, kw)), what + " vs serial")
+    return got, took_c
+
+
 def cases(n):
     """(name, dtype, shape, kwargs, whether the C call moves it with MPI)."""
     for dtype in DTYPES:
@@ -88,11 +97,9 @@ def test_mpi_calls_are_the_python_path_bit_for_bit(fast_group, world, checks):
         xs = [rank_tensor(shape, dtype, q, seed=k) for q in range(n)]
         checks.true(xs[r].numel() * xs[r].element_size() > INLINE_BYTES, f"{name} {dtype} {shape}: not past the slot")
         what = f"{name} {dtype} {shape} {kw}"
-        got, want, took_c = both_paths(g, calls, name, xs[r], kw)
+        got, took_c = checked_paths(checks, g, calls, name, xs, kw, what)
         # (the C call's result is contiguous; the Python all_to_all's may be a strided view)
         checks.true(got.is_contiguous(), f"{what}: not contiguous")
-        same_bytes(checks, bits(got), bits(want.contiguous()), what + " vs the Python path")
-        same_bytes(checks, bits(got), bits(serial(name, xs, r, n, kw)), what + " vs serial")
         checks.true(got.dtype == dtype, f"{what}: {got.dtype}")
         checks.true(took_c == mpi, f"{what}: C path taken: {took_c}")
     blobs = world.allgather(calls["run"])
