@@ -97,8 +97,7 @@ SLOT_SHM_CROSSOVER_BYTES = {"all_reduce": 1 << 20, "reduce_scatter": 4 << 20}
 def shm_pays_over_slots(op: str, nbytes: int) -> bool:
     """shm_pays where the payload slots are the alternative: from SLOT_SHM_CROSSOVER_BYTES (never
     for an op it lacks), or from MPIPAR_SHM_CROSSOVER_<OP> where that is set."""
-    own = current().shm_crossover.get(op)
-    return nbytes >= (SLOT_SHM_CROSSOVER_BYTES.get(op, NEVER) if own is None else own)
+    return nbytes >= current().shm_crossover.get(op, SLOT_SHM_CROSSOVER_BYTES.get(op, NEVER))
 
 
 def stages_in_shm(op: str, nbytes: int) -> bool:

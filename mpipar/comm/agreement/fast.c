@@ -874,14 +874,20 @@ static PyMethodDef context_methods[] = {
 
 static PyObject *get_record(Context *self, void *unused) { return PyBool_FromLong(self->record); }
 
-static int set_record(Context *self, PyObject *value, void *unused)
+/* A flag setter's value: 0 or 1, or -1 with an exception (the attribute cannot be deleted). */
+static int flag_value(PyObject *value, const char *name)
 {
     int v = value == NULL ? -1 : PyObject_IsTrue(value);
-    if (v < 0) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, "record cannot be deleted");
+    if (v < 0 && !PyErr_Occurred())
+        PyErr_Format(PyExc_TypeError, "%s cannot be deleted", name);
+    return v;
+}
+
+static int set_record(Context *self, PyObject *value, void *unused)
+{
+    int v = flag_value(value, "record");
+    if (v < 0)
         return -1;
-    }
     self->record = v;
     return 0;
 }
@@ -890,12 +896,9 @@ static PyObject *get_cma(Context *self, void *unused) { return PyBool_FromLong(s
 
 static int set_cma(Context *self, PyObject *value, void *unused)
 {
-    int v = value == NULL ? -1 : PyObject_IsTrue(value);
-    if (v < 0) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_TypeError, "cma cannot be deleted");
+    int v = flag_value(value, "cma");
+    if (v < 0)
         return -1;
-    }
     if (v && (!self->shm || self->payloads == NULL)) {
         PyErr_SetString(PyExc_ValueError, "cma needs the shared table's payload slots");
         return -1;

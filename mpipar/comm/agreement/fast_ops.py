@@ -184,12 +184,12 @@ def _all_to_all_plan(settings, t, g, scatter_dim, gather_dim) -> _Plan:
     sd, gd = norm_dim(scatter_dim, t.dim()), norm_dim(gather_dim, t.dim())
     info = _call("all_to_all", t, dim=sd if gd != BAD_DIM else BAD_DIM, root=gd)
     blocks = t.dim() > 0 and BAD_DIM not in (sd, gd) and not t.shape[sd] % g.size
-    if blocks and _by_cma(g, info, "all_to_all", info.nbytes):  # read out of the peers' inputs
+    # read out of the peers' inputs, else out of the payload slots
+    kind = (_CMA_COPY if _by_cma(g, info, "all_to_all", info.nbytes)
+            else _SLOT_COPY if _in_slots(g, info, "all_to_all", info.nbytes) else None) if blocks else None
+    if kind is not None:
         c = t.shape[sd] // g.size
-        return _slot_plan(settings, info, _blocks(info, t, g, _CMA_COPY, sd, g.rank * c, c, gd))
-    if blocks and _in_slots(g, info, "all_to_all", info.nbytes):
-        c = t.shape[sd] // g.size
-        return _slot_plan(settings, info, _blocks(info, t, g, _SLOT_COPY, sd, g.rank * c, c, gd))
+        return _slot_plan(settings, info, _blocks(info, t, g, kind, sd, g.rank * c, c, gd))
     if not info.fits and blocks:
         count, item = t.numel() // g.size, t.element_size()
         if sd == gd and _leading(t.shape, sd):  # MPI's blocks in and out are the result's

@@ -169,7 +169,9 @@ def buffers(g) -> _Buffers:
         if b.shm is not None:  # payload slots only where EVERY rank's C call can read them (agreed)
             b.slot_bytes = _agreed_min(g, shm_table.PAYLOAD_BYTES if b.run is not None else 0)
         if b.slot_bytes:  # (agreed) and cross-memory attach where every rank can read every peer
-            b.fast.cma = b.cma = cma.works(g)
+            if b.shm.cma is None:  # the same processes as every group of this table: asked once
+                b.shm.cma = cma.works(g)
+            b.fast.cma = b.cma = b.shm.cma
         if b.shm is not None and b.fast is not None:  # the exchange every other call makes, in C too
             exchange = b.fast.exchange
             b.gather = lambda: exchange(polite_packed())

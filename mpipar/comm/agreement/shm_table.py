@@ -65,6 +65,7 @@ class ShmTable:
         self.others = [self.epochs[r] for r in range(self.n) if r != self.me]
         self.peers = [r for r in range(self.n) if r != self.me]
         self.polite = polite
+        self.cma = None  # whether every rank reads its peers' memory (agreement.cma.works), once asked
         self.window.sync()
         wait_all([node.Ibarrier()])  # every epoch is zeroed before anyone waits on it
 
