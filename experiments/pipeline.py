@@ -8,10 +8,12 @@
 An MLP stack (`--layers` x [Linear(hidden, hidden), GELU], MSE loss) is split
 into p stages (the first p ranks; the others wait politely). For every
 schedule, p and m: the step time (median over steps of the max over ranks),
-the measured bubble fraction (idle / (p x makespan), from as many traced steps after
-the timed ones, which run untraced), the
-simulated bubble (`pipeline.simulate` with the measured per-microbatch F/B/W
-times and p2p time), and the peak activation bytes per stage. In the same
+the measured bubble fraction (idle / (p x makespan), from as many steps traced
+with spans alone after the timed ones, which run untraced), the simulated
+bubble (`pipeline.simulate` with the measured per-microbatch F/B/W times, the
+p2p time those steps paid, and the node's cores where the stages outnumber
+them), and the peak activation bytes per stage (one more step, with the memory
+traced). In the same
 run, torch.distributed.pipelining on gloo (ScheduleGPipe, Schedule1F1B,
 ScheduleInterleaved1F1B, and ScheduleInterleavedZeroBubble next to zb-h1) on
 the same model. HDF5: /results/pipeline, /spans (every traced F/B/W/send/recv,
@@ -38,15 +40,17 @@ from mpipar.errors import MpiparError
 from mpipar.flight.abort import install_abort_on_exception
 from mpipar.models import preempt
 from mpipar.mesh import Group
-from mpipar.pipeline import PipelineRunner, partition, simulate
+from mpipar.analysis.pipeline_timeline import hop_seconds, simulate_point
+from mpipar.pipeline import PipelineRunner, partition
 from mpipar.pipeline.schedules import check_args
 from mpipar.trace import ResultsWriter, Tracer, provenance
 
 from _pipeline_torch import TORCH, init_torch, run_torch
 
 TABLE = "pipeline"
-UNITS = {"time_s": "s", "f_s": "s", "b_s": "s", "w_s": "s", "comm_s": "s", "makespan_s": "s",
-         "sim_makespan_s": "s", "peak_act_bytes": "B", "act_bytes_per_stage": "B", "costs_per_stage": "s"}
+UNITS = {"time_s": "s", "f_s": "s", "b_s": "s", "w_s": "s", "comm_s": "s", "hop_s": "s", "makespan_s": "s",
+         "sim_makespan_s": "s", "peak_act_bytes": "B", "act_bytes_per_stage": "B", "costs_per_stage": "s",
+         "cpu_costs_per_stage": "s"}
 LOSS = nn.functional.mse_loss
 
 
@@ -142,9 +146,10 @@ def p2p_time(g: Group, nbytes: int, iters: int = 5) -> float:
 
 
 def run_mpipar(cfg, name, m, g, layers, tracer) -> dict:
-    """Time cfg.steps untraced steps (what a user's step costs: the tracer's memory samples and
-    activation hooks are not free), then trace as many more for the bubble, the F/B/W times and
-    the activation peak."""
+    """Time cfg.steps untraced steps (what a user's step costs), then trace as many with spans
+    alone for the bubble, the F/B/W costs and the p2p hops, then one step with the memory
+    samples and the activation meter for the activation peak: those two cost time inside and
+    between the spans (a traced 1F1B p=2 step took 1.4x an untraced one with them)."""
     v = cfg.chunks if name == "interleaved-1f1b" else 1
     chunks = [part for k, part in enumerate(partition(layers, g.size * v)) if k % g.size == g.rank]
     runner = PipelineRunner(chunks if len(chunks) > 1 else chunks[0], g, schedule=name,
@@ -161,9 +166,13 @@ def run_mpipar(cfg, name, m, g, layers, tracer) -> dict:
     tracer.enabled = False
     times = timed(step, g.comm, cfg)
     marks.clear()
-    tracer.enabled = True
-    tracer.activations.reset_peak()
+    tracer.enabled, tracer.memory_enabled = True, False
     timed(step, g.comm, cfg, warmup=0)
+    tracer.memory_enabled = True
+    tracer.activations.reset_peak()
+    polite_barrier(g.comm)
+    step()
+    del tracer.spans[marks.pop():]  # the memory step's spans: slowed by the meter
     tracer.enabled = False
     runner.close()
     marks.append(len(tracer.spans))
@@ -174,13 +183,18 @@ def run_mpipar(cfg, name, m, g, layers, tracer) -> dict:
             s.update(impl="mpipar", schedule=name, pp=g.size, microbatches=m, chunks=v, iteration=it)
         step_span = next(s for s in spans if s["name"] == "step")
         dur = {op: [s["t_end"] - s["t_start"] for s in spans if s["name"] == op] for op in "FBW"}
+        cpu = {op: [s["cpu_s"] for s in spans if s["name"] == op] for op in "FBW"}
         steps.append({"busy": sum(map(sum, dur.values())), "start": step_span["t_start"],
-                      "end": step_span["t_end"], **{op.lower(): dur[op] for op in "FBW"}})
+                      "end": step_span["t_end"], **{op.lower(): dur[op] for op in "FBW"},
+                      **{f"{op.lower()}_cpu": cpu[op] for op in "FBW"},
+                      "p2p": [s for s in spans if s["name"] in ("send", "recv")]})
     return {"times": times, "steps": steps, "act": tracer.activations.peak, "chunks": v}
 
 
-def summarize(rows: list[dict], name: str, m: int, p: int, comm_s: float) -> dict:
-    """One table row from every rank's numbers (rank 0 of the group); medians over the timed steps."""
+def summarize(rows: list[dict], name: str, m: int, p: int, comm_s: float, cores: int | None) -> dict:
+    """One table row from every rank's numbers (rank 0 of the group); medians over the timed steps.
+    `cores`: the node's cores where the stages outnumber them (their CPU times are then kept for
+    the simulation, `simulate_point`), else None."""
     n = len(rows[0]["times"])
     time_s = statistics.median(max(r["times"][i] for r in rows) for i in range(n))
     acts = [int(r["act"]) for r in rows]
@@ -191,14 +205,19 @@ def summarize(rows: list[dict], name: str, m: int, p: int, comm_s: float) -> dic
     makespans = [max(r["steps"][i]["end"] for r in rows) - min(r["steps"][i]["start"] for r in rows)
                  for i in range(n)]
     bubbles = [1 - sum(r["steps"][i]["busy"] for r in rows) / (p * makespans[i]) for i in range(n)]
-    # per-stage costs of one microbatch through the whole stage (all chunks), mean over the steps
-    costs = {k: [v * statistics.fmean([t for st in r["steps"] for t in st[k]] or [0.0]) for r in rows]
-             for k in "fbw"}
-    sim = simulate(name, p, m, v, f=costs["f"], b=costs["b"], w=costs["w"], comm=comm_s)
+
+    def per_stage(suffix):  # one microbatch through the whole stage (all chunks), mean over the steps
+        return {k: [v * statistics.fmean([t for st in r["steps"] for t in st[k + suffix]] or [0.0]) for r in rows]
+                for k in "fbw"}
+
+    costs = per_stage("")
+    hop_s = hop_seconds([s for r in rows for s in r["steps"][i]["p2p"]] for i in range(n))
     out.update(makespan_s=statistics.median(makespans), bubble_measured=statistics.median(bubbles),
-               bubble_simulated=sim.bubble_fraction, sim_makespan_s=sim.makespan,
                **{f"{k}_s": statistics.fmean(c) for k, c in costs.items()}, costs_per_stage=json.dumps(costs),
-               comm_s=comm_s, bubble_theory=_theory(name, p, m, v))
+               cpu_costs_per_stage=json.dumps(per_stage("_cpu")) if cores else "", sim_cores=cores or 0,
+               comm_s=comm_s, hop_s=hop_s, bubble_theory=_theory(name, p, m, v))
+    sim = simulate_point({**out, "schedule": name, "pp": p, "microbatches": m, "chunks": v})
+    out.update(bubble_simulated=sim.bubble_fraction, sim_makespan_s=sim.makespan)
     return out
 
 
@@ -256,6 +275,8 @@ def main() -> None:
     groups = {p: Group(c, f"pp{p}") if c != MPI.COMM_NULL else None for p, c in split.items()}
     torch_groups = init_torch(world, cfg.stages) if cfg.torch else {}
     tracer = Tracer(world, enabled=False)
+    cores = mdevice.cores_on_node()  # stages on one node beyond its cores share them (simulated so)
+    sim_cores = {p: cores if mdevice.ranks_on_node(g.comm)[1] > cores else None for p, g in groups.items() if g}
     prov = provenance(world)  # collective
     writer = ResultsWriter(cfg.out, TABLE, UNITS, prov) if world.rank == 0 else None
     layers, plan, done = build_layers(cfg), list(points(cfg)), []
@@ -272,7 +293,7 @@ def main() -> None:
                         else run_torch(cfg, name, m, g, layers, torch_groups[p], batch, timed))
                 rows = g.comm.gather(mine, root=0)
                 if g.rank == 0 and mine is not None:
-                    row = {**summarize(rows, name, m, p, comm_s), "mpipar_schedule": name}
+                    row = {**summarize(rows, name, m, p, comm_s, sim_cores[p]), "mpipar_schedule": name}
                     ref = next((d["time_s"] for d in done if d["impl"] == "torch" and d["pp"] == p
                                 and d["microbatches"] == m and d["mpipar_schedule"] == name), None)
                     row["time_vs_torch"] = row["time_s"] / ref if ref and impl == "mpipar" else float("nan")

@@ -2,6 +2,7 @@
 
     rows = sim_rows(pipeline.simulate("1f1b", 4, 8))          # simulated timeline
     rows = span_rows(spans_df)                                 # measured, from /spans of one point
+    sim = simulate_point(row)          # what a /results/pipeline row's bubble_simulated came from
     figure(measured_rows, simulated_rows, "1f1b p=4 m=8", "out.png")
     plot_timelines(["results/pipeline.h5"], "figures/")        # one PNG per schedule
 
@@ -13,6 +14,7 @@ an interleaved schedule drawn lighter; the microbatch number inside each box.
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import matplotlib
@@ -26,6 +28,46 @@ from .figures import save_figure  # noqa: E402
 
 COLORS = {"F": "#4c72b0", "B": "#55a868", "W": "#dd8452"}
 OPS = ("F", "B", "W")
+
+
+def hop_seconds(steps) -> float:
+    """Median time from the start of a send to the end of its receive, over the receives that were
+    already waiting when the send began: what a traced step paid per p2p transfer, the waiter's
+    wake-up included (NaN when no receive waited). `steps`: per traced step, the send and recv
+    spans of every rank (dicts with name, direction, microbatch, virtual, t_start, t_end)."""
+    hops = []
+    for spans in steps:
+        spans = list(spans)
+        sent = {_message(s): s["t_start"] for s in spans if s["name"] == "send"}
+        hops += [s["t_end"] - sent[_message(s)] for s in spans
+                 if s["name"] == "recv" and _message(s) in sent and s["t_start"] <= sent[_message(s)]]
+    return statistics.median(hops) if hops else float("nan")
+
+
+def _message(span) -> tuple:
+    """The transport's message key: (direction, microbatch, destination virtual stage)."""
+    return span["direction"], span["microbatch"], span["virtual"]
+
+
+def simulate_point(pt):
+    """The simulation behind a /results/pipeline row's `bubble_simulated`: its schedule with the
+    measured per-stage costs, the p2p time its traced steps paid (`hop_s`; `comm_s`, the
+    ping-pong, in files without it or where no receive waited) and, where the stages shared
+    `sim_cores` cores, each action's CPU time as its cost (the simulator shares the cores)."""
+    from ..pipeline import simulate
+
+    def number(key):
+        value = pt.get(key)
+        return float(value) if isinstance(value, (int, float, np.number)) and value == value else None
+
+    cores = number("sim_cores") or None
+    costs = {k: pt[f"{k}_s"] for k in "fbw"}
+    column = "cpu_costs_per_stage" if cores else "costs_per_stage"
+    if isinstance(pt.get(column), str) and pt[column]:
+        costs = json.loads(pt[column])  # measured per stage
+    comm = number("hop_s")
+    return simulate(pt["schedule"], int(pt["pp"]), int(pt["microbatches"]), int(pt["chunks"]),
+                    comm=pt["comm_s"] if comm is None else comm, cores=cores, **costs)
 
 
 def sim_rows(result) -> list[list[tuple]]:
@@ -92,7 +134,6 @@ def plot_timelines(paths, out_dir, everything: bool = False) -> list[Path]:
 
     everything=True draws every traced point instead of one per schedule.
     """
-    from ..pipeline import simulate
     from .load import load, load_spans
 
     table = load(paths).get("pipeline")
@@ -112,10 +153,7 @@ def plot_timelines(paths, out_dir, everything: bool = False) -> list[Path]:
             for col in ("run", "iteration"):  # the latest run (resumed files), its last traced step
                 if col in mine.columns and len(mine):
                     mine = mine[mine[col] == mine[col].max()]
-            costs = {k: pt[f"{k}_s"] for k in "fbw"}
-            if isinstance(pt.get("costs_per_stage"), str) and pt["costs_per_stage"]:
-                costs = json.loads(pt["costs_per_stage"])  # measured per stage
-            sim = simulate(name, p, m, v, comm=pt["comm_s"], **costs)
+            sim = simulate_point(pt)
             title = (f"{name}, p={p}, m={m}" + (f", v={v}" if v > 1 else "")
                      + f": bubble measured {pt['bubble_measured']:.3f}, simulated {sim.bubble_fraction:.3f}")
             out = Path(out_dir) / f"pipeline_timeline_{name}_p{p}_m{m}.png"

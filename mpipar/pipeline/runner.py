@@ -127,7 +127,7 @@ class PipelineRunner:
         else:
             with self._span("W", action):
                 self._weight(action)
-        if self._traced():
+        if self._traced(memory=True):
             self.tracer.sample_memory(str(action), stage=self.stage, microbatch=action.microbatch)
 
     def _forward(self, a, k, x) -> None:
@@ -140,7 +140,7 @@ class PipelineRunner:
                 raise MpiparError(f"activation into virtual stage {k} has dtype {x.dtype}; "
                                   f"tensors between stages must be floating point")
             x.requires_grad_(True)
-        meter = self.tracer.activations if self._traced() else contextlib.nullcontext()
+        meter = self.tracer.activations if self._traced(memory=True) else contextlib.nullcontext()
         with meter, self.splitters[c].record() as record:
             out = self.modules[c](x)
             if not isinstance(out, torch.Tensor):
@@ -182,12 +182,12 @@ class PipelineRunner:
 
     def _receive(self, direction, a, k):
         peer = self._peer(k - 1 if direction == ACT else k + 1)
-        with self._span("recv", a, peer=peer, direction=direction):
+        with self._span("recv", a, peer=peer, direction=direction, virtual=k):
             return self.transport.recv((direction, a.microbatch, k))
 
     def _send(self, t, direction, a, k_dst) -> None:
         peer = self._peer(k_dst)
-        with self._span("send", a, peer=peer, direction=direction):
+        with self._span("send", a, peer=peer, direction=direction, virtual=k_dst):
             self.transport.send(t, (direction, a.microbatch, k_dst), peer)
 
     def _mean_loss(self) -> float:
@@ -201,10 +201,10 @@ class PipelineRunner:
         self.transport.wait(req, local, total)
         return float(total[0]) / self.num_microbatches
 
-    def _traced(self) -> bool:
-        """Whether this step is traced. A disabled tracer costs nothing: a memory sample reads
-        /proc, and the activation meter hooks every saved tensor."""
-        return self.tracer is not None and self.tracer.enabled
+    def _traced(self, memory: bool = False) -> bool:
+        """Whether this step is traced (with memory: its memory too). A disabled tracer costs
+        nothing: a memory sample reads /proc, and the activation meter hooks every saved tensor."""
+        return self.tracer is not None and self.tracer.enabled and (not memory or self.tracer.memory_enabled)
 
     def _span(self, name, action=None, **fields):
         if not self._traced():

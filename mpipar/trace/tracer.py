@@ -8,6 +8,13 @@
     tracer.sample_memory("after forward")
     tracer.save("results/run.h5", attrs={"schedule": "1f1b"})   # collective; rank 0 writes
 
+Every span also carries `cpu_s`, the CPU seconds this process used inside it:
+less than the wall time where the rank waited or shared its core with others.
+`tracer.memory_enabled = False` keeps the spans, records no memory sample, and
+tells a PipelineRunner not to sample or hook the activation meter: both cost
+time inside and between the spans (a /proc read per sample, a Python hook per
+saved tensor), which a bubble measured from the spans would count.
+
 Times are seconds since t0, a moment every rank takes right after a barrier
 at construction, so spans of different ranks share one time base (to within
 the barrier's exit skew; within one node the clock is the same monotonic
@@ -32,10 +39,11 @@ from . import h5
 from .memory import ActivationMeter, device_bytes, rss_bytes
 from .table import read_rows, write_rows
 
-SPAN_SCHEMA = {"run": "S", "rank": "i", "name": "S", "stage": "i", "microbatch": "i", "t_start": "f", "t_end": "f"}
+SPAN_SCHEMA = {"run": "S", "rank": "i", "name": "S", "stage": "i", "microbatch": "i", "t_start": "f", "t_end": "f",
+               "cpu_s": "f"}
 MEMORY_SCHEMA = {"run": "S", "rank": "i", "label": "S", "t": "f", "rss_bytes": "i", "activation_bytes": "i",
                  "device_bytes": "i", "activation_peak_bytes": "i", "device_peak_bytes": "i"}
-UNITS = {"t_start": "s", "t_end": "s", "t": "s", "rss_bytes": "B", "activation_bytes": "B",
+UNITS = {"t_start": "s", "t_end": "s", "cpu_s": "s", "t": "s", "rss_bytes": "B", "activation_bytes": "B",
          "device_bytes": "B", "activation_peak_bytes": "B", "device_peak_bytes": "B"}
 
 
@@ -54,6 +62,7 @@ class Tracer:
         self.device = device if device is not None else getattr(mesh_or_group, "device", None)
         self.default_stage = mesh_or_group.coords["pp"] if isinstance(mesh_or_group, Mesh) else -1
         self.enabled = enabled
+        self.memory_enabled = True
         self.activations = ActivationMeter()
         self.spans: list[dict] = []
         self.memory: list[dict] = []
@@ -83,11 +92,12 @@ class Tracer:
         if not self.enabled:
             yield self
             return
-        start = self.now()
+        start, cpu = self.now(), time.process_time()
         try:
             yield self
         finally:
-            self.record(name, start, self.now(), stage=stage, microbatch=microbatch, **fields)
+            self.record(name, start, self.now(), stage=stage, microbatch=microbatch,
+                        cpu_s=time.process_time() - cpu, **fields)
 
     def sample_memory(self, label: str, **fields) -> dict:
         """Record RSS, live/peak autograd-saved bytes (self.activations) and CUDA bytes now."""
@@ -96,7 +106,7 @@ class Tracer:
                "activation_bytes": int(self.activations.current),
                "activation_peak_bytes": int(self.activations.peak),
                "device_bytes": dev, "device_peak_bytes": dev_peak, **fields}
-        if self.enabled:
+        if self.enabled and self.memory_enabled:
             self.memory.append(row)
         return row
 

@@ -238,7 +238,8 @@ def test_tracer_gets_every_action_and_message(name, v):
 @pytest.mark.mpi
 def test_a_disabled_tracer_records_and_meters_nothing():
     """A runner given a tracer that is off (the benchmark's timed steps) takes no span, no memory
-    sample and no saved-tensor hook; the same runner traced again records every action."""
+    sample and no saved-tensor hook; with spans alone, every action's span and nothing else; traced
+    again, every action's memory too."""
     from mpipar.trace import Tracer
 
     chunks = stage_chunks(serial_stack(num_linear=2 * P + 1), 1)
@@ -247,7 +248,19 @@ def test_a_disabled_tracer_records_and_meters_nothing():
     tracer.activations.reset_peak()
     runner.step(*data(batch=8))
     assert (tracer.spans, tracer.memory, tracer.activations.peak) == ([], [], 0)
-    tracer.enabled = True
+    tracer.enabled, tracer.memory_enabled = True, False  # spans alone: the benchmark's bubble steps
+    runner.step(*data(batch=8))
+    names = [s["name"] for s in tracer.spans]
+    assert names.count("F") + names.count("B") + names.count("W") == len(runner.actions)
+    assert (tracer.memory, tracer.activations.peak) == ([], 0)
+    assert all(s["cpu_s"] >= 0 for s in tracer.spans)
+    # a send and its receive name the same message: the destination's virtual stage
+    sent = [(s["direction"], s["microbatch"], s["virtual"]) for s in tracer.spans if s["name"] == "send"]
+    received = [(s["direction"], s["microbatch"], s["virtual"]) for s in tracer.spans if s["name"] == "recv"]
+    everyone = COMM.allgather((sent, received))
+    assert sorted(k for s, _ in everyone for k in s) == sorted(k for _, r in everyone for k in r)
+    assert len(sent) == sum(k == "send" for k, *_ in runner.plan)
+    tracer.memory_enabled = True
     runner.step(*data(batch=8))
     assert len(tracer.memory) == len(runner.actions) and tracer.activations.peak > 0
     runner.close()

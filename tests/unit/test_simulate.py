@@ -148,3 +148,75 @@ def test_timeline_figure(tmp_path):
     assert span_rows(spans, 2) == [[("B", 0, 0, 2.5, 3.0)], [("F", 0, 0, 1.0, 2.0)]]
     out = figure(span_rows(spans, 2), rows, "zb-h1", tmp_path / "t.png")
     assert out.exists() and out.stat().st_size > 1000
+
+
+def test_shared_cores_by_hand():
+    """Two stages on one core, GPipe m=2, f=b=1: F1 on stage 0 and F0 on stage 1 share the core
+    from t=1 to 3 (half speed each), the two B1/B0 likewise from 5 to 7."""
+    r = simulate("gpipe", 2, 2, f=1.0, b=1.0, cores=1)
+    spans = [[(a.op, a.microbatch, start, end) for a, start, end in row] for row in r.timeline]
+    assert spans == [[("F", 0, 0, 1), ("F", 1, 1, 3), ("B", 0, 5, 7), ("B", 1, 7, 8)],
+                     [("F", 0, 1, 3), ("F", 1, 3, 4), ("B", 0, 4, 5), ("B", 1, 5, 7)]]
+    assert r.makespan == 8 and r.bubble_fraction == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("name,v", [("gpipe", 1), ("1f1b", 1), ("zb-h1", 1), ("interleaved-1f1b", 2)])
+def test_shared_cores_bounds(name, v):
+    """One core does all the work back to back (a deadlock-free list always has a ready action);
+    enough cores is the plain simulation; fewer cores are never faster, nor faster than the
+    work divided among them."""
+    for p in (2, 3, 4):
+        for m in range(p if v > 1 else 1, 9, p if v > 1 else 1):
+            costs = dict(f=[1.0 + 0.1 * s for s in range(p)], b=2.0, w=0.5 if name == "zb-h1" else 0.0)
+            work = m * (sum(costs["f"]) + p * (costs["b"] + costs["w"]))
+            assert simulate(name, p, m, v, cores=1, **costs).makespan == pytest.approx(work), (p, m)
+            plain = simulate(name, p, m, v, comm=0.3, **costs)
+            for cores in (p, p + 2):
+                same = simulate(name, p, m, v, comm=0.3, cores=cores, **costs)
+                assert (same.makespan, same.timeline) == (plain.makespan, plain.timeline)
+            # just short of p cores: the shared-core simulation itself, at full speed to 1e-12
+            near = simulate(name, p, m, v, comm=0.3, cores=p * (1 - 1e-12), **costs)
+            assert [[(a, pytest.approx(t0), pytest.approx(t1)) for a, t0, t1 in row] for row in near.timeline] \
+                == plain.timeline
+            for cores in (1, 1.5, p - 1):
+                shared = simulate(name, p, m, v, comm=0.3, cores=cores, **costs)
+                assert shared.makespan >= max(plain.makespan, work / cores) - 1e-9, (p, m, cores)
+                assert 0.0 <= shared.bubble_fraction < 1.0
+
+
+def test_bad_cores_raise():
+    for cores in (0, -1.0):
+        with pytest.raises(MpiparError, match="cores"):
+            simulate("1f1b", 2, 2, cores=cores)
+
+
+def test_simulate_point_reads_what_the_row_measured():
+    """A row of experiments/pipeline.py: wall costs, the step's hop and no sharing by default; the
+    CPU costs and the cores where the stages shared them; files from before take `comm_s`."""
+    import json
+
+    from mpipar.analysis.pipeline_timeline import simulate_point
+
+    wall, cpu = {"f": [1.0, 1.2], "b": [2.0, 2.0], "w": [0.0, 0.0]}, {"f": [0.5, 0.6], "b": [1.0, 1.0], "w": [0.0, 0.0]}
+    row = {"schedule": "1f1b", "pp": 2, "microbatches": 4, "chunks": 1, "f_s": 1.1, "b_s": 2.0, "w_s": 0.0,
+           "costs_per_stage": json.dumps(wall), "comm_s": 0.1}
+    assert simulate_point(row).makespan == simulate("1f1b", 2, 4, comm=0.1, **wall).makespan
+    row.update(hop_s=0.4, sim_cores=0, cpu_costs_per_stage="")
+    assert simulate_point(row).makespan == simulate("1f1b", 2, 4, comm=0.4, **wall).makespan
+    row.update(hop_s=float("nan"), sim_cores=1, cpu_costs_per_stage=json.dumps(cpu))
+    assert simulate_point(row).makespan == simulate("1f1b", 2, 4, comm=0.1, cores=1, **cpu).makespan
+
+
+def test_hop_seconds_pairs_each_receive_with_its_send():
+    from mpipar.analysis.pipeline_timeline import hop_seconds
+
+    def span(name, d, i, k, t0, t1):
+        return {"name": name, "direction": d, "microbatch": i, "virtual": k, "t_start": t0, "t_end": t1}
+
+    step = [span("send", 0, 0, 1, 1.0, 1.1), span("recv", 0, 0, 1, 0.5, 1.5),   # waited: 0.5
+            span("send", 0, 1, 1, 2.0, 2.1), span("recv", 0, 1, 1, 2.5, 2.6),   # came later: not a hop
+            span("send", 1, 0, 0, 3.0, 3.1), span("recv", 1, 0, 0, 2.0, 3.2),   # waited: 0.2
+            span("recv", 0, 0, 2, 0.0, 9.0)]                                    # its send elsewhere
+    assert hop_seconds([step, [span("send", 0, 0, 1, 1.0, 1.1), span("recv", 0, 0, 1, 0.0, 1.4)]]) == \
+        pytest.approx(0.4)
+    assert hop_seconds([step[2:4]]) != hop_seconds([step[2:4]])  # NaN: no receive waited
