@@ -117,6 +117,19 @@ def test_bubble_error_fraction_of_limit_and_ratio():
     assert r["busbw_vs_baseline"].tolist() == pytest.approx([2.5, 1.0])
 
 
+def test_zero_memory_headlines_hold_each_stage_to_what_it_keeps(tmp_path):
+    """The ZeRO sweep's headline: measured bytes per parameter over mpipar's form of that stage at
+    the widest dp (1.0x: no copy too many), the paper's closed form named beside it."""
+    from mpipar.analysis.recipes import zero_memory
+
+    df = pd.DataFrame([{"dp": d, "zero": z, "model_state_per_param": mine + (0.5 if (z, d) == (1, 4) else 0.0),
+                        "closed_form_per_param": paper, "mpipar_form_per_param": mine}
+                       for d in (2, 4) for z, paper, mine in ((0, 16.0, 8.0), (1, 4 + 12 / d, 4 + 16 / d))])
+    got = {h["headline"]: h["ratio"] for h in zero_memory(df, tmp_path).headlines}
+    assert got == {"zero=0 model state per parameter, dp=4 (ZeRO paper: 16)": 1.0,
+                   "zero=1 model state per parameter, dp=4 (ZeRO paper: 7)": pytest.approx(8.5 / 8.0)}
+
+
 def test_analyze_writes_csv_figures_and_summary(study, tmp_path):
     out = tmp_path / "out"
     report = analysis.analyze([study], out)
