@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from ..errors import MpiparError
 from .schedules import Action, all_stages, check_args
-from .validate import _raw_deps, check_structure, execute
+from .validate import raw_deps, check_structure, execute
 
 
 @dataclass
@@ -107,7 +107,7 @@ def _shared(actions_by_stage, p: int, v: int, duration, comm: float, cores: floa
             ready[s] = None
             return
         a = rows[s][pos[s]]
-        deps = _raw_deps(a.op, a.microbatch, a.chunk, s, p, v)
+        deps = raw_deps(a.op, a.microbatch, a.chunk, s, p, v)
         ready[s] = (max([free[s]] + [end[d] + (comm if d[0] != s else 0.0) for d in deps])
                     if all(d in end for d in deps) else None)
 

@@ -76,7 +76,7 @@ def _check_local_order(actions: list[Action], stage: int, p: int, v: int) -> Non
     keys = [(a.op, a.microbatch, a.chunk) for a in actions]
     position = {key: n for n, key in enumerate(keys)}
     for n, (op, i, c) in enumerate(keys):
-        for ds, dop, di, dc in _raw_deps(op, i, c, stage, p, v):
+        for ds, dop, di, dc in raw_deps(op, i, c, stage, p, v):
             if ds == stage and position.get((dop, di, dc), -1) > n:
                 raise MpiparError(f"stage {stage}: {actions[n]!r} at position {n} comes before "
                                   f"{Action(dop, di, dc)!r} at position {position[(dop, di, dc)]}")
@@ -98,7 +98,7 @@ def _check_pairing(actions_by_stage, p: int, v: int) -> None:
                               f"{sends[key]} send(s) on stage {src}, {recvs[key]} recv(s) on stage {dst}")
 
 
-def _raw_deps(op: str, i: int, c: int, stage: int, p: int, v: int) -> list[tuple]:
+def raw_deps(op: str, i: int, c: int, stage: int, p: int, v: int) -> list[tuple]:
     """`dependencies` on plain tuples (stage, op, microbatch, chunk): the hot path."""
     k = c * p + stage
     if op == "F":
@@ -130,7 +130,7 @@ def execute(actions_by_stage, p: int, v: int, on_action=None) -> None:
             acts = lists[s]
             while pos[s] < len(acts):
                 op, i, c = acts[pos[s]]
-                deps = _raw_deps(op, i, c, s, p, v)
+                deps = raw_deps(op, i, c, s, p, v)
                 if not all(d in done for d in deps):
                     break
                 if on_action is not None:
