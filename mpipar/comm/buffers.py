@@ -106,11 +106,12 @@ def address_buffer(t: torch.Tensor):
 _ADDRESS: dict = {}
 
 
-def blocking_buffer(t: torch.Tensor):
-    """mpi_buffer(t) for a collective that completes before its caller returns (blocking, or
-    waited at once) while `t` is alive: a contiguous CPU tensor's memory by address
-    (cheaper than a numpy view per buffer). Such a buffer does not keep `t` alive, so it
-    is never for a request left pending."""
+def borrowed_buffer(t: torch.Tensor):
+    """mpi_buffer(t) for a call that completes while its caller keeps `t` alive: a blocking
+    collective, a request waited at once, or one whose Pending (mpipar.comm.channel) holds
+    `t` until it completes. A contiguous CPU tensor's memory goes by address (a numpy view
+    per buffer costs ~3 us). Such a buffer does not keep `t` alive itself, so it is never
+    for a raw request its caller may outlive."""
     if t.is_cpu and t.numel() and t.is_contiguous():
         return address_buffer(t)
     return mpi_buffer(t)

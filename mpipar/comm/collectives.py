@@ -27,7 +27,7 @@ from . import outputs, tuning
 from .agreement import fast_ops, inline, inline_ops, into
 from .backends import crowded, mpi as native, ring
 from .symmetric import collectives as shm, entry as shm_entry
-from .buffers import (blocking_buffer, flat_chunks, host_contiguous, needs_staging, offsets, overlaps, reduce_dtype,
+from .buffers import (borrowed_buffer, flat_chunks, host_contiguous, needs_staging, offsets, overlaps, reduce_dtype,
                       staging_forced)
 from .agreement.protocol import BAD_DIM, agree, norm_dim, signature, validation_enabled
 from .wait import complete
@@ -179,7 +179,7 @@ def _all_gather(t: torch.Tensor, group, dim: int = 0, algorithm: str = "auto", *
         ring.all_gather_(flat, g, counts)
     else:
         with crowded.present(g, True):  # the agreement (a barrier) ran: g.size > 1 here
-            native.all_gather(g, blocking_buffer(x), blocking_buffer(out), counts)
+            native.all_gather(g, borrowed_buffer(x), borrowed_buffer(out), counts)
     if d:
         out = out.movedim(0, d).contiguous()
     return out if out.device == t.device else out.to(t.device)
@@ -209,9 +209,9 @@ def _all_gather_into(t, g, d: int, sizes: list[int], algorithm: str, out: torch.
         ring.all_gather_(flat, g, counts)
     else:
         piece = None if direct else _piece(t, host)  # (held: an address buffer does not keep it alive)
-        send = native.in_place() if direct else blocking_buffer(piece)
+        send = native.in_place() if direct else borrowed_buffer(piece)
         with crowded.present(g, True):
-            native.all_gather(g, send, blocking_buffer(flat), counts)
+            native.all_gather(g, send, borrowed_buffer(flat), counts)
         if host is out:
             inline._increment_version((out,))  # MPI wrote it: autograd must see the write, as after copy_
     return out if host is out else out.copy_(host)
@@ -269,7 +269,7 @@ def _reduce_scatter(t: torch.Tensor, group, dim: int = 0, op: str = "sum", algor
     else:
         mine = outputs.empty([counts[g.rank]], x.dtype, None if x.is_cpu else x.device)
         with crowded.present(g, validate):
-            native.reduce_scatter(g, blocking_buffer(x), blocking_buffer(mine), counts, op)
+            native.reduce_scatter(g, borrowed_buffer(x), borrowed_buffer(mine), counts, op)
     out = mine.view([sizes[g.rank]] + list(x.shape[1:]))
     if d:
         out = out.movedim(0, d).contiguous()
@@ -307,10 +307,10 @@ def _broadcast(t: torch.Tensor, group, root: int = 0) -> torch.Tensor:
         return t
     if t.is_cpu and t.is_contiguous() and not staging_forced():
         # zero copy, without host_contiguous (3 us of a 16 KiB call)
-        _bcast(g, blocking_buffer(t), root, t.numel() * t.element_size())
+        _bcast(g, borrowed_buffer(t), root, t.numel() * t.element_size())
         return t
     with host_contiguous(t, write_back=g.rank != root) as h:
-        _bcast(g, blocking_buffer(h), root, h.numel() * h.element_size())
+        _bcast(g, borrowed_buffer(h), root, h.numel() * h.element_size())
     return t
 
 
@@ -352,7 +352,7 @@ def _all_to_all(t: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> to
     x = x.cpu() if needs_staging(x) else x
     send = x.movedim(sd, 0).contiguous()  # block j (rows j*S/N ..) goes to rank j; no copy when sd == 0
     recv = outputs.empty(send.shape, send.dtype, send.device)
-    bufs = blocking_buffer(send), blocking_buffer(recv)
+    bufs = borrowed_buffer(send), borrowed_buffer(recv)
     with crowded.present(g, not crowded.stays_polite("all_to_all", send.numel() * send.element_size())):
         complete(g, "Alltoall", *bufs)
     # block i came from rank i: (N, S/N, rest) back in t's dim order, then concatenated along gd

@@ -59,6 +59,30 @@ def test_described_messages_carry_dtype_and_shape(dup, checks):
     checks.finish()
 
 
+def test_described_messages_of_the_same_shapes_again(dup, checks):
+    """Headers are kept per (dtype, shape) and parsed once per header: the same shape in
+    another dtype, the same dtype in another shape, and each of them again, all arrive as
+    sent, each in a tensor of its own."""
+    ch, (right, left) = Channel(dup), peers(dup)
+    kinds = [(torch.float32, (3, 4)), (torch.float64, (3, 4)), (torch.float32, (4, 3))] * 2
+    sends = []
+    for i, (dt, shape) in enumerate(kinds):
+        pending = ch.send_described(rank_tensor(shape, dt, dup.Get_rank(), i), right, 40 + 2 * i)
+        checks.true(not pending[0].buffer.flags.writeable, "a shared header must be read-only")
+        sends += pending
+    got = []
+    for i, (dt, shape) in enumerate(kinds):
+        header = ch.recv_header(left, 40 + 2 * i)
+        ch.wait([header])
+        data = ch.recv_described(header.buffer, left, 40 + 2 * i, torch.device("cpu"))
+        ch.wait([data])
+        got.append(data.buffer)
+        checks.equal(data.buffer, rank_tensor(shape, dt, left, i), f"message {i} ({dt}, {shape})")
+    checks.true(len({t.data_ptr() for t in got}) == len(got), "two receives share a tensor")
+    ch.wait(sends)
+    checks.finish()
+
+
 def test_receive_into_a_non_contiguous_tensor_is_staged_and_copied_back(dup, checks):
     ch, (right, left) = Channel(dup), peers(dup)
     out = torch.zeros(4, 6, dtype=torch.float64)
