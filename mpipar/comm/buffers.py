@@ -110,7 +110,7 @@ def borrowed_buffer(t: torch.Tensor):
     """mpi_buffer(t) for a call that completes while its caller keeps `t` alive: a blocking
     collective, a request waited at once, or one whose Pending (mpipar.comm.channel) holds
     `t` until it completes. A contiguous CPU tensor's memory goes by address (a numpy view
-    per buffer costs ~3 us). Such a buffer does not keep `t` alive itself, so it is never
+    per buffer costs torch calls on latency-bound paths). Such a buffer does not keep `t` alive itself, so it is never
     for a raw request its caller may outlive."""
     if t.is_cpu and t.numel() and t.is_contiguous():
         return address_buffer(t)

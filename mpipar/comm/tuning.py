@@ -89,7 +89,7 @@ SLOT_SPLIT_BYTES = 32 << 10
 # path for symmetric tensors, and plain ones the path they had before the slots (MPI's
 # collective after the agreement), only from these sizes (as shm_pays reads them); below, every
 # tensor rides in the slots. Broadcast and all_gather have no such size: in the slots, plain
-# tensors ran 2x as fast as on MPI's collective, and symmetric ones within 0.1 of their
+# tensors beat MPI's collective at every slot size, and symmetric ones came close to their
 # zero-copy path (4 ranks on 2 cores, results/TUNING.md).
 SLOT_SHM_CROSSOVER_BYTES = {"all_reduce": 1 << 20, "reduce_scatter": 4 << 20}
 

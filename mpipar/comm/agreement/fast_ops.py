@@ -184,9 +184,11 @@ def _all_to_all_plan(settings, t, g, scatter_dim, gather_dim) -> _Plan:
     sd, gd = norm_dim(scatter_dim, t.dim()), norm_dim(gather_dim, t.dim())
     info = _call("all_to_all", t, dim=sd if gd != BAD_DIM else BAD_DIM, root=gd)
     blocks = t.dim() > 0 and BAD_DIM not in (sd, gd) and not t.shape[sd] % g.size
-    # read out of the peers' inputs, else out of the payload slots
-    kind = (_CMA_COPY if _by_cma(g, info, "all_to_all", info.nbytes)
-            else _SLOT_COPY if _in_slots(g, info, "all_to_all", info.nbytes) else None) if blocks else None
+    kind = None  # read out of the peers' inputs, else out of the payload slots
+    if blocks and _by_cma(g, info, "all_to_all", info.nbytes):
+        kind = _CMA_COPY
+    elif blocks and _in_slots(g, info, "all_to_all", info.nbytes):
+        kind = _SLOT_COPY
     if kind is not None:
         c = t.shape[sd] // g.size
         return _slot_plan(settings, info, _blocks(info, t, g, kind, sd, g.rank * c, c, gd))
